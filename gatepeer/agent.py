@@ -1,0 +1,257 @@
+"""The control loop: gather, plan, apply, verify, record.
+
+Two sources feed a reconcile: the SORACOM API (refreshed on the timer and on SIGHUP) and the
+kernel (read every time). A kernel event reconciles against the cached gate view without calling
+the API, so drift is repaired in milliseconds and a flapping interface cannot hammer the API.
+When the API fails, the last known good gate view stays applied and health turns degraded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gatepeer import __version__, statefile
+from gatepeer.config import Config
+from gatepeer.gate import GateError, fetch_gate_view
+from gatepeer.kernel.netlink import KernelError, Netlink
+from gatepeer.plan import Action, describe, plan
+from gatepeer.soracom import ApiStats, SoracomClient, SoracomError
+from gatepeer.state import (
+    DesiredState,
+    DesiredStateError,
+    GateView,
+    HostFacts,
+    ObservedState,
+    desired_state,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ReconcileError(RuntimeError):
+    """The kernel could not be brought to the desired state; the message says what differs."""
+
+
+@dataclass
+class ReconcileResult:
+    actions: list[Action]
+    health: str  # "ok", "degraded" or "failed"
+    reasons: list[str]
+    notes: list[str]
+    duration_s: float
+    dry_run: bool = False
+
+
+@dataclass
+class AgentRecord:
+    """Counters and the last outcome, persisted in state.json after every reconcile."""
+
+    reconciles: int = 0
+    failures: int = 0
+    last_success_at: float | None = None
+    durations: list[float] = field(default_factory=list)
+
+
+def make_client(config: Config, stats: ApiStats | None = None) -> SoracomClient:
+    s = config.soracom
+    return SoracomClient(
+        s.endpoint, s.auth_key_id, s.read_auth_key, timeout=s.request_timeout, stats=stats
+    )
+
+
+class Agent:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        client: SoracomClient | None = None,
+        netlink: Netlink | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.api_stats = ApiStats()
+        self.client = client or make_client(config, self.api_stats)
+        self.netlink = netlink or Netlink()
+        self.clock = clock
+        self.record = AgentRecord()
+        self.gate: GateView | None = None
+        self.gate_error: str | None = None
+        self.gate_fetched_at: float | None = None
+        self.last: ReconcileResult | None = None
+        self.facts: HostFacts | None = None
+        self._load_last_good()
+
+    def close(self) -> None:
+        self.netlink.close()
+
+    def _load_last_good(self) -> None:
+        previous = statefile.read(self.config.agent.state_file)
+        if not previous:
+            return
+        counters = previous.get("counters", {})
+        self.record.reconciles = int(counters.get("reconciles", 0))
+        self.record.failures = int(counters.get("failures", 0))
+        self.record.last_success_at = counters.get("last_success_at")
+        if previous.get("gate"):
+            try:
+                self.gate = GateView.from_json(previous["gate"])
+                self.gate_fetched_at = previous.get("gate_fetched_at")
+            except (KeyError, ValueError, TypeError):
+                log.warning("ignoring an unreadable gate view in %s", self.config.agent.state_file)
+
+    # ---- gathering ---------------------------------------------------------------------
+
+    def host_facts(self) -> HostFacts:
+        t = self.config.tunnel
+        self.facts = self.netlink.host_facts(t.underlay_interface, t.local_address)
+        return self.facts
+
+    def refresh_gate(self) -> bool:
+        """Ask the API; on failure keep the last good view and remember why. True on success."""
+        facts = self.facts or self.host_facts()
+        try:
+            self.gate = fetch_gate_view(
+                self.client,
+                self.config.soracom.vpg_id,
+                facts.local_address,
+                open_gate=self.config.soracom.open_gate,
+            )
+        except (SoracomError, GateError) as exc:
+            self.gate_error = str(exc)
+            log.error("%s", exc)
+            return False
+        self.gate_error = None
+        self.gate_fetched_at = self.clock()
+        return True
+
+    # ---- reconcile ---------------------------------------------------------------------
+
+    def desired(self) -> DesiredState:
+        if self.gate is None:
+            raise ReconcileError(
+                "no gate view yet: the SORACOM API has not answered since this peer was set up"
+                + (f" ({self.gate_error})" if self.gate_error else "")
+            )
+        facts = self.facts or self.host_facts()
+        return desired_state(self.config, facts, self.gate)
+
+    def observe(self, desired: DesiredState) -> ObservedState:
+        return self.netlink.observe(desired.link.name, desired.sysctls)
+
+    def notes(self, observed: ObservedState, desired: DesiredState) -> list[str]:
+        missing = [
+            s.dotted
+            for s in desired.sysctls
+            if s.init_netns_only and observed.sysctl(s.path) is None
+        ]
+        if missing:
+            return [
+                "neighbour table thresholds are set only in the initial network namespace; "
+                "this one has none (left to the host)"
+            ]
+        return []
+
+    def reconcile(self, *, dry_run: bool = False, refresh: bool = True) -> ReconcileResult:
+        started = time.monotonic()
+        reasons: list[str] = []
+        actions: list[Action] = []
+        notes: list[str] = []
+        health = "ok"
+        try:
+            self.host_facts()
+            if refresh and not self.refresh_gate():
+                reasons.append(f"SORACOM API: {self.gate_error}; keeping the last applied state")
+            desired = self.desired()
+            observed = self.observe(desired)
+            notes = self.notes(observed, desired)
+            actions = plan(desired, observed, self.facts.underlay if self.facts else "")
+            if not dry_run and actions:
+                for action in actions:
+                    log.info("apply: %s", action.command())
+                    self.netlink.apply(action)
+                leftover = plan(
+                    desired, self.observe(desired), self.facts.underlay if self.facts else ""
+                )
+                if leftover:
+                    raise ReconcileError(
+                        "read back differs from what was applied: " + "; ".join(describe(leftover))
+                    )
+            if reasons:
+                health = "degraded"
+        except (KernelError, ReconcileError, DesiredStateError) as exc:
+            health = "failed"
+            reasons.append(str(exc))
+            log.error("%s", exc)
+        result = ReconcileResult(
+            actions=actions,
+            health=health,
+            reasons=reasons,
+            notes=notes,
+            duration_s=time.monotonic() - started,
+            dry_run=dry_run,
+        )
+        if not dry_run:
+            self._count(result)
+            self.last = result
+            self.write_state()
+        return result
+
+    def _count(self, result: ReconcileResult) -> None:
+        self.record.reconciles += 1
+        if result.health == "failed":
+            self.record.failures += 1
+        else:
+            self.record.last_success_at = self.clock()
+        self.record.durations.append(result.duration_s)
+        del self.record.durations[:-1000]
+
+    # ---- state file --------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        last = self.last
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "updated_at": self.clock(),
+            "config_file": str(self.config.source) if self.config.source else None,
+            "health": last.health if last else "unknown",
+            "reasons": last.reasons if last else [],
+            "notes": last.notes if last else [],
+            "gate": self.gate.to_json() if self.gate else None,
+            "gate_fetched_at": self.gate_fetched_at,
+            "gate_error": self.gate_error,
+            "host": {
+                "underlay": self.facts.underlay,
+                "underlay_mtu": self.facts.underlay_mtu,
+                "local_address": str(self.facts.local_address),
+            }
+            if self.facts
+            else None,
+            "tunnel": {"interface": self.config.tunnel.interface},
+            "last_reconcile": {
+                "health": last.health,
+                "actions": describe(last.actions),
+                "duration_s": round(last.duration_s, 6),
+                "error": "; ".join(last.reasons) or None,
+            }
+            if last
+            else None,
+            "counters": {
+                "reconciles": self.record.reconciles,
+                "failures": self.record.failures,
+                "last_success_at": self.record.last_success_at,
+            },
+        }
+
+    def write_state(self) -> None:
+        path: Path = self.config.agent.state_file
+        try:
+            statefile.write(path, self.state())
+        except OSError as exc:
+            log.error("cannot write %s: %s", path, exc.strerror or exc)

@@ -1,0 +1,351 @@
+"""The configuration file: a TOML schema as frozen dataclasses, loaded and validated.
+
+Every problem is reported as one `ConfigError` whose message names the key (`section.key`) and
+what is wrong with its value, so that `gatepeer` can print one line and exit 2. Nothing here
+touches the kernel; the only system reads are the secret file's metadata and interface names.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+DEFAULT_PATH = Path("/etc/gatepeer/gatepeer.toml")
+ENV_VAR = "GATEPEER_CONFIG"
+
+# VXLAN over IPv4 adds 50 bytes; EC2 ENIs carry 9001, so 8951 is the largest useful inner MTU.
+VXLAN_OVERHEAD = 50
+MTU_MIN, MTU_MAX = 576, 9001 - VXLAN_OVERHEAD
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message is one line that names the key."""
+
+
+@dataclass(frozen=True)
+class SoracomConfig:
+    endpoint: str = "https://api.soracom.io"
+    auth_key_id: str = ""
+    auth_key_file: Path = Path("/etc/gatepeer/auth-key")
+    vpg_id: str = ""
+    open_gate: bool = False
+    request_timeout: float = 10.0
+
+    def read_auth_key(self) -> str:
+        """The secret itself; read only when authenticating, never kept in the config value."""
+        return self.auth_key_file.read_text().strip()
+
+
+@dataclass(frozen=True)
+class TunnelConfig:
+    interface: str = "vxlan0"
+    underlay_interface: str | None = None  # None: the interface of the default route
+    local_address: ipaddress.IPv4Address | None = None  # None: the underlay's primary address
+    mtu: int | Literal["auto"] = 1500
+    source_port_range: tuple[int, int] = (4789, 4789)
+    destination_port: int = 4789
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    # Sized so the neighbour table never overflows with this many devices talking at once.
+    neighbour_table_devices: int = 50_000
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    reconcile_interval: float = 30.0
+    state_file: Path = Path("/run/gatepeer/state.json")
+
+
+@dataclass(frozen=True)
+class Config:
+    soracom: SoracomConfig = field(default_factory=SoracomConfig)
+    tunnel: TunnelConfig = field(default_factory=TunnelConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    source: Path | None = None
+
+    def masked(self) -> dict[str, dict[str, Any]]:
+        """The effective configuration as plain values; holds no secret (only the key's path)."""
+        out: dict[str, dict[str, Any]] = {}
+        for section in (self.soracom, self.tunnel, self.kernel, self.agent):
+            name = type(section).__name__.removesuffix("Config").lower()
+            out[name] = {f.name: _plain(getattr(section, f.name)) for f in fields(section)}
+        return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path | ipaddress.IPv4Address):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    if value is None:
+        return "(default)"
+    return value
+
+
+def config_path(cli_value: str | None) -> Path:
+    """--config wins over GATEPEER_CONFIG, which wins over the default path."""
+    if cli_value:
+        return Path(cli_value)
+    env = os.environ.get(ENV_VAR)
+    return Path(env) if env else DEFAULT_PATH
+
+
+def load(path: Path, *, check_system: bool = True) -> Config:
+    """Read and validate the file. `check_system` also checks the key file and interfaces."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (set --config or {ENV_VAR})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    cfg = parse(data)
+    cfg = replace(cfg, source=path)
+    if check_system:
+        check_against_system(cfg)
+    return cfg
+
+
+_SECTIONS = ("soracom", "tunnel", "kernel", "agent")
+
+
+def parse(data: Mapping[str, Any]) -> Config:
+    """Validate a decoded TOML document. Pure: looks at nothing outside `data`."""
+    for name, value in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{name}: unknown section (known: {', '.join(_SECTIONS)})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: must be a table ([{name}])")
+    soracom = _parse_soracom(_Section("soracom", data.get("soracom", {})))
+    tunnel = _parse_tunnel(_Section("tunnel", data.get("tunnel", {})))
+    kernel = _parse_kernel(_Section("kernel", data.get("kernel", {})))
+    agent = _parse_agent(_Section("agent", data.get("agent", {})))
+    return Config(soracom=soracom, tunnel=tunnel, kernel=kernel, agent=agent)
+
+
+class _Section:
+    """Typed access to one table; every key read is marked, the rest are unknown keys."""
+
+    def __init__(self, name: str, table: Mapping[str, Any]) -> None:
+        self.name = name
+        self.table = table
+        self.seen: set[str] = set()
+
+    def key(self, key: str) -> str:
+        return f"{self.name}.{key}"
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.seen.add(key)
+        return self.table.get(key, default)
+
+    def has(self, key: str) -> bool:
+        self.seen.add(key)
+        return key in self.table
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.seen)
+        if unknown:
+            known = ", ".join(sorted(self.seen))
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key (known: {known})")
+
+    def string(self, key: str, default: str) -> str:
+        value = self.get(key, default)
+        if not isinstance(value, str):
+            raise ConfigError(f"{self.key(key)}: must be a string, got {_show(value)}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.key(key)}: must be true or false, got {_show(value)}")
+        return value
+
+    def integer(self, key: str, default: int, lo: int, hi: int) -> int:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self.key(key)}: must be an integer, got {_show(value)}")
+        if not lo <= value <= hi:
+            raise ConfigError(f"{self.key(key)}: must be between {lo} and {hi}, got {value}")
+        return value
+
+    def duration(self, key: str, default: float, lo: float, hi: float) -> float:
+        value = self.get(key, None)
+        if value is None:
+            return default
+        seconds = parse_duration(value, self.key(key))
+        if not lo <= seconds <= hi:
+            raise ConfigError(
+                f"{self.key(key)}: must be between {lo:g}s and {hi:g}s, got {_show(value)}"
+            )
+        return seconds
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value).lower()
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """'30s', '5m', '1h', '500ms' or a number of seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f'{key}: must be a duration such as "30s", got {_show(value)}')
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if match:
+            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    raise ConfigError(f'{key}: must be a duration such as "30s" or "5m", got {_show(value)}')
+
+
+def _parse_soracom(s: _Section) -> SoracomConfig:
+    endpoint = s.string("endpoint", SoracomConfig.endpoint).rstrip("/")
+    if not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+(/.*)?$", endpoint):
+        raise ConfigError(f"{s.key('endpoint')}: must be an http(s) URL, got {endpoint!r}")
+    auth_key_id = s.string("auth_key_id", "")
+    if not auth_key_id:
+        raise ConfigError(f"{s.key('auth_key_id')}: missing (the SORACOM AuthKey id, keyId-...)")
+    if s.has("auth_key"):
+        raise ConfigError(
+            f"{s.key('auth_key')}: secrets are never inline; put the key in a file (mode 0600) "
+            "and set soracom.auth_key_file"
+        )
+    key_file = s.string("auth_key_file", str(SoracomConfig.auth_key_file))
+    if not key_file.startswith("/"):
+        raise ConfigError(f"{s.key('auth_key_file')}: must be an absolute path, got {key_file!r}")
+    vpg_id = s.string("vpg_id", "")
+    if not vpg_id:
+        raise ConfigError(f"{s.key('vpg_id')}: missing (the id of your virtual private gateway)")
+    if not re.match(r"^[A-Za-z0-9-]{1,64}$", vpg_id):
+        raise ConfigError(f"{s.key('vpg_id')}: not a VPG id, got {vpg_id!r}")
+    cfg = SoracomConfig(
+        endpoint=endpoint,
+        auth_key_id=auth_key_id,
+        auth_key_file=Path(key_file),
+        vpg_id=vpg_id,
+        open_gate=s.boolean("open_gate", False),
+        request_timeout=s.duration("request_timeout", 10.0, 0.1, 120.0),
+    )
+    s.finish()
+    return cfg
+
+
+def _interface_name(s: _Section, key: str, value: Any) -> str:
+    if not isinstance(value, str) or not IFNAME_RE.match(value):
+        raise ConfigError(f"{s.key(key)}: not an interface name (1-15 characters), got {value!r}")
+    return value
+
+
+def _parse_tunnel(s: _Section) -> TunnelConfig:
+    interface = _interface_name(s, "interface", s.get("interface", "vxlan0"))
+    underlay = s.get("underlay_interface")
+    if underlay is not None:
+        underlay = _interface_name(s, "underlay_interface", underlay)
+        if underlay == interface:
+            raise ConfigError(f"{s.key('underlay_interface')}: must differ from tunnel.interface")
+    local = s.get("local_address")
+    local_address = None
+    if local is not None:
+        try:
+            local_address = ipaddress.IPv4Address(local)
+        except (ipaddress.AddressValueError, ValueError):
+            raise ConfigError(
+                f"{s.key('local_address')}: not an IPv4 address, got {_show(local)}"
+            ) from None
+        if local_address.is_multicast or local_address.is_unspecified:
+            raise ConfigError(f"{s.key('local_address')}: must be a unicast address, got {local}")
+    mtu_raw = s.get("mtu", 1500)
+    mtu: int | Literal["auto"]
+    if mtu_raw == "auto":
+        mtu = "auto"
+    elif isinstance(mtu_raw, int) and not isinstance(mtu_raw, bool):
+        mtu = s.integer("mtu", 1500, MTU_MIN, MTU_MAX)
+    else:
+        raise ConfigError(f'{s.key("mtu")}: must be an integer or "auto", got {_show(mtu_raw)}')
+    ports = s.get("source_port_range", [4789, 4789])
+    if (
+        not isinstance(ports, list)
+        or len(ports) != 2
+        or not all(isinstance(p, int) and not isinstance(p, bool) for p in ports)
+        or not 1 <= ports[0] <= ports[1] <= 65535
+    ):
+        raise ConfigError(
+            f"{s.key('source_port_range')}: must be [low, high] with 1 <= low <= high <= 65535, "
+            f"got {_show(ports)}"
+        )
+    cfg = TunnelConfig(
+        interface=interface,
+        underlay_interface=underlay,
+        local_address=local_address,
+        mtu=mtu,
+        source_port_range=(ports[0], ports[1]),
+        destination_port=s.integer("destination_port", 4789, 1, 65535),
+    )
+    s.finish()
+    return cfg
+
+
+def _parse_kernel(s: _Section) -> KernelConfig:
+    cfg = KernelConfig(
+        neighbour_table_devices=s.integer("neighbour_table_devices", 50_000, 1_024, 4_000_000),
+    )
+    s.finish()
+    return cfg
+
+
+def _parse_agent(s: _Section) -> AgentConfig:
+    state_file = s.string("state_file", str(AgentConfig.state_file))
+    if not state_file.startswith("/"):
+        raise ConfigError(f"{s.key('state_file')}: must be an absolute path, got {state_file!r}")
+    cfg = AgentConfig(
+        reconcile_interval=s.duration("reconcile_interval", 30.0, 1.0, 86_400.0),
+        state_file=Path(state_file),
+    )
+    s.finish()
+    return cfg
+
+
+def check_against_system(cfg: Config) -> None:
+    """Checks that need the host: the secret file's presence and mode, interface names."""
+    key_file = cfg.soracom.auth_key_file
+    try:
+        st = key_file.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"soracom.auth_key_file: {key_file}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"soracom.auth_key_file: {key_file}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"soracom.auth_key_file: {key_file}: not a regular file")
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"soracom.auth_key_file: {key_file}: mode {stat.S_IMODE(st.st_mode):04o} lets "
+            "others read the secret; chmod 0600 it"
+        )
+    if not os.access(key_file, os.R_OK):
+        raise ConfigError(f"soracom.auth_key_file: {key_file}: not readable by this user")
+    underlay = cfg.tunnel.underlay_interface
+    if underlay is not None:
+        try:
+            socket.if_nametoindex(underlay)
+        except OSError:
+            raise ConfigError(
+                f"tunnel.underlay_interface: no interface named {underlay!r} on this host"
+            ) from None

@@ -1,0 +1,1 @@
+"""Everything that reads or changes the kernel: netlink, sysctl, nftables."""

@@ -1,0 +1,1 @@
+"""The emulated SORACOM side: API emulator and network-namespace topology."""

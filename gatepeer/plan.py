@@ -1,0 +1,189 @@
+"""The pure diff between desired and observed state, as a list of actions.
+
+A converged system plans nothing. Nothing is deleted and re-created when it can be changed in
+place: the link is replaced only when an attribute the kernel cannot change differs, and the
+action says which. FDB entries change as a set difference, additions first, so traffic keeps a
+path while an endpoint is swapped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gatepeer.state import (
+    DesiredState,
+    IPv4Address,
+    IPv4Interface,
+    ObservedLink,
+    ObservedState,
+    Sysctl,
+    VxlanSpec,
+)
+
+ZERO_MAC = "00:00:00:00:00:00"
+
+
+@dataclass(frozen=True)
+class CreateLink:
+    spec: VxlanSpec
+    underlay: str
+
+    def command(self) -> str:
+        s = self.spec
+        lo, hi = s.src_port_range
+        return (
+            f"ip link add {s.name} type vxlan id {s.vni} local {s.local} dev {self.underlay} "
+            f"dstport {s.dst_port} srcport {lo} {hi} {'learning' if s.learning else 'nolearning'}"
+            f" && ip link set {s.name} mtu {s.mtu}"
+        )
+
+
+@dataclass(frozen=True)
+class DeleteLink:
+    name: str
+    reason: str
+
+    def command(self) -> str:
+        return f"ip link del {self.name}  # {self.reason}"
+
+
+@dataclass(frozen=True)
+class SetMtu:
+    name: str
+    mtu: int
+    was: int
+
+    def command(self) -> str:
+        return f"ip link set {self.name} mtu {self.mtu}  # was {self.was}"
+
+
+@dataclass(frozen=True)
+class SetUp:
+    name: str
+
+    def command(self) -> str:
+        return f"ip link set {self.name} up"
+
+
+@dataclass(frozen=True)
+class AddAddress:
+    name: str
+    address: IPv4Interface
+
+    def command(self) -> str:
+        return f"ip addr add {self.address.with_prefixlen} dev {self.name}"
+
+
+@dataclass(frozen=True)
+class RemoveAddress:
+    name: str
+    address: IPv4Interface
+
+    def command(self) -> str:
+        return f"ip addr del {self.address.with_prefixlen} dev {self.name}"
+
+
+@dataclass(frozen=True)
+class AddFdb:
+    name: str
+    dst: IPv4Address
+
+    def command(self) -> str:
+        return f"bridge fdb append {ZERO_MAC} dev {self.name} dst {self.dst}"
+
+
+@dataclass(frozen=True)
+class RemoveFdb:
+    name: str
+    dst: IPv4Address
+
+    def command(self) -> str:
+        return f"bridge fdb del {ZERO_MAC} dev {self.name} dst {self.dst}"
+
+
+@dataclass(frozen=True)
+class SetSysctl:
+    setting: Sysctl
+    was: int | None
+
+    def command(self) -> str:
+        return f"sysctl -w {self.setting.dotted}={self.setting.value}  # was {self.was}"
+
+
+Action = (
+    CreateLink
+    | DeleteLink
+    | SetMtu
+    | SetUp
+    | AddAddress
+    | RemoveAddress
+    | AddFdb
+    | RemoveFdb
+    | SetSysctl
+)
+
+
+def immutable_differences(spec: VxlanSpec, link: ObservedLink) -> list[str]:
+    """Attributes that differ and that the kernel cannot change on an existing vxlan link."""
+    if link.kind != "vxlan":
+        return [f"kind {link.kind or 'unknown'} (want vxlan)"]
+    wanted = {
+        "vni": (link.vni, spec.vni),
+        "local": (link.local, spec.local),
+        "lower device": (link.underlay_index, spec.underlay_index),
+        "dstport": (link.dst_port, spec.dst_port),
+        "srcport range": (link.src_port_range, spec.src_port_range),
+        "learning": (link.learning, spec.learning),
+    }
+    return [f"{name} {have} (want {want})" for name, (have, want) in wanted.items() if have != want]
+
+
+def plan(desired: DesiredState, observed: ObservedState, underlay: str) -> list[Action]:
+    spec = desired.link
+    actions: list[Action] = []
+    link = observed.link
+    fresh = link is None
+    if link is not None:
+        differences = immutable_differences(spec, link)
+        if differences:
+            actions.append(
+                DeleteLink(spec.name, "cannot change in place: " + "; ".join(differences))
+            )
+            fresh = True
+    if fresh:
+        actions.append(CreateLink(spec, underlay))
+        addresses: frozenset[IPv4Interface] = frozenset()
+        fdb: frozenset[IPv4Address] = frozenset()
+    else:
+        assert link is not None
+        if link.mtu != spec.mtu:
+            actions.append(SetMtu(spec.name, spec.mtu, link.mtu))
+        addresses, fdb = observed.addresses, observed.fdb
+
+    if desired.address not in addresses:
+        actions.append(AddAddress(spec.name, desired.address))
+    for extra in sorted(addresses - {desired.address}):
+        actions.append(RemoveAddress(spec.name, extra))
+    # Add before remove: during an endpoint swap the surviving endpoints never lose their entry.
+    for dst in sorted(desired.fdb - fdb):
+        actions.append(AddFdb(spec.name, dst))
+    for dst in sorted(fdb - desired.fdb):
+        actions.append(RemoveFdb(spec.name, dst))
+    if fresh or (link is not None and not link.admin_up):
+        actions.append(SetUp(spec.name))
+
+    for setting in desired.sysctls:
+        have = observed.sysctl(setting.path)
+        tunnel_key = f"/conf/{spec.name}/" in setting.path
+        if have is None:
+            # A fresh link's per-interface keys appear only once it exists.
+            if tunnel_key and fresh:
+                actions.append(SetSysctl(setting, None))
+            continue
+        if fresh and tunnel_key or not setting.satisfied_by(have):
+            actions.append(SetSysctl(setting, have))
+    return actions
+
+
+def describe(actions: list[Action]) -> list[str]:
+    return [a.command() for a in actions]

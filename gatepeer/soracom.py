@@ -1,0 +1,311 @@
+"""SORACOM API client: AuthKey authentication, token refresh, the VPG and gate peer calls.
+
+Standard library only (urllib), so the CLI stays light. Every call has a timeout; 5xx answers,
+timeouts and dropped connections are retried with exponential backoff and jitter; a 429 waits
+what `X-Soracom-Ratelimit-Seconds-Before-Refresh` says (at most 60 s). The auth key is read from
+its file only when authenticating and never appears in an error, a log line or `repr`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TOKEN_LIFETIME_S = 86_400
+# Refresh when less than this share of the token's lifetime is left.
+REFRESH_MARGIN = 0.1
+RATE_LIMIT_WAIT_MAX_S = 60.0
+RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+
+
+class SoracomError(RuntimeError):
+    """An API call failed; `status` is the HTTP status (0 when there was no answer)."""
+
+    def __init__(self, operation: str, status: int, message: str, code: str = "") -> None:
+        self.operation = operation
+        self.status = status
+        self.code = code
+        detail = f"{code}: {message}" if code else message
+        super().__init__(
+            f"SORACOM API {operation} failed: {detail}"
+            if status == 0
+            else f"SORACOM API {operation} failed with HTTP {status}: {detail}"
+        )
+
+
+class AuthenticationError(SoracomError):
+    """The AuthKey was refused: the user must fix the key id or the key file."""
+
+
+@dataclass
+class ApiStats:
+    """Counters the metrics collector reads at scrape time; updated under a lock."""
+
+    requests: dict[tuple[str, int], int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    ratelimit_remaining: int | None = None
+    auth_failures: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, operation: str, status: int, seconds: float) -> None:
+        with self.lock:
+            key = (operation, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            self.seconds[operation] = self.seconds.get(operation, 0.0) + seconds
+
+
+@dataclass
+class _Session:
+    api_key: str
+    token: str
+    operator_id: str
+    expires_at: float
+    lifetime: float
+
+
+def error_fields(body: bytes) -> tuple[str, str]:
+    """(code, message) from either error shape SORACOM sends; empty strings if neither."""
+    try:
+        data = json.loads(body or b"{}")
+    except ValueError:
+        return "", body[:200].decode("utf-8", "replace")
+    if isinstance(data, dict) and isinstance(data.get("errorMessage"), dict):
+        data = data["errorMessage"]
+    if not isinstance(data, dict):
+        return "", ""
+    return str(data.get("code", "")), str(data.get("message", ""))
+
+
+class SoracomClient:
+    def __init__(
+        self,
+        endpoint: str,
+        auth_key_id: str,
+        read_auth_key: Callable[[], str],
+        *,
+        timeout: float = 10.0,
+        attempts: int = 4,
+        backoff_base: float = 0.5,
+        backoff_max: float = 8.0,
+        token_lifetime: int = TOKEN_LIFETIME_S,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        stats: ApiStats | None = None,
+    ) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        self.auth_key_id = auth_key_id
+        self._read_auth_key = read_auth_key
+        self.timeout = timeout
+        self.attempts = attempts
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.token_lifetime = token_lifetime
+        self.sleep = sleep
+        self.clock = clock
+        self.stats = stats or ApiStats()
+        self._session: _Session | None = None
+
+    def __repr__(self) -> str:
+        return f"SoracomClient({self.endpoint!r}, auth_key_id={self.auth_key_id!r})"
+
+    # ---- transport ---------------------------------------------------------------------
+
+    def _send(
+        self, operation: str, method: str, path: str, body: Any, headers: dict[str, str]
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """One HTTP exchange; (0, b"", {}) when no answer came (timeout, dropped)."""
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.endpoint + path, data=data, method=method)
+        req.add_header("Accept", "application/json")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        for key, value in headers.items():
+            req.add_header(key, value)
+        started = self.clock()
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                status, payload, got = resp.status, resp.read(), _lower(resp.headers.items())
+        except urllib.error.HTTPError as exc:
+            status, payload, got = exc.code, exc.read(), _lower(exc.headers.items())
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            reason = getattr(exc, "reason", exc)
+            log.debug("%s: no answer: %s", operation, reason)
+            self.stats.record(operation, 0, self.clock() - started)
+            return 0, str(reason).encode(), {}
+        self.stats.record(operation, status, self.clock() - started)
+        remaining = got.get("x-soracom-ratelimit-remaining")
+        if remaining is not None and remaining.isdigit():
+            self.stats.ratelimit_remaining = int(remaining)
+        return status, payload, got
+
+    def _backoff(self, attempt: int) -> float:
+        # Full jitter: spreads a fleet of gate peers that all saw the same outage.
+        return random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))
+
+    def _call(
+        self,
+        operation: str,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        authenticated: bool = True,
+        ok: tuple[int, ...] = (200,),
+    ) -> tuple[int, Any]:
+        reauthed = False
+        attempt = 0
+        while True:
+            headers = self._auth_headers() if authenticated else {}
+            status, payload, got = self._send(operation, method, path, body, headers)
+            if status in ok:
+                return status, json.loads(payload) if payload.strip() else None
+            code, message = error_fields(payload) if status else ("", payload.decode())
+            if status == 401 and authenticated and not reauthed:
+                # The token may have been revoked or expired early: one fresh login, then retry.
+                reauthed = True
+                self._session = None
+                continue
+            retryable = status == 0 or status in RETRYABLE_STATUS or status == 429
+            attempt += 1
+            if not retryable or attempt >= self.attempts:
+                if status == 401:
+                    self.stats.auth_failures += 1
+                    raise AuthenticationError(
+                        operation,
+                        status,
+                        f"authentication failed for auth key id {self.auth_key_id}: check the key",
+                        code,
+                    )
+                raise SoracomError(operation, status, message or "no answer", code)
+            if status == 429:
+                wait = _rate_limit_wait(got)
+                log.warning("%s: rate limited, waiting %.1fs", operation, wait)
+            else:
+                wait = self._backoff(attempt)
+                log.warning(
+                    "%s: %s, retry %d/%d in %.2fs",
+                    operation,
+                    f"HTTP {status}" if status else f"no answer ({message})",
+                    attempt,
+                    self.attempts - 1,
+                    wait,
+                )
+            self.sleep(wait)
+
+    # ---- authentication ----------------------------------------------------------------
+
+    def authenticate(self) -> None:
+        try:
+            secret = self._read_auth_key()
+        except OSError as exc:
+            raise AuthenticationError(
+                "auth", 0, f"cannot read the auth key file: {exc.strerror or exc}"
+            ) from None
+        body = {
+            "authKeyId": self.auth_key_id,
+            "authKey": secret,
+            "tokenTimeoutSeconds": self.token_lifetime,
+        }
+        _, data = self._call("auth", "POST", "/v1/auth", body, authenticated=False)
+        self._session = _Session(
+            api_key=data["apiKey"],
+            token=data["token"],
+            operator_id=data["operatorId"],
+            expires_at=self.clock() + self.token_lifetime,
+            lifetime=self.token_lifetime,
+        )
+
+    def _refresh(self) -> None:
+        s = self._session
+        assert s is not None
+        path = f"/v1/operators/{urllib.parse.quote(s.operator_id)}/token"
+        try:
+            _, data = self._call(
+                "generateAuthToken", "POST", path, {"tokenTimeoutSeconds": self.token_lifetime}
+            )
+        except SoracomError:
+            self._session = None
+            self.authenticate()
+            return
+        # _call may have re-authenticated underneath us; keep its session's keys.
+        if self._session is not None:
+            self._session.token = data["token"]
+            self._session.expires_at = self.clock() + self.token_lifetime
+
+    def _auth_headers(self) -> dict[str, str]:
+        if self._session is None:
+            self.authenticate()
+        s = self._session
+        assert s is not None
+        if s.expires_at - self.clock() < s.lifetime * REFRESH_MARGIN:
+            # Mark first so the refresh call itself does not recurse into another refresh.
+            s.expires_at = self.clock() + s.lifetime
+            self._refresh()
+            s = self._session
+            assert s is not None
+        return {"X-Soracom-API-Key": s.api_key, "X-Soracom-Token": s.token}
+
+    @property
+    def operator_id(self) -> str | None:
+        return self._session.operator_id if self._session else None
+
+    # ---- operations --------------------------------------------------------------------
+
+    def _vpg_path(self, vpg_id: str, suffix: str = "") -> str:
+        return f"/v1/virtual_private_gateways/{urllib.parse.quote(vpg_id)}{suffix}"
+
+    def get_virtual_private_gateway(self, vpg_id: str) -> dict[str, Any]:
+        _, data = self._call("getVirtualPrivateGateway", "GET", self._vpg_path(vpg_id))
+        return dict(data)
+
+    def list_gate_peers(self, vpg_id: str) -> list[dict[str, Any]]:
+        _, data = self._call("listGatePeers", "GET", self._vpg_path(vpg_id, "/gate/peers"))
+        return list(data)
+
+    def register_gate_peer(
+        self, vpg_id: str, outer_ip: str, inner_ip: str | None = None
+    ) -> dict[str, Any]:
+        body = {"outerIpAddress": outer_ip}
+        if inner_ip:
+            body["innerIpAddress"] = inner_ip
+        _, data = self._call(
+            "registerGatePeer",
+            "POST",
+            self._vpg_path(vpg_id, "/gate/peers"),
+            body,
+            ok=(200, 201),
+        )
+        return dict(data)
+
+    def unregister_gate_peer(self, vpg_id: str, outer_ip: str) -> None:
+        path = self._vpg_path(vpg_id, f"/gate/peers/{urllib.parse.quote(outer_ip)}")
+        self._call("unregisterGatePeer", "DELETE", path, ok=(200, 204))
+
+    def open_gate(self, vpg_id: str) -> dict[str, Any]:
+        _, data = self._call("openGate", "POST", self._vpg_path(vpg_id, "/gate/open"), {})
+        return dict(data) if data else {}
+
+
+def _rate_limit_wait(headers: dict[str, str]) -> float:
+    raw = headers.get("x-soracom-ratelimit-seconds-before-refresh", "")
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = 1.0
+    return max(0.0, min(wait, RATE_LIMIT_WAIT_MAX_S))
+
+
+def _lower(items: Any) -> dict[str, str]:
+    """Header names compared case-insensitively, as HTTP says."""
+    return {str(k).lower(): str(v) for k, v in items}

@@ -1,0 +1,198 @@
+"""Plain immutable values: what SORACOM told us, what we want, and what the kernel has.
+
+Nothing here does I/O. `desired_state` is the only logic: it joins the configuration, the facts
+about this host and the gate view from the API into the state the kernel should be in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from gatepeer.config import VXLAN_OVERHEAD, Config
+
+IPv4Address = ipaddress.IPv4Address
+IPv4Interface = ipaddress.IPv4Interface
+IPv4Network = ipaddress.IPv4Network
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One of the VPG's own tunnel endpoints (`ownedByCustomer: false`)."""
+
+    outer: IPv4Address
+    inner: IPv4Address | None
+
+
+@dataclass(frozen=True)
+class GateView:
+    """Everything the agent learned from the SORACOM API; kept as the last known good."""
+
+    vpg_id: str
+    vni: int
+    device_subnet: IPv4Network
+    gate_opened: bool
+    inner: IPv4Interface  # this peer's inner address with the device subnet's prefix
+    endpoints: tuple[Endpoint, ...]
+    outer: IPv4Address  # the outer address this peer is registered with
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "vpg_id": self.vpg_id,
+            "vni": self.vni,
+            "device_subnet": str(self.device_subnet),
+            "gate_opened": self.gate_opened,
+            "inner": str(self.inner),
+            "outer": str(self.outer),
+            "endpoints": [
+                {"outer": str(e.outer), "inner": str(e.inner) if e.inner else None}
+                for e in self.endpoints
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GateView:
+        return cls(
+            vpg_id=str(data["vpg_id"]),
+            vni=int(data["vni"]),
+            device_subnet=IPv4Network(data["device_subnet"]),
+            gate_opened=bool(data["gate_opened"]),
+            inner=IPv4Interface(data["inner"]),
+            outer=IPv4Address(data["outer"]),
+            endpoints=tuple(
+                Endpoint(IPv4Address(e["outer"]), IPv4Address(e["inner"]) if e["inner"] else None)
+                for e in data["endpoints"]
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """Facts about this machine that the desired state depends on."""
+
+    underlay: str
+    underlay_index: int
+    underlay_mtu: int
+    local_address: IPv4Address
+
+
+@dataclass(frozen=True)
+class VxlanSpec:
+    name: str
+    vni: int
+    local: IPv4Address
+    underlay_index: int
+    dst_port: int
+    src_port_range: tuple[int, int]
+    mtu: int
+    learning: bool = True  # per-endpoint unicast after the first reply, as SORACOM's script has
+
+
+# How a sysctl compares: "exact" must equal; "at_least" leaves a larger value the operator chose.
+Comparison = Literal["exact", "at_least"]
+
+
+@dataclass(frozen=True)
+class Sysctl:
+    path: str  # under /proc/sys, with slashes: interface names may contain dots
+    value: int
+    comparison: Comparison = "exact"
+    # Some keys exist only in the initial network namespace: absent elsewhere is not an error.
+    init_netns_only: bool = False
+
+    @property
+    def dotted(self) -> str:
+        return self.path.replace("/", ".")
+
+    def satisfied_by(self, observed: int) -> bool:
+        if self.comparison == "at_least":
+            return observed >= self.value
+        return observed == self.value
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    link: VxlanSpec
+    address: IPv4Interface
+    fdb: frozenset[IPv4Address]
+    sysctls: tuple[Sysctl, ...]
+
+
+@dataclass(frozen=True)
+class ObservedLink:
+    index: int
+    name: str
+    kind: str | None
+    vni: int | None
+    local: IPv4Address | None
+    underlay_index: int | None
+    dst_port: int | None
+    src_port_range: tuple[int, int] | None
+    learning: bool | None
+    mtu: int
+    admin_up: bool
+    oper_state: str
+
+
+@dataclass(frozen=True)
+class ObservedState:
+    link: ObservedLink | None
+    addresses: frozenset[IPv4Interface]
+    fdb: frozenset[IPv4Address]  # destinations of the all-zero-MAC entries
+    sysctls: tuple[tuple[str, int | None], ...]  # (path, value or None when the key is absent)
+
+    def sysctl(self, path: str) -> int | None:
+        return dict(self.sysctls).get(path)
+
+
+class DesiredStateError(ValueError):
+    """The inputs cannot make a working tunnel; the message names the setting to change."""
+
+
+def neighbour_thresholds(devices: int) -> tuple[int, int, int]:
+    """gc_thresh1/2/3 for `devices` active neighbours: GC stays idle well below the soft limit
+    and the hard limit leaves twice the room, so a burst never hits "neighbor table overflow"."""
+    return devices // 2, devices + devices // 2, devices * 2
+
+
+def tunnel_mtu(config: Config, facts: HostFacts) -> int:
+    largest = facts.underlay_mtu - VXLAN_OVERHEAD
+    if config.tunnel.mtu == "auto":
+        return largest
+    if config.tunnel.mtu > largest:
+        raise DesiredStateError(
+            f"tunnel.mtu: {config.tunnel.mtu} needs an underlay MTU of at least "
+            f"{config.tunnel.mtu + VXLAN_OVERHEAD}, {facts.underlay} has {facts.underlay_mtu} "
+            f'(set mtu = "auto" or at most {largest})'
+        )
+    return config.tunnel.mtu
+
+
+def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredState:
+    t = config.tunnel
+    link = VxlanSpec(
+        name=t.interface,
+        vni=gate.vni,
+        local=facts.local_address,
+        underlay_index=facts.underlay_index,
+        dst_port=t.destination_port,
+        src_port_range=t.source_port_range,
+        mtu=tunnel_mtu(config, facts),
+    )
+    g1, g2, g3 = neighbour_thresholds(config.kernel.neighbour_table_devices)
+    sysctls = (
+        Sysctl("net/ipv4/ip_forward", 1),
+        # Loose reverse-path filtering: replies may come back through the other endpoint.
+        Sysctl(f"net/ipv4/conf/{t.interface}/rp_filter", 2),
+        Sysctl(f"net/ipv4/conf/{facts.underlay}/rp_filter", 2),
+        Sysctl("net/ipv4/neigh/default/gc_thresh1", g1, "at_least", init_netns_only=True),
+        Sysctl("net/ipv4/neigh/default/gc_thresh2", g2, "at_least", init_netns_only=True),
+        Sysctl("net/ipv4/neigh/default/gc_thresh3", g3, "at_least", init_netns_only=True),
+    )
+    return DesiredState(
+        link=link,
+        address=gate.inner,
+        fdb=frozenset(e.outer for e in gate.endpoints),
+        sysctls=sysctls,
+    )

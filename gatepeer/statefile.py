@@ -1,0 +1,44 @@
+"""/run/gatepeer/state.json: what the last reconcile did, written atomically.
+
+`gatepeer status` reads it together with the live kernel state, so the report works while the
+daemon is down, and a restarted agent reads the last known good gate view from it so that a
+failing API at boot does not leave the data path unbuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+
+
+def write(path: Path, data: dict[str, Any]) -> None:
+    """Write-then-rename in the same directory: readers see the old file or the new, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    payload = json.dumps({"format": FORMAT_VERSION, **data}, indent=2, sort_keys=True)
+    fd, tmp = tempfile.mkstemp(prefix=".state-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(payload + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read(path: Path) -> dict[str, Any] | None:
+    """The last state, or None when there is none or it cannot be parsed."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+        return None
+    return data
