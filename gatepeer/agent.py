@@ -18,7 +18,7 @@ from typing import Any
 
 from gatepeer import __version__, statefile
 from gatepeer.config import Config
-from gatepeer.gate import GateError, fetch_gate_view
+from gatepeer.gate import GateError, fetch_gate_view, find_own_peer, vpg_endpoints
 from gatepeer.kernel.netlink import KernelError, Netlink
 from gatepeer.plan import Action, describe, plan
 from gatepeer.soracom import ApiStats, SoracomClient, SoracomError
@@ -27,6 +27,8 @@ from gatepeer.state import (
     DesiredStateError,
     GateView,
     HostFacts,
+    IPv4Interface,
+    IPv4Network,
     ObservedState,
     desired_state,
 )
@@ -46,6 +48,8 @@ class ReconcileResult:
     notes: list[str]
     duration_s: float
     dry_run: bool = False
+    bad_config: bool = False  # the settings themselves cannot work (exit 2, not 1)
+    preview: list[str] = field(default_factory=list)  # dry run: changes outside the kernel
 
 
 @dataclass
@@ -85,6 +89,7 @@ class Agent:
         self.gate_fetched_at: float | None = None
         self.last: ReconcileResult | None = None
         self.facts: HostFacts | None = None
+        self.preview: list[str] = []
         self._load_last_good()
 
     def close(self) -> None:
@@ -112,10 +117,12 @@ class Agent:
         self.facts = self.netlink.host_facts(t.underlay_interface, t.local_address)
         return self.facts
 
-    def refresh_gate(self) -> bool:
+    def refresh_gate(self, *, dry_run: bool = False) -> bool:
         """Ask the API; on failure keep the last good view and remember why. True on success."""
         facts = self.facts or self.host_facts()
         try:
+            if dry_run and self._preview_registration(facts):
+                return True
             self.gate = fetch_gate_view(
                 self.client,
                 self.config.soracom.vpg_id,
@@ -128,6 +135,32 @@ class Agent:
             return False
         self.gate_error = None
         self.gate_fetched_at = self.clock()
+        return True
+
+    def _preview_registration(self, facts: HostFacts) -> bool:
+        """In a dry run an unregistered peer is not registered: say so and plan with a
+        placeholder inner address. True when that placeholder view was set."""
+        vpg_id = self.config.soracom.vpg_id
+        peers = self.client.list_gate_peers(vpg_id)
+        if find_own_peer(peers, facts.local_address) is not None:
+            return False
+        vpg = self.client.get_virtual_private_gateway(vpg_id)
+        subnet = IPv4Network(vpg["deviceSubnetCidrRange"])
+        self.preview.append(
+            f"# would register {facts.local_address} as a gate peer of VPG {vpg_id} "
+            "(registerGatePeer); the inner address below is a placeholder until the API assigns one"
+        )
+        if not vpg.get("gateOpened"):
+            self.preview.append(f"# would open Gate on VPG {vpg_id} (openGate)")
+        self.gate = GateView(
+            vpg_id=vpg_id,
+            vni=int(vpg.get("gateVxlanId") or 10),
+            device_subnet=subnet,
+            gate_opened=bool(vpg.get("gateOpened")),
+            inner=IPv4Interface(f"{subnet.network_address}/{subnet.prefixlen}"),
+            endpoints=vpg_endpoints(peers),
+            outer=facts.local_address,
+        )
         return True
 
     # ---- reconcile ---------------------------------------------------------------------
@@ -163,9 +196,11 @@ class Agent:
         actions: list[Action] = []
         notes: list[str] = []
         health = "ok"
+        bad_config = False
         try:
             self.host_facts()
-            if refresh and not self.refresh_gate():
+            self.preview = []
+            if refresh and not self.refresh_gate(dry_run=dry_run):
                 reasons.append(f"SORACOM API: {self.gate_error}; keeping the last applied state")
             desired = self.desired()
             observed = self.observe(desired)
@@ -185,6 +220,7 @@ class Agent:
             if reasons:
                 health = "degraded"
         except (KernelError, ReconcileError, DesiredStateError) as exc:
+            bad_config = isinstance(exc, DesiredStateError)
             health = "failed"
             reasons.append(str(exc))
             log.error("%s", exc)
@@ -195,6 +231,8 @@ class Agent:
             notes=notes,
             duration_s=time.monotonic() - started,
             dry_run=dry_run,
+            bad_config=bad_config,
+            preview=list(self.preview),
         )
         if not dry_run:
             self._count(result)
@@ -210,6 +248,30 @@ class Agent:
             self.record.last_success_at = self.clock()
         self.record.durations.append(result.duration_s)
         del self.record.durations[:-1000]
+
+    # ---- teardown ----------------------------------------------------------------------
+
+    def teardown(self, *, unregister: bool) -> tuple[bool, list[str]]:
+        """Remove what gatepeer created; sysctls stay (other services may rely on them)."""
+        messages: list[str] = []
+        name = self.config.tunnel.interface
+        removed = self.netlink.delete_link(name)
+        if removed:
+            messages.append(f"removed {name}")
+        if unregister:
+            facts = self.host_facts()
+            vpg_id = self.config.soracom.vpg_id
+            try:
+                self.client.unregister_gate_peer(vpg_id, str(facts.local_address))
+            except SoracomError as exc:
+                if exc.status != 404:
+                    raise
+                messages.append(f"{facts.local_address} was not registered with VPG {vpg_id}")
+            else:
+                removed = True
+                messages.append(f"unregistered {facts.local_address} from VPG {vpg_id}")
+        self.config.agent.state_file.unlink(missing_ok=True)
+        return removed, messages
 
     # ---- state file --------------------------------------------------------------------
 

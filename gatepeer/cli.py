@@ -1,20 +1,165 @@
 """The `gatepeer` command: thin click wrappers that parse, call, print and exit.
 
-Heavy modules (pyroute2, prometheus_client, scapy) are imported inside the commands that need
-them so that `gatepeer --help` and `gatepeer status` stay fast.
+Exit codes: 0 ok, 1 degraded or failed, 2 bad usage or bad config. Heavy modules (pyroute2,
+prometheus_client, scapy) are imported inside the commands that need them so that
+`gatepeer --help` and `gatepeer status` stay fast.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
 import click
 
 from gatepeer import __version__
+from gatepeer.config import Config, ConfigError, config_path, load
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    click.echo(f"gatepeer: {message}", err=True)
+    sys.exit(code)
+
+
+def config_option(func: F) -> F:
+    return click.option(
+        "--config",
+        "config_file",
+        metavar="PATH",
+        envvar=None,  # GATEPEER_CONFIG is read by config_path, after --config
+        help="Config file (default: $GATEPEER_CONFIG, else /etc/gatepeer/gatepeer.toml).",
+    )(func)
+
+
+def load_config(config_file: str | None) -> Config:
+    try:
+        return load(config_path(config_file))
+    except ConfigError as exc:
+        fail(f"config error: {exc}", EXIT_USAGE)
+
+
+def setup_logging(verbose: bool, quiet_level: int = logging.WARNING) -> None:
+    """One-shot commands print their own results: their log shows warnings unless -v."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else quiet_level,
+        format="gatepeer: %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    # pyroute2 logs its own internals at INFO; they are noise for an operator.
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gatepeer")
 def main() -> None:
     """Run this host as a SORACOM Gate customer gate peer."""
+
+
+@main.group("config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command("check")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the effective config as JSON.")
+def config_check(config_file: str | None, as_json: bool) -> None:
+    """Validate the config and print the effective values (secrets masked)."""
+    cfg = load_config(config_file)
+    effective = cfg.masked()
+    if as_json:
+        click.echo(json.dumps(effective, indent=2))
+        return
+    click.echo(f"# {cfg.source}: valid")
+    for section, values in effective.items():
+        click.echo(f"[{section}]")
+        for key, value in values.items():
+            click.echo(f"{key} = {json.dumps(value)}")
+    click.echo("# the auth key itself is read from soracom.auth_key_file and never printed")
+
+
+@main.command()
+@config_option
+@click.option(
+    "--dry-run", is_flag=True, help="Print what would change, as commands; change nothing."
+)
+@click.option("-v", "--verbose", is_flag=True)
+def apply(config_file: str | None, dry_run: bool, verbose: bool) -> None:
+    """Reconcile once: register, build the tunnel, tune the kernel, verify."""
+    cfg = load_config(config_file)
+    setup_logging(verbose)
+    from gatepeer.agent import Agent
+
+    agent = Agent(cfg)
+    try:
+        result = agent.reconcile(dry_run=dry_run)
+    finally:
+        agent.close()
+    for note in result.notes:
+        click.echo(f"# note: {note}")
+    if dry_run:
+        for line in result.preview:
+            click.echo(line)
+    for action in result.actions:
+        click.echo(action.command() if dry_run else f"+ {action.command()}")
+    if result.bad_config:
+        fail("; ".join(result.reasons), EXIT_USAGE)
+    if result.health == "failed":
+        fail("; ".join(result.reasons))
+    if not result.actions:
+        click.echo("nothing to change: already converged")
+    elif dry_run:
+        click.echo(f"# {len(result.actions)} change(s) would be made (dry run: nothing changed)")
+    else:
+        click.echo(f"converged: {len(result.actions)} change(s) applied and verified")
+    if result.health == "degraded":
+        fail("degraded: " + "; ".join(result.reasons))
+
+
+@main.command()
+@config_option
+@click.option("--unregister", is_flag=True, help="Also remove this peer's registration.")
+@click.option("-v", "--verbose", is_flag=True)
+def down(config_file: str | None, unregister: bool, verbose: bool) -> None:
+    """Remove the tunnel and whatever else gatepeer created."""
+    cfg = load_config(config_file)
+    setup_logging(verbose)
+    from gatepeer.agent import Agent
+    from gatepeer.soracom import SoracomError
+
+    agent = Agent(cfg)
+    try:
+        removed, messages = agent.teardown(unregister=unregister)
+    except SoracomError as exc:
+        fail(str(exc))
+    finally:
+        agent.close()
+    for line in messages:
+        click.echo(line)
+    if not removed:
+        click.echo("nothing to remove")
+
+
+@main.command()
+@config_option
+@click.option("-v", "--verbose", is_flag=True)
+def run(config_file: str | None, verbose: bool) -> None:
+    """The daemon: keep this gate peer converged until SIGTERM."""
+    cfg = load_config(config_file)
+    setup_logging(verbose, quiet_level=logging.INFO)
+    from gatepeer.daemon import Daemon
+
+    def reload() -> Config:
+        return load(config_path(config_file))
+
+    sys.exit(Daemon(cfg, reload).run())
 
 
 def _register_lab() -> None:

@@ -61,6 +61,36 @@ class KernelConfig:
     neighbour_table_devices: int = 50_000
 
 
+PacketPathMode = Literal["route", "nat"]
+
+
+@dataclass(frozen=True)
+class PacketPathConfig:
+    mode: PacketPathMode = "route"
+    # Destinations devices may reach through this peer; empty allows every destination.
+    allowed_destinations: tuple[ipaddress.IPv4Network, ...] = ()
+    # "auto": use the nftables flowtable fast path when the kernel offers one.
+    flowtable: bool | Literal["auto"] = "auto"
+    # nat mode: conntrack sized for neighbour_table_devices devices with this many flows each.
+    flows_per_device: int = 8
+
+
+# Outside 9100-9999 (allocated to other exporters).
+DEFAULT_METRICS_PORT = 8479
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # None: the instance's private (local) address on DEFAULT_METRICS_PORT; "" turns it off.
+    listen: str | None = None
+
+
+@dataclass(frozen=True)
+class ProbesConfig:
+    interval: float = 5.0
+    timeout: float = 1.0
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     reconcile_interval: float = 30.0
@@ -73,13 +103,24 @@ class Config:
     tunnel: TunnelConfig = field(default_factory=TunnelConfig)
     kernel: KernelConfig = field(default_factory=KernelConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    packet_path: PacketPathConfig = field(default_factory=PacketPathConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
     source: Path | None = None
 
     def masked(self) -> dict[str, dict[str, Any]]:
         """The effective configuration as plain values; holds no secret (only the key's path)."""
         out: dict[str, dict[str, Any]] = {}
-        for section in (self.soracom, self.tunnel, self.kernel, self.agent):
-            name = type(section).__name__.removesuffix("Config").lower()
+        sections: dict[str, Any] = {
+            "soracom": self.soracom,
+            "tunnel": self.tunnel,
+            "kernel": self.kernel,
+            "agent": self.agent,
+            "packet_path": self.packet_path,
+            "metrics": self.metrics,
+            "probes": self.probes,
+        }
+        for name, section in sections.items():
             out[name] = {f.name: _plain(getattr(section, f.name)) for f in fields(section)}
         return out
 
@@ -88,7 +129,9 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Path | ipaddress.IPv4Address):
         return str(value)
     if isinstance(value, tuple):
-        return list(value)
+        return [_plain(v) for v in value]
+    if isinstance(value, ipaddress.IPv4Network):
+        return str(value)
     if value is None:
         return "(default)"
     return value
@@ -121,7 +164,7 @@ def load(path: Path, *, check_system: bool = True) -> Config:
     return cfg
 
 
-_SECTIONS = ("soracom", "tunnel", "kernel", "agent")
+_SECTIONS = ("soracom", "tunnel", "kernel", "agent", "packet_path", "metrics", "probes")
 
 
 def parse(data: Mapping[str, Any]) -> Config:
@@ -135,7 +178,18 @@ def parse(data: Mapping[str, Any]) -> Config:
     tunnel = _parse_tunnel(_Section("tunnel", data.get("tunnel", {})))
     kernel = _parse_kernel(_Section("kernel", data.get("kernel", {})))
     agent = _parse_agent(_Section("agent", data.get("agent", {})))
-    return Config(soracom=soracom, tunnel=tunnel, kernel=kernel, agent=agent)
+    packet_path = _parse_packet_path(_Section("packet_path", data.get("packet_path", {})))
+    metrics = _parse_metrics(_Section("metrics", data.get("metrics", {})))
+    probes = _parse_probes(_Section("probes", data.get("probes", {})))
+    return Config(
+        soracom=soracom,
+        tunnel=tunnel,
+        kernel=kernel,
+        agent=agent,
+        packet_path=packet_path,
+        metrics=metrics,
+        probes=probes,
+    )
 
 
 class _Section:
@@ -319,6 +373,71 @@ def _parse_agent(s: _Section) -> AgentConfig:
         reconcile_interval=s.duration("reconcile_interval", 30.0, 1.0, 86_400.0),
         state_file=Path(state_file),
     )
+    s.finish()
+    return cfg
+
+
+def _parse_packet_path(s: _Section) -> PacketPathConfig:
+    mode = s.get("mode", "route")
+    if mode not in ("route", "nat"):
+        raise ConfigError(f'{s.key("mode")}: must be "route" or "nat", got {_show(mode)}')
+    allowed_raw = s.get("allowed_destinations", [])
+    if not isinstance(allowed_raw, list):
+        raise ConfigError(f"{s.key('allowed_destinations')}: must be a list of IPv4 prefixes")
+    allowed = []
+    for item in allowed_raw:
+        try:
+            allowed.append(ipaddress.IPv4Network(item))
+        except (ipaddress.AddressValueError, ipaddress.NetmaskValueError, ValueError, TypeError):
+            raise ConfigError(
+                f"{s.key('allowed_destinations')}: not an IPv4 prefix (host bits must be zero), "
+                f"got {_show(item)}"
+            ) from None
+    flowtable = s.get("flowtable", "auto")
+    if flowtable != "auto" and not isinstance(flowtable, bool):
+        raise ConfigError(
+            f'{s.key("flowtable")}: must be true, false or "auto", got {_show(flowtable)}'
+        )
+    cfg = PacketPathConfig(
+        mode=mode,
+        allowed_destinations=tuple(allowed),
+        flowtable=flowtable,
+        flows_per_device=s.integer("flows_per_device", 8, 1, 1024),
+    )
+    s.finish()
+    return cfg
+
+
+def _parse_metrics(s: _Section) -> MetricsConfig:
+    listen = s.get("listen")
+    if listen is not None:
+        if not isinstance(listen, str):
+            raise ConfigError(
+                f'{s.key("listen")}: must be "ADDRESS:PORT" or "", got {_show(listen)}'
+            )
+        if listen:
+            host, _, port = listen.rpartition(":")
+            try:
+                ipaddress.IPv4Address(host)
+                port_ok = port.isdigit() and 1 <= int(port) <= 65535
+            except ValueError:
+                port_ok = False
+            if not port_ok:
+                raise ConfigError(
+                    f'{s.key("listen")}: must be "IPv4ADDRESS:PORT" or "" (off), got {listen!r}'
+                )
+    cfg = MetricsConfig(listen=listen)
+    s.finish()
+    return cfg
+
+
+def _parse_probes(s: _Section) -> ProbesConfig:
+    cfg = ProbesConfig(
+        interval=s.duration("interval", 5.0, 0.2, 3600.0),
+        timeout=s.duration("timeout", 1.0, 0.05, 60.0),
+    )
+    if cfg.timeout >= cfg.interval:
+        raise ConfigError(f"{s.key('timeout')}: must be shorter than probes.interval")
     s.finish()
     return cfg
 

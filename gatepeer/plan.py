@@ -107,7 +107,8 @@ class SetSysctl:
     was: int | None
 
     def command(self) -> str:
-        return f"sysctl -w {self.setting.dotted}={self.setting.value}  # was {self.was}"
+        was = "absent" if self.was is None else self.was
+        return f"sysctl -w {self.setting.dotted}={self.setting.value}  # was {was}"
 
 
 Action = (

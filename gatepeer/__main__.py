@@ -1,0 +1,3 @@
+from gatepeer.cli import main
+
+main()

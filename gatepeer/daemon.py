@@ -1,0 +1,179 @@
+"""`gatepeer run`: reconcile at start, on the timer, on kernel events and on SIGHUP.
+
+The timer refreshes the gate view from the SORACOM API; kernel events (our link, address or
+flood entries removed or changed by hand) reconcile at once against the cached view, without an
+API call. SIGTERM stops the loop and leaves the data path up: stopping the agent must never cut
+the devices off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK, RTMGRP_NEIGH
+
+from gatepeer import systemd
+from gatepeer.agent import Agent
+from gatepeer.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+AF_BRIDGE = 7
+# Events come in bursts (a link deletion also deletes its addresses and entries): coalesce them.
+EVENT_SETTLE_S = 0.02
+
+
+class KernelWatcher(threading.Thread):
+    """Listens to rtnetlink and calls `kick` when something the agent owns changes."""
+
+    def __init__(self, interface: str, kick: Callable[[str], None]) -> None:
+        super().__init__(name="kernel-watcher", daemon=True)
+        self.interface = interface
+        self.kick = kick
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+        self._ipr: IPRoute | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._ipr is not None:
+            with contextlib.suppress(OSError):
+                self._ipr.close()
+
+    def run(self) -> None:
+        with IPRoute() as ipr:
+            self._ipr = ipr
+            ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_NEIGH)
+            self.ready.set()
+            while not self._stop.is_set():
+                try:
+                    messages = ipr.get()
+                except Exception:  # noqa: BLE001 - closed under us at stop, or a bad message
+                    if self._stop.is_set():
+                        return
+                    log.exception("kernel watcher: reading events failed")
+                    time.sleep(1)
+                    continue
+                for msg in messages:
+                    why = self.relevant(msg)
+                    if why:
+                        self.kick(why)
+
+    def relevant(self, msg: object) -> str | None:
+        """A short reason when the event concerns what the agent owns, else None."""
+        event = getattr(msg, "get", lambda *_: None)("event")
+        get_attr = getattr(msg, "get_attr", lambda *_: None)
+        if event in ("RTM_DELLINK", "RTM_NEWLINK"):
+            if get_attr("IFLA_IFNAME") == self.interface:
+                return f"{event} {self.interface}"
+            return None
+        if event == "RTM_DELADDR":
+            if get_attr("IFA_LABEL") == self.interface:
+                return f"address removed from {self.interface}"
+            return None
+        # Learned MAC entries come and go all the time; only our flood entries matter.
+        if (
+            event == "RTM_DELNEIGH"
+            and getattr(msg, "get", lambda *_: None)("family") == AF_BRIDGE
+            and get_attr("NDA_LLADDR") == "00:00:00:00:00:00"
+        ):
+            return f"flood entry to {get_attr('NDA_DST')} removed"
+        return None
+
+
+class Daemon:
+    def __init__(self, config: Config, load_config: Callable[[], Config]) -> None:
+        self.config = config
+        self.load_config = load_config
+        self.agent = Agent(config)
+        self.wake = threading.Event()
+        self.stopping = False
+        self.reload_requested = False
+        self.event_reasons: list[str] = []
+        self.lock = threading.Lock()
+
+    def kick(self, reason: str) -> None:
+        with self.lock:
+            self.event_reasons.append(reason)
+        self.wake.set()
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self.reload_requested = True
+        else:
+            self.stopping = True
+        self.wake.set()
+
+    def reload(self) -> None:
+        try:
+            config = self.load_config()
+        except ConfigError as exc:
+            # Keep running on the old, working config: a typo must not take the tunnel down.
+            log.error("reload refused, keeping the running config: %s", exc)
+            return
+        log.info("configuration reloaded from %s", config.source)
+        self.agent.close()
+        self.config = config
+        self.agent = Agent(config)
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        watcher = KernelWatcher(self.config.tunnel.interface, self.kick)
+        watcher.start()
+        watcher.ready.wait(5)
+        interval = self.config.agent.reconcile_interval
+        watchdog = systemd.watchdog_interval()
+        next_refresh = 0.0
+        first = True
+        try:
+            while not self.stopping:
+                if self.reload_requested:
+                    self.reload_requested = False
+                    self.reload()
+                    watcher.interface = self.config.tunnel.interface
+                    interval = self.config.agent.reconcile_interval
+                    next_refresh = 0.0
+                now = time.monotonic()
+                refresh = now >= next_refresh
+                with self.lock:
+                    reasons, self.event_reasons = self.event_reasons, []
+                if refresh:
+                    next_refresh = now + interval
+                trigger = "timer" if refresh else "kernel event: " + ", ".join(reasons[:3])
+                result = self.agent.reconcile(refresh=refresh)
+                if result.actions or result.health != "ok":
+                    log.info(
+                        "reconcile (%s): %s, %d action(s) in %.1f ms",
+                        trigger,
+                        result.health,
+                        len(result.actions),
+                        result.duration_s * 1000,
+                    )
+                if first:
+                    systemd.notify("READY=1")
+                    first = False
+                systemd.notify(
+                    f"STATUS={result.health}: {'; '.join(result.reasons) or 'converged'}"
+                )
+                timeout = max(0.0, next_refresh - time.monotonic())
+                if watchdog:
+                    timeout = min(timeout, watchdog)
+                    systemd.notify("WATCHDOG=1")
+                self.wake.wait(timeout)
+                self.wake.clear()
+                if self.event_reasons:
+                    time.sleep(EVENT_SETTLE_S)
+        finally:
+            systemd.notify("STOPPING=1")
+            watcher.stop()
+            self.agent.close()
+        log.info("stopped; the data path stays up")
+        return 0
