@@ -31,8 +31,9 @@ class CreateLink:
     def command(self) -> str:
         s = self.spec
         lo, hi = s.src_port_range
+        mac = f"address {s.mac} " if s.mac else ""
         return (
-            f"ip link add {s.name} type vxlan id {s.vni} local {s.local} dev {self.underlay} "
+            f"ip link add {s.name} {mac}type vxlan id {s.vni} local {s.local} dev {self.underlay} "
             f"dstport {s.dst_port} srcport {lo} {hi} {'learning' if s.learning else 'nolearning'}"
             f" && ip link set {s.name} mtu {s.mtu}"
         )

@@ -6,6 +6,7 @@ about this host and the gate view from the API into the state the kernel should 
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -87,6 +88,9 @@ class VxlanSpec:
     src_port_range: tuple[int, int]
     mtu: int
     learning: bool = True  # per-endpoint unicast after the first reply, as SORACOM's script has
+    # Set only when the link is created: the same MAC every time, so a re-created link does not
+    # leave the VPG endpoints with a stale ARP entry for our inner address.
+    mac: str | None = None
 
 
 # How a sysctl compares: "exact" must equal; "at_least" leaves a larger value the operator chose.
@@ -156,6 +160,12 @@ def neighbour_thresholds(devices: int) -> tuple[int, int, int]:
     return devices // 2, devices + devices // 2, devices * 2
 
 
+def stable_mac(local: IPv4Address, vni: int) -> str:
+    """A locally administered unicast MAC derived from what identifies this peer's tunnel."""
+    digest = hashlib.sha256(f"gatepeer/{local}/{vni}".encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
+
+
 def tunnel_mtu(config: Config, facts: HostFacts) -> int:
     largest = facts.underlay_mtu - VXLAN_OVERHEAD
     if config.tunnel.mtu == "auto":
@@ -179,6 +189,7 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         dst_port=t.destination_port,
         src_port_range=t.source_port_range,
         mtu=tunnel_mtu(config, facts),
+        mac=stable_mac(facts.local_address, gate.vni),
     )
     g1, g2, g3 = neighbour_thresholds(config.kernel.neighbour_table_devices)
     sysctls = (

@@ -193,9 +193,11 @@ class Netlink:
     def _apply(self, action: Action) -> None:
         match action:
             case CreateLink(spec=s):
+                extra = {"address": s.mac} if s.mac else {}
                 self.ipr.link(
                     "add",
                     ifname=s.name,
+                    **extra,
                     kind="vxlan",
                     vxlan_id=s.vni,
                     vxlan_link=s.underlay_index,
