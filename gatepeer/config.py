@@ -272,7 +272,10 @@ def parse_duration(value: Any, key: str) -> float:
 
 def _parse_soracom(s: _Section) -> SoracomConfig:
     endpoint = s.string("endpoint", SoracomConfig.endpoint).rstrip("/")
-    if not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+(/.*)?$", endpoint):
+    url = re.fullmatch(
+        r"https?://([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\])(?::(\d{1,5}))?(/\S*)?", endpoint
+    )
+    if not url or (url.group(2) and not 1 <= int(url.group(2)) <= 65535):
         raise ConfigError(f"{s.key('endpoint')}: must be an http(s) URL, got {endpoint!r}")
     auth_key_id = s.string("auth_key_id", "")
     if not auth_key_id:
@@ -303,7 +306,7 @@ def _parse_soracom(s: _Section) -> SoracomConfig:
 
 
 def _interface_name(s: _Section, key: str, value: Any) -> str:
-    if not isinstance(value, str) or not IFNAME_RE.match(value):
+    if not isinstance(value, str) or not IFNAME_RE.match(value) or value in (".", ".."):
         raise ConfigError(f"{s.key(key)}: not an interface name (1-15 characters), got {value!r}")
     return value
 
@@ -318,13 +321,19 @@ def _parse_tunnel(s: _Section) -> TunnelConfig:
     local = s.get("local_address")
     local_address = None
     if local is not None:
+        if not isinstance(local, str):
+            raise ConfigError(f'{s.key("local_address")}: must be a string such as "198.18.0.10"')
         try:
             local_address = ipaddress.IPv4Address(local)
         except (ipaddress.AddressValueError, ValueError):
             raise ConfigError(
                 f"{s.key('local_address')}: not an IPv4 address, got {_show(local)}"
             ) from None
-        if local_address.is_multicast or local_address.is_unspecified:
+        if (
+            local_address.is_multicast
+            or local_address.is_unspecified
+            or local_address == ipaddress.IPv4Address("255.255.255.255")
+        ):
             raise ConfigError(f"{s.key('local_address')}: must be a unicast address, got {local}")
     mtu_raw = s.get("mtu", 1500)
     mtu: int | Literal["auto"]

@@ -20,6 +20,19 @@ class GateError(RuntimeError):
     """The API answered, but with something this peer cannot work with."""
 
 
+DEFAULT_VNI = 10  # SORACOM's VNI when the VPG's answer has no gateVxlanId
+MAX_VNI = 2**24 - 1
+
+
+def _vni(vpg_id: str, value: Any) -> int:
+    if value is None:
+        return DEFAULT_VNI
+    # bool is an int to Python, and a float VNI means the answer is not what we think it is.
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_VNI:
+        raise GateError(f"VPG {vpg_id}: gateVxlanId {value!r} is not a VXLAN id (0-{MAX_VNI})")
+    return value
+
+
 def _prefix_from_netmask(netmask: Any) -> int | None:
     """'255.128.0.0' -> 9; None or junk -> None (register answers with a null netmask)."""
     if not isinstance(netmask, str) or not netmask:
@@ -66,13 +79,18 @@ def fetch_gate_view(
         log.info("Gate is closed on VPG %s; opening it (soracom.open_gate = true)", vpg_id)
         client.open_gate(vpg_id)
         vpg = client.get_virtual_private_gateway(vpg_id)
+        if not vpg.get("gateOpened"):
+            raise GateError(f"Gate is still closed on VPG {vpg_id} after openGate")
+    cidr = vpg.get("deviceSubnetCidrRange")
     try:
-        subnet = IPv4Network(vpg["deviceSubnetCidrRange"])
-    except (KeyError, ValueError):
+        if not isinstance(cidr, str):
+            raise ValueError(cidr)
+        subnet = IPv4Network(cidr)
+    except ValueError:
         raise GateError(
-            f"VPG {vpg_id}: no usable deviceSubnetCidrRange in the API answer"
+            f"VPG {vpg_id}: no usable deviceSubnetCidrRange in the API answer (got {cidr!r})"
         ) from None
-    vni = vpg.get("gateVxlanId") or 10  # SORACOM's default VNI when the field is absent
+    vni = _vni(vpg_id, vpg.get("gateVxlanId"))
     peers = client.list_gate_peers(vpg_id)
     own = find_own_peer(peers, outer)
     if own is None:
@@ -97,7 +115,7 @@ def fetch_gate_view(
         raise GateError(f"VPG {vpg_id}: the API lists no VPG tunnel endpoints")
     return GateView(
         vpg_id=vpg_id,
-        vni=int(vni),
+        vni=vni,
         device_subnet=subnet,
         gate_opened=True,
         inner=IPv4Interface(f"{inner}/{prefix}"),

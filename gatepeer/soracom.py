@@ -8,6 +8,7 @@ its file only when authenticating and never appears in an error, a log line or `
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import random
@@ -124,25 +125,34 @@ class SoracomClient:
     def _send(
         self, operation: str, method: str, path: str, body: Any, headers: dict[str, str]
     ) -> tuple[int, bytes, dict[str, str]]:
-        """One HTTP exchange; (0, b"", {}) when no answer came (timeout, dropped)."""
+        """One HTTP exchange; (0, why, {}) when no usable answer came (timeout, dropped)."""
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.endpoint + path, data=data, method=method)
-        req.add_header("Accept", "application/json")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        for key, value in headers.items():
-            req.add_header(key, value)
         started = self.clock()
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                status, payload, got = resp.status, resp.read(), _lower(resp.headers.items())
-        except urllib.error.HTTPError as exc:
-            status, payload, got = exc.code, exc.read(), _lower(exc.headers.items())
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            try:
+                req = urllib.request.Request(self.endpoint + path, data=data, method=method)
+                req.add_header("Accept", "application/json")
+                if data is not None:
+                    req.add_header("Content-Type", "application/json")
+                for key, value in headers.items():
+                    req.add_header(key, value)
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    status, payload, got = resp.status, resp.read(), _lower(resp.headers.items())
+            except urllib.error.HTTPError as exc:
+                with exc:  # reading the error body can time out or break off too
+                    status, payload, got = exc.code, exc.read(), _lower(exc.headers.items())
+        except (OSError, http.client.HTTPException) as exc:
+            # Timeouts, refused or dropped connections (URLError, ConnectionError and
+            # TimeoutError are all OSError), and answers that break off or are not HTTP at all
+            # (IncompleteRead, BadStatusLine): no usable answer, so the caller may retry.
             reason = getattr(exc, "reason", exc)
-            log.debug("%s: no answer: %s", operation, reason)
+            text = str(reason) or type(reason).__name__
+            log.debug("%s: no answer: %s", operation, text)
             self.stats.record(operation, 0, self.clock() - started)
-            return 0, str(reason).encode(), {}
+            return 0, text.encode(), {}
+        except (ValueError, OverflowError) as exc:
+            # A malformed endpoint URL (unknown scheme, port out of range): retrying cannot help.
+            raise SoracomError(operation, 0, f"bad endpoint {self.endpoint!r}: {exc}") from None
         self.stats.record(operation, status, self.clock() - started)
         remaining = got.get("x-soracom-ratelimit-remaining")
         if remaining is not None and remaining.isdigit():
@@ -169,7 +179,15 @@ class SoracomClient:
             headers = self._auth_headers() if authenticated else {}
             status, payload, got = self._send(operation, method, path, body, headers)
             if status in ok:
-                return status, json.loads(payload) if payload.strip() else None
+                if not payload.strip():
+                    return status, None
+                try:
+                    return status, json.loads(payload)
+                except ValueError:
+                    # A proxy or captive portal answering in our place: not the SORACOM API.
+                    raise SoracomError(
+                        operation, status, "the answer is not JSON: " + _excerpt(payload)
+                    ) from None
             code, message = error_fields(payload) if status else ("", payload.decode())
             if status == 401 and authenticated and not reauthed:
                 # The token may have been revoked or expired early: one fresh login, then retry.
@@ -180,7 +198,8 @@ class SoracomClient:
             attempt += 1
             if not retryable or attempt >= self.attempts:
                 if status == 401:
-                    self.stats.auth_failures += 1
+                    with self.stats.lock:
+                        self.stats.auth_failures += 1
                     raise AuthenticationError(
                         operation,
                         status,
@@ -209,6 +228,8 @@ class SoracomClient:
         try:
             secret = self._read_auth_key()
         except OSError as exc:
+            with self.stats.lock:
+                self.stats.auth_failures += 1
             raise AuthenticationError(
                 "auth", 0, f"cannot read the auth key file: {exc.strerror or exc}"
             ) from None
@@ -218,10 +239,11 @@ class SoracomClient:
             "tokenTimeoutSeconds": self.token_lifetime,
         }
         _, data = self._call("auth", "POST", "/v1/auth", body, authenticated=False)
+        answer = _expect_object("auth", data)
         self._session = _Session(
-            api_key=data["apiKey"],
-            token=data["token"],
-            operator_id=data["operatorId"],
+            api_key=_string_field("auth", answer, "apiKey"),
+            token=_string_field("auth", answer, "token"),
+            operator_id=_string_field("auth", answer, "operatorId"),
             expires_at=self.clock() + self.token_lifetime,
             lifetime=self.token_lifetime,
         )
@@ -234,13 +256,16 @@ class SoracomClient:
             _, data = self._call(
                 "generateAuthToken", "POST", path, {"tokenTimeoutSeconds": self.token_lifetime}
             )
+            token = _string_field(
+                "generateAuthToken", _expect_object("generateAuthToken", data), "token"
+            )
         except SoracomError:
             self._session = None
             self.authenticate()
             return
         # _call may have re-authenticated underneath us; keep its session's keys.
         if self._session is not None:
-            self._session.token = data["token"]
+            self._session.token = token
             self._session.expires_at = self.clock() + self.token_lifetime
 
     def _auth_headers(self) -> dict[str, str]:
@@ -267,11 +292,13 @@ class SoracomClient:
 
     def get_virtual_private_gateway(self, vpg_id: str) -> dict[str, Any]:
         _, data = self._call("getVirtualPrivateGateway", "GET", self._vpg_path(vpg_id))
-        return dict(data)
+        return _expect_object("getVirtualPrivateGateway", data)
 
     def list_gate_peers(self, vpg_id: str) -> list[dict[str, Any]]:
         _, data = self._call("listGatePeers", "GET", self._vpg_path(vpg_id, "/gate/peers"))
-        return list(data)
+        if not isinstance(data, list) or not all(isinstance(p, dict) for p in data):
+            raise SoracomError("listGatePeers", 200, "unexpected answer: not a list of peers")
+        return data
 
     def register_gate_peer(
         self, vpg_id: str, outer_ip: str, inner_ip: str | None = None
@@ -286,7 +313,7 @@ class SoracomClient:
             body,
             ok=(200, 201),
         )
-        return dict(data)
+        return _expect_object("registerGatePeer", data)
 
     def unregister_gate_peer(self, vpg_id: str, outer_ip: str) -> None:
         path = self._vpg_path(vpg_id, f"/gate/peers/{urllib.parse.quote(outer_ip)}")
@@ -294,7 +321,25 @@ class SoracomClient:
 
     def open_gate(self, vpg_id: str) -> dict[str, Any]:
         _, data = self._call("openGate", "POST", self._vpg_path(vpg_id, "/gate/open"), {})
-        return dict(data) if data else {}
+        return _expect_object("openGate", data) if data is not None else {}
+
+
+def _expect_object(operation: str, data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise SoracomError(operation, 200, "unexpected answer: not a JSON object")
+    return data
+
+
+def _string_field(operation: str, data: dict[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not value:
+        raise SoracomError(operation, 200, f"unexpected answer: no {name}")
+    return value
+
+
+def _excerpt(payload: bytes) -> str:
+    """The start of a body, on one line, for an error message."""
+    return " ".join(payload[:120].decode("utf-8", "replace").split())
 
 
 def _rate_limit_wait(headers: dict[str, str]) -> float:

@@ -107,7 +107,8 @@ class Sysctl:
 
     @property
     def dotted(self) -> str:
-        return self.path.replace("/", ".")
+        """The sysctl(8) name; a dot inside a component (eth0.100) is written as a slash."""
+        return ".".join(part.replace(".", "/") for part in self.path.split("/"))
 
     def satisfied_by(self, observed: int) -> bool:
         if self.comparison == "at_least":

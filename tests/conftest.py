@@ -7,15 +7,21 @@ work here; every other test runs anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import re
 import secrets
 import shutil
+import signal
 import subprocess
+import sys
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -130,6 +136,78 @@ class LabHandle:
         if pid is not None and pid not in self.emulator_pids_seen:
             self.emulator_pids_seen.append(pid)
 
+    # ---- the agent under test, in the gate peer namespace ----------------------------------
+
+    def gatepeer(
+        self, *args: str, config: Path | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        """`gatepeer ARGS...` in the peer namespace with this lab's config (GATEPEER_CONFIG),
+        as a user would run it; never raises on a non-zero exit."""
+        env = f"GATEPEER_CONFIG={config or self.paths.config}"
+        return self.run(
+            "peer", "env", env, *gatepeer_command(), *args, check=False, timeout=timeout
+        )
+
+    def set_config(self, section: str, key: str, value: str | None) -> None:
+        """Set `key = value` (value is TOML text, e.g. '"1h"' or '1400') in [section] of the
+        lab's gatepeer.toml, adding the key or the section when missing; None removes it."""
+        path = self.paths.config
+        path.write_text(edit_toml(path.read_text(), section, key, value))
+
+    def control(self, name: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """POST /_emulator/NAME (settings, faults, reset_faults, ...); the state document."""
+        req = urllib.request.Request(
+            f"{self.control_url}/_emulator/{name}",
+            data=json.dumps(body or {}).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return dict(json.loads(resp.read()))
+
+    def agent_state(self) -> dict[str, Any] | None:
+        """The agent's state.json ([agent] state_file of the lab's config), or None."""
+        try:
+            return dict(json.loads(self.paths.state_file.read_text()))
+        except (OSError, ValueError):
+            return None
+
+
+def gatepeer_command() -> list[str]:
+    """The installed console script next to this interpreter, else `python -m gatepeer`."""
+    script = Path(sys.executable).with_name("gatepeer")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gatepeer"]
+
+
+def edit_toml(text: str, section: str, key: str, value: str | None) -> str:
+    """A line-level edit of a flat TOML file (what the lab writes): no TOML writer needed."""
+    lines = text.splitlines()
+    header = f"[{section}]"
+    key_re = re.compile(rf"^\s*{re.escape(key)}\s*=")
+    if header not in (ln.strip() for ln in lines):
+        if value is not None:
+            lines += ["", header, f"{key} = {value}"]
+        return "\n".join(lines) + "\n"
+    start = next(i for i, ln in enumerate(lines) if ln.strip() == header)
+    end = next(
+        (i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines)
+    )
+    for i in range(start + 1, end):
+        if key_re.match(lines[i]):
+            if value is None:
+                del lines[i]
+            else:
+                lines[i] = f"{key} = {value}"
+            break
+    else:
+        if value is not None:
+            # After the section's last non-blank line.
+            at = end
+            while at > start + 1 and not lines[at - 1].strip():
+                at -= 1
+            lines.insert(at, f"{key} = {value}")
+    return "\n".join(lines) + "\n"
+
 
 def new_prefix() -> str:
     """Short and unique, so parallel runs never share a namespace or a folder."""
@@ -183,3 +261,100 @@ def lab(make_lab: Callable[..., LabHandle]) -> LabHandle:
 def baseline_lab(make_lab: Callable[..., LabHandle]) -> LabHandle:
     """A default lab whose gate peer runs the hand-made setup (bench/handmade_gate_init.sh)."""
     return make_lab(baseline=True)
+
+
+@dataclass
+class AgentDaemon:
+    """`gatepeer run` started by a test in a lab's peer namespace; stopped by its pid only."""
+
+    lab: LabHandle
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        # `ip netns exec` execs in place: this is the daemon's own pid.
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def state(self) -> dict[str, Any] | None:
+        """state.json as this daemon wrote it (None before its first write)."""
+        state = self.lab.agent_state()
+        return state if state is not None and state.get("pid") == self.pid else None
+
+    def wait_state(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 15, what: str = ""
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        state = None
+        while time.monotonic() < deadline:
+            assert self.running(), f"gatepeer run exited {self.proc.returncode}:\n{self.log()}"
+            state = self.state()
+            if state is not None and predicate(state):
+                return state
+            time.sleep(0.05)
+        raise AssertionError(
+            f"state.json never showed {what or 'the expected state'} within {timeout:g}s; "
+            f"last: {json.dumps(state, indent=1)[:1500]}\nlog:\n{self.log()[-3000:]}"
+        )
+
+    def wait_log(self, text: str, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            assert self.running(), f"gatepeer run exited {self.proc.returncode}:\n{self.log()}"
+            assert time.monotonic() < deadline, f"{text!r} not logged:\n{self.log()[-3000:]}"
+            time.sleep(0.05)
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM by pid and wait (an API call in flight may delay the exit); SIGKILL if it
+        does not exit. Returns the exit status."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        return int(self.proc.returncode)
+
+
+@pytest.fixture
+def agent_daemon(tmp_path: Path) -> Iterator[Callable[..., AgentDaemon]]:
+    """A factory: agent_daemon(lab, ready=True) starts `gatepeer run -v` in the lab's peer
+    namespace with the lab's config, and (ready) waits for its first converged reconcile.
+    Every daemon it started is stopped by its pid at teardown, before the lab is removed."""
+    daemons: list[AgentDaemon] = []
+
+    def start(lab: LabHandle, *, ready: bool = True) -> AgentDaemon:
+        log_path = tmp_path / f"gatepeer-run-{lab.prefix}-{len(daemons)}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [
+                    "ip", "netns", "exec", lab.ns("peer"),
+                    "env", f"GATEPEER_CONFIG={lab.paths.config}",
+                    *gatepeer_command(), "run", "-v",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        daemon = AgentDaemon(lab, proc, log_path)
+        daemons.append(daemon)
+        if ready:
+            daemon.wait_state(lambda s: s["health"] == "ok", what="health ok")
+        return daemon
+
+    yield start
+
+    for daemon in daemons:
+        daemon.stop()

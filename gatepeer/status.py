@@ -1,0 +1,480 @@
+"""The report behind `gatepeer status`: state.json read together with the live kernel.
+
+It works when the daemon is down (the kernel and the last state.json say what is there) and on
+a machine that was never configured. It must stay fast: standard library and `kernel.rtnl`
+only, no pyroute2, no prometheus_client. The metrics read the daemon's state through the same
+`StateSummary`, so the two never disagree on what the state document means.
+
+Health here is "ok" (exit 0), "degraded" (exit 1: traffic flows, something needs a look) or
+"down" (exit 2: no traffic, or nothing set up, or no configuration).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gatepeer import __version__, statefile
+from gatepeer.config import AgentConfig, ConfigError, TunnelConfig, load
+from gatepeer.kernel import rtnl
+from gatepeer.probes import UNKNOWN, ProbeResult, probe_health
+from gatepeer.state import Endpoint, GateView
+
+EXIT_CODES = {"ok": 0, "degraded": 1, "down": 2}
+# state.json is rewritten after every reconcile and probe round; older than this many
+# reconcile intervals means the daemon is stuck.
+STALE_INTERVALS = 3
+
+
+# ---- the state document -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EndpointSummary:
+    outer: str
+    inner: str | None
+    fdb_present: bool | None  # None: not recorded
+    probe: ProbeResult
+
+
+@dataclass(frozen=True)
+class StateSummary:
+    """state.json as typed values; every field tolerates an older or partial document."""
+
+    version: str | None = None
+    pid: int | None = None
+    updated_at: float | None = None
+    interface: str = TunnelConfig.interface
+    health: str = "unknown"
+    reasons: tuple[str, ...] = ()
+    gate: GateView | None = None
+    local_address: str | None = None
+    endpoints: tuple[EndpointSummary, ...] = ()
+    probed: bool = False  # the daemon recorded probe results
+    gate_fetched_at: float | None = None
+    gate_error: str | None = None
+    last_health: str | None = None
+    last_error: str | None = None
+    last_duration_s: float | None = None
+    reconciles: int = 0
+    failures: int = 0
+    last_success_at: float | None = None
+    packet_path_mode: str | None = None
+    fast_path: bool | None = None
+
+    @property
+    def registered(self) -> bool:
+        """A registration this host's current address still matches."""
+        if self.gate is None:
+            return False
+        return self.local_address is None or self.local_address == str(self.gate.outer)
+
+    @classmethod
+    def from_state(cls, data: Mapping[str, Any]) -> StateSummary:
+        gate = None
+        with contextlib.suppress(KeyError, ValueError, TypeError):
+            gate = GateView.from_json(data["gate"]) if data.get("gate") else None
+        last = data.get("last_reconcile") or {}
+        counters = data.get("counters") or {}
+        packet_path = data.get("packet_path") or {}
+        host = data.get("host") or {}
+        probed = isinstance(data.get("endpoints"), list)
+        endpoints = (
+            tuple(_endpoint(e) for e in data["endpoints"] if isinstance(e, dict))
+            if probed
+            else tuple(
+                EndpointSummary(str(e.outer), str(e.inner) if e.inner else None, None, UNKNOWN)
+                for e in (gate.endpoints if gate else ())
+            )
+        )
+        return cls(
+            version=data.get("version"),
+            pid=data.get("pid") if isinstance(data.get("pid"), int) else None,
+            updated_at=_number(data.get("updated_at")),
+            interface=str((data.get("tunnel") or {}).get("interface") or TunnelConfig.interface),
+            health=str(data.get("health") or "unknown"),
+            reasons=tuple(str(r) for r in data.get("reasons") or ()),
+            gate=gate,
+            local_address=host.get("local_address"),
+            endpoints=endpoints,
+            probed=probed,
+            gate_fetched_at=_number(data.get("gate_fetched_at")),
+            gate_error=data.get("gate_error"),
+            last_health=last.get("health"),
+            last_error=last.get("error"),
+            last_duration_s=_number(last.get("duration_s")),
+            reconciles=int(counters.get("reconciles") or 0),
+            failures=int(counters.get("failures") or 0),
+            last_success_at=_number(counters.get("last_success_at")),
+            packet_path_mode=packet_path.get("mode"),
+            fast_path=packet_path.get("fast_path"),
+        )
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _endpoint(data: Mapping[str, Any]) -> EndpointSummary:
+    probe = data.get("probe") or {}
+    state = probe.get("state")
+    return EndpointSummary(
+        outer=str(data.get("outer")),
+        inner=data.get("inner"),
+        fdb_present=data.get("fdb_present"),
+        probe=ProbeResult(
+            state=state if state in ("up", "down") else "unknown",
+            rtt_s=_number(probe.get("rtt_s")),
+            loss=_number(probe.get("loss")),
+            error=probe.get("error"),
+        ),
+    )
+
+
+# ---- what the kernel has ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TunnelReading:
+    link: rtnl.LinkReading | None
+    addresses: tuple[ipaddress.IPv4Interface, ...] = ()
+    flood: frozenset[ipaddress.IPv4Address] = frozenset()
+
+    @classmethod
+    def read(cls, interface: str) -> TunnelReading:
+        link = rtnl.link(interface)
+        if link is None:
+            return cls(None)
+        return cls(link, tuple(rtnl.addresses(link.index)), rtnl.flood_destinations(link.index))
+
+
+def daemon_pid(pid: int | None, proc: Path = Path("/proc")) -> int | None:
+    """`pid` when it is a live `gatepeer run` (not a zombie, not a reused pid)."""
+    if pid is None:
+        return None
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+        argv = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        return None
+    args = [a.decode(errors="replace") for a in argv if a]
+    is_gatepeer = any(
+        Path(a).name == "gatepeer" or a in ("gatepeer", "gatepeer.cli") for a in args
+    )
+    return pid if is_gatepeer and "run" in args else None
+
+
+# ---- the report -----------------------------------------------------------------------------
+
+
+@dataclass
+class Status:
+    config_path: Path
+    config_error: str | None  # None: a valid configuration was read
+    configured: bool
+    state_path: Path
+    state: StateSummary | None
+    tunnel: TunnelReading
+    daemon: int | None  # pid of the running daemon
+    reconcile_interval: float
+    now: float
+    packet_path_mode: str | None = None
+    health: str = "down"
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.health]
+
+    @property
+    def interface(self) -> str:
+        return self.state.interface if self.state else TunnelConfig.interface
+
+
+def gather(
+    config_path: Path,
+    *,
+    read_tunnel: Callable[[str], TunnelReading] = TunnelReading.read,
+    find_daemon: Callable[[int | None], int | None] = daemon_pid,
+    clock: Callable[[], float] = time.time,
+) -> Status:
+    configured = config_path.exists()
+    error: str | None = None
+    interface, state_path = TunnelConfig.interface, AgentConfig.state_file
+    interval, mode = AgentConfig.reconcile_interval, None
+    if not configured:
+        error = f"not configured: {config_path} does not exist (set --config or GATEPEER_CONFIG)"
+    else:
+        try:
+            # Status reports; it does not judge the key file (apply and run do).
+            cfg = load(config_path, check_system=False)
+        except ConfigError as exc:
+            error = f"config error: {exc}"
+        else:
+            interface, state_path = cfg.tunnel.interface, cfg.agent.state_file
+            interval, mode = cfg.agent.reconcile_interval, cfg.packet_path.mode
+    raw = statefile.read(state_path)
+    state = StateSummary.from_state(raw) if raw else None
+    status = Status(
+        config_path=config_path,
+        config_error=error,
+        configured=configured,
+        state_path=state_path,
+        state=state,
+        tunnel=read_tunnel(state.interface if state else interface),
+        daemon=find_daemon(state.pid if state else None),
+        reconcile_interval=interval,
+        now=clock(),
+        packet_path_mode=(state.packet_path_mode if state else None) or mode,
+    )
+    status.health, status.reasons = evaluate(status)
+    return status
+
+
+def evaluate(s: Status) -> tuple[str, list[str]]:
+    """The health and why, worst first. Pure: looks only at what `gather` read."""
+    down: list[str] = []
+    degraded: list[str] = []
+    if s.config_error:
+        down.append(s.config_error)
+    st = s.state
+    link = s.tunnel.link
+    if st is None:
+        down.append(f"never set up: no state file {s.state_path} (run `gatepeer apply` or start "
+                    "the daemon)")
+    if link is None:
+        down.append(f"{s.interface} does not exist")
+    elif link.kind != "vxlan":
+        down.append(f"{s.interface} is a {link.kind or 'plain'} link, not vxlan")
+    elif not link.oper_up:
+        flag = "admin down" if not link.admin_up else f"operationally {link.oper_state}"
+        down.append(f"{s.interface} is {flag}")
+    if st is not None and st.gate is not None and link is not None:
+        gate = st.gate
+        if link.vni is not None and link.vni != gate.vni:
+            down.append(f"{s.interface} has VNI {link.vni}, the registration says {gate.vni}")
+        if gate.inner not in s.tunnel.addresses:
+            down.append(f"{s.interface} lacks the inner address {gate.inner}")
+        missing = [str(e.outer) for e in gate.endpoints if e.outer not in s.tunnel.flood]
+        if missing and len(missing) == len(gate.endpoints):
+            down.append(f"{s.interface} has no FDB entry for any VPG endpoint")
+        elif missing:
+            degraded.append(f"{s.interface} has no FDB entry for VPG endpoint {', '.join(missing)}")
+    elif st is not None and st.gate is None:
+        down.append("not registered: no gate view yet" + (f" ({st.gate_error})"
+                                                          if st.gate_error else ""))
+    if st is not None:
+        if s.daemon is None:
+            degraded.append("the daemon is not running: nothing repairs drift or probes the "
+                            "VPG endpoints")
+        else:
+            age = s.now - st.updated_at if st.updated_at else None
+            if age is not None and age > STALE_INTERVALS * s.reconcile_interval:
+                degraded.append(f"the daemon (pid {s.daemon}) has not updated {s.state_path} "
+                                f"for {age:.0f} s")
+            # The daemon's health already joins the last reconcile and the probes.
+            (down if st.health == "failed" else degraded).extend(
+                r for r in st.reasons if st.health in ("failed", "degraded")
+            )
+            if st.probed and st.gate is not None:
+                probe_state, reasons = probe_health(_endpoints(st), _results(st))
+                for reason in reasons:
+                    if reason not in down + degraded:
+                        (down if probe_state == "failed" else degraded).append(reason)
+    if down:
+        return "down", down + degraded
+    if degraded:
+        return "degraded", degraded
+    return "ok", []
+
+
+def _endpoints(st: StateSummary) -> list[Endpoint]:
+    return [
+        Endpoint(ipaddress.IPv4Address(e.outer), ipaddress.IPv4Address(e.inner) if e.inner else None)
+        for e in st.endpoints
+    ]
+
+
+def _results(st: StateSummary) -> dict[ipaddress.IPv4Address, ProbeResult]:
+    return {ipaddress.IPv4Address(e.outer): e.probe for e in st.endpoints}
+
+
+# ---- output -------------------------------------------------------------------------------
+
+
+def to_json(s: Status) -> dict[str, Any]:
+    st, link, gate = s.state, s.tunnel.link, s.state.gate if s.state else None
+    stats = link.stats if link else None
+    return {
+        "health": s.health,
+        "exit_code": s.exit_code,
+        "reasons": s.reasons,
+        "version": __version__,
+        "config": {"path": str(s.config_path), "configured": s.configured,
+                   "error": s.config_error},
+        "daemon": {"running": s.daemon is not None, "pid": s.daemon},
+        "registration": {
+            "registered": st.registered if st else False,
+            "vpg_id": gate.vpg_id,
+            "outer_address": str(gate.outer),
+            "inner_address": str(gate.inner),
+            "vni": gate.vni,
+            "device_subnet": str(gate.device_subnet),
+            "gate_open": gate.gate_opened,
+        } if gate else None,
+        "tunnel": {
+            "interface": s.interface,
+            "present": link is not None,
+            "kind": link.kind if link else None,
+            "vni": link.vni if link else None,
+            "mtu": link.mtu if link else None,
+            "local_address": str(link.local) if link and link.local else None,
+            "dst_port": link.dst_port if link else None,
+            "addresses": [str(a) for a in s.tunnel.addresses],
+            "admin_up": link.admin_up if link else False,
+            "oper_state": link.oper_state if link else None,
+            "oper_up": link.oper_up if link else False,
+            "counters": {
+                "rx_bytes": stats.rx_bytes, "rx_packets": stats.rx_packets,
+                "rx_errors": stats.rx_errors, "rx_dropped": stats.rx_dropped,
+                "tx_bytes": stats.tx_bytes, "tx_packets": stats.tx_packets,
+                "tx_errors": stats.tx_errors, "tx_dropped": stats.tx_dropped,
+            } if stats else None,
+        },
+        "endpoints": [
+            {
+                "outer": e.outer,
+                "inner": e.inner,
+                "fdb_present": ipaddress.IPv4Address(e.outer) in s.tunnel.flood,
+                # Without a daemon nobody probes: old results would only mislead.
+                "probe": (e.probe if s.daemon is not None else UNKNOWN).to_json(),
+            }
+            for e in (st.endpoints if st else ())
+        ],
+        "packet_path": {"mode": s.packet_path_mode, "fast_path": st.fast_path if st else None},
+        "last_reconcile": {
+            "health": st.last_health,
+            "error": st.last_error,
+            "duration_s": st.last_duration_s,
+            "runs": st.reconciles,
+            "failures": st.failures,
+            "last_success_at": st.last_success_at,
+        } if st else None,
+        "state_file": {
+            "path": str(s.state_path),
+            "updated_at": st.updated_at if st else None,
+            "age_s": round(s.now - st.updated_at, 3) if st and st.updated_at else None,
+        },
+    }
+
+
+def _ago(now: float, then: float | None) -> str:
+    if then is None:
+        return "never"
+    secs = max(0.0, now - then)
+    if secs < 120:
+        return f"{secs:.0f} s ago"
+    if secs < 7200:
+        return f"{secs / 60:.0f} min ago"
+    return f"{secs / 3600:.1f} h ago"
+
+
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _table(rows: Sequence[Sequence[str]], indent: str) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows]
+
+
+def render(s: Status) -> str:
+    """One screen for a person; the JSON has the same facts for scripts."""
+    j = to_json(s)
+    lines = [f"gatepeer {__version__}: {s.health.upper()}"]
+    lines += [f"  ! {r}" for r in s.reasons]
+    pad = " " * 14
+    reg = j["registration"]
+    if reg:
+        lines.append(
+            f"registration  VPG {reg['vpg_id']}, Gate {'open' if reg['gate_open'] else 'closed'}"
+            f"{'' if reg['registered'] else ', NOT REGISTERED for this address'}"
+        )
+        lines.append(f"{pad}outer {reg['outer_address']}  inner {reg['inner_address']}  "
+                     f"VNI {reg['vni']}  devices {reg['device_subnet']}")
+    else:
+        lines.append("registration  none known")
+    t = j["tunnel"]
+    if t["present"]:
+        lines.append(
+            f"tunnel        {t['interface']} {t['kind'] or 'link'}, "
+            f"{'up' if t['oper_up'] else 'DOWN'} (admin {'up' if t['admin_up'] else 'down'}, "
+            f"oper {t['oper_state']}), VNI {t['vni']}, MTU {t['mtu']}, dstport {t['dst_port']}"
+        )
+        lines.append(f"{pad}local {t['local_address']}  addresses "
+                     f"{', '.join(t['addresses']) or 'none'}")
+        c = t["counters"]
+        if c:
+            lines.append(
+                f"{pad}rx {_bytes(c['rx_bytes'])} / {c['rx_packets']} pkts "
+                f"({c['rx_errors']} errs, {c['rx_dropped']} drops)  "
+                f"tx {_bytes(c['tx_bytes'])} / {c['tx_packets']} pkts "
+                f"({c['tx_errors']} errs, {c['tx_dropped']} drops)"
+            )
+    else:
+        lines.append(f"tunnel        {t['interface']} does not exist")
+    if j["endpoints"]:
+        rows = [["VPG endpoint", "inner", "FDB", "probe", "RTT", "loss"]]
+        for e in j["endpoints"]:
+            p = e["probe"]
+            rows.append([
+                e["outer"], e["inner"] or "-", "yes" if e["fdb_present"] else "NO",
+                p["state"] if p["state"] != "down" else "DOWN",
+                f"{p['rtt_s'] * 1000:.2f} ms" if p["rtt_s"] is not None else "-",
+                f"{p['loss'] * 100:.0f} %" if p["loss"] is not None else "-",
+            ])
+        table = _table(rows, pad)
+        lines.append("endpoints     " + table[0][len(pad):])
+        lines += table[1:]
+    pp = j["packet_path"]
+    fast = {True: "fast path active", False: "no fast path", None: "fast path unknown"}
+    lines.append(f"packet path   {pp['mode'] or 'unknown'}, {fast[pp['fast_path']]}")
+    lr = j["last_reconcile"]
+    if lr:
+        took = f" in {lr['duration_s'] * 1000:.1f} ms" if lr["duration_s"] is not None else ""
+        lines.append(
+            f"reconcile     last {lr['health'] or 'unknown'}{took}; last success "
+            f"{_ago(s.now, lr['last_success_at'])}; {lr['runs']} runs, {lr['failures']} failed"
+        )
+        if lr["error"]:
+            lines.append(f"{pad}error: {lr['error']}")
+    else:
+        lines.append("reconcile     never ran")
+    d = j["daemon"]
+    lines.append(f"daemon        {'running, pid ' + str(d['pid']) if d['running'] else 'not running'}")
+    sf = j["state_file"]
+    lines.append(
+        f"files         config {s.config_path}"
+        + ("" if s.configured else " (missing)")
+        + f"; state {sf['path']}"
+        + (f" (updated {_ago(s.now, sf['updated_at'])})" if sf["updated_at"] else " (none)")
+    )
+    return "\n".join(lines)
+
+
+def process_is_root() -> bool:
+    return os.geteuid() == 0
