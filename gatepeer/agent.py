@@ -12,15 +12,16 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from gatepeer import __version__, statefile
 from gatepeer.config import Config
 from gatepeer.gate import GateError, fetch_gate_view, find_own_peer, vpg_endpoints
+from gatepeer.kernel import nftables
 from gatepeer.kernel.netlink import KernelError, Netlink
-from gatepeer.plan import Action, describe, plan
+from gatepeer.plan import Action, LoadRuleset, UpdateEndpointSet, describe, plan
 from gatepeer.soracom import ApiStats, SoracomClient, SoracomError
 from gatepeer.state import (
     DesiredState,
@@ -90,6 +91,7 @@ class Agent:
         self.last: ReconcileResult | None = None
         self.facts: HostFacts | None = None
         self.preview: list[str] = []
+        self._flowtable_supported: bool | None = None
         self._load_last_good()
 
     def close(self) -> None:
@@ -114,8 +116,28 @@ class Agent:
 
     def host_facts(self) -> HostFacts:
         t = self.config.tunnel
-        self.facts = self.netlink.host_facts(t.underlay_interface, t.local_address)
+        facts = self.netlink.host_facts(t.underlay_interface, t.local_address)
+        self.facts = replace(facts, flowtable_supported=self.flowtable_supported())
         return self.facts
+
+    def flowtable_supported(self) -> bool:
+        """Probed once per agent: a throwaway table with a flowtable, loaded and deleted."""
+        if self.config.packet_path.flowtable is False:
+            return False
+        if self._flowtable_supported is None:
+            self._require_nft()
+            try:
+                self._flowtable_supported = nftables.flowtable_supported()
+            except nftables.NftError as exc:
+                raise KernelError(f"nftables: {exc}") from None
+            if not self._flowtable_supported:
+                log.info("this kernel has no nftables flowtable: the fast path stays off")
+        return self._flowtable_supported
+
+    @staticmethod
+    def _require_nft() -> None:
+        if not nftables.nft_available():
+            raise KernelError("nftables: the nft command is not installed (Debian: nftables)")
 
     def refresh_gate(self, *, dry_run: bool = False) -> bool:
         """Ask the API; on failure keep the last good view and remember why. True on success."""
@@ -175,9 +197,30 @@ class Agent:
         return desired_state(self.config, facts, self.gate)
 
     def observe(self, desired: DesiredState) -> ObservedState:
-        return self.netlink.observe(desired.link.name, desired.sysctls)
+        observed = self.netlink.observe(desired.link.name, desired.sysctls)
+        if desired.packet_path is None:
+            return observed
+        self._require_nft()
+        try:
+            return replace(observed, nft_table=nftables.current())
+        except nftables.NftError as exc:
+            raise KernelError(f"nftables: {exc}") from None
+
+    def apply_action(self, action: Action) -> None:
+        try:
+            if isinstance(action, LoadRuleset):
+                # Carry the counters over a reload: they feed metrics and must not reset.
+                kept = nftables.counters_from_listing(action.current) if action.current else None
+                nftables.load(action.spec, counters=kept)
+            elif isinstance(action, UpdateEndpointSet):
+                nftables.update_endpoints(action.spec.endpoints)
+            else:
+                self.netlink.apply(action)
+        except nftables.NftError as exc:
+            raise KernelError(f"nftables: {exc}") from None
 
     def notes(self, observed: ObservedState, desired: DesiredState) -> list[str]:
+        """Settings this network namespace cannot take: said, not treated as failures."""
         missing = [
             s.dotted
             for s in desired.sysctls
@@ -185,8 +228,9 @@ class Agent:
         ]
         if missing:
             return [
-                "neighbour table thresholds are set only in the initial network namespace; "
-                "this one has none (left to the host)"
+                "only the initial network namespace can set "
+                + ", ".join(missing)
+                + "; left to the host"
             ]
         return []
 
@@ -209,7 +253,7 @@ class Agent:
             if not dry_run and actions:
                 for action in actions:
                     log.info("apply: %s", action.command())
-                    self.netlink.apply(action)
+                    self.apply_action(action)
                 leftover = plan(
                     desired, self.observe(desired), self.facts.underlay if self.facts else ""
                 )
@@ -258,6 +302,10 @@ class Agent:
         removed = self.netlink.delete_link(name)
         if removed:
             messages.append(f"removed {name}")
+        if nftables.nft_available() and nftables.current() is not None:
+            nftables.remove()
+            removed = True
+            messages.append(f"removed nftables table {nftables.FAMILY} {nftables.TABLE}")
         if unregister:
             facts = self.host_facts()
             vpg_id = self.config.soracom.vpg_id
@@ -296,6 +344,15 @@ class Agent:
             if self.facts
             else None,
             "tunnel": {"interface": self.config.tunnel.interface},
+            "packet_path": {
+                "mode": self.config.packet_path.mode,
+                "flowtable_supported": self.facts.flowtable_supported if self.facts else None,
+                "fast_path_active": bool(
+                    self.facts
+                    and self.facts.flowtable_supported
+                    and self.config.packet_path.flowtable is not False
+                ),
+            },
             "last_reconcile": {
                 "health": last.health,
                 "actions": describe(last.actions),

@@ -162,6 +162,22 @@ def run(config_file: str | None, verbose: bool) -> None:
     sys.exit(Daemon(cfg, reload).run())
 
 
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def status(config_file: str | None, as_json: bool) -> None:
+    """Registration, tunnel, VPG endpoints, packet path, last reconcile, daemon: one screen.
+
+    Reads the live kernel and the daemon's state file, so it works while the daemon is down.
+    Exit 0 healthy, 1 degraded, 2 down or not configured.
+    """
+    from gatepeer.status import gather, render, to_json
+
+    report = gather(config_path(config_file))
+    click.echo(json.dumps(to_json(report), indent=2) if as_json else render(report))
+    sys.exit(report.exit_code)
+
+
 def _register_lab() -> None:
     from gatepeer.lab.commands import lab
 

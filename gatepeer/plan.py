@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gatepeer.kernel import nftables
+from gatepeer.kernel.nftables import PacketPathSpec
 from gatepeer.state import (
     DesiredState,
     IPv4Address,
@@ -112,6 +114,28 @@ class SetSysctl:
         return f"sysctl -w {self.setting.dotted}={self.setting.value}  # was {was}"
 
 
+@dataclass(frozen=True)
+class LoadRuleset:
+    """Replace the whole `inet gatepeer` table in one nft transaction."""
+
+    spec: PacketPathSpec
+    current: str | None
+
+    def command(self) -> str:
+        return "\n".join(nftables.describe(self.spec, self.current))
+
+
+@dataclass(frozen=True)
+class UpdateEndpointSet:
+    """Only the VPG endpoints changed: update the named set, keep the rules and counters."""
+
+    spec: PacketPathSpec
+    current: str
+
+    def command(self) -> str:
+        return "\n".join(nftables.describe(self.spec, self.current))
+
+
 Action = (
     CreateLink
     | DeleteLink
@@ -122,6 +146,8 @@ Action = (
     | AddFdb
     | RemoveFdb
     | SetSysctl
+    | LoadRuleset
+    | UpdateEndpointSet
 )
 
 
@@ -171,6 +197,13 @@ def plan(desired: DesiredState, observed: ObservedState, underlay: str) -> list[
         actions.append(AddFdb(spec.name, dst))
     for dst in sorted(fdb - desired.fdb):
         actions.append(RemoveFdb(spec.name, dst))
+    # The filter is in place before the link comes up and before forwarding is switched on.
+    if desired.packet_path is not None:
+        change = nftables.change_needed(desired.packet_path, observed.nft_table)
+        if change == "reload":
+            actions.append(LoadRuleset(desired.packet_path, observed.nft_table))
+        elif change == "endpoints" and observed.nft_table is not None:
+            actions.append(UpdateEndpointSet(desired.packet_path, observed.nft_table))
     if fresh or (link is not None and not link.admin_up):
         actions.append(SetUp(spec.name))
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from gatepeer.config import VXLAN_OVERHEAD, Config
+from gatepeer.kernel.nftables import PacketPathSpec, conntrack_sysctls
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Interface = ipaddress.IPv4Interface
@@ -76,6 +77,7 @@ class HostFacts:
     underlay_index: int
     underlay_mtu: int
     local_address: IPv4Address
+    flowtable_supported: bool = False  # this kernel takes an nftables flowtable
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class DesiredState:
     address: IPv4Interface
     fdb: frozenset[IPv4Address]
     sysctls: tuple[Sysctl, ...]
+    packet_path: PacketPathSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,9 @@ class ObservedState:
     link: ObservedLink | None
     addresses: frozenset[IPv4Interface]
     fdb: frozenset[IPv4Address]  # destinations of the all-zero-MAC entries
-    sysctls: tuple[tuple[str, int | None], ...]  # (path, value or None when the key is absent)
+    # (path, value or None when this namespace has no such key or cannot write it)
+    sysctls: tuple[tuple[str, int | None], ...]
+    nft_table: str | None = None  # `nft list table inet gatepeer`, None when absent
 
     def sysctl(self, path: str) -> int | None:
         return dict(self.sysctls).get(path)
@@ -192,8 +197,24 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         mtu=tunnel_mtu(config, facts),
         mac=stable_mac(facts.local_address, gate.vni),
     )
+    pp = config.packet_path
+    if pp.flowtable is True and not facts.flowtable_supported:
+        raise DesiredStateError(
+            "packet_path.flowtable: true, but this kernel has no nftables flowtable "
+            '(CONFIG_NF_FLOW_TABLE); set it to "auto" or false'
+        )
+    packet_path = PacketPathSpec(
+        device_subnet=gate.device_subnet,
+        endpoints=frozenset(e.outer for e in gate.endpoints),
+        mode=pp.mode,
+        tunnel=t.interface,
+        underlay=facts.underlay,
+        vxlan_port=t.destination_port,
+        allowed_destinations=pp.allowed_destinations,
+        flowtable=facts.flowtable_supported and pp.flowtable is not False,
+    )
     g1, g2, g3 = neighbour_thresholds(config.kernel.neighbour_table_devices)
-    sysctls = (
+    sysctls: tuple[Sysctl, ...] = (
         Sysctl("net/ipv4/ip_forward", 1),
         # Loose reverse-path filtering: replies may come back through the other endpoint.
         Sysctl(f"net/ipv4/conf/{t.interface}/rp_filter", 2),
@@ -202,9 +223,20 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         Sysctl("net/ipv4/neigh/default/gc_thresh2", g2, "at_least", init_netns_only=True),
         Sysctl("net/ipv4/neigh/default/gc_thresh3", g3, "at_least", init_netns_only=True),
     )
+    # The forward chain tracks connections in both modes, so conntrack is sized in both.
+    for path, value in conntrack_sysctls(
+        config.kernel.neighbour_table_devices, pp.flows_per_device
+    ):
+        global_size = path.endswith(("_max", "_buckets"))
+        sysctls += (
+            Sysctl(path, value, "at_least", init_netns_only=True)
+            if global_size
+            else Sysctl(path, value),
+        )
     return DesiredState(
         link=link,
         address=gate.inner,
         fdb=frozenset(e.outer for e in gate.endpoints),
         sysctls=sysctls,
+        packet_path=packet_path,
     )

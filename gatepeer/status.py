@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,8 +22,8 @@ from typing import Any
 from gatepeer import __version__, statefile
 from gatepeer.config import AgentConfig, ConfigError, TunnelConfig, load
 from gatepeer.kernel import rtnl
-from gatepeer.probes import UNKNOWN, ProbeResult, probe_health
-from gatepeer.state import Endpoint, GateView
+from gatepeer.probes import UNKNOWN, ProbeResult
+from gatepeer.state import GateView
 
 EXIT_CODES = {"ok": 0, "degraded": 1, "down": 2}
 # state.json is rewritten after every reconcile and probe round; older than this many
@@ -166,9 +165,7 @@ def daemon_pid(pid: int | None, proc: Path = Path("/proc")) -> int | None:
     if stat.rsplit(")", 1)[-1].split()[0] == "Z":
         return None
     args = [a.decode(errors="replace") for a in argv if a]
-    is_gatepeer = any(
-        Path(a).name == "gatepeer" or a in ("gatepeer", "gatepeer.cli") for a in args
-    )
+    is_gatepeer = any(Path(a).name == "gatepeer" or a in ("gatepeer", "gatepeer.cli") for a in args)
     return pid if is_gatepeer and "run" in args else None
 
 
@@ -243,13 +240,16 @@ def evaluate(s: Status) -> tuple[str, list[str]]:
     """The health and why, worst first. Pure: looks only at what `gather` read."""
     down: list[str] = []
     degraded: list[str] = []
+    st = s.state
+    if not s.configured and st is None:
+        return "down", [s.config_error or "not configured"]  # the rest follows from it
     if s.config_error:
         down.append(s.config_error)
-    st = s.state
     link = s.tunnel.link
     if st is None:
-        down.append(f"never set up: no state file {s.state_path} (run `gatepeer apply` or start "
-                    "the daemon)")
+        down.append(
+            f"never set up: no state file {s.state_path} (run `gatepeer apply` or start the daemon)"
+        )
     if link is None:
         down.append(f"{s.interface} does not exist")
     elif link.kind != "vxlan":
@@ -269,42 +269,30 @@ def evaluate(s: Status) -> tuple[str, list[str]]:
         elif missing:
             degraded.append(f"{s.interface} has no FDB entry for VPG endpoint {', '.join(missing)}")
     elif st is not None and st.gate is None:
-        down.append("not registered: no gate view yet" + (f" ({st.gate_error})"
-                                                          if st.gate_error else ""))
+        down.append(
+            "not registered: no gate view yet" + (f" ({st.gate_error})" if st.gate_error else "")
+        )
     if st is not None:
         if s.daemon is None:
-            degraded.append("the daemon is not running: nothing repairs drift or probes the "
-                            "VPG endpoints")
+            degraded.append(
+                "the daemon is not running: nothing repairs drift or probes the VPG endpoints"
+            )
+            if st.last_health == "failed":
+                degraded.append(f"the last reconcile failed: {st.last_error}")
         else:
             age = s.now - st.updated_at if st.updated_at else None
             if age is not None and age > STALE_INTERVALS * s.reconcile_interval:
-                degraded.append(f"the daemon (pid {s.daemon}) has not updated {s.state_path} "
-                                f"for {age:.0f} s")
+                degraded.append(
+                    f"the daemon (pid {s.daemon}) has not updated {s.state_path} for {age:.0f} s"
+                )
             # The daemon's health already joins the last reconcile and the probes.
-            (down if st.health == "failed" else degraded).extend(
-                r for r in st.reasons if st.health in ("failed", "degraded")
-            )
-            if st.probed and st.gate is not None:
-                probe_state, reasons = probe_health(_endpoints(st), _results(st))
-                for reason in reasons:
-                    if reason not in down + degraded:
-                        (down if probe_state == "failed" else degraded).append(reason)
+            if st.health in ("failed", "degraded"):
+                (down if st.health == "failed" else degraded).extend(st.reasons)
     if down:
         return "down", down + degraded
     if degraded:
         return "degraded", degraded
     return "ok", []
-
-
-def _endpoints(st: StateSummary) -> list[Endpoint]:
-    return [
-        Endpoint(ipaddress.IPv4Address(e.outer), ipaddress.IPv4Address(e.inner) if e.inner else None)
-        for e in st.endpoints
-    ]
-
-
-def _results(st: StateSummary) -> dict[ipaddress.IPv4Address, ProbeResult]:
-    return {ipaddress.IPv4Address(e.outer): e.probe for e in st.endpoints}
 
 
 # ---- output -------------------------------------------------------------------------------
@@ -318,8 +306,7 @@ def to_json(s: Status) -> dict[str, Any]:
         "exit_code": s.exit_code,
         "reasons": s.reasons,
         "version": __version__,
-        "config": {"path": str(s.config_path), "configured": s.configured,
-                   "error": s.config_error},
+        "config": {"path": str(s.config_path), "configured": s.configured, "error": s.config_error},
         "daemon": {"running": s.daemon is not None, "pid": s.daemon},
         "registration": {
             "registered": st.registered if st else False,
@@ -329,7 +316,9 @@ def to_json(s: Status) -> dict[str, Any]:
             "vni": gate.vni,
             "device_subnet": str(gate.device_subnet),
             "gate_open": gate.gate_opened,
-        } if gate else None,
+        }
+        if gate
+        else None,
         "tunnel": {
             "interface": s.interface,
             "present": link is not None,
@@ -343,11 +332,17 @@ def to_json(s: Status) -> dict[str, Any]:
             "oper_state": link.oper_state if link else None,
             "oper_up": link.oper_up if link else False,
             "counters": {
-                "rx_bytes": stats.rx_bytes, "rx_packets": stats.rx_packets,
-                "rx_errors": stats.rx_errors, "rx_dropped": stats.rx_dropped,
-                "tx_bytes": stats.tx_bytes, "tx_packets": stats.tx_packets,
-                "tx_errors": stats.tx_errors, "tx_dropped": stats.tx_dropped,
-            } if stats else None,
+                "rx_bytes": stats.rx_bytes,
+                "rx_packets": stats.rx_packets,
+                "rx_errors": stats.rx_errors,
+                "rx_dropped": stats.rx_dropped,
+                "tx_bytes": stats.tx_bytes,
+                "tx_packets": stats.tx_packets,
+                "tx_errors": stats.tx_errors,
+                "tx_dropped": stats.tx_dropped,
+            }
+            if stats
+            else None,
         },
         "endpoints": [
             {
@@ -367,7 +362,9 @@ def to_json(s: Status) -> dict[str, Any]:
             "runs": st.reconciles,
             "failures": st.failures,
             "last_success_at": st.last_success_at,
-        } if st else None,
+        }
+        if st
+        else None,
         "state_file": {
             "path": str(s.state_path),
             "updated_at": st.updated_at if st else None,
@@ -398,8 +395,10 @@ def _bytes(n: int) -> str:
 
 def _table(rows: Sequence[Sequence[str]], indent: str) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-            for r in rows]
+    return [
+        indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in rows
+    ]
 
 
 def render(s: Status) -> str:
@@ -414,8 +413,10 @@ def render(s: Status) -> str:
             f"registration  VPG {reg['vpg_id']}, Gate {'open' if reg['gate_open'] else 'closed'}"
             f"{'' if reg['registered'] else ', NOT REGISTERED for this address'}"
         )
-        lines.append(f"{pad}outer {reg['outer_address']}  inner {reg['inner_address']}  "
-                     f"VNI {reg['vni']}  devices {reg['device_subnet']}")
+        lines.append(
+            f"{pad}outer {reg['outer_address']}  inner {reg['inner_address']}  "
+            f"VNI {reg['vni']}  devices {reg['device_subnet']}"
+        )
     else:
         lines.append("registration  none known")
     t = j["tunnel"]
@@ -425,8 +426,9 @@ def render(s: Status) -> str:
             f"{'up' if t['oper_up'] else 'DOWN'} (admin {'up' if t['admin_up'] else 'down'}, "
             f"oper {t['oper_state']}), VNI {t['vni']}, MTU {t['mtu']}, dstport {t['dst_port']}"
         )
-        lines.append(f"{pad}local {t['local_address']}  addresses "
-                     f"{', '.join(t['addresses']) or 'none'}")
+        lines.append(
+            f"{pad}local {t['local_address']}  addresses {', '.join(t['addresses']) or 'none'}"
+        )
         c = t["counters"]
         if c:
             lines.append(
@@ -441,14 +443,18 @@ def render(s: Status) -> str:
         rows = [["VPG endpoint", "inner", "FDB", "probe", "RTT", "loss"]]
         for e in j["endpoints"]:
             p = e["probe"]
-            rows.append([
-                e["outer"], e["inner"] or "-", "yes" if e["fdb_present"] else "NO",
-                p["state"] if p["state"] != "down" else "DOWN",
-                f"{p['rtt_s'] * 1000:.2f} ms" if p["rtt_s"] is not None else "-",
-                f"{p['loss'] * 100:.0f} %" if p["loss"] is not None else "-",
-            ])
+            rows.append(
+                [
+                    e["outer"],
+                    e["inner"] or "-",
+                    "yes" if e["fdb_present"] else "NO",
+                    p["state"] if p["state"] != "down" else "DOWN",
+                    f"{p['rtt_s'] * 1000:.2f} ms" if p["rtt_s"] is not None else "-",
+                    f"{p['loss'] * 100:.0f} %" if p["loss"] is not None else "-",
+                ]
+            )
         table = _table(rows, pad)
-        lines.append("endpoints     " + table[0][len(pad):])
+        lines.append("endpoints     " + table[0][len(pad) :])
         lines += table[1:]
     pp = j["packet_path"]
     fast = {True: "fast path active", False: "no fast path", None: "fast path unknown"}
@@ -465,7 +471,9 @@ def render(s: Status) -> str:
     else:
         lines.append("reconcile     never ran")
     d = j["daemon"]
-    lines.append(f"daemon        {'running, pid ' + str(d['pid']) if d['running'] else 'not running'}")
+    lines.append(
+        f"daemon        {'running, pid ' + str(d['pid']) if d['running'] else 'not running'}"
+    )
     sf = j["state_file"]
     lines.append(
         f"files         config {s.config_path}"
@@ -474,7 +482,3 @@ def render(s: Status) -> str:
         + (f" (updated {_ago(s.now, sf['updated_at'])})" if sf["updated_at"] else " (none)")
     )
     return "\n".join(lines)
-
-
-def process_is_root() -> bool:
-    return os.geteuid() == 0

@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 
 from gatepeer.config import Config, TunnelConfig
+from gatepeer.kernel import nftables
 from gatepeer.plan import (
     AddAddress,
     AddFdb,
     CreateLink,
     DeleteLink,
+    LoadRuleset,
     RemoveAddress,
     RemoveFdb,
     SetMtu,
@@ -97,6 +99,7 @@ def converged(d: DesiredState, **changes: Any) -> ObservedState:
         addresses=frozenset({d.address}),
         fdb=d.fdb,
         sysctls=tuple((s.path, s.value) for s in d.sysctls),
+        nft_table=nftables.render(d.packet_path) if d.packet_path else None,
     )
     return dataclasses.replace(observed, **changes)
 
@@ -120,6 +123,12 @@ def fresh_host_sysctls(d: DesiredState) -> tuple[tuple[str, int | None], ...]:
         "net/ipv4/neigh/default/gc_thresh1": 128,
         "net/ipv4/neigh/default/gc_thresh2": 512,
         "net/ipv4/neigh/default/gc_thresh3": 1024,
+        "net/netfilter/nf_conntrack_buckets": 65536,
+        "net/netfilter/nf_conntrack_max": 262144,
+        "net/netfilter/nf_conntrack_tcp_timeout_established": 432000,
+        "net/netfilter/nf_conntrack_tcp_timeout_time_wait": 120,
+        "net/netfilter/nf_conntrack_udp_timeout": 30,
+        "net/netfilter/nf_conntrack_udp_timeout_stream": 120,
     }
     assert set(values) == {s.path for s in d.sysctls}
     return tuple(values.items())
@@ -202,14 +211,16 @@ def test_plan_from_nothing() -> None:
     )
     actions = plan(d, observed, UNDERLAY)
     assert actions[0] == CreateLink(d.link, UNDERLAY)
-    assert actions[1:5] == [
+    # The filter is loaded before the link comes up and before forwarding is switched on.
+    assert actions[1:6] == [
         AddAddress("vxlan0", INNER),
         AddFdb("vxlan0", EP1),
         AddFdb("vxlan0", EP2),
+        LoadRuleset(d.packet_path, None),
         SetUp("vxlan0"),
     ]
-    sysctls = {a.setting.path: a.was for a in actions[5:] if isinstance(a, SetSysctl)}
-    assert len(sysctls) == len(actions) - 5
+    sysctls = {a.setting.path: a.was for a in actions[6:] if isinstance(a, SetSysctl)}
+    assert len(sysctls) == len(actions) - 6
     assert sysctls == {
         "net/ipv4/ip_forward": 0,
         "net/ipv4/conf/vxlan0/rp_filter": None,  # absent before creation, set anyway
@@ -217,6 +228,10 @@ def test_plan_from_nothing() -> None:
         "net/ipv4/neigh/default/gc_thresh1": 128,
         "net/ipv4/neigh/default/gc_thresh2": 512,
         "net/ipv4/neigh/default/gc_thresh3": 1024,
+        "net/netfilter/nf_conntrack_max": 262144,
+        "net/netfilter/nf_conntrack_buckets": 65536,
+        "net/netfilter/nf_conntrack_tcp_timeout_established": 432000,
+        "net/netfilter/nf_conntrack_tcp_timeout_time_wait": 120,
     }
     assert not any(isinstance(a, DeleteLink | RemoveFdb | RemoveAddress) for a in actions)
 
@@ -418,6 +433,8 @@ def test_every_planned_command_is_plausible() -> None:
         RemoveFdb("vxlan0", EP3),
         RemoveAddress("vxlan0", INNER),
     ]
+    # nft rulesets print as a heredoc for `nft -f -`: checked by tests/test_nftables.py.
+    actions = [a for a in actions if not isinstance(a, LoadRuleset)]
     lines = describe(actions)
     assert len(lines) == len(actions)
     for line in lines:

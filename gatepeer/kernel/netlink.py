@@ -171,7 +171,7 @@ class Netlink:
             link=link,
             addresses=addresses,
             fdb=fdb,
-            sysctls=tuple((s.path, sysctl.read(s.path)) for s in sysctls),
+            sysctls=tuple((s.path, sysctl.read_writable(s.path)) for s in sysctls),
         )
 
     # ---- apply -------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PROC_SYS = Path("/proc/sys")
@@ -14,6 +15,14 @@ def read(path: str, root: Path = PROC_SYS) -> int | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     return int(text.split()[0])
+
+
+def read_writable(path: str, root: Path = PROC_SYS) -> int | None:
+    """The value, or None when the key is absent or read-only here: procfs enforces a key's
+    mode even for root (conntrack's global sizes are read-only outside the initial netns)."""
+    if not os.access(root / path, os.W_OK):
+        return None
+    return read(path, root)
 
 
 def write(path: str, value: int, root: Path = PROC_SYS) -> None:

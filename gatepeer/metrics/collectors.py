@@ -1,0 +1,449 @@
+"""Prometheus collectors, one per concern, reading their providers at scrape time.
+
+Names follow Prometheus conventions (base units, `_total` counters, `_info` for labels worth
+joining on); the interface counters copy node_exporter's names so dashboards built for it read
+these too. A value that cannot be known is not exported (no fake zeros): conntrack without
+netfilter, the neighbour limit outside the initial network namespace, an RTT for an endpoint
+whose last probe went unanswered. Nothing secret is ever a label or a value.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from gatepeer.kernel.rtnl import OPER_STATES
+from gatepeer.metrics.sources import (
+    CONNTRACK_COUNT,
+    CONNTRACK_MAX,
+    NEIGHBOUR_LIMIT,
+    AgentSource,
+    KernelSource,
+    PacketPathSource,
+)
+
+# nftables counter name -> reason label
+DROP_REASONS = {
+    "vxlan_foreign_dropped": "vxlan_foreign_source",
+    "spoofed_source_dropped": "spoofed_inner_source",
+}
+HEALTH_STATES = ("ok", "degraded", "failed")
+# A reconcile without an API call takes milliseconds; with one, up to the request timeout.
+RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+class BuildCollector:
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+    def collect(self) -> Iterator[Metric]:
+        yield _gauge("gatepeer_up", "1 while the agent runs and answers scrapes.", 1)
+        info = GaugeMetricFamily(
+            "gatepeer_build_info", "The running gatepeer's version.", labels=["version"]
+        )
+        info.add_metric([self.version], 1)
+        yield info
+
+
+class RegistrationCollector:
+    """This host as a gate peer of the VPG, as the API last described it."""
+
+    def __init__(self, agent: AgentSource) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.agent.summary()
+        yield _gauge(
+            "gatepeer_registered",
+            "1 when this host holds a gate peer registration for its current address.",
+            1 if s.registered else 0,
+        )
+        if s.gate is None:
+            return
+        info = GaugeMetricFamily(
+            "gatepeer_registration_info",
+            "The gate peer registration: inner and outer address, VNI, VPG.",
+            labels=["inner_address", "vni", "vpg_id", "outer_address"],
+        )
+        info.add_metric(
+            [str(s.gate.inner.ip), str(s.gate.vni), s.gate.vpg_id, str(s.gate.outer)], 1
+        )
+        yield info
+        yield _gauge(
+            "gatepeer_gate_open", "1 when Gate is open on the VPG.", int(s.gate.gate_opened)
+        )
+        if s.gate_fetched_at is not None:
+            yield _gauge(
+                "gatepeer_gate_view_refreshed_timestamp_seconds",
+                "When the SORACOM API last answered a refresh of the gate view.",
+                s.gate_fetched_at,
+            )
+
+
+class EndpointCollector:
+    """Each VPG tunnel endpoint: its FDB entry and what the probes through the tunnel say."""
+
+    def __init__(self, agent: AgentSource, kernel: KernelSource) -> None:
+        self.agent = agent
+        self.kernel = kernel
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.agent.summary()
+        link = self.kernel.link(s.interface)
+        flood = {str(d) for d in self.kernel.flood_destinations(link.index)} if link else set()
+        yield _gauge(
+            "gatepeer_vpg_endpoints", "VPG tunnel endpoints known from the API.", len(s.endpoints)
+        )
+        label = ["endpoint"]
+        info = GaugeMetricFamily(
+            "gatepeer_vpg_endpoint_info",
+            "A VPG endpoint (outer address) and its inner address.",
+            labels=["endpoint", "inner_address"],
+        )
+        fdb = GaugeMetricFamily(
+            "gatepeer_vpg_endpoint_fdb_present",
+            "1 when the tunnel has this endpoint's all-zero-MAC FDB entry.",
+            labels=label,
+        )
+        up = GaugeMetricFamily(
+            "gatepeer_vpg_endpoint_up",
+            "1 when the endpoint answers ICMP echo through the tunnel, 0 when it stopped "
+            "answering; absent before the first probes.",
+            labels=label,
+        )
+        rtt = GaugeMetricFamily(
+            "gatepeer_vpg_endpoint_rtt_seconds",
+            "Round trip of the last probe; absent when it went unanswered.",
+            labels=label,
+        )
+        loss = GaugeMetricFamily(
+            "gatepeer_vpg_endpoint_probe_loss_ratio",
+            "Unanswered share of the last probes (a sliding window).",
+            labels=label,
+        )
+        for e in s.endpoints:
+            info.add_metric([e.outer, e.inner or ""], 1)
+            fdb.add_metric([e.outer], int(e.outer in flood))
+            if e.probe.state != "unknown":
+                up.add_metric([e.outer], int(e.probe.state == "up"))
+            if e.probe.rtt_s is not None:
+                rtt.add_metric([e.outer], e.probe.rtt_s)
+            if e.probe.loss is not None:
+                loss.add_metric([e.outer], e.probe.loss)
+        yield from (info, fdb, up, rtt, loss)
+
+
+class TunnelCollector:
+    """The vxlan link itself and its FDB flood entries."""
+
+    def __init__(self, agent: AgentSource, kernel: KernelSource) -> None:
+        self.agent = agent
+        self.kernel = kernel
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.agent.summary()
+        link = self.kernel.link(s.interface)
+        yield _gauge("gatepeer_tunnel_present", "1 when the tunnel link exists.", int(bool(link)))
+        yield _gauge(
+            "gatepeer_tunnel_oper_up",
+            "1 when the tunnel is up and passes packets (vxlan reports oper state unknown).",
+            int(bool(link and link.oper_up)),
+        )
+        if s.gate is not None:
+            yield _gauge(
+                "gatepeer_fdb_entries_desired",
+                "All-zero-MAC FDB entries the tunnel needs: one per VPG endpoint.",
+                len(s.gate.endpoints),
+            )
+        flood = self.kernel.flood_destinations(link.index) if link else frozenset()
+        yield _gauge(
+            "gatepeer_fdb_entries_present", "All-zero-MAC FDB entries on the tunnel.", len(flood)
+        )
+        if link is None:
+            return
+        state = GaugeMetricFamily(
+            "gatepeer_tunnel_oper_state",
+            "The tunnel's RFC 2863 operational state (1 for the current one).",
+            labels=["device", "state"],
+        )
+        for name in OPER_STATES:
+            state.add_metric([link.name, name], int(link.oper_state == name))
+        yield state
+        yield _gauge("gatepeer_tunnel_mtu_bytes", "The tunnel's MTU.", link.mtu)
+        if link.vni is not None:
+            yield _gauge("gatepeer_tunnel_vni", "The tunnel's VXLAN network identifier.", link.vni)
+
+
+class InterfaceCollector:
+    """The tunnel's interface counters, named as node_exporter names them."""
+
+    FIELDS = (
+        ("receive_bytes", "rx_bytes"),
+        ("receive_packets", "rx_packets"),
+        ("receive_errs", "rx_errors"),
+        ("receive_drop", "rx_dropped"),
+        ("transmit_bytes", "tx_bytes"),
+        ("transmit_packets", "tx_packets"),
+        ("transmit_errs", "tx_errors"),
+        ("transmit_drop", "tx_dropped"),
+    )
+
+    def __init__(self, agent: AgentSource, kernel: KernelSource) -> None:
+        self.agent = agent
+        self.kernel = kernel
+
+    def collect(self) -> Iterator[Metric]:
+        link = self.kernel.link(self.agent.summary().interface)
+        if link is None or link.stats is None:
+            return
+        for name, field in self.FIELDS:
+            family = CounterMetricFamily(
+                f"gatepeer_network_{name}",
+                f"Tunnel interface statistic {field}.",
+                labels=["device"],
+            )
+            family.add_metric([link.name], getattr(link.stats, field))
+            yield family
+
+
+class PacketPathCollector:
+    """The nftables packet path: what it dropped and whether the flowtable fast path is on."""
+
+    def __init__(self, agent: AgentSource, packet_path: PacketPathSource) -> None:
+        self.agent = agent
+        self.packet_path = packet_path
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.agent.summary()
+        if s.packet_path_mode:
+            info = GaugeMetricFamily(
+                "gatepeer_packet_path_info", "The packet path mode (route or nat).", labels=["mode"]
+            )
+            info.add_metric([s.packet_path_mode], 1)
+            yield info
+        if s.fast_path is not None:
+            yield _gauge(
+                "gatepeer_fast_path_active",
+                "1 when forwarded flows take the nftables flowtable fast path.",
+                int(s.fast_path),
+            )
+        counters = self.packet_path.counters()
+        if counters is None:
+            return
+        packets = CounterMetricFamily(
+            "gatepeer_packet_path_dropped_packets",
+            "Packets the packet path dropped, by reason.",
+            labels=["reason"],
+        )
+        octets = CounterMetricFamily(
+            "gatepeer_packet_path_dropped_bytes",
+            "Bytes the packet path dropped, by reason.",
+            labels=["reason"],
+        )
+        for counter, reason in DROP_REASONS.items():
+            if counter in counters:
+                p, b = counters[counter]
+                packets.add_metric([reason], p)
+                octets.add_metric([reason], b)
+        yield packets
+        yield octets
+
+
+class ConntrackCollector:
+    def __init__(self, kernel: KernelSource) -> None:
+        self.kernel = kernel
+
+    def collect(self) -> Iterator[Metric]:
+        count = self.kernel.sysctl(CONNTRACK_COUNT)
+        limit = self.kernel.sysctl(CONNTRACK_MAX)
+        if count is not None:
+            yield _gauge("gatepeer_conntrack_entries", "Connections tracked now.", count)
+        if limit is not None:
+            yield _gauge("gatepeer_conntrack_limit", "nf_conntrack_max.", limit)
+
+
+class NeighbourCollector:
+    """Neighbour (ARP) entries: each active device behind the tunnel holds one."""
+
+    def __init__(self, agent: AgentSource, kernel: KernelSource) -> None:
+        self.agent = agent
+        self.kernel = kernel
+
+    def collect(self) -> Iterator[Metric]:
+        link = self.kernel.link(self.agent.summary().interface)
+        if link is not None:
+            entries = GaugeMetricFamily(
+                "gatepeer_neighbour_entries",
+                "IPv4 neighbour entries on the device.",
+                labels=["device"],
+            )
+            entries.add_metric([link.name], self.kernel.neighbour_count(link.index))
+            yield entries
+        limit = self.kernel.sysctl(NEIGHBOUR_LIMIT)
+        if limit is not None:
+            yield _gauge(
+                "gatepeer_neighbour_table_limit",
+                "gc_thresh3: the IPv4 neighbour table's hard limit (initial namespace only).",
+                limit,
+            )
+
+
+class ReconcileCollector:
+    """Reconcile runs. The duration histogram takes in the durations recorded since the last
+    scrape (the agent keeps only its recent ones), so its buckets only ever grow."""
+
+    def __init__(self, agent: AgentSource) -> None:
+        self.agent = agent
+        self._lock = threading.Lock()
+        self._seen: int | None = None
+        self._buckets = [0] * (len(RECONCILE_BUCKETS) + 1)
+        self._sum = 0.0
+
+    def _absorb(self) -> None:
+        total, recent = self.agent.reconcile_durations()
+        with self._lock:
+            if self._seen is None:
+                self._seen = total - len(recent)
+            new = max(0, total - self._seen)
+            for seconds in list(recent)[len(recent) - min(new, len(recent)) :]:
+                index = next(
+                    (i for i, le in enumerate(RECONCILE_BUCKETS) if seconds <= le),
+                    len(RECONCILE_BUCKETS),
+                )
+                self._buckets[index] += 1
+                self._sum += seconds
+            self._seen = total
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.agent.summary()
+        yield CounterMetricFamily(
+            "gatepeer_reconcile_runs", "Reconciles run (kept across restarts).", value=s.reconciles
+        )
+        yield CounterMetricFamily(
+            "gatepeer_reconcile_failures",
+            "Reconciles that failed (kept across restarts).",
+            value=s.failures,
+        )
+        if s.last_success_at is not None:
+            yield _gauge(
+                "gatepeer_reconcile_last_success_timestamp_seconds",
+                "When a reconcile last succeeded (ok or degraded).",
+                s.last_success_at,
+            )
+        self._absorb()
+        with self._lock:
+            cumulative, buckets = 0, []
+            for le, count in zip((*RECONCILE_BUCKETS, float("inf")), self._buckets, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if le == float("inf") else repr(le), cumulative))
+            total = self._sum
+        histogram = HistogramMetricFamily(
+            "gatepeer_reconcile_duration_seconds", "How long reconciles take (this process)."
+        )
+        histogram.add_metric([], buckets, total)
+        yield histogram
+
+
+class ApiCollector:
+    """The SORACOM API client: requests by operation and HTTP status, time, rate limit."""
+
+    def __init__(self, agent: AgentSource) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.agent.api_stats()
+        requests = CounterMetricFamily(
+            "gatepeer_api_requests",
+            "SORACOM API requests by operation and HTTP status (code none: no answer).",
+            labels=["operation", "code"],
+        )
+        for (operation, status), count in sorted(stats.requests.items()):
+            requests.add_metric([operation, str(status) if status else "none"], count)
+        yield requests
+        seconds = CounterMetricFamily(
+            "gatepeer_api_request_duration_seconds",
+            "Time spent in SORACOM API requests, by operation.",
+            labels=["operation"],
+        )
+        for operation, total in sorted(stats.seconds.items()):
+            seconds.add_metric([operation], total)
+        yield seconds
+        if stats.ratelimit_remaining is not None:
+            yield _gauge(
+                "gatepeer_api_ratelimit_remaining",
+                "Requests left in the rate-limit window, from the last answer's header.",
+                stats.ratelimit_remaining,
+            )
+        yield CounterMetricFamily(
+            "gatepeer_api_auth_failures",
+            "Times the SORACOM API refused the auth key.",
+            value=stats.auth_failures,
+        )
+
+
+class HealthCollector:
+    """The agent's health: the last reconcile joined with the endpoint probes."""
+
+    def __init__(self, agent: AgentSource) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterator[Metric]:
+        health = self.agent.summary().health
+        family = GaugeMetricFamily(
+            "gatepeer_health",
+            "1 for the current health (none before the first reconcile).",
+            labels=["state"],
+        )
+        for state in HEALTH_STATES:
+            family.add_metric([state], int(health == state))
+        yield family
+
+
+def collectors(
+    agent: AgentSource, kernel: KernelSource, packet_path: PacketPathSource, version: str
+) -> dict[str, Collector]:
+    """Every collector by a short name (the golden files are named after them)."""
+    return {
+        "build": BuildCollector(version),
+        "registration": RegistrationCollector(agent),
+        "endpoints": EndpointCollector(agent, kernel),
+        "tunnel": TunnelCollector(agent, kernel),
+        "interface": InterfaceCollector(agent, kernel),
+        "packet_path": PacketPathCollector(agent, packet_path),
+        "conntrack": ConntrackCollector(kernel),
+        "neighbour": NeighbourCollector(agent, kernel),
+        "reconcile": ReconcileCollector(agent),
+        "api": ApiCollector(agent),
+        "health": HealthCollector(agent),
+    }
+
+
+def build_registry(
+    agent: AgentSource,
+    kernel: KernelSource,
+    packet_path: PacketPathSource,
+    version: str,
+    *,
+    process: bool = True,
+) -> CollectorRegistry:
+    """A fresh registry (never the global one: nothing else in the process leaks in)."""
+    from prometheus_client import ProcessCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    for collector in collectors(agent, kernel, packet_path, version).values():
+        registry.register(collector)
+    if process:
+        ProcessCollector(registry=registry)
+    return registry
