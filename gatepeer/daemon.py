@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK, RTMGRP_NEIGH
@@ -22,6 +23,9 @@ from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK, RTMGRP_NEIGH
 from gatepeer import systemd
 from gatepeer.agent import Agent
 from gatepeer.config import Config, ConfigError
+from gatepeer.kernel import rtnl
+from gatepeer.probes import IcmpTransport, Prober, with_probes
+from gatepeer.state import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +92,50 @@ class KernelWatcher(threading.Thread):
         return None
 
 
+class ProbedAgent(Agent):
+    """The daemon's agent: its state (state.json and the metrics) also carries what the probes
+    found about each VPG endpoint and the health that implies. The prober thread writes the
+    state too, hence the lock (shared by the agents a reload swaps)."""
+
+    prober: Prober | None = None
+    _write_lock = threading.Lock()
+
+    def state(self) -> dict[str, Any]:
+        endpoints = self.gate.endpoints if self.gate else ()
+        results = self.prober.results() if self.prober else None
+        flood = rtnl.flood_destinations_of(self.config.tunnel.interface)
+        return with_probes(super().state(), endpoints, results, flood)
+
+    def write_state(self) -> None:
+        with self._write_lock:
+            super().write_state()
+
+
 class Daemon:
     def __init__(self, config: Config, load_config: Callable[[], Config]) -> None:
         self.config = config
         self.load_config = load_config
-        self.agent = Agent(config)
+        self.prober = Prober(
+            config.probes.interval,
+            config.probes.timeout,
+            self._probe_targets,
+            IcmpTransport(config.tunnel.interface),
+            on_update=lambda: self.agent.write_state(),
+        )
+        self.agent = self._new_agent(config)
         self.wake = threading.Event()
         self.stopping = False
         self.reload_requested = False
         self.event_reasons: list[str] = []
         self.lock = threading.Lock()
+
+    def _new_agent(self, config: Config) -> ProbedAgent:
+        agent = ProbedAgent(config)
+        agent.prober = self.prober
+        return agent
+
+    def _probe_targets(self) -> tuple[Endpoint, ...]:
+        return self.agent.gate.endpoints if self.agent.gate else ()
 
     def kick(self, reason: str) -> None:
         with self.lock:
@@ -121,7 +159,10 @@ class Daemon:
         log.info("configuration reloaded from %s", config.source)
         self.agent.close()
         self.config = config
-        self.agent = Agent(config)
+        self.agent = self._new_agent(config)
+        self.prober.interval, self.prober.timeout = config.probes.interval, config.probes.timeout
+        if isinstance(self.prober.transport, IcmpTransport):
+            self.prober.transport.interface = config.tunnel.interface
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -129,6 +170,12 @@ class Daemon:
         watcher = KernelWatcher(self.config.tunnel.interface, self.kick)
         watcher.start()
         watcher.ready.wait(5)
+        self.prober.start()
+        metrics = None
+        if self.config.metrics.listen != "":  # "" turns metrics off; a reload keeps the listener
+            from gatepeer.metrics.server import for_agent
+
+            metrics = for_agent(self.config.metrics.listen, lambda: self.agent)
         interval = self.config.agent.reconcile_interval
         watchdog = systemd.watchdog_interval()
         next_refresh = 0.0
@@ -149,6 +196,8 @@ class Daemon:
                     next_refresh = now + interval
                 trigger = "timer" if refresh else "kernel event: " + ", ".join(reasons[:3])
                 result = self.agent.reconcile(refresh=refresh)
+                if metrics is not None:
+                    metrics.ensure_started()  # the default address is known after a reconcile
                 if result.actions or result.health != "ok":
                     log.info(
                         "reconcile (%s): %s, %d action(s) in %.1f ms",
@@ -174,6 +223,9 @@ class Daemon:
         finally:
             systemd.notify("STOPPING=1")
             watcher.stop()
+            self.prober.stop()
+            if metrics is not None:
+                metrics.stop()
             self.agent.close()
         log.info("stopped; the data path stays up")
         return 0

@@ -360,3 +360,21 @@ def endpoint_report(
         }
         for e in endpoints
     ]
+
+
+def with_probes(
+    state: Mapping[str, Any],
+    endpoints: Sequence[Endpoint],
+    results: Mapping[IPv4Address, ProbeResult] | None,
+    fdb: frozenset[IPv4Address] | None,
+) -> dict[str, Any]:
+    """The agent's state document joined with the probes: an "endpoints" list, and health and
+    reasons that include what the probes found (the reconcile's own stay in last_reconcile)."""
+    out = dict(state)
+    out["endpoints"] = endpoint_report(endpoints, results, fdb)
+    if results is not None:
+        health, reasons = probe_health(endpoints, results)
+        if health != "ok":
+            out["health"] = worst(str(state.get("health", "unknown")), health)
+            out["reasons"] = [*state.get("reasons", []), *reasons]
+    return out

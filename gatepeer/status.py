@@ -112,7 +112,7 @@ class StateSummary:
             failures=int(counters.get("failures") or 0),
             last_success_at=_number(counters.get("last_success_at")),
             packet_path_mode=packet_path.get("mode"),
-            fast_path=packet_path.get("fast_path"),
+            fast_path=packet_path.get("fast_path_active"),
         )
 
 

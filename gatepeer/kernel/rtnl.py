@@ -245,3 +245,9 @@ def neighbour_count(index: int) -> int:
         if kind == RTM_NEWNEIGH and NDMSG.unpack_from(payload)[1] == index:
             count += 1
     return count
+
+
+def flood_destinations_of(name: str) -> frozenset[ipaddress.IPv4Address] | None:
+    """The flood entries of the link called `name`; None when there is no such link."""
+    found = link(name)
+    return flood_destinations(found.index) if found is not None else None

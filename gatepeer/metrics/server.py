@@ -13,12 +13,16 @@ import ipaddress
 import logging
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import start_http_server
 from prometheus_client.registry import CollectorRegistry
 
 from gatepeer.config import DEFAULT_METRICS_PORT
+
+if TYPE_CHECKING:
+    from gatepeer.agent import Agent
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +82,19 @@ class MetricsServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._server = self._thread = None
+
+
+def for_agent(listen: str | None, agent: Callable[[], Agent]) -> MetricsServer:
+    """The daemon's server: every collector on a fresh registry, reading the live agent (looked
+    up per scrape: a reload replaces it), the kernel and the packet path."""
+    from gatepeer import __version__
+    from gatepeer.metrics.collectors import build_registry
+    from gatepeer.metrics.sources import LiveAgent, LiveKernel, LivePacketPath
+
+    registry = build_registry(LiveAgent(agent), LiveKernel(), LivePacketPath(), __version__)
+
+    def local_address() -> ipaddress.IPv4Address | None:
+        facts = agent().facts
+        return facts.local_address if facts is not None else None
+
+    return MetricsServer(listen, registry, local_address)

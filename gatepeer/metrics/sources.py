@@ -99,14 +99,15 @@ class LivePacketPath:
 
     def counters(self) -> Mapping[str, tuple[int, int]] | None:
         try:
-            from gatepeer.kernel import nftables  # type: ignore[attr-defined,unused-ignore]
+            from gatepeer.kernel import nftables
         except ImportError:
             return None  # this build has no packet path module
         read = getattr(nftables, "counters", None)
         if read is None:
             return None
         try:
-            return dict(read())
+            found = dict(read())
         except Exception as exc:  # noqa: BLE001 - a scrape must not fail on a missing table
             log.debug("nftables counters unavailable: %s", exc)
             return None
+        return found or None  # empty: our table is not loaded
