@@ -103,7 +103,10 @@ class ProbedAgent(Agent):
     def state(self) -> dict[str, Any]:
         endpoints = self.gate.endpoints if self.gate else ()
         results = self.prober.results() if self.prober else None
-        flood = rtnl.flood_destinations_of(self.config.tunnel.interface)
+        try:
+            flood = rtnl.flood_destinations_of(self.config.tunnel.interface)
+        except OSError:
+            flood = None  # reported as missing; the state must still be written
         return with_probes(super().state(), endpoints, results, flood)
 
     def write_state(self) -> None:

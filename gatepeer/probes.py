@@ -96,6 +96,10 @@ class _Track:
         return ProbeResult(self.state, self.rtt_s, loss, self.error)
 
 
+class ProbeUnavailable(OSError):
+    """Probing is impossible here (no CAP_NET_RAW): it says nothing about the endpoints."""
+
+
 Reply = tuple[IPv4Address, int, float]  # source, sequence, received at (the prober's clock)
 
 
@@ -153,6 +157,8 @@ class IcmpTransport:
         self._bound_index: int | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
+        self._closed = False
+        self._close_lock = threading.Lock()  # wake() from another thread must not hit a reused fd
 
     def _socket(self) -> socket.socket:
         try:
@@ -162,7 +168,12 @@ class IcmpTransport:
             raise OSError(errno.ENODEV, f"no interface {self.interface}") from None
         if self._sock is None or index != self._bound_index:
             self._drop()
-            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+            try:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+            except PermissionError as exc:
+                raise ProbeUnavailable(
+                    exc.errno, f"cannot open a raw ICMP socket ({exc.strerror}): needs CAP_NET_RAW"
+                ) from None
             try:
                 sock.setsockopt(
                     socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.interface.encode() + b"\0"
@@ -205,14 +216,17 @@ class IcmpTransport:
         return replies
 
     def wake(self) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        with self._close_lock, contextlib.suppress(OSError):
+            if not self._closed:
+                os.write(self._wake_w, b"x")
 
     def close(self) -> None:
         self._drop()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        with self._close_lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._wake_r)
+                os.close(self._wake_w)
 
 
 class Prober(threading.Thread):
@@ -294,6 +308,13 @@ class Prober(threading.Thread):
         try:
             self.transport.send(track.endpoint.inner, self._seq)
             track.error = None
+        except ProbeUnavailable as exc:
+            # Not the endpoint's fault: unknown, not down, and no alarm; try again later.
+            why = exc.strerror or str(exc)
+            if track.error != why:
+                log.warning("prober: %s", why)
+            track.pending, track.state, track.error = None, "unknown", why
+            track.next_due = now + self.interval
         except OSError as exc:
             # Counted as unanswered when its timeout passes: the rhythm stays the same.
             track.error = f"cannot send: {exc.strerror or exc}"

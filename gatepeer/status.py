@@ -179,6 +179,7 @@ class Status:
     configured: bool
     state_path: Path
     state: StateSummary | None
+    interface: str
     tunnel: TunnelReading
     daemon: int | None  # pid of the running daemon
     reconcile_interval: float
@@ -190,10 +191,6 @@ class Status:
     @property
     def exit_code(self) -> int:
         return EXIT_CODES[self.health]
-
-    @property
-    def interface(self) -> str:
-        return self.state.interface if self.state else TunnelConfig.interface
 
 
 def gather(
@@ -220,13 +217,16 @@ def gather(
             interval, mode = cfg.agent.reconcile_interval, cfg.packet_path.mode
     raw = statefile.read(state_path)
     state = StateSummary.from_state(raw) if raw else None
+    if state is not None:
+        interface = state.interface  # what the daemon works on, even if the file was edited
     status = Status(
         config_path=config_path,
         config_error=error,
         configured=configured,
         state_path=state_path,
         state=state,
-        tunnel=read_tunnel(state.interface if state else interface),
+        interface=interface,
+        tunnel=read_tunnel(interface),
         daemon=find_daemon(state.pid if state else None),
         reconcile_interval=interval,
         now=clock(),
@@ -257,6 +257,10 @@ def evaluate(s: Status) -> tuple[str, list[str]]:
     elif not link.oper_up:
         flag = "admin down" if not link.admin_up else f"operationally {link.oper_state}"
         down.append(f"{s.interface} is {flag}")
+    if st is not None and st.gate is not None and not st.registered:
+        down.append(
+            f"registered as {st.gate.outer}, but this host's address is now {st.local_address}"
+        )
     if st is not None and st.gate is not None and link is not None:
         gate = st.gate
         if link.vni is not None and link.vni != gate.vni:
@@ -475,10 +479,7 @@ def render(s: Status) -> str:
         f"daemon        {'running, pid ' + str(d['pid']) if d['running'] else 'not running'}"
     )
     sf = j["state_file"]
-    lines.append(
-        f"files         config {s.config_path}"
-        + ("" if s.configured else " (missing)")
-        + f"; state {sf['path']}"
-        + (f" (updated {_ago(s.now, sf['updated_at'])})" if sf["updated_at"] else " (none)")
-    )
+    lines.append(f"config        {s.config_path}" + ("" if s.configured else " (missing)"))
+    updated = f"updated {_ago(s.now, sf['updated_at'])}" if sf["updated_at"] else "none"
+    lines.append(f"state file    {sf['path']} ({updated})")
     return "\n".join(lines)

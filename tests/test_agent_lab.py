@@ -87,6 +87,19 @@ def inner_address(h: LabHandle) -> ipaddress.IPv4Interface | None:
     return None
 
 
+def nft_table(h: LabHandle) -> str | None:
+    """The agent's nftables table in the peer namespace, as `nft list` prints it; None if absent."""
+    proc = h.run("peer", "nft", "list", "table", "inet", "gatepeer", check=False)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def nft_endpoints(h: LabHandle) -> set[str]:
+    """Addresses in the table's vpg_endpoints set (VXLAN is accepted only from these)."""
+    text = nft_table(h) or ""
+    match = re.search(r"set vpg_endpoints \{[^}]*?elements = \{([^}]*)\}", text, re.S)
+    return {a.strip() for a in match.group(1).split(",")} if match else set()
+
+
 def sysctl(h: LabHandle, dotted: str) -> str:
     return h.run("peer", "sysctl", "-n", dotted).stdout.strip()
 
@@ -125,6 +138,7 @@ def assert_nothing_changed(h: LabHandle) -> None:
     assert customer_peers(h) == [], "the peer was registered"
     assert api_calls(h, "registerGatePeer") == 0
     assert sysctl(h, "net.ipv4.ip_forward") == "0"
+    assert nft_table(h) is None, "the nftables table was loaded"
     assert h.agent_state() is None, "state.json was written"
 
 
@@ -147,6 +161,8 @@ def test_one_apply_from_nothing_connects_the_vpc_to_the_devices(lab: LabHandle) 
     assert data["port_range"] == {"low": 4789, "high": 4789}
     assert flood_entries(lab) == {str(ep.outer) for ep in layout.endpoints}
     assert sysctl(lab, "net.ipv4.ip_forward") == "1"
+    # VXLAN is accepted from the VPG's endpoints only.
+    assert nft_endpoints(lab) == {str(ep.outer) for ep in layout.endpoints}
 
     # Exactly one registration for this instance, and it points the VPG endpoints at us.
     peers = customer_peers(lab)
@@ -245,6 +261,7 @@ def test_down_removes_vxlan0_and_down_unregister_the_registration(lab: LabHandle
     assert down.returncode == 0, down.stdout + down.stderr
     assert "removed vxlan0" in down.stdout
     assert vxlan(lab) is None
+    assert nft_table(lab) is None
     assert [p["outer_ip"] for p in customer_peers(lab)] == [PEER_OUTER], "down unregistered"
 
     unregister = lab.gatepeer("down", "--unregister")
@@ -339,7 +356,8 @@ def test_daemon_follows_an_endpoint_replacement_without_stopping_traffic(
     #   kept endpoint's MAC: frames for that MAC go to the kept endpoint only (its learned FDB
     #   entry, or the flood entries, where the other endpoint drops a MAC that is not its own).
     # - device -> VPC: the devices namespace answers through the first endpoint (route
-    #   metric); prefer the kept one.
+    #   metric); prefer the kept one. (Once replaced, the old endpoint's VXLAN is dropped by
+    #   the agent's nftables filter anyway: only the kept path can carry the stream.)
     kept_vxlan = netns.link_details(kept.ns, "vxlan0")
     assert kept_vxlan is not None
     lab.run("peer", "ip", "neigh", "replace", str(device), "lladdr", kept_vxlan["address"],
@@ -370,6 +388,7 @@ def test_daemon_follows_an_endpoint_replacement_without_stopping_traffic(
     assert took is not None, f"FDB never followed the API: {flood_entries(lab)}\n{daemon.log()}"
     # The timer fires every interval; the change lands anywhere in between.
     assert took < interval + 1.5, f"FDB followed the API only after {took:.1f}s"
+    assert nft_endpoints(lab) == {NEW_ENDPOINT, str(kept.outer)}
     assert sent - received <= 2, f"lost {sent - received} of {sent} packets through {kept.outer}"
     assert netns.link_stats(kept.ns, "vxlan0")["rx_packets"] - kept_rx >= received // 2
     assert vxlan(lab)["ifindex"] == ifindex, "vxlan0 was re-created"  # type: ignore[index]
@@ -507,3 +526,69 @@ def test_kernel_event_repair_does_not_wait_for_a_slow_api(
     finally:
         lab.control("reset_faults")
     assert took is not None, "the flood entry stayed deleted while the API was slow"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: when the API drops a VPG endpoint the agent removes only its flood entry "
+    "(plan.RemoveFdb); neighbour entries on vxlan0 that resolved to that endpoint's MAC stay "
+    "REACHABLE/STALE, frames to that MAC are flooded to the surviving endpoints, which drop "
+    "them (not their MAC), and the devices behind them stay unreachable until the entry fails "
+    "and is re-resolved: 20-50 s (36 s measured)",
+)
+def test_devices_behind_a_replaced_endpoint_move_to_a_surviving_one_at_once(
+    lab: LabHandle, agent_daemon: Callable[..., AgentDaemon]
+) -> None:
+    lab.set_config("agent", "reconcile_interval", '"2s"')
+    agent_daemon(lab)
+    old, kept = lab.layout.endpoints
+    device = str(lab.layout.devices[0])
+    # The peer's ARP entry for the device holds the MAC of the endpoint that answered last;
+    # make that the one the API is about to drop, as an ordinary ARP answer would (reachable,
+    # not permanent). Replies from the devices come back through the kept endpoint.
+    old_vxlan = netns.link_details(old.ns, "vxlan0")
+    assert old_vxlan is not None
+    lab.run("dev", "ip", "route", "replace", "default", "via", str(kept.link_addr),
+            "dev", kept.dev_ifname, "metric", "50")  # fmt: skip
+    lab.run("peer", "ip", "neigh", "replace", device, "lladdr", old_vxlan["address"],
+            "dev", "vxlan0", "nud", "reachable")  # fmt: skip
+    assert ping(lab, "vpc", device)
+
+    lab.control(
+        "settings",
+        {
+            "endpoints": [
+                {"outer_ip": NEW_ENDPOINT, "inner_ip": "198.19.0.99"},
+                {"outer_ip": str(kept.outer), "inner_ip": str(kept.inner)},
+            ]
+        },
+    )
+    assert wait_for(lambda: str(old.outer) not in flood_entries(lab), timeout=10) is not None
+    netns.ip(old.ns, "link", "set", "dev", "vxlan0", "down")  # the old endpoint is gone
+    took = wait_for(lambda: ping(lab, "vpc", device), timeout=3, step=0.1)
+    assert took is not None, "devices behind the dropped endpoint still unreachable after 3 s"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: the agent leaves net.ipv4.conf.all/<underlay>.send_redirects at 1: while "
+    "vxlan0 is missing (deleted by hand until the daemon repairs it, or re-created for an "
+    "attribute it cannot change in place) the peer routes device-bound packets back out of "
+    "eth0 and sends the VPC host an ICMP redirect to the VPC router, which the host caches "
+    "for 300 s: the devices stay unreachable from it for minutes after vxlan0 is back",
+)
+def test_a_gap_in_the_tunnel_does_not_redirect_vpc_hosts_away_from_the_peer(
+    lab: LabHandle,
+) -> None:
+    assert lab.gatepeer("apply").returncode == 0
+    device = str(lab.layout.devices[0])
+    assert ping(lab, "vpc", device)
+    lab.run("peer", "ip", "link", "del", "dev", "vxlan0")
+    # Traffic during the gap (a host that keeps sending: the first redirect only makes it
+    # resolve the VPC router's address, a later one sticks).
+    assert not ping(lab, "vpc", device, count=3)
+    assert lab.gatepeer("apply").returncode == 0
+    assert converged(lab)
+    took = wait_for(lambda: ping(lab, "vpc", device), timeout=3, step=0.1)
+    route = lab.run("vpc", "ip", "route", "get", device).stdout
+    assert took is not None, f"VPC host still cut off once vxlan0 is back: {route}"

@@ -410,6 +410,10 @@ def test_demo_runs_traffic_and_reports_it(make_lab: Callable[..., LabHandle]) ->
     h = make_lab(up=False)
     result = h.cli("demo", "--teardown")
     assert result.exit_code == 0, result.output
+    # The real agent brought the gate peer up (one-shot apply), not the hand-made script.
+    assert "gatepeer apply --config" in result.output
+    assert "converged:" in result.output and "one-shot" in result.output
+    assert "handmade_gate_init.sh" not in result.output
     assert "went through the gate peer's vxlan0" in result.output
     assert "TCP transfer" in result.output and "everything works" in result.output
     assert h.leftovers() == []

@@ -157,8 +157,10 @@ def status(prefix: str, as_json: bool) -> None:
     help="Remove the lab afterwards, or leave it up to look around.",
 )
 def demo(prefix: str, teardown: bool) -> None:
-    """Bring the lab up with the hand-made gate peer, then send traffic from the VPC host to
-    the devices through the tunnel: ping and a 2-second TCP transfer. Exit 1 if any fails."""
+    """Bring the lab up and the gate peer with the real agent (one `gatepeer apply` in the
+    peer namespace), then send traffic from the VPC host to the devices through the tunnel:
+    ping and a 2-second TCP transfer. Exit 1 if any fails. (`lab up --baseline` brings the
+    hand-made gate peer up instead.)"""
     _require_root()
     from gatepeer.lab import topology
     from gatepeer.lab.netns import LabError
@@ -166,9 +168,21 @@ def demo(prefix: str, teardown: bool) -> None:
     failed = True
     try:
         layout = topology.resolve_layout(prefix)
-        click.echo(f"Bringing lab {prefix} up with the hand-made gate peer ...")
+        click.echo(
+            f"Bringing lab {prefix} up, and its gate peer with the agent: one `gatepeer apply` "
+            "in the peer namespace ..."
+        )
         info = topology.up(layout, gate_peer=demo_gate_peer())
         _print_summary(info)
+        if info.gate_peer and info.gate_peer.get("output"):
+            click.echo("")
+            click.echo(f"$ {info.gate_peer['command']}")
+            for line in _apply_outline(info.gate_peer["output"]):
+                click.echo(f"  {line}")
+            click.echo(
+                "  (one-shot: nothing repairs drift or follows the API from here on; "
+                f"`gatepeer run` in {layout.peer_ns} would)"
+            )
         click.echo("")
         click.echo("Traffic from the VPC host to the devices, through the gate peer:")
         steps = topology.demo_traffic(info)
@@ -190,11 +204,30 @@ def demo(prefix: str, teardown: bool) -> None:
     sys.exit(1 if failed else 0)
 
 
+def _apply_outline(lines: list[str]) -> list[str]:
+    """`gatepeer apply`'s output without here-document bodies (the nftables ruleset)."""
+    out: list[str] = []
+    body: list[str] | None = None
+    for line in lines:
+        if body is not None:
+            if line.strip() == "EOF":
+                out.append(f"  ... {len(body)} lines of ruleset (nft list table inet gatepeer)")
+                body = None
+            else:
+                body.append(line)
+        elif line.rstrip().endswith("<<'EOF'"):
+            out.append(line)
+            body = []
+        else:
+            out.append(line)
+    return out
+
+
 def demo_gate_peer() -> Any:
-    """The gate-peer bring-up step of the demo (one function, so the agent can replace it)."""
+    """The gate-peer bring-up step of the demo: the real agent, one `gatepeer apply`."""
     from gatepeer.lab import topology
 
-    return topology.baseline_gate_peer
+    return topology.agent_gate_peer
 
 
 def _print_summary(info: LabInfo) -> None:

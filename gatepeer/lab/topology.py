@@ -1102,6 +1102,44 @@ def baseline_gate_peer(lab: LabInfo) -> dict[str, Any]:
     }
 
 
+def agent_command(paths: Paths, *args: str) -> list[str]:
+    """`gatepeer ARGS...` with this lab's config, as this interpreter runs it."""
+    return [sys.executable, "-m", "gatepeer", *args, "--config", str(paths.config)]
+
+
+def agent_gate_peer(lab: LabInfo) -> dict[str, Any]:
+    """Bring the gate peer up with the real agent: one `gatepeer apply` in the peer namespace
+    with the lab's config (registers through the emulator, builds vxlan0, loads its nftables
+    table, tunes the kernel, verifies). One-shot: nothing keeps it converged afterwards, which
+    is `gatepeer run`'s job."""
+    cmd = netns.exec_in(lab.layout.peer_ns, agent_command(lab.paths, "apply"))
+    proc = netns.run(cmd, check=False, timeout=120)
+    if proc.returncode != 0:
+        detail = (proc.stderr.strip() or proc.stdout.strip())[-1500:]
+        raise LabError(
+            f"gatepeer apply in {lab.layout.peer_ns} failed (exit {proc.returncode}):\n{detail}"
+        )
+    try:
+        gate = json.loads(lab.paths.state_file.read_text())["gate"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LabError(
+            f"{lab.paths.state_file}: no gate view after gatepeer apply ({exc})"
+        ) from None
+    # A vxlan0 the agent had to create anew (after a hand-made one) has another MAC than the
+    # one the VPG side may remember.
+    for ep in lab.layout.endpoints:
+        ip(ep.ns, "neigh", "flush", "dev", "vxlan0", check=False)
+    return {
+        "method": "agent, one-shot `gatepeer apply`",
+        "outer": str(gate["outer"]),
+        "inner": str(gate["inner"]),
+        "vni": int(gate["vni"]),
+        "endpoints": [str(e["outer"]) for e in gate["endpoints"]],
+        "command": " ".join(cmd),
+        "output": proc.stdout.splitlines(),
+    }
+
+
 # ----------------------------------------------------------------------------- demo
 
 

@@ -70,8 +70,9 @@ class MetricsServer:
                 log.error("%s", message)
                 self._last_error = message
             return
-        self.bound = address
-        log.info("metrics: serving http://%s:%d/metrics", *address)
+        host, port = self._server.server_address[:2]
+        self.bound = (str(host), int(port))
+        log.info("metrics: serving http://%s:%d/metrics", *self.bound)
 
     def stop(self) -> None:
         if self._server is None:
