@@ -15,6 +15,9 @@ Variants, each timed once per round, rounds interleaved so the machine's noise h
 - inproc-scratch     Agent(config).reconcile() in a Python process inside the peer namespace,
                      from scratch (as cli-scratch, without interpreter start-up and imports)
 - inproc-noop        the same on the converged peer
+- cli-version        `gatepeer --version` (interpreter and click start-up, no agent import)
+- cli-imports        `python -c "import gatepeer.agent"` (start-up plus the agent's imports,
+                     pyroute2 first): what a `gatepeer apply` costs before it does anything
 
 Prints a table and, with --json FILE, writes every sample.
 """
@@ -75,7 +78,15 @@ def main() -> None:
         return
 
     samples: dict[str, list[float]] = {
-        k: [] for k in ("cli-scratch", "cli-noop", "handmade-scratch", "handmade-rerun")
+        k: []
+        for k in (
+            "cli-scratch",
+            "cli-noop",
+            "handmade-scratch",
+            "handmade-rerun",
+            "cli-version",
+            "cli-imports",
+        )
     }
     with benchlib.lab() as lab:
         # Warm-up (page cache, first registration's code paths); not counted.
@@ -89,6 +100,12 @@ def main() -> None:
             for _, measure in pair:
                 for variant, took in measure(lab, handmade):
                     samples[variant].append(took)
+            samples["cli-version"].append(
+                timed(lab.in_peer(*benchlib.gatepeer_command(), "--version"))
+            )
+            samples["cli-imports"].append(
+                timed(lab.in_peer(sys.executable, "-c", "import gatepeer.agent"))
+            )
         proc = subprocess.run(
             lab.in_peer(sys.executable, __file__, "--worker", str(lab.paths.config),
                         "--runs", str(args.runs)),

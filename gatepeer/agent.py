@@ -32,6 +32,7 @@ from gatepeer.state import (
     IPv4Network,
     ObservedState,
     desired_state,
+    tunnel_mtu,
 )
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,9 @@ class Agent:
         health = "ok"
         bad_config = False
         try:
-            self.host_facts()
+            facts = self.host_facts()
+            # Settings this host cannot satisfy are refused before anything reaches the API.
+            tunnel_mtu(self.config, facts)
             self.preview = []
             if refresh and not self.refresh_gate(dry_run=dry_run):
                 reasons.append(f"SORACOM API: {self.gate_error}; keeping the last applied state")
@@ -267,7 +270,8 @@ class Agent:
             bad_config = isinstance(exc, DesiredStateError)
             health = "failed"
             reasons.append(str(exc))
-            log.error("%s", exc)
+            if not bad_config:  # a bad setting is reported once, by the caller
+                log.error("%s", exc)
         result = ReconcileResult(
             actions=actions,
             health=health,

@@ -219,6 +219,11 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         # Loose reverse-path filtering: replies may come back through the other endpoint.
         Sysctl(f"net/ipv4/conf/{t.interface}/rp_filter", 2),
         Sysctl(f"net/ipv4/conf/{facts.underlay}/rp_filter", 2),
+        # Devices' packets that arrive while vxlan0 is briefly absent would otherwise earn the
+        # VPC host an ICMP redirect to the VPC router, cached for minutes (the kernel sends one
+        # when all OR the interface allows it, so both are off).
+        Sysctl("net/ipv4/conf/all/send_redirects", 0),
+        Sysctl(f"net/ipv4/conf/{facts.underlay}/send_redirects", 0),
         Sysctl("net/ipv4/neigh/default/gc_thresh1", g1, "at_least", init_netns_only=True),
         Sysctl("net/ipv4/neigh/default/gc_thresh2", g2, "at_least", init_netns_only=True),
         Sysctl("net/ipv4/neigh/default/gc_thresh3", g3, "at_least", init_netns_only=True),

@@ -120,6 +120,8 @@ def fresh_host_sysctls(d: DesiredState) -> tuple[tuple[str, int | None], ...]:
         "net/ipv4/ip_forward": 0,
         "net/ipv4/conf/vxlan0/rp_filter": None,  # the interface does not exist yet
         f"net/ipv4/conf/{UNDERLAY}/rp_filter": 1,
+        "net/ipv4/conf/all/send_redirects": 1,
+        f"net/ipv4/conf/{UNDERLAY}/send_redirects": 1,
         "net/ipv4/neigh/default/gc_thresh1": 128,
         "net/ipv4/neigh/default/gc_thresh2": 512,
         "net/ipv4/neigh/default/gc_thresh3": 1024,
@@ -225,6 +227,8 @@ def test_plan_from_nothing() -> None:
         "net/ipv4/ip_forward": 0,
         "net/ipv4/conf/vxlan0/rp_filter": None,  # absent before creation, set anyway
         "net/ipv4/conf/eth0/rp_filter": 1,
+        "net/ipv4/conf/all/send_redirects": 1,
+        "net/ipv4/conf/eth0/send_redirects": 1,
         "net/ipv4/neigh/default/gc_thresh1": 128,
         "net/ipv4/neigh/default/gc_thresh2": 512,
         "net/ipv4/neigh/default/gc_thresh3": 1024,

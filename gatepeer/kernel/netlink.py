@@ -230,9 +230,27 @@ class Netlink:
             case AddFdb(name=name, dst=dst):
                 self.ipr.fdb("append", ifindex=self._require(name), lladdr=ZERO_MAC, dst=str(dst))
             case RemoveFdb(name=name, dst=dst):
-                self.ipr.fdb("del", ifindex=self._require(name), lladdr=ZERO_MAC, dst=str(dst))
+                index = self._require(name)
+                self.ipr.fdb("del", ifindex=index, lladdr=ZERO_MAC, dst=str(dst))
+                self._forget_endpoint(index, str(dst))
             case SetSysctl(setting=setting):
                 sysctl.write(setting.path, setting.value)
+
+    def _forget_endpoint(self, index: int, dst: str) -> None:
+        """Drop what was learned through a removed endpoint: its MAC entries, and the neighbour
+        entries that resolve to those MACs, so devices behind it re-resolve at once through a
+        surviving endpoint instead of waiting tens of seconds for the entries to fail."""
+        macs = set()
+        for entry in self.ipr.fdb("dump", ifindex=index):
+            mac = entry.get_attr("NDA_LLADDR")
+            if entry["ifindex"] == index and entry.get_attr("NDA_DST") == dst and mac != ZERO_MAC:
+                macs.add(mac)
+                self.ipr.fdb("del", ifindex=index, lladdr=mac, dst=dst)
+        if not macs:
+            return
+        for neigh in self.ipr.neigh("dump", ifindex=index, family=socket.AF_INET):
+            if neigh["ifindex"] == index and neigh.get_attr("NDA_LLADDR") in macs:
+                self.ipr.neigh("del", ifindex=index, dst=neigh.get_attr("NDA_DST"))
 
     def delete_link(self, name: str) -> bool:
         index = self.index(name)
