@@ -6,6 +6,7 @@ arguments it does not know without a word, so every change is read back by the c
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 from types import TracebackType
@@ -39,6 +40,7 @@ from gatepeer.state import (
 
 IFA_F_SECONDARY = 0x01
 IFF_UP = 0x1
+NUD_NOARP, NUD_PERMANENT = 0x40, 0x80
 
 
 class KernelError(RuntimeError):
@@ -237,20 +239,27 @@ class Netlink:
                 sysctl.write(setting.path, setting.value)
 
     def _forget_endpoint(self, index: int, dst: str) -> None:
-        """Drop what was learned through a removed endpoint: its MAC entries, and the neighbour
-        entries that resolve to those MACs, so devices behind it re-resolve at once through a
-        surviving endpoint instead of waiting tens of seconds for the entries to fail."""
-        macs = set()
-        for entry in self.ipr.fdb("dump", ifindex=index):
-            mac = entry.get_attr("NDA_LLADDR")
-            if entry["ifindex"] == index and entry.get_attr("NDA_DST") == dst and mac != ZERO_MAC:
-                macs.add(mac)
+        """Drop what was learned through a removed endpoint, so devices behind it re-resolve
+        at once through a surviving endpoint instead of waiting tens of seconds for their
+        neighbour entries to fail. A neighbour entry is kept only when its MAC is known to sit
+        behind a surviving endpoint; the rest re-resolve with one ARP round (a rare event)."""
+        entries = [e for e in self.ipr.fdb("dump", ifindex=index) if e["ifindex"] == index]
+        survivors = {e.get_attr("NDA_DST") for e in entries if e.get_attr("NDA_LLADDR") == ZERO_MAC}
+        keep = set()
+        for entry in entries:
+            mac, where = entry.get_attr("NDA_LLADDR"), entry.get_attr("NDA_DST")
+            if mac == ZERO_MAC:
+                continue
+            if where == dst:
                 self.ipr.fdb("del", ifindex=index, lladdr=mac, dst=dst)
-        if not macs:
-            return
+            elif where in survivors:
+                keep.add(mac)
         for neigh in self.ipr.neigh("dump", ifindex=index, family=socket.AF_INET):
-            if neigh["ifindex"] == index and neigh.get_attr("NDA_LLADDR") in macs:
-                self.ipr.neigh("del", ifindex=index, dst=neigh.get_attr("NDA_DST"))
+            if neigh["ifindex"] != index or neigh["state"] & (NUD_PERMANENT | NUD_NOARP):
+                continue
+            if neigh.get_attr("NDA_LLADDR") not in keep:
+                with contextlib.suppress(NetlinkError):  # it may have expired meanwhile
+                    self.ipr.neigh("del", ifindex=index, dst=neigh.get_attr("NDA_DST"))
 
     def delete_link(self, name: str) -> bool:
         index = self.index(name)
