@@ -140,9 +140,12 @@ class Agent:
         if not nftables.nft_available():
             raise KernelError("nftables: the nft command is not installed (Debian: nftables)")
 
-    def refresh_gate(self, *, dry_run: bool = False) -> bool:
-        """Ask the API; on failure keep the last good view and remember why. True on success."""
-        facts = self.facts or self.host_facts()
+    def refresh_gate(self, *, dry_run: bool = False, facts: HostFacts | None = None) -> bool:
+        """Ask the API; on failure keep the last good view and remember why. True on success.
+
+        The daemon calls this from a worker thread with the facts of the last reconcile, so
+        that it never touches this agent's netlink socket (one IPRoute per thread)."""
+        facts = facts or self.facts or self.host_facts()
         try:
             if dry_run and self._preview_registration(facts):
                 return True
@@ -247,7 +250,9 @@ class Agent:
             # Settings this host cannot satisfy are refused before anything reaches the API.
             tunnel_mtu(self.config, facts)
             self.preview = []
-            if refresh and not self.refresh_gate(dry_run=dry_run):
+            if refresh:
+                self.refresh_gate(dry_run=dry_run)
+            if self.gate_error:
                 reasons.append(f"SORACOM API: {self.gate_error}; keeping the last applied state")
             desired = self.desired()
             observed = self.observe(desired)

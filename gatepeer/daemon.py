@@ -127,6 +127,7 @@ class Daemon:
         )
         self.agent = self._new_agent(config)
         self.wake = threading.Event()
+        self._refresher: threading.Thread | None = None
         self.stopping = False
         self.reload_requested = False
         self.event_reasons: list[str] = []
@@ -139,6 +140,22 @@ class Daemon:
 
     def _probe_targets(self) -> tuple[Endpoint, ...]:
         return self.agent.gate.endpoints if self.agent.gate else ()
+
+    def start_refresh(self) -> bool:
+        """Refresh the gate view from the API in a worker thread; False if one still runs."""
+        if self._refresher is not None and self._refresher.is_alive():
+            return False
+        agent = self.agent
+        if agent.facts is None:
+            return False  # the reconcile could not read this host; it says why
+
+        def refresh() -> None:
+            agent.refresh_gate(facts=agent.facts)
+            self.wake.set()  # reconcile against the new view (or report the API's failure)
+
+        self._refresher = threading.Thread(target=refresh, name="gate-refresh", daemon=True)
+        self._refresher.start()
+        return True
 
     def kick(self, reason: str) -> None:
         with self.lock:
@@ -192,13 +209,26 @@ class Daemon:
                     interval = self.config.agent.reconcile_interval
                     next_refresh = 0.0
                 now = time.monotonic()
-                refresh = now >= next_refresh
                 with self.lock:
                     reasons, self.event_reasons = self.event_reasons, []
-                if refresh:
+                trigger = "kernel event: " + ", ".join(reasons[:3]) if reasons else "timer"
+                # The kernel is reconciled against the cached gate view at once, every time;
+                # the API is asked in the background, so a slow API never delays a repair.
+                if self.agent.gate is None:
+                    # Nothing applied yet, so nothing a slow API could keep from being repaired.
+                    result = self.agent.reconcile(refresh=True)
                     next_refresh = now + interval
-                trigger = "timer" if refresh else "kernel event: " + ", ".join(reasons[:3])
-                result = self.agent.reconcile(refresh=refresh)
+                else:
+                    result = self.agent.reconcile(refresh=False)
+                    if now >= next_refresh:
+                        # Still running: look again shortly; its end wakes the loop anyway.
+                        next_refresh = now + (interval if self.start_refresh() else 1.0)
+                if not reasons:
+                    # An event that arrived during the reconcile was handled by it: name it.
+                    with self.lock:
+                        late = list(self.event_reasons[:3])
+                    if late:
+                        trigger = "kernel event: " + ", ".join(late)
                 if metrics is not None:
                     metrics.ensure_started()  # the default address is known after a reconcile
                 if result.actions or result.health != "ok":

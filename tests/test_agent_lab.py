@@ -489,13 +489,6 @@ def test_sighup_keeps_a_broken_config_out_and_applies_a_fixed_one(
     assert ping(lab, "vpc", lab.layout.devices[0], count=2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Daemon.run (daemon.py) reconciles kernel events on the thread that refreshes "
-    "the gate view from the API; while that refresh is slow (latency, timeouts, retries with "
-    "backoff: up to attempts x request_timeout, ~40 s), a flood entry or vxlan0 deleted by "
-    "hand stays broken until it ends",
-)
 def test_kernel_event_repair_does_not_wait_for_a_slow_api(
     lab: LabHandle, agent_daemon: Callable[..., AgentDaemon]
 ) -> None:
