@@ -529,23 +529,25 @@ def counters(netns: str | None = None) -> dict[str, tuple[int, int]]:
 
 @functools.cache
 def flowtable_supported(netns: str | None = None) -> bool:
-    """Whether this kernel takes a flowtable, found once by loading a throwaway table.
+    """Whether this kernel takes a flowtable, asked once with a throwaway table in check mode.
 
-    The probe creates and deletes its own table in one transaction, so it leaves nothing
-    behind whether or not it succeeds. It uses `lo`, the one device every namespace has.
+    `nft -c` sends the transaction and has the kernel abort it, so the kernel validates the
+    flowtable (this is where a kernel without CONFIG_NF_FLOW_TABLE refuses it) while nothing is
+    ever created: safe during a dry run. It uses `lo`, the one device every namespace has.
     """
     probe = f"{TABLE}_ftprobe_{os.getpid()}"
-    make = f"add table {FAMILY} {probe}\ndelete table {FAMILY} {probe}\n"
-    text = (
-        make + f"table {FAMILY} {probe} {{\n\tflowtable {FLOWTABLE} {{\n"
-        "\t\thook ingress priority filter\n\t\tdevices = { lo }\n\t}\n}\n"
-        f"delete table {FAMILY} {probe}\n"
+    flowtable = (
+        f"\tflowtable {FLOWTABLE} {{\n"
+        "\t\thook ingress priority filter\n\t\tdevices = { lo }\n\t}\n"
     )
-    if _run(["-f", "-"], netns, stdin=text).returncode == 0:
+    with_flowtable = f"table {FAMILY} {probe} {{\n{flowtable}}}\n"
+    if _run(["-c", "-f", "-"], netns, stdin=with_flowtable).returncode == 0:
         return True
-    # Same transaction without the flowtable: if that fails too, nft itself is the problem
+    # Same table without the flowtable: if that fails too, nft itself is the problem
     # (no permission, say), and that is an error rather than a missing feature.
-    _apply(make, "probing nftables failed", netns)
+    proc = _run(["-c", "-f", "-"], netns, stdin=f"table {FAMILY} {probe} {{\n}}\n")
+    if proc.returncode != 0:
+        raise NftError("probing nftables failed", proc.args, proc.returncode, proc.stderr)
     return False
 
 
