@@ -131,9 +131,15 @@ def down(config_file: str | None, unregister: bool, verbose: bool) -> None:
     """Remove the tunnel and whatever else gatepeer created."""
     cfg = load_config(config_file)
     setup_logging(verbose)
+    from gatepeer import statefile
     from gatepeer.agent import Agent
     from gatepeer.soracom import SoracomError
+    from gatepeer.status import daemon_pid
 
+    running = daemon_pid((statefile.read(cfg.agent.state_file) or {}).get("pid"))
+    if running is not None:
+        # The daemon would rebuild what we remove within milliseconds.
+        fail(f"gatepeer run (pid {running}) keeps this peer up: stop it first, then run down")
     agent = Agent(cfg)
     try:
         removed, messages = agent.teardown(unregister=unregister)

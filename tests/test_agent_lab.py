@@ -557,3 +557,14 @@ def test_a_gap_in_the_tunnel_does_not_redirect_vpc_hosts_away_from_the_peer(
     took = wait_for(lambda: ping(lab, "vpc", device), timeout=3, step=0.1)
     route = lab.run("vpc", "ip", "route", "get", device).stdout
     assert took is not None, f"VPC host still cut off once vxlan0 is back: {route}"
+
+
+def test_down_refuses_while_the_daemon_keeps_the_peer_up(
+    lab: LabHandle, agent_daemon: Callable[..., AgentDaemon]
+) -> None:
+    daemon = agent_daemon(lab)
+    daemon.wait_state(lambda s: s["health"] == "ok")
+    proc = lab.gatepeer("down")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "stop it first" in proc.stderr
+    assert vxlan(lab) is not None
