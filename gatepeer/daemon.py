@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -90,6 +91,50 @@ class KernelWatcher(threading.Thread):
         ):
             return f"flood entry to {get_attr('NDA_DST')} removed"
         return None
+
+
+class NftablesWatcher(threading.Thread):
+    """Listens to nftables' netlink group and kicks the loop when our table is changed by
+    someone else (a flushed chain, a deleted element); rtnetlink does not carry these."""
+
+    NETLINK_NETFILTER = 12
+    NFNLGRP_NFTABLES = 7
+    SOL_NETLINK = 270
+    NETLINK_ADD_MEMBERSHIP = 1
+
+    def __init__(self, table: str, kick: Callable[[str], None]) -> None:
+        super().__init__(name="nftables-watcher", daemon=True)
+        # Every message about a table's objects carries the table's name as a string attribute.
+        self.needle = table.encode() + b"\0"
+        self.table = table
+        self.kick = kick
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, self.NETLINK_NETFILTER)
+            sock.bind((0, 0))
+            sock.setsockopt(self.SOL_NETLINK, self.NETLINK_ADD_MEMBERSHIP, self.NFNLGRP_NFTABLES)
+        except OSError as exc:
+            log.warning(
+                "nftables events unavailable (%s): table drift is repaired on the timer", exc
+            )
+            return
+        with sock:
+            sock.settimeout(1.0)  # to notice stop()
+            while not self._stop.is_set():
+                try:
+                    data = sock.recv(1 << 16)
+                except TimeoutError:
+                    continue
+                except OSError as exc:
+                    log.warning("nftables events: %s", exc)
+                    return
+                if self.needle in data:
+                    self.kick(f"nftables table {self.table} changed")
 
 
 class ProbedAgent(Agent):
@@ -190,6 +235,8 @@ class Daemon:
         watcher = KernelWatcher(self.config.tunnel.interface, self.kick)
         watcher.start()
         watcher.ready.wait(5)
+        nft_watcher = NftablesWatcher("gatepeer", self.kick)
+        nft_watcher.start()
         self.prober.start()
         metrics = None
         if self.config.metrics.listen != "":  # "" turns metrics off; a reload keeps the listener
@@ -256,6 +303,7 @@ class Daemon:
         finally:
             systemd.notify("STOPPING=1")
             watcher.stop()
+            nft_watcher.stop()
             self.prober.stop()
             if metrics is not None:
                 metrics.stop()

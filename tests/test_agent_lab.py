@@ -568,3 +568,18 @@ def test_down_refuses_while_the_daemon_keeps_the_peer_up(
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "stop it first" in proc.stderr
     assert vxlan(lab) is not None
+
+
+def test_daemon_restores_a_hand_edited_ruleset_on_the_nftables_event(
+    lab: LabHandle, agent_daemon: Callable[..., AgentDaemon]
+) -> None:
+    lab.set_config("agent", "reconcile_interval", '"1h"')  # only the event path can pass
+    daemon = agent_daemon(lab)
+    daemon.wait_state(lambda s: s["health"] == "ok")
+    lab.run("peer", "nft", "flush", "chain", "inet", "gatepeer", "input")
+
+    def restored() -> bool:
+        chain = lab.run("peer", "nft", "list", "chain", "inet", "gatepeer", "input").stdout
+        return "vxlan_foreign_dropped" in chain
+
+    assert wait_for(restored, timeout=5) is not None, daemon.log()
