@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK, RTMGRP_NEIGH
@@ -25,6 +25,9 @@ from gatepeer import systemd
 from gatepeer.agent import Agent
 from gatepeer.config import Config, ConfigError
 from gatepeer.kernel import rtnl
+
+if TYPE_CHECKING:
+    from gatepeer.metrics.server import MetricsServer
 from gatepeer.probes import IcmpTransport, Prober, with_probes
 from gatepeer.state import Endpoint
 
@@ -229,6 +232,15 @@ class Daemon:
         if isinstance(self.prober.transport, IcmpTransport):
             self.prober.transport.interface = config.tunnel.interface
 
+    def _metrics_server(self) -> MetricsServer | None:
+        """The /metrics listener for the current config; None when `listen = ""` turns it off.
+        It binds after a reconcile, once the default (local) address is known."""
+        if self.config.metrics.listen == "":
+            return None
+        from gatepeer.metrics.server import for_agent
+
+        return for_agent(self.config.metrics.listen, lambda: self.agent)
+
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
@@ -238,11 +250,8 @@ class Daemon:
         nft_watcher = NftablesWatcher("gatepeer", self.kick)
         nft_watcher.start()
         self.prober.start()
-        metrics = None
-        if self.config.metrics.listen != "":  # "" turns metrics off; a reload keeps the listener
-            from gatepeer.metrics.server import for_agent
-
-            metrics = for_agent(self.config.metrics.listen, lambda: self.agent)
+        metrics_listen = self.config.metrics.listen
+        metrics = self._metrics_server()
         interval = self.config.agent.reconcile_interval
         watchdog = systemd.watchdog_interval()
         next_refresh = 0.0
@@ -255,6 +264,11 @@ class Daemon:
                     watcher.interface = self.config.tunnel.interface
                     interval = self.config.agent.reconcile_interval
                     next_refresh = 0.0
+                    if self.config.metrics.listen != metrics_listen:
+                        if metrics is not None:
+                            metrics.stop()
+                        metrics_listen = self.config.metrics.listen
+                        metrics = self._metrics_server()
                 now = time.monotonic()
                 with self.lock:
                     reasons, self.event_reasons = self.event_reasons, []

@@ -545,3 +545,19 @@ def test_live_scrape_passes_promtool_and_a_real_prometheus_sees_both_endpoints_u
                 server.wait()
             log.close()
         assert agent.alive()
+
+
+@pytest.mark.netns
+def test_sighup_moves_the_metrics_listener(make_lab: Callable[..., Any]) -> None:
+    from lab_agent import METRICS_URL, running_agent
+
+    lab = make_lab()
+    moved = METRICS_URL.replace(":8479/", ":8480/")
+    with running_agent(lab) as agent:
+        _wait(lambda: "gatepeer_up 1" in _peer_get(lab, METRICS_URL), 20, "the first listener")
+        config = agent.config
+        config.write_text(config.read_text().replace(":8479", ":8480"))
+        os.kill(agent.proc.pid, signal.SIGHUP)
+        _wait(lambda: "gatepeer_up 1" in _peer_get(lab, moved), 20, "the moved listener")
+        with pytest.raises(subprocess.CalledProcessError):
+            _peer_get(lab, METRICS_URL)  # the old port is closed
