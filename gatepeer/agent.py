@@ -16,12 +16,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from gatepeer import __version__, statefile
 from gatepeer.config import Config
 from gatepeer.gate import GateError, fetch_gate_view, find_own_peer, vpg_endpoints
 from gatepeer.kernel import nftables
 from gatepeer.kernel.netlink import KernelError, Netlink
-from gatepeer.plan import Action, LoadRuleset, UpdateEndpointSet, describe, plan
+from gatepeer.plan import Action, LoadRuleset, SetSysctl, UpdateEndpointSet, describe, plan
 from gatepeer.soracom import ApiStats, SoracomClient, SoracomError
 from gatepeer.state import (
     DesiredState,
@@ -102,16 +104,17 @@ class Agent:
         previous = statefile.read(self.config.agent.state_file)
         if not previous:
             return
-        counters = previous.get("counters", {})
-        self.record.reconciles = int(counters.get("reconciles", 0))
-        self.record.failures = int(counters.get("failures", 0))
-        self.record.last_success_at = counters.get("last_success_at")
-        if previous.get("gate"):
-            try:
+        try:
+            counters = previous.get("counters") or {}
+            self.record.reconciles = int(counters.get("reconciles") or 0)
+            self.record.failures = int(counters.get("failures") or 0)
+            self.record.last_success_at = counters.get("last_success_at")
+            if previous.get("gate"):
                 self.gate = GateView.from_json(previous["gate"])
                 self.gate_fetched_at = previous.get("gate_fetched_at")
-            except (KeyError, ValueError, TypeError):
-                log.warning("ignoring an unreadable gate view in %s", self.config.agent.state_file)
+        except (AttributeError, KeyError, ValueError, TypeError):
+            # A damaged file must not stop the agent: start as if it were not there.
+            log.warning("ignoring unreadable parts of %s", self.config.agent.state_file)
 
     # ---- gathering ---------------------------------------------------------------------
 
@@ -153,7 +156,7 @@ class Agent:
                 self.client,
                 self.config.soracom.vpg_id,
                 facts.local_address,
-                open_gate=self.config.soracom.open_gate,
+                open_gate=self.config.soracom.open_gate and not dry_run,
             )
         except (SoracomError, GateError) as exc:
             self.gate_error = str(exc)
@@ -171,7 +174,13 @@ class Agent:
         if find_own_peer(peers, facts.local_address) is not None:
             return False
         vpg = self.client.get_virtual_private_gateway(vpg_id)
-        subnet = IPv4Network(vpg["deviceSubnetCidrRange"])
+        try:
+            subnet = IPv4Network(vpg["deviceSubnetCidrRange"])
+            vni = int(vpg.get("gateVxlanId") or 10)
+        except (KeyError, ValueError, TypeError):
+            raise GateError(
+                f"VPG {vpg_id}: no usable deviceSubnetCidrRange or gateVxlanId"
+            ) from None
         self.preview.append(
             f"# would register {facts.local_address} as a gate peer of VPG {vpg_id} "
             "(registerGatePeer); the inner address below is a placeholder until the API assigns one"
@@ -180,7 +189,7 @@ class Agent:
             self.preview.append(f"# would open Gate on VPG {vpg_id} (openGate)")
         self.gate = GateView(
             vpg_id=vpg_id,
-            vni=int(vpg.get("gateVxlanId") or 10),
+            vni=vni,
             device_subnet=subnet,
             gate_opened=bool(vpg.get("gateOpened")),
             inner=IPv4Interface(f"{subnet.network_address}/{subnet.prefixlen}"),
@@ -198,7 +207,17 @@ class Agent:
                 + (f" ({self.gate_error})" if self.gate_error else "")
             )
         facts = self.facts or self.host_facts()
-        return desired_state(self.config, facts, self.gate)
+        try:
+            return desired_state(self.config, facts, self.gate)
+        except (ValueError, TypeError) as exc:
+            if isinstance(exc, DesiredStateError):
+                raise
+            # Values from the host or the API the packet path cannot take (an odd interface
+            # name from the default route, say): name what to set instead.
+            raise DesiredStateError(
+                f"tunnel.underlay_interface: cannot build the packet path for {facts.underlay}: "
+                f"{exc}"
+            ) from None
 
     def observe(self, desired: DesiredState) -> ObservedState:
         observed = self.netlink.observe(desired.link.name, desired.sysctls)
@@ -262,16 +281,34 @@ class Agent:
                 for action in actions:
                     log.info("apply: %s", action.command())
                     self.apply_action(action)
-                leftover = plan(
-                    desired, self.observe(desired), self.facts.underlay if self.facts else ""
-                )
+                underlay = self.facts.underlay if self.facts else ""
+                final = self.observe(desired)
+                leftover = plan(desired, final, underlay)
+                # Keys that appear only once what we applied loaded their module (conntrack's,
+                # after the first ruleset with `ct state`) get a second pass, then are checked.
+                absent_before = {path for path, value in observed.sysctls if value is None}
+                late = [
+                    a
+                    for a in leftover
+                    if isinstance(a, SetSysctl) and a.setting.path in absent_before
+                ]
+                if late and len(late) == len(leftover):
+                    for action in late:
+                        log.info("apply: %s", action.command())
+                        self.apply_action(action)
+                    actions.extend(late)
+                    final = self.observe(desired)
+                    leftover = plan(desired, final, underlay)
+                notes = self.notes(final, desired)
                 if leftover:
                     raise ReconcileError(
                         "read back differs from what was applied: " + "; ".join(describe(leftover))
                     )
             if reasons:
                 health = "degraded"
-        except (KernelError, ReconcileError, DesiredStateError) as exc:
+        except (KernelError, ReconcileError, DesiredStateError, NetlinkError, OSError) as exc:
+            # NetlinkError and OSError: a read raced with a change (the link went away between
+            # lookup and get, say); the next event or timer reconciles again.
             bad_config = isinstance(exc, DesiredStateError)
             health = "failed"
             reasons.append(str(exc))
@@ -291,6 +328,20 @@ class Agent:
             self._count(result)
             self.last = result
             self.write_state()
+        return result
+
+    def record_crash(self, exc: BaseException) -> ReconcileResult:
+        """Account for a reconcile that raised something unexpected (a bug): failed, and said."""
+        result = ReconcileResult(
+            actions=[],
+            health="failed",
+            reasons=[f"internal error: {type(exc).__name__}: {exc}"],
+            notes=[],
+            duration_s=0.0,
+        )
+        self._count(result)
+        self.last = result
+        self.write_state()
         return result
 
     def _count(self, result: ReconcileResult) -> None:

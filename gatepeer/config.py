@@ -24,6 +24,7 @@ ENV_VAR = "GATEPEER_CONFIG"
 # VXLAN over IPv4 adds 50 bytes; EC2 ENIs carry 9001, so 8951 is the largest useful inner MTU.
 VXLAN_OVERHEAD = 50
 MTU_MIN, MTU_MAX = 576, 9001 - VXLAN_OVERHEAD
+MAX_TRACKED_FLOWS = 16_000_000
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
 
@@ -181,6 +182,15 @@ def parse(data: Mapping[str, Any]) -> Config:
     packet_path = _parse_packet_path(_Section("packet_path", data.get("packet_path", {})))
     metrics = _parse_metrics(_Section("metrics", data.get("metrics", {})))
     probes = _parse_probes(_Section("probes", data.get("probes", {})))
+    # conntrack is sized for devices x flows; past this the kernel refuses the table size
+    # (it must fit a signed int, and each entry costs ~256 bytes of memory).
+    flows = kernel.neighbour_table_devices * packet_path.flows_per_device
+    if flows > MAX_TRACKED_FLOWS:
+        raise ConfigError(
+            f"packet_path.flows_per_device: {packet_path.flows_per_device} flows for "
+            f"{kernel.neighbour_table_devices} devices is {flows:,} connections; at most "
+            f"{MAX_TRACKED_FLOWS:,} can be tracked"
+        )
     return Config(
         soracom=soracom,
         tunnel=tunnel,
@@ -277,6 +287,11 @@ def _parse_soracom(s: _Section) -> SoracomConfig:
     )
     if not url or (url.group(2) and not 1 <= int(url.group(2)) <= 65535):
         raise ConfigError(f"{s.key('endpoint')}: must be an http(s) URL, got {endpoint!r}")
+    if endpoint.startswith("http://") and not _local_host(url.group(1)):
+        raise ConfigError(
+            f"{s.key('endpoint')}: http would send the auth key in clear text; use https "
+            f"(http is allowed only for a local or private address, such as the lab's emulator)"
+        )
     auth_key_id = s.string("auth_key_id", "")
     if not auth_key_id:
         raise ConfigError(f"{s.key('auth_key_id')}: missing (the SORACOM AuthKey id, keyId-...)")
@@ -303,6 +318,17 @@ def _parse_soracom(s: _Section) -> SoracomConfig:
     )
     s.finish()
     return cfg
+
+
+def _local_host(host: str) -> bool:
+    """localhost, or an IP literal in loopback, private or documentation ranges."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_private
 
 
 def _interface_name(s: _Section, key: str, value: Any) -> str:
@@ -395,6 +421,10 @@ def _parse_packet_path(s: _Section) -> PacketPathConfig:
         raise ConfigError(f"{s.key('allowed_destinations')}: must be a list of IPv4 prefixes")
     allowed = []
     for item in allowed_raw:
+        if not isinstance(item, str):
+            raise ConfigError(
+                f"{s.key('allowed_destinations')}: not an IPv4 prefix string, got {_show(item)}"
+            )
         try:
             allowed.append(ipaddress.IPv4Network(item))
         except (ipaddress.AddressValueError, ipaddress.NetmaskValueError, ValueError, TypeError):
@@ -407,11 +437,12 @@ def _parse_packet_path(s: _Section) -> PacketPathConfig:
         raise ConfigError(
             f'{s.key("flowtable")}: must be true, false or "auto", got {_show(flowtable)}'
         )
+    flows = s.integer("flows_per_device", 8, 1, 1024)
     cfg = PacketPathConfig(
         mode=mode,
         allowed_destinations=tuple(allowed),
         flowtable=flowtable,
-        flows_per_device=s.integer("flows_per_device", 8, 1, 1024),
+        flows_per_device=flows,
     )
     s.finish()
     return cfg

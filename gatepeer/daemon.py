@@ -22,7 +22,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK, RTMGRP_NEIGH
 
 from gatepeer import systemd
-from gatepeer.agent import Agent
+from gatepeer.agent import Agent, ReconcileResult
 from gatepeer.config import Config, ConfigError
 from gatepeer.kernel import rtnl
 
@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 AF_BRIDGE = 7
 # Events come in bursts (a link deletion also deletes its addresses and entries): coalesce them.
 EVENT_SETTLE_S = 0.02
+# Consecutive reconciles that change something (or fail) before the loop starts backing off.
+BUSY_RECONCILES_BEFORE_BACKOFF = 5
+CRASH_BACKOFF_S = 5.0
 
 
 class KernelWatcher(threading.Thread):
@@ -46,30 +49,35 @@ class KernelWatcher(threading.Thread):
         self.interface = interface
         self.kick = kick
         self.ready = threading.Event()
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
         self._ipr: IPRoute | None = None
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
         if self._ipr is not None:
             with contextlib.suppress(OSError):
                 self._ipr.close()
 
     def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._listen()
+            except Exception as exc:  # noqa: BLE001 - ENOBUFS, a bad message, closed at stop
+                if self._stopping.is_set():
+                    return
+                # pyroute2 keeps a receive error and raises it again on every later read:
+                # open a fresh socket, and reconcile, since whatever was lost may matter.
+                log.warning("kernel events: %s; listening again", exc or type(exc).__name__)
+                self.kick("kernel events lost")
+                self._stopping.wait(0.5)
+
+    def _listen(self) -> None:
         with IPRoute() as ipr:
             self._ipr = ipr
             ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_NEIGH)
             self.ready.set()
-            while not self._stop.is_set():
-                try:
-                    messages = ipr.get()
-                except Exception:  # noqa: BLE001 - closed under us at stop, or a bad message
-                    if self._stop.is_set():
-                        return
-                    log.exception("kernel watcher: reading events failed")
-                    time.sleep(1)
-                    continue
-                for msg in messages:
+            while not self._stopping.is_set():
+                for msg in ipr.get():
                     why = self.relevant(msg)
                     if why:
                         self.kick(why)
@@ -111,10 +119,10 @@ class NftablesWatcher(threading.Thread):
         self.needle = table.encode() + b"\0"
         self.table = table
         self.kick = kick
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
 
     def run(self) -> None:
         try:
@@ -128,14 +136,18 @@ class NftablesWatcher(threading.Thread):
             return
         with sock:
             sock.settimeout(1.0)  # to notice stop()
-            while not self._stop.is_set():
+            while not self._stopping.is_set():
                 try:
                     data = sock.recv(1 << 16)
                 except TimeoutError:
                     continue
                 except OSError as exc:
-                    log.warning("nftables events: %s", exc)
-                    return
+                    # ENOBUFS: a burst (another tool loading a large ruleset) overflowed the
+                    # buffer; ours may have changed in it.
+                    log.warning("nftables events: %s", exc.strerror or exc)
+                    self.kick("nftables events lost")
+                    self._stopping.wait(0.5)
+                    continue
                 if self.needle in data:
                     self.kick(f"nftables table {self.table} changed")
 
@@ -198,12 +210,36 @@ class Daemon:
             return False  # the reconcile could not read this host; it says why
 
         def refresh() -> None:
-            agent.refresh_gate(facts=agent.facts)
-            self.wake.set()  # reconcile against the new view (or report the API's failure)
+            try:
+                agent.refresh_gate(facts=agent.facts)
+            except Exception as exc:  # noqa: BLE001 - must not die silently with health "ok"
+                log.exception("refreshing the gate view failed")
+                agent.gate_error = f"refreshing the gate view failed: {exc}"
+            finally:
+                self.wake.set()  # reconcile against the new view, or report the failure
 
         self._refresher = threading.Thread(target=refresh, name="gate-refresh", daemon=True)
         self._refresher.start()
         return True
+
+    def step(
+        self, now: float, next_refresh: float, interval: float
+    ) -> tuple[ReconcileResult, float]:
+        """One reconcile against the cached gate view; the API is asked in the background."""
+        if self.agent.gate is None:
+            # Nothing applied yet, so nothing a slow API could keep from being repaired.
+            return self.agent.reconcile(refresh=True), now + interval
+        result = self.agent.reconcile(refresh=False)
+        if now >= next_refresh:
+            # Still running: look again shortly; its end wakes the loop anyway.
+            next_refresh = now + (interval if self.start_refresh() else 1.0)
+        return result, next_refresh
+
+    def pause(self, seconds: float) -> None:
+        """Sleep that events cannot cut short (they may be our own), but a signal can."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping and not self.reload_requested and time.monotonic() < deadline:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
     def kick(self, reason: str) -> None:
         with self.lock:
@@ -256,6 +292,7 @@ class Daemon:
         watchdog = systemd.watchdog_interval()
         next_refresh = 0.0
         first = True
+        busy = 0
         try:
             while not self.stopping:
                 if self.reload_requested:
@@ -273,17 +310,12 @@ class Daemon:
                 with self.lock:
                     reasons, self.event_reasons = self.event_reasons, []
                 trigger = "kernel event: " + ", ".join(reasons[:3]) if reasons else "timer"
-                # The kernel is reconciled against the cached gate view at once, every time;
-                # the API is asked in the background, so a slow API never delays a repair.
-                if self.agent.gate is None:
-                    # Nothing applied yet, so nothing a slow API could keep from being repaired.
-                    result = self.agent.reconcile(refresh=True)
-                    next_refresh = now + interval
-                else:
-                    result = self.agent.reconcile(refresh=False)
-                    if now >= next_refresh:
-                        # Still running: look again shortly; its end wakes the loop anyway.
-                        next_refresh = now + (interval if self.start_refresh() else 1.0)
+                try:
+                    result, next_refresh = self.step(now, next_refresh, interval)
+                except Exception as exc:  # noqa: BLE001 - the daemon outlives any one bug
+                    log.exception("reconcile crashed")
+                    result = self.agent.record_crash(exc)
+                    self.pause(CRASH_BACKOFF_S)
                 if not reasons:
                     # An event that arrived during the reconcile was handled by it: name it.
                     with self.lock:
@@ -300,6 +332,15 @@ class Daemon:
                         len(result.actions),
                         result.duration_s * 1000,
                     )
+                # Our own changes raise events too; a reconcile that keeps changing things (a
+                # kernel that never converges) must not spin: back off up to the interval.
+                busy = busy + 1 if result.actions or result.health == "failed" else 0
+                if busy > BUSY_RECONCILES_BEFORE_BACKOFF:
+                    pause = min(
+                        interval, EVENT_SETTLE_S * 2 ** (busy - BUSY_RECONCILES_BEFORE_BACKOFF)
+                    )
+                    log.warning("reconcile keeps changing things; pausing %.2fs", pause)
+                    self.wake.wait(pause)
                 if first:
                     systemd.notify("READY=1")
                     first = False

@@ -30,6 +30,16 @@ RATE_LIMIT_WAIT_MAX_S = 60.0
 RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """The API never redirects; following one would send the API key and token elsewhere."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 class SoracomError(RuntimeError):
     """An API call failed; `status` is the HTTP status (0 when there was no answer)."""
 
@@ -68,8 +78,8 @@ class ApiStats:
 
 @dataclass
 class _Session:
-    api_key: str
-    token: str
+    api_key: str = field(repr=False)
+    token: str = field(repr=False)
     operator_id: str
     expires_at: float
     lifetime: float
@@ -136,7 +146,7 @@ class SoracomClient:
                     req.add_header("Content-Type", "application/json")
                 for key, value in headers.items():
                     req.add_header(key, value)
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with _OPENER.open(req, timeout=self.timeout) as resp:
                     status, payload, got = resp.status, resp.read(), _lower(resp.headers.items())
             except urllib.error.HTTPError as exc:
                 with exc:  # reading the error body can time out or break off too

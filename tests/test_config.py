@@ -216,6 +216,21 @@ PATH_PREFIX = "<config path>"  # stands for the config file's own path
 
 BAD_CONFIGS = [
     Bad("missing-vpg-id", _soracom(vpg_id=None), "soracom.vpg_id:"),
+    Bad("http-to-the-internet", _soracom(endpoint='"http://api.soracom.io"'), "soracom.endpoint:"),
+    Bad(
+        "allowed-destination-bool",
+        _with("packet_path", "allowed_destinations = [true]"),
+        "packet_path.allowed_destinations:",
+    ),
+    Bad(
+        "conntrack-too-large",
+        lambda key: (
+            soracom_section(key)
+            + "[kernel]\nneighbour_table_devices = 4000000\n"
+            + "[packet_path]\nflows_per_device = 1024\n"
+        ),
+        "packet_path.flows_per_device:",
+    ),
     Bad("empty-vpg-id", _soracom(vpg_id='""'), "soracom.vpg_id:"),
     Bad("bad-vpg-id", _soracom(vpg_id='"vpg/../x"'), "soracom.vpg_id:"),
     Bad("missing-auth-key-id", _soracom(auth_key_id=None), "soracom.auth_key_id:"),

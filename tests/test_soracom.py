@@ -567,3 +567,52 @@ def test_malformed_endpoint_is_a_soracom_error(sleeps: Sleeps, endpoint: str) ->
     assert info.value.status == 0
     assert AUTH_KEY not in str(info.value)
     assert len(sleeps.waits) <= 2  # a clean error, whether or not it was retried
+
+
+def test_a_redirect_is_refused_and_the_credentials_stay_home(client: SoracomClient) -> None:
+    import http.server
+
+    seen: list[dict[str, str]] = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            seen.append(dict(self.headers))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    class Redirecting(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{other.server_port}/v1/peers")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+    redirecting = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    for server in (other, redirecting):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client.authenticate()  # against the emulator: the client now holds a token
+        client.endpoint = f"http://127.0.0.1:{redirecting.server_port}"
+        with pytest.raises(SoracomError) as info:
+            client.list_gate_peers("vpg")
+        assert info.value.status == 302
+        assert seen == [], "the redirect was followed with the API key and token"
+    finally:
+        for server in (other, redirecting):
+            server.shutdown()
+            server.server_close()
+
+
+def test_the_session_repr_hides_the_api_key_and_token(client: SoracomClient) -> None:
+    client.authenticate()
+    session = client._session
+    assert session is not None
+    text = repr(session)
+    assert session.token not in text and session.api_key not in text

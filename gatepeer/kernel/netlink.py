@@ -251,7 +251,8 @@ class Netlink:
             if mac == ZERO_MAC:
                 continue
             if where == dst:
-                self.ipr.fdb("del", ifindex=index, lladdr=mac, dst=dst)
+                with contextlib.suppress(NetlinkError):  # it may have aged out meanwhile
+                    self.ipr.fdb("del", ifindex=index, lladdr=mac, dst=dst)
             elif where in survivors:
                 keep.add(mac)
         for neigh in self.ipr.neigh("dump", ifindex=index, family=socket.AF_INET):

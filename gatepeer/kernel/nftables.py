@@ -461,6 +461,10 @@ def _run(
         )
     except FileNotFoundError as exc:
         raise NftError(" ".join(argv), argv, 127, f"{exc.filename}: not installed") from exc
+    except subprocess.TimeoutExpired:
+        raise NftError(" ".join(argv), argv, -1, f"no answer within {_TIMEOUT:g}s") from None
+    except OSError as exc:
+        raise NftError(" ".join(argv), argv, -1, exc.strerror or str(exc)) from None
 
 
 def _absent(proc: subprocess.CompletedProcess[str]) -> bool:
