@@ -45,6 +45,14 @@ def load_config(config_file: str | None) -> Config:
         fail(f"config error: {exc}", EXIT_USAGE)
 
 
+def running_daemon(cfg: Config) -> int | None:
+    """The pid of a live `gatepeer run` for this config, from its state file."""
+    from gatepeer import statefile
+    from gatepeer.status import daemon_pid
+
+    return daemon_pid((statefile.read(cfg.agent.state_file) or {}).get("pid"))
+
+
 def setup_logging(verbose: bool, quiet_level: int = logging.WARNING) -> None:
     """One-shot commands print their own results: their log shows warnings unless -v."""
     logging.basicConfig(
@@ -97,6 +105,13 @@ def apply(config_file: str | None, dry_run: bool, verbose: bool) -> None:
     setup_logging(verbose)
     from gatepeer.agent import Agent
 
+    running = None if dry_run else running_daemon(cfg)
+    if running is not None:
+        # Two writers of one state file and one kernel state: let the daemon do it.
+        fail(
+            f"gatepeer run (pid {running}) manages this peer: send it SIGHUP "
+            "(systemctl reload gatepeer) to reconcile now"
+        )
     agent = Agent(cfg)
     try:
         result = agent.reconcile(dry_run=dry_run)
@@ -131,19 +146,19 @@ def down(config_file: str | None, unregister: bool, verbose: bool) -> None:
     """Remove the tunnel and whatever else gatepeer created."""
     cfg = load_config(config_file)
     setup_logging(verbose)
-    from gatepeer import statefile
     from gatepeer.agent import Agent
+    from gatepeer.kernel.netlink import KernelError
+    from gatepeer.kernel.nftables import NftError
     from gatepeer.soracom import SoracomError
-    from gatepeer.status import daemon_pid
 
-    running = daemon_pid((statefile.read(cfg.agent.state_file) or {}).get("pid"))
+    running = running_daemon(cfg)
     if running is not None:
         # The daemon would rebuild what we remove within milliseconds.
         fail(f"gatepeer run (pid {running}) keeps this peer up: stop it first, then run down")
     agent = Agent(cfg)
     try:
         removed, messages = agent.teardown(unregister=unregister)
-    except SoracomError as exc:
+    except (SoracomError, KernelError, NftError) as exc:
         fail(str(exc))
     finally:
         agent.close()
