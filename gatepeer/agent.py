@@ -94,6 +94,7 @@ class Agent:
         self.last: ReconcileResult | None = None
         self.facts: HostFacts | None = None
         self.preview: list[str] = []
+        self.reconciled_at: float | None = None
         self._flowtable_supported: bool | None = None
         self._load_last_good()
 
@@ -325,6 +326,7 @@ class Agent:
             preview=list(self.preview),
         )
         if not dry_run:
+            self.reconciled_at = self.clock()
             self._count(result)
             self.last = result
             self.write_state()
@@ -389,6 +391,8 @@ class Agent:
             "version": __version__,
             "pid": os.getpid(),
             "updated_at": self.clock(),
+            # The prober rewrites this file too: staleness of the loop is judged by this one.
+            "reconciled_at": self.reconciled_at,
             "config_file": str(self.config.source) if self.config.source else None,
             "health": last.health if last else "unknown",
             "reasons": last.reasons if last else [],

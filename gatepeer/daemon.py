@@ -41,6 +41,34 @@ BUSY_RECONCILES_BEFORE_BACKOFF = 5
 CRASH_BACKOFF_S = 5.0
 
 
+class Wake:
+    """A threading.Event whose set() may be called from a signal handler. Python runs handlers
+    on the main thread between bytecodes, possibly while that thread holds the event's lock in
+    clear() or wait(); Event's plain lock would deadlock there, a reentrant one does not."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.RLock())
+        self._flag = False
+
+    def set(self) -> None:
+        with self._cond:
+            self._flag = True
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._flag = False
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            if not self._flag:
+                self._cond.wait(timeout)
+            return self._flag
+
+
 class KernelWatcher(threading.Thread):
     """Listens to rtnetlink and calls `kick` when something the agent owns changes."""
 
@@ -186,7 +214,7 @@ class Daemon:
             on_update=lambda: self.agent.write_state(),
         )
         self.agent = self._new_agent(config)
-        self.wake = threading.Event()
+        self.wake = Wake()
         self._refresher: threading.Thread | None = None
         self.stopping = False
         self.reload_requested = False

@@ -49,6 +49,7 @@ class StateSummary:
     version: str | None = None
     pid: int | None = None
     updated_at: float | None = None
+    reconciled_at: float | None = None  # the main loop's last pass (the prober writes too)
     interface: str = TunnelConfig.interface
     health: str = "unknown"
     reasons: tuple[str, ...] = ()
@@ -96,6 +97,7 @@ class StateSummary:
             version=data.get("version"),
             pid=data.get("pid") if isinstance(data.get("pid"), int) else None,
             updated_at=_number(data.get("updated_at")),
+            reconciled_at=_number(data.get("reconciled_at")),
             interface=str((data.get("tunnel") or {}).get("interface") or TunnelConfig.interface),
             health=str(data.get("health") or "unknown"),
             reasons=tuple(str(r) for r in data.get("reasons") or ()),
@@ -284,10 +286,11 @@ def evaluate(s: Status) -> tuple[str, list[str]]:
             if st.last_health == "failed":
                 degraded.append(f"the last reconcile failed: {st.last_error}")
         else:
-            age = s.now - st.updated_at if st.updated_at else None
+            last = st.reconciled_at or st.updated_at
+            age = s.now - last if last else None
             if age is not None and age > STALE_INTERVALS * s.reconcile_interval:
                 degraded.append(
-                    f"the daemon (pid {s.daemon}) has not updated {s.state_path} for {age:.0f} s"
+                    f"the daemon (pid {s.daemon}) has not reconciled for {age:.0f} s: stuck?"
                 )
             # The daemon's health already joins the last reconcile and the probes.
             if st.health in ("failed", "degraded"):

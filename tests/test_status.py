@@ -214,7 +214,16 @@ def test_daemon_not_running_is_degraded_and_its_old_probes_are_not_shown(tmp_pat
 def test_a_stale_state_file_is_degraded(tmp_path: Path) -> None:
     s = run_status(tmp_path, state_doc(updated_at=NOW - 3600))
     assert s.health == "degraded"
-    assert "has not updated" in s.reasons[0]
+    assert "has not reconciled" in s.reasons[0]
+
+
+def test_a_stuck_loop_is_degraded_though_the_prober_keeps_writing(tmp_path: Path) -> None:
+    # The prober thread rewrites the file every round; the loop's own pass is what counts.
+    s = run_status(tmp_path, state_doc(updated_at=NOW - 1, reconciled_at=NOW - 3600))
+    assert s.health == "degraded"
+    assert "has not reconciled for 3600 s" in s.reasons[0]
+    fresh = run_status(tmp_path, state_doc(updated_at=NOW - 1, reconciled_at=NOW - 2))
+    assert fresh.health == "ok"
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -56,11 +57,18 @@ class PacketPathSource(Protocol):
 class LiveAgent:
     """The daemon's current agent (it is replaced on SIGHUP, so it is looked up per scrape)."""
 
+    # Collectors ask for the summary several times per scrape; building it reads the kernel.
+    SUMMARY_TTL_S = 1.0
+
     def __init__(self, agent: Callable[[], Agent]) -> None:
         self._agent = agent
+        self._cached: tuple[float, StateSummary] | None = None
 
     def summary(self) -> StateSummary:
-        return StateSummary.from_state(self._agent().state())
+        now = time.monotonic()
+        if self._cached is None or now - self._cached[0] > self.SUMMARY_TTL_S:
+            self._cached = (now, StateSummary.from_state(self._agent().state()))
+        return self._cached[1]
 
     def api_stats(self) -> ApiStats:
         stats = self._agent().api_stats

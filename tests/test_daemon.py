@@ -1,0 +1,66 @@
+"""Unit tests of the daemon's plumbing that need no namespace."""
+
+from __future__ import annotations
+
+import threading
+
+from gatepeer.daemon import KernelWatcher, Wake
+
+
+def test_wake_can_be_set_by_a_handler_that_interrupts_its_own_thread() -> None:
+    # A signal handler runs on the main thread, possibly while that thread holds the wake-up's
+    # lock inside clear() or wait(). Simulate that: set() while the same thread holds the lock.
+    wake = Wake()
+    done = threading.Event()
+
+    def handler_inside_clear() -> None:
+        with wake._cond:  # the interrupted clear() holds this
+            wake.set()  # a plain threading.Event deadlocks here
+        done.set()
+
+    worker = threading.Thread(target=handler_inside_clear, daemon=True)
+    worker.start()
+    assert done.wait(2), "set() deadlocked on the lock its own thread holds"
+    assert wake.wait(0)
+    wake.clear()
+    assert not wake.wait(0.01)
+
+
+def test_wake_wakes_a_waiting_thread() -> None:
+    wake = Wake()
+    woke = threading.Event()
+
+    def waiter() -> None:
+        if wake.wait(5):
+            woke.set()
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    wake.set()
+    assert woke.wait(2)
+
+
+class Msg(dict):  # type: ignore[type-arg]
+    """The two accessors KernelWatcher.relevant uses, over plain values."""
+
+    def __init__(self, attrs: dict[str, object], **fields: object) -> None:
+        super().__init__(**fields)
+        self.attrs = attrs
+
+    def get_attr(self, name: str) -> object:
+        return self.attrs.get(name)
+
+
+def test_watcher_wakes_only_for_what_the_agent_owns() -> None:
+    w = KernelWatcher("vxlan0", lambda _: None)
+    zero = "00:00:00:00:00:00"
+    assert w.relevant(Msg({"IFLA_IFNAME": "vxlan0"}, event="RTM_DELLINK"))
+    assert not w.relevant(Msg({"IFLA_IFNAME": "eth1"}, event="RTM_DELLINK"))
+    assert w.relevant(Msg({"IFA_LABEL": "vxlan0"}, event="RTM_DELADDR"))
+    assert w.relevant(
+        Msg({"NDA_LLADDR": zero, "NDA_DST": "198.18.1.11"}, event="RTM_DELNEIGH", family=7)
+    )
+    # Learned MACs and ARP entries churn all the time: they must not wake the loop.
+    assert not w.relevant(Msg({"NDA_LLADDR": "02:00:00:00:00:01"}, event="RTM_DELNEIGH", family=7))
+    assert not w.relevant(Msg({"NDA_LLADDR": zero}, event="RTM_NEWNEIGH", family=7))
+    assert not w.relevant(Msg({"NDA_LLADDR": zero}, event="RTM_DELNEIGH", family=2))
