@@ -95,6 +95,7 @@ class Agent:
         self.facts: HostFacts | None = None
         self.preview: list[str] = []
         self.reconciled_at: float | None = None
+        self._gate_kept = False  # written to the gate cache by this process
         self._flowtable_supported: bool | None = None
         self._load_last_good()
 
@@ -104,6 +105,7 @@ class Agent:
     def _load_last_good(self) -> None:
         previous = statefile.read(self.config.agent.state_file)
         if not previous:
+            self._load_gate_cache()
             return
         try:
             counters = previous.get("counters") or {}
@@ -116,6 +118,29 @@ class Agent:
         except (AttributeError, KeyError, ValueError, TypeError):
             # A damaged file must not stop the agent: start as if it were not there.
             log.warning("ignoring unreadable parts of %s", self.config.agent.state_file)
+
+    def _load_gate_cache(self) -> None:
+        """After a reboot (state_file is on tmpfs): the last view the API gave, if kept."""
+        path = self.config.agent.gate_cache
+        cached = statefile.read(path) if path else None
+        if not cached or not isinstance(cached.get("gate"), dict):
+            return
+        try:
+            self.gate = GateView.from_json(cached["gate"])
+            self.gate_fetched_at = cached.get("fetched_at")
+        except (KeyError, ValueError, TypeError):
+            log.warning("ignoring an unreadable gate view in %s", path)
+            return
+        log.info("starting from the gate view kept in %s", path)
+
+    def _keep_gate(self, gate: GateView) -> None:
+        path = self.config.agent.gate_cache
+        if path is None:
+            return
+        try:
+            statefile.write(path, {"gate": gate.to_json(), "fetched_at": self.clock()})
+        except OSError as exc:
+            log.warning("cannot keep the gate view in %s: %s", path, exc.strerror or exc)
 
     # ---- gathering ---------------------------------------------------------------------
 
@@ -153,6 +178,7 @@ class Agent:
         try:
             if dry_run and self._preview_registration(facts):
                 return True
+            previous = self.gate
             self.gate = fetch_gate_view(
                 self.client,
                 self.config.soracom.vpg_id,
@@ -163,6 +189,9 @@ class Agent:
             self.gate_error = str(exc)
             log.error("%s", exc)
             return False
+        if not dry_run and self.gate is not None and (self.gate != previous or not self._gate_kept):
+            self._keep_gate(self.gate)
+            self._gate_kept = True
         self.gate_error = None
         self.gate_fetched_at = self.clock()
         return True
@@ -380,6 +409,9 @@ class Agent:
             else:
                 removed = True
                 messages.append(f"unregistered {facts.local_address} from VPG {vpg_id}")
+            # The kept view names an inner address that is no longer ours.
+            if self.config.agent.gate_cache is not None:
+                self.config.agent.gate_cache.unlink(missing_ok=True)
         self.config.agent.state_file.unlink(missing_ok=True)
         return removed, messages
 

@@ -96,6 +96,9 @@ class ProbesConfig:
 class AgentConfig:
     reconcile_interval: float = 30.0
     state_file: Path = Path("/run/gatepeer/state.json")
+    # The last gate view the API gave, kept across reboots (state_file lives on tmpfs) so the
+    # tunnel comes up at boot even while the API is unreachable; None turns it off.
+    gate_cache: Path | None = Path("/var/lib/gatepeer/gate.json")
 
 
 @dataclass(frozen=True)
@@ -404,9 +407,13 @@ def _parse_agent(s: _Section) -> AgentConfig:
     state_file = s.string("state_file", str(AgentConfig.state_file))
     if not state_file.startswith("/"):
         raise ConfigError(f"{s.key('state_file')}: must be an absolute path, got {state_file!r}")
+    cache = s.string("gate_cache", str(AgentConfig.gate_cache))
+    if cache and not cache.startswith("/"):
+        raise ConfigError(f'{s.key("gate_cache")}: must be an absolute path or "", got {cache!r}')
     cfg = AgentConfig(
         reconcile_interval=s.duration("reconcile_interval", 30.0, 1.0, 86_400.0),
         state_file=Path(state_file),
+        gate_cache=Path(cache) if cache else None,
     )
     s.finish()
     return cfg

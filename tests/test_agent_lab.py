@@ -10,6 +10,7 @@ numbers live in bench/README.md.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import signal
 import subprocess
@@ -583,3 +584,31 @@ def test_daemon_restores_a_hand_edited_ruleset_on_the_nftables_event(
         return "vxlan_foreign_dropped" in chain
 
     assert wait_for(restored, timeout=5) is not None, daemon.log()
+
+
+def test_after_a_reboot_with_the_api_down_the_tunnel_comes_up_from_the_gate_cache(
+    lab: LabHandle,
+) -> None:
+    assert lab.gatepeer("apply").returncode == 0
+    cache = lab.paths.gate_cache
+    assert json.loads(cache.read_text())["gate"]["inner"].endswith("/16")
+    # A reboot: the kernel state and /run are gone, /var/lib (the cache) is not.
+    lab.run("peer", "ip", "link", "del", "dev", "vxlan0")
+    lab.run("peer", "nft", "delete", "table", "inet", "gatepeer")
+    lab.paths.state_file.unlink()
+    lab.control("faults", {"fail_next": 1000, "fail_status": 503})
+    try:
+        proc = lab.gatepeer("apply")
+    finally:
+        lab.control("reset_faults")
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # degraded: the API is down
+    assert "SORACOM API" in proc.stderr
+    assert vxlan(lab) is not None
+    assert ping(lab, "vpc", lab.layout.devices[0], count=2)
+
+
+def test_down_unregister_forgets_the_gate_cache(lab: LabHandle) -> None:
+    assert lab.gatepeer("apply").returncode == 0
+    assert lab.paths.gate_cache.exists()
+    assert lab.gatepeer("down", "--unregister").returncode == 0
+    assert not lab.paths.gate_cache.exists()

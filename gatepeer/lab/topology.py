@@ -248,6 +248,10 @@ class Paths:
         return self.dir / "state.json"
 
     @property
+    def gate_cache(self) -> Path:
+        return self.dir / "gate.json"
+
+    @property
     def emulator_pid(self) -> Path:
         return self.dir / "emulator.pid"
 
@@ -348,6 +352,7 @@ def render_config(paths: Paths, creds: Credentials) -> str:
         "[agent]\n"
         'reconcile_interval = "30s"\n'
         f'state_file = "{paths.state_file}"\n'
+        f'gate_cache = "{paths.gate_cache}"\n'
     )
 
 
