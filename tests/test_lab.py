@@ -107,7 +107,11 @@ def test_config_for_the_agent_is_valid_for_the_config_module(tmp_path: Any) -> N
         "underlay_interface": "eth0",
         "local_address": "198.18.0.10",
     }
-    assert data["agent"] == {"reconcile_interval": "30s", "state_file": str(paths.state_file)}
+    assert data["agent"] == {
+        "reconcile_interval": "30s",
+        "state_file": str(paths.state_file),
+        "gate_cache": str(paths.gate_cache),
+    }
     config = pytest.importorskip("gatepeer.config")
     parsed = config.parse(data)
     assert str(parsed.tunnel.local_address) == "198.18.0.10"
