@@ -1,10 +1,10 @@
 """The control loop: gather, plan, apply, verify, record.
 
-Two sources feed a reconcile: the SORACOM API (refreshed on the timer and on SIGHUP) and the
-kernel (read every time). A kernel event reconciles against the cached gate view without calling
-the API, so drift is repaired in milliseconds and a flapping interface cannot hammer the API.
-When the API fails, the last known good gate view stays applied and health turns degraded.
-"""
+Two sources feed a reconcile: the SORACOM API (asked by `apply`, and by the daemon in the
+background on its timer and on SIGHUP) and the kernel (read every time). A kernel event
+reconciles against the cached gate view without calling the API, so drift is repaired in
+milliseconds and a flapping interface cannot hammer the API. When the API fails, the last known
+good gate view stays applied and health turns degraded."""
 
 from __future__ import annotations
 
@@ -103,10 +103,7 @@ class Agent:
         self.netlink.close()
 
     def _load_last_good(self) -> None:
-        previous = statefile.read(self.config.agent.state_file)
-        if not previous:
-            self._load_gate_cache()
-            return
+        previous = statefile.read(self.config.agent.state_file) or {}
         try:
             counters = previous.get("counters") or {}
             self.record.reconciles = int(counters.get("reconciles") or 0)
@@ -118,6 +115,8 @@ class Agent:
         except (AttributeError, KeyError, ValueError, TypeError):
             # A damaged file must not stop the agent: start as if it were not there.
             log.warning("ignoring unreadable parts of %s", self.config.agent.state_file)
+        if self.gate is None:
+            self._load_gate_cache()
 
     def _load_gate_cache(self) -> None:
         """After a reboot (state_file is on tmpfs): the last view the API gave, if kept."""
@@ -151,7 +150,7 @@ class Agent:
         return self.facts
 
     def flowtable_supported(self) -> bool:
-        """Probed once per agent: a throwaway table with a flowtable, loaded and deleted."""
+        """Probed once per agent (nft check mode: the kernel validates, nothing is created)."""
         if self.config.packet_path.flowtable is False:
             return False
         if self._flowtable_supported is None:
