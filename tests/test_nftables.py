@@ -92,15 +92,23 @@ def test_allow_list_is_collapsed_and_sorted() -> None:
     )
 
 
-def test_modes_differ_only_by_masquerade() -> None:
+def test_modes_differ_by_masquerade_and_connection_tracking() -> None:
     route, nat = nf.render(spec()), nf.render(spec(mode="nat"))
     added = [ln for ln in nat.splitlines() if ln not in route.splitlines()]
     assert added[0].startswith('\tcomment "managed by gatepeer, spec ')
+    # nat needs conntrack: the established accept, and the outer VXLAN packets left untracked
+    # (tracking them would cost a second lookup per packet). Route mode tracks nothing.
     assert added[1:] == [
+        '\t\tiifname "eth0" udp dport 4789 notrack',
+        "\tchain output {",
+        "\t\ttype filter hook output priority raw; policy accept;",
+        '\t\toifname "eth0" udp dport 4789 notrack',
+        "\t\tct state established,related accept",
         "\tchain postrouting {",
         "\t\ttype nat hook postrouting priority srcnat; policy accept;",
         '\t\toifname "eth0" ip saddr 198.19.0.0/16 counter name "masqueraded_flows" masquerade',
     ]
+    assert "ct " not in route and "notrack" not in route
     assert (
         'oifname "eth0" ip saddr 198.19.0.0/16 counter name "masqueraded_flows" masquerade' in nat
     )
@@ -190,10 +198,13 @@ def test_canonical_ignores_listing_quirks() -> None:
     assert nf.canonical(ours)[:3] == ["table inet gatepeer {", '\tcomment "c"', "\tcounter a {"]
 
 
+MSS_OUT = '\t\toifname "vxlan0" tcp flags syn tcp option maxseg size set rt mtu'
+
+
 def test_canonical_keeps_rule_order() -> None:
     text = nf.render(spec())
     lines = text.splitlines()
-    a = lines.index("\t\tct state established,related accept")
+    a = lines.index('\t\toifname "vxlan0" tcp flags syn tcp option maxseg size set rt mtu')
     lines[a], lines[a - 1] = lines[a - 1], lines[a]
     assert nf.canonical("\n".join(lines)) != nf.canonical(text)
 
@@ -207,7 +218,7 @@ def test_change_needed() -> None:
     assert nf.change_needed(want, nf.render(spec(endpoints=frozenset()))) == "endpoints"
     assert nf.change_needed(want, nf.render(spec(mode="nat"))) == "reload"
     assert nf.change_needed(want, nf.render(spec(vxlan_port=8472))) == "reload"
-    hand_edit = nf.render(want).replace("\t\ticmpv6 type packet-too-big accept\n", "")
+    hand_edit = nf.render(want).replace(MSS_OUT + "\n", "")
     assert nf.change_needed(want, hand_edit) == "reload"
 
 
@@ -238,10 +249,10 @@ def test_describe() -> None:
         "add element inet gatepeer vpg_endpoints { 198.18.0.11, 198.18.0.12 }",
         "EOF",
     ]
-    edited = nf.render(want).replace("\t\ticmpv6 type packet-too-big accept\n", "")
+    edited = nf.render(want).replace(MSS_OUT + "\n", "")
     lines = nf.describe(want, edited)
     assert lines[0].startswith("# replace table inet gatepeer")
-    assert "#   +\t\ticmpv6 type packet-too-big accept" in lines
+    assert "#   +" + MSS_OUT in lines
     assert lines[-1] == "EOF"
 
 

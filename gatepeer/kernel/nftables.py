@@ -199,17 +199,47 @@ def _render(
         f'\t\tudp dport {spec.vxlan_port} counter name "vxlan_foreign_dropped" drop',
         "\t}",
         "",
+        # Every packet crosses this hook: one interface test, the checks only for the tunnel's.
         "\tchain prerouting {",
         "\t\ttype filter hook prerouting priority raw; policy accept;",
-        f"\t\tiifname {t} ip saddr != {spec.device_subnet}"
-        ' counter name "spoofed_source_dropped" drop',
-        f'\t\tiifname {t} meta nfproto ipv6 counter name "spoofed_source_dropped" drop',
+        f"\t\tiifname {t} jump from_tunnel",
+    ]
+    # Connection tracking costs every forwarded packet a lookup (about 9 % of small-packet
+    # throughput here): route mode engages it only when a rule needs a connection's state
+    # (the allow-list, the flowtable); nat mode needs it anyway. Where it is on, the outer
+    # VXLAN packets are left untracked: tracking them would double the cost for nothing.
+    tracked = bool(spec.allow_list) or spec.flowtable or spec.mode == "nat"
+    outer = f"udp dport {spec.vxlan_port} notrack"
+    if tracked:
+        out.append(f"\t\tiifname {u} {outer}")
+    out += [
         "\t}",
         "",
+        "\tchain from_tunnel {",
+        f'\t\tip saddr != {spec.device_subnet} counter name "spoofed_source_dropped" drop',
+        '\t\tmeta nfproto ipv6 counter name "spoofed_source_dropped" drop',
+        "\t}",
+        "",
+    ]
+    if tracked:
+        out += [
+            "\tchain output {",
+            "\t\ttype filter hook output priority raw; policy accept;",
+            f"\t\toifname {u} {outer}",
+            "\t}",
+            "",
+        ]
+    out += [
         "\tchain forward {",
         "\t\ttype filter hook forward priority filter; policy accept;",
-        "\t\ticmp type destination-unreachable icmp code frag-needed accept",
-        "\t\ticmpv6 type packet-too-big accept",
+    ]
+    if spec.allow_list:
+        # The allow-list must never eat path MTU discovery.
+        out += [
+            "\t\ticmp type destination-unreachable icmp code frag-needed accept",
+            "\t\ticmpv6 type packet-too-big accept",
+        ]
+    out += [
         # Before the established accept: a SYN-ACK is already "established" to conntrack.
         f"\t\tiifname {t} tcp flags syn tcp option maxseg size set rt mtu",
         f"\t\toifname {t} tcp flags syn tcp option maxseg size set rt mtu",
@@ -221,7 +251,8 @@ def _render(
                 f"\t\tiifname {a} oifname {b} meta l4proto {{ tcp, udp }}"
                 f" ct state established flow add @{FLOWTABLE}"
             )
-    out.append("\t\tct state established,related accept")
+    if tracked:
+        out.append("\t\tct state established,related accept")
     if spec.allow_list:
         out.append(
             f'\t\tiifname {t} ip daddr != @{ALLOW_SET} counter name "allowlist_dropped" drop'
