@@ -64,3 +64,30 @@ def test_watcher_wakes_only_for_what_the_agent_owns() -> None:
     assert not w.relevant(Msg({"NDA_LLADDR": "02:00:00:00:00:01"}, event="RTM_DELNEIGH", family=7))
     assert not w.relevant(Msg({"NDA_LLADDR": zero}, event="RTM_NEWNEIGH", family=7))
     assert not w.relevant(Msg({"NDA_LLADDR": zero}, event="RTM_DELNEIGH", family=2))
+
+
+def test_watcher_listens_again_after_losing_events() -> None:
+    # pyroute2 keeps a receive error (ENOBUFS after a burst) and raises it on every later
+    # read: the watcher must open a fresh socket and ask for a reconcile, not go deaf.
+    kicks: list[str] = []
+    w = KernelWatcher("vxlan0", kicks.append)
+    calls = 0
+    second_listen = threading.Event()
+
+    def listen() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError(105, "No buffer space available")
+        second_listen.set()
+        w._stopping.wait(5)
+
+    w._listen = listen  # type: ignore[method-assign]
+    w.start()
+    try:
+        assert second_listen.wait(3), "the watcher did not listen again"
+        assert kicks == ["kernel events lost"]
+    finally:
+        w.stop()
+        w.join(3)
+    assert not w.is_alive()
