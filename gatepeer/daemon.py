@@ -1,9 +1,9 @@
 """`gatepeer run`: reconcile at start, on the timer, on kernel events and on SIGHUP.
 
-The timer refreshes the gate view from the SORACOM API; kernel events (our link, address or
-flood entries removed or changed by hand) reconcile at once against the cached view, without an
-API call. SIGTERM stops the loop and leaves the data path up: stopping the agent must never cut
-the devices off.
+The timer refreshes the gate view from the SORACOM API in a worker thread; kernel events (our
+link, address, flood entries or nftables table changed by hand) reconcile at once against the
+cached view, without an API call. SIGTERM stops the loop and leaves the data path up: stopping
+the agent must never cut the devices off.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from gatepeer import systemd
 from gatepeer.agent import Agent, ReconcileResult
 from gatepeer.config import Config, ConfigError
 from gatepeer.kernel import rtnl
+from gatepeer.probes import IcmpTransport, Prober, with_probes
+from gatepeer.state import Endpoint
 
 if TYPE_CHECKING:
     from gatepeer.metrics.server import MetricsServer
-from gatepeer.probes import IcmpTransport, Prober, with_probes
-from gatepeer.state import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ EVENT_SETTLE_S = 0.02
 # Consecutive reconciles that change something (or fail) before the loop starts backing off.
 BUSY_RECONCILES_BEFORE_BACKOFF = 5
 CRASH_BACKOFF_S = 5.0
+MAX_BACKOFF_S = 30.0
 
 
 class Wake:
@@ -362,13 +363,15 @@ class Daemon:
                     )
                 # Our own changes raise events too; a reconcile that keeps changing things (a
                 # kernel that never converges) must not spin: back off up to the interval.
-                busy = busy + 1 if result.actions or result.health == "failed" else 0
+                evented = trigger != "timer"
+                changed = bool(result.actions) or result.health == "failed"
+                busy = busy + 1 if evented and changed else 0
                 if busy > BUSY_RECONCILES_BEFORE_BACKOFF:
-                    pause = min(
-                        interval, EVENT_SETTLE_S * 2 ** (busy - BUSY_RECONCILES_BEFORE_BACKOFF)
-                    )
+                    excess = busy - BUSY_RECONCILES_BEFORE_BACKOFF
+                    # Capped well inside any sensible WatchdogSec.
+                    pause = min(interval, MAX_BACKOFF_S, EVENT_SETTLE_S * 2**excess)
                     log.warning("reconcile keeps changing things; pausing %.2fs", pause)
-                    self.wake.wait(pause)
+                    self.pause(pause)
                 if first:
                     systemd.notify("READY=1")
                     first = False
