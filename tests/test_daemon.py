@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 from gatepeer.daemon import KernelWatcher, Wake
 
@@ -91,3 +92,43 @@ def test_watcher_listens_again_after_losing_events() -> None:
         w.stop()
         w.join(3)
     assert not w.is_alive()
+
+
+def test_a_loop_that_keeps_changing_things_backs_off(tmp_path: Path) -> None:
+    from gatepeer.agent import ReconcileResult
+    from gatepeer.config import parse
+    from gatepeer.daemon import BUSY_RECONCILES_BEFORE_BACKOFF, EVENT_SETTLE_S, Daemon
+    from gatepeer.plan import SetUp
+
+    config = parse(
+        {
+            "soracom": {"auth_key_id": "keyId-test", "vpg_id": "vpg-test"},
+            "agent": {
+                "state_file": str(tmp_path / "state.json"),
+                "gate_cache": "",
+                "reconcile_interval": "1h",
+            },
+            "metrics": {"listen": ""},
+        }
+    )
+    daemon = Daemon(config, lambda: config)
+    steps = 0
+    pauses: list[float] = []
+
+    def step(now: float, next_refresh: float, interval: float) -> tuple[ReconcileResult, float]:
+        # A kernel that never converges: every reconcile changes something, and the change
+        # raises an event that wakes the loop again.
+        nonlocal steps
+        steps += 1
+        if steps == 12:
+            daemon.stopping = True
+        daemon.kick("RTM_NEWLINK vxlan0")
+        return ReconcileResult([SetUp("vxlan0")], "ok", [], [], 0.001), now + interval
+
+    daemon.step = step  # type: ignore[method-assign]
+    daemon.pause = pauses.append  # type: ignore[method-assign]
+    assert daemon.run() == 0
+    # Every pass here is event-driven; past the allowance the pause doubles each time.
+    excess = range(1, 12 - BUSY_RECONCILES_BEFORE_BACKOFF + 1)
+    assert pauses == [EVENT_SETTLE_S * 2**e for e in excess]
+    assert pauses == sorted(pauses) and pauses[-1] > pauses[0]
