@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-AF_BRIDGE = 7
 # Events come in bursts (a link deletion also deletes its addresses and entries): coalesce them.
 EVENT_SETTLE_S = 0.02
 # Consecutive reconciles that change something (or fail) before the loop starts backing off.
@@ -126,7 +125,7 @@ class KernelWatcher(threading.Thread):
         # Learned MAC entries come and go all the time; only our flood entries matter.
         if (
             event == "RTM_DELNEIGH"
-            and getattr(msg, "get", lambda *_: None)("family") == AF_BRIDGE
+            and getattr(msg, "get", lambda *_: None)("family") == rtnl.AF_BRIDGE
             and get_attr("NDA_LLADDR") == "00:00:00:00:00:00"
         ):
             return f"flood entry to {get_attr('NDA_DST')} removed"
