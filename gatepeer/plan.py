@@ -188,6 +188,10 @@ def plan(desired: DesiredState, observed: ObservedState, underlay: str) -> list[
             actions.append(SetMtu(spec.name, spec.mtu, link.mtu))
         addresses, fdb = observed.addresses, observed.fdb
 
+    # The tunnel's own keys come before its addresses: with promote_secondaries=1 the new
+    # address (added as a secondary in the same subnet) survives the removal of the old primary.
+    sysctl_actions = _sysctl_actions(desired, observed, fresh)
+    actions += [a for a in sysctl_actions if _tunnel_key(a.setting, spec.name)]
     if desired.address not in addresses:
         actions.append(AddAddress(spec.name, desired.address))
     for extra in sorted(addresses - {desired.address}):
@@ -207,9 +211,19 @@ def plan(desired: DesiredState, observed: ObservedState, underlay: str) -> list[
     if fresh or (link is not None and not link.admin_up):
         actions.append(SetUp(spec.name))
 
+    actions += [a for a in sysctl_actions if not _tunnel_key(a.setting, spec.name)]
+    return actions
+
+
+def _tunnel_key(setting: Sysctl, tunnel: str) -> bool:
+    return f"/conf/{tunnel}/" in setting.path
+
+
+def _sysctl_actions(desired: DesiredState, observed: ObservedState, fresh: bool) -> list[SetSysctl]:
+    actions = []
     for setting in desired.sysctls:
         have = observed.sysctl(setting.path)
-        tunnel_key = f"/conf/{spec.name}/" in setting.path
+        tunnel_key = _tunnel_key(setting, desired.link.name)
         if have is None:
             # A fresh link's per-interface keys appear only once it exists.
             if tunnel_key and fresh:

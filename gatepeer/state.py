@@ -218,6 +218,9 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         Sysctl("net/ipv4/ip_forward", 1),
         # Loose reverse-path filtering: replies may come back through the other endpoint.
         Sysctl(f"net/ipv4/conf/{t.interface}/rp_filter", 2),
+        # A new inner address in the old one's subnet is added as a secondary; without
+        # promotion, removing the old primary would remove it too (Debian's default is 0).
+        Sysctl(f"net/ipv4/conf/{t.interface}/promote_secondaries", 1),
         Sysctl(f"net/ipv4/conf/{facts.underlay}/rp_filter", 2),
         # Devices' packets that arrive while vxlan0 is briefly absent would otherwise earn the
         # VPC host an ICMP redirect to the VPC router, cached for minutes (the kernel sends one

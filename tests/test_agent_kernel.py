@@ -1,0 +1,114 @@
+"""The agent against a real kernel, without the lab: one network namespace per test with a veth
+as the underlay, the gate view set by hand (no API), the agent's code run in a thread that has
+entered the namespace. For what a fake kernel would only pretend: address promotion, links of
+another kind under our name, a renamed tunnel, sysctls restored by `down`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from conftest import new_prefix
+from test_plan import GATE
+
+from gatepeer.agent import Agent
+from gatepeer.config import AgentConfig, Config, TunnelConfig
+from gatepeer.lab import netns
+from gatepeer.state import GateView, IPv4Address, IPv4Interface
+
+pytestmark = pytest.mark.netns
+
+T = TypeVar("T")
+UNDERLAY = "gpu0"
+LOCAL = IPv4Address("192.0.2.10")
+
+
+@dataclasses.dataclass
+class Namespace:
+    name: str
+    state_dir: Path
+
+    def call(self, fn: Callable[[], T]) -> T:
+        return netns.call_in_netns(self.name, fn)
+
+    def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return netns.ip(self.name, *args, check=check)
+
+    def link(self, name: str) -> dict[str, Any] | None:
+        return netns.link_details(self.name, name)
+
+    def addresses(self, name: str) -> list[str]:
+        rows = netns.ip_json(self.name, "-4", "addr", "show", "dev", name)
+        return [f"{a['local']}/{a['prefixlen']}" for r in rows for a in r.get("addr_info", [])]
+
+    def sysctl(self, dotted: str) -> int:
+        return int(netns.read_sysctl(self.name, dotted))
+
+    def config(self, **tunnel: Any) -> Config:
+        return dataclasses.replace(
+            Config(),
+            tunnel=dataclasses.replace(
+                TunnelConfig(),
+                underlay_interface=UNDERLAY,
+                local_address=LOCAL,
+                mtu="auto",
+                **tunnel,
+            ),
+            agent=AgentConfig(state_file=self.state_dir / "state.json", gate_cache=None),
+        )
+
+    def agent(self, gate: GateView = GATE, **tunnel: Any) -> Agent:
+        """An agent whose netlink socket lives in this namespace; call its methods in `call`."""
+        agent = self.call(lambda: Agent(self.config(**tunnel)))
+        agent.gate = dataclasses.replace(gate, outer=LOCAL)
+        return agent
+
+
+@pytest.fixture
+def ns(tmp_path: Path) -> Iterator[Namespace]:
+    name = f"{new_prefix()}-k"
+    netns.run(["ip", "netns", "add", name])
+    try:
+        netns.ip(name, "link", "set", "lo", "up")
+        netns.ip(name, "link", "add", UNDERLAY, "type", "veth", "peer", "name", "gpu1")
+        netns.ip(name, "addr", "add", f"{LOCAL}/24", "dev", UNDERLAY)
+        for link in (UNDERLAY, "gpu1"):
+            netns.ip(name, "link", "set", link, "up")
+        yield Namespace(name, tmp_path)
+    finally:
+        netns.run(["ip", "netns", "delete", name], check=False)
+
+
+def reconcile(ns: Namespace, agent: Agent) -> Any:
+    return ns.call(lambda: agent.reconcile(refresh=False))
+
+
+# ---- 3: a new inner address in the same subnet ----------------------------------------------
+
+
+def test_a_new_inner_address_in_the_same_subnet_converges_in_one_apply(ns: Namespace) -> None:
+    agent = ns.agent()
+    first = reconcile(ns, agent)
+    assert first.health == "ok", first.reasons
+    assert ns.addresses("vxlan0") == [str(GATE.inner)]
+
+    # The API hands this peer another address in the same device subnet. Debian leaves
+    # promote_secondaries at 0: deleting the old primary would take the new one with it.
+    new_inner = IPv4Interface("198.19.0.7/16")
+    agent.gate = dataclasses.replace(agent.gate, inner=new_inner)  # type: ignore[arg-type]
+    second = reconcile(ns, agent)
+    assert second.health == "ok", second.reasons
+    assert ns.addresses("vxlan0") == [str(new_inner)]
+    # Added before the old one is removed: the tunnel always had an address on the subnet.
+    kinds = [type(a).__name__ for a in second.actions]
+    assert kinds.index("AddAddress") < kinds.index("RemoveAddress"), kinds
+    routes = netns.ip_json(ns.name, "-4", "route", "show", "dev", "vxlan0")
+    assert [(r["dst"], r.get("prefsrc")) for r in routes] == [("198.19.0.0/16", "198.19.0.7")]
+    assert reconcile(ns, agent).actions == []
+    ns.call(agent.close)
