@@ -23,7 +23,15 @@ from gatepeer.config import Config
 from gatepeer.gate import GateError, fetch_gate_view, find_own_peer, vpg_endpoints
 from gatepeer.kernel import nftables
 from gatepeer.kernel.netlink import KernelError, Netlink
-from gatepeer.plan import Action, LoadRuleset, SetSysctl, UpdateEndpointSet, describe, plan
+from gatepeer.plan import (
+    Action,
+    LoadRuleset,
+    SetSysctl,
+    UpdateEndpointSet,
+    describe,
+    plan,
+    refuse_foreign,
+)
 from gatepeer.soracom import ApiStats, SoracomClient, SoracomError
 from gatepeer.state import (
     DesiredState,
@@ -389,6 +397,8 @@ class Agent:
         """Remove what gatepeer created; sysctls stay (other services may rely on them)."""
         messages: list[str] = []
         name = self.config.tunnel.interface
+        # Before anything is touched: a link of another kind under our name is a config error.
+        refuse_foreign(name, self.netlink.observe_link(name))
         removed = self.netlink.delete_link(name)
         if removed:
             messages.append(f"removed {name}")

@@ -14,6 +14,7 @@ from gatepeer.kernel import nftables
 from gatepeer.kernel.nftables import PacketPathSpec
 from gatepeer.state import (
     DesiredState,
+    DesiredStateError,
     IPv4Address,
     IPv4Interface,
     ObservedLink,
@@ -151,6 +152,22 @@ Action = (
 )
 
 
+class ForeignLinkError(DesiredStateError):
+    """A link of another kind holds the tunnel's name: a typo, not ours to delete."""
+
+
+def refuse_foreign(name: str, link: ObservedLink | None) -> None:
+    """Raise unless `name` is absent or a vxlan link: gatepeer deletes only vxlan links, so a
+    bridge, a bond or a WireGuard link that happens to carry the configured name survives."""
+    if link is None or link.kind == "vxlan":
+        return
+    kind = f"a {link.kind} link" if link.kind else "a link of no kind (a physical interface?)"
+    raise ForeignLinkError(
+        f"tunnel.interface: {name} is {kind}, not vxlan; gatepeer will not delete it "
+        "(choose another tunnel.interface, or remove it by hand)"
+    )
+
+
 def immutable_differences(spec: VxlanSpec, link: ObservedLink) -> list[str]:
     """Attributes that differ and that the kernel cannot change on an existing vxlan link."""
     if link.kind != "vxlan":
@@ -170,6 +187,7 @@ def plan(desired: DesiredState, observed: ObservedState, underlay: str) -> list[
     spec = desired.link
     actions: list[Action] = []
     link = observed.link
+    refuse_foreign(spec.name, link)
     fresh = link is None
     if link is not None:
         differences = immutable_differences(spec, link)

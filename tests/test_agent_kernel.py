@@ -112,3 +112,66 @@ def test_a_new_inner_address_in_the_same_subnet_converges_in_one_apply(ns: Names
     assert [(r["dst"], r.get("prefsrc")) for r in routes] == [("198.19.0.0/16", "198.19.0.7")]
     assert reconcile(ns, agent).actions == []
     ns.call(agent.close)
+
+
+# ---- 4: a link of another kind under the configured name ------------------------------------
+
+
+def write_cli_config(ns: Namespace, interface: str) -> Path:
+    key = ns.state_dir / "auth-key"
+    key.write_text("secret\n")
+    key.chmod(0o600)
+    path = ns.state_dir / "gatepeer.toml"
+    path.write_text(
+        f'[soracom]\nauth_key_id = "keyId-test"\nvpg_id = "vpg-test"\nauth_key_file = "{key}"\n'
+        f'[tunnel]\ninterface = "{interface}"\nunderlay_interface = "{UNDERLAY}"\n'
+        f'local_address = "{LOCAL}"\n'
+        f'[agent]\nstate_file = "{ns.state_dir / "state.json"}"\ngate_cache = ""\n'
+    )
+    return path
+
+
+def gatepeer_in(ns: Namespace, *args: str) -> subprocess.CompletedProcess[str]:
+    from conftest import gatepeer_command
+
+    return subprocess.run(
+        ["ip", "netns", "exec", ns.name, *gatepeer_command(), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_bridge_under_the_tunnel_name_is_a_config_error_for_apply_and_down(
+    ns: Namespace,
+) -> None:
+    ns.ip("link", "add", "vxlan0", "type", "bridge")
+    bridge_index = ns.link("vxlan0")["ifindex"]  # type: ignore[index]
+    agent = ns.agent()
+    result = reconcile(ns, agent)
+    assert result.bad_config and result.health == "failed", result
+    (reason,) = result.reasons
+    assert reason.startswith("tunnel.interface: ") and "bridge" in reason, reason
+    assert result.actions == []
+    ns.call(agent.close)
+
+    # `down` refuses too, exit 2, before touching anything (the nftables table stays).
+    ns.call(lambda: netns.run(["nft", "add", "table", "inet", "gatepeer"]))
+    down = gatepeer_in(ns, "down", "--config", str(write_cli_config(ns, "vxlan0")))
+    assert down.returncode == 2, down.stdout + down.stderr
+    assert down.stderr.startswith("gatepeer: tunnel.interface: ") and "bridge" in down.stderr
+    assert len(down.stderr.strip().splitlines()) == 1, down.stderr
+    link = ns.link("vxlan0")
+    assert link is not None and link["ifindex"] == bridge_index
+    assert link["linkinfo"]["info_kind"] == "bridge"
+    assert ns.call(lambda: netns.run(["nft", "list", "tables"]).stdout).strip()
+
+
+def test_a_veth_under_the_tunnel_name_is_never_deleted(ns: Namespace) -> None:
+    # The underlay's peer end is a veth: name the tunnel after it.
+    agent = ns.agent(interface="gpu1")
+    result = reconcile(ns, agent)
+    ns.call(agent.close)
+    assert result.bad_config, result
+    assert "tunnel.interface: gpu1 is a veth link" in result.reasons[0]
+    assert ns.link("gpu1") is not None

@@ -272,8 +272,6 @@ def test_mtu_drift_is_changed_in_place() -> None:
         ({"src_port_range": (32768, 60999)}, "srcport range (32768, 60999) (want (4789, 4789))"),
         ({"underlay_index": 9}, "lower device 9 (want 2)"),
         ({"learning": False}, "learning False (want True)"),
-        ({"kind": "bridge"}, "kind bridge (want vxlan)"),
-        ({"kind": None}, "kind unknown (want vxlan)"),
     ],
 )
 def test_immutable_drift_replaces_the_link_and_says_why(
@@ -296,6 +294,21 @@ def test_immutable_drift_replaces_the_link_and_says_why(
         "net/ipv4/conf/vxlan0/promote_secondaries",
     ]
     assert not any(isinstance(a, RemoveFdb | RemoveAddress | SetMtu) for a in actions)
+
+
+@pytest.mark.parametrize(
+    ("kind", "said"),
+    [("bridge", "a bridge link"), ("wireguard", "a wireguard link"), (None, "no kind")],
+)
+def test_a_link_of_another_kind_under_the_name_is_a_config_error(
+    kind: str | None, said: str
+) -> None:
+    d = desired()
+    observed = converged(d, link=converged_link(d, kind=kind, vni=None, dst_port=None))
+    with pytest.raises(DesiredStateError) as info:
+        plan(d, observed, UNDERLAY)
+    assert str(info.value).startswith("tunnel.interface: vxlan0 is ")
+    assert said in str(info.value)
 
 
 def test_several_immutable_differences_are_all_named() -> None:
