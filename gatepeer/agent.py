@@ -25,6 +25,7 @@ from gatepeer.kernel import nftables
 from gatepeer.kernel.netlink import KernelError, Netlink
 from gatepeer.plan import (
     Action,
+    DeleteLink,
     LoadRuleset,
     SetSysctl,
     UpdateEndpointSet,
@@ -105,6 +106,9 @@ class Agent:
         self.reconciled_at: float | None = None
         self._gate_kept = False  # written to the gate cache by this process
         self._flowtable_supported: bool | None = None
+        # The vxlan link this agent (or its predecessor) made: {"name", "ifindex", "vni",
+        # "dst_port"}. Kept in the state file, so a renamed tunnel.interface can remove it.
+        self.managed_link: dict[str, Any] | None = None
         self._load_last_good()
 
     def close(self) -> None:
@@ -120,6 +124,7 @@ class Agent:
             if previous.get("gate"):
                 self.gate = GateView.from_json(previous["gate"])
                 self.gate_fetched_at = previous.get("gate_fetched_at")
+            self.managed_link = _managed_link(previous.get("managed_link"))
         except (AttributeError, KeyError, ValueError, TypeError):
             # A damaged file must not stop the agent: start as if it were not there.
             log.warning("ignoring unreadable parts of %s", self.config.agent.state_file)
@@ -313,13 +318,17 @@ class Agent:
             desired = self.desired()
             observed = self.observe(desired)
             notes = self.notes(observed, desired)
-            actions = plan(desired, observed, self.facts.underlay if self.facts else "")
+            # The old link goes first: it holds the VNI and port the new one needs.
+            actions = self._previous_link(desired) + plan(
+                desired, observed, self.facts.underlay if self.facts else ""
+            )
             if not dry_run and actions:
                 for action in actions:
                     log.info("apply: %s", action.command())
                     self.apply_action(action)
                 underlay = self.facts.underlay if self.facts else ""
                 final = self.observe(desired)
+                self._remember_link(final)
                 leftover = plan(desired, final, underlay)
                 # Keys that appear only once what we applied loaded their module (conntrack's,
                 # after the first ruleset with `ct state`) get a second pass, then are checked.
@@ -341,6 +350,8 @@ class Agent:
                     raise ReconcileError(
                         "read back differs from what was applied: " + "; ".join(describe(leftover))
                     )
+            elif not dry_run:
+                self._remember_link(observed)
             if reasons:
                 health = "degraded"
         except (KernelError, ReconcileError, DesiredStateError, NetlinkError, OSError) as exc:
@@ -367,6 +378,36 @@ class Agent:
             self.last = result
             self.write_state()
         return result
+
+    def _remember_link(self, observed: ObservedState) -> None:
+        link = observed.link
+        if link is not None and link.kind == "vxlan":
+            self.managed_link = {
+                "name": link.name,
+                "ifindex": link.index,
+                "vni": link.vni,
+                "dst_port": link.dst_port,
+            }
+
+    def _ours(self, name: str) -> bool:
+        """`name` is the link recorded as ours, and still a vxlan with the recorded VNI and
+        port (never a link of another kind, nor someone else's vxlan under that name)."""
+        rec = self.managed_link
+        if rec is None or rec["name"] != name:
+            return False
+        link = self.netlink.observe_link(name)
+        return (
+            link is not None
+            and link.kind == "vxlan"
+            and (link.vni, link.dst_port) == (rec["vni"], rec["dst_port"])
+        )
+
+    def _previous_link(self, desired: DesiredState) -> list[Action]:
+        """Removing the link made under an earlier tunnel.interface, if it is still there."""
+        rec = self.managed_link
+        if rec is None or rec["name"] == desired.link.name or not self._ours(rec["name"]):
+            return []
+        return [DeleteLink(rec["name"], f"tunnel.interface is now {desired.link.name}")]
 
     def record_crash(self, exc: BaseException) -> ReconcileResult:
         """Account for a reconcile that raised something unexpected (a bug): failed, and said."""
@@ -402,6 +443,10 @@ class Agent:
         removed = self.netlink.delete_link(name)
         if removed:
             messages.append(f"removed {name}")
+        old = self.managed_link["name"] if self.managed_link else name
+        if old != name and self._ours(old) and self.netlink.delete_link(old):
+            removed = True
+            messages.append(f"removed {old} (made under an earlier tunnel.interface)")
         if nftables.nft_available() and nftables.current() is not None:
             nftables.remove()
             removed = True
@@ -449,6 +494,7 @@ class Agent:
             if self.facts
             else None,
             "tunnel": {"interface": self.config.tunnel.interface},
+            "managed_link": self.managed_link,
             "packet_path": {
                 "mode": self.config.packet_path.mode,
                 "flowtable_supported": self.facts.flowtable_supported if self.facts else None,
@@ -479,3 +525,13 @@ class Agent:
             statefile.write(path, self.state())
         except OSError as exc:
             log.error("cannot write %s: %s", path, exc.strerror or exc)
+
+
+def _managed_link(data: Any) -> dict[str, Any] | None:
+    """The state file's record of our link, or None when absent or damaged."""
+    if not isinstance(data, dict):
+        return None
+    name, vni, port = data.get("name"), data.get("vni"), data.get("dst_port")
+    if isinstance(name, str) and isinstance(vni, int) and isinstance(port, int):
+        return {"name": name, "ifindex": data.get("ifindex"), "vni": vni, "dst_port": port}
+    return None

@@ -175,3 +175,56 @@ def test_a_veth_under_the_tunnel_name_is_never_deleted(ns: Namespace) -> None:
     assert result.bad_config, result
     assert "tunnel.interface: gpu1 is a veth link" in result.reasons[0]
     assert ns.link("gpu1") is not None
+
+
+# ---- 5: tunnel.interface renamed ------------------------------------------------------------
+
+
+def test_renaming_the_tunnel_removes_the_old_link_and_creates_the_new_one(ns: Namespace) -> None:
+    before = ns.agent()
+    assert reconcile(ns, before).health == "ok"
+    ns.call(before.close)
+    recorded = json.loads((ns.state_dir / "state.json").read_text())["managed_link"]
+    assert recorded["name"] == "vxlan0" and recorded["vni"] == GATE.vni
+
+    # The operator renames the tunnel; the next apply (a new process) reads the state file.
+    after = ns.agent(interface="gptun1")
+    result = reconcile(ns, after)
+    ns.call(after.close)
+    assert result.health == "ok", result.reasons
+    assert result.actions[0].command().startswith("ip link del vxlan0  # "), result.actions[0]
+    assert ns.link("vxlan0") is None
+    link = ns.link("gptun1")
+    assert link is not None and link["linkinfo"]["info_data"]["id"] == GATE.vni
+    assert ns.addresses("gptun1") == [str(GATE.inner)]
+    state = json.loads((ns.state_dir / "state.json").read_text())
+    assert state["managed_link"]["name"] == "gptun1"
+
+    # Renamed again and taken down before any apply: `down` removes the recorded link too.
+    renamed = ns.agent(interface="gptun2")
+    removed, messages = ns.call(lambda: renamed.teardown(unregister=False))
+    ns.call(renamed.close)
+    assert removed and "removed gptun1 (made under an earlier tunnel.interface)" in messages
+    assert ns.link("gptun1") is None
+
+
+def test_a_link_under_the_old_name_that_is_no_longer_ours_stays(ns: Namespace) -> None:
+    before = ns.agent()
+    assert reconcile(ns, before).health == "ok"
+    ns.call(before.close)
+    # Replaced by hand since: a vxlan with another VNI, then a bridge, under the old name.
+    ns.ip("link", "del", "vxlan0")
+    ns.ip("link", "add", "vxlan0", "type", "vxlan", "id", "99", "dstport", "4789", "dev", UNDERLAY)
+    after = ns.agent(interface="gptun1")
+    assert reconcile(ns, after).health == "ok"
+    ns.call(after.close)
+    assert ns.link("vxlan0")["linkinfo"]["info_data"]["id"] == 99  # type: ignore[index]
+
+    state = json.loads((ns.state_dir / "state.json").read_text())
+    state["managed_link"] = {**state["managed_link"], "name": "gpbr0"}
+    (ns.state_dir / "state.json").write_text(json.dumps(state))
+    ns.ip("link", "add", "gpbr0", "type", "bridge")
+    again = ns.agent(interface="gptun1")
+    assert reconcile(ns, again).health == "ok"
+    ns.call(again.close)
+    assert ns.link("gpbr0") is not None
