@@ -21,7 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from gatepeer import __version__, statefile
 from gatepeer.config import Config
 from gatepeer.gate import GateError, fetch_gate_view, find_own_peer, vpg_endpoints
-from gatepeer.kernel import nftables
+from gatepeer.kernel import nftables, sysctl
 from gatepeer.kernel.netlink import KernelError, Netlink
 from gatepeer.plan import (
     Action,
@@ -280,9 +280,27 @@ class Agent:
             elif isinstance(action, UpdateEndpointSet):
                 nftables.update_endpoints(action.spec.endpoints)
             else:
+                if isinstance(action, SetSysctl):
+                    self._record_original(action)
                 self.netlink.apply(action)
         except nftables.NftError as exc:
             raise KernelError(f"nftables: {exc}") from None
+
+    def _record_original(self, action: SetSysctl) -> None:
+        """Note a host-wide key's value before its first change, for `down` to restore. The
+        tunnel's own keys go with the link and are not recorded."""
+        path = action.setting.path
+        if action.was is None or f"/conf/{self.config.tunnel.interface}/" in path:
+            return
+        record = sysctl.OriginalValues.beside(self.config.agent.state_file)
+        try:
+            record.remember(path, action.was, action.setting.value)
+        except OSError as exc:
+            # Not changed, then: a value that cannot be restored is not ours to change.
+            raise KernelError(
+                f"cannot record {action.setting.dotted}={action.was} in {record.path} before "
+                f"changing it: {exc.strerror or exc}"
+            ) from None
 
     def notes(self, observed: ObservedState, desired: DesiredState) -> list[str]:
         """Settings this network namespace cannot take: said, not treated as failures."""
@@ -435,7 +453,8 @@ class Agent:
     # ---- teardown ----------------------------------------------------------------------
 
     def teardown(self, *, unregister: bool) -> tuple[bool, list[str]]:
-        """Remove what gatepeer created; sysctls stay (other services may rely on them)."""
+        """Remove what gatepeer created, and put back the host-wide sysctls it changed
+        (those someone changed since are left, and said)."""
         messages: list[str] = []
         name = self.config.tunnel.interface
         # Before anything is touched: a link of another kind under our name is a config error.
@@ -451,6 +470,10 @@ class Agent:
             nftables.remove()
             removed = True
             messages.append(f"removed nftables table {nftables.FAMILY} {nftables.TABLE}")
+        # Host-wide sysctls back to what they were before gatepeer changed them.
+        restored = sysctl.OriginalValues.beside(self.config.agent.state_file).restore()
+        removed = removed or any(line.startswith("restored ") for line in restored)
+        messages += restored
         if unregister:
             facts = self.host_facts()
             vpg_id = self.config.soracom.vpg_id

@@ -232,6 +232,8 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         Sysctl("net/ipv4/neigh/default/gc_thresh3", g3, "at_least", init_netns_only=True),
     )
     # The forward chain tracks connections in both modes, so conntrack is sized in both.
+    # Timeouts are set exactly, some below the kernel's defaults (why: conntrack_sysctls), and
+    # they are host-wide; the values before gatepeer are recorded and `down` restores them.
     for path, value in conntrack_sysctls(
         config.kernel.neighbour_table_devices, pp.flows_per_device
     ):

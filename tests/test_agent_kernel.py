@@ -228,3 +228,44 @@ def test_a_link_under_the_old_name_that_is_no_longer_ours_stays(ns: Namespace) -
     assert reconcile(ns, again).health == "ok"
     ns.call(again.close)
     assert ns.link("gpbr0") is not None
+
+
+# ---- 9: host-wide sysctls are recorded before the first change and restored by down ----------
+
+HOST_KEYS = {
+    "net.ipv4.ip_forward": 0,
+    f"net.ipv4.conf.{UNDERLAY}.rp_filter": 1,
+    "net.ipv4.conf.all.send_redirects": 1,
+    f"net.ipv4.conf.{UNDERLAY}.send_redirects": 1,
+    "net.netfilter.nf_conntrack_tcp_timeout_established": 432000,
+    "net.netfilter.nf_conntrack_tcp_timeout_time_wait": 120,
+}
+
+
+def test_down_restores_every_sysctl_gatepeer_changed_to_its_value_before(ns: Namespace) -> None:
+    netns.write_sysctls(ns.name, HOST_KEYS)
+    agent = ns.agent()
+    assert reconcile(ns, agent).health == "ok"
+    changed = {key: ns.sysctl(key) for key in HOST_KEYS}
+    assert all(changed[k] != v for k, v in HOST_KEYS.items()), changed
+    record = json.loads((ns.state_dir / "sysctl-original.json").read_text())
+    assert record["sysctls"]["net/ipv4/conf/gpu0/rp_filter"] == {"original": 1, "set": 2}
+
+    # Drift repaired by a later reconcile must not overwrite the value from before gatepeer.
+    netns.write_sysctls(ns.name, {f"net.ipv4.conf.{UNDERLAY}.rp_filter": 0})
+    assert reconcile(ns, agent).health == "ok"
+    record = json.loads((ns.state_dir / "sysctl-original.json").read_text())
+    assert record["sysctls"]["net/ipv4/conf/gpu0/rp_filter"]["original"] == 1
+    # Changed by the operator after gatepeer: `down` leaves it, and says so.
+    time_wait = "net.netfilter.nf_conntrack_tcp_timeout_time_wait"
+    netns.write_sysctls(ns.name, {time_wait: 90})
+
+    removed, messages = ns.call(lambda: agent.teardown(unregister=False))
+    ns.call(agent.close)
+    assert removed
+    after = {key: ns.sysctl(key) for key in HOST_KEYS}
+    assert after == {**HOST_KEYS, time_wait: 90}
+    assert "restored net.ipv4.ip_forward to 0 (gatepeer had set 1)" in messages, messages
+    left = f"left {time_wait} at 90: changed since gatepeer set 60 (it was 120 before)"
+    assert left in messages, messages
+    assert not (ns.state_dir / "sysctl-original.json").exists()
