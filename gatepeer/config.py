@@ -350,9 +350,7 @@ def _interface_name(
 
 
 def _parse_tunnel(s: _Section) -> TunnelConfig:
-    interface = _interface_name(
-        s, "interface", s.get("interface", "vxlan0"), RESERVED_TUNNEL_NAMES
-    )
+    interface = _interface_name(s, "interface", s.get("interface", "vxlan0"), RESERVED_TUNNEL_NAMES)
     underlay = s.get("underlay_interface")
     if underlay is not None:
         underlay = _interface_name(s, "underlay_interface", underlay)

@@ -11,7 +11,6 @@ Health here is "ok" (exit 0), "degraded" (exit 1: traffic flows, something needs
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -95,7 +94,7 @@ class StateSummary:
         probed = isinstance(raw_endpoints, list)
         if raw_endpoints is not None and not probed:
             r.damaged.append("endpoints")
-        if probed:
+        if isinstance(raw_endpoints, list):
             endpoints = []
             for i, e in enumerate(raw_endpoints):
                 entry = _endpoint(e)
