@@ -21,9 +21,18 @@ from pyroute2.netlink.exceptions import NetlinkError
 from gatepeer import __version__, statefile
 from gatepeer.config import Config
 from gatepeer.gate import GateError, fetch_gate_view, find_own_peer, vpg_endpoints
-from gatepeer.kernel import nftables
+from gatepeer.kernel import nftables, sysctl
 from gatepeer.kernel.netlink import KernelError, Netlink
-from gatepeer.plan import Action, LoadRuleset, SetSysctl, UpdateEndpointSet, describe, plan
+from gatepeer.plan import (
+    Action,
+    DeleteLink,
+    LoadRuleset,
+    SetSysctl,
+    UpdateEndpointSet,
+    describe,
+    plan,
+    refuse_foreign,
+)
 from gatepeer.soracom import ApiStats, SoracomClient, SoracomError
 from gatepeer.state import (
     DesiredState,
@@ -97,6 +106,9 @@ class Agent:
         self.reconciled_at: float | None = None
         self._gate_kept = False  # written to the gate cache by this process
         self._flowtable_supported: bool | None = None
+        # The vxlan link this agent (or its predecessor) made: {"name", "ifindex", "vni",
+        # "dst_port"}. Kept in the state file, so a renamed tunnel.interface can remove it.
+        self.managed_link: dict[str, Any] | None = None
         self._load_last_good()
 
     def close(self) -> None:
@@ -112,6 +124,7 @@ class Agent:
             if previous.get("gate"):
                 self.gate = GateView.from_json(previous["gate"])
                 self.gate_fetched_at = previous.get("gate_fetched_at")
+            self.managed_link = _managed_link(previous.get("managed_link"))
         except (AttributeError, KeyError, ValueError, TypeError):
             # A damaged file must not stop the agent: start as if it were not there.
             log.warning("ignoring unreadable parts of %s", self.config.agent.state_file)
@@ -267,9 +280,27 @@ class Agent:
             elif isinstance(action, UpdateEndpointSet):
                 nftables.update_endpoints(action.spec.endpoints)
             else:
+                if isinstance(action, SetSysctl):
+                    self._record_original(action)
                 self.netlink.apply(action)
         except nftables.NftError as exc:
             raise KernelError(f"nftables: {exc}") from None
+
+    def _record_original(self, action: SetSysctl) -> None:
+        """Note a host-wide key's value before its first change, for `down` to restore. The
+        tunnel's own keys go with the link and are not recorded."""
+        path = action.setting.path
+        if action.was is None or f"/conf/{self.config.tunnel.interface}/" in path:
+            return
+        record = sysctl.OriginalValues.beside(self.config.agent.state_file)
+        try:
+            record.remember(path, action.was, action.setting.value)
+        except OSError as exc:
+            # Not changed, then: a value that cannot be restored is not ours to change.
+            raise KernelError(
+                f"cannot record {action.setting.dotted}={action.was} in {record.path} before "
+                f"changing it: {exc.strerror or exc}"
+            ) from None
 
     def notes(self, observed: ObservedState, desired: DesiredState) -> list[str]:
         """Settings this network namespace cannot take: said, not treated as failures."""
@@ -305,13 +336,17 @@ class Agent:
             desired = self.desired()
             observed = self.observe(desired)
             notes = self.notes(observed, desired)
-            actions = plan(desired, observed, self.facts.underlay if self.facts else "")
+            # The old link goes first: it holds the VNI and port the new one needs.
+            actions = self._previous_link(desired) + plan(
+                desired, observed, self.facts.underlay if self.facts else ""
+            )
             if not dry_run and actions:
                 for action in actions:
                     log.info("apply: %s", action.command())
                     self.apply_action(action)
                 underlay = self.facts.underlay if self.facts else ""
                 final = self.observe(desired)
+                self._remember_link(final)
                 leftover = plan(desired, final, underlay)
                 # Keys that appear only once what we applied loaded their module (conntrack's,
                 # after the first ruleset with `ct state`) get a second pass, then are checked.
@@ -333,6 +368,8 @@ class Agent:
                     raise ReconcileError(
                         "read back differs from what was applied: " + "; ".join(describe(leftover))
                     )
+            elif not dry_run:
+                self._remember_link(observed)
             if reasons:
                 health = "degraded"
         except (KernelError, ReconcileError, DesiredStateError, NetlinkError, OSError) as exc:
@@ -360,6 +397,36 @@ class Agent:
             self.write_state()
         return result
 
+    def _remember_link(self, observed: ObservedState) -> None:
+        link = observed.link
+        if link is not None and link.kind == "vxlan":
+            self.managed_link = {
+                "name": link.name,
+                "ifindex": link.index,
+                "vni": link.vni,
+                "dst_port": link.dst_port,
+            }
+
+    def _ours(self, name: str) -> bool:
+        """`name` is the link recorded as ours, and still a vxlan with the recorded VNI and
+        port (never a link of another kind, nor someone else's vxlan under that name)."""
+        rec = self.managed_link
+        if rec is None or rec["name"] != name:
+            return False
+        link = self.netlink.observe_link(name)
+        return (
+            link is not None
+            and link.kind == "vxlan"
+            and (link.vni, link.dst_port) == (rec["vni"], rec["dst_port"])
+        )
+
+    def _previous_link(self, desired: DesiredState) -> list[Action]:
+        """Removing the link made under an earlier tunnel.interface, if it is still there."""
+        rec = self.managed_link
+        if rec is None or rec["name"] == desired.link.name or not self._ours(rec["name"]):
+            return []
+        return [DeleteLink(rec["name"], f"tunnel.interface is now {desired.link.name}")]
+
     def record_crash(self, exc: BaseException) -> ReconcileResult:
         """Account for a reconcile that raised something unexpected (a bug): failed, and said."""
         result = ReconcileResult(
@@ -386,16 +453,27 @@ class Agent:
     # ---- teardown ----------------------------------------------------------------------
 
     def teardown(self, *, unregister: bool) -> tuple[bool, list[str]]:
-        """Remove what gatepeer created; sysctls stay (other services may rely on them)."""
+        """Remove what gatepeer created, and put back the host-wide sysctls it changed
+        (those someone changed since are left, and said)."""
         messages: list[str] = []
         name = self.config.tunnel.interface
+        # Before anything is touched: a link of another kind under our name is a config error.
+        refuse_foreign(name, self.netlink.observe_link(name))
         removed = self.netlink.delete_link(name)
         if removed:
             messages.append(f"removed {name}")
+        old = self.managed_link["name"] if self.managed_link else name
+        if old != name and self._ours(old) and self.netlink.delete_link(old):
+            removed = True
+            messages.append(f"removed {old} (made under an earlier tunnel.interface)")
         if nftables.nft_available() and nftables.current() is not None:
             nftables.remove()
             removed = True
             messages.append(f"removed nftables table {nftables.FAMILY} {nftables.TABLE}")
+        # Host-wide sysctls back to what they were before gatepeer changed them.
+        restored = sysctl.OriginalValues.beside(self.config.agent.state_file).restore()
+        removed = removed or any(line.startswith("restored ") for line in restored)
+        messages += restored
         if unregister:
             facts = self.host_facts()
             vpg_id = self.config.soracom.vpg_id
@@ -439,6 +517,7 @@ class Agent:
             if self.facts
             else None,
             "tunnel": {"interface": self.config.tunnel.interface},
+            "managed_link": self.managed_link,
             "packet_path": {
                 "mode": self.config.packet_path.mode,
                 "flowtable_supported": self.facts.flowtable_supported if self.facts else None,
@@ -469,3 +548,13 @@ class Agent:
             statefile.write(path, self.state())
         except OSError as exc:
             log.error("cannot write %s: %s", path, exc.strerror or exc)
+
+
+def _managed_link(data: Any) -> dict[str, Any] | None:
+    """The state file's record of our link, or None when absent or damaged."""
+    if not isinstance(data, dict):
+        return None
+    name, vni, port = data.get("name"), data.get("vni"), data.get("dst_port")
+    if isinstance(name, str) and isinstance(vni, int) and isinstance(port, int):
+        return {"name": name, "ifindex": data.get("ifindex"), "vni": vni, "dst_port": port}
+    return None

@@ -150,6 +150,7 @@ def down(config_file: str | None, unregister: bool, verbose: bool) -> None:
     from gatepeer.kernel.netlink import KernelError
     from gatepeer.kernel.nftables import NftError
     from gatepeer.soracom import SoracomError
+    from gatepeer.state import DesiredStateError
 
     running = running_daemon(cfg)
     if running is not None:
@@ -158,6 +159,8 @@ def down(config_file: str | None, unregister: bool, verbose: bool) -> None:
     agent = Agent(cfg)
     try:
         removed, messages = agent.teardown(unregister=unregister)
+    except DesiredStateError as exc:  # a link that is not ours under the configured name
+        fail(str(exc), EXIT_USAGE)
     except (SoracomError, KernelError, NftError) as exc:
         fail(str(exc))
     finally:

@@ -25,7 +25,12 @@ ENV_VAR = "GATEPEER_CONFIG"
 VXLAN_OVERHEAD = 50
 MTU_MIN, MTU_MAX = 576, 9001 - VXLAN_OVERHEAD
 MAX_TRACKED_FLOWS = 16_000_000
-IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # always fullmatch: `$` accepts a final newline
+# Names gatepeer must not take: `all` and `default` are /proc/sys/net/ipv4/conf's own entries (a
+# sysctl written there applies to every interface); `lo` cannot be the tunnel. (A loopback
+# underlay is merely useless, and the tests use it as the one interface every host has.)
+RESERVED_IFNAMES = ("all", "default", ".", "..")
+RESERVED_TUNNEL_NAMES = (*RESERVED_IFNAMES, "lo")
 
 
 class ConfigError(ValueError):
@@ -309,7 +314,7 @@ def _parse_soracom(s: _Section) -> SoracomConfig:
     vpg_id = s.string("vpg_id", "")
     if not vpg_id:
         raise ConfigError(f"{s.key('vpg_id')}: missing (the id of your virtual private gateway)")
-    if not re.match(r"^[A-Za-z0-9-]{1,64}$", vpg_id):
+    if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", vpg_id):
         raise ConfigError(f"{s.key('vpg_id')}: not a VPG id, got {vpg_id!r}")
     cfg = SoracomConfig(
         endpoint=endpoint,
@@ -334,14 +339,18 @@ def _local_host(host: str) -> bool:
     return address.is_loopback or address.is_private
 
 
-def _interface_name(s: _Section, key: str, value: Any) -> str:
-    if not isinstance(value, str) or not IFNAME_RE.match(value) or value in (".", ".."):
+def _interface_name(
+    s: _Section, key: str, value: Any, reserved: tuple[str, ...] = RESERVED_IFNAMES
+) -> str:
+    if not isinstance(value, str) or not IFNAME_RE.fullmatch(value):
         raise ConfigError(f"{s.key(key)}: not an interface name (1-15 characters), got {value!r}")
+    if value in reserved:
+        raise ConfigError(f"{s.key(key)}: {value!r} is reserved, choose another interface name")
     return value
 
 
 def _parse_tunnel(s: _Section) -> TunnelConfig:
-    interface = _interface_name(s, "interface", s.get("interface", "vxlan0"))
+    interface = _interface_name(s, "interface", s.get("interface", "vxlan0"), RESERVED_TUNNEL_NAMES)
     underlay = s.get("underlay_interface")
     if underlay is not None:
         underlay = _interface_name(s, "underlay_interface", underlay)

@@ -19,14 +19,16 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK, RTMGRP_NEIGH
 
 from gatepeer import systemd
 from gatepeer.agent import Agent, ReconcileResult
 from gatepeer.config import Config, ConfigError
 from gatepeer.kernel import rtnl
+from gatepeer.kernel.netlink import KernelError
 from gatepeer.probes import IcmpTransport, Prober, with_probes
-from gatepeer.state import Endpoint
+from gatepeer.state import DesiredStateError, Endpoint, tunnel_mtu
 
 if TYPE_CHECKING:
     from gatepeer.metrics.server import MetricsServer
@@ -39,6 +41,9 @@ EVENT_SETTLE_S = 0.02
 BUSY_RECONCILES_BEFORE_BACKOFF = 5
 CRASH_BACKOFF_S = 5.0
 MAX_BACKOFF_S = 30.0
+# Without any gate view (a fresh install whose API failed), ask again this soon at the latest.
+FIRST_VIEW_RETRY_S = 30.0
+WAITING_FOR_API = "waiting for the SORACOM API: no gate view yet (registering or fetching it)"
 
 
 class Wake:
@@ -252,16 +257,38 @@ class Daemon:
 
     def step(
         self, now: float, next_refresh: float, interval: float
-    ) -> tuple[ReconcileResult, float]:
-        """One reconcile against the cached gate view; the API is asked in the background."""
+    ) -> tuple[ReconcileResult | None, float]:
+        """One reconcile against the cached gate view; the API is asked in the background.
+        None while the first gate view is awaited: there is nothing to reconcile against yet,
+        and the loop must keep feeding the watchdog and hearing SIGTERM meanwhile (a slow or
+        rate-limited API can take minutes)."""
         if self.agent.gate is None:
-            # Nothing applied yet, so nothing a slow API could keep from being repaired.
-            return self.agent.reconcile(refresh=True), now + interval
+            if self._refresher is not None and self._refresher.is_alive():
+                return None, next_refresh
+            if now >= next_refresh:
+                next_refresh = now + min(interval, FIRST_VIEW_RETRY_S)
+                if self._start_first_refresh():
+                    return None, next_refresh
+            # The host cannot be read or the last attempt failed: the reconcile says why.
+            return self.agent.reconcile(refresh=False), next_refresh
         result = self.agent.reconcile(refresh=False)
         if now >= next_refresh:
             # Still running: look again shortly; its end wakes the loop anyway.
             next_refresh = now + (interval if self.start_refresh() else 1.0)
         return result, next_refresh
+
+    def _start_first_refresh(self) -> bool:
+        """Read the host (on this thread: it owns the netlink socket), refuse settings it
+        cannot satisfy before anything reaches the API, then ask the API in the worker."""
+        try:
+            facts = self.agent.host_facts()
+            tunnel_mtu(self.config, facts)
+        except (KernelError, DesiredStateError, NetlinkError, OSError):
+            return False  # the reconcile reports it
+        if not self.start_refresh():
+            return False
+        self.agent.write_state()  # `status` sees the daemon while it waits
+        return True
 
     def pause(self, seconds: float) -> None:
         """Sleep that events cannot cut short (they may be our own), but a signal can."""
@@ -295,6 +322,17 @@ class Daemon:
         self.prober.interval, self.prober.timeout = config.probes.interval, config.probes.timeout
         if isinstance(self.prober.transport, IcmpTransport):
             self.prober.transport.interface = config.tunnel.interface
+
+    def _wait(self, next_refresh: float, watchdog: float | None) -> None:
+        """Feed the watchdog, then sleep until the next refresh, an event or a signal."""
+        timeout = max(0.0, next_refresh - time.monotonic())
+        if watchdog:
+            timeout = min(timeout, watchdog)
+            systemd.notify("WATCHDOG=1")
+        self.wake.wait(timeout)
+        self.wake.clear()
+        if self.event_reasons:
+            time.sleep(EVENT_SETTLE_S)
 
     def _metrics_server(self) -> MetricsServer | None:
         """The /metrics listener for the current config; None when `listen = ""` turns it off.
@@ -352,6 +390,11 @@ class Daemon:
                         trigger = "kernel event: " + ", ".join(late)
                 if metrics is not None:
                     metrics.ensure_started()  # the default address is known after a reconcile
+                if result is None:
+                    # READY waits for the first view; the watchdog must not.
+                    systemd.notify(f"STATUS={WAITING_FOR_API}")
+                    self._wait(next_refresh, watchdog)
+                    continue
                 if result.actions or result.health != "ok":
                     log.info(
                         "reconcile (%s): %s, %d action(s) in %.1f ms",
@@ -377,14 +420,7 @@ class Daemon:
                 systemd.notify(
                     f"STATUS={result.health}: {'; '.join(result.reasons) or 'converged'}"
                 )
-                timeout = max(0.0, next_refresh - time.monotonic())
-                if watchdog:
-                    timeout = min(timeout, watchdog)
-                    systemd.notify("WATCHDOG=1")
-                self.wake.wait(timeout)
-                self.wake.clear()
-                if self.event_reasons:
-                    time.sleep(EVENT_SETTLE_S)
+                self._wait(next_refresh, watchdog)
         finally:
             systemd.notify("STOPPING=1")
             watcher.stop()

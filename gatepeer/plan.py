@@ -14,6 +14,7 @@ from gatepeer.kernel import nftables
 from gatepeer.kernel.nftables import PacketPathSpec
 from gatepeer.state import (
     DesiredState,
+    DesiredStateError,
     IPv4Address,
     IPv4Interface,
     ObservedLink,
@@ -151,6 +152,22 @@ Action = (
 )
 
 
+class ForeignLinkError(DesiredStateError):
+    """A link of another kind holds the tunnel's name: a typo, not ours to delete."""
+
+
+def refuse_foreign(name: str, link: ObservedLink | None) -> None:
+    """Raise unless `name` is absent or a vxlan link: gatepeer deletes only vxlan links, so a
+    bridge, a bond or a WireGuard link that happens to carry the configured name survives."""
+    if link is None or link.kind == "vxlan":
+        return
+    kind = f"a {link.kind} link" if link.kind else "a link of no kind (a physical interface?)"
+    raise ForeignLinkError(
+        f"tunnel.interface: {name} is {kind}, not vxlan; gatepeer will not delete it "
+        "(choose another tunnel.interface, or remove it by hand)"
+    )
+
+
 def immutable_differences(spec: VxlanSpec, link: ObservedLink) -> list[str]:
     """Attributes that differ and that the kernel cannot change on an existing vxlan link."""
     if link.kind != "vxlan":
@@ -170,6 +187,7 @@ def plan(desired: DesiredState, observed: ObservedState, underlay: str) -> list[
     spec = desired.link
     actions: list[Action] = []
     link = observed.link
+    refuse_foreign(spec.name, link)
     fresh = link is None
     if link is not None:
         differences = immutable_differences(spec, link)
@@ -188,6 +206,10 @@ def plan(desired: DesiredState, observed: ObservedState, underlay: str) -> list[
             actions.append(SetMtu(spec.name, spec.mtu, link.mtu))
         addresses, fdb = observed.addresses, observed.fdb
 
+    # The tunnel's own keys come before its addresses: with promote_secondaries=1 the new
+    # address (added as a secondary in the same subnet) survives the removal of the old primary.
+    sysctl_actions = _sysctl_actions(desired, observed, fresh)
+    actions += [a for a in sysctl_actions if _tunnel_key(a.setting, spec.name)]
     if desired.address not in addresses:
         actions.append(AddAddress(spec.name, desired.address))
     for extra in sorted(addresses - {desired.address}):
@@ -207,9 +229,19 @@ def plan(desired: DesiredState, observed: ObservedState, underlay: str) -> list[
     if fresh or (link is not None and not link.admin_up):
         actions.append(SetUp(spec.name))
 
+    actions += [a for a in sysctl_actions if not _tunnel_key(a.setting, spec.name)]
+    return actions
+
+
+def _tunnel_key(setting: Sysctl, tunnel: str) -> bool:
+    return f"/conf/{tunnel}/" in setting.path
+
+
+def _sysctl_actions(desired: DesiredState, observed: ObservedState, fresh: bool) -> list[SetSysctl]:
+    actions = []
     for setting in desired.sysctls:
         have = observed.sysctl(setting.path)
-        tunnel_key = f"/conf/{spec.name}/" in setting.path
+        tunnel_key = _tunnel_key(setting, desired.link.name)
         if have is None:
             # A fresh link's per-interface keys appear only once it exists.
             if tunnel_key and fresh:

@@ -218,6 +218,9 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         Sysctl("net/ipv4/ip_forward", 1),
         # Loose reverse-path filtering: replies may come back through the other endpoint.
         Sysctl(f"net/ipv4/conf/{t.interface}/rp_filter", 2),
+        # A new inner address in the old one's subnet is added as a secondary; without
+        # promotion, removing the old primary would remove it too (Debian's default is 0).
+        Sysctl(f"net/ipv4/conf/{t.interface}/promote_secondaries", 1),
         Sysctl(f"net/ipv4/conf/{facts.underlay}/rp_filter", 2),
         # Devices' packets that arrive while vxlan0 is briefly absent would otherwise earn the
         # VPC host an ICMP redirect to the VPC router, cached for minutes (the kernel sends one
@@ -229,6 +232,8 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         Sysctl("net/ipv4/neigh/default/gc_thresh3", g3, "at_least", init_netns_only=True),
     )
     # The forward chain tracks connections in both modes, so conntrack is sized in both.
+    # Timeouts are set exactly, some below the kernel's defaults (why: conntrack_sysctls), and
+    # they are host-wide; the values before gatepeer are recorded and `down` restores them.
     for path, value in conntrack_sysctls(
         config.kernel.neighbour_table_devices, pp.flows_per_device
     ):

@@ -11,7 +11,6 @@ Health here is "ok" (exit 0), "degraded" (exit 1: traffic flows, something needs
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gatepeer import __version__, statefile
-from gatepeer.config import AgentConfig, ConfigError, TunnelConfig, load
+from gatepeer.config import IFNAME_RE, AgentConfig, ConfigError, TunnelConfig, load
 from gatepeer.kernel import rtnl
 from gatepeer.probes import UNKNOWN, ProbeResult
 from gatepeer.state import GateView
@@ -75,65 +74,158 @@ class StateSummary:
             return False
         return self.local_address is None or self.local_address == str(self.gate.outer)
 
+    # Fields of the document that were present but unusable (wrong type, bad address).
+    damaged: tuple[str, ...] = ()
+
     @classmethod
     def from_state(cls, data: Mapping[str, Any]) -> StateSummary:
+        """Never raises: a field of the wrong shape is left at its default and named in
+        `damaged`, so a hand-edited or truncated file cannot break `status` or the metrics."""
+        r = _Reader(data)
         gate = None
-        with contextlib.suppress(KeyError, ValueError, TypeError):
-            gate = GateView.from_json(data["gate"]) if data.get("gate") else None
-        last = data.get("last_reconcile") or {}
-        counters = data.get("counters") or {}
-        packet_path = data.get("packet_path") or {}
-        host = data.get("host") or {}
-        probed = isinstance(data.get("endpoints"), list)
-        endpoints = (
-            tuple(_endpoint(e) for e in data["endpoints"] if isinstance(e, dict))
-            if probed
-            else tuple(
+        if data.get("gate"):
+            try:
+                gate = GateView.from_json(data["gate"])
+            except (KeyError, ValueError, TypeError, AttributeError):
+                r.damaged.append("gate")
+        last, counters = r.section("last_reconcile"), r.section("counters")
+        packet_path, host, tunnel = r.section("packet_path"), r.section("host"), r.section("tunnel")
+        raw_endpoints = data.get("endpoints")
+        probed = isinstance(raw_endpoints, list)
+        if raw_endpoints is not None and not probed:
+            r.damaged.append("endpoints")
+        if isinstance(raw_endpoints, list):
+            endpoints = []
+            for i, e in enumerate(raw_endpoints):
+                entry = _endpoint(e)
+                if entry is None:
+                    r.damaged.append(f"endpoints[{i}]")
+                else:
+                    endpoints.append(entry)
+        else:
+            endpoints = [
                 EndpointSummary(str(e.outer), str(e.inner) if e.inner else None, None, UNKNOWN)
                 for e in (gate.endpoints if gate else ())
-            )
-        )
+            ]
+        interface = r.text(tunnel, "interface", "tunnel.interface")
+        if interface is not None and not IFNAME_RE.fullmatch(interface):
+            r.damaged.append("tunnel.interface")
+            interface = None
+        reasons = data.get("reasons") or []
+        if not isinstance(reasons, list) or not all(isinstance(x, str) for x in reasons):
+            r.damaged.append("reasons")
+            reasons = ()
+        health = r.text(data, "health", "health")
+        fast_path = packet_path.get("fast_path_active")
+        if fast_path is not None and not isinstance(fast_path, bool):
+            r.damaged.append("packet_path.fast_path_active")
+            fast_path = None
+        pid = data.get("pid")
+        if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool)):
+            r.damaged.append("pid")
+            pid = None
         return cls(
-            version=data.get("version"),
-            pid=data.get("pid") if isinstance(data.get("pid"), int) else None,
-            updated_at=_number(data.get("updated_at")),
-            reconciled_at=_number(data.get("reconciled_at")),
-            interface=str((data.get("tunnel") or {}).get("interface") or TunnelConfig.interface),
-            health=str(data.get("health") or "unknown"),
-            reasons=tuple(str(r) for r in data.get("reasons") or ()),
+            version=r.text(data, "version", "version"),
+            pid=pid,
+            updated_at=r.number(data, "updated_at", "updated_at"),
+            reconciled_at=r.number(data, "reconciled_at", "reconciled_at"),
+            interface=interface or TunnelConfig.interface,
+            health=health if health in ("ok", "degraded", "failed") else "unknown",
+            reasons=tuple(reasons),
             gate=gate,
-            local_address=host.get("local_address"),
-            endpoints=endpoints,
+            local_address=r.text(host, "local_address", "host.local_address"),
+            endpoints=tuple(endpoints),
             probed=probed,
-            gate_fetched_at=_number(data.get("gate_fetched_at")),
-            gate_error=data.get("gate_error"),
-            last_health=last.get("health"),
-            last_error=last.get("error"),
-            last_duration_s=_number(last.get("duration_s")),
-            reconciles=int(counters.get("reconciles") or 0),
-            failures=int(counters.get("failures") or 0),
-            last_success_at=_number(counters.get("last_success_at")),
-            packet_path_mode=packet_path.get("mode"),
-            fast_path=packet_path.get("fast_path_active"),
+            gate_fetched_at=r.number(data, "gate_fetched_at", "gate_fetched_at"),
+            gate_error=r.text(data, "gate_error", "gate_error"),
+            last_health=r.text(last, "health", "last_reconcile.health"),
+            last_error=r.text(last, "error", "last_reconcile.error"),
+            last_duration_s=r.number(last, "duration_s", "last_reconcile.duration_s"),
+            reconciles=r.count(counters, "reconciles", "counters.reconciles"),
+            failures=r.count(counters, "failures", "counters.failures"),
+            last_success_at=r.number(counters, "last_success_at", "counters.last_success_at"),
+            packet_path_mode=r.text(packet_path, "mode", "packet_path.mode"),
+            fast_path=fast_path,
+            damaged=tuple(r.damaged),
         )
+
+
+class _Reader:
+    """Typed reads from the state document; a present value of the wrong type reads as absent
+    and its key is remembered."""
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self.data = data
+        self.damaged: list[str] = []
+
+    def section(self, key: str) -> Mapping[str, Any]:
+        value = self.data.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.damaged.append(key)
+            return {}
+        return value
+
+    def text(self, where: Mapping[str, Any], key: str, name: str) -> str | None:
+        value = where.get(key)
+        if value is None or isinstance(value, str):
+            return value
+        self.damaged.append(name)
+        return None
+
+    def number(self, where: Mapping[str, Any], key: str, name: str) -> float | None:
+        value = where.get(key)
+        if value is not None and _number(value) is None:
+            self.damaged.append(name)
+        return _number(value)
+
+    def count(self, where: Mapping[str, Any], key: str, name: str) -> int:
+        value = where.get(key)
+        if value is None:
+            return 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            self.damaged.append(name)
+            return 0
+        return value
 
 
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def _endpoint(data: Mapping[str, Any]) -> EndpointSummary:
-    probe = data.get("probe") or {}
+def _address(value: Any) -> str | None:
+    """The address as text when `value` is an IPv4 address, else None."""
+    try:
+        return str(ipaddress.IPv4Address(value)) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+def _endpoint(data: Any) -> EndpointSummary | None:
+    """One probed endpoint, or None when the entry is damaged."""
+    if not isinstance(data, Mapping):
+        return None
+    outer, inner, probe = data.get("outer"), data.get("inner"), data.get("probe") or {}
+    fdb_present = data.get("fdb_present")
+    if (
+        _address(outer) is None
+        or (inner is not None and _address(inner) is None)
+        or not isinstance(probe, Mapping)
+        or not isinstance(fdb_present, bool | None)
+    ):
+        return None
     state = probe.get("state")
+    error = probe.get("error")
     return EndpointSummary(
-        outer=str(data.get("outer")),
-        inner=data.get("inner"),
-        fdb_present=data.get("fdb_present"),
+        outer=str(_address(outer)),
+        inner=_address(inner),
+        fdb_present=fdb_present,
         probe=ProbeResult(
             state=state if state in ("up", "down") else "unknown",
             rtt_s=_number(probe.get("rtt_s")),
             loss=_number(probe.get("loss")),
-            error=probe.get("error"),
+            error=error if isinstance(error, str) else None,
         ),
     )
 
@@ -187,6 +279,7 @@ class Status:
     reconcile_interval: float
     now: float
     packet_path_mode: str | None = None
+    state_error: str | None = None  # "state file unreadable: ..." when it exists but is damaged
     health: str = "down"
     reasons: list[str] = field(default_factory=list)
 
@@ -219,6 +312,15 @@ def gather(
             interval, mode = cfg.agent.reconcile_interval, cfg.packet_path.mode
     raw = statefile.read(state_path)
     state = StateSummary.from_state(raw) if raw else None
+    state_error = None
+    if raw is None and state_path.exists():
+        state_error = f"state file unreadable: {state_path} is not a gatepeer state document"
+    elif state is not None and state.damaged:
+        state_error = (
+            f"state file unreadable: {state_path} has damaged {', '.join(state.damaged[:5])}"
+            + (" ..." if len(state.damaged) > 5 else "")
+            + "; those parts are ignored"
+        )
     if state is not None:
         interface = state.interface  # what the daemon works on, even if the file was edited
     status = Status(
@@ -233,6 +335,7 @@ def gather(
         reconcile_interval=interval,
         now=clock(),
         packet_path_mode=(state.packet_path_mode if state else None) or mode,
+        state_error=state_error,
     )
     status.health, status.reasons = evaluate(status)
     return status
@@ -248,7 +351,9 @@ def evaluate(s: Status) -> tuple[str, list[str]]:
     if s.config_error:
         down.append(s.config_error)
     link = s.tunnel.link
-    if st is None:
+    if s.state_error:
+        degraded.append(s.state_error)  # what the kernel has is still judged below
+    elif st is None:
         down.append(
             f"never set up: no state file {s.state_path} (run `gatepeer apply` or start the daemon)"
         )
@@ -376,6 +481,7 @@ def to_json(s: Status) -> dict[str, Any]:
             "path": str(s.state_path),
             "updated_at": st.updated_at if st else None,
             "age_s": round(s.now - st.updated_at, 3) if st and st.updated_at else None,
+            "error": s.state_error,
         },
     }
 

@@ -412,6 +412,35 @@ ACCEPTED_BUT_INVALID = [
         id="interface-dotdot",
     ),
     pytest.param(
+        "tunnel",
+        'interface = "vxlan0\\n"',
+        "tunnel.interface:",
+        id="interface-trailing-newline",
+    ),
+    pytest.param(
+        "tunnel",
+        'underlay_interface = "eth0\\n"',
+        "tunnel.underlay_interface:",
+        id="underlay-trailing-newline",
+    ),
+    *(
+        pytest.param("tunnel", f'{key} = "{name}"', f"tunnel.{key}:", id=f"{key}-{name}")
+        for key, name in (
+            # /proc/sys/net/ipv4/conf/{all,default} are not interfaces; lo is the loopback.
+            ("interface", "all"),
+            ("interface", "default"),
+            ("interface", "lo"),
+            ("underlay_interface", "all"),
+            ("underlay_interface", "default"),
+        )
+    ),
+    pytest.param(
+        "soracom",
+        'vpg_id = "vpg-1\\n"',
+        "soracom.vpg_id:",
+        id="vpg-id-trailing-newline",
+    ),
+    pytest.param(
         "soracom",
         'endpoint = "https://api.soracom.io\\n"',
         "soracom.endpoint:",

@@ -1,9 +1,20 @@
-"""Unit tests of the daemon's plumbing that need no namespace."""
+"""Unit tests of the daemon's plumbing that need no namespace; and, in a namespace of its own
+with the emulator, the daemon's start against a slow or rate-limited API."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import subprocess
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from gatepeer.daemon import KernelWatcher, Wake
 
@@ -132,3 +143,125 @@ def test_a_loop_that_keeps_changing_things_backs_off(tmp_path: Path) -> None:
     excess = range(1, 12 - BUSY_RECONCILES_BEFORE_BACKOFF + 1)
     assert pauses == [EVENT_SETTLE_S * 2**e for e in excess]
     assert pauses == sorted(pauses) and pauses[-1] > pauses[0]
+
+
+# ---- the first gate view must not block READY, WATCHDOG or SIGTERM --------------------------
+
+
+class NotifySocket:
+    """A stand-in for systemd's $NOTIFY_SOCKET: collects every datagram in order."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+
+    def wait_for(self, prefix: str, timeout: float, log: Path) -> int:
+        """Index of the first message starting with `prefix`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for i, message in enumerate(list(self.messages)):
+                if message.startswith(prefix):
+                    return i
+            time.sleep(0.02)
+        raise AssertionError(f"no {prefix!r} in {self.messages}\n{log.read_text()[-2000:]}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def daemon_waiting_on_the_api(
+    tmp_path: Path, **faults: Any
+) -> Iterator[tuple[subprocess.Popen[bytes], NotifySocket, Path]]:
+    """`gatepeer run` in a namespace of its own, on a fresh install (no gate view kept), the
+    in-process emulator serving inside that namespace with `faults`, systemd's notify socket
+    and a 0.6 s watchdog faked. The daemon is stopped by its pid at the end."""
+    from conftest import gatepeer_command
+    from kernel_ns import LOCAL, UNDERLAY, namespace
+
+    from gatepeer.lab.emulator import Emulator, EmulatorSettings
+
+    settings = EmulatorSettings()
+    emulator = Emulator(settings)
+    notify = NotifySocket(tmp_path / "notify.sock")
+    log = tmp_path / "run.log"
+    with namespace(tmp_path) as ns:
+
+        def listen() -> socket.socket:
+            sock = socket.create_server(("127.0.0.1", 0))
+            return sock
+
+        base = emulator.serve_on(ns.call(listen))
+        emulator.set_faults(**faults)
+        key = tmp_path / "auth-key"
+        key.write_text(settings.auth_key)
+        key.chmod(0o600)
+        config = tmp_path / "gatepeer.toml"
+        config.write_text(
+            f'[soracom]\nendpoint = "{base}"\nauth_key_id = "{settings.auth_key_id}"\n'
+            f'auth_key_file = "{key}"\nvpg_id = "{settings.vpg_id}"\nrequest_timeout = "60s"\n'
+            f'[tunnel]\nunderlay_interface = "{UNDERLAY}"\nlocal_address = "{LOCAL}"\n'
+            'mtu = "auto"\n'
+            f'[agent]\nstate_file = "{tmp_path / "state.json"}"\ngate_cache = ""\n'
+            '[metrics]\nlisten = ""\n'
+        )
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "600000"}
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", ns.name, *gatepeer_command(), "run", "-v",
+                 "--config", str(config)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+            )  # fmt: skip
+        try:
+            yield proc, notify, log
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)  # ours, by pid
+            proc.wait(10)
+            emulator.stop()
+            notify.close()
+
+
+@pytest.mark.netns
+def test_a_rate_limited_first_registration_keeps_the_watchdog_fed(tmp_path: Path) -> None:
+    # Three 429s in a row: the client waits 1 s after each (the header says so).
+    with daemon_waiting_on_the_api(tmp_path, rate_limit_next=3, rate_limit_seconds=1) as (
+        proc,
+        notify,
+        log,
+    ):
+        ready = notify.wait_for("READY=1", 30, log)
+        before = notify.messages[:ready]
+        assert any(m.startswith("STATUS=waiting for the SORACOM API") for m in before), before
+        # Half the 0.6 s watchdog is 0.3 s; three 1 s waits are far longer than that.
+        assert before.count("WATCHDOG=1") >= 3, before
+        assert notify.messages[ready + 1].startswith("STATUS=ok"), notify.messages
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(15) == 0
+
+
+@pytest.mark.netns
+def test_sigterm_while_the_first_api_call_hangs_stops_the_daemon(tmp_path: Path) -> None:
+    with daemon_waiting_on_the_api(tmp_path, latency_ms=40_000) as (proc, notify, log):
+        notify.wait_for("STATUS=waiting for the SORACOM API", 15, log)
+        notify.wait_for("WATCHDOG=1", 5, log)
+        os.kill(proc.pid, signal.SIGTERM)
+        # Well before the API call in flight could have returned.
+        assert proc.wait(15) == 0, log.read_text()
+        assert "STOPPING=1" in notify.messages
+        assert "READY=1" not in notify.messages

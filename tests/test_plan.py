@@ -119,6 +119,7 @@ def fresh_host_sysctls(d: DesiredState) -> tuple[tuple[str, int | None], ...]:
     values: dict[str, int | None] = {
         "net/ipv4/ip_forward": 0,
         "net/ipv4/conf/vxlan0/rp_filter": None,  # the interface does not exist yet
+        "net/ipv4/conf/vxlan0/promote_secondaries": None,
         f"net/ipv4/conf/{UNDERLAY}/rp_filter": 1,
         "net/ipv4/conf/all/send_redirects": 1,
         f"net/ipv4/conf/{UNDERLAY}/send_redirects": 1,
@@ -213,19 +214,24 @@ def test_plan_from_nothing() -> None:
     )
     actions = plan(d, observed, UNDERLAY)
     assert actions[0] == CreateLink(d.link, UNDERLAY)
+    # The new link's own keys first (they exist once it does), before its address.
+    tunnel_keys = {a.setting.path: a.was for a in actions[1:3] if isinstance(a, SetSysctl)}
+    assert tunnel_keys == {  # absent before creation, set anyway
+        "net/ipv4/conf/vxlan0/rp_filter": None,
+        "net/ipv4/conf/vxlan0/promote_secondaries": None,
+    }
     # The filter is loaded before the link comes up and before forwarding is switched on.
-    assert actions[1:6] == [
+    assert actions[3:8] == [
         AddAddress("vxlan0", INNER),
         AddFdb("vxlan0", EP1),
         AddFdb("vxlan0", EP2),
         LoadRuleset(d.packet_path, None),
         SetUp("vxlan0"),
     ]
-    sysctls = {a.setting.path: a.was for a in actions[6:] if isinstance(a, SetSysctl)}
-    assert len(sysctls) == len(actions) - 6
+    sysctls = {a.setting.path: a.was for a in actions[8:] if isinstance(a, SetSysctl)}
+    assert len(sysctls) == len(actions) - 8
     assert sysctls == {
         "net/ipv4/ip_forward": 0,
-        "net/ipv4/conf/vxlan0/rp_filter": None,  # absent before creation, set anyway
         "net/ipv4/conf/eth0/rp_filter": 1,
         "net/ipv4/conf/all/send_redirects": 1,
         "net/ipv4/conf/eth0/send_redirects": 1,
@@ -266,8 +272,6 @@ def test_mtu_drift_is_changed_in_place() -> None:
         ({"src_port_range": (32768, 60999)}, "srcport range (32768, 60999) (want (4789, 4789))"),
         ({"underlay_index": 9}, "lower device 9 (want 2)"),
         ({"learning": False}, "learning False (want True)"),
-        ({"kind": "bridge"}, "kind bridge (want vxlan)"),
-        ({"kind": None}, "kind unknown (want vxlan)"),
     ],
 )
 def test_immutable_drift_replaces_the_link_and_says_why(
@@ -285,8 +289,26 @@ def test_immutable_drift_replaces_the_link_and_says_why(
     assert {a.dst for a in actions if isinstance(a, AddFdb)} == {EP1, EP2}
     assert SetUp("vxlan0") in actions
     rp = [a for a in actions if isinstance(a, SetSysctl)]
-    assert [a.setting.path for a in rp] == ["net/ipv4/conf/vxlan0/rp_filter"]
+    assert [a.setting.path for a in rp] == [
+        "net/ipv4/conf/vxlan0/rp_filter",
+        "net/ipv4/conf/vxlan0/promote_secondaries",
+    ]
     assert not any(isinstance(a, RemoveFdb | RemoveAddress | SetMtu) for a in actions)
+
+
+@pytest.mark.parametrize(
+    ("kind", "said"),
+    [("bridge", "a bridge link"), ("wireguard", "a wireguard link"), (None, "no kind")],
+)
+def test_a_link_of_another_kind_under_the_name_is_a_config_error(
+    kind: str | None, said: str
+) -> None:
+    d = desired()
+    observed = converged(d, link=converged_link(d, kind=kind, vni=None, dst_port=None))
+    with pytest.raises(DesiredStateError) as info:
+        plan(d, observed, UNDERLAY)
+    assert str(info.value).startswith("tunnel.interface: vxlan0 is ")
+    assert said in str(info.value)
 
 
 def test_several_immutable_differences_are_all_named() -> None:

@@ -174,9 +174,67 @@ def test_state_summary_tolerates_an_apply_document_and_junk() -> None:
         {"gate": {"vni": "x"}, "pid": "12", "updated_at": True, "endpoints": [{"probe": {}}, 3]}
     )
     assert junk.gate is None and junk.pid is None and junk.updated_at is None
-    assert junk.endpoints[0].probe.state == "unknown"
+    # An endpoint entry without an outer address is dropped, and the damage remembered.
+    assert junk.endpoints == ()
+    assert {"gate", "pid", "updated_at", "endpoints[0]", "endpoints[1]"} <= set(junk.damaged)
     moved = StateSummary.from_state(state_doc(host={"local_address": "172.31.9.9"}))
     assert not moved.registered
+
+
+DAMAGED_DOCUMENTS = [
+    {"endpoints": [{"inner": None}]},
+    {"endpoints": [{"outer": "not an address", "inner": 5, "fdb_present": "yes"}]},
+    {"endpoints": [{"outer": "100.64.10.1", "probe": "up"}]},
+    {"endpoints": "all of them"},
+    {"counters": 5},
+    {"counters": {"reconciles": "many", "failures": [], "last_success_at": "yesterday"}},
+    {"reasons": 5},
+    {"reasons": [None, {"x": 1}]},
+    {"host": [], "tunnel": "vxlan0", "packet_path": 3, "last_reconcile": "ok"},
+    {"tunnel": {"interface": "../../etc"}, "health": ["ok"]},
+    {"packet_path": {"mode": ["route"], "fast_path_active": "x"}},
+    {"last_reconcile": {"health": {}, "error": 3, "duration_s": "fast"}},
+    {"gate": "10.0.0.1", "gate_error": {"code": 1}, "gate_fetched_at": "now"},
+    {"gate": {**GATE, "endpoints": [{"outer": None}]}},
+    {"version": 1, "pid": True, "updated_at": "x", "reconciled_at": [1]},
+]
+
+
+@pytest.mark.parametrize("damage", DAMAGED_DOCUMENTS, ids=lambda d: json.dumps(d)[:40])
+def test_a_damaged_state_file_is_said_and_the_kernel_view_still_shown(
+    tmp_path: Path, damage: dict[str, Any]
+) -> None:
+    s = run_status(tmp_path, state_doc(**damage))
+    text, doc = render(s), to_json(s)
+    json.dumps(doc)  # what `status --json` prints
+    assert any(r.startswith("state file unreadable: ") for r in s.reasons), s.reasons
+    assert s.health in ("degraded", "down")
+    # The kernel's own view is still reported.
+    assert doc["tunnel"]["present"] and doc["tunnel"]["vni"] == 10
+    assert "tunnel        vxlan0 vxlan" in text
+
+
+def test_a_state_file_that_is_not_json_is_said(tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_text('{"format": 1, "pid": ')
+    s = run_status(tmp_path, None)
+    assert any(r.startswith("state file unreadable: ") for r in s.reasons), s.reasons
+    assert not any("never set up" in r for r in s.reasons)
+
+
+def test_status_command_survives_a_damaged_state_file(tmp_path: Path) -> None:
+    state_file = tmp_path / "state.json"
+    statefile.write(state_file, {"endpoints": [{"inner": None}], "counters": 5})
+    cfg = tmp_path / "gatepeer.toml"
+    cfg.write_text(
+        '[soracom]\nauth_key_id = "keyId-x"\nvpg_id = "vpg-1"\n'
+        f'[agent]\nstate_file = "{state_file}"\n'
+        '[tunnel]\ninterface = "gpnosuch0"\n'
+    )
+    for args in ([], ["--json"]):
+        result = CliRunner().invoke(main, ["status", "--config", str(cfg), *args])
+        assert result.exception is None or isinstance(result.exception, SystemExit), result
+        assert result.exit_code == 2, result.output
+        assert "state file unreadable: " in result.output
 
 
 # ---- health and exit codes --------------------------------------------------------------
