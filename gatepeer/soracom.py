@@ -43,12 +43,18 @@ _OPENER = urllib.request.build_opener(_NoRedirects)
 class SoracomError(RuntimeError):
     """An API call failed; `status` is the HTTP status (0 when there was no answer)."""
 
-    def __init__(self, operation: str, status: int, message: str, code: str = "") -> None:
+    def __init__(
+        self, operation: str, status: int, message: str, code: str = "", hint: str = ""
+    ) -> None:
         self.operation = operation
         self.status = status
         self.code = code
-        # The message comes from the answer: shown on one line, printable, bounded.
-        detail = printable(f"{code}: {message}" if code else message)
+        self.message = message
+        # The message comes from the answer: shown on one line, printable, bounded. The hint
+        # is ours: what to check next.
+        detail = printable(f"{code}: {message}" if code else message) + (
+            f"; {hint}" if hint else ""
+        )
         super().__init__(
             f"SORACOM API {operation} failed: {detail}"
             if status == 0
