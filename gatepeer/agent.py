@@ -97,7 +97,8 @@ class Agent:
         self.record = AgentRecord()
         self.gate: GateView | None = None
         self.gate_error: str | None = None
-        self.answer_refused = False  # gate_error is a refused answer, not a failed call
+        # The field of a refused answer (gate_error says more); None: the last answer passed.
+        self.refused_field: str | None = None
         self.redirection_error: str | None = None  # the last setRedirectionConfiguration failed
         self.gate_fetched_at: float | None = None
         self.last: ReconcileResult | None = None
@@ -224,7 +225,7 @@ class Agent:
             )
         except (SoracomError, GateError) as exc:
             self.gate_error = str(exc)
-            self.answer_refused = isinstance(exc, AnswerRefused)
+            self.refused_field = exc.field if isinstance(exc, AnswerRefused) else None
             log.error("%s", exc)
             return False
         self.gate = self._ensure_redirection(fetched, dry_run=dry_run)
@@ -232,7 +233,7 @@ class Agent:
             self._keep_gate(self.gate)
             self._gate_kept = True
         self.gate_error = None
-        self.answer_refused = False
+        self.refused_field = None
         self.gate_fetched_at = self.clock()
         return True
 
@@ -297,7 +298,7 @@ class Agent:
         try:
             endpoints = vpg_endpoints(peers, subnet, facts.local_address)
         except AnswerRefused as exc:
-            raise AnswerRefused(f"VPG {vpg_id}: listGatePeers answer refused: {exc}") from None
+            raise exc.within(vpg_id, "listGatePeers") from None
         gate = GateView(
             vpg_id=vpg_id,
             vni=vpg.vni,
@@ -562,7 +563,8 @@ class Agent:
             "gate": self.gate.to_json() if self.gate else None,
             "gate_fetched_at": self.gate_fetched_at,
             "gate_error": self.gate_error,
-            "api_answer_refused": self.answer_refused,
+            "api_answer_refused": self.refused_field is not None,
+            "api_refused_field": self.refused_field,
             "redirection": {
                 "mode": self.config.soracom.redirection,
                 "error": self.redirection_error,

@@ -33,7 +33,15 @@ class GateError(RuntimeError):
 
 
 class AnswerRefused(GateError):
-    """An API answer failed a check: nothing from it is used."""
+    """An API answer failed a check: nothing from it is used. `field` names the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+    def within(self, vpg_id: str, operation: str) -> AnswerRefused:
+        """The same refusal, saying which VPG and which answer."""
+        return AnswerRefused(self.field, f"VPG {vpg_id}: {operation} answer refused: {self}")
 
 
 DEFAULT_VNI = 10  # SORACOM's VNI when the VPG's answer has no gateVxlanId
@@ -59,7 +67,9 @@ def check_vni(value: Any) -> int:
         value = int(value)
     # bool is an int to Python.
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_VNI:
-        raise AnswerRefused(f"gateVxlanId {shown(value)} is not a VXLAN id (1-{MAX_VNI})")
+        raise AnswerRefused(
+            "gateVxlanId", f"gateVxlanId {shown(value)} is not a VXLAN id (1-{MAX_VNI})"
+        )
     return value
 
 
@@ -73,13 +83,14 @@ def check_device_subnet(vpg: dict[str, Any]) -> IPv4Network:
         subnet = IPv4Network(value)
     except ValueError:
         raise AnswerRefused(
+            name,
             f"{name} {shown(value)} is not an IPv4 prefix (neither deviceSubnetCidrRange nor "
             "ueSubnetCidrRange gives the device subnet)"
             if value is None
-            else f"{name} {shown(value)} is not an IPv4 prefix"
+            else f"{name} {shown(value)} is not an IPv4 prefix",
         ) from None
     if subnet.prefixlen < 8 or subnet.prefixlen > 30:
-        raise AnswerRefused(f"{name} {value} is not a device subnet (/8 to /30)")
+        raise AnswerRefused(name, f"{name} {value} is not a device subnet (/8 to /30)")
     return subnet
 
 
@@ -87,7 +98,7 @@ def check_gate_opened(value: Any) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise AnswerRefused(f"gateOpened {shown(value)} is not true or false")
+        raise AnswerRefused("gateOpened", f"gateOpened {shown(value)} is not true or false")
     return value
 
 
@@ -98,15 +109,15 @@ def check_address(field: str, value: Any) -> IPv4Address:
             raise ValueError(value)
         return IPv4Address(value)
     except ValueError:
-        raise AnswerRefused(f"{field} {shown(value)} is not an IPv4 address") from None
+        raise AnswerRefused(field, f"{field} {shown(value)} is not an IPv4 address") from None
 
 
 def check_inner(field: str, value: Any, subnet: IPv4Network) -> IPv4Address:
     address = check_address(field, value)
     if address not in subnet:
-        raise AnswerRefused(f"{field} {address} is outside the device subnet {subnet}")
+        raise AnswerRefused(field, f"{field} {address} is outside the device subnet {subnet}")
     if address in (subnet.network_address, subnet.broadcast_address):
-        raise AnswerRefused(f"{field} {address} is not a host address of {subnet}")
+        raise AnswerRefused(field, f"{field} {address} is not a host address of {subnet}")
     return address
 
 
@@ -115,15 +126,15 @@ def check_netmask(value: Any, subnet: IPv4Network) -> None:
     if value is None:
         return  # registerGatePeer answers a null netmask
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise AnswerRefused(f"netmask {shown(value)} is not a netmask")
+        raise AnswerRefused("netmask", f"netmask {shown(value)} is not a netmask")
     text = str(value).lstrip("/")
     try:
         prefix = IPv4Network(f"0.0.0.0/{text}").prefixlen
     except ValueError:
-        raise AnswerRefused(f"netmask {shown(value)} is not a netmask") from None
+        raise AnswerRefused("netmask", f"netmask {shown(value)} is not a netmask") from None
     if prefix != subnet.prefixlen:
         raise AnswerRefused(
-            f"netmask {shown(value)} (/{prefix}) differs from the device subnet {subnet}"
+            "netmask", f"netmask {shown(value)} (/{prefix}) differs from the device subnet {subnet}"
         )
 
 
@@ -148,7 +159,9 @@ def check_endpoint_outer(value: Any, host: IPv4Address) -> IPv4Address:
         else None
     )
     if unusable:
-        raise AnswerRefused(f"VPG endpoint outerIpAddress {address} is {unusable}")
+        raise AnswerRefused(
+            "outerIpAddress", f"VPG endpoint outerIpAddress {address} is {unusable}"
+        )
     return address
 
 
@@ -157,10 +170,12 @@ def check_redirection(value: Any) -> Redirection | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise AnswerRefused(f"redirection {shown(value)} is not an object")
+        raise AnswerRefused("redirection", f"redirection {shown(value)} is not an object")
     enabled = value.get("enabled", False)
     if not isinstance(enabled, bool):
-        raise AnswerRefused(f"redirection.enabled {shown(enabled)} is not true or false")
+        raise AnswerRefused(
+            "redirection.enabled", f"redirection.enabled {shown(enabled)} is not true or false"
+        )
     gateway = value.get("gateway")
     if gateway in (None, ""):
         return Redirection(enabled, None)
@@ -171,8 +186,9 @@ def check_owned_by_customer(row: dict[str, Any]) -> bool:
     value = row.get("ownedByCustomer")
     if not isinstance(value, bool):
         raise AnswerRefused(
+            "ownedByCustomer",
             f"gate peer {shown(row.get('outerIpAddress'))}: ownedByCustomer {shown(value)} "
-            "is not true or false"
+            "is not true or false",
         )
     return value
 
@@ -206,9 +222,7 @@ def read_vpg(client: SoracomClient, vpg_id: str) -> VpgFacts:
             redirection=check_redirection(vpg.get("redirection")),
         )
     except AnswerRefused as exc:
-        raise AnswerRefused(
-            f"VPG {vpg_id}: getVirtualPrivateGateway answer refused: {exc}"
-        ) from None
+        raise exc.within(vpg_id, "getVirtualPrivateGateway") from None
 
 
 def coverage_hint(endpoint: str) -> str:
@@ -311,7 +325,7 @@ def fetch_gate_view(
         check_netmask(own.get("netmask"), subnet)
         endpoints = vpg_endpoints(peers, subnet, outer)
     except AnswerRefused as exc:
-        raise AnswerRefused(f"VPG {vpg_id}: listGatePeers answer refused: {exc}") from None
+        raise exc.within(vpg_id, "listGatePeers") from None
     if inner_address is not None and inner != inner_address:
         raise GateError(
             f"tunnel.inner_address: {outer} is registered with VPG {vpg_id} with inner address "

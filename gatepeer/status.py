@@ -68,6 +68,7 @@ class StateSummary:
     packet_path_mode: str | None = None
     fast_path: bool | None = None
     api_answer_refused: bool = False  # gate_error is a refused answer (the last good view stays)
+    api_refused_field: str | None = None  # the field that failed its check
     redirection_mode: str | None = None  # soracom.redirection when the state was written
     redirection_error: str | None = None  # the last setRedirectionConfiguration failed
 
@@ -124,9 +125,14 @@ class StateSummary:
             packet_path_mode=packet_path.get("mode"),
             fast_path=packet_path.get("fast_path_active"),
             api_answer_refused=data.get("api_answer_refused") is True,
+            api_refused_field=_text(data.get("api_refused_field")),
             redirection_mode=(data.get("redirection") or {}).get("mode"),
             redirection_error=(data.get("redirection") or {}).get("error"),
         )
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _number(value: Any) -> float | None:
@@ -402,6 +408,7 @@ def to_json(s: Status) -> dict[str, Any]:
         "api": {
             "error": st.gate_error if st else None,
             "answer_refused": st.api_answer_refused if st else False,
+            "refused_field": st.api_refused_field if st else None,
         },
         "last_reconcile": {
             "health": st.last_health,

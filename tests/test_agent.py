@@ -338,6 +338,7 @@ def test_a_poisoned_answer_keeps_the_last_good_view_applied(
     assert len(refused) == 1 and refused[0].isprintable(), result.reasons
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["gate"] == good.to_json() and state["api_answer_refused"] is True
+    assert state["api_refused_field"] in POISONED_FIELDS
     assert state["health"] == "degraded"
     assert (tmp_path / "gate.json").read_text() == cache
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -347,6 +348,17 @@ def test_a_poisoned_answer_keeps_the_last_good_view_applied(
     client.vpg = client.peers = None
     assert agent.reconcile().health == "ok"
     assert json.loads((tmp_path / "state.json").read_text())["api_answer_refused"] is False
+
+
+POISONED_FIELDS = {
+    "innerIpAddress",
+    "netmask",
+    "outerIpAddress",
+    "gateVxlanId",
+    "ueSubnetCidrRange",
+    "deviceSubnetCidrRange",
+    "ownedByCustomer",
+}
 
 
 def test_poisoned_answers_cover_the_required_kinds() -> None:

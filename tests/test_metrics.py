@@ -85,6 +85,7 @@ SUMMARY = StateSummary(
     packet_path_mode="nat",
     fast_path=False,
     api_answer_refused=True,
+    api_refused_field="netmask",
     redirection_mode="self",
 )
 LINK = LinkReading(
@@ -377,13 +378,17 @@ def test_the_refusal_and_redirection_mode_come_from_the_state_document() -> None
     doc = {
         "gate": replace(GATE, redirection=Redirection(True, A("10.128.0.3"))).to_json(),
         "api_answer_refused": True,
+        "api_refused_field": "gateVxlanId",
         "redirection": {"mode": "self", "error": None},
     }
     summary = StateSummary.from_state(doc)
     assert summary.api_answer_refused and summary.redirection_mode == "self"
     assert summary.redirection_is_self is True
-    api = expose(all_collectors(FakeAgent(replace(summary, api_answer_refused=False)))["api"])
-    assert "gatepeer_api_answer_refused 0.0" in api
+    api = expose(all_collectors(FakeAgent(summary))["api"])
+    assert 'gatepeer_api_answer_refused{field="gateVxlanId"} 1.0' in api
+    accepted = replace(summary, api_answer_refused=False, api_refused_field=None)
+    api = expose(all_collectors(FakeAgent(accepted))["api"])
+    assert 'gatepeer_api_answer_refused{field=""} 0.0' in api
 
 
 def test_registration_for_another_address_is_not_registered() -> None:

@@ -345,7 +345,7 @@ def test_json_shape(tmp_path: Path) -> None:
         "mode": "unmanaged", "enabled": False, "gateway": None, "is_self": False,
         "this_peer": "10.128.0.3",
     }  # fmt: skip
-    assert j["api"] == {"error": None, "answer_refused": False}
+    assert j["api"] == {"error": None, "answer_refused": False, "refused_field": None}
     assert j["last_reconcile"] == {
         "health": "ok", "error": None, "duration_s": 0.0042, "runs": 42, "failures": 1,
         "last_success_at": NOW - 20,
@@ -598,6 +598,7 @@ def test_a_refused_answer_is_degraded_once_with_its_reason(tmp_path: Path) -> No
     doc = state_doc(
         gate_error=error,
         api_answer_refused=True,
+        api_refused_field="netmask",
         health="degraded",
         reasons=[f"SORACOM API: {error}; keeping the last applied state"],
     )
@@ -606,4 +607,8 @@ def test_a_refused_answer_is_degraded_once_with_its_reason(tmp_path: Path) -> No
         assert status.health == "degraded"
         mentions = [r for r in status.reasons if error in r]
         assert len(mentions) == 1, status.reasons
-        assert to_json(status)["api"] == {"error": error, "answer_refused": True}
+        assert to_json(status)["api"] == {
+            "error": error,
+            "answer_refused": True,
+            "refused_field": "netmask",
+        }

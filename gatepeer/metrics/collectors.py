@@ -413,11 +413,15 @@ class ApiCollector:
             "Times the SORACOM API refused the auth key.",
             value=stats.auth_failures,
         )
-        yield _gauge(
+        s = self.agent.summary()
+        refused = GaugeMetricFamily(
             "gatepeer_api_answer_refused",
-            "1 while the last API answer failed a check (the last good view stays applied).",
-            int(self.agent.summary().api_answer_refused),
+            "1 while the last API answer failed a check (the last good view stays applied); "
+            "field: the field that failed.",
+            labels=["field"],
         )
+        refused.add_metric([s.api_refused_field or ""], int(s.api_answer_refused))
+        yield refused
 
 
 class HealthCollector:
