@@ -75,7 +75,8 @@ def check_vni(value: Any) -> int:
 
 def check_device_subnet(vpg: dict[str, Any]) -> IPv4Network:
     """deviceSubnetCidrRange, or ueSubnetCidrRange (the same range) when the first is absent."""
-    name = "deviceSubnetCidrRange" if "deviceSubnetCidrRange" in vpg else "ueSubnetCidrRange"
+    absent = vpg.get("deviceSubnetCidrRange") is None
+    name = "ueSubnetCidrRange" if absent else "deviceSubnetCidrRange"
     value = vpg.get(name)
     try:
         if not isinstance(value, str):

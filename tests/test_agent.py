@@ -475,3 +475,32 @@ def test_down_unregister_needs_no_nft(
     with pytest.raises(nftables.NftError):
         agent.teardown(unregister=True)
     assert emulator.peers() == []  # unregistered all the same
+
+
+def test_apply_exits_1_with_the_refusal_on_one_line(
+    tmp_path: Path, nft_table: list[str], emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from gatepeer import agent as agent_module
+    from gatepeer.cli import main
+
+    agent, client = emu_agent(tmp_path, emulator)
+    assert agent.reconcile().health == "ok"
+    client.peers = POISONED_ANSWERS["netmask-slash-1"][1]
+    monkeypatch.setattr(agent_module, "Agent", lambda cfg: agent)
+    monkeypatch.setattr(agent, "close", lambda: None)
+    key = tmp_path / "key"
+    key.write_text(AUTH_KEY)
+    key.chmod(0o600)
+    config = tmp_path / "gatepeer.toml"
+    config.write_text(
+        f'[soracom]\nendpoint = "{emulator.base_url}"\n'  # type: ignore[attr-defined]
+        f'auth_key_id = "{EMU.auth_key_id}"\nauth_key_file = "{key}"\n'
+        f'vpg_id = "{EMU.vpg_id}"\n[agent]\nstate_file = "{tmp_path / "other-state.json"}"\n'
+    )
+    result = CliRunner().invoke(main, ["apply", "--config", str(config)])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("gatepeer: ")]
+    assert len(lines) == 1 and "listGatePeers answer refused: netmask '128.0.0.0'" in lines[0]
+    assert "Traceback" not in result.output

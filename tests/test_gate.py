@@ -331,8 +331,11 @@ def test_a_netmask_that_agrees_with_the_subnet_or_none(netmask: Any) -> None:
     assert fake_fetch(fake).inner == IPv4Interface("198.19.0.3/16")
 
 
-def test_the_device_subnet_falls_back_to_ue_subnet_cidr_range() -> None:
+@pytest.mark.parametrize("absent", [True, False])
+def test_the_device_subnet_falls_back_to_ue_subnet_cidr_range(absent: bool) -> None:
     vpg = {k: v for k, v in VPG_OPEN.items() if k != "deviceSubnetCidrRange"}
+    if not absent:
+        vpg["deviceSubnetCidrRange"] = None
     fake = FakeClient(
         [{**vpg, "ueSubnetCidrRange": "198.19.0.0/16"}], [[*ENDPOINT_ROWS, own_row()]]
     )
@@ -537,6 +540,7 @@ def test_a_poisoned_answer_is_refused_with_one_printable_line(
     assert reason in message
     assert message.startswith(f"VPG {VPG_ID}: ") and " answer refused: " in message
     assert message.isprintable() and message.isascii(), message
+    assert info.value.field and info.value.field in message
 
 
 def test_gate_still_closed_after_open_gate_is_an_error() -> None:
