@@ -18,9 +18,16 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from gatepeer import __version__, statefile
+from gatepeer import __version__, redirection, statefile
 from gatepeer.config import Config
-from gatepeer.gate import GateError, fetch_gate_view, find_own_peer, vpg_endpoints
+from gatepeer.gate import (
+    AnswerRefused,
+    GateError,
+    fetch_gate_view,
+    find_own_peer,
+    read_vpg,
+    vpg_endpoints,
+)
 from gatepeer.kernel import nftables, sysctl
 from gatepeer.kernel.netlink import KernelError, Netlink
 from gatepeer.plan import (
@@ -39,8 +46,8 @@ from gatepeer.state import (
     DesiredStateError,
     GateView,
     HostFacts,
+    IPv4Address,
     IPv4Interface,
-    IPv4Network,
     ObservedState,
     desired_state,
     tunnel_mtu,
@@ -99,6 +106,9 @@ class Agent:
         self.record = AgentRecord()
         self.gate: GateView | None = None
         self.gate_error: str | None = None
+        # The field of a refused answer (gate_error says more); None: the last answer passed.
+        self.refused_field: str | None = None
+        self.redirection_error: str | None = None  # the last setRedirectionConfiguration failed
         self.gate_fetched_at: float | None = None
         self.last: ReconcileResult | None = None
         self.facts: HostFacts | None = None
@@ -122,8 +132,10 @@ class Agent:
             self.record.failures = int(counters.get("failures") or 0)
             self.record.last_success_at = counters.get("last_success_at")
             if previous.get("gate"):
-                self.gate = GateView.from_json(previous["gate"])
-                self.gate_fetched_at = previous.get("gate_fetched_at")
+                gate = GateView.from_json(previous["gate"])
+                if self._saved_view_fits(gate, self.config.agent.state_file):
+                    self.gate = gate
+                    self.gate_fetched_at = previous.get("gate_fetched_at")
             self.managed_link = _managed_link(previous.get("managed_link"))
         except (AttributeError, KeyError, ValueError, TypeError):
             # A damaged file must not stop the agent: start as if it were not there.
@@ -135,15 +147,40 @@ class Agent:
         """After a reboot (state_file is on tmpfs): the last view the API gave, if kept."""
         path = self.config.agent.gate_cache
         cached = statefile.read(path) if path else None
-        if not cached or not isinstance(cached.get("gate"), dict):
+        if path is None or not cached or not isinstance(cached.get("gate"), dict):
             return
         try:
-            self.gate = GateView.from_json(cached["gate"])
-            self.gate_fetched_at = cached.get("fetched_at")
+            gate = GateView.from_json(cached["gate"])
         except (KeyError, ValueError, TypeError):
             log.warning("ignoring an unreadable gate view in %s", path)
             return
+        if not self._saved_view_fits(gate, path):
+            return
+        self.gate = gate
+        self.gate_fetched_at = cached.get("fetched_at")
         log.info("starting from the gate view kept in %s", path)
+
+    def _saved_view_fits(self, gate: GateView, path: Path) -> bool:
+        """A view saved for another VPG or outer address must not be applied (nor unregistered)."""
+        vpg_id, local = self.config.soracom.vpg_id, self.config.tunnel.local_address
+        if gate.vpg_id != vpg_id:
+            log.warning(
+                "ignoring the gate view in %s: it is for VPG %s, soracom.vpg_id is %s",
+                path,
+                gate.vpg_id,
+                vpg_id,
+            )
+            return False
+        if local is not None and gate.outer != local:
+            log.warning(
+                "ignoring the gate view in %s: it is for outer address %s, "
+                "tunnel.local_address is %s",
+                path,
+                gate.outer,
+                local,
+            )
+            return False
+        return True
 
     def _keep_gate(self, gate: GateView) -> None:
         path = self.config.agent.gate_cache
@@ -191,22 +228,55 @@ class Agent:
             if dry_run and self._preview_registration(facts):
                 return True
             previous = self.gate
-            self.gate = fetch_gate_view(
+            # Assigned only once every check passed: a refused answer leaves the last good view.
+            fetched = fetch_gate_view(
                 self.client,
                 self.config.soracom.vpg_id,
                 facts.local_address,
                 open_gate=self.config.soracom.open_gate and not dry_run,
+                inner_address=self.config.tunnel.inner_address,
             )
         except (SoracomError, GateError) as exc:
             self.gate_error = str(exc)
+            self.refused_field = exc.field if isinstance(exc, AnswerRefused) else None
             log.error("%s", exc)
             return False
-        if not dry_run and self.gate is not None and (self.gate != previous or not self._gate_kept):
+        self.gate = self._ensure_redirection(fetched, dry_run=dry_run)
+        if not dry_run and (self.gate != previous or not self._gate_kept):
             self._keep_gate(self.gate)
             self._gate_kept = True
         self.gate_error = None
+        self.refused_field = None
         self.gate_fetched_at = self.clock()
         return True
+
+    def _ensure_redirection(self, gate: GateView, *, dry_run: bool) -> GateView:
+        """With soracom.redirection = "self": post the redirection when the VPG's differs."""
+        wanted = redirection.wanted_change(self.config, gate)
+        if wanted is None or wanted.gateway is None:
+            self.redirection_error = None
+            return gate
+        vpg_id = self.config.soracom.vpg_id
+        if dry_run:
+            self.preview.append(
+                f"# would set the redirection gateway of VPG {vpg_id} to {wanted.gateway} "
+                f"(setRedirectionConfiguration; now {redirection.describe(gate.redirection)})"
+            )
+            return gate
+        log.info(
+            "setting the redirection gateway of VPG %s to %s (was %s)",
+            vpg_id,
+            wanted.gateway,
+            redirection.describe(gate.redirection),
+        )
+        try:
+            self.client.set_redirection(vpg_id, str(wanted.gateway))
+        except SoracomError as exc:
+            self.redirection_error = str(exc)
+            log.error("%s", exc)
+            return gate
+        self.redirection_error = None
+        return replace(gate, redirection=wanted)
 
     def _preview_registration(self, facts: HostFacts) -> bool:
         """In a dry run an unregistered peer is not registered: say so and plan with a
@@ -215,29 +285,51 @@ class Agent:
         peers = self.client.list_gate_peers(vpg_id)
         if find_own_peer(peers, facts.local_address) is not None:
             return False
-        vpg = self.client.get_virtual_private_gateway(vpg_id)
-        try:
-            subnet = IPv4Network(vpg["deviceSubnetCidrRange"])
-            vni = int(vpg.get("gateVxlanId") or 10)
-        except (KeyError, ValueError, TypeError):
-            raise GateError(
-                f"VPG {vpg_id}: no usable deviceSubnetCidrRange or gateVxlanId"
-            ) from None
-        self.preview.append(
-            f"# would register {facts.local_address} as a gate peer of VPG {vpg_id} "
-            "(registerGatePeer); the inner address below is a placeholder until the API assigns one"
-        )
-        if not vpg.get("gateOpened"):
+        vpg = read_vpg(self.client, vpg_id)
+        subnet = vpg.device_subnet
+        asked = self.config.tunnel.inner_address
+        if asked is not None:
+            if asked not in subnet:
+                raise GateError(
+                    f"tunnel.inner_address: {asked} is outside VPG {vpg_id}'s device subnet "
+                    f"{subnet}; pick an address inside it"
+                )
+            inner = asked
+            self.preview.append(
+                f"# would register {facts.local_address} as a gate peer of VPG {vpg_id} "
+                f"with inner address {inner} (registerGatePeer)"
+            )
+        else:
+            inner = subnet.network_address
+            self.preview.append(
+                f"# would register {facts.local_address} as a gate peer of VPG {vpg_id} "
+                "(registerGatePeer); the inner address below is a placeholder until the API "
+                "assigns one"
+            )
+        if not vpg.gate_opened:
             self.preview.append(f"# would open Gate on VPG {vpg_id} (openGate)")
-        self.gate = GateView(
+        try:
+            endpoints = vpg_endpoints(peers, subnet, facts.local_address)
+        except AnswerRefused as exc:
+            raise exc.within(vpg_id, "listGatePeers") from None
+        gate = GateView(
             vpg_id=vpg_id,
-            vni=vni,
+            vni=vpg.vni,
             device_subnet=subnet,
-            gate_opened=bool(vpg.get("gateOpened")),
-            inner=IPv4Interface(f"{subnet.network_address}/{subnet.prefixlen}"),
-            endpoints=vpg_endpoints(peers),
+            gate_opened=vpg.gate_opened,
+            inner=IPv4Interface(f"{inner}/{subnet.prefixlen}"),
+            endpoints=endpoints,
             outer=facts.local_address,
+            redirection=vpg.redirection,
         )
+        if asked is None and self.config.soracom.redirection == "self":
+            self.gate = gate
+            self.preview.append(
+                f"# would set the redirection gateway of VPG {vpg_id} to the inner address the "
+                "API assigns (setRedirectionConfiguration)"
+            )
+        else:
+            self.gate = self._ensure_redirection(gate, dry_run=True)
         return True
 
     # ---- reconcile ---------------------------------------------------------------------
@@ -333,6 +425,12 @@ class Agent:
                 self.refresh_gate(dry_run=dry_run)
             if self.gate_error:
                 reasons.append(f"SORACOM API: {self.gate_error}; keeping the last applied state")
+            if self.redirection_error:
+                reasons.append(f"SORACOM API: {self.redirection_error}")
+            if self.gate is not None:
+                reasons += redirection.findings(
+                    self.config.packet_path.mode, self.config.soracom.redirection, self.gate
+                )
             desired = self.desired()
             observed = self.observe(desired)
             notes = self.notes(observed, desired)
@@ -466,31 +564,65 @@ class Agent:
         if old != name and self._ours(old) and self.netlink.delete_link(old):
             removed = True
             messages.append(f"removed {old} (made under an earlier tunnel.interface)")
-        if nftables.nft_available() and nftables.current() is not None:
-            nftables.remove()
-            removed = True
-            messages.append(f"removed nftables table {nftables.FAMILY} {nftables.TABLE}")
+        nft_error: nftables.NftError | None = None
+        try:
+            if nftables.nft_available() and nftables.current() is not None:
+                nftables.remove()
+                removed = True
+                messages.append(f"removed nftables table {nftables.FAMILY} {nftables.TABLE}")
+        except nftables.NftError as exc:
+            if not unregister:
+                raise
+            nft_error = exc  # unregistering needs no nft: do it, then report this
         # Host-wide sysctls back to what they were before gatepeer changed them.
         restored = sysctl.OriginalValues.beside(self.config.agent.state_file).restore()
         removed = removed or any(line.startswith("restored ") for line in restored)
         messages += restored
         if unregister:
-            facts = self.host_facts()
-            vpg_id = self.config.soracom.vpg_id
-            try:
-                self.client.unregister_gate_peer(vpg_id, str(facts.local_address))
-            except SoracomError as exc:
-                if exc.status != 404:
-                    raise
-                messages.append(f"{facts.local_address} was not registered with VPG {vpg_id}")
-            else:
-                removed = True
-                messages.append(f"unregistered {facts.local_address} from VPG {vpg_id}")
-            # The kept view names an inner address that is no longer ours.
-            if self.config.agent.gate_cache is not None:
-                self.config.agent.gate_cache.unlink(missing_ok=True)
+            removed = self._unregister(messages) or removed
+        if nft_error is not None:
+            raise nft_error
         self.config.agent.state_file.unlink(missing_ok=True)
         return removed, messages
+
+    def _unregister(self, messages: list[str]) -> bool:
+        """Release the redirection if it points here, then remove the registration the saved
+        view records (the host's address may have changed since). True when one was removed."""
+        vpg_id = self.config.soracom.vpg_id
+        gate = self.gate
+        outer = gate.outer if gate else self.host_facts().local_address
+        inner = gate.inner.ip if gate else self._registered_inner(outer)
+        if self.config.soracom.redirection == "self" and inner is not None:
+            current = read_vpg(self.client, vpg_id).redirection
+            if current is not None and current.gateway == inner:
+                self.client.unset_redirection(vpg_id)
+                messages.append(f"unset the redirection of VPG {vpg_id} (it pointed at {inner})")
+            else:
+                messages.append(
+                    f"left the redirection of VPG {vpg_id} alone: its gateway is "
+                    f"{redirection.describe(current)}, not this peer ({inner})"
+                )
+        try:
+            self.client.unregister_gate_peer(vpg_id, str(outer))
+        except SoracomError as exc:
+            if exc.status != 404:
+                raise  # the kept view stays: it is the only record of the registration
+            messages.append(f"{outer} was not registered with VPG {vpg_id}")
+            done = False
+        else:
+            messages.append(f"unregistered {outer} from VPG {vpg_id}")
+            done = True
+        # The kept view names an inner address that is no longer ours.
+        if self.config.agent.gate_cache is not None:
+            self.config.agent.gate_cache.unlink(missing_ok=True)
+        return done
+
+    def _registered_inner(self, outer: IPv4Address) -> IPv4Address | None:
+        own = find_own_peer(self.client.list_gate_peers(self.config.soracom.vpg_id), outer)
+        try:
+            return IPv4Address(own["innerIpAddress"]) if own else None
+        except (ValueError, TypeError, KeyError):
+            return None
 
     # ---- state file --------------------------------------------------------------------
 
@@ -509,6 +641,12 @@ class Agent:
             "gate": self.gate.to_json() if self.gate else None,
             "gate_fetched_at": self.gate_fetched_at,
             "gate_error": self.gate_error,
+            "api_answer_refused": self.refused_field is not None,
+            "api_refused_field": self.refused_field,
+            "redirection": {
+                "mode": self.config.soracom.redirection,
+                "error": self.redirection_error,
+            },
             "host": {
                 "underlay": self.facts.underlay,
                 "underlay_mtu": self.facts.underlay_mtu,

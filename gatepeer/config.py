@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 DEFAULT_PATH = Path("/etc/gatepeer/gatepeer.toml")
 ENV_VAR = "GATEPEER_CONFIG"
@@ -37,6 +37,9 @@ class ConfigError(ValueError):
     """A configuration problem; the message is one line that names the key."""
 
 
+RedirectionMode = Literal["unmanaged", "self"]
+
+
 @dataclass(frozen=True)
 class SoracomConfig:
     endpoint: str = "https://api.soracom.io"
@@ -45,6 +48,8 @@ class SoracomConfig:
     vpg_id: str = ""
     open_gate: bool = False
     request_timeout: float = 10.0
+    # "self": keep the VPG's Junction redirection gateway on this peer; "unmanaged": leave it.
+    redirection: RedirectionMode = "unmanaged"
 
     def read_auth_key(self) -> str:
         """The secret itself; read only when authenticating, never kept in the config value."""
@@ -56,6 +61,8 @@ class TunnelConfig:
     interface: str = "vxlan0"
     underlay_interface: str | None = None  # None: the interface of the default route
     local_address: ipaddress.IPv4Address | None = None  # None: the underlay's primary address
+    # Asked for at registration, so a replacement instance keeps the same inner address.
+    inner_address: ipaddress.IPv4Address | None = None
     mtu: int | Literal["auto"] = 1500
     source_port_range: tuple[int, int] = (4789, 4789)
     destination_port: int = 4789
@@ -323,9 +330,43 @@ def _parse_soracom(s: _Section) -> SoracomConfig:
         vpg_id=vpg_id,
         open_gate=s.boolean("open_gate", False),
         request_timeout=s.duration("request_timeout", 10.0, 0.1, 120.0),
+        redirection=_redirection_mode(s),
     )
     s.finish()
     return cfg
+
+
+def _redirection_mode(s: _Section) -> RedirectionMode:
+    mode = s.get("redirection", "unmanaged")
+    if mode not in ("unmanaged", "self"):
+        raise ConfigError(
+            f'{s.key("redirection")}: must be "unmanaged" or "self", got {_show(mode)}'
+        )
+    return cast(RedirectionMode, mode)
+
+
+def _inner_address(s: _Section) -> ipaddress.IPv4Address | None:
+    raw = s.get("inner_address")
+    if raw is None:
+        return None
+    try:
+        if not isinstance(raw, str):
+            raise ValueError(raw)
+        address = ipaddress.IPv4Address(raw)
+    except ValueError:
+        raise ConfigError(
+            f'{s.key("inner_address")}: must be an IPv4 address string such as "10.128.0.3", '
+            f"got {_show(raw)}"
+        ) from None
+    if (
+        address.is_multicast
+        or address.is_unspecified
+        or address.is_loopback
+        or address.is_link_local
+        or address == ipaddress.IPv4Address("255.255.255.255")
+    ):
+        raise ConfigError(f"{s.key('inner_address')}: must be a unicast address, got {address}")
+    return address
 
 
 def _local_host(host: str) -> bool:
@@ -396,6 +437,7 @@ def _parse_tunnel(s: _Section) -> TunnelConfig:
         interface=interface,
         underlay_interface=underlay,
         local_address=local_address,
+        inner_address=_inner_address(s),
         mtu=mtu,
         source_port_range=(ports[0], ports[1]),
         destination_port=s.integer("destination_port", 4789, 1, 65535),

@@ -43,11 +43,18 @@ _OPENER = urllib.request.build_opener(_NoRedirects)
 class SoracomError(RuntimeError):
     """An API call failed; `status` is the HTTP status (0 when there was no answer)."""
 
-    def __init__(self, operation: str, status: int, message: str, code: str = "") -> None:
+    def __init__(
+        self, operation: str, status: int, message: str, code: str = "", hint: str = ""
+    ) -> None:
         self.operation = operation
         self.status = status
         self.code = code
-        detail = f"{code}: {message}" if code else message
+        self.message = message
+        # The message comes from the answer: shown on one line, printable, bounded. The hint
+        # is ours: what to check next.
+        detail = printable(f"{code}: {message}" if code else message) + (
+            f"; {hint}" if hint else ""
+        )
         super().__init__(
             f"SORACOM API {operation} failed: {detail}"
             if status == 0
@@ -114,7 +121,7 @@ class SoracomClient:
         clock: Callable[[], float] = time.monotonic,
         stats: ApiStats | None = None,
     ) -> None:
-        self.endpoint = endpoint.rstrip("/")
+        self.endpoint = api_base(endpoint)
         self.auth_key_id = auth_key_id
         self._read_auth_key = read_auth_key
         self.timeout = timeout
@@ -161,8 +168,15 @@ class SoracomClient:
             self.stats.record(operation, 0, self.clock() - started)
             return 0, text.encode(), {}
         except (ValueError, OverflowError) as exc:
-            # A malformed endpoint URL (unknown scheme, port out of range): retrying cannot help.
-            raise SoracomError(operation, 0, f"bad endpoint {self.endpoint!r}: {exc}") from None
+            # A malformed endpoint URL (unknown scheme, port out of range) or a header value
+            # http.client refuses: retrying cannot help. The exception's text is not shown: for
+            # a header it quotes the value, which may be the token or the API key.
+            raise SoracomError(
+                operation,
+                0,
+                f"cannot send a request to {self.endpoint!r} ({type(exc).__name__}): "
+                "check soracom.endpoint",
+            ) from None
         self.stats.record(operation, status, self.clock() - started)
         remaining = got.get("x-soracom-ratelimit-remaining")
         if remaining is not None and remaining.isdigit():
@@ -251,8 +265,8 @@ class SoracomClient:
         _, data = self._call("auth", "POST", "/v1/auth", body, authenticated=False)
         answer = _expect_object("auth", data)
         self._session = _Session(
-            api_key=_string_field("auth", answer, "apiKey"),
-            token=_string_field("auth", answer, "token"),
+            api_key=_credential("auth", answer, "apiKey"),
+            token=_credential("auth", answer, "token"),
             operator_id=_string_field("auth", answer, "operatorId"),
             expires_at=self.clock() + self.token_lifetime,
             lifetime=self.token_lifetime,
@@ -266,7 +280,7 @@ class SoracomClient:
             _, data = self._call(
                 "generateAuthToken", "POST", path, {"tokenTimeoutSeconds": self.token_lifetime}
             )
-            token = _string_field(
+            token = _credential(
                 "generateAuthToken", _expect_object("generateAuthToken", data), "token"
             )
         except SoracomError:
@@ -333,6 +347,16 @@ class SoracomClient:
         _, data = self._call("openGate", "POST", self._vpg_path(vpg_id, "/gate/open"), {})
         return _expect_object("openGate", data) if data is not None else {}
 
+    def set_redirection(self, vpg_id: str, gateway: str) -> None:
+        """Junction redirection on, to `gateway` (setRedirectionConfiguration)."""
+        body = {"enabled": True, "gateway": gateway}
+        path = self._vpg_path(vpg_id, "/junction/set_redirection")
+        self._call("setRedirectionConfiguration", "POST", path, body, ok=(200, 204))
+
+    def unset_redirection(self, vpg_id: str) -> None:
+        path = self._vpg_path(vpg_id, "/junction/unset_redirection")
+        self._call("unsetRedirectionConfiguration", "POST", path, ok=(200, 204))
+
 
 def _expect_object(operation: str, data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
@@ -345,6 +369,31 @@ def _string_field(operation: str, data: dict[str, Any], name: str) -> str:
     if not isinstance(value, str) or not value:
         raise SoracomError(operation, 200, f"unexpected answer: no {name}")
     return value
+
+
+def _credential(operation: str, data: dict[str, Any], name: str) -> str:
+    """A token or API key: it goes into a header, so only printable ASCII without spaces.
+    Anything else is refused without showing it (it is a secret, whatever it holds)."""
+    value = _string_field(operation, data, name)
+    if not all("!" <= c <= "~" for c in value):
+        raise SoracomError(
+            operation, 200, f"unexpected answer: {name} holds characters a header cannot carry"
+        )
+    return value
+
+
+def api_base(endpoint: str) -> str:
+    """The endpoint without a trailing slash or `/v1`: every path below starts with /v1."""
+    base = endpoint.rstrip("/")
+    if base.endswith("/v1"):
+        base = base[: -len("/v1")]
+    return base
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """One line of printable text, control and non-ASCII characters escaped, at most `limit`."""
+    escaped = "".join(c if " " <= c <= "~" else ascii(c)[1:-1] for c in text)
+    return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
 
 
 def _excerpt(payload: bytes) -> str:

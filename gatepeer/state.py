@@ -28,6 +28,22 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class Redirection:
+    """The VPG's Junction redirection as the API reports it."""
+
+    enabled: bool
+    gateway: IPv4Address | None  # None: the VPG names no gateway
+
+    def to_json(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "gateway": str(self.gateway) if self.gateway else None}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Redirection:
+        gateway = data.get("gateway")
+        return cls(bool(data["enabled"]), IPv4Address(gateway) if gateway else None)
+
+
+@dataclass(frozen=True)
 class GateView:
     """Everything the agent learned from the SORACOM API; kept as the last known good."""
 
@@ -38,6 +54,7 @@ class GateView:
     inner: IPv4Interface  # this peer's inner address with the device subnet's prefix
     endpoints: tuple[Endpoint, ...]
     outer: IPv4Address  # the outer address this peer is registered with
+    redirection: Redirection | None = None  # None: the VPG has no redirection configured
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -51,6 +68,7 @@ class GateView:
                 {"outer": str(e.outer), "inner": str(e.inner) if e.inner else None}
                 for e in self.endpoints
             ],
+            "redirection": self.redirection.to_json() if self.redirection else None,
         }
 
     @classmethod
@@ -66,6 +84,10 @@ class GateView:
                 Endpoint(IPv4Address(e["outer"]), IPv4Address(e["inner"]) if e["inner"] else None)
                 for e in data["endpoints"]
             ),
+            # Absent in views saved before redirection was read: not known, so None.
+            redirection=Redirection.from_json(data["redirection"])
+            if data.get("redirection")
+            else None,
         )
 
 

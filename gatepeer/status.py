@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gatepeer import __version__, statefile
+from gatepeer import __version__, redirection, statefile
 from gatepeer.config import IFNAME_RE, AgentConfig, ConfigError, TunnelConfig, load
 from gatepeer.kernel import rtnl
 from gatepeer.probes import UNKNOWN, ProbeResult
@@ -66,6 +66,15 @@ class StateSummary:
     last_success_at: float | None = None
     packet_path_mode: str | None = None
     fast_path: bool | None = None
+    api_answer_refused: bool = False  # gate_error is a refused answer (the last good view stays)
+    api_refused_field: str | None = None  # the field that failed its check
+    redirection_mode: str | None = None  # soracom.redirection when the state was written
+    redirection_error: str | None = None  # the last setRedirectionConfiguration failed
+
+    @property
+    def redirection_is_self(self) -> bool | None:
+        """The VPG redirects to this peer; None when no gate view is known."""
+        return redirection.points_here(self.gate) if self.gate else None
 
     @property
     def registered(self) -> bool:
@@ -90,6 +99,7 @@ class StateSummary:
                 r.damaged.append("gate")
         last, counters = r.section("last_reconcile"), r.section("counters")
         packet_path, host, tunnel = r.section("packet_path"), r.section("host"), r.section("tunnel")
+        redirect = r.section("redirection")
         raw_endpoints = data.get("endpoints")
         probed = isinstance(raw_endpoints, list)
         if raw_endpoints is not None and not probed:
@@ -146,6 +156,10 @@ class StateSummary:
             last_success_at=r.number(counters, "last_success_at", "counters.last_success_at"),
             packet_path_mode=r.text(packet_path, "mode", "packet_path.mode"),
             fast_path=fast_path,
+            api_answer_refused=data.get("api_answer_refused") is True,
+            api_refused_field=r.text(data, "api_refused_field", "api_refused_field"),
+            redirection_mode=r.text(redirect, "mode", "redirection.mode"),
+            redirection_error=r.text(redirect, "error", "redirection.error"),
             damaged=tuple(r.damaged),
         )
 
@@ -280,6 +294,7 @@ class Status:
     now: float
     packet_path_mode: str | None = None
     state_error: str | None = None  # "state file unreadable: ..." when it exists but is damaged
+    redirection_mode: str | None = None
     health: str = "down"
     reasons: list[str] = field(default_factory=list)
 
@@ -299,6 +314,7 @@ def gather(
     error: str | None = None
     interface, state_path = TunnelConfig.interface, AgentConfig.state_file
     interval, mode = AgentConfig.reconcile_interval, None
+    redirection_mode: str | None = None
     if not configured:
         error = f"not configured: {config_path} does not exist (set --config or GATEPEER_CONFIG)"
     else:
@@ -310,6 +326,7 @@ def gather(
         else:
             interface, state_path = cfg.tunnel.interface, cfg.agent.state_file
             interval, mode = cfg.agent.reconcile_interval, cfg.packet_path.mode
+            redirection_mode = cfg.soracom.redirection
     raw = statefile.read(state_path)
     state = StateSummary.from_state(raw) if raw else None
     state_error = None
@@ -336,6 +353,7 @@ def gather(
         now=clock(),
         packet_path_mode=(state.packet_path_mode if state else None) or mode,
         state_error=state_error,
+        redirection_mode=(state.redirection_mode if state else None) or redirection_mode,
     )
     status.health, status.reasons = evaluate(status)
     return status
@@ -400,6 +418,17 @@ def evaluate(s: Status) -> tuple[str, list[str]]:
             # The daemon's health already joins the last reconcile and the probes.
             if st.health in ("failed", "degraded"):
                 (down if st.health == "failed" else degraded).extend(st.reasons)
+    if st is not None and st.gate is not None:
+        # Said whether or not the daemon runs: an apply's refused answer and the VPG's
+        # redirection matter as much as a daemon's.
+        said = down + degraded
+        if st.gate_error and not any(st.gate_error in r for r in said):
+            word = "answer refused" if st.api_answer_refused else "failed"
+            degraded.append(f"SORACOM API {word}, keeping the last good view: {st.gate_error}")
+        if st.redirection_error and not any(st.redirection_error in r for r in said):
+            degraded.append(f"SORACOM API: {st.redirection_error}")
+        findings = redirection.findings(s.packet_path_mode, s.redirection_mode, st.gate)
+        degraded += [f for f in findings if f not in said]
     if down:
         return "down", down + degraded
     if degraded:
@@ -467,6 +496,22 @@ def to_json(s: Status) -> dict[str, Any]:
             for e in (st.endpoints if st else ())
         ],
         "packet_path": {"mode": s.packet_path_mode, "fast_path": st.fast_path if st else None},
+        "redirection": {
+            "mode": s.redirection_mode,
+            "enabled": gate.redirection.enabled if gate.redirection else False,
+            "gateway": str(gate.redirection.gateway)
+            if gate.redirection and gate.redirection.gateway
+            else None,
+            "is_self": redirection.points_here(gate),
+            "this_peer": str(redirection.own_gateway(gate)),
+        }
+        if gate
+        else {"mode": s.redirection_mode},
+        "api": {
+            "error": st.gate_error if st else None,
+            "answer_refused": st.api_answer_refused if st else False,
+            "refused_field": st.api_refused_field if st else None,
+        },
         "last_reconcile": {
             "health": st.last_health,
             "error": st.last_error,
@@ -572,6 +617,14 @@ def render(s: Status) -> str:
     pp = j["packet_path"]
     fast = {True: "fast path active", False: "no fast path", None: "fast path unknown"}
     lines.append(f"packet path   {pp['mode'] or 'unknown'}, {fast[pp['fast_path']]}")
+    rd = j["redirection"]
+    if s.state is not None and s.state.gate is not None:
+        current = redirection.describe(s.state.gate.redirection)
+        lines.append(
+            f"redirection   gateway {current}"
+            + (" (this peer)" if rd["is_self"] else f", not this peer ({rd['this_peer']})")
+            + f"; soracom.redirection {rd['mode'] or 'unknown'}"
+        )
     lr = j["last_reconcile"]
     if lr:
         took = f" in {lr['duration_s'] * 1000:.1f} ms" if lr["duration_s"] is not None else ""

@@ -70,11 +70,13 @@ auth_key_file = "{key}"
 vpg_id = "{VPG_ID}"
 open_gate = true
 request_timeout = "500ms"
+redirection = "self"
 
 [tunnel]
 interface = "vxlan7"
 underlay_interface = "{UNDERLAY}"
 local_address = "198.18.0.10"
+inner_address = "10.128.0.3"
 mtu = 1400
 source_port_range = [4789, 4790]
 destination_port = 4790
@@ -97,10 +99,12 @@ state_file = "/run/gatepeer-test/state.json"
     assert s.open_gate is True
     assert s.request_timeout == pytest.approx(0.5)
     assert s.read_auth_key() == SECRET  # stripped of the newline
+    assert s.redirection == "self"
     t = cfg.tunnel
     assert t.interface == "vxlan7"
     assert t.underlay_interface == UNDERLAY
     assert t.local_address == ipaddress.IPv4Address("198.18.0.10")
+    assert t.inner_address == ipaddress.IPv4Address("10.128.0.3")
     assert t.mtu == 1400 and isinstance(t.mtu, int)
     assert t.source_port_range == (4789, 4790)
     assert isinstance(t.source_port_range, tuple)
@@ -116,6 +120,8 @@ def test_minimal_config_takes_the_defaults(tmp_path: Path) -> None:
     assert cfg.soracom.endpoint == "https://api.soracom.io"
     assert cfg.soracom.open_gate is False
     assert cfg.soracom.request_timeout == 10.0
+    assert cfg.soracom.redirection == "unmanaged"
+    assert cfg.tunnel.inner_address is None
     assert cfg.tunnel.interface == "vxlan0"
     assert cfg.tunnel.underlay_interface is None
     assert cfg.tunnel.local_address is None
@@ -232,6 +238,15 @@ BAD_CONFIGS = [
         "packet_path.flows_per_device:",
     ),
     Bad("empty-vpg-id", _soracom(vpg_id='""'), "soracom.vpg_id:"),
+    Bad("unknown-redirection", _soracom(redirection='"peer"'), "soracom.redirection:"),
+    Bad("redirection-bool", _soracom(redirection="true"), "soracom.redirection:"),
+    Bad("inner-address-junk", _with("tunnel", 'inner_address = "10.1.2"'), "tunnel.inner_address:"),
+    Bad("inner-address-int", _with("tunnel", "inner_address = 167772163"), "tunnel.inner_address:"),
+    Bad(
+        "inner-address-multicast",
+        _with("tunnel", 'inner_address = "224.0.0.5"'),
+        "tunnel.inner_address:",
+    ),
     Bad("bad-vpg-id", _soracom(vpg_id='"vpg/../x"'), "soracom.vpg_id:"),
     Bad("missing-auth-key-id", _soracom(auth_key_id=None), "soracom.auth_key_id:"),
     Bad("inline-auth-key", _soracom(auth_key=f'"{SECRET}"'), "soracom.auth_key:"),

@@ -12,10 +12,17 @@ from typing import Any, cast
 
 import pytest
 
-from gatepeer.gate import GateError, fetch_gate_view, find_own_peer, vpg_endpoints
+from gatepeer.gate import (
+    AnswerRefused,
+    GateError,
+    coverage_hint,
+    fetch_gate_view,
+    find_own_peer,
+    vpg_endpoints,
+)
 from gatepeer.lab.emulator import Emulator, EmulatorSettings, Peer
 from gatepeer.soracom import SoracomClient, SoracomError
-from gatepeer.state import Endpoint, IPv4Address, IPv4Interface, IPv4Network
+from gatepeer.state import Endpoint, IPv4Address, IPv4Interface, IPv4Network, Redirection
 
 A = IPv4Address
 AUTH_KEY = "secret-gate-test-key-4a7c1e9b3d5f"
@@ -172,6 +179,53 @@ def test_unknown_vpg_is_a_soracom_error(client: SoracomClient) -> None:
     with pytest.raises(SoracomError) as info:
         fetch_gate_view(client, "vpg-nosuch", OUTER, open_gate=False)
     assert info.value.status == 404
+    assert "soracom.endpoint" in str(info.value) and "g.api.soracom.io" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "other"),
+    [
+        ("https://api.soracom.io", "https://g.api.soracom.io"),
+        ("https://g.api.soracom.io/", "https://api.soracom.io"),
+    ],
+)
+def test_a_404_for_the_vpg_names_the_other_coverage(endpoint: str, other: str) -> None:
+    assert f'soracom.endpoint = "{other}"' in coverage_hint(endpoint)
+
+
+def test_a_stable_inner_address_is_asked_for_and_kept(
+    client: SoracomClient, emulator: Emulator
+) -> None:
+    view = fetch_gate_view(client, VPG_ID, OUTER, open_gate=False, inner_address=A("198.19.0.77"))
+    assert emulator.peers() == [Peer("198.18.0.10", "198.19.0.77")]
+    assert view.inner == IPv4Interface("198.19.0.77/16")
+    # A replacement instance (same outer address after re-registering) gets it again.
+    client.unregister_gate_peer(VPG_ID, str(OUTER))
+    again = fetch_gate_view(client, VPG_ID, OUTER, open_gate=False, inner_address=A("198.19.0.77"))
+    assert again.inner == view.inner
+
+
+def test_a_registration_with_another_inner_address_names_the_key(
+    client: SoracomClient, emulator: Emulator
+) -> None:
+    client.register_gate_peer(VPG_ID, str(OUTER), "198.19.0.50")
+    with pytest.raises(GateError) as info:
+        fetch_gate_view(client, VPG_ID, OUTER, open_gate=False, inner_address=A("198.19.0.77"))
+    message = str(info.value)
+    assert message.startswith("tunnel.inner_address:") and "198.19.0.50" in message
+    assert not isinstance(info.value, AnswerRefused)
+    assert emulator.counts().get("registerGatePeer") == 1  # no second registration
+
+
+def test_an_inner_address_outside_the_subnet_names_the_key(client: SoracomClient) -> None:
+    with pytest.raises(GateError, match=r"^tunnel\.inner_address: 10\.0\.0\.5 is outside"):
+        fetch_gate_view(client, VPG_ID, OUTER, open_gate=False, inner_address=A("10.0.0.5"))
+
+
+def test_the_redirection_is_read(client: SoracomClient, emulator: Emulator) -> None:
+    assert fetch(client).redirection is None
+    client.set_redirection(VPG_ID, "198.19.0.3")
+    assert fetch(client).redirection == Redirection(True, A("198.19.0.3"))
 
 
 # ---- scripted answers ------------------------------------------------------------------------
@@ -230,7 +284,9 @@ class FakeClient:
         self.calls.append("listGatePeers")
         return list(self._next(self.lists))
 
-    def register_gate_peer(self, vpg_id: str, outer_ip: str) -> dict[str, Any]:
+    def register_gate_peer(
+        self, vpg_id: str, outer_ip: str, inner_ip: str | None = None
+    ) -> dict[str, Any]:
         self.calls.append("registerGatePeer")
         if isinstance(self.register, Exception):
             raise self.register
@@ -249,11 +305,9 @@ def fake_fetch(fake: FakeClient, *, open_gate: bool = False) -> Any:
 REGISTERED_NULL_NETMASK = own_row(netmask=None)
 
 
-def test_prefix_from_the_list_netmask_over_the_register_answer() -> None:
+def test_register_then_list_the_registration() -> None:
     fake = FakeClient(
-        [VPG_OPEN],
-        [ENDPOINT_ROWS, [*ENDPOINT_ROWS, own_row(netmask="255.255.255.0")]],
-        register=REGISTERED_NULL_NETMASK,
+        [VPG_OPEN], [ENDPOINT_ROWS, [*ENDPOINT_ROWS, own_row()]], register=REGISTERED_NULL_NETMASK
     )
     view = fake_fetch(fake)
     assert fake.calls == [
@@ -262,7 +316,7 @@ def test_prefix_from_the_list_netmask_over_the_register_answer() -> None:
         "registerGatePeer",
         "listGatePeers",
     ]
-    assert view.inner == IPv4Interface("198.19.0.3/24")
+    assert view.inner == IPv4Interface("198.19.0.3/16")
 
 
 def test_prefix_from_the_subnet_when_the_list_does_not_show_the_registration_yet() -> None:
@@ -271,10 +325,27 @@ def test_prefix_from_the_subnet_when_the_list_does_not_show_the_registration_yet
     assert view.inner == IPv4Interface("198.19.0.3/16")
 
 
-@pytest.mark.parametrize("netmask", [None, "", "junk", "255.0.255.0", 16])
-def test_prefix_from_the_subnet_when_the_netmask_is_unusable(netmask: Any) -> None:
+@pytest.mark.parametrize("netmask", [None, "255.255.0.0", "16", "/16", 16])
+def test_a_netmask_that_agrees_with_the_subnet_or_none(netmask: Any) -> None:
     fake = FakeClient([VPG_OPEN], [[*ENDPOINT_ROWS, own_row(netmask=netmask)]])
     assert fake_fetch(fake).inner == IPv4Interface("198.19.0.3/16")
+
+
+@pytest.mark.parametrize("absent", [True, False])
+def test_the_device_subnet_falls_back_to_ue_subnet_cidr_range(absent: bool) -> None:
+    vpg = {k: v for k, v in VPG_OPEN.items() if k != "deviceSubnetCidrRange"}
+    if not absent:
+        vpg["deviceSubnetCidrRange"] = None
+    fake = FakeClient(
+        [{**vpg, "ueSubnetCidrRange": "198.19.0.0/16"}], [[*ENDPOINT_ROWS, own_row()]]
+    )
+    assert fake_fetch(fake).device_subnet == IPv4Network("198.19.0.0/16")
+
+
+def test_a_vni_given_as_a_whole_float_is_that_integer() -> None:
+    fake = FakeClient([{**VPG_OPEN, "gateVxlanId": 10.0}], [[*ENDPOINT_ROWS, own_row()]])
+    view = fake_fetch(fake)
+    assert view.vni == 10 and isinstance(view.vni, int)
 
 
 def test_lost_registration_race_reuses_the_winner() -> None:
@@ -291,15 +362,10 @@ def test_failed_registration_is_raised() -> None:
     assert info.value is full
 
 
-def test_endpoints_need_owned_by_customer_false_exactly() -> None:
-    rows: list[dict[str, Any]] = [
-        *ENDPOINT_ROWS,
-        {"outerIpAddress": "198.18.1.99", "innerIpAddress": "198.19.0.9"},  # field missing
-        {"outerIpAddress": "198.18.1.98", "ownedByCustomer": None},
-        {"outerIpAddress": "junk", "ownedByCustomer": False},
-        own_row(),
-    ]
-    assert vpg_endpoints(rows) == (
+def test_endpoints_are_the_rows_not_owned_by_customer() -> None:
+    other_customer = {**own_row(), "outerIpAddress": "198.18.0.77", "innerIpAddress": "x"}
+    rows: list[dict[str, Any]] = [*ENDPOINT_ROWS, own_row(), other_customer]
+    assert vpg_endpoints(rows, IPv4Network("198.19.0.0/16"), OUTER) == (
         Endpoint(A("198.18.1.11"), A("198.19.0.1")),
         Endpoint(A("198.18.1.12"), A("198.19.0.2")),
     )
@@ -319,26 +385,162 @@ def test_no_endpoints_is_an_error() -> None:
         fake_fetch(fake)
 
 
-def test_registration_without_inner_address_is_an_error() -> None:
-    fake = FakeClient([VPG_OPEN], [[*ENDPOINT_ROWS, own_row(inner=None)]])
-    with pytest.raises(GateError, match="no inner address"):
-        fake_fetch(fake)
-
-
-@pytest.mark.parametrize("subnet", [None, "", "198.19.0.5/16", "not-a-cidr", 5])
-def test_unusable_device_subnet_is_a_gate_error(subnet: Any) -> None:
+@pytest.mark.parametrize("subnet", [None, "", "198.19.0.5/16", "not-a-cidr", 5, "0.0.0.0/1"])
+def test_unusable_device_subnet_is_refused(subnet: Any) -> None:
     vpg = {**VPG_OPEN, "deviceSubnetCidrRange": subnet}
     fake = FakeClient([vpg], [[*ENDPOINT_ROWS, own_row()]])
-    with pytest.raises(GateError, match="deviceSubnetCidrRange"):
+    with pytest.raises(AnswerRefused, match="deviceSubnetCidrRange"):
         fake_fetch(fake)
 
 
-@pytest.mark.parametrize("vni", ["abc", -1, 16_777_216, True, [10], 1.5])
-def test_unusable_vni_is_a_gate_error(vni: Any) -> None:
+@pytest.mark.parametrize("vni", ["abc", -1, 0, 16_777_216, True, [10], 1.5, "10"])
+def test_unusable_vni_is_refused(vni: Any) -> None:
     vpg = {**VPG_OPEN, "gateVxlanId": vni}
     fake = FakeClient([vpg], [[*ENDPOINT_ROWS, own_row()]])
-    with pytest.raises(GateError, match="gateVxlanId"):
+    with pytest.raises(AnswerRefused, match="gateVxlanId"):
         fake_fetch(fake)
+
+
+def _endpoint_row(outer: Any = "198.18.1.13", **changes: Any) -> dict[str, Any]:
+    row = {**ENDPOINT_ROWS[0], "outerIpAddress": outer, "innerIpAddress": "198.19.0.4"}
+    row.update(changes)
+    return row
+
+
+# Each poisoned answer, and the words its one-line reason must hold.
+POISONED: list[tuple[str, dict[str, Any], list[dict[str, Any]], str]] = [
+    (
+        "inner-outside-subnet",
+        VPG_OPEN,
+        [*ENDPOINT_ROWS, own_row(inner="10.0.0.3")],
+        "outside the device subnet",
+    ),
+    (
+        "inner-network-address",
+        VPG_OPEN,
+        [*ENDPOINT_ROWS, own_row(inner="198.19.0.0")],
+        "not a host address",
+    ),
+    ("inner-missing", VPG_OPEN, [*ENDPOINT_ROWS, own_row(inner=None)], "innerIpAddress None"),
+    (
+        "inner-an-integer",
+        VPG_OPEN,
+        [*ENDPOINT_ROWS, own_row(inner=3323134211)],
+        "innerIpAddress 3323134211",
+    ),
+    (
+        "netmask-dotted-slash-1",
+        VPG_OPEN,
+        [*ENDPOINT_ROWS, own_row(netmask="128.0.0.0")],
+        "(/1) differs",
+    ),
+    ("netmask-prefix-24", VPG_OPEN, [*ENDPOINT_ROWS, own_row(netmask=24)], "(/24) differs"),
+    ("netmask-junk", VPG_OPEN, [*ENDPOINT_ROWS, own_row(netmask="junk")], "not a netmask"),
+    (
+        "netmask-non-contiguous",
+        VPG_OPEN,
+        [*ENDPOINT_ROWS, own_row(netmask="255.0.255.0")],
+        "not a netmask",
+    ),
+    ("endpoint-netmask", VPG_OPEN, [_endpoint_row(netmask="255.255.255.0"), own_row()], "differs"),
+    (
+        "endpoint-unspecified",
+        VPG_OPEN,
+        [_endpoint_row("0.0.0.0"), own_row()],
+        "0.0.0.0 is unspecified",
+    ),
+    ("endpoint-loopback", VPG_OPEN, [_endpoint_row("127.0.0.1"), own_row()], "is loopback"),
+    (
+        "endpoint-link-local",
+        VPG_OPEN,
+        [_endpoint_row("169.254.169.254"), own_row()],
+        "is link-local",
+    ),
+    ("endpoint-multicast", VPG_OPEN, [_endpoint_row("239.1.1.1"), own_row()], "is multicast"),
+    ("endpoint-broadcast", VPG_OPEN, [_endpoint_row("255.255.255.255"), own_row()], "is broadcast"),
+    (
+        "endpoint-this-host",
+        VPG_OPEN,
+        [_endpoint_row(str(OUTER)), own_row()],
+        "this host's own address",
+    ),
+    (
+        "endpoint-junk",
+        VPG_OPEN,
+        [_endpoint_row("junk"), own_row()],
+        "'junk' is not an IPv4 address",
+    ),
+    (
+        "endpoint-inner-outside",
+        VPG_OPEN,
+        [_endpoint_row(innerIpAddress="10.9.9.9"), own_row()],
+        "outside",
+    ),
+    (
+        "owned-by-customer-missing",
+        VPG_OPEN,
+        [{"outerIpAddress": "198.18.1.99"}, own_row()],
+        "ownedByCustomer None",
+    ),
+    (
+        "owned-by-customer-string",
+        VPG_OPEN,
+        [_endpoint_row(ownedByCustomer="false"), own_row()],
+        "ownedByCustomer 'false'",
+    ),
+    (
+        "subnet-missing",
+        {"gateOpened": True, "gateVxlanId": 10},
+        [*ENDPOINT_ROWS, own_row()],
+        "ueSubnetCidrRange",
+    ),
+    (
+        "gate-opened-string",
+        {**VPG_OPEN, "gateOpened": "yes"},
+        [*ENDPOINT_ROWS, own_row()],
+        "gateOpened 'yes'",
+    ),
+    (
+        "redirection-not-an-object",
+        {**VPG_OPEN, "redirection": "on"},
+        [*ENDPOINT_ROWS, own_row()],
+        "redirection 'on'",
+    ),
+    (
+        "redirection-gateway-junk",
+        {**VPG_OPEN, "redirection": {"enabled": True, "gateway": "10.0.0"}},
+        [*ENDPOINT_ROWS, own_row()],
+        "redirection.gateway",
+    ),
+    (
+        "redirection-enabled-string",
+        {**VPG_OPEN, "redirection": {"enabled": "true"}},
+        [*ENDPOINT_ROWS, own_row()],
+        "redirection.enabled",
+    ),
+    (
+        "control-characters",
+        VPG_OPEN,
+        [*ENDPOINT_ROWS, own_row(inner="198.19.0.3\r\nforged log line")],
+        "\\r\\nforged",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("vpg", "peers", "reason"), [p[1:] for p in POISONED], ids=[p[0] for p in POISONED]
+)
+def test_a_poisoned_answer_is_refused_with_one_printable_line(
+    vpg: dict[str, Any], peers: list[dict[str, Any]], reason: str
+) -> None:
+    fake = FakeClient([vpg], [peers])
+    with pytest.raises(AnswerRefused) as info:
+        fake_fetch(fake)
+    message = str(info.value)
+    assert reason in message
+    assert message.startswith(f"VPG {VPG_ID}: ") and " answer refused: " in message
+    assert message.isprintable() and message.isascii(), message
+    assert info.value.field and info.value.field in message
 
 
 def test_gate_still_closed_after_open_gate_is_an_error() -> None:

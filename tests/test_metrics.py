@@ -34,7 +34,14 @@ from gatepeer.metrics.server import MetricsServer, listen_address
 from gatepeer.metrics.sources import CONNTRACK_COUNT, CONNTRACK_MAX, NEIGHBOUR_LIMIT
 from gatepeer.probes import ProbeResult
 from gatepeer.soracom import ApiStats
-from gatepeer.state import Endpoint, GateView, IPv4Address, IPv4Interface, IPv4Network
+from gatepeer.state import (
+    Endpoint,
+    GateView,
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    Redirection,
+)
 from gatepeer.status import EndpointSummary, StateSummary
 
 GOLDEN = Path(__file__).parent / "golden" / "metrics"
@@ -51,6 +58,7 @@ GATE = GateView(
         Endpoint(A("100.64.10.2"), A("10.128.0.2")),
     ),
     outer=A("172.31.5.10"),
+    redirection=Redirection(enabled=True, gateway=A("10.128.0.3")),
 )
 SUMMARY = StateSummary(
     version="0.1.0",
@@ -76,6 +84,9 @@ SUMMARY = StateSummary(
     last_success_at=1_760_000_100.25,
     packet_path_mode="nat",
     fast_path=False,
+    api_answer_refused=True,
+    api_refused_field="netmask",
+    redirection_mode="self",
 )
 LINK = LinkReading(
     index=7,
@@ -259,6 +270,10 @@ def test_required_metric_names_are_exported() -> None:
         "gatepeer_api_request_duration_seconds_total",
         "gatepeer_api_ratelimit_remaining",
         "gatepeer_api_auth_failures_total",
+        "gatepeer_api_answer_refused",
+        "gatepeer_redirection_enabled",
+        "gatepeer_redirection_is_self",
+        "gatepeer_redirection_info",
         "gatepeer_fast_path_active",
         "gatepeer_health",
     }
@@ -337,6 +352,43 @@ def test_before_registration_and_first_probe() -> None:
     api = expose(c["api"])
     assert "ratelimit" not in api
     assert "gatepeer_api_auth_failures_total 0.0" in api
+
+
+@pytest.mark.parametrize(
+    ("redirection", "enabled", "is_self", "gateway"),
+    [
+        (Redirection(True, A("10.128.0.9")), 1, 0, "10.128.0.9"),
+        (Redirection(False, A("10.128.0.3")), 0, 0, "10.128.0.3"),
+        (None, 0, 0, ""),
+    ],
+)
+def test_redirection_elsewhere_or_off_is_not_self(
+    redirection: Redirection | None, enabled: int, is_self: int, gateway: str
+) -> None:
+    summary = replace(
+        SUMMARY, gate=replace(GATE, redirection=redirection), redirection_mode="unmanaged"
+    )
+    text = expose(all_collectors(FakeAgent(summary))["registration"])
+    assert f"gatepeer_redirection_enabled {enabled}.0" in text
+    assert f"gatepeer_redirection_is_self {is_self}.0" in text
+    assert f'gatepeer_redirection_info{{gateway="{gateway}",mode="unmanaged"}} 1.0' in text
+
+
+def test_the_refusal_and_redirection_mode_come_from_the_state_document() -> None:
+    doc = {
+        "gate": replace(GATE, redirection=Redirection(True, A("10.128.0.3"))).to_json(),
+        "api_answer_refused": True,
+        "api_refused_field": "gateVxlanId",
+        "redirection": {"mode": "self", "error": None},
+    }
+    summary = StateSummary.from_state(doc)
+    assert summary.api_answer_refused and summary.redirection_mode == "self"
+    assert summary.redirection_is_self is True
+    api = expose(all_collectors(FakeAgent(summary))["api"])
+    assert 'gatepeer_api_answer_refused{field="gateVxlanId"} 1.0' in api
+    accepted = replace(summary, api_answer_refused=False, api_refused_field=None)
+    api = expose(all_collectors(FakeAgent(accepted))["api"])
+    assert 'gatepeer_api_answer_refused{field=""} 0.0' in api
 
 
 def test_registration_for_another_address_is_not_registered() -> None:

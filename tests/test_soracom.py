@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from test_emulator_contract import SPEC_URI, _pointer, contract  # noqa: F401 - a fixture
 
 from gatepeer import soracom
 from gatepeer.lab.emulator import Emulator, EmulatorSettings
@@ -616,3 +617,129 @@ def test_the_session_repr_hides_the_api_key_and_token(client: SoracomClient) -> 
     assert session is not None
     text = repr(session)
     assert session.token not in text and session.api_key not in text
+
+
+# ---- redirection, the endpoint's path, request bodies against the spec -----------------------
+
+
+def test_set_and_unset_redirection(client: SoracomClient, emulator: Emulator) -> None:
+    client.set_redirection(VPG_ID, "198.19.0.3")
+    assert emulator.state()["redirection"] == {"enabled": True, "gateway": "198.19.0.3"}
+    assert client.get_virtual_private_gateway(VPG_ID)["redirection"]["gateway"] == "198.19.0.3"
+    client.unset_redirection(VPG_ID)
+    assert emulator.state()["redirection"] is None
+    assert emulator.counts()["setRedirectionConfiguration"] == 1
+    assert emulator.counts()["unsetRedirectionConfiguration"] == 1
+
+
+@pytest.mark.parametrize("suffix", ["/v1", "/v1/", "/"])
+def test_an_endpoint_with_a_trailing_v1_works(
+    emulator: Emulator, clock: FakeClock, sleeps: Sleeps, suffix: str
+) -> None:
+    base = emulator.base_url  # type: ignore[attr-defined]
+    client = SoracomClient(base + suffix, KEY_ID, lambda: AUTH_KEY, sleep=sleeps, clock=clock)
+    assert client.endpoint == base
+    assert client.get_virtual_private_gateway(VPG_ID)["vpgId"] == VPG_ID
+    assert "_unknown" not in emulator.counts()
+
+
+def test_every_request_body_the_client_sends_matches_the_spec(
+    request: pytest.FixtureRequest, client: SoracomClient, emulator: Emulator, clock: FakeClock
+) -> None:
+    spec = request.getfixturevalue("contract")
+    sent: list[tuple[str, str, str, Any]] = []
+    real_send = client._send
+
+    def recording(operation: str, method: str, path: str, body: Any, headers: Any) -> Any:
+        sent.append((operation, method, path, body))
+        return real_send(operation, method, path, body, headers)
+
+    client._send = recording  # type: ignore[method-assign]
+    client.get_virtual_private_gateway(VPG_ID)
+    clock.advance(soracom.TOKEN_LIFETIME_S * 0.95)  # the next call refreshes the token
+    client.list_gate_peers(VPG_ID)
+    client.register_gate_peer(VPG_ID, "198.18.0.10")
+    client.register_gate_peer(VPG_ID, "198.18.0.20", "198.19.0.77")
+    client.set_redirection(VPG_ID, "198.19.0.77")
+    client.unset_redirection(VPG_ID)
+    client.unregister_gate_peer(VPG_ID, "198.18.0.10")
+    emulator.update_settings(gate_opened=False)
+    client.open_gate(VPG_ID)
+    operations = {op for op, *_ in sent}
+    assert operations >= {
+        "auth",
+        "generateAuthToken",
+        "registerGatePeer",
+        "setRedirectionConfiguration",
+        "unsetRedirectionConfiguration",
+        "openGate",
+    }
+    for operation, method, _path, body in sent:
+        spec_method, template = spec.operations[operation]
+        assert method == spec_method, operation
+        request = spec.spec["paths"][template][method.lower()].get("requestBody")
+        if request is None:
+            assert body is None, f"{operation} sends a body the spec does not define"
+            continue
+        ref = f"{SPEC_URI}#{_pointer('paths', template, method.lower(), 'requestBody')}"
+        spec.validate(f"{ref}/content/application~1json/schema", body)
+        if request.get("required"):
+            assert body is not None, operation
+
+
+def test_strict_request_schemas_catch_a_field_the_spec_lacks(
+    request: pytest.FixtureRequest,
+) -> None:
+    spec = request.getfixturevalue("contract")
+    _, template = spec.operations["setRedirectionConfiguration"]
+    ref = f"{SPEC_URI}#{_pointer('paths', template, 'post', 'requestBody')}"
+    with pytest.raises(AssertionError):
+        spec.validate(f"{ref}/content/application~1json/schema", {"gatewayAddress": "x"})
+
+
+@pytest.mark.parametrize("bad", ["tok\r\nX-Injected: 1", "tok en", "t\u00f6ken", "tok\x00"])
+def test_a_token_a_header_cannot_carry_is_refused_without_showing_it(
+    sleeps: Sleeps, bad: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+
+    answer = json.dumps({"apiKey": "api-1", "operatorId": "OP1", "token": bad}).encode()
+    caplog.set_level(logging.DEBUG)
+    server = CannedServer([http_reply("200 OK", answer)])
+    try:
+        client = SoracomClient(server.url, KEY_ID, lambda: AUTH_KEY, sleep=sleeps, attempts=1)
+        with pytest.raises(SoracomError) as info:
+            client.get_virtual_private_gateway(VPG_ID)
+    finally:
+        server.close()
+    message = str(info.value)
+    assert "token" in message and "\n" not in message
+    assert bad not in message and "Injected" not in message
+    assert "Injected" not in caplog.text and bad not in caplog.text
+
+
+def test_an_error_message_from_the_api_is_one_printable_line(sleeps: Sleeps) -> None:
+    body = b'{"code": "E1", "message": "bad\\r\\nX-Log-Forged: yes \\u001b[31m"}'
+    server = CannedServer([AUTH_OK, http_reply("400 Bad Request", body)])
+    try:
+        client = SoracomClient(server.url, KEY_ID, lambda: AUTH_KEY, sleep=sleeps, timeout=5)
+        with pytest.raises(SoracomError) as info:
+            client.get_virtual_private_gateway(VPG_ID)
+    finally:
+        server.close()
+    assert str(info.value).endswith("E1: bad\\r\\nX-Log-Forged: yes \\x1b[31m")
+    assert soracom.printable("a\r\nb\x1b[31m\u00e9" + "x" * 300) == (
+        "a\\r\\nb\\x1b[31m\\xe9" + "x" * 179 + "..."
+    )
+
+
+def test_a_header_value_error_never_quotes_the_header(
+    client: SoracomClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client.authenticate()
+    assert client._session is not None
+    client._session.token = "secret-token\r\nX: y"  # as if a bug let one through
+    with pytest.raises(SoracomError) as info:
+        client.get_virtual_private_gateway(VPG_ID)
+    assert "secret-token" not in str(info.value)
+    assert "soracom.endpoint" in str(info.value)

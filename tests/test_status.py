@@ -370,7 +370,8 @@ def test_json_shape(tmp_path: Path) -> None:
     j = to_json(run_status(tmp_path, state_doc()))
     assert set(j) == {
         "health", "exit_code", "reasons", "version", "config", "daemon", "registration",
-        "tunnel", "endpoints", "packet_path", "last_reconcile", "state_file",
+        "tunnel", "endpoints", "packet_path", "last_reconcile", "state_file", "redirection",
+        "api",
     }  # fmt: skip
     assert j["daemon"] == {"running": True, "pid": 4242}
     assert j["registration"] == {
@@ -398,6 +399,11 @@ def test_json_shape(tmp_path: Path) -> None:
         "probe": probe("up"),
     }
     assert j["packet_path"] == {"mode": "route", "fast_path": True}
+    assert j["redirection"] == {
+        "mode": "unmanaged", "enabled": False, "gateway": None, "is_self": False,
+        "this_peer": "10.128.0.3",
+    }  # fmt: skip
+    assert j["api"] == {"error": None, "answer_refused": False, "refused_field": None}
     assert j["last_reconcile"] == {
         "health": "ok", "error": None, "duration_s": 0.0042, "runs": 42, "failures": 1,
         "last_success_at": NOW - 20,
@@ -584,3 +590,83 @@ def test_status_and_metrics_follow_the_gate_peer_through_its_life(
     code, report = status()
     assert code == 2
     assert "vxlan0 does not exist" in report["reasons"]
+
+
+# ---- the VPG's redirection and refused answers ----------------------------------------------
+
+REDIRECTED_HERE = {**GATE, "redirection": {"enabled": True, "gateway": "10.128.0.3"}}
+REDIRECTED_ELSEWHERE = {**GATE, "redirection": {"enabled": True, "gateway": "10.128.0.9"}}
+
+
+def _with_mode(tmp_path: Path, mode: str = "route", redirection: str = "unmanaged") -> str:
+    return (
+        '[soracom]\nauth_key_id = "keyId-x"\nvpg_id = "vpg-1"\n'
+        f'auth_key_file = "{tmp_path / "key"}"\nredirection = "{redirection}"\n'
+        f'[agent]\nstate_file = "{tmp_path / "state.json"}"\n'
+        f'[packet_path]\nmode = "{mode}"\n'
+    )
+
+
+def test_redirection_to_this_peer_is_shown_in_text_and_json(tmp_path: Path) -> None:
+    doc = state_doc(gate=REDIRECTED_HERE, redirection={"mode": "self", "error": None})
+    status = run_status(tmp_path, doc)
+    assert status.health == "ok", status.reasons
+    j = to_json(status)
+    assert j["redirection"]["gateway"] == "10.128.0.3" and j["redirection"]["is_self"] is True
+    assert j["redirection"]["mode"] == "self"
+    assert "redirection   gateway 10.128.0.3 (this peer); soracom.redirection self" in render(
+        status
+    )
+
+
+@pytest.mark.parametrize(
+    ("gate", "mode", "setting", "reason"),
+    [
+        (GATE, "nat", "unmanaged", "packet_path.mode is nat but the VPG's redirection gateway "
+         "is not set, not this peer (10.128.0.3)"),
+        (REDIRECTED_ELSEWHERE, "nat", "unmanaged", "redirection gateway is 10.128.0.9, not"),
+        ({**GATE, "redirection": {"enabled": False, "gateway": "10.128.0.3"}}, "nat",
+         "unmanaged", "gateway is 10.128.0.3 (disabled)"),
+        (REDIRECTED_ELSEWHERE, "route", "self", 'soracom.redirection is "self" but the VPG\'s '
+         "redirection gateway is 10.128.0.9, not this peer (10.128.0.3)"),
+    ],
+)  # fmt: skip
+def test_a_redirection_not_pointing_here_is_degraded_with_the_reason(
+    tmp_path: Path, gate: dict[str, Any], mode: str, setting: str, reason: str
+) -> None:
+    # Without a daemon too: an apply's state is judged the same way.
+    for daemon in (True, False):
+        doc = state_doc(gate=gate, packet_path={"mode": mode}, redirection={"mode": setting})
+        status = run_status(
+            tmp_path, doc, daemon=daemon, config=_with_mode(tmp_path, mode, setting)
+        )
+        assert status.health == "degraded", status.reasons
+        assert any(reason in r for r in status.reasons), status.reasons
+        assert to_json(status)["redirection"]["is_self"] is False
+
+
+def test_route_mode_with_unmanaged_redirection_elsewhere_is_fine(tmp_path: Path) -> None:
+    status = run_status(tmp_path, state_doc(gate=REDIRECTED_ELSEWHERE))
+    assert status.health == "ok", status.reasons
+    assert "not this peer (10.128.0.3); soracom.redirection unmanaged" in render(status)
+
+
+def test_a_refused_answer_is_degraded_once_with_its_reason(tmp_path: Path) -> None:
+    error = "VPG vpg-1: listGatePeers answer refused: netmask '128.0.0.0' (/1) differs"
+    doc = state_doc(
+        gate_error=error,
+        api_answer_refused=True,
+        api_refused_field="netmask",
+        health="degraded",
+        reasons=[f"SORACOM API: {error}; keeping the last applied state"],
+    )
+    for daemon in (True, False):
+        status = run_status(tmp_path, doc, daemon=daemon)
+        assert status.health == "degraded"
+        mentions = [r for r in status.reasons if error in r]
+        assert len(mentions) == 1, status.reasons
+        assert to_json(status)["api"] == {
+            "error": error,
+            "answer_refused": True,
+            "refused_field": "netmask",
+        }

@@ -85,6 +85,27 @@ class RegistrationCollector:
         yield _gauge(
             "gatepeer_gate_open", "1 when Gate is open on the VPG.", int(s.gate.gate_opened)
         )
+        redirection = s.gate.redirection
+        yield _gauge(
+            "gatepeer_redirection_enabled",
+            "1 when the VPG's Junction redirection is enabled.",
+            int(bool(redirection and redirection.enabled)),
+        )
+        yield _gauge(
+            "gatepeer_redirection_is_self",
+            "1 when the VPG's redirection is enabled and its gateway is this peer.",
+            int(bool(s.redirection_is_self)),
+        )
+        redirection_info = GaugeMetricFamily(
+            "gatepeer_redirection_info",
+            "The VPG's redirection gateway (empty: none) and soracom.redirection (mode).",
+            labels=["gateway", "mode"],
+        )
+        gateway = redirection.gateway if redirection else None
+        redirection_info.add_metric(
+            [str(gateway) if gateway else "", s.redirection_mode or "unknown"], 1
+        )
+        yield redirection_info
         if s.gate_fetched_at is not None:
             yield _gauge(
                 "gatepeer_gate_view_refreshed_timestamp_seconds",
@@ -392,6 +413,15 @@ class ApiCollector:
             "Times the SORACOM API refused the auth key.",
             value=stats.auth_failures,
         )
+        s = self.agent.summary()
+        refused = GaugeMetricFamily(
+            "gatepeer_api_answer_refused",
+            "1 while the last API answer failed a check (the last good view stays applied); "
+            "field: the field that failed.",
+            labels=["field"],
+        )
+        refused.add_metric([s.api_refused_field or ""], int(s.api_answer_refused))
+        yield refused
 
 
 class HealthCollector:
