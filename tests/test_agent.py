@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from test_plan import FACTS, GATE, converged, make_config
 
+from gatepeer import ruleset
 from gatepeer.agent import Agent
 from gatepeer.config import AgentConfig, Config
 from gatepeer.kernel import nftables
@@ -113,5 +114,5 @@ def _rendered(kernel: FakeKernel) -> str | None:
     if any(isinstance(a, LoadRuleset) for a in kernel.applied):
         spec = kernel.desired.packet_path
         assert spec is not None
-        return nftables.render(spec)
+        return ruleset.render(spec)
     return None
