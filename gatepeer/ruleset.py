@@ -4,13 +4,21 @@ here: `gatepeer.kernel.nftables` runs `nft`.
 
 Shape of the table (see `render`):
 
-- `input` (hook input, policy accept: SSH and everything else must keep working): VXLAN (UDP to
-  the tunnel port) is accepted only from the VPG endpoints in the named set `vpg_endpoints`; any
-  other source is counted (`vxlan_foreign_dropped`) and dropped.
+- `input` (hook input, policy accept: SSH and everything else must keep working for the rest
+  of the network): the tunnel's VXLAN (UDP to the tunnel port carrying the tunnel's VNI) is
+  accepted only on the underlay, to the local address, from the VPG endpoints in the named set
+  `vpg_endpoints`; any other (another source, address or interface) is counted
+  (`vxlan_foreign_dropped`) and dropped. VXLAN with another VNI (another VXLAN user on this
+  host) is not ours and passes. Packets from the tunnel to this host, whatever address they
+  are for, go to `to_host`: replies to the host's own traffic (probes), ICMP echo requests and
+  the `host_services` ports pass; anything else is counted (`host_service_dropped`) and
+  dropped.
 - `prerouting` (priority raw, before conntrack): packets in from the tunnel whose inner source
   is outside the device subnet, and any IPv6 from the tunnel (SORACOM Gate is IPv4 only), are
   counted (`spoofed_source_dropped`) and dropped. Doing it here rather than in `forward` covers
-  traffic to this host too, and a spoofing device cannot fill the conntrack table.
+  traffic to this host too, and a spoofing device cannot fill the conntrack table. Here and in
+  `output` (priority raw) the outer VXLAN packets, and in route mode without a stateful rule
+  the devices' forwarded traffic, are exempted from connection tracking.
 - `forward` (policy accept: this host may route other traffic we know nothing about, and a drop
   policy in our table would drop it whatever other tables say): PMTU signals (ICMP
   frag-needed, ICMPv6 packet-too-big) always pass; TCP SYN and SYN-ACK to and from the tunnel get
@@ -42,7 +50,7 @@ import hashlib
 import ipaddress
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Literal
@@ -60,9 +68,12 @@ COUNTERS = (
     "spoofed_source_dropped",
     "allowlist_dropped",
     "masqueraded_flows",
+    "host_service_dropped",
 )
 
 Mode = Literal["route", "nat"]
+# A port devices may open on this host from the tunnel: ("tcp", 22).
+HostService = tuple[Literal["tcp", "udp"], int]
 # What it takes to bring the kernel's table to the spec.
 Change = Literal["none", "endpoints", "reload"]
 
@@ -74,6 +85,9 @@ class PacketPathSpec:
     """Everything the table is rendered from. Endpoints change without a reload."""
 
     device_subnet: IPv4Network
+    # The tunnel's own VXLAN: its VNI and the underlay address it is bound to.
+    vni: int
+    local_address: IPv4Address
     endpoints: frozenset[IPv4Address] = frozenset()
     mode: Mode = "route"
     tunnel: str = "vxlan0"
@@ -82,10 +96,16 @@ class PacketPathSpec:
     # Destinations devices may start flows to; empty allows every destination.
     allowed_destinations: tuple[IPv4Network, ...] = ()
     flowtable: bool = False
+    # Ports devices may open on this host; everything else they start towards it is dropped.
+    host_services: tuple[HostService, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.device_subnet, IPv4Network):
             raise TypeError(f"device_subnet: want IPv4Network, got {self.device_subnet!r}")
+        if not isinstance(self.vni, int) or not 0 <= self.vni < 1 << 24:
+            raise ValueError(f"vni: {self.vni!r} is not a VXLAN network identifier")
+        if not isinstance(self.local_address, IPv4Address):
+            raise TypeError(f"local_address: want IPv4Address, got {self.local_address!r}")
         if not isinstance(self.endpoints, frozenset) or not all(
             isinstance(a, IPv4Address) for a in self.endpoints
         ):
@@ -106,6 +126,17 @@ class PacketPathSpec:
                 "allowed_destinations: want tuple of IPv4Network, "
                 f"got {self.allowed_destinations!r}"
             )
+        if not isinstance(self.host_services, tuple) or not all(
+            isinstance(h, tuple)
+            and len(h) == 2
+            and h[0] in ("tcp", "udp")
+            and isinstance(h[1], int)
+            and 0 < h[1] < 65536
+            for h in self.host_services
+        ):
+            raise ValueError(
+                f"host_services: want a tuple of (tcp|udp, port), got {self.host_services!r}"
+            )
 
     @property
     def allow_list(self) -> tuple[IPv4Network, ...]:
@@ -119,6 +150,11 @@ class PacketPathSpec:
 
 def _elements(items: Iterable[str]) -> str:
     return "{ " + ", ".join(items) + " }"
+
+
+def _ports(ports: Sequence[int]) -> str:
+    # nft lists a one-element anonymous set as the bare value.
+    return str(ports[0]) if len(ports) == 1 else _elements(map(str, ports))
 
 
 def _prefix(net: IPv4Network) -> str:
@@ -175,12 +211,35 @@ def _render(
             "",
         ]
 
+    # The tunnel's VXLAN: UDP to our port carrying our VNI (bits 96-119 of the transport
+    # header: 8 bytes of UDP, then flags and reserved). The kernel hands such a packet to our
+    # vxlan link whatever local address or interface it came in on, so that is what the
+    # endpoint check covers; VXLAN with any other VNI belongs to another user (flannel,
+    # Docker overlay) and passes untouched, even on our port.
+    ours = f"udp dport {spec.vxlan_port} @th,96,24 {spec.vni:#x}"
+    to_us = f"iifname {u} ip daddr {spec.local_address} {ours}"
     out += [
         "\tchain input {",
         "\t\ttype filter hook input priority filter; policy accept;",
-        f"\t\tudp dport {spec.vxlan_port} ip saddr @{ENDPOINT_SET}"
-        ' counter name "vxlan_accepted" accept',
-        f'\t\tudp dport {spec.vxlan_port} counter name "vxlan_foreign_dropped" drop',
+        f'\t\t{to_us} ip saddr @{ENDPOINT_SET} counter name "vxlan_accepted" accept',
+        f'\t\t{ours} counter name "vxlan_foreign_dropped" drop',
+        f"\t\tiifname {t} jump to_host",
+        "\t}",
+        "",
+        # Devices reach this host only as far as it lets them: whatever they address (the inner
+        # address, the VPC address, anything bound to 0.0.0.0), they get answers to the host's
+        # own traffic (probes), ping and the listed services; any other new connection is
+        # counted and dropped.
+        "\tchain to_host {",
+        "\t\tct state established,related accept",
+        "\t\ticmp type echo-request accept",
+    ]
+    for proto in ("tcp", "udp"):
+        ports = sorted(p for pr, p in spec.host_services if pr == proto)
+        if ports:
+            out.append(f"\t\t{proto} dport {_ports(ports)} accept")
+    out += [
+        '\t\tcounter name "host_service_dropped" drop',
         "\t}",
         "",
         # Every packet crosses this hook: one interface test, the checks only for the tunnel's.
@@ -188,31 +247,34 @@ def _render(
         "\t\ttype filter hook prerouting priority raw; policy accept;",
         f"\t\tiifname {t} jump from_tunnel",
     ]
-    # Connection tracking costs every forwarded packet a lookup (about 9 % of small-packet
-    # throughput here): route mode engages it only when a rule needs a connection's state
-    # (the allow-list, the flowtable); nat mode needs it anyway. Where it is on, the outer
-    # VXLAN packets are left untracked: tracking them would double the cost for nothing.
-    tracked = bool(spec.allow_list) or spec.flowtable or spec.mode == "nat"
-    outer = f"udp dport {spec.vxlan_port} notrack"
-    if tracked:
-        out.append(f"\t\tiifname {u} {outer}")
+    # The `ct state` rule above engages connection tracking for this whole network namespace,
+    # and tracking costs every forwarded packet a lookup (about 9 % of small-packet throughput
+    # here). Forwarded traffic needs it only where a rule asks for a connection's state (the
+    # allow-list, the flowtable) or in nat mode; otherwise route mode leaves the devices'
+    # forwarded traffic untracked, both ways, and tracks only what is addressed to this host.
+    # The outer VXLAN packets are never tracked: that would double the cost for nothing.
+    forward_tracked = bool(spec.allow_list) or spec.flowtable or spec.mode == "nat"
+    out.append(f"\t\t{to_us} notrack")
+    if not forward_tracked:
+        out.append(f"\t\tiifname {u} ip daddr {spec.device_subnet} notrack")
     out += [
         "\t}",
         "",
         "\tchain from_tunnel {",
         f'\t\tip saddr != {spec.device_subnet} counter name "spoofed_source_dropped" drop',
         '\t\tmeta nfproto ipv6 counter name "spoofed_source_dropped" drop',
+    ]
+    if not forward_tracked:
+        out.append("\t\tfib daddr type != local notrack")
+    out += [
+        "\t}",
+        "",
+        "\tchain output {",
+        "\t\ttype filter hook output priority raw; policy accept;",
+        f"\t\toifname {u} ip saddr {spec.local_address} {ours} notrack",
         "\t}",
         "",
     ]
-    if tracked:
-        out += [
-            "\tchain output {",
-            "\t\ttype filter hook output priority raw; policy accept;",
-            f"\t\toifname {u} {outer}",
-            "\t}",
-            "",
-        ]
     out += [
         "\tchain forward {",
         "\t\ttype filter hook forward priority filter; policy accept;",
@@ -235,7 +297,7 @@ def _render(
                 f"\t\tiifname {a} oifname {b} meta l4proto {{ tcp, udp }}"
                 f" ct state established flow add @{FLOWTABLE}"
             )
-    if tracked:
+    if forward_tracked:
         out.append("\t\tct state established,related accept")
     if spec.allow_list:
         out.append(

@@ -242,6 +242,8 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         )
     packet_path = PacketPathSpec(
         device_subnet=gate.device_subnet,
+        vni=gate.vni,
+        local_address=facts.local_address,
         endpoints=frozenset(e.outer for e in gate.endpoints),
         mode=pp.mode,
         tunnel=t.interface,
@@ -249,6 +251,7 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         vxlan_port=t.destination_port,
         allowed_destinations=pp.allowed_destinations,
         flowtable=facts.flowtable_supported and pp.flowtable is not False,
+        host_services=pp.host_services,
     )
     g1, g2, g3 = neighbour_thresholds(config.kernel.neighbour_table_devices)
     sysctls: tuple[Sysctl, ...] = (
@@ -265,7 +268,7 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         Sysctl("net/ipv4/neigh/default/gc_thresh2", g2, "at_least", init_netns_only=True),
         Sysctl("net/ipv4/neigh/default/gc_thresh3", g3, "at_least", init_netns_only=True),
     )
-    # The forward chain tracks connections in both modes, so conntrack is sized in both.
+    # The input chain tracks connections in both modes, so conntrack is sized in both.
     for path, value in conntrack_sysctls(
         config.kernel.neighbour_table_devices, pp.flows_per_device
     ):

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_ruleset import ALLOW, CASES, EP1, EP3, PLAIN, WITH_FLOWTABLE, spec
+from test_ruleset import ALLOW, CASES, EP1, EP3, PLAIN, VNI, WITH_FLOWTABLE, spec
 
 from gatepeer import ruleset as rs
 from gatepeer.kernel import nftables as nf
@@ -114,6 +114,17 @@ def test_check_mode_accepts_transaction(check_ns: str, name: str) -> None:
 
 @pytest.mark.netns
 @needs_nft
+@pytest.mark.parametrize("name", PLAIN)
+def test_kernel_lists_back_what_was_rendered(check_ns: str, name: str) -> None:
+    nf.load(CASES[name], check_ns)
+    try:
+        assert rs.change_needed(CASES[name], nf.current(check_ns)) == "none"
+    finally:
+        nf.remove(check_ns)
+
+
+@pytest.mark.netns
+@needs_nft
 @pytest.mark.parametrize("name", WITH_FLOWTABLE)
 def test_check_mode_flowtable_agrees_with_probe(check_ns: str, name: str) -> None:
     proc = _nft(check_ns, "-c", "-f", "-", stdin=rs.transaction(CASES[name]))
@@ -153,7 +164,8 @@ def test_lifecycle(ns: str) -> None:
         stdin="table inet other {\n\tchain c {\n\t\tip saddr 192.0.2.1 accept\n\t}\n}\n",
     )
     other = _nft(ns, "list", "table", "inet", "other").stdout
-    want = spec(mode="nat", allowed_destinations=ALLOW)
+    services = (("tcp", 22), ("tcp", 8080), ("udp", 53))
+    want = spec(mode="nat", allowed_destinations=ALLOW, host_services=services)
 
     assert nf.current(ns) is None
     assert not nf.is_converged(want, ns)
@@ -174,13 +186,18 @@ def test_lifecycle(ns: str) -> None:
     assert set(nf.counters(ns)) == set(rs.COUNTERS)
 
     # Endpoints change without a reload: the counters stay.
-    moved = spec(mode="nat", allowed_destinations=ALLOW, endpoints=frozenset({EP3}))
+    moved = spec(
+        mode="nat", allowed_destinations=ALLOW, host_services=services, endpoints=frozenset({EP3})
+    )
     assert rs.change_needed(moved, nf.current(ns)) == "endpoints"
     nf.update_endpoints(moved.endpoints, ns)
     assert nf.is_converged(moved, ns)
     assert nf.counters(ns)["vxlan_foreign_dropped"] == (4, 200)
     nf.update_endpoints([], ns)
-    assert nf.is_converged(spec(mode="nat", allowed_destinations=ALLOW, endpoints=frozenset()), ns)
+    assert nf.is_converged(
+        spec(mode="nat", allowed_destinations=ALLOW, host_services=services, endpoints=frozenset()),
+        ns,
+    )
     nf.update_endpoints(want.endpoints, ns)
     assert nf.is_converged(want, ns)
 
@@ -241,12 +258,18 @@ def test_conntrack_max_is_read_only_outside_the_initial_namespace(ns: str) -> No
 # ---- real packets ------------------------------------------------------------------------------
 
 
-def _send_udp(ns: str, src: str, dst: str, port: int) -> None:
+def _vxlan_header(vni: int) -> bytes:
+    """Eight bytes, as a VXLAN packet starts: the I flag, then the VNI."""
+    return bytes([0x08, 0, 0, 0]) + (vni << 8).to_bytes(4, "big")
+
+
+def _send_udp(ns: str, src: str, dst: str, port: int, payload: bytes = b"gatepeer") -> None:
     code = (
         "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-        "s.bind((sys.argv[1], 0)); s.sendto(b'gatepeer', (sys.argv[2], int(sys.argv[3])))"
+        "s.bind((sys.argv[1], 0)); "
+        "s.sendto(bytes.fromhex(sys.argv[4]), (sys.argv[2], int(sys.argv[3])))"
     )
-    _run("ip", "netns", "exec", ns, sys.executable, "-c", code, src, dst, str(port))
+    _run("ip", "netns", "exec", ns, sys.executable, "-c", code, src, dst, str(port), payload.hex())
 
 
 def _wait_for(ns: str, name: str, packets: int) -> tuple[int, int]:
@@ -305,12 +328,60 @@ def test_packets_are_counted(pair: tuple[str, str]) -> None:
     peer, other = pair
     nf.load(spec(endpoints=frozenset({EP1})), peer)
 
-    _send_udp(other, "198.18.0.2", "198.18.0.1", 4789)  # not a VPG endpoint
+    ours = _vxlan_header(VNI)
+    _send_udp(other, "198.18.0.2", "198.18.0.1", 4789, ours)  # not a VPG endpoint
     assert _wait_for(peer, "vxlan_foreign_dropped", 1) == (1, 36)  # 20 IP + 8 UDP + 8 payload
-    _send_udp(other, str(EP1), "198.18.0.1", 4789)
+    _send_udp(other, str(EP1), "198.18.0.1", 4789, ours)
     assert _wait_for(peer, "vxlan_accepted", 1) == (1, 36)
     assert nf.counters(peer)["vxlan_foreign_dropped"] == (1, 36)
+    # Another VNI is another VXLAN user's: not ours to accept or drop.
+    _send_udp(other, "198.18.0.2", "198.18.0.1", 4789, _vxlan_header(VNI + 1))
 
-    _send_udp(other, "198.19.0.2", "198.19.0.1", 9)  # a device: not counted
+    _send_udp(other, "198.19.0.2", "198.19.0.1", 9)  # a device, to a port not listed
+    assert _wait_for(peer, "host_service_dropped", 1) == (1, 36)
     _send_udp(other, "203.0.113.9", "198.19.0.1", 9)  # outside the device subnet
     assert _wait_for(peer, "spoofed_source_dropped", 1) == (1, 36)
+    assert nf.counters(peer)["host_service_dropped"] == (1, 36)  # spoofed: dropped before
+    assert nf.counters(peer)["vxlan_foreign_dropped"] == (1, 36)
+    assert nf.counters(peer)["vxlan_accepted"] == (1, 36)
+
+
+def _vxlan(ns: str, name: str, vni: int, local: str, remote: str, dev: str, inner: str) -> None:
+    _run("ip", "-n", ns, "link", "add", name, "type", "vxlan", "id", str(vni), "local", local,
+         "remote", remote, "dev", dev, "dstport", "4789")  # fmt: skip
+    _run("ip", "-n", ns, "addr", "add", inner, "dev", name)
+    _run("ip", "-n", ns, "link", "set", name, "up")
+
+
+@pytest.mark.netns
+@needs_nft
+@pytest.mark.parametrize(
+    ("peer_dev", "other_dev", "net"),
+    [("eth0", "up0", "198.18.0"), ("eth1", "up1", "198.18.5")],
+    ids=["underlay-other-address", "other-interface"],
+)
+def test_another_vxlan_user_on_the_same_port_is_untouched(
+    pair: tuple[str, str], peer_dev: str, other_dev: str, net: str
+) -> None:
+    # Issue 9, hole 2: a second VXLAN (another VNI, port 4789 too: Docker overlay, flannel)
+    # on another local address, of the underlay or of another interface.
+    peer, other = pair
+    if peer_dev != "eth0":
+        _run("ip", "-n", peer, "link", "add", peer_dev, "type", "veth", "peer", "name",
+             other_dev, "netns", other)  # fmt: skip
+        _run("ip", "-n", peer, "link", "set", peer_dev, "up")
+        _run("ip", "-n", other, "link", "set", other_dev, "up")
+    here, there = f"{net}.5", f"{net}.6"
+    _run("ip", "-n", peer, "addr", "add", f"{here}/24", "dev", peer_dev)
+    _run("ip", "-n", other, "addr", "add", f"{there}/24", "dev", other_dev)
+    _vxlan(peer, "vxlan9", 99, here, there, peer_dev, "192.0.2.1/30")
+    _vxlan(other, "vxlan9", 99, there, here, other_dev, "192.0.2.2/30")
+    nf.load(spec(endpoints=frozenset({EP1})), peer)
+
+    ping = _run("ip", "netns", "exec", other, "ping", "-n", "-q", "-c", "2", "-i", "0.2",
+                "-W", "2", "192.0.2.1", check=False)  # fmt: skip
+    assert ping.returncode == 0, f"the other VXLAN is cut off:\n{ping.stdout}{ping.stderr}"
+    assert nf.counters(peer)["vxlan_foreign_dropped"] == (0, 0)
+    # Our VNI to that address is still ours: the kernel would hand it to our vxlan link.
+    _send_udp(other, there, here, 4789, _vxlan_header(VNI))
+    assert _wait_for(peer, "vxlan_foreign_dropped", 1) == (1, 36)

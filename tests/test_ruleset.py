@@ -7,6 +7,7 @@ Regenerate the golden files with GATEPEER_UPDATE_GOLDEN=1.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from ipaddress import IPv4Address, IPv4Network
@@ -21,6 +22,8 @@ GOLDEN = Path(__file__).parent / "golden" / "nftables"
 UPDATE = os.environ.get("GATEPEER_UPDATE_GOLDEN") == "1"
 
 SUBNET = IPv4Network("198.19.0.0/16")
+VNI = 10
+LOCAL = IPv4Address("198.18.0.1")
 EP1, EP2, EP3 = IPv4Address("198.18.0.11"), IPv4Address("198.18.0.12"), IPv4Address("198.18.0.13")
 ALLOW = (
     IPv4Network("203.0.113.0/25"),
@@ -31,7 +34,12 @@ ALLOW = (
 
 
 def spec(**kw: object) -> PacketPathSpec:
-    base: dict[str, object] = {"device_subnet": SUBNET, "endpoints": frozenset({EP1, EP2})}
+    base: dict[str, object] = {
+        "device_subnet": SUBNET,
+        "vni": VNI,
+        "local_address": LOCAL,
+        "endpoints": frozenset({EP1, EP2}),
+    }
     base.update(kw)
     return PacketPathSpec(**base)  # type: ignore[arg-type]
 
@@ -43,6 +51,8 @@ CASES = {
     "nat_2ep": spec(mode="nat"),
     "nat_allowlist": spec(mode="nat", allowed_destinations=ALLOW),
     "route_flowtable": spec(flowtable=True),
+    "route_host_services": spec(host_services=(("tcp", 22), ("tcp", 8080), ("udp", 53))),
+    "nat_host_service": spec(mode="nat", host_services=(("udp", 53),)),
     "nat_allowlist_flowtable_0ep": spec(
         mode="nat", allowed_destinations=ALLOW, flowtable=True, endpoints=frozenset()
     ),
@@ -82,29 +92,86 @@ def test_allow_list_is_collapsed_and_sorted() -> None:
     )
 
 
+def chain(text: str, name: str) -> list[str]:
+    """The rules of one chain in rendered text, without its hook line."""
+    lines = text.splitlines()
+    start = lines.index(f"\tchain {name} {{") + 1
+    rules = lines[start : lines.index("\t}", start)]
+    return [r.strip() for r in rules if not r.strip().startswith("type ")]
+
+
 def test_modes_differ_by_masquerade_and_connection_tracking() -> None:
     route, nat = rs.render(spec()), rs.render(spec(mode="nat"))
-    added = [ln for ln in nat.splitlines() if ln not in route.splitlines()]
-    assert added[0].startswith('\tcomment "managed by gatepeer, spec ')
-    # nat needs conntrack: the established accept, and the outer VXLAN packets left untracked
-    # (tracking them would cost a second lookup per packet). Route mode tracks nothing.
-    assert added[1:] == [
-        '\t\tiifname "eth0" udp dport 4789 notrack',
-        "\tchain output {",
-        "\t\ttype filter hook output priority raw; policy accept;",
-        '\t\toifname "eth0" udp dport 4789 notrack',
-        "\t\tct state established,related accept",
-        "\tchain postrouting {",
-        "\t\ttype nat hook postrouting priority srcnat; policy accept;",
-        '\t\toifname "eth0" ip saddr 198.19.0.0/16 counter name "masqueraded_flows" masquerade',
+    # Route mode leaves the devices' forwarded traffic untracked both ways (the input chain's
+    # `ct state` engages conntrack for the namespace); nat mode needs it tracked.
+    untracked = [
+        'iifname "eth0" ip daddr 198.19.0.0/16 notrack',
+        "fib daddr type != local notrack",
     ]
-    assert "ct " not in route and "notrack" not in route
-    assert (
-        'oifname "eth0" ip saddr 198.19.0.0/16 counter name "masqueraded_flows" masquerade' in nat
-    )
-    # Every counter exists in every mode: the metrics keep one schema.
+    assert [r for r in untracked if r in route] == untracked
+    assert not [r for r in untracked if r in nat]
+    assert "ct state established,related accept" not in chain(route, "forward")
+    assert "ct state established,related accept" in chain(nat, "forward")
+    assert chain(nat, "postrouting") == [
+        'oifname "eth0" ip saddr 198.19.0.0/16 counter name "masqueraded_flows" masquerade'
+    ]
+    assert "postrouting" not in route
     for text in (route, nat):
+        # The outer VXLAN packets are never tracked: a second lookup per packet for nothing.
+        outer = 'iifname "eth0" ip daddr 198.18.0.1 udp dport 4789 @th,96,24 0xa notrack'
+        assert outer in chain(text, "prerouting")
+        assert chain(text, "output") == [
+            'oifname "eth0" ip saddr 198.18.0.1 udp dport 4789 @th,96,24 0xa notrack'
+        ]
+        # Every counter exists in every mode: the metrics keep one schema.
         assert [c for c in rs.COUNTERS if f"counter {c} {{" in text] == list(rs.COUNTERS)
+    for name, s in CASES.items():
+        forward = chain(rs.render(s), "forward")
+        assert any(r.startswith("ct ") for r in forward) == (
+            s.mode == "nat" or s.flowtable or bool(s.allow_list)
+        ), name
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_devices_open_nothing_on_the_host_but_what_is_listed(name: str) -> None:
+    # Issue 9, hole 1: everything from the tunnel to this host, whatever its address, goes
+    # through to_host, which ends in a counted drop.
+    text = rs.render(CASES[name])
+    assert 'iifname "vxlan0" jump to_host' in chain(text, "input")
+    rules = chain(text, "to_host")
+    assert rules[:2] == ["ct state established,related accept", "icmp type echo-request accept"]
+    assert rules[-1] == 'counter name "host_service_dropped" drop'
+    listed = rules[2:-1]
+    assert len(listed) == len({p for p, _ in CASES[name].host_services})
+    assert all(re.fullmatch(r"(tcp|udp) dport [0-9{}, ]+ accept", r) for r in listed), listed
+
+
+def test_host_services_render_by_protocol() -> None:
+    text = rs.render(spec(host_services=(("udp", 53), ("tcp", 8080), ("tcp", 22))))
+    assert "tcp dport { 22, 8080 } accept" in chain(text, "to_host")
+    assert "udp dport 53 accept" in chain(text, "to_host")
+    assert "dport" not in "".join(chain(rs.render(spec()), "to_host"))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_vxlan_filter_covers_only_our_vni(name: str) -> None:
+    # Issue 9, hole 2: other VXLAN users on this host (other VNIs, on any port, interface or
+    # address) pass untouched; ours is accepted only on the underlay, to the local address,
+    # from a VPG endpoint.
+    input_rules = chain(rs.render(CASES[name]), "input")
+    vxlan = [r for r in input_rules if "udp dport" in r]
+    assert vxlan == [
+        'iifname "eth0" ip daddr 198.18.0.1 udp dport 4789 @th,96,24 0xa'
+        ' ip saddr @vpg_endpoints counter name "vxlan_accepted" accept',
+        'udp dport 4789 @th,96,24 0xa counter name "vxlan_foreign_dropped" drop',
+    ]
+
+
+def test_vni_and_local_address_are_part_of_the_spec() -> None:
+    text = rs.render(spec(vni=0xABCDEF, local_address=IPv4Address("198.18.3.4"), vxlan_port=8472))
+    assert "udp dport 8472 @th,96,24 0xabcdef" in text and "198.18.3.4" in text
+    assert rs.change_needed(spec(), rs.render(spec(vni=11))) == "reload"
+    assert rs.change_needed(spec(), rs.render(spec(local_address=EP3))) == "reload"
 
 
 def test_transaction_touches_only_our_table() -> None:
@@ -143,6 +210,12 @@ def test_render_seeds_counters() -> None:
         ({"endpoints": frozenset({"198.18.0.11"})}, TypeError),
         ({"device_subnet": "198.19.0.0/16"}, TypeError),
         ({"allowed_destinations": [IPv4Network("192.0.2.0/24")]}, TypeError),
+        ({"vni": 1 << 24}, ValueError),
+        ({"vni": "10"}, ValueError),
+        ({"local_address": "198.18.0.1"}, TypeError),
+        ({"host_services": (("sctp", 22),)}, ValueError),
+        ({"host_services": (("tcp", 0),)}, ValueError),
+        ({"host_services": [("tcp", 22)]}, ValueError),
     ],
 )
 def test_spec_validation(kw: dict[str, object], error: type[Exception]) -> None:
