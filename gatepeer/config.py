@@ -75,6 +75,7 @@ class KernelConfig:
 
 
 PacketPathMode = Literal["route", "nat"]
+HostService = tuple[Literal["tcp", "udp"], int]
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ class PacketPathConfig:
     flowtable: bool | Literal["auto"] = "auto"
     # nat mode: conntrack sized for neighbour_table_devices devices with this many flows each.
     flows_per_device: int = 8
+    # Ports on this host that devices may open from the tunnel ("tcp", 22); empty: none.
+    host_services: tuple[HostService, ...] = ()
 
 
 # Outside 9100-9999 (allocated to other exporters).
@@ -501,9 +504,33 @@ def _parse_packet_path(s: _Section) -> PacketPathConfig:
         allowed_destinations=tuple(allowed),
         flowtable=flowtable,
         flows_per_device=flows,
+        host_services=_host_services(s),
     )
     s.finish()
     return cfg
+
+
+def _host_services(s: _Section) -> tuple[HostService, ...]:
+    """`["tcp/22", "udp/53"]`; a bare port number means TCP. Sorted, duplicates dropped."""
+    key = s.key("host_services")
+    raw = s.get("host_services", [])
+    if not isinstance(raw, list):
+        raise ConfigError(f'{key}: must be a list such as ["tcp/22", "udp/53"], got {_show(raw)}')
+    found: set[HostService] = set()
+    for item in raw:
+        if isinstance(item, int) and not isinstance(item, bool):
+            proto, port = "tcp", item
+        else:
+            m = re.fullmatch(r"(tcp|udp)/(\d{1,5})", item) if isinstance(item, str) else None
+            if m is None:
+                raise ConfigError(
+                    f'{key}: want "tcp/PORT", "udp/PORT" or a TCP port number, got {_show(item)}'
+                )
+            proto, port = m.group(1), int(m.group(2))
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"{key}: port must be between 1 and 65535, got {_show(item)}")
+        found.add((proto, port))  # type: ignore[arg-type]
+    return tuple(sorted(found))
 
 
 def _parse_metrics(s: _Section) -> MetricsConfig:

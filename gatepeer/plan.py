@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gatepeer.kernel import nftables
-from gatepeer.kernel.nftables import PacketPathSpec
+from gatepeer import ruleset
+from gatepeer.ruleset import PacketPathSpec
 from gatepeer.state import (
     DesiredState,
     DesiredStateError,
@@ -123,7 +123,7 @@ class LoadRuleset:
     current: str | None
 
     def command(self) -> str:
-        return "\n".join(nftables.describe(self.spec, self.current))
+        return "\n".join(ruleset.describe(self.spec, self.current))
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class UpdateEndpointSet:
     current: str
 
     def command(self) -> str:
-        return "\n".join(nftables.describe(self.spec, self.current))
+        return "\n".join(ruleset.describe(self.spec, self.current))
 
 
 Action = (
@@ -221,7 +221,7 @@ def plan(desired: DesiredState, observed: ObservedState, underlay: str) -> list[
         actions.append(RemoveFdb(spec.name, dst))
     # The filter is in place before the link comes up and before forwarding is switched on.
     if desired.packet_path is not None:
-        change = nftables.change_needed(desired.packet_path, observed.nft_table)
+        change = ruleset.change_needed(desired.packet_path, observed.nft_table)
         if change == "reload":
             actions.append(LoadRuleset(desired.packet_path, observed.nft_table))
         elif change == "endpoints" and observed.nft_table is not None:

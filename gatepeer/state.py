@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from gatepeer.config import VXLAN_OVERHEAD, Config
-from gatepeer.kernel.nftables import PacketPathSpec, conntrack_sysctls
+from gatepeer.ruleset import PacketPathSpec
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Interface = ipaddress.IPv4Interface
@@ -188,6 +188,43 @@ def neighbour_thresholds(devices: int) -> tuple[int, int, int]:
     return devices // 2, devices + devices // 2, devices * 2
 
 
+CONNTRACK_HEADROOM = 1.25  # flows lingering in TIME_WAIT/CLOSE and the host's own flows
+CONNTRACK_FLOOR = 65_536
+
+
+def conntrack_sysctls(devices: int, flows_per_device: int) -> list[tuple[str, int]]:
+    """conntrack sized for `devices` devices with `flows_per_device` concurrent flows each.
+
+    Arithmetic: entries = devices x flows x 1.25, at least 65,536, rounded up to a power of two
+    (50,000 x 8 -> 500,000 -> 524,288). Buckets = entries: one entry per bucket at a full table,
+    which is also this kernel's own default ratio; a bucket is 8 bytes (4 MiB here) and an
+    entry about 256 bytes (128 MiB at a full table, used only as flows exist).
+
+    Timeouts, shorter than the kernel's where its defaults waste the table:
+    - TCP established 7,440 s (RFC 5382's minimum for a NAT, 2 h 4 min) instead of 5 days:
+      devices that vanish mid-flow would otherwise hold their entries for days.
+    - TCP TIME_WAIT 60 s (Linux TCP's own) instead of 120 s: devices making short HTTPS
+      requests leave one entry each for that long.
+    - UDP 30 s unreplied (the default) and 120 s for a stream (RFC 4787's minimum; older kernels
+      default to 180 s), written explicitly so a distribution's tuning does not leak in.
+
+    max and buckets are global and writable only from the initial network namespace (read-only
+    in any other: see `kernel.nftables.unwritable`); the timeouts are per namespace.
+    """
+    if devices < 1 or flows_per_device < 1:
+        raise ValueError("devices and flows_per_device must be at least 1")
+    wanted = max(int(devices * flows_per_device * CONNTRACK_HEADROOM), CONNTRACK_FLOOR)
+    entries = 1 << (wanted - 1).bit_length()
+    return [
+        ("net/netfilter/nf_conntrack_buckets", entries),
+        ("net/netfilter/nf_conntrack_max", entries),
+        ("net/netfilter/nf_conntrack_tcp_timeout_established", 7440),
+        ("net/netfilter/nf_conntrack_tcp_timeout_time_wait", 60),
+        ("net/netfilter/nf_conntrack_udp_timeout", 30),
+        ("net/netfilter/nf_conntrack_udp_timeout_stream", 120),
+    ]
+
+
 def stable_mac(local: IPv4Address, vni: int) -> str:
     """A locally administered unicast MAC derived from what identifies this peer's tunnel."""
     digest = hashlib.sha256(f"gatepeer/{local}/{vni}".encode()).digest()
@@ -227,6 +264,8 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         )
     packet_path = PacketPathSpec(
         device_subnet=gate.device_subnet,
+        vni=gate.vni,
+        local_address=facts.local_address,
         endpoints=frozenset(e.outer for e in gate.endpoints),
         mode=pp.mode,
         tunnel=t.interface,
@@ -234,6 +273,7 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         vxlan_port=t.destination_port,
         allowed_destinations=pp.allowed_destinations,
         flowtable=facts.flowtable_supported and pp.flowtable is not False,
+        host_services=pp.host_services,
     )
     g1, g2, g3 = neighbour_thresholds(config.kernel.neighbour_table_devices)
     sysctls: tuple[Sysctl, ...] = (
@@ -253,7 +293,7 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         Sysctl("net/ipv4/neigh/default/gc_thresh2", g2, "at_least", init_netns_only=True),
         Sysctl("net/ipv4/neigh/default/gc_thresh3", g3, "at_least", init_netns_only=True),
     )
-    # The forward chain tracks connections in both modes, so conntrack is sized in both.
+    # The input chain tracks connections in both modes, so conntrack is sized in both.
     # Timeouts are set exactly, some below the kernel's defaults (why: conntrack_sysctls), and
     # they are host-wide; the values before gatepeer are recorded and `down` restores them.
     for path, value in conntrack_sysctls(

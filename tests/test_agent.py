@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from test_plan import FACTS, GATE, converged, make_config
 
-from gatepeer import redirection, statefile
+from gatepeer import redirection, ruleset, statefile
 from gatepeer.agent import Agent
 from gatepeer.config import AgentConfig, Config, SoracomConfig
 from gatepeer.kernel import nftables
@@ -125,7 +125,7 @@ def _rendered(kernel: FakeKernel) -> str | None:
     if any(isinstance(a, LoadRuleset) for a in kernel.applied):
         spec = kernel.desired.packet_path
         assert spec is not None
-        return nftables.render(spec)
+        return ruleset.render(spec)
     return None
 
 
@@ -170,7 +170,7 @@ def nft_table(fake_nft: list[str], monkeypatch: pytest.MonkeyPatch) -> list[str]
     monkeypatch.setattr(
         nftables,
         "load",
-        lambda spec, netns=None, counters=None: table.append(nftables.render(spec)),
+        lambda spec, netns=None, counters=None: table.append(ruleset.render(spec)),
     )
     monkeypatch.setattr(nftables, "current", lambda netns=None: table[-1] if table else None)
     return table

@@ -133,6 +133,16 @@ def test_minimal_config_takes_the_defaults(tmp_path: Path) -> None:
     assert cfg.agent.state_file == Path("/run/gatepeer/state.json")
 
 
+def test_host_services(tmp_path: Path) -> None:
+    key = write_key(tmp_path / "auth-key")
+    cfg = load(write_config(tmp_path, soracom_section(key)))
+    assert cfg.packet_path.host_services == ()  # devices may open nothing on the host
+    text = soracom_section(key) + '[packet_path]\nhost_services = ["udp/53", 22, "tcp/22"]\n'
+    cfg = load(write_config(tmp_path, text))
+    # A bare number is a TCP port; duplicates go, the order is fixed.
+    assert cfg.packet_path.host_services == (("tcp", 22), ("udp", 53))
+
+
 @pytest.mark.parametrize(
     ("raw", "seconds"),
     [
@@ -227,6 +237,21 @@ BAD_CONFIGS = [
         "allowed-destination-bool",
         _with("packet_path", "allowed_destinations = [true]"),
         "packet_path.allowed_destinations:",
+    ),
+    Bad(
+        "host-service-unknown-protocol",
+        _with("packet_path", 'host_services = ["sctp/22"]'),
+        "packet_path.host_services:",
+    ),
+    Bad(
+        "host-service-port-zero",
+        _with("packet_path", 'host_services = ["udp/0"]'),
+        "packet_path.host_services:",
+    ),
+    Bad(
+        "host-services-not-a-list",
+        _with("packet_path", 'host_services = "tcp/22"'),
+        "packet_path.host_services:",
     ),
     Bad(
         "conntrack-too-large",

@@ -186,6 +186,7 @@ FULL_COUNTERS = {
     "vxlan_foreign_dropped": (17, 1_700),
     "spoofed_source_dropped": (3, 252),
     "allowlist_dropped": (5, 420),
+    "host_service_dropped": (7, 420),
     "masqueraded_flows": (12, 0),
 }
 
@@ -284,6 +285,9 @@ def test_drop_reasons_come_from_the_named_nftables_counters() -> None:
     text = expose(all_collectors()["packet_path"])
     assert 'gatepeer_packet_path_dropped_packets_total{reason="vxlan_foreign_source"} 17.0' in text
     assert 'gatepeer_packet_path_dropped_packets_total{reason="spoofed_inner_source"} 3.0' in text
+    assert (
+        'gatepeer_packet_path_dropped_packets_total{reason="host_service_not_allowed"} 7.0' in text
+    )
 
 
 def test_promtool_accepts_the_whole_exposition() -> None:

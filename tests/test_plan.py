@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from gatepeer import ruleset
 from gatepeer.config import Config, TunnelConfig
-from gatepeer.kernel import nftables
 from gatepeer.plan import (
     AddAddress,
     AddFdb,
@@ -99,7 +99,7 @@ def converged(d: DesiredState, **changes: Any) -> ObservedState:
         addresses=frozenset({d.address}),
         fdb=d.fdb,
         sysctls=tuple((s.path, s.value) for s in d.sysctls),
-        nft_table=nftables.render(d.packet_path) if d.packet_path else None,
+        nft_table=ruleset.render(d.packet_path) if d.packet_path else None,
     )
     return dataclasses.replace(observed, **changes)
 

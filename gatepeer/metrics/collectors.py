@@ -35,6 +35,7 @@ DROP_REASONS = {
     "vxlan_foreign_dropped": "vxlan_foreign_source",
     "spoofed_source_dropped": "spoofed_inner_source",
     "allowlist_dropped": "destination_not_allowed",
+    "host_service_dropped": "host_service_not_allowed",
 }
 HEALTH_STATES = ("ok", "degraded", "failed")
 # A reconcile without an API call takes milliseconds; with one, up to the request timeout.
