@@ -9,6 +9,7 @@
 # README.md. pip takes dependencies missing from wheels/ from PyPI; set PIP_NO_INDEX=1 to forbid
 # that. It installs:
 #   /opt/gatepeer/venv                     a virtual environment with gatepeer from the wheel
+#   /usr/local/bin/gatepeer                a link to its command, for operators
 #   /usr/lib/systemd/system/gatepeer.service and /usr/lib/sysusers.d/gatepeer.conf
 #   /usr/lib/sysctl.d/60-gatepeer.conf     forwarding and neighbour table defaults
 #   the system user gatepeer, /etc/gatepeer, and enables gatepeer.service.
@@ -63,6 +64,8 @@ fi
 "$prefix/venv/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir \
     --upgrade --find-links "$bundle/wheels" "${wheels[0]}"
 install -m 0644 "$bundle/README.md" "$prefix/README.md"
+# Operators type `gatepeer status`; the unit runs the venv's own copy.
+ln -sfn "$prefix/venv/bin/gatepeer" /usr/local/bin/gatepeer
 
 echo "provision: unit, sysctl.d defaults, /etc/gatepeer"
 install -D -m 0644 "$bundle/systemd/gatepeer.service" /usr/lib/systemd/system/gatepeer.service

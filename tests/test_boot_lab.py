@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import LabHandle
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
@@ -228,9 +227,7 @@ class Machine:
                 return True
         return False
 
-    def wait(
-        self, done: Callable[[], bool], what: str, timeout: float = BOOT_TIMEOUT_S
-    ) -> None:
+    def wait(self, done: Callable[[], bool], what: str, timeout: float = BOOT_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
         while not done():
             assert self.proc is not None and self.proc.poll() is None, (
@@ -367,7 +364,9 @@ def hand_over_peer_address(lab: LabHandle) -> None:
 def ping_device(lab: LabHandle, machine: Machine) -> None:
     device = str(lab.layout.devices[0])
     ping = lab.run("vpc", "ping", "-c", "3", "-i", "0.2", "-W", "2", device, check=False)
-    assert ping.returncode == 0, f"VPC host cannot reach {device}:\n{ping.stdout}\n{machine.debug()}"
+    assert ping.returncode == 0, (
+        f"VPC host cannot reach {device}:\n{ping.stdout}\n{machine.debug()}"
+    )
 
 
 def assert_peer_up(machine: Machine, lab: LabHandle, health: str) -> dict[str, Any]:
@@ -383,6 +382,9 @@ def assert_peer_up(machine: Machine, lab: LabHandle, health: str) -> dict[str, A
     assert link["linkinfo"]["info_data"]["id"] == lab.layout.vni
     assert link["linkinfo"]["info_data"]["local"] == PEER_ADDR
     assert "UP" in link["flags"]
+    # What an operator types on the instance (provision.sh links it into /usr/local/bin).
+    status = machine.run("gatepeer", "status", check=False)
+    assert status.returncode == (0 if health == "ok" else 1), status.stdout + status.stderr
     return state
 
 
