@@ -179,6 +179,31 @@ def test_sysctl_defaults_match_the_agent() -> None:
     }
 
 
+def test_service_user_sees_net_sysctls_as_writable() -> None:
+    """As the unit runs it (not root, ambient CAP_NET_ADMIN), in a throwaway network namespace:
+    the agent must see net sysctls as writable and write them. Plain access(2) drops a non-root
+    caller's capabilities and answered "read-only" for every one of them."""
+    need("unshare", "util-linux")
+    need("setpriv", "util-linux")
+    need_root("a throwaway network namespace and a switch to an unprivileged user")
+    script = (
+        "from gatepeer.kernel import nftables, sysctl\n"
+        "print(sysctl.read_writable('net/ipv4/ip_forward'))\n"
+        "sysctl.write('net/ipv4/ip_forward', 1)\n"
+        "print(sysctl.read('net/ipv4/ip_forward'))\n"
+        "print(nftables.unwritable([('net/ipv4/conf/all/send_redirects', 0)]))\n"
+    )
+    proc = subprocess.run(
+        [
+            "unshare", "--net", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            "--inh-caps=+net_admin", "--ambient-caps=+net_admin", sys.executable, "-c", script,
+        ],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:3] == ["0", "1", "[]"]
+
+
 # ---- provisioning ----------------------------------------------------------------------------
 
 
