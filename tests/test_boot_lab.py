@@ -392,19 +392,19 @@ def test_provisioned_image_boots_as_gate_peer(
     provisioned_root: Path, make_lab: Callable[..., LabHandle], tmp_path: Path
 ) -> None:
     root = provisioned_root
-    # The unit as installed verifies against the image's own systemd and files.
-    verify = subprocess.run(
-        ["systemd-analyze", "verify", f"--root={root}", "gatepeer.service"],
-        capture_output=True,
-        text=True,
-    )
-    assert verify.returncode == 0, verify.stderr
     enabled = root / "etc/systemd/system/multi-user.target.wants/gatepeer.service"
     assert enabled.is_symlink(), "provision.sh did not enable gatepeer.service"
 
     lab = make_lab()
     hand_over_peer_address(lab)
     write_user_data_equivalent(root, lab)
+    # The units as installed verify against the image's own systemd and files.
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", f"--root={root}", "gatepeer.service", "lab-eni.service"],
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
     machine = Machine(root, f"gp{lab.prefix}", lab, tmp_path / "console.log")
     try:
         # First boot: registers, builds the tunnel, carries traffic.
