@@ -388,6 +388,34 @@ def assert_peer_up(machine: Machine, lab: LabHandle, health: str) -> dict[str, A
     return state
 
 
+def assert_sandboxed(machine: Machine) -> None:
+    """The unit's restrictions are in force on the running agent (not silently skipped by a
+    container that could not set them up): seccomp, no new privileges, two capabilities, and
+    a read-only system with only its own directories and the net sysctls writable."""
+    pid = machine.unit("MainPID")["MainPID"]
+    status = dict(
+        line.split(":\t", 1)
+        for line in machine.run("cat", f"/proc/{pid}/status").stdout.splitlines()
+        if ":\t" in line
+    )
+    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2", status
+    net_admin_and_raw = (1 << 12) | (1 << 13)
+    assert int(status["CapEff"], 16) == int(status["CapBnd"], 16) == net_admin_and_raw, status
+    # The last mount listed for a point is the one the process sees.
+    options = {}
+    for line in machine.run("cat", f"/proc/{pid}/mountinfo").stdout.splitlines():
+        fields = line.split()
+        options[fields[4]] = fields[5].split(",")
+    for path, mode in (
+        ("/", "ro"),
+        ("/proc/sys", "ro"),
+        ("/proc/sys/net", "rw"),
+        ("/run/gatepeer", "rw"),
+        ("/var/lib/gatepeer", "rw"),
+    ):
+        assert mode in options.get(path, []), f"{path}: {options.get(path)} (want {mode})"
+
+
 def test_provisioned_image_boots_as_gate_peer(
     provisioned_root: Path, make_lab: Callable[..., LabHandle], tmp_path: Path
 ) -> None:
@@ -416,6 +444,7 @@ def test_provisioned_image_boots_as_gate_peer(
         ping_device(lab, machine)
         processes = machine.run("ps", "-o", "user=", "-C", "gatepeer").stdout.split()
         assert processes == ["gatepeer"], processes  # not root
+        assert_sandboxed(machine)
         assert machine.power_off() == 0
 
         # Power on again: nothing by hand, the peer comes back.
