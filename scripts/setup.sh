@@ -11,6 +11,9 @@ packages=(
     iperf3 iputils-ping tcpdump       # traffic in the lab and the benchmarks
     prometheus                        # promtool and the server for the metrics tests
     procps kmod ca-certificates
+    systemd systemd-container         # systemd-analyze (unit checks), systemd-nspawn (boot test)
+    debootstrap zstd                  # the boot test's Debian 12 root, cached as a tarball
+    cloud-init packer                 # user-data schema, Packer fmt/validate
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -175,14 +175,15 @@ PROC_SYS = Path("/proc/sys")
 def unwritable(settings: Iterable[tuple[str, int]], root: Path = PROC_SYS) -> list[str]:
     """Why each setting cannot be written here (one line each); empty when all can.
 
-    procfs enforces a sysctl's mode even for root, so access(2) answers truthfully.
+    procfs enforces a sysctl's mode even for root, so access(2) answers truthfully; with the
+    effective ids, since a non-root caller's capabilities (CAP_NET_ADMIN) count only there.
     """
     problems = []
     for path, _value in settings:
         full = root / path
         if not full.exists():
             problems.append(f"{path}: absent (no conntrack in this kernel?)")
-        elif not os.access(full, os.W_OK):
+        elif not os.access(full, os.W_OK, effective_ids=True):
             problems.append(
                 f"{path}: read-only in this network namespace (global: set it from the "
                 "initial namespace)"

@@ -21,8 +21,11 @@ def read(path: str, root: Path = PROC_SYS) -> int | None:
 
 def read_writable(path: str, root: Path = PROC_SYS) -> int | None:
     """The value, or None when the key is absent or read-only here: procfs enforces a key's
-    mode even for root (conntrack's global sizes are read-only outside the initial netns)."""
-    if not os.access(root / path, os.W_OK):
+    mode even for root (conntrack's global sizes are read-only outside the initial netns).
+
+    Checked with the effective ids: plain access(2) drops every capability of a non-root
+    caller, so the service user (which writes net sysctls by CAP_NET_ADMIN) would see none."""
+    if not os.access(root / path, os.W_OK, effective_ids=True):
         return None
     return read(path, root)
 

@@ -1,0 +1,2 @@
+architecture  = "arm64"
+instance_type = "t4g.small"

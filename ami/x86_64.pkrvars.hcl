@@ -1,0 +1,2 @@
+architecture  = "x86_64"
+instance_type = "t3.small"
