@@ -279,3 +279,30 @@ def test_follow_feeds_fifo_events_to_the_coordinator(tmp_path: Path) -> None:
             thread.join(10)
     assert not thread.is_alive()
     assert c.view().role == "master" and claim.calls == 1
+
+
+def test_watcher_makes_the_fifo_and_claims_on_master(tmp_path: Path) -> None:
+    from gatepeer.ha.watcher import HaWatcher
+
+    path = tmp_path / "notify.fifo"
+    claim = FakeClaim()
+    seen = threading.Event()
+    watcher = HaWatcher(path, claim, on_change=lambda v: v.claims and seen.set(), poll=0.05)
+    watcher.start()
+    try:
+        assert path.is_fifo()
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        os.write(fd, b'INSTANCE "gatepeer" MASTER 100\n')
+        os.close(fd)
+        assert seen.wait(10)
+        assert watcher.view().role == "master" and claim.calls == 1
+    finally:
+        watcher.stop()
+    assert watcher._thread is None
+
+
+def test_watcher_start_fails_on_a_bad_path(tmp_path: Path) -> None:
+    from gatepeer.ha.watcher import HaWatcher
+
+    with pytest.raises(FifoError):
+        HaWatcher(tmp_path / "missing" / "notify.fifo", FakeClaim()).start()
