@@ -10,7 +10,8 @@ Topology (198.18.0.0/24 only, all in namespaces this test makes):
     PREFIX-b  eth0 198.18.0.11 ─┘                    take b's carrier with it)
 
 Each peer also has vxlan0 (tracked by keepalived, as the tunnel is). The health check is
-/bin/true here: `gatepeer check` needs a whole gate peer; tests/test_ha_check.py covers it.
+`test -e FLAG` here (healthy while the flag file exists): `gatepeer check` needs a whole gate
+peer; tests/test_ha_check.py covers it.
 Everything is removed at the end, also on failure; keepalived is stopped by the pids we started.
 """
 
@@ -39,7 +40,7 @@ from gatepeer.ha.role import Coordinator, follow
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 ADDRESSES = {"a": "198.18.0.10", "b": "198.18.0.11"}
-TRUE = shutil.which("true") or "/bin/true"
+TEST = shutil.which("test") or "/usr/bin/test"
 
 
 def sh(*args: str) -> subprocess.CompletedProcess[str]:
@@ -61,6 +62,10 @@ class Peer:
     conf: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
     coordinator: Coordinator | None = None
+
+    @property
+    def healthy(self) -> Path:
+        return self.fifo_path.with_name(f"healthy-{self.name}")
 
     def claim(self) -> None:
         self.claims.append(time.monotonic())
@@ -108,7 +113,10 @@ def two_peers(
                 check_rise=1,
                 notify_fifo=p.fifo_path,
             )
-            facts = HaFacts(ipaddress.IPv4Address(p.address), "eth0", "vxlan0", (TRUE,))
+            # The health check: healthy while the peer's flag file exists.
+            p.healthy.touch()
+            check = (TEST, "-e", str(p.healthy))
+            facts = HaFacts(ipaddress.IPv4Address(p.address), "eth0", "vxlan0", check)
             conf = tmp_path / f"keepalived-{p.name}.conf"
             conf.write_text(render(ha, facts))
             # Our reader first, as the daemon starts before keepalived: we own the FIFO.
@@ -186,7 +194,7 @@ def wait_for(predicate: object, timeout: float, what: str, peers: dict[str, Peer
     raise AssertionError(f"{what} not reached within {timeout} s; roles {roles}\n{logs}")
 
 
-def failover(tmp_path: Path, advert: float) -> float:
+def failover(tmp_path: Path, advert: float, failure: str = "link down") -> float:
     with two_peers(tmp_path, advert) as peers:
         a, b = peers["a"], peers["b"]
         wait_for(
@@ -197,9 +205,13 @@ def failover(tmp_path: Path, advert: float) -> float:
         )
         master, backup = (a, b) if a.role == "master" else (b, a)
         assert len(master.claims) == 1 and backup.claims == []
-        # The master's underlay goes down, as when its instance or ENI fails.
         cut_at = time.monotonic()
-        in_ns(master.ns, "ip", "link", "set", "eth0", "down")
+        if failure == "link down":  # the underlay, as when the instance or its ENI fails
+            in_ns(master.ns, "ip", "link", "set", "eth0", "down")
+        elif failure == "tunnel deleted":  # track_interface
+            in_ns(master.ns, "ip", "link", "delete", "vxlan0")
+        else:  # the health check starts failing (vrrp_script, fall times)
+            master.healthy.unlink()
         wait_for(lambda: backup.role == "master" and backup.claims, 10 + 10 * advert,
                  "the backup taking over", peers)  # fmt: skip
         took = backup.claims[0] - cut_at
@@ -250,3 +262,15 @@ def test_graceful_stop_hands_over_and_the_returning_peer_stays_backup(
         assert len(a.claims) == 1 and len(b.claims) == 1
     with capsys.disabled():
         print(f"\ngraceful stop with {advert:g} s adverts: SIGTERM -> backup's claim {took:.3f} s")
+
+
+@pytest.mark.parametrize("failure", ["tunnel deleted", "check failing"])
+def test_a_broken_master_hands_the_role_over(
+    tmp_path: Path, failure: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if shutil.which("keepalived") is None:
+        pytest.skip("keepalived is not installed")
+    took = failover(tmp_path, 0.1, failure)
+    with capsys.disabled():
+        print(f"\n{failure} on the master, 0.1 s adverts: -> backup's claim {took:.3f} s")
+    assert took < 10
