@@ -605,7 +605,7 @@ def _parse_ha(s: _Section, tunnel: TunnelConfig) -> HaConfig:
         notify_fifo=Path(fifo),
     )
     if cfg.check_timeout > cfg.check_interval:
-        # keepalived would start the next run while the last one still holds its slot.
+        # A verdict that may arrive after the next run was due is already stale.
         raise ConfigError(f"{s.key('check_timeout')}: must not exceed ha.check_interval")
     s.finish()
     return cfg
