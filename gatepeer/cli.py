@@ -202,6 +202,64 @@ def status(config_file: str | None, as_json: bool) -> None:
     sys.exit(report.exit_code)
 
 
+@main.command()
+@config_option
+def check(config_file: str | None) -> None:
+    """Health check for keepalived (vrrp_script): may this peer hold the gateway?
+
+    Tunnel up with its inner address, nftables table loaded, registered, daemon running, a VPG
+    endpoint answering. Exit 0 healthy, 1 not, 2 bad config.
+    """
+    from gatepeer.ha.check import run as run_check
+
+    code, line = run_check(config_path(config_file))
+    click.echo(line, err=code != 0)
+    sys.exit(code)
+
+
+@main.group("ha")
+def ha_group() -> None:
+    """High availability: two peers, keepalived elects the master."""
+
+
+@ha_group.command("render")
+@config_option
+@click.option(
+    "-o",
+    "--output",
+    metavar="PATH",
+    help="Write the file here (after `keepalived -t` passes) instead of printing it.",
+)
+def ha_render(config_file: str | None, output: str | None) -> None:
+    """Print (or write) keepalived.conf rendered from [ha]."""
+    from pathlib import Path
+
+    from gatepeer import statefile
+    from gatepeer.ha import install
+    from gatepeer.ha.keepalived import RenderError, render
+
+    cfg = load_config(config_file)
+    try:
+        facts = install.facts_for(
+            cfg, statefile.read(cfg.agent.state_file), install.gatepeer_executable()
+        )
+        assert cfg.ha is not None  # facts_for refuses a config without [ha]
+        text = render(cfg.ha, facts)
+    except RenderError as exc:
+        fail(f"config error: {exc}", EXIT_USAGE)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        complaint = install.keepalived_test(text)
+    except FileNotFoundError:
+        fail("keepalived is not installed: cannot validate the file (apt-get install keepalived)")
+    if complaint is not None:
+        fail(f"keepalived -t refused the rendered config: {complaint}")
+    install.write(Path(output), text)
+    click.echo(f"wrote {output} (keepalived -t passed)")
+
+
 def _register_lab() -> None:
     from gatepeer.lab.commands import lab
 

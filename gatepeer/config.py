@@ -116,6 +116,35 @@ class AgentConfig:
     gate_cache: Path | None = Path("/var/lib/gatepeer/gate.json")
 
 
+# [ha]: a pair of gate peers; keepalived elects the master (see gatepeer/ha/).
+HA_NOTIFY_FIFO = Path("/run/gatepeer/keepalived.fifo")
+# VRRPv3 counts the advert interval in centiseconds, in 12 bits (RFC 5798 5.2.7).
+HA_ADVERT_MIN, HA_ADVERT_MAX = 0.01, 40.95
+ROUTE_TABLE_RE = re.compile(r"^rtb-[0-9a-f]{8}([0-9a-f]{9})?$")
+
+
+@dataclass(frozen=True)
+class HaConfig:
+    """Two peers, one master. On MASTER this peer claims the gateway: Junction redirection
+    through the API always; with `virtual_address`, a virtual inner address keepalived moves;
+    with `route_tables`, those VPC route tables pointed at this instance (ReplaceRoute)."""
+
+    peer_address: ipaddress.IPv4Address  # the other peer's VPC address (unicast VRRP)
+    priority: int = 100
+    advert_interval: float = 1.0
+    virtual_router_id: int = 51  # the same on both peers, unique in the VPC subnet
+    nopreempt: bool = True  # a returning peer does not cause a second failover
+    interface: str | None = None  # VRRP's interface; None: the tunnel's underlay
+    virtual_address: ipaddress.IPv4Address | None = None  # vip mode; owned by keepalived
+    route_tables: tuple[str, ...] = ()  # route mode: rtb-... ids pointed at this instance
+    # The health check keepalived runs (`gatepeer check`); keepalived counts in whole seconds.
+    check_interval: int = 1
+    check_timeout: int = 1
+    check_fall: int = 2  # failures in a row before the peer hands the role over
+    check_rise: int = 2  # successes in a row before it may take the role
+    notify_fifo: Path = HA_NOTIFY_FIFO
+
+
 @dataclass(frozen=True)
 class Config:
     soracom: SoracomConfig = field(default_factory=SoracomConfig)
@@ -125,6 +154,7 @@ class Config:
     packet_path: PacketPathConfig = field(default_factory=PacketPathConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     probes: ProbesConfig = field(default_factory=ProbesConfig)
+    ha: HaConfig | None = None  # None: a single peer, no keepalived
     source: Path | None = None
 
     def masked(self) -> dict[str, dict[str, Any]]:
@@ -139,6 +169,8 @@ class Config:
             "metrics": self.metrics,
             "probes": self.probes,
         }
+        if self.ha is not None:
+            sections["ha"] = self.ha
         for name, section in sections.items():
             out[name] = {f.name: _plain(getattr(section, f.name)) for f in fields(section)}
         return out
@@ -183,7 +215,7 @@ def load(path: Path, *, check_system: bool = True) -> Config:
     return cfg
 
 
-_SECTIONS = ("soracom", "tunnel", "kernel", "agent", "packet_path", "metrics", "probes")
+_SECTIONS = ("soracom", "tunnel", "kernel", "agent", "packet_path", "metrics", "probes", "ha")
 
 
 def parse(data: Mapping[str, Any]) -> Config:
@@ -200,6 +232,7 @@ def parse(data: Mapping[str, Any]) -> Config:
     packet_path = _parse_packet_path(_Section("packet_path", data.get("packet_path", {})))
     metrics = _parse_metrics(_Section("metrics", data.get("metrics", {})))
     probes = _parse_probes(_Section("probes", data.get("probes", {})))
+    ha = _parse_ha(_Section("ha", data["ha"]), tunnel) if "ha" in data else None
     # conntrack is sized for devices x flows; past this the kernel refuses the table size
     # (it must fit a signed int, and each entry costs ~256 bytes of memory).
     flows = kernel.neighbour_table_devices * packet_path.flows_per_device
@@ -217,6 +250,7 @@ def parse(data: Mapping[str, Any]) -> Config:
         packet_path=packet_path,
         metrics=metrics,
         probes=probes,
+        ha=ha,
     )
 
 
@@ -593,3 +627,94 @@ def check_against_system(cfg: Config) -> None:
             raise ConfigError(
                 f"tunnel.underlay_interface: no interface named {underlay!r} on this host"
             ) from None
+
+
+def _parse_ha(s: _Section, tunnel: TunnelConfig) -> HaConfig:
+    peer = _ha_address(s, "peer_address", required=True)
+    assert peer is not None
+    if peer == tunnel.local_address:
+        raise ConfigError(f"{s.key('peer_address')}: is this host's tunnel.local_address ({peer})")
+    advert = s.duration("advert_interval", 1.0, HA_ADVERT_MIN, HA_ADVERT_MAX)
+    if abs(advert * 100 - round(advert * 100)) > 1e-6:
+        raise ConfigError(
+            f"{s.key('advert_interval')}: VRRPv3 counts in hundredths of a second, got {advert:g}s"
+        )
+    interface = s.get("interface")
+    if interface is not None:
+        interface = _interface_name(s, "interface", interface)
+        if interface == tunnel.interface:
+            raise ConfigError(
+                f"{s.key('interface')}: VRRP runs on the underlay, not on tunnel.interface "
+                f"({interface})"
+            )
+    vip = _ha_address(s, "virtual_address", required=False)
+    if vip is not None and vip in (peer, tunnel.local_address):
+        raise ConfigError(
+            f"{s.key('virtual_address')}: {vip} is a VPC address; the virtual address is an "
+            "inner address on the tunnel"
+        )
+    tables_raw = s.get("route_tables", [])
+    if not isinstance(tables_raw, list) or not all(isinstance(t, str) for t in tables_raw):
+        raise ConfigError(
+            f'{s.key("route_tables")}: must be a list of route table ids such as ["rtb-0a1b2c3d"]'
+        )
+    for table in tables_raw:
+        if not ROUTE_TABLE_RE.match(table):
+            raise ConfigError(f"{s.key('route_tables')}: not a route table id, got {table!r}")
+    if len(set(tables_raw)) != len(tables_raw):
+        raise ConfigError(f"{s.key('route_tables')}: lists a route table twice")
+    fifo = s.string("notify_fifo", str(HA_NOTIFY_FIFO))
+    if not fifo.startswith("/"):
+        raise ConfigError(f"{s.key('notify_fifo')}: must be an absolute path, got {fifo!r}")
+    cfg = HaConfig(
+        peer_address=peer,
+        # 255 is reserved for the address owner and 0 for "leaving" (RFC 5798 5.2.4).
+        priority=s.integer("priority", 100, 1, 254),
+        advert_interval=round(advert, 2),
+        virtual_router_id=s.integer("virtual_router_id", 51, 1, 255),
+        nopreempt=s.boolean("nopreempt", True),
+        interface=interface,
+        virtual_address=vip,
+        route_tables=tuple(tables_raw),
+        check_interval=_whole_seconds(s, "check_interval", 1, 1, 60),
+        check_timeout=_whole_seconds(s, "check_timeout", 1, 1, 60),
+        check_fall=s.integer("check_fall", 2, 1, 100),
+        check_rise=s.integer("check_rise", 2, 1, 100),
+        notify_fifo=Path(fifo),
+    )
+    if cfg.check_timeout > cfg.check_interval:
+        # A verdict that may arrive after the next run was due is already stale.
+        raise ConfigError(f"{s.key('check_timeout')}: must not exceed ha.check_interval")
+    s.finish()
+    return cfg
+
+
+def _ha_address(s: _Section, key: str, *, required: bool) -> ipaddress.IPv4Address | None:
+    value = s.get(key)
+    if value is None:
+        if required:
+            raise ConfigError(f"{s.key(key)}: missing (the other peer's VPC address)")
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f'{s.key(key)}: must be a string such as "198.18.0.11"')
+    try:
+        address = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ConfigError(f"{s.key(key)}: not an IPv4 address, got {_show(value)}") from None
+    if (
+        address.is_multicast
+        or address.is_unspecified
+        or address.is_loopback
+        or address.is_link_local
+        or address == ipaddress.IPv4Address("255.255.255.255")
+    ):
+        raise ConfigError(f"{s.key(key)}: must be a unicast address, got {address}")
+    return address
+
+
+def _whole_seconds(s: _Section, key: str, default: int, lo: int, hi: int) -> int:
+    """keepalived's vrrp_script takes whole seconds: "2s", "1m" or 2."""
+    seconds = s.duration(key, float(default), lo, hi)
+    if seconds != int(seconds):
+        raise ConfigError(f"{s.key(key)}: keepalived counts whole seconds, got {seconds:g}s")
+    return int(seconds)

@@ -9,6 +9,7 @@ packages=(
     iproute2                          # ip, bridge: the lab and the baseline script
     nftables conntrack                # the packet path
     iperf3 iputils-ping tcpdump       # traffic in the lab and the benchmarks
+    keepalived                        # high availability: the VRRP election (gatepeer/ha/)
     prometheus                        # promtool and the server for the metrics tests
     procps kmod ca-certificates
     systemd systemd-container         # systemd-analyze (unit checks), systemd-nspawn (boot test)

@@ -1,0 +1,122 @@
+"""`gatepeer check`: the health check keepalived runs every `ha.check_interval` (vrrp_script).
+
+Healthy means this peer can carry the devices' traffic right now: the tunnel is there and up
+with its inner address, the `inet gatepeer` table is loaded, the registration matches this
+host, the daemon runs (it is the one that claims the gateway), and at least one VPG endpoint
+answered a recent probe. A failing check puts keepalived's instance into FAULT, which hands the
+role to the other peer.
+
+It must be as light as `gatepeer status` (keepalived runs it every second on both peers): the
+same readers (state.json, `kernel.rtnl`), plus one `nft list table`; no pyroute2.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gatepeer import statefile
+from gatepeer.config import Config, ConfigError, load
+from gatepeer.kernel import nftables
+from gatepeer.status import StateSummary, TunnelReading, daemon_pid
+
+# Probe results older than this many probe intervals (plus one timeout) no longer prove a path:
+# the daemon's prober rewrites state.json after every round.
+PROBE_ROUNDS_FRESH = 3
+
+
+@dataclass(frozen=True)
+class CheckInputs:
+    state: StateSummary | None
+    state_path: Path
+    tunnel: TunnelReading
+    interface: str
+    table_loaded: bool | None  # None: nft could not say
+    table_error: str | None
+    daemon: int | None
+    probe_interval: float
+    probe_timeout: float
+    now: float
+
+
+def evaluate(c: CheckInputs) -> list[str]:
+    """Why this peer must not hold the role; empty when it may. Pure."""
+    reasons: list[str] = []
+    link = c.tunnel.link
+    if link is None:
+        reasons.append(f"{c.interface} does not exist")
+    elif link.kind != "vxlan":
+        reasons.append(f"{c.interface} is not a vxlan link")
+    elif not link.oper_up:
+        reasons.append(f"{c.interface} is not up ({link.oper_state})")
+    if c.table_loaded is None:
+        reasons.append(f"cannot list table {nftables.FAMILY} {nftables.TABLE}: {c.table_error}")
+    elif not c.table_loaded:
+        reasons.append(f"table {nftables.FAMILY} {nftables.TABLE} is not loaded")
+    st = c.state
+    if st is None:
+        reasons.append(f"no state file {c.state_path}")
+        return reasons
+    if st.gate is None:
+        reasons.append("not registered: no gate view")
+    elif not st.registered:
+        reasons.append(f"registered as {st.gate.outer}, this host is {st.local_address}")
+    elif link is not None and st.gate.inner not in c.tunnel.addresses:
+        reasons.append(f"{c.interface} lacks the inner address {st.gate.inner}")
+    if c.daemon is None:
+        reasons.append("the daemon is not running")
+    age = c.now - st.updated_at if st.updated_at is not None else None
+    fresh_for = PROBE_ROUNDS_FRESH * c.probe_interval + c.probe_timeout
+    if not st.probed:
+        reasons.append("no probe results yet")
+    elif age is None or age > fresh_for:
+        shown = f"{age:.0f} s old" if age is not None else "undated"
+        reasons.append(f"probe results are {shown}")
+    elif not any(e.probe.state == "up" for e in st.endpoints):
+        reasons.append("no VPG endpoint answers its probe")
+    return reasons
+
+
+def gather(
+    cfg: Config,
+    *,
+    read_tunnel: Callable[[str], TunnelReading] = TunnelReading.read,
+    table_text: Callable[[], str | None] = nftables.current,
+    find_daemon: Callable[[int | None], int | None] = daemon_pid,
+    clock: Callable[[], float] = time.time,
+) -> CheckInputs:
+    raw = statefile.read(cfg.agent.state_file)
+    state = StateSummary.from_state(raw) if raw else None
+    interface = state.interface if state is not None else cfg.tunnel.interface
+    loaded: bool | None
+    error = None
+    try:
+        loaded = table_text() is not None
+    except nftables.NftError as exc:
+        loaded, error = None, str(exc).splitlines()[0]
+    return CheckInputs(
+        state=state,
+        state_path=cfg.agent.state_file,
+        tunnel=read_tunnel(interface),
+        interface=interface,
+        table_loaded=loaded,
+        table_error=error,
+        daemon=find_daemon(state.pid if state else None),
+        probe_interval=cfg.probes.interval,
+        probe_timeout=cfg.probes.timeout,
+        now=clock(),
+    )
+
+
+def run(config_file: Path) -> tuple[int, str]:
+    """Exit code and the one line to print: 0 healthy, 1 not, 2 bad config."""
+    try:
+        cfg = load(config_file, check_system=False)
+    except ConfigError as exc:
+        return 2, f"config error: {exc}"
+    reasons = evaluate(gather(cfg))
+    if reasons:
+        return 1, "unhealthy: " + "; ".join(reasons)
+    return 0, "healthy"

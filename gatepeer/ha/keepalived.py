@@ -1,0 +1,127 @@
+"""keepalived.conf rendered from `[ha]`: pure, no I/O (the golden files in tests/golden/ha/).
+
+The shape, and why:
+
+- One VRRP instance, VRRPv3 (centisecond adverts), unicast between the two VPC addresses: a VPC
+  carries no multicast. `unicast_fault_no_peer` makes a config without a peer a FAULT instead
+  of a silent fallback to multicast; `check_unicast_src` accepts adverts from the peer only.
+- `state BACKUP` on both peers and `nopreempt` (by default): whoever is master stays master, so
+  a peer coming back does not cause a second failover.
+- `vrrp_script` runs `gatepeer check` with weight 0: a failing check puts the instance into
+  FAULT, which gives the role away. (A negative weight would only lower the priority, and with
+  nopreempt a lower-priority master is never pre-empted.) `init_fail`: a peer that just started
+  is not a candidate until its check has passed `rise` times.
+- The tunnel interface is tracked, so losing it is a FAULT at once, without waiting for the
+  check; `dynamic_interfaces` lets keepalived start before gatepeer has built it.
+- State changes go to a notify FIFO, which keepalived writes in order (notify scripts run
+  concurrently and can reorder); gatepeer's daemon reads it (`gatepeer.ha.fifo`).
+- vip mode: keepalived owns the virtual address on the tunnel, as a /32 so it adds no second
+  connected route beside the inner address's. Without one, VRRPv3 still needs an address in
+  its adverts: see ADVERT_MARKER.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from gatepeer.config import HaConfig
+
+INSTANCE = "gatepeer"  # the name in the FIFO's lines: INSTANCE "gatepeer" MASTER 100
+SCRIPT = "gatepeer_check"
+# VRRPv3 adverts must carry at least one address (keepalived refuses a v3 instance without
+# one). Without a virtual address, the advert carries RFC 7600's IPv4 dummy address, which the
+# master holds on its loopback with host scope: it routes nothing and shows who is master.
+ADVERT_MARKER = ipaddress.IPv4Address("192.0.0.8")
+# keepalived splits a script line on spaces and has no escaping: refuse anything else.
+_SAFE_WORD = re.compile(r"^[A-Za-z0-9_./:=+@,-]+$")
+
+
+class RenderError(ValueError):
+    """The inputs cannot make a valid keepalived.conf; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class HaFacts:
+    """What the render needs beyond `[ha]`: this host's side, resolved by the caller."""
+
+    local_address: ipaddress.IPv4Address  # this peer's VPC address: unicast_src_ip
+    vrrp_interface: str  # where adverts go: ha.interface, else the tunnel's underlay
+    tunnel_interface: str  # tracked; carries the virtual address in vip mode
+    check_command: tuple[str, ...]  # argv of the health check, e.g. gatepeer check --config F
+
+
+def render(ha: HaConfig, facts: HaFacts) -> str:
+    if facts.local_address == ha.peer_address:
+        raise RenderError(
+            f"ha.peer_address: {ha.peer_address} is this host's own address; "
+            "set the other peer's VPC address"
+        )
+    for word in facts.check_command:
+        if not _SAFE_WORD.match(word):
+            raise RenderError(
+                f"the health check command has a word keepalived cannot pass: {word!r} "
+                "(install gatepeer and its config at paths without spaces or quotes)"
+            )
+    nopreempt = ["    nopreempt"] if ha.nopreempt else []
+    if ha.virtual_address is not None:
+        vip = f"{ha.virtual_address}/32 dev {facts.tunnel_interface}"
+    else:
+        vip = f"{ADVERT_MARKER}/32 dev lo scope host"
+    lines = [
+        "# Rendered by gatepeer from [ha] (`gatepeer ha render`); edits here are overwritten.",
+        "global_defs {",
+        "    script_user root",
+        "    enable_script_security",
+        f"    vrrp_notify_fifo {ha.notify_fifo}",
+        "    fifo_write_vrrp_states_on_reload",
+        "    dynamic_interfaces",
+        "}",
+        "",
+        f"vrrp_script {SCRIPT} {{",
+        f'    script "{" ".join(facts.check_command)}"',
+        f"    interval {ha.check_interval}",
+        f"    timeout {ha.check_timeout}",
+        f"    fall {ha.check_fall}",
+        f"    rise {ha.check_rise}",
+        "    weight 0",
+        "    init_fail",
+        "}",
+        "",
+        f"vrrp_instance {INSTANCE} {{",
+        "    state BACKUP",
+        f"    interface {facts.vrrp_interface}",
+        f"    virtual_router_id {ha.virtual_router_id}",
+        f"    priority {ha.priority}",
+        f"    advert_int {_seconds(ha.advert_interval)}",
+        "    version 3",
+        *nopreempt,
+        f"    unicast_src_ip {facts.local_address}",
+        "    unicast_peer {",
+        f"        {ha.peer_address}",
+        "    }",
+        "    unicast_fault_no_peer",
+        "    check_unicast_src",
+        "    track_interface {",
+        f"        {facts.tunnel_interface}",
+        "    }",
+        "    track_script {",
+        f"        {SCRIPT}",
+        "    }",
+        "    virtual_ipaddress {",
+        f"        {vip}",
+        "    }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _seconds(value: float) -> str:
+    """0.1 -> "0.1", 1.0 -> "1": keepalived reads decimal seconds."""
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def check_command(executable: str, config_file: str | None) -> tuple[str, ...]:
+    """The argv keepalived runs as its health check."""
+    return (executable, "check", *(("--config", config_file) if config_file else ()))
