@@ -6,6 +6,7 @@ script and the README's config reference. Each check runs the real tool where on
 from __future__ import annotations
 
 import dataclasses
+import typing
 import json
 import os
 import re
@@ -415,10 +416,14 @@ def test_packer_required_plugins_pinned_and_documented() -> None:
 def config_keys() -> list[str]:
     """Every `section.key` the config accepts: the fields of Config's section dataclasses."""
     keys = []
+    hints = typing.get_type_hints(cfg.Config)
     for section in dataclasses.fields(cfg.Config):
-        if not isinstance(section.default_factory, type):  # `source` is not a section
+        # A section is a dataclass, or an optional one ([ha]); `source` is not a section.
+        kinds = [hints[section.name], *typing.get_args(hints[section.name])]
+        table = next((k for k in kinds if dataclasses.is_dataclass(k)), None)
+        if table is None:
             continue
-        keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(section.default_factory)]
+        keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(table)]
     return keys
 
 
