@@ -6,7 +6,6 @@ script and the README's config reference. Each check runs the real tool where on
 from __future__ import annotations
 
 import dataclasses
-import typing
 import json
 import os
 import re
@@ -14,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any
 
