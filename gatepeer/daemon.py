@@ -23,6 +23,7 @@ from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK, RTMGRP_NEIGH
 
 from gatepeer import systemd
 from gatepeer.agent import Agent, ReconcileResult
+from gatepeer.aws.integration import AwsIntegration, TerminationWatcher
 from gatepeer.config import Config, ConfigError
 from gatepeer.kernel import rtnl
 from gatepeer.probes import IcmpTransport, Prober, with_probes
@@ -39,6 +40,8 @@ EVENT_SETTLE_S = 0.02
 BUSY_RECONCILES_BEFORE_BACKOFF = 5
 CRASH_BACKOFF_S = 5.0
 MAX_BACKOFF_S = 30.0
+# At scale-in, how long an API refresh already under way may take before we unregister.
+REFRESH_JOIN_S = 15.0
 
 
 class Wake:
@@ -214,6 +217,9 @@ class Daemon:
             on_update=lambda: self.agent.write_state(),
         )
         self.agent = self._new_agent(config)
+        # The [aws] flags as at start: a reload keeps the lifecycle's progress (restart to change).
+        self.aws = AwsIntegration.for_config(config, self.agent.instance)
+        self.terminating = False  # Auto Scaling is taking this instance away
         self.wake = Wake()
         self._refresher: threading.Thread | None = None
         self.stopping = False
@@ -266,7 +272,12 @@ class Daemon:
     def pause(self, seconds: float) -> None:
         """Sleep that events cannot cut short (they may be our own), but a signal can."""
         deadline = time.monotonic() + seconds
-        while not self.stopping and not self.reload_requested and time.monotonic() < deadline:
+        while (
+            not self.stopping
+            and not self.reload_requested
+            and not self.terminating
+            and time.monotonic() < deadline
+        ):
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
     def kick(self, reason: str) -> None:
@@ -296,6 +307,34 @@ class Daemon:
         if isinstance(self.prober.transport, IcmpTransport):
             self.prober.transport.interface = config.tunnel.interface
 
+    # ---- AWS: the lifecycle after each reconcile, and scale-in -------------------------
+
+    def _termination_watcher(self) -> TerminationWatcher | None:
+        if self.aws is None or not self.config.aws.termination_lifecycle_hook:
+            return None
+        if not self.agent.instance.on_ec2():
+            log.warning(
+                "aws.termination_lifecycle_hook: %s; scale-in is not watched",
+                self.agent.instance.why_missing(),
+            )
+            return None
+        watcher = TerminationWatcher(self.agent.instance.imds, self._on_terminated)
+        watcher.start()
+        return watcher
+
+    def _on_terminated(self) -> None:
+        self.terminating = True
+        self.wake.set()
+
+    def leave(self) -> None:
+        """Scale-in: let a refresh under way finish (it could register again), unregister
+        (teardown also unsets redirection when ours), complete the hook, and stop."""
+        if self._refresher is not None:
+            self._refresher.join(REFRESH_JOIN_S)
+        if self.aws is not None:
+            self.aws.on_termination(self.agent)
+        self.stopping = True
+
     def _metrics_server(self) -> MetricsServer | None:
         """The /metrics listener for the current config; None when `listen = ""` turns it off.
         It binds after a reconcile, once the default (local) address is known."""
@@ -314,6 +353,7 @@ class Daemon:
         nft_watcher = NftablesWatcher("gatepeer", self.kick)
         nft_watcher.start()
         self.prober.start()
+        termination = self._termination_watcher()
         metrics_listen = self.config.metrics.listen
         metrics = self._metrics_server()
         interval = self.config.agent.reconcile_interval
@@ -323,6 +363,9 @@ class Daemon:
         busy = 0
         try:
             while not self.stopping:
+                if self.terminating:
+                    self.leave()
+                    break
                 if self.reload_requested:
                     self.reload_requested = False
                     self.reload()
@@ -352,6 +395,8 @@ class Daemon:
                         trigger = "kernel event: " + ", ".join(late)
                 if metrics is not None:
                     metrics.ensure_started()  # the default address is known after a reconcile
+                if self.aws is not None:
+                    self.aws.after_reconcile(result.health == "ok")
                 if result.actions or result.health != "ok":
                     log.info(
                         "reconcile (%s): %s, %d action(s) in %.1f ms",
@@ -378,6 +423,9 @@ class Daemon:
                     f"STATUS={result.health}: {'; '.join(result.reasons) or 'converged'}"
                 )
                 timeout = max(0.0, next_refresh - time.monotonic())
+                aws_due = self.aws.next_due() if self.aws is not None else None
+                if aws_due is not None:
+                    timeout = min(timeout, aws_due)
                 if watchdog:
                     timeout = min(timeout, watchdog)
                     systemd.notify("WATCHDOG=1")
@@ -389,6 +437,8 @@ class Daemon:
             systemd.notify("STOPPING=1")
             watcher.stop()
             nft_watcher.stop()
+            if termination is not None:
+                termination.stop()
             self.prober.stop()
             if metrics is not None:
                 metrics.stop()
