@@ -43,6 +43,7 @@ class ImdsBehaviour:
     slow_s: float = 2.0
     data: dict[str, str] = field(default_factory=lambda: dict(INSTANCE))
     valid_tokens: set[str] = field(default_factory=lambda: {TOKEN})
+    fail_next: list[int] = field(default_factory=list)  # statuses for the next GETs
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
 
 
@@ -66,7 +67,7 @@ class FakeImds:
 
             def do_PUT(self) -> None:
                 b = fake.behaviour
-                b.requests.append(("PUT", self.path, dict(self.headers)))
+                b.requests.append(("PUT", self.path, {k.lower(): v for k, v in self.headers.items()}))
                 if self.path != "/latest/api/token":
                     return self._answer(404)
                 if not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
@@ -79,7 +80,9 @@ class FakeImds:
 
             def do_GET(self) -> None:
                 b = fake.behaviour
-                b.requests.append(("GET", self.path, dict(self.headers)))
+                b.requests.append(("GET", self.path, {k.lower(): v for k, v in self.headers.items()}))
+                if b.fail_next:
+                    return self._answer(b.fail_next.pop(0))
                 token = self.headers.get("X-aws-ec2-metadata-token")
                 if token is not None and token not in b.valid_tokens:
                     return self._answer(401)
@@ -94,7 +97,7 @@ class FakeImds:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
