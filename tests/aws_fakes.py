@@ -6,6 +6,7 @@ credentials are moto's dummies, and botocore's own IMDS lookups are switched off
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -58,6 +59,9 @@ class FakeImds:
             def log_message(self, *args: Any) -> None:
                 pass
 
+            def _headers(self) -> dict[str, str]:
+                return {k.lower(): v for k, v in self.headers.items()}
+
             def _answer(self, status: int, body: str = "") -> None:
                 data = body.encode()
                 self.send_response(status)
@@ -67,7 +71,7 @@ class FakeImds:
 
             def do_PUT(self) -> None:
                 b = fake.behaviour
-                b.requests.append(("PUT", self.path, {k.lower(): v for k, v in self.headers.items()}))
+                b.requests.append(("PUT", self.path, self._headers()))
                 if self.path != "/latest/api/token":
                     return self._answer(404)
                 if not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
@@ -80,7 +84,7 @@ class FakeImds:
 
             def do_GET(self) -> None:
                 b = fake.behaviour
-                b.requests.append(("GET", self.path, {k.lower(): v for k, v in self.headers.items()}))
+                b.requests.append(("GET", self.path, self._headers()))
                 if b.fail_next:
                     return self._answer(b.fail_next.pop(0))
                 token = self.headers.get("X-aws-ec2-metadata-token")
@@ -109,8 +113,8 @@ class FakeImds:
         return [(p, h) for m, p, h in self.behaviour.requests if m == "GET"]
 
 
-@pytest.fixture
-def fake_imds() -> Iterator[FakeImds]:
+@contextlib.contextmanager
+def running_imds() -> Iterator[FakeImds]:
     server = FakeImds()
     try:
         yield server
@@ -153,7 +157,10 @@ class Moto:
         self.server.stop()
 
     def _post(self, path: str, body: bytes) -> dict[str, Any]:
-        request = urllib.request.Request(self.url + path, data=body, method="POST")
+        # text/plain: flask would take urllib's default form type and hide the body.
+        request = urllib.request.Request(
+            self.url + path, data=body, method="POST", headers={"Content-Type": "text/plain"}
+        )
         with urllib.request.urlopen(request, timeout=5) as answer:  # noqa: S310 - 127.0.0.1
             return dict(json.loads(answer.read() or b"{}"))
 

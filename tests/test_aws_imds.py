@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aws_fakes import ENI, INSTANCE, MAC, TOKEN, FakeImds, closed_port_url, fake_imds  # noqa: F401
+from aws_fakes import ENI, INSTANCE, MAC, TOKEN, FakeImds, closed_port_url, running_imds
 
 from gatepeer.aws import integration
 from gatepeer.aws.detect import ec2_evidence, on_ec2
@@ -28,6 +29,12 @@ def sysfs(tmp_path: Path, files: dict[str, str]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")
     return tmp_path / "sys"
+
+
+@pytest.fixture
+def fake_imds() -> Iterator[FakeImds]:
+    with running_imds() as server:
+        yield server
 
 
 EC2_NITRO = {"class/dmi/id/board_vendor": "Amazon EC2", "class/dmi/id/sys_vendor": "Amazon EC2"}

@@ -45,6 +45,13 @@ def error_code(exc: BaseException) -> str:
     return ""
 
 
+def http_status(exc: BaseException) -> int:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    return 0
+
+
 def error_message(exc: BaseException) -> str:
     """The error's message alone (ClientError's own text repeats the operation), one line."""
     response = getattr(exc, "response", None)

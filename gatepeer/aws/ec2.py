@@ -11,7 +11,7 @@ from ipaddress import IPv4Network
 from typing import Any
 
 from gatepeer.aws import AwsError
-from gatepeer.aws.clients import error_code, error_message
+from gatepeer.aws.clients import error_code, error_message, http_status
 
 
 class Ec2Error(AwsError):
@@ -31,7 +31,8 @@ def _call(action: str, resource: str, fn: Any, **kwargs: Any) -> Any:
     except ClientError as exc:
         code = error_code(exc)
         reason = error_message(exc)
-        if code in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException"):
+        denied = ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException")
+        if code in denied or http_status(exc) == 403:
             reason = f"access denied; the instance role needs ec2:{action}"
         raise Ec2Error(action, resource, reason, code) from None
     except BotoCoreError as exc:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from gatepeer.aws import AwsError
-from gatepeer.aws.clients import error_code, error_message
+from gatepeer.aws.clients import error_code, error_message, http_status
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _call(action: str, hook: Hook, fn: Any, **kwargs: Any) -> bool:
         code, message = error_code(exc), error_message(exc)
         if code == "ValidationError" and "No active Lifecycle Action" in message:
             return False
-        if code in ("AccessDenied", "AccessDeniedException"):
+        if code in ("AccessDenied", "AccessDeniedException") or http_status(exc) == 403:
             message = f"access denied; the instance role needs autoscaling:{action}"
         raise LifecycleError(action, hook.name, message) from None
     except BotoCoreError as exc:

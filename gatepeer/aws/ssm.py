@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from gatepeer.aws.clients import AwsTarget, client, error_code, error_message
+from gatepeer.aws.clients import AwsTarget, client, error_code, error_message, http_status
 
 
 class SsmParameterError(OSError):
@@ -44,6 +44,8 @@ def read_secure_string(ssm: Any, name: str) -> str:
         answer = ssm.get_parameter(Name=name, WithDecryption=True)
     except ClientError as exc:
         code = error_code(exc)
+        if code not in _REASONS and http_status(exc) == 403:
+            code = "AccessDeniedException"  # an error body botocore could not parse
         raise SsmParameterError(
             name, _REASONS.get(code) or f"{code}: {error_message(exc)}"
         ) from None
