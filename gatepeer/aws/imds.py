@@ -40,7 +40,8 @@ TOKEN_REFUSED_STATUS = frozenset({403, 404, 405})
 
 
 class ImdsError(AwsError):
-    """IMDS gave no usable answer. `kind`: timeout, unreachable, refused, missing or http."""
+    """IMDS gave no usable answer. `kind`: timeout, unreachable, refused, missing, http or
+    disabled (the environment says AWS_EC2_METADATA_DISABLED=true, which we honour)."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -130,11 +131,15 @@ class Imds:
         if self._token is not None and self.clock() - self._token_at < TOKEN_REUSE_S:
             return self._token
         from botocore.exceptions import BotoCoreError
-        from botocore.utils import BadIMDSRequestError
+        from botocore.utils import BadIMDSRequestError, _RetriesExceededError
 
         url = f"{self.endpoint}/latest/api/token"
         try:
             token = self._fetcher._fetch_metadata_token()
+        except _RetriesExceededError:  # what botocore raises when IMDS is switched off
+            raise ImdsError(
+                "disabled", "IMDS lookups are switched off (AWS_EC2_METADATA_DISABLED=true)"
+            ) from None
         except BadIMDSRequestError:
             raise ImdsError("refused", f"IMDS at {url}: HTTP 400 to the token request") from None
         except BotoCoreError as exc:

@@ -274,12 +274,12 @@ class TerminationWatcher(threading.Thread):
         imds: Callable[[], Imds],
         on_terminated: Callable[[], None],
         *,
-        interval: float = TERMINATION_POLL_S,
+        interval: float | None = None,
     ) -> None:
         super().__init__(name="termination-watcher", daemon=True)
         self._imds = imds
         self.on_terminated = on_terminated
-        self.interval = interval
+        self.interval = TERMINATION_POLL_S if interval is None else interval
         self._stopping = threading.Event()
         self.last_error: str | None = None
 
