@@ -15,6 +15,7 @@ import pytest
 from aws_fakes import ENI, INSTANCE, FakeImds, Moto, offline_aws_env, running_imds
 
 from gatepeer.agent import Agent
+from gatepeer.aws import integration as integration_module
 from gatepeer.aws.clients import AwsTarget, client
 from gatepeer.aws.integration import AwsIntegration, InstanceFactsSource, TerminationWatcher
 from gatepeer.aws.lifecycle import (
@@ -25,7 +26,7 @@ from gatepeer.aws.lifecycle import (
     complete,
     heartbeat,
 )
-from gatepeer.config import AgentConfig, AwsConfig, Config, SoracomConfig
+from gatepeer.config import AgentConfig, AwsConfig, Config, MetricsConfig, SoracomConfig
 from gatepeer.kernel import nftables
 from gatepeer.lab.emulator import Emulator, EmulatorSettings
 from gatepeer.soracom import SoracomClient
@@ -245,6 +246,26 @@ def test_failed_source_dest_check_holds_the_launch(
     s.integration.after_reconcile(healthy=True)  # healthy but not a working peer in time
 
 
+def test_a_failing_call_is_retried_later_not_at_once(setup: Setup) -> None:
+    """A refused ABANDON must not make the daemon loop spin on a deadline already past."""
+    s = setup
+    s.stubber.add_client_error(
+        "complete_lifecycle_action",
+        service_error_code="AccessDenied",
+        service_message="not authorized",
+        http_status_code=403,
+    )
+    s.clock.now += DEADLINE
+    s.integration.after_reconcile(healthy=False)
+    assert s.integration.problem is not None and "CompleteLifecycleAction" in s.integration.problem
+    assert s.integration.next_due() == integration_module.AWS_RETRY_S
+    s.integration.after_reconcile(healthy=False)  # too soon: nothing sent (none is stubbed)
+    expect(s.stubber, "complete_lifecycle_action", LAUNCH_HOOK, LifecycleActionResult="ABANDON")
+    s.clock.now += integration_module.AWS_RETRY_S
+    s.integration.after_reconcile(healthy=False)
+    assert s.integration.launch is not None and s.integration.launch.finished == "ABANDON"
+
+
 # ---- scale-in -----------------------------------------------------------------------------------
 
 
@@ -290,9 +311,10 @@ def scale_in_daemon(
     fake_imds: FakeImds,
     autoscaling: tuple[Any, Any],
     monkeypatch: pytest.MonkeyPatch,
+    **aws: Any,
 ) -> Any:
     """A Daemon whose agent talks to the emulator, whose IMDS is the fake and whose Auto
-    Scaling client is stubbed; the loop itself (which needs a kernel) is not run."""
+    Scaling client is stubbed; no kernel state is read or changed."""
     from gatepeer.daemon import Daemon
 
     monkeypatch.setattr(nftables, "nft_available", lambda: False)
@@ -313,7 +335,9 @@ def scale_in_daemon(
             imds_timeout=0.3,
             autoscaling_group=GROUP,
             termination_lifecycle_hook=TERMINATION_HOOK,
+            **aws,
         ),
+        metrics=MetricsConfig(listen=""),
     )
     daemon = Daemon(config, lambda: config)
     daemon.agent.close()
@@ -369,6 +393,58 @@ def test_scale_in_notice_unregisters_then_continues(
     assert daemon.stopping
     assert str(LOCAL) not in [p.outer_ip for p in emulator.peers()]
     stubber.assert_no_pending_responses()  # CONTINUE was sent, after the unregister
+
+
+def test_daemon_loop_continues_the_launch_then_leaves_at_scale_in(
+    tmp_path: Path,
+    soracom: Api,
+    fake_imds: FakeImds,
+    autoscaling: tuple[Any, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The wiring in Daemon.run: a healthy reconcile leads to the launch CONTINUE; the scale-in
+    notice stops the loop after unregistering and completing the termination hook."""
+    import signal
+
+    from gatepeer.agent import ReconcileResult
+
+    daemon = scale_in_daemon(
+        tmp_path,
+        soracom,
+        fake_imds,
+        autoscaling,
+        monkeypatch,
+        launch_lifecycle_hook=LAUNCH_HOOK,
+    )
+    emulator = soracom.emulator
+    daemon.agent.client.register_gate_peer(emulator.settings.vpg_id, str(LOCAL))
+    fake_imds.behaviour.data["autoscaling/target-lifecycle-state"] = "InService"
+    monkeypatch.setattr("gatepeer.aws.integration.TERMINATION_POLL_S", 0.02)
+    steps: list[float] = []
+
+    def healthy_step(now: float, next_refresh: float, interval: float) -> Any:
+        steps.append(now)
+        # Auto Scaling scales in right after this reconcile.
+        fake_imds.behaviour.data["autoscaling/target-lifecycle-state"] = "Terminated"
+        return ReconcileResult([], "ok", [], [], 0.0), now + interval
+
+    monkeypatch.setattr(daemon, "step", healthy_step)
+    _, stubber = autoscaling
+    expect(stubber, "complete_lifecycle_action", LAUNCH_HOOK, LifecycleActionResult="CONTINUE")
+    expect(stubber, "complete_lifecycle_action", TERMINATION_HOOK, LifecycleActionResult="CONTINUE")
+    caught = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    handlers = {sig: signal.getsignal(sig) for sig in caught}
+    stop = threading.Timer(10.0, lambda: setattr(daemon, "stopping", True))  # a safety net
+    stop.start()
+    try:
+        assert daemon.run() == 0
+    finally:
+        stop.cancel()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert daemon.terminating and len(steps) == 1
+    assert str(LOCAL) not in [p.outer_ip for p in emulator.peers()]
+    stubber.assert_no_pending_responses()
 
 
 def test_scale_in_still_continues_when_the_api_is_down(

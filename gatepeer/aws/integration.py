@@ -36,6 +36,8 @@ TERMINATED = "Terminated"
 # Unregistering at scale-in: tries, and the pause between them (heartbeats keep the hook open).
 TERMINATION_ATTEMPTS = 3
 TERMINATION_RETRY_S = 5.0
+# After a failed AWS call, the next try waits this long (kernel events must not hammer the API).
+AWS_RETRY_S = 15.0
 
 
 class InstanceFactsSource:
@@ -156,6 +158,7 @@ class AwsIntegration:
             else None
         )
         self.problem: str | None = None  # the last AWS step that failed, for the log
+        self.retry_at = 0.0
 
     @classmethod
     def for_config(cls, config: Config, source: InstanceFactsSource) -> AwsIntegration | None:
@@ -183,6 +186,8 @@ class AwsIntegration:
         logged and retried after the next reconcile; the data path does not depend on it."""
         if self.done.source_dest_check and (self.launch is None or self.launch.finished):
             return
+        if self.clock() < self.retry_at:
+            return
         instance = self.source.get()
         if instance is None:
             self._fail(f"aws: the [aws] flags need instance facts: {self.source.why_missing()}")
@@ -196,6 +201,7 @@ class AwsIntegration:
             self._launch_step(ready, instance)
         except AwsError as exc:
             self._fail(f"aws: {exc}")
+            self.retry_at = self.clock() + AWS_RETRY_S
             if self.launch is not None and not self.launch.finished:
                 # The prerequisite failed: the launch may still run out of time.
                 try:
@@ -228,7 +234,11 @@ class AwsIntegration:
 
     def next_due(self) -> float | None:
         """Seconds until after_reconcile has something to do without a new reconcile."""
-        return self.launch.next_due(self.clock()) if self.launch else None
+        if self.launch is None:
+            return None
+        now = self.clock()
+        due = self.launch.next_due(now)
+        return None if due is None else max(due, self.retry_at - now)
 
     # ---- scale-in ----------------------------------------------------------------------
 

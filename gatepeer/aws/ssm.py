@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from gatepeer.aws import AwsError
 from gatepeer.aws.clients import AwsTarget, client, error_code, error_message, http_status
 
 
@@ -73,7 +74,7 @@ def auth_key_reader(name: str, target: Callable[[], AwsTarget]) -> Callable[[], 
         if not clients:
             try:
                 clients.append(client("ssm", target()))
-            except Exception as exc:  # AwsUnavailable, no region: say which parameter
+            except (AwsError, ValueError) as exc:  # no boto3, no region: name the parameter
                 raise SsmParameterError(name, str(exc)) from None
         return read_secure_string(clients[0], name)
 
