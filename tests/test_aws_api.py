@@ -132,6 +132,22 @@ def test_reader_is_lazy_and_asks_each_time(target: AwsTarget) -> None:
     assert asked == [1]
 
 
+def test_no_region_off_ec2_names_the_parameter_and_the_setting(tmp_path: Path) -> None:
+    """Off EC2 with no aws.region there is nothing to ask: no request, a one-line error."""
+    config = dataclasses.replace(
+        Config(),
+        soracom=SoracomConfig(auth_key_file=None, auth_key_ssm_parameter=PARAMETER),
+    )
+    from gatepeer.aws.integration import ssm_key_reader
+
+    read = ssm_key_reader(config, InstanceFactsSource(config.aws, sys_root=tmp_path))
+    with pytest.raises(SsmParameterError) as err:
+        read()
+    message = str(err.value)
+    assert message.startswith(f"SSM parameter {PARAMETER}: aws.region: not set")
+    assert "not an EC2 instance" in message and "\n" not in message
+
+
 def test_soracom_login_with_the_key_from_ssm(
     target: AwsTarget, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

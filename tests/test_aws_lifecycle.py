@@ -283,6 +283,9 @@ class TeardownNetlink:
     def interface_with_mac(self, mac: str) -> str | None:
         return "ens5"
 
+    def observe_link(self, name: str) -> None:
+        return None
+
     def delete_link(self, name: str) -> bool:
         return False
 
@@ -322,12 +325,16 @@ def scale_in_daemon(
     key = tmp_path / "key"
     key.write_text(emulator.settings.auth_key)
     key.chmod(0o600)
+    # The peer manages the redirection (soracom.redirection = "self", where that setting exists):
+    # then teardown releases it when it points here.
+    managed = {"redirection": "self"} if _redirection_teardown_merged() else {}
     config = Config(
         soracom=SoracomConfig(
             endpoint=soracom.url,
             auth_key_id=emulator.settings.auth_key_id,
             auth_key_file=key,
             vpg_id=emulator.settings.vpg_id,
+            **managed,
         ),
         agent=AgentConfig(state_file=tmp_path / "state.json", gate_cache=tmp_path / "gate.json"),
         aws=AwsConfig(
