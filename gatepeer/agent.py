@@ -19,6 +19,7 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from gatepeer import __version__, redirection, statefile
+from gatepeer.aws.integration import InstanceFactsSource, ssm_key_reader
 from gatepeer.config import Config
 from gatepeer.gate import (
     AnswerRefused,
@@ -82,10 +83,17 @@ class AgentRecord:
     durations: list[float] = field(default_factory=list)
 
 
-def make_client(config: Config, stats: ApiStats | None = None) -> SoracomClient:
+def make_client(
+    config: Config,
+    stats: ApiStats | None = None,
+    instance: InstanceFactsSource | None = None,
+) -> SoracomClient:
     s = config.soracom
+    read_key = s.read_auth_key
+    if s.auth_key_ssm_parameter:  # asked at each authentication, never kept on disk
+        read_key = ssm_key_reader(config, instance or InstanceFactsSource(config.aws))
     return SoracomClient(
-        s.endpoint, s.auth_key_id, s.read_auth_key, timeout=s.request_timeout, stats=stats
+        s.endpoint, s.auth_key_id, read_key, timeout=s.request_timeout, stats=stats
     )
 
 
@@ -100,7 +108,9 @@ class Agent:
     ) -> None:
         self.config = config
         self.api_stats = ApiStats()
-        self.client = client or make_client(config, self.api_stats)
+        # EC2 only (DMI decides, locally): IMDS facts stand in for unset tunnel settings.
+        self.instance = InstanceFactsSource(config.aws)
+        self.client = client or make_client(config, self.api_stats, self.instance)
         self.netlink = netlink or Netlink()
         self.clock = clock
         self.record = AgentRecord()
@@ -195,9 +205,29 @@ class Agent:
 
     def host_facts(self) -> HostFacts:
         t = self.config.tunnel
-        facts = self.netlink.host_facts(t.underlay_interface, t.local_address)
+        underlay, local = t.underlay_interface, t.local_address
+        if (underlay is None or local is None) and self.config.aws.instance_facts:
+            underlay, local = self._instance_defaults(underlay, local)
+        facts = self.netlink.host_facts(underlay, local)
         self.facts = replace(facts, flowtable_supported=self.flowtable_supported())
         return self.facts
+
+    def _instance_defaults(
+        self, underlay: str | None, local: IPv4Address | None
+    ) -> tuple[str | None, IPv4Address | None]:
+        """On EC2: the primary ENI's interface and private address, from IMDS. Off EC2, or
+        when IMDS fails (logged once per try), the default route decides, as elsewhere."""
+        instance = self.instance.get()
+        if instance is None:
+            return underlay, local
+        if underlay is None:
+            underlay = self.netlink.interface_with_mac(instance.mac)
+            if underlay is None:
+                log.warning(
+                    "no interface has the primary ENI's MAC %s: using the default route's",
+                    instance.mac,
+                )
+        return underlay, local or instance.private_ipv4
 
     def flowtable_supported(self) -> bool:
         """Probed once per agent (nft check mode: the kernel validates, nothing is created)."""

@@ -90,7 +90,8 @@ def config_check(config_file: str | None, as_json: bool) -> None:
         click.echo(f"[{section}]")
         for key, value in values.items():
             click.echo(f"{key} = {json.dumps(value)}")
-    click.echo("# the auth key itself is read from soracom.auth_key_file and never printed")
+    source = "auth_key_ssm_parameter" if cfg.soracom.auth_key_ssm_parameter else "auth_key_file"
+    click.echo(f"# the auth key itself is read from soracom.{source} and never printed")
 
 
 @main.command()

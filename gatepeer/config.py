@@ -44,7 +44,9 @@ RedirectionMode = Literal["unmanaged", "self"]
 class SoracomConfig:
     endpoint: str = "https://api.soracom.io"
     auth_key_id: str = ""
-    auth_key_file: Path = Path("/etc/gatepeer/auth-key")
+    # Exactly one source for the secret: a file (the default) or an SSM SecureString.
+    auth_key_file: Path | None = Path("/etc/gatepeer/auth-key")
+    auth_key_ssm_parameter: str | None = None
     vpg_id: str = ""
     open_gate: bool = False
     request_timeout: float = 10.0
@@ -52,7 +54,13 @@ class SoracomConfig:
     redirection: RedirectionMode = "unmanaged"
 
     def read_auth_key(self) -> str:
-        """The secret itself; read only when authenticating, never kept in the config value."""
+        """The secret itself; read only when authenticating, never kept in the config value.
+        An SSM parameter is read by `gatepeer.aws.ssm.auth_key_reader` (boto3 lives there)."""
+        if self.auth_key_file is None:
+            raise ConfigError(
+                "soracom.auth_key_ssm_parameter: the key comes from SSM; "
+                "read it with gatepeer.aws.ssm.auth_key_reader"
+            )
         return self.auth_key_file.read_text().strip()
 
 
@@ -145,6 +153,38 @@ class HaConfig:
     notify_fifo: Path = HA_NOTIFY_FIFO
 
 
+# The instance metadata service; contacted only when DMI says this host is an EC2 instance.
+DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
+
+
+@dataclass(frozen=True)
+class AwsConfig:
+    """EC2 and Auto Scaling integration (the gatepeer[aws] extra); each part has its own flag."""
+
+    # On EC2, take the underlay (the primary ENI) and local address from IMDSv2 when
+    # tunnel.underlay_interface or tunnel.local_address is not set.
+    instance_facts: bool = True
+    imds_endpoint: str = DEFAULT_IMDS_ENDPOINT
+    imds_timeout: float = 1.0
+    region: str | None = None  # None: the instance's region, from IMDS
+    disable_source_dest_check: bool = False
+    autoscaling_group: str | None = None
+    # Completed with CONTINUE after the first healthy reconcile, ABANDON past the deadline.
+    launch_lifecycle_hook: str | None = None
+    lifecycle_deadline: float = 600.0
+    # On scale-in: unregister from SORACOM, then CONTINUE.
+    termination_lifecycle_hook: str | None = None
+
+    @property
+    def any_api_feature(self) -> bool:
+        """True when some flag needs the AWS API (and so boto3), not only IMDS."""
+        return bool(
+            self.disable_source_dest_check
+            or self.launch_lifecycle_hook
+            or self.termination_lifecycle_hook
+        )
+
+
 @dataclass(frozen=True)
 class Config:
     soracom: SoracomConfig = field(default_factory=SoracomConfig)
@@ -155,6 +195,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     probes: ProbesConfig = field(default_factory=ProbesConfig)
     ha: HaConfig | None = None  # None: a single peer, no keepalived
+    aws: AwsConfig = field(default_factory=AwsConfig)
     source: Path | None = None
 
     def masked(self) -> dict[str, dict[str, Any]]:
@@ -168,11 +209,14 @@ class Config:
             "packet_path": self.packet_path,
             "metrics": self.metrics,
             "probes": self.probes,
+            "aws": self.aws,
         }
         if self.ha is not None:
             sections["ha"] = self.ha
         for name, section in sections.items():
             out[name] = {f.name: _plain(getattr(section, f.name)) for f in fields(section)}
+        if self.soracom.auth_key_file is None:
+            out["soracom"]["auth_key_file"] = "(unused: the key comes from SSM)"
         return out
 
 
@@ -215,7 +259,17 @@ def load(path: Path, *, check_system: bool = True) -> Config:
     return cfg
 
 
-_SECTIONS = ("soracom", "tunnel", "kernel", "agent", "packet_path", "metrics", "probes", "ha")
+_SECTIONS = (
+    "soracom",
+    "tunnel",
+    "kernel",
+    "agent",
+    "packet_path",
+    "metrics",
+    "probes",
+    "aws",
+    "ha",
+)
 
 
 def parse(data: Mapping[str, Any]) -> Config:
@@ -233,6 +287,7 @@ def parse(data: Mapping[str, Any]) -> Config:
     metrics = _parse_metrics(_Section("metrics", data.get("metrics", {})))
     probes = _parse_probes(_Section("probes", data.get("probes", {})))
     ha = _parse_ha(_Section("ha", data["ha"]), tunnel) if "ha" in data else None
+    aws = _parse_aws(_Section("aws", data.get("aws", {})))
     # conntrack is sized for devices x flows; past this the kernel refuses the table size
     # (it must fit a signed int, and each entry costs ~256 bytes of memory).
     flows = kernel.neighbour_table_devices * packet_path.flows_per_device
@@ -251,6 +306,7 @@ def parse(data: Mapping[str, Any]) -> Config:
         metrics=metrics,
         probes=probes,
         ha=ha,
+        aws=aws,
     )
 
 
@@ -352,6 +408,12 @@ def _parse_soracom(s: _Section) -> SoracomConfig:
             f"{s.key('auth_key')}: secrets are never inline; put the key in a file (mode 0600) "
             "and set soracom.auth_key_file"
         )
+    ssm_parameter = _ssm_parameter(s)
+    if ssm_parameter is not None and s.has("auth_key_file"):
+        raise ConfigError(
+            f"{s.key('auth_key_file')} and {s.key('auth_key_ssm_parameter')}: set exactly one "
+            "(the key comes from a file or from SSM, not both)"
+        )
     key_file = s.string("auth_key_file", str(SoracomConfig.auth_key_file))
     if not key_file.startswith("/"):
         raise ConfigError(f"{s.key('auth_key_file')}: must be an absolute path, got {key_file!r}")
@@ -363,7 +425,8 @@ def _parse_soracom(s: _Section) -> SoracomConfig:
     cfg = SoracomConfig(
         endpoint=endpoint,
         auth_key_id=auth_key_id,
-        auth_key_file=Path(key_file),
+        auth_key_file=None if ssm_parameter else Path(key_file),
+        auth_key_ssm_parameter=ssm_parameter,
         vpg_id=vpg_id,
         open_gate=s.boolean("open_gate", False),
         request_timeout=s.duration("request_timeout", 10.0, 0.1, 120.0),
@@ -404,6 +467,24 @@ def _inner_address(s: _Section) -> ipaddress.IPv4Address | None:
     ):
         raise ConfigError(f"{s.key('inner_address')}: must be a unicast address, got {address}")
     return address
+
+
+# An SSM parameter name (a path such as /gatepeer/auth-key) or its ARN.
+_SSM_PARAMETER_RE = re.compile(
+    r"^(arn:aws[a-z-]*:ssm:[a-z0-9-]+:\d{12}:parameter)?/?[A-Za-z0-9_.\-/]{1,2000}$"
+)
+
+
+def _ssm_parameter(s: _Section) -> str | None:
+    if not s.has("auth_key_ssm_parameter"):
+        return None
+    name = s.get("auth_key_ssm_parameter")
+    if not isinstance(name, str) or not _SSM_PARAMETER_RE.match(name):
+        raise ConfigError(
+            f"{s.key('auth_key_ssm_parameter')}: not an SSM parameter name "
+            f'(such as "/gatepeer/auth-key"), got {_show(name)}'
+        )
+    return name
 
 
 def _local_host(host: str) -> bool:
@@ -601,9 +682,69 @@ def _parse_probes(s: _Section) -> ProbesConfig:
     return cfg
 
 
+_AWS_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-/:]{1,255}$")
+_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
+
+
+def _parse_aws(s: _Section) -> AwsConfig:
+    def name(key: str, what: str) -> str | None:
+        value = s.get(key)
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str) or not _AWS_NAME_RE.match(value):
+            raise ConfigError(f"{s.key(key)}: not {what}, got {_show(value)}")
+        return value
+
+    endpoint = s.string("imds_endpoint", DEFAULT_IMDS_ENDPOINT).rstrip("/")
+    if not re.fullmatch(r"http://([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\])(:\d{1,5})?", endpoint):
+        raise ConfigError(
+            f"{s.key('imds_endpoint')}: must be http://ADDRESS[:PORT] "
+            f'(default "{DEFAULT_IMDS_ENDPOINT}"), got {endpoint!r}'
+        )
+    region = s.get("region")
+    if region is not None and (not isinstance(region, str) or not _REGION_RE.match(region)):
+        raise ConfigError(f'{s.key("region")}: not an AWS region such as "ap-northeast-1"')
+    cfg = AwsConfig(
+        instance_facts=s.boolean("instance_facts", True),
+        imds_endpoint=endpoint,
+        imds_timeout=s.duration("imds_timeout", 1.0, 0.05, 30.0),
+        region=region,
+        disable_source_dest_check=s.boolean("disable_source_dest_check", False),
+        autoscaling_group=name("autoscaling_group", "an Auto Scaling group name"),
+        launch_lifecycle_hook=name("launch_lifecycle_hook", "a lifecycle hook name"),
+        lifecycle_deadline=s.duration("lifecycle_deadline", 600.0, 10.0, 7_200.0),
+        termination_lifecycle_hook=name("termination_lifecycle_hook", "a lifecycle hook name"),
+    )
+    hooks = [k for k in ("launch_lifecycle_hook", "termination_lifecycle_hook") if getattr(cfg, k)]
+    if hooks and cfg.autoscaling_group is None:
+        raise ConfigError(
+            f"{s.key('autoscaling_group')}: missing; {s.key(hooks[0])} completes lifecycle "
+            "actions of a group, name it"
+        )
+    if s.has("lifecycle_deadline") and not cfg.launch_lifecycle_hook:
+        raise ConfigError(
+            f"{s.key('lifecycle_deadline')}: has no effect without {s.key('launch_lifecycle_hook')}"
+        )
+    s.finish()
+    return cfg
+
+
 def check_against_system(cfg: Config) -> None:
     """Checks that need the host: the secret file's presence and mode, interface names."""
     key_file = cfg.soracom.auth_key_file
+    if key_file is not None:
+        _check_key_file(key_file)
+    underlay = cfg.tunnel.underlay_interface
+    if underlay is not None:
+        try:
+            socket.if_nametoindex(underlay)
+        except OSError:
+            raise ConfigError(
+                f"tunnel.underlay_interface: no interface named {underlay!r} on this host"
+            ) from None
+
+
+def _check_key_file(key_file: Path) -> None:
     try:
         st = key_file.stat()
     except FileNotFoundError:
@@ -619,14 +760,6 @@ def check_against_system(cfg: Config) -> None:
         )
     if not os.access(key_file, os.R_OK):
         raise ConfigError(f"soracom.auth_key_file: {key_file}: not readable by this user")
-    underlay = cfg.tunnel.underlay_interface
-    if underlay is not None:
-        try:
-            socket.if_nametoindex(underlay)
-        except OSError:
-            raise ConfigError(
-                f"tunnel.underlay_interface: no interface named {underlay!r} on this host"
-            ) from None
 
 
 def _parse_ha(s: _Section, tunnel: TunnelConfig) -> HaConfig:

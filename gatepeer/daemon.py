@@ -24,6 +24,7 @@ from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK, RTMGRP_NEIGH
 
 from gatepeer import systemd
 from gatepeer.agent import Agent, ReconcileResult
+from gatepeer.aws.integration import AwsIntegration, TerminationWatcher
 from gatepeer.config import Config, ConfigError
 from gatepeer.kernel import rtnl
 from gatepeer.kernel.netlink import KernelError
@@ -44,6 +45,8 @@ MAX_BACKOFF_S = 30.0
 # Without any gate view (a fresh install whose API failed), ask again this soon at the latest.
 FIRST_VIEW_RETRY_S = 30.0
 WAITING_FOR_API = "waiting for the SORACOM API: no gate view yet (registering or fetching it)"
+# At scale-in, how long an API refresh already under way may take before we unregister.
+REFRESH_JOIN_S = 15.0
 
 
 class Wake:
@@ -219,6 +222,9 @@ class Daemon:
             on_update=lambda: self.agent.write_state(),
         )
         self.agent = self._new_agent(config)
+        # The [aws] flags as at start: a reload keeps the lifecycle's progress (restart to change).
+        self.aws = AwsIntegration.for_config(config, self.agent.instance)
+        self.terminating = False  # Auto Scaling is taking this instance away
         self.wake = Wake()
         self._refresher: threading.Thread | None = None
         self.stopping = False
@@ -293,7 +299,12 @@ class Daemon:
     def pause(self, seconds: float) -> None:
         """Sleep that events cannot cut short (they may be our own), but a signal can."""
         deadline = time.monotonic() + seconds
-        while not self.stopping and not self.reload_requested and time.monotonic() < deadline:
+        while (
+            not self.stopping
+            and not self.reload_requested
+            and not self.terminating
+            and time.monotonic() < deadline
+        ):
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
     def kick(self, reason: str) -> None:
@@ -326,6 +337,9 @@ class Daemon:
     def _wait(self, next_refresh: float, watchdog: float | None) -> None:
         """Feed the watchdog, then sleep until the next refresh, an event or a signal."""
         timeout = max(0.0, next_refresh - time.monotonic())
+        aws_due = self.aws.next_due() if self.aws is not None else None
+        if aws_due is not None:
+            timeout = min(timeout, aws_due)
         if watchdog:
             timeout = min(timeout, watchdog)
             systemd.notify("WATCHDOG=1")
@@ -333,6 +347,34 @@ class Daemon:
         self.wake.clear()
         if self.event_reasons:
             time.sleep(EVENT_SETTLE_S)
+
+    # ---- AWS: the lifecycle after each reconcile, and scale-in -------------------------
+
+    def _termination_watcher(self) -> TerminationWatcher | None:
+        if self.aws is None or not self.config.aws.termination_lifecycle_hook:
+            return None
+        if not self.agent.instance.on_ec2():
+            log.warning(
+                "aws.termination_lifecycle_hook: %s; scale-in is not watched",
+                self.agent.instance.why_missing(),
+            )
+            return None
+        watcher = TerminationWatcher(self.agent.instance.imds, self._on_terminated)
+        watcher.start()
+        return watcher
+
+    def _on_terminated(self) -> None:
+        self.terminating = True
+        self.wake.set()
+
+    def leave(self) -> None:
+        """Scale-in: let a refresh under way finish (it could register again), unregister
+        (teardown also unsets redirection when ours), complete the hook, and stop."""
+        if self._refresher is not None:
+            self._refresher.join(REFRESH_JOIN_S)
+        if self.aws is not None:
+            self.aws.on_termination(self.agent)
+        self.stopping = True
 
     def _metrics_server(self) -> MetricsServer | None:
         """The /metrics listener for the current config; None when `listen = ""` turns it off.
@@ -352,6 +394,7 @@ class Daemon:
         nft_watcher = NftablesWatcher("gatepeer", self.kick)
         nft_watcher.start()
         self.prober.start()
+        termination = self._termination_watcher()
         metrics_listen = self.config.metrics.listen
         metrics = self._metrics_server()
         interval = self.config.agent.reconcile_interval
@@ -361,6 +404,9 @@ class Daemon:
         busy = 0
         try:
             while not self.stopping:
+                if self.terminating:
+                    self.leave()
+                    break
                 if self.reload_requested:
                     self.reload_requested = False
                     self.reload()
@@ -391,10 +437,14 @@ class Daemon:
                 if metrics is not None:
                     metrics.ensure_started()  # the default address is known after a reconcile
                 if result is None:
+                    if self.aws is not None:  # the launch deadline runs on without a view
+                        self.aws.after_reconcile(False)
                     # READY waits for the first view; the watchdog must not.
                     systemd.notify(f"STATUS={WAITING_FOR_API}")
                     self._wait(next_refresh, watchdog)
                     continue
+                if self.aws is not None:
+                    self.aws.after_reconcile(result.health == "ok")
                 if result.actions or result.health != "ok":
                     log.info(
                         "reconcile (%s): %s, %d action(s) in %.1f ms",
@@ -425,6 +475,8 @@ class Daemon:
             systemd.notify("STOPPING=1")
             watcher.stop()
             nft_watcher.stop()
+            if termination is not None:
+                termination.stop()
             self.prober.stop()
             if metrics is not None:
                 metrics.stop()

@@ -85,6 +85,13 @@ class Netlink:
                     return str(self.ipr.link("get", index=oif)[0].get_attr("IFLA_IFNAME"))
         return None
 
+    def interface_with_mac(self, mac: str) -> str | None:
+        """The name of the link with this MAC (EC2: the primary ENI that IMDS names)."""
+        for link in self.ipr.get_links():
+            if str(link.get_attr("IFLA_ADDRESS") or "").lower() == mac.lower():
+                return str(link.get_attr("IFLA_IFNAME"))
+        return None
+
     def primary_ipv4(self, index: int) -> IPv4Address | None:
         for addr in self.ipr.addr("dump", family=socket.AF_INET, index=index):
             if not addr["flags"] & IFA_F_SECONDARY:

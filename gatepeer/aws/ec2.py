@@ -1,0 +1,142 @@
+"""EC2 calls: the ENI's source/destination check, and the VPC routes toward the device subnet.
+
+Route and nat modes forward packets that are neither from nor to the ENI's own address; EC2
+drops them while the ENI's source/destination check is on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from typing import Any
+
+from gatepeer.aws import AwsError
+from gatepeer.aws.clients import error_code, error_message, http_status
+
+
+class Ec2Error(AwsError):
+    """An EC2 call failed; the message names the call (the IAM action) and the resource."""
+
+    def __init__(self, action: str, resource: str, reason: str, code: str = "") -> None:
+        super().__init__(f"ec2:{action} on {resource}: {reason}")
+        self.action = action
+        self.code = code
+
+
+def _call(action: str, resource: str, fn: Any, **kwargs: Any) -> Any:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn(**kwargs)
+    except ClientError as exc:
+        code = error_code(exc)
+        reason = error_message(exc)
+        denied = ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException")
+        if code in denied or http_status(exc) == 403:
+            reason = f"access denied; the instance role needs ec2:{action}"
+        raise Ec2Error(action, resource, reason, code) from None
+    except BotoCoreError as exc:
+        raise Ec2Error(action, resource, error_message(exc)) from None
+
+
+def source_dest_check(ec2: Any, eni_id: str) -> bool:
+    """True when the ENI's source/destination check is on (forwarding is dropped)."""
+    answer = _call(
+        "DescribeNetworkInterfaceAttribute",
+        eni_id,
+        ec2.describe_network_interface_attribute,
+        NetworkInterfaceId=eni_id,
+        Attribute="sourceDestCheck",
+    )
+    return bool(answer.get("SourceDestCheck", {}).get("Value", True))
+
+
+def disable_source_dest_check(ec2: Any, eni_id: str) -> bool:
+    """Turn the check off and read it back; False when it was already off."""
+    if not source_dest_check(ec2, eni_id):
+        return False
+    _call(
+        "ModifyNetworkInterfaceAttribute",
+        eni_id,
+        ec2.modify_network_interface_attribute,
+        NetworkInterfaceId=eni_id,
+        SourceDestCheck={"Value": False},
+    )
+    if source_dest_check(ec2, eni_id):
+        raise Ec2Error(
+            "ModifyNetworkInterfaceAttribute", eni_id, "accepted, but the check is still on"
+        )
+    return True
+
+
+@dataclass(frozen=True)
+class VpcRoute:
+    """The route a VPC route table uses for the device subnet (its longest matching prefix)."""
+
+    table_id: str
+    subnets: tuple[str, ...]  # explicitly associated subnets
+    main: bool  # the VPC's main table (used by subnets without an association)
+    destination: IPv4Network
+    target: str  # the ENI, instance, gateway... id the route sends to
+    state: str  # "active" or "blackhole"
+
+    def points_to(self, eni_id: str, instance_id: str) -> bool:
+        return self.state == "active" and self.target in (eni_id, instance_id)
+
+
+_TARGET_KEYS = (
+    "NetworkInterfaceId",
+    "InstanceId",
+    "GatewayId",
+    "NatGatewayId",
+    "TransitGatewayId",
+    "VpcPeeringConnectionId",
+    "LocalGatewayId",
+    "CarrierGatewayId",
+    "CoreNetworkArn",
+)
+
+
+def device_subnet_routes(ec2: Any, vpc_id: str, device_subnet: IPv4Network) -> list[VpcRoute]:
+    """For each route table of the VPC, the route that carries traffic to the device subnet;
+    tables with no such route are left out."""
+    answer = _call(
+        "DescribeRouteTables",
+        vpc_id,
+        ec2.describe_route_tables,
+        Filters=[{"Name": "vpc-id", "Values": [vpc_id]}],
+    )
+    found: list[VpcRoute] = []
+    for table in answer.get("RouteTables", []):
+        best: tuple[IPv4Network, dict[str, Any]] | None = None
+        for route in table.get("Routes", []):
+            try:
+                destination = IPv4Network(route.get("DestinationCidrBlock") or "")
+            except ValueError:
+                continue  # an IPv6 route or a prefix list
+            if device_subnet.subnet_of(destination) and (
+                best is None or destination.prefixlen > best[0].prefixlen
+            ):
+                best = (destination, route)
+        if best is None:
+            continue
+        associations = table.get("Associations", [])
+        found.append(
+            VpcRoute(
+                table_id=table["RouteTableId"],
+                subnets=tuple(a["SubnetId"] for a in associations if a.get("SubnetId")),
+                main=any(a.get("Main") for a in associations),
+                destination=best[0],
+                target=next((str(best[1][k]) for k in _TARGET_KEYS if best[1].get(k)), "?"),
+                state=str(best[1].get("State", "active")),
+            )
+        )
+    return found
+
+
+def table_of_subnet(routes: list[VpcRoute], subnet_id: str) -> VpcRoute | None:
+    """The route the given subnet uses: its own table's, else the main table's."""
+    own = [r for r in routes if subnet_id in r.subnets]
+    if own:
+        return own[0]
+    return next((r for r in routes if r.main), None)
