@@ -117,14 +117,14 @@ class LabHandle:
 
     def leftovers(self) -> list[str]:
         """What of this lab still exists: namespaces, folder, a live emulator."""
-        from gatepeer.lab import topology
+        from gatepeer.lab import processes, topology
 
         left = list(topology.lab_namespaces(self.prefix))
         if self.paths.dir.exists():
             left.append(str(self.paths.dir))
         for pid in self.emulator_pids_seen:
-            if topology._pid_alive(pid) and "gatepeer.lab.run_emulator" in " ".join(
-                topology._proc_cmdline(pid)
+            if processes.pid_alive(pid) and "gatepeer.lab.run_emulator" in " ".join(
+                processes.proc_cmdline(pid)
             ):
                 left.append(f"emulator pid {pid}")
         return left

@@ -28,16 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from gatepeer.lab import netns
-from gatepeer.lab.topology import (
-    API_ADDR,
-    API_PORT,
-    LabRecord,
-    Layout,
-    Paths,
-    customer_peers,
-    ensure_topology,
-    sync_peers,
-)
+from gatepeer.lab.build import ensure_topology
+from gatepeer.lab.layout import API_ADDR, API_PORT, LabRecord, Layout, Paths
+from gatepeer.lab.vpg import customer_peers, sync_peers
 
 log = logging.getLogger("gatepeer.lab.run_emulator")
 
