@@ -544,6 +544,87 @@ def test_redirection_is_stored_and_echoed(lab: Lab, auth: dict[str, str]) -> Non
     assert lab.call("POST", f"{VPG}/junction/set_redirection", bad, auth=auth).status == 400
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/junction/set_redirection", {"enabled": True, "gatewy": "198.19.0.3"}, "gatewy"),
+        ("/gate/peers", {"outerIPAddress": "198.18.0.10"}, "outerIPAddress"),
+        ("/gate/peers", {"outerIpAddress": "198.18.0.10", "innerIP": "198.19.0.9"}, "innerIP"),
+        ("/gate/open", {"vxlanID": 20}, "vxlanID"),
+    ],
+)
+def test_a_misspelled_field_is_refused_and_changes_nothing(
+    lab: Lab, auth: dict[str, str], path: str, body: dict[str, Any], field: str
+) -> None:
+    before = lab.emu.state()
+    reply = lab.call("POST", f"{VPG}{path}", body, auth=auth)
+    assert reply.status == 400
+    assert field in error_of(reply)["message"]
+    after = lab.emu.state()
+    for key in ("peers", "redirection", "settings"):
+        assert after[key] == before[key], key
+    assert lab.peer_events == [] and lab.vpg_events == []
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/junction/set_redirection", {"enabled": "yes"}),
+        ("/junction/set_redirection", {"gateway": 167968771}),
+        ("/gate/peers", {"outerIpAddress": ["198.18.0.10"]}),
+        ("/gate/set_vxlan_id", {"vxlanId": True}),
+        ("/gate/open", {"privacySeparatorEnabled": 1}),
+    ],
+)
+def test_a_wrongly_typed_field_is_refused(
+    lab: Lab, auth: dict[str, str], path: str, body: dict[str, Any]
+) -> None:
+    reply = lab.call("POST", f"{VPG}{path}", body, auth=auth)
+    assert reply.status == 400
+    assert "must be of type" in error_of(reply)["message"]
+    assert lab.emu.peers() == [] and lab.emu.state()["redirection"] is None
+
+
+@pytest.mark.parametrize(
+    "path", ["/junction/set_redirection", "/gate/peers", "/gate/set_vxlan_id", "/gate/open"]
+)
+@pytest.mark.parametrize("raw", [b"gateway=198.19.0.3", b"{'enabled': true}", b"[1, 2]", b"\xff"])
+def test_a_body_that_is_not_a_json_object_is_400(
+    lab: Lab, auth: dict[str, str], path: str, raw: bytes
+) -> None:
+    headers = {**auth, "Content-Type": "application/json"}
+    reply = lab.call("POST", f"{VPG}{path}", raw, auth=headers)
+    assert reply.status == 400
+    error_of(reply)
+
+
+def test_operations_without_a_request_body_refuse_fields_but_take_an_empty_object(
+    lab: Lab, auth: dict[str, str]
+) -> None:
+    assert lab.call("POST", f"{VPG}/gate/close", {"force": True}, auth=auth).status == 400
+    assert lab.emu.settings.gate_opened is True
+    assert lab.call("POST", f"{VPG}/gate/close", {}, auth=auth).status == 200
+    assert lab.call("POST", f"{VPG}/junction/unset_redirection", b"", auth=auth).status == 200
+    assert lab.call("POST", f"{VPG}/junction/unset_redirection", b"nope", auth=auth).status == 400
+
+
+def test_auth_refuses_a_misspelled_field_before_checking_the_key(lab: Lab) -> None:
+    reply = lab.call("POST", "/v1/auth", {**GOOD_LOGIN, "authkey": AUTH_KEY})
+    assert reply.status == 400
+    assert "authkey" in error_of(reply)["message"]
+
+
+def test_a_refused_body_answers_in_the_wrapped_form_when_set(
+    lab: Lab, auth: dict[str, str]
+) -> None:
+    lab.emu.update_settings(wrapped_errors=True)
+    body = {"gatewy": "198.19.0.3"}
+    reply = lab.call("POST", f"{VPG}/junction/set_redirection", body, auth=auth)
+    assert reply.status == 400
+    assert reply.json["httpStatus"] == 400
+    assert "gatewy" in reply.json["errorMessage"]["message"]
+
+
 def test_unknown_paths_and_methods_are_404(lab: Lab, auth: dict[str, str]) -> None:
     for method, path in [
         ("GET", "/v1/subscribers"),

@@ -120,7 +120,7 @@ from gatepeer.lab.emulator_operations import (
     Handler,
     Operations,
 )
-from gatepeer.lab.emulator_requests import json_object
+from gatepeer.lab.emulator_requests import json_object, parse_request
 
 __all__ = [
     "DEFAULT_ENDPOINTS",
@@ -401,7 +401,7 @@ class Emulator(Operations):
                 return denied
         if "vpg_id" in params and params["vpg_id"] != settings.vpg_id:
             return self._error(settings, 404, E_NO_SUCH_VPG, "No such VPG found")
-        return self._handlers[operation](params, headers, body)
+        return self._handlers[operation](params, headers, parse_request(operation, body))
 
     def _check_token(
         self,
