@@ -11,15 +11,18 @@ Public API (kept stable: the lab imports it)
     Frozen dataclass, every field has a default (see the class). ``endpoints`` are the VPG's
     own tunnel endpoints as ``Peer(outer_ip, inner_ip)`` (plain 2-tuples are accepted).
 
-``Emulator(settings=None, on_peers_changed=None, *, on_vpg_changed=None, clock=time.monotonic)``
+``Emulator(settings=None, on_peers_changed=None, *, on_vpg_changed=None,
+on_redirection_changed=None, clock=time.monotonic)``
     ``on_peers_changed(peers: list[Peer])`` is called after every registerGatePeer or
     unregisterGatePeer that changed the customer gate peers, outside the state lock, in the
     order of the changes, with the full list of customer peers. ``on_vpg_changed(settings)`` is
     called likewise when the VNI, device subnet, endpoints or gate state change (control
-    endpoint, ``update_settings``, openGate, closeGate, setVirtualPrivateGatewayVxLanId).
-    Both run before the API call (or control request) that caused them is answered, so a
-    caller that got its answer may rely on the lab having followed. A callback that raises is
-    logged; the call still succeeds (the real API knows nothing of the lab).
+    endpoint, ``update_settings``, openGate, closeGate, setVirtualPrivateGatewayVxLanId), and
+    ``on_redirection_changed(redirection: dict | None)`` when set/unsetRedirectionConfiguration
+    changed the Junction redirection (None: unset). All run before the API call (or control
+    request) that caused them is answered, so a caller that got its answer may rely on the lab
+    having followed. A callback that raises is logged; the call still succeeds (the real API
+    knows nothing of the lab).
     ``clock`` (monotonic seconds) drives token expiry and the rate-limit window; tests pass a
     settable one.
 
@@ -29,7 +32,8 @@ Public API (kept stable: the lab imports it)
     ``start(host="127.0.0.1", port=0) -> base_url``  bind and serve (tests, manual use).
     ``stop()``                       stop every server and close its socket.
     ``settings``, ``peers()``, ``endpoints()``, ``update_settings(**changes)``,
-    ``set_faults(**faults)``, ``reset_faults()``, ``faults()``, ``expire_tokens()``,
+    ``set_faults(**faults)``, ``reset_faults()``, ``faults()``, ``set_overrides(vpg=...,
+    vpg_remove=..., peers=...)``, ``overrides()``, ``redirection()``, ``expire_tokens()``,
     ``counts()``, ``reset_counts()``, ``state()``, ``handle(...)`` (one request without HTTP).
 
 ``base_url`` is ``http://HOST:PORT`` without ``/v1``; the API lives under ``/v1``.
@@ -42,11 +46,20 @@ Control endpoints (no authentication, never subject to faults)
 ---------------------------------------------------------------
 
 ``GET  /_emulator/state``         counts, recent requests, peers, settings (never the auth key),
-                                  faults, redirection
+                                  faults, redirection, overrides
 ``POST /_emulator/faults``        merge, e.g. ``{"latency_ms": 200, "fail_next": 3,
                                   "fail_status": 503, "rate_limit_next": 2,
                                   "rate_limit_seconds": 1, "drop_next": 1}``
-``POST /_emulator/reset_faults``  all faults off
+``POST /_emulator/reset_faults``  all faults and overrides off
+``POST /_emulator/overrides``     replace the answer overrides (the API lies; the state and the
+                                  lab stay true), e.g. ``{"vpg": {"gateVxlanId": 99},
+                                  "vpg_remove": ["redirection"], "peers": {"198.18.0.10":
+                                  {"innerIpAddress": "10.0.0.1"}}}``: ``vpg`` fields are set and
+                                  ``vpg_remove`` fields dropped in every answer carrying the VPG
+                                  (getVirtualPrivateGateway, openGate, closeGate, set/unset
+                                  redirection), ``peers`` fields set in the listGatePeers and
+                                  registerGatePeer entries of that outer address. Values are raw
+                                  JSON, never validated. ``{}`` clears them.
 ``POST /_emulator/settings``      any settings field but ``auth_key``, e.g. ``{"vxlan_id": 20,
                                   "device_subnet": "198.19.0.0/24", "endpoints":
                                   [{"outer_ip": "198.18.1.21", "inner_ip": "198.19.0.1"}],
@@ -107,8 +120,10 @@ from gatepeer.lab.emulator_model import (
     BadRequest,
     EmulatorSettings,
     Faults,
+    Overrides,
     Peer,
     PeersCallback,
+    RedirectionCallback,
     Response,
     Token,
     VpgCallback,
@@ -145,11 +160,13 @@ class Emulator(Operations):
         on_peers_changed: PeersCallback | None = None,
         *,
         on_vpg_changed: VpgCallback | None = None,
+        on_redirection_changed: RedirectionCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings if settings is not None else EmulatorSettings()
         self._on_peers_changed = on_peers_changed
         self._on_vpg_changed = on_vpg_changed
+        self._on_redirection_changed = on_redirection_changed
         self._clock = clock
         self._lock = threading.Lock()
         # Held across a change and its callbacks, so callbacks run in the order of the changes;
@@ -159,6 +176,7 @@ class Emulator(Operations):
         self._redirection: dict[str, Any] | None = None
         self._tokens: dict[str, Token] = {}
         self._faults = Faults()
+        self._overrides = Overrides()
         self._counts: collections.Counter[str] = collections.Counter()
         self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=256)
         self._created_ms = now_ms()
@@ -221,8 +239,27 @@ class Emulator(Operations):
             return dataclasses.asdict(self._faults)
 
     def reset_faults(self) -> None:
+        """Faults off and answer overrides cleared."""
         with self._lock:
             self._faults = Faults()
+            self._overrides = Overrides()
+
+    def set_overrides(self, **overrides: Any) -> dict[str, Any]:
+        """Replace the answer overrides (see Overrides): vpg={field: value}, vpg_remove=[field],
+        peers={outer: {field: value}}; none given clears them. ValueError on a bad shape."""
+        new = Overrides.from_json(overrides)
+        with self._lock:
+            self._overrides = new
+            return new.to_json()
+
+    def overrides(self) -> dict[str, Any]:
+        with self._lock:
+            return self._overrides.to_json()
+
+    def redirection(self) -> dict[str, Any] | None:
+        """The Junction redirection as set (not as overrides may answer it); None when unset."""
+        with self._lock:
+            return None if self._redirection is None else dict(self._redirection)
 
     def faults(self) -> dict[str, Any]:
         with self._lock:
@@ -255,6 +292,7 @@ class Emulator(Operations):
                 "peers": [p._asdict() for p in self._peer_list()],
                 "redirection": self._redirection,
                 "faults": dataclasses.asdict(self._faults),
+                "overrides": self._overrides.to_json(),
                 "counts": dict(self._counts),
                 "recent": list(self._recent),
                 "tokens": len(self._tokens),
@@ -437,6 +475,8 @@ class Emulator(Operations):
                 self.set_faults(**json_object(body, required=True))
             elif method == "POST" and name == "reset_faults":
                 self.reset_faults()
+            elif method == "POST" and name == "overrides":
+                self.set_overrides(**json_object(body, required=True))
             elif method == "POST" and name == "settings":
                 changes = json_object(body, required=True)
                 refused = set(changes) - HTTP_SETTABLE

@@ -4,6 +4,7 @@ and the validators they share. Standard library only, like the whole emulator.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import ipaddress
 import secrets
@@ -222,6 +223,61 @@ class Faults:
             setattr(self, name, value)
 
 
+@dataclass(frozen=True)
+class Overrides:
+    """Answers made to lie, for tests of a client's checks: ``vpg`` fields set (raw JSON, not
+    validated) and ``vpg_remove`` fields dropped in every answer that carries the VPG; ``peers``
+    fields set in the listGatePeers and registerGatePeer entries of that outer address. Only
+    answers change: the emulator's state, and the lab that follows it, stay true."""
+
+    vpg: Mapping[str, Any] = field(default_factory=dict)
+    vpg_remove: tuple[str, ...] = ()
+    peers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Overrides:
+        """From the control endpoint's body; ValueError names what is wrong."""
+        unknown = set(doc) - {"vpg", "vpg_remove", "peers"}
+        if unknown:
+            raise ValueError(f"unknown override {sorted(unknown)[0]!r}")
+        vpg = doc.get("vpg", {})
+        if not isinstance(vpg, Mapping):
+            raise ValueError("vpg must be an object of VPG fields")
+        remove = doc.get("vpg_remove", [])
+        if not isinstance(remove, list | tuple) or not all(isinstance(f, str) for f in remove):
+            raise ValueError("vpg_remove must be a list of VPG field names")
+        peers = doc.get("peers", {})
+        if not isinstance(peers, Mapping) or not all(
+            isinstance(v, Mapping) for v in peers.values()
+        ):
+            raise ValueError("peers must map an outerIpAddress to an object of fields")
+        # A private copy: a caller's later edits must not change the answers.
+        return cls(
+            vpg=copy.deepcopy(dict(vpg)),
+            vpg_remove=tuple(remove),
+            peers={str(k): copy.deepcopy(dict(v)) for k, v in peers.items()},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "vpg": copy.deepcopy(dict(self.vpg)),
+            "vpg_remove": list(self.vpg_remove),
+            "peers": {k: copy.deepcopy(dict(v)) for k, v in self.peers.items()},
+        }
+
+    def apply_to_vpg(self, vpg: dict[str, Any]) -> dict[str, Any]:
+        for name in self.vpg_remove:
+            vpg.pop(name, None)
+        vpg.update(copy.deepcopy(dict(self.vpg)))
+        return vpg
+
+    def apply_to_peer(self, peer: dict[str, Any]) -> dict[str, Any]:
+        fields = self.peers.get(str(peer.get("outerIpAddress")))
+        if fields:
+            peer.update(copy.deepcopy(dict(fields)))
+        return peer
+
+
 @dataclass
 class Response:
     """One answer; ``drop`` means close the connection without answering."""
@@ -249,3 +305,4 @@ def now_ms() -> int:
 
 PeersCallback = Callable[[list[Peer]], None]
 VpgCallback = Callable[[EmulatorSettings], None]
+RedirectionCallback = Callable[[dict[str, Any] | None], None]

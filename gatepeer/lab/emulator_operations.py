@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import ipaddress
 import logging
@@ -22,8 +23,10 @@ from gatepeer.lab.emulator_model import (
     MAX_VNI,
     BadRequest,
     EmulatorSettings,
+    Overrides,
     Peer,
     PeersCallback,
+    RedirectionCallback,
     Response,
     Token,
     VpgCallback,
@@ -95,6 +98,8 @@ class Operations:
     _modified_ms: int
     _on_peers_changed: PeersCallback | None
     _on_vpg_changed: VpgCallback | None
+    _on_redirection_changed: RedirectionCallback | None
+    _overrides: Overrides
 
     @property
     def settings(self) -> EmulatorSettings:
@@ -113,8 +118,10 @@ class Operations:
         with self._notify_lock:
             with self._lock:
                 peers_before, vpg_before = self._peer_list(), self._vpg_key()
+                redirection_before = copy.deepcopy(self._redirection)
                 result = change()
                 peers_after, vpg_after = self._peer_list(), self._vpg_key()
+                redirection_after = copy.deepcopy(self._redirection)
                 settings = self._settings
             if peers_after != peers_before and self._on_peers_changed is not None:
                 try:
@@ -126,6 +133,12 @@ class Operations:
                     self._on_vpg_changed(settings)
                 except Exception:
                     log.exception("on_vpg_changed failed")
+            changed = redirection_after != redirection_before
+            if changed and self._on_redirection_changed is not None:
+                try:
+                    self._on_redirection_changed(redirection_after)
+                except Exception:
+                    log.exception("on_redirection_changed failed")
         return result
 
     def _peer_list(self) -> list[Peer]:
@@ -134,6 +147,10 @@ class Operations:
     def _vpg_key(self) -> tuple[object, ...]:
         s = self._settings
         return (s.vxlan_id, s.device_subnet, s.endpoints, s.gate_opened)
+
+    def _vpg_answer(self) -> dict[str, Any]:
+        """The VPG as the API answers it: the true document with the overrides applied."""
+        return self._overrides.apply_to_vpg(self._vpg_body())
 
     def _vpg_body(self) -> dict[str, Any]:
         """The VirtualPrivateGateway document; caller holds the lock."""
@@ -222,7 +239,7 @@ class Operations:
         self, params: dict[str, str], headers: Mapping[str, str], req: dict[str, Any]
     ) -> Response:
         with self._lock:
-            return Response(200, self._vpg_body())
+            return Response(200, self._vpg_answer())
 
     def _op_list_peers(
         self, params: dict[str, str], headers: Mapping[str, str], req: dict[str, Any]
@@ -232,6 +249,7 @@ class Operations:
             mask = s.netmask
             rows = [_peer_json(e, mask, customer=False) for e in s.endpoints]
             rows += [_peer_json(p, mask, customer=True) for p in self._peer_list()]
+            rows = [self._overrides.apply_to_peer(row) for row in rows]
         return Response(200, rows)
 
     def _op_register_peer(
@@ -267,15 +285,13 @@ class Operations:
                 chosen = inner
             self._peers[outer] = chosen
             # SORACOM answers the new peer with a null netmask; listGatePeers has it dotted.
-            return Response(
-                200,
-                {
-                    "outerIpAddress": outer,
-                    "innerIpAddress": chosen,
-                    "netmask": None,
-                    "ownedByCustomer": True,
-                },
-            )
+            answer = {
+                "outerIpAddress": outer,
+                "innerIpAddress": chosen,
+                "netmask": None,
+                "ownedByCustomer": True,
+            }
+            return Response(200, self._overrides.apply_to_peer(answer))
 
         return cast(Response, self._mutate(change))
 
@@ -323,7 +339,7 @@ class Operations:
             self._settings = dataclasses.replace(self._settings, **changes)
             self._modified_ms = now_ms()
             # The spec gives no body for openGate/closeGate; the real API answers the VPG.
-            return Response(status, self._vpg_body() if status == 200 else None)
+            return Response(status, self._vpg_answer() if status == 200 else None)
 
         return cast(Response, self._mutate(change))
 
@@ -337,7 +353,7 @@ class Operations:
         def change() -> Response:
             self._redirection = config
             self._modified_ms = now_ms()
-            return Response(200, self._vpg_body())
+            return Response(200, self._vpg_answer())
 
         return cast(Response, self._mutate(change))
 
@@ -347,7 +363,7 @@ class Operations:
         def change() -> Response:
             self._redirection = None
             self._modified_ms = now_ms()
-            return Response(200, self._vpg_body())
+            return Response(200, self._vpg_answer())
 
         return cast(Response, self._mutate(change))
 
