@@ -57,6 +57,16 @@ class LabApi:
     def unregister_gate_peer(self, outer_ip: str) -> None:
         self._request("DELETE", self._vpg(f"/gate/peers/{outer_ip}"))
 
+    def set_redirection(self, gateway: str, description: str = "") -> dict[str, Any]:
+        """Junction redirection on: devices' traffic leaving the subnet goes to `gateway`."""
+        body: dict[str, Any] = {"enabled": True, "gateway": gateway}
+        if description:
+            body["description"] = description
+        return dict(self._request("POST", self._vpg("/junction/set_redirection"), body))
+
+    def unset_redirection(self) -> dict[str, Any]:
+        return dict(self._request("POST", self._vpg("/junction/unset_redirection")))
+
 
 def lab_api(paths: Paths, record: LabRecord, host_url: str) -> LabApi:
     api = LabApi(host_url, record.credentials, paths.auth_key.read_text().strip())

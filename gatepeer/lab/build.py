@@ -3,7 +3,6 @@ missing, repair what differs, leave alone what is right."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ from gatepeer.lab.layout import (
     UNDERLAY_MTU,
     VPC_HOST_ADDR,
     VPC_NET,
+    VPG_NAT_TABLE,
     VXLAN_PORT,
     Endpoint,
     Layout,
@@ -110,10 +110,42 @@ def _has_rule(ns: str, iif: str, table: str) -> bool:
     )
 
 
-def _has_default(ns: str, table: str) -> bool:
-    # An empty table does not exist yet, and `ip route show table N` then fails.
-    proc = ip(ns, "-j", "route", "show", "default", "table", table, check=False)
-    return proc.returncode == 0 and bool(json.loads(proc.stdout or "[]"))
+def render_vpg_nat(ep: Endpoint) -> str:
+    """The endpoint's own way out: what leaves eth0 from the devices is source-NATed to the
+    VPG's address, as SORACOM's VPG does on its Canal and internet paths. A device's reply to a
+    connection that came in through the tunnel cannot be NATed (conntrack NATs a connection's
+    first packet only; a reply that this endpoint did not see come in, e.g. through the other
+    endpoint, is invalid to it), and on SORACOM it would reach the opener from the VPG's
+    address, which the opener ignores: here it is dropped and counted, the same "no reply".
+    Loaded as one transaction (add and delete first: nft 1.0.6 has no `destroy`)."""
+    return (
+        f"add table ip {VPG_NAT_TABLE}\n"
+        f"delete table ip {VPG_NAT_TABLE}\n"
+        f"table ip {VPG_NAT_TABLE} {{\n"
+        "\tchain forward {\n"
+        "\t\ttype filter hook forward priority filter; policy accept;\n"
+        f'\t\tiifname "{DEVICES_LINK}" oifname "eth0" ct direction reply counter drop\n'
+        f'\t\tiifname "{DEVICES_LINK}" oifname "eth0" ct state invalid counter drop\n'
+        "\t}\n"
+        "\tchain postrouting {\n"
+        "\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
+        f'\t\tiifname "{DEVICES_LINK}" oifname "eth0" counter snat to {ep.nat_addr}\n'
+        "\t}\n"
+        "}\n"
+    )
+
+
+def _ensure_vpg_nat(ep: Endpoint, report: BuildReport) -> None:
+    proc = netns.run(
+        netns.exec_in(ep.ns, ["nft", "list", "table", "ip", VPG_NAT_TABLE]), check=False
+    )
+    listed = proc.stdout if proc.returncode == 0 else ""
+    if f"snat to {ep.nat_addr}" in listed and "ct state invalid" in listed:
+        return
+    netns.run(netns.exec_in(ep.ns, ["nft", "-f", "-"]), input=render_vpg_nat(ep))
+    (report.repaired if proc.returncode == 0 else report.created).append(
+        f"{ep.ns}: nftables table ip {VPG_NAT_TABLE}"
+    )
 
 
 def ensure_topology(layout: Layout) -> BuildReport:
@@ -153,6 +185,9 @@ def ensure_topology(layout: Layout) -> BuildReport:
     ip(fab, "addr", "replace", f"{FABRIC_SORACOM_ADDR}/{SORACOM_NET.prefixlen}", "dev", "sorabr")
     ip(fab, "addr", "replace", f"{API_ADDR}/32", "dev", "lo")
     ip(fab, "addr", "replace", f"{INTERNET_ADDR}/32", "dev", "lo")
+    for ep in layout.endpoints:
+        # Answers to the VPG's NAT address go back to the endpoint that made them.
+        ip(fab, "route", "replace", f"{ep.nat_addr}/32", "via", str(ep.outer), "dev", "sorabr")
 
     # The gate peer: only its ENI. Forwarding, vxlan0 and the rest are the agent's job.
     peer = layout.peer_ns
@@ -222,10 +257,16 @@ def _build_endpoint(ep: Endpoint, layout: Layout, report: BuildReport) -> None:
         ns, "route", "replace", str(layout.device_half),
         "via", str(ep.dev_link_addr), "dev", DEVICES_LINK,
     )  # fmt: skip
-    # The devices' traffic goes back through the tunnel to the gate peer, while the outer path
-    # to the VPC (198.18.0.0/24 via eth0) stays as it is: policy routing on the input link.
+    # Where the devices' traffic goes, as on SORACOM: inside the device subnet over the tunnel
+    # (the connected route of vxlan0: ARP finds the peer that owns the address), so first the
+    # main table without its default; outside it to the Junction redirection gateway, which
+    # `vpg.sync_redirection` puts as the only route of RETURN_TABLE; without one (or before
+    # the emulator has said) by the main default out of eth0, source-NATed to the VPG's address.
+    if not _has_rule(ns, DEVICES_LINK, "main"):
+        ip(
+            ns, "rule", "add", "pref", str(int(RETURN_RULE_PREF) - 1), "iif", DEVICES_LINK,
+            "lookup", "main", "suppress_prefixlength", "0",
+        )  # fmt: skip
     if not _has_rule(ns, DEVICES_LINK, RETURN_TABLE):
         ip(ns, "rule", "add", "pref", RETURN_RULE_PREF, "iif", DEVICES_LINK, "lookup", RETURN_TABLE)
-    if not _has_default(ns, RETURN_TABLE):
-        # Until a gate peer registers, device traffic has nowhere to go (never the outer path).
-        ip(ns, "route", "replace", "unreachable", "default", "table", RETURN_TABLE)
+    _ensure_vpg_nat(ep, report)

@@ -44,6 +44,9 @@ def baseline_gate_peer(lab: LabInfo) -> dict[str, Any]:
     vni = int(vpg.get("gateVxlanId") or lab.layout.vni)
     cmd = ["bash", str(BASELINE_SCRIPT), "eth0", outer, f"{inner}/{plen}", str(vni), *endpoints]
     netns.run(netns.exec_in(lab.layout.peer_ns, cmd))
+    # The hand-made setup's last step, as SORACOM's Gate guide has a person do it: Junction
+    # redirection to the peer, without which devices' traffic never comes through it.
+    api.set_redirection(inner, description="hand-made gate peer")
     # The VPG side may still hold the MAC of an earlier vxlan0 of this peer.
     for ep in lab.layout.endpoints:
         ip(ep.ns, "neigh", "flush", "dev", "vxlan0", check=False)
@@ -54,6 +57,7 @@ def baseline_gate_peer(lab: LabInfo) -> dict[str, Any]:
         "inner": f"{inner}/{plen}",
         "vni": vni,
         "endpoints": endpoints,
+        "redirection": inner,
         "command": " ".join(netns.exec_in(lab.layout.peer_ns, cmd)),
     }
 

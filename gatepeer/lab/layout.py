@@ -32,9 +32,14 @@ DEVICE_LINKS_NET = ipaddress.IPv4Network("198.18.2.0/24")
 # The lab's own plumbing; a device subnet must stay clear of it.
 RESERVED_NET = ipaddress.IPv4Network("198.18.0.0/22")
 API_ADDR = ipaddress.IPv4Address("203.0.113.10")
+# The VPG's own way out (SORACOM's Canal peering or internet path): device traffic that Junction
+# redirection does not send to a gate peer leaves endpoint N source-NATed to 198.18.3.(10+N),
+# so a VPC host sees the VPG's address, not a device's or the gate peer's.
+VPG_NAT_NET = ipaddress.IPv4Network("198.18.3.0/24")
+VPG_NAT_TABLE = "gatepeer_lab_vpg"  # nftables table (family ip) in each endpoint namespace
 # A stand-in for the internet, on the fabric router: Junction redirection (devices' traffic
 # NATed out of the gate peer's ENI) can be tested against it. Nothing routes the device subnet
-# back to the fabric, so only NATed traffic gets an answer.
+# back to the fabric, so only NATed traffic (the gate peer's or the VPG's) gets an answer.
 INTERNET_ADDR = ipaddress.IPv4Address("198.51.100.1")
 API_PORT = 8080
 DEFAULT_VNI = 10
@@ -50,6 +55,8 @@ VXLAN_PORT = 4789
 UNDERLAY_MTU = 9001
 # SORACOM's side of the tunnel and the devices' links carry ordinary 1500-byte packets.
 OVERLAY_MTU = 1500
+# Routing table of the devices' traffic that leaves the device subnet: only the route to the
+# Junction redirection gateway, when there is one.
 RETURN_TABLE = "100"
 RETURN_RULE_PREF = "100"
 ZERO_MAC = "00:00:00:00:00:00"
@@ -73,6 +80,7 @@ class Endpoint:
     link_addr: ipaddress.IPv4Address  # the endpoint's side of its devices link
     dev_link_addr: ipaddress.IPv4Address  # the devices namespace's side
     dev_ifname: str  # the link's name in the devices namespace
+    nat_addr: ipaddress.IPv4Address  # the VPG's source NAT address on this endpoint's way out
 
 
 @dataclass(frozen=True)
@@ -157,6 +165,7 @@ class Layout:
                     link_addr=link.network_address + 1,
                     dev_link_addr=link.network_address + 2,
                     dev_ifname=f"to-vpg{i}",
+                    nat_addr=VPG_NAT_NET.network_address + 10 + i,
                 )
             )
         return out

@@ -4,6 +4,7 @@ report what exists."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import secrets
@@ -20,6 +21,7 @@ from gatepeer.lab.build import BuildReport, ensure_topology
 from gatepeer.lab.layout import (
     API_ADDR,
     API_PORT,
+    PEER_ADDR,
     PREFIX_RE,
     RUN_ROOT,
     Credentials,
@@ -39,7 +41,14 @@ from gatepeer.lab.processes import (
     stop_emulator,
     stop_recorded_iperf,
 )
-from gatepeer.lab.vpg import customer_peers, endpoint_fdb, sync_peers
+from gatepeer.lab.vpg import (
+    customer_peers,
+    endpoint_fdb,
+    endpoint_gateway,
+    redirection_gateway,
+    sync_peers,
+    sync_redirection,
+)
 
 
 @dataclass
@@ -160,16 +169,52 @@ def up(
 def _follow_emulator(
     layout: Layout, host_url: str, paths: Paths, record: LabRecord, report: BuildReport
 ) -> None:
-    """A kept emulator holds the truth: re-point re-created endpoints at its peers, and keep
-    them down while its Gate is closed (ensure_topology brought every vxlan0 up)."""
+    """A kept emulator holds the truth: re-point re-created endpoints at its peers, keep them
+    down while its Gate is closed (ensure_topology brought every vxlan0 up), and route the
+    devices' outbound traffic as its redirection says."""
     if report.vxlan_recreated:
         api = lab_api(paths, record, host_url)
         sync_peers(layout, customer_peers(api.list_gate_peers()))
-    with urllib.request.urlopen(f"{host_url}/_emulator/state", timeout=10) as resp:
-        state = json.loads(resp.read())
+    state = emulator_state(host_url)
     if state.get("settings", {}).get("gate_opened") is False:
         for ep in layout.endpoints:
             ip(ep.ns, "link", "set", "dev", "vxlan0", "down")
+    sync_redirection(layout, redirection_gateway(state.get("redirection")))
+
+
+def emulator_state(host_url: str) -> dict[str, Any]:
+    """GET /_emulator/state: the emulator's true state (answer overrides do not show here)."""
+    try:
+        with urllib.request.urlopen(f"{host_url}/_emulator/state", timeout=10) as resp:
+            return dict(json.loads(resp.read()))
+    except (OSError, ValueError) as exc:
+        raise LabError(f"{host_url}/_emulator/state: {exc}") from None
+
+
+def redirect(prefix: str, gateway: str | None) -> dict[str, Any]:
+    """Set the lab's Junction redirection through its API, as a person would with soracom-cli
+    until the agent manages it: devices' traffic leaving the device subnet then goes to
+    `gateway` (an IPv4 address, or "peer" for the lab gate peer's registered inner address);
+    None unsets it (the VPG's own NATed way out). Returns the VPG as the API answered."""
+    if gateway not in (None, "peer"):
+        try:
+            gateway = str(ipaddress.IPv4Address(gateway))
+        except ValueError:
+            raise LabError(f"gateway {gateway!r}: not an IPv4 address (or `peer`)") from None
+    paths = Paths.for_prefix(prefix)
+    record = LabRecord.load(paths.lab_json)
+    info = read_emulator_json(paths) if emulator_pid(paths) is not None else None
+    if record is None or info is None:
+        raise LabError(f"lab {prefix} is not up (its emulator is not running): run `lab up`")
+    api = lab_api(paths, record, str(info["host_url"]))
+    if gateway is None:
+        return api.unset_redirection()
+    if gateway == "peer":
+        mine = [p for p in api.list_gate_peers() if p.get("outerIpAddress") == str(PEER_ADDR)]
+        if not mine:
+            raise LabError(f"the gate peer {PEER_ADDR} is not registered: no inner address yet")
+        gateway = str(mine[0]["innerIpAddress"])
+    return api.set_redirection(gateway, description="gatepeer lab: via the gate peer")
 
 
 @dataclass
@@ -223,6 +268,10 @@ class Status:
     peer_error: str | None
     endpoint_fdb: dict[str, list[str]]
     gate_peer_vxlan: bool
+    # The emulator's Junction redirection, and the gateway each endpoint routes the devices'
+    # outbound traffic to (None: the VPG's own NATed way out).
+    redirection: dict[str, Any] | None = None
+    endpoint_gateway: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def exists(self) -> bool:
@@ -239,6 +288,8 @@ class Status:
             "peer_error": self.peer_error,
             "endpoint_fdb": self.endpoint_fdb,
             "gate_peer_vxlan": self.gate_peer_vxlan,
+            "redirection": self.redirection,
+            "endpoint_gateway": self.endpoint_gateway,
         }
 
 
@@ -253,15 +304,19 @@ def status(prefix: str) -> Status:
     host_url = str(info["host_url"]) if info else None
     peers: list[dict[str, Any]] | None = None
     peer_error = None
+    redirection = None
     if record is not None and host_url is not None:
         try:
             peers = lab_api(paths, record, host_url).list_gate_peers()
+            redirection = emulator_state(host_url).get("redirection")
         except (LabError, OSError, KeyError) as exc:
             peer_error = str(exc)
     fdb: dict[str, list[str]] = {}
+    gateways: dict[str, str | None] = {}
     for ep in layout.endpoints if layout else []:
         if ep.ns in present and netns.link_exists(ep.ns, "vxlan0"):
             fdb[ep.ns] = endpoint_fdb(ep.ns)
+            gateways[ep.ns] = endpoint_gateway(ep.ns)
     peer_vxlan = bool(
         layout and layout.peer_ns in present and netns.link_exists(layout.peer_ns, "vxlan0")
     )
@@ -276,4 +331,6 @@ def status(prefix: str) -> Status:
         peer_error=peer_error,
         endpoint_fdb=fdb,
         gate_peer_vxlan=peer_vxlan,
+        redirection=redirection,
+        endpoint_gateway=gateways,
     )

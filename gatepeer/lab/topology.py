@@ -8,13 +8,18 @@
 ```
 
 - fabric: the VPC router. 198.18.0.0/24 is the VPC subnet, 198.18.1.0/24 stands for the VPC
-  peering path to SORACOM's VPG, the API emulator listens on 203.0.113.10:8080, and
-  198.51.100.1 plays a host on the internet.
+  peering path to SORACOM's VPG, the API emulator listens on 203.0.113.10:8080,
+  198.51.100.1 plays a host on the internet, and 198.18.3.(10+N) (the VPG's NAT addresses) are
+  routed to endpoint N.
 - peer: the gate peer instance (eth0 is its ENI). The agent, or the hand-made baseline, runs here.
 - vpc: a VPC host whose route table sends the device subnet to the gate peer.
 - vpgN: one VPG tunnel endpoint each: vxlan0 with one all-zero-MAC FDB entry per registered
   customer gate peer (kept in step with the emulator by `sync_peers`), proxy ARP for the devices,
-  and policy routing that sends the devices' traffic back through the tunnel.
+  and policy routing of the devices' traffic as SORACOM's VPG does it: inside the device subnet
+  over the tunnel (ARP finds the owner); outside it to the Junction redirection gateway over the
+  tunnel while the emulator's redirection is enabled (`sync_redirection`), else out of eth0
+  source-NATed to the VPG's address 198.18.3.(10+N) (its Canal / internet path), where a
+  device's reply to a connection opened through the tunnel is dropped: no reply, as on SORACOM.
 - dev: the devices (SIMs): /32 addresses in the upper half of the device subnet.
 
 Only 198.18.0.0/15 and the TEST-NET ranges are used, and only inside the lab's namespaces.
@@ -27,8 +32,6 @@ iperf3 processes), `api` (a small API client), `lifecycle` (up, down, status), `
 
 from __future__ import annotations
 
-# The lab used to be this one module; its parts now live in the modules below, and these
-# names stay importable from here for the code and scripts that use them.
 from gatepeer.lab.api import (
     LabApi,
     lab_api,
@@ -36,6 +39,7 @@ from gatepeer.lab.api import (
 from gatepeer.lab.build import (
     BuildReport,
     ensure_topology,
+    render_vpg_nat,
 )
 from gatepeer.lab.demo import (
     DemoStep,
@@ -50,6 +54,9 @@ from gatepeer.lab.gate_peer import (
     baseline_gate_peer,
     prefixlen,
 )
+
+# The lab used to be this one module; its parts now live in the modules below, and these
+# names stay importable from here for the code and scripts that use them.
 from gatepeer.lab.layout import (
     ALLOWED_NETS,
     API_ADDR,
@@ -75,6 +82,8 @@ from gatepeer.lab.layout import (
     UNDERLAY_MTU,
     VPC_HOST_ADDR,
     VPC_NET,
+    VPG_NAT_NET,
+    VPG_NAT_TABLE,
     VXLAN_PORT,
     ZERO_MAC,
     Credentials,
@@ -93,7 +102,9 @@ from gatepeer.lab.lifecycle import (
     LabInfo,
     Status,
     down,
+    emulator_state,
     lab_namespaces,
+    redirect,
     resolve_layout,
     status,
     up,
@@ -111,7 +122,10 @@ from gatepeer.lab.processes import (
 from gatepeer.lab.vpg import (
     customer_peers,
     endpoint_fdb,
+    endpoint_gateway,
+    redirection_gateway,
     sync_peers,
+    sync_redirection,
 )
 
 _prefixlen = prefixlen  # bench/benchlib.py's name for it
@@ -154,6 +168,8 @@ __all__ = [
     "UNDERLAY_MTU",
     "VPC_HOST_ADDR",
     "VPC_NET",
+    "VPG_NAT_NET",
+    "VPG_NAT_TABLE",
     "VXLAN_PORT",
     "ZERO_MAC",
     "agent_command",
@@ -164,7 +180,9 @@ __all__ = [
     "demo_traffic",
     "down",
     "emulator_pid",
+    "emulator_state",
     "endpoint_fdb",
+    "endpoint_gateway",
     "ensure_topology",
     "iperf",
     "lab_api",
@@ -174,7 +192,10 @@ __all__ = [
     "prefixlen",
     "proc_cmdline",
     "read_emulator_json",
+    "redirect",
+    "redirection_gateway",
     "render_config",
+    "render_vpg_nat",
     "resolve_layout",
     "start_emulator",
     "start_iperf_server",
@@ -183,6 +204,7 @@ __all__ = [
     "stop_iperf_server",
     "stop_recorded_iperf",
     "sync_peers",
+    "sync_redirection",
     "up",
     "write_private",
 ]
