@@ -608,6 +608,11 @@ def test_operations_without_a_request_body_refuse_fields_but_take_an_empty_objec
     assert lab.call("POST", f"{VPG}/junction/unset_redirection", b"nope", auth=auth).status == 400
 
 
+def test_the_token_is_checked_before_the_body(lab: Lab) -> None:
+    reply = lab.call("POST", f"{VPG}/junction/set_redirection", {"gatewy": "198.19.0.3"})
+    assert reply.status == 401
+
+
 def test_auth_refuses_a_misspelled_field_before_checking_the_key(lab: Lab) -> None:
     reply = lab.call("POST", "/v1/auth", {**GOOD_LOGIN, "authkey": AUTH_KEY})
     assert reply.status == 400

@@ -594,3 +594,34 @@ def test_up_refuses_a_device_subnet_outside_the_lab_ranges() -> None:
     assert "must lie inside" in result.output
     assert topology.lab_namespaces(prefix) == []
     assert not topology.Paths.for_prefix(prefix).dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("redirection", "gateway"),
+    [
+        ({"enabled": True, "gateway": "198.19.0.3"}, "198.19.0.3"),
+        ({"enabled": False, "gateway": "198.19.0.3"}, None),
+        ({"gateway": "198.19.0.3"}, None),  # enabled is what turns it on
+        ({"enabled": True}, None),
+        ({"enabled": "true", "gateway": "198.19.0.3"}, None),
+        (None, None),
+    ],
+)
+def test_only_an_enabled_redirection_with_a_gateway_moves_device_traffic(
+    redirection: dict[str, Any] | None, gateway: str | None
+) -> None:
+    assert topology.redirection_gateway(redirection) == gateway
+
+
+def test_the_vpg_nat_table_snats_new_device_flows_and_drops_the_rest() -> None:
+    ep = Layout().endpoints[1]
+    assert str(ep.nat_addr) == "198.18.3.12"
+    text = topology.render_vpg_nat(ep)
+    assert text.startswith("add table ip gatepeer_lab_vpg\ndelete table ip gatepeer_lab_vpg\n")
+    rules = [ln.strip() for ln in text.splitlines() if ln.startswith("\t\t") and "type" not in ln]
+    assert rules == [
+        'iifname "to-dev" oifname "eth0" ct direction reply counter drop',
+        'iifname "to-dev" oifname "eth0" ct state invalid counter drop',
+        'iifname "to-dev" oifname "eth0" counter snat to 198.18.3.12',
+    ]
+    assert all(n.nat_addr in topology.RESERVED_NET for n in Layout(endpoint_count=8).endpoints)

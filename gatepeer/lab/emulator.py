@@ -83,6 +83,10 @@ Where the spec is silent, the emulator chooses (each choice is tested):
 - registering an outer (or inner) address already taken is 400; nothing is ever duplicated;
 - openGate, closeGate and set/unset_redirection answer 200 with the VPG (the spec gives no body);
 - error codes look like SORACOM's (``SEM0016``) but are the emulator's own (``EMU0001``...).
+- a request body is checked against the operation's request schema (``emulator_requests``):
+  not JSON, not an object, an unknown or misspelled field, a wrong type or a missing required
+  field is 400, after the token check; an operation whose spec declares no body accepts none
+  or ``{}`` and refuses anything else.
 
 Command line: ``python -m gatepeer.lab.emulator --listen 127.0.0.1:8080 [--vni N]
 [--device-subnet CIDR] [--endpoint OUTER=INNER ...] [--auth-key-id ID] [--auth-key-file PATH]
