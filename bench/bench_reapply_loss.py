@@ -74,6 +74,7 @@ def main() -> None:
                 {"net.ipv4.conf.all.accept_redirects": 0, "net.ipv4.conf.eth0.accept_redirects": 0},
             )
         subprocess.run(lab.gatepeer("apply"), check=True, capture_output=True)
+        lab.redirect_to_peer()
         handmade = lab.handmade()
         wait_ping(lab.layout.vpc_ns, device)
         for rep in range(args.reps):

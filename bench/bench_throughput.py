@@ -79,6 +79,8 @@ def set_mode(prefix: str, mode: str) -> None:
     lines = [ln for ln in lines if not ln.startswith("mode =")]
     path.write_text("\n".join(lines) + f'\n\n[packet_path]\nmode = "{mode}"\n')
     gatepeer("apply", ns=f"{prefix}-peer", env={"GATEPEER_CONFIG": str(path)})
+    # The devices' traffic through the peer: Junction redirection, until the agent manages it.
+    gatepeer("lab", "redirect", "peer", "--prefix", prefix)
 
 
 @contextlib.contextmanager

@@ -89,6 +89,13 @@ class Lab:
             f"{me['innerIpAddress']}/{plen}", str(vni), *endpoints,
         )  # fmt: skip
 
+    def redirect_to_peer(self) -> None:
+        """Junction redirection to the gate peer's inner address (`gatepeer lab redirect peer`):
+        without it the devices' replies take the VPG's own way, not the tunnel. Until the agent
+        manages it; the peer must be registered."""
+        cmd = [*gatepeer_command(), "lab", "redirect", "peer", "--prefix", self.layout.prefix]
+        timed(cmd)
+
     def reset_peer(self, *, unregister: bool) -> None:
         """Back to "from scratch": no vxlan0, no state.json, the sysctls the lab starts with,
         and (unregister) no registration."""

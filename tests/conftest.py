@@ -117,14 +117,14 @@ class LabHandle:
 
     def leftovers(self) -> list[str]:
         """What of this lab still exists: namespaces, folder, a live emulator."""
-        from gatepeer.lab import topology
+        from gatepeer.lab import processes, topology
 
         left = list(topology.lab_namespaces(self.prefix))
         if self.paths.dir.exists():
             left.append(str(self.paths.dir))
         for pid in self.emulator_pids_seen:
-            if topology._pid_alive(pid) and "gatepeer.lab.run_emulator" in " ".join(
-                topology._proc_cmdline(pid)
+            if processes.pid_alive(pid) and "gatepeer.lab.run_emulator" in " ".join(
+                processes.proc_cmdline(pid)
             ):
                 left.append(f"emulator pid {pid}")
         return left
@@ -164,6 +164,15 @@ class LabHandle:
         )
         with urllib.request.urlopen(req, timeout=10) as resp:
             return dict(json.loads(resp.read()))
+
+    def set_redirection(self, gateway: str | None = "peer") -> dict[str, Any]:
+        """Junction redirection through the lab's API (setRedirectionConfiguration), until the
+        agent manages it: devices' traffic leaving the device subnet goes over the tunnel to
+        `gateway` ("peer": the lab gate peer's registered inner address); None unsets it (the
+        VPG's own NATed way out). The lab's routing has followed when this returns."""
+        from gatepeer.lab import topology
+
+        return dict(topology.redirect(self.prefix, gateway))
 
     def agent_state(self) -> dict[str, Any] | None:
         """The agent's state.json ([agent] state_file of the lab's config), or None."""

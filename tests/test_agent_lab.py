@@ -34,6 +34,24 @@ NEW_ENDPOINT = "198.18.1.99"
 # ----------------------------------------------------------------------------- helpers
 
 
+@pytest.fixture
+def lab(make_lab: Callable[..., LabHandle]) -> LabHandle:
+    """A default lab whose VPG sends the devices' outbound traffic (and so their replies to the
+    VPC host) to the gate peer: Junction redirection to the inner address the emulator gives the
+    first gate peer, set through the API before the agent registers, until the agent manages
+    it. Without it the replies take the VPG's own NATed way out and never come back."""
+    h = make_lab()
+    h.set_redirection(first_peer_inner(h))
+    h.control("reset_counts")  # the tests count the agent's own API calls
+    return h
+
+
+def first_peer_inner(h: LabHandle) -> str:
+    """The inner address the emulator gives the first gate peer: the first one after the VPG
+    endpoints' in the device subnet."""
+    return str(h.layout.device_subnet.network_address + len(h.layout.endpoints) + 1)
+
+
 def ping(h: LabHandle, role: str, target: Any, count: int = 1) -> bool:
     proc = h.run(
         role, "ping", "-n", "-q", "-c", str(count), "-i", "0.1", "-W", "2", str(target), check=False
@@ -229,6 +247,7 @@ def test_non_default_vni_and_a_slash_24_device_subnet_come_from_the_api(
 
     proc = h.gatepeer("apply")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    h.set_redirection("peer")
     details = vxlan(h)
     assert details is not None and details["linkinfo"]["info_data"]["id"] == 4711
     inner = inner_address(h)

@@ -544,6 +544,216 @@ def test_redirection_is_stored_and_echoed(lab: Lab, auth: dict[str, str]) -> Non
     assert lab.call("POST", f"{VPG}/junction/set_redirection", bad, auth=auth).status == 400
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/junction/set_redirection", {"enabled": True, "gatewy": "198.19.0.3"}, "gatewy"),
+        ("/gate/peers", {"outerIPAddress": "198.18.0.10"}, "outerIPAddress"),
+        ("/gate/peers", {"outerIpAddress": "198.18.0.10", "innerIP": "198.19.0.9"}, "innerIP"),
+        ("/gate/open", {"vxlanID": 20}, "vxlanID"),
+    ],
+)
+def test_a_misspelled_field_is_refused_and_changes_nothing(
+    lab: Lab, auth: dict[str, str], path: str, body: dict[str, Any], field: str
+) -> None:
+    before = lab.emu.state()
+    reply = lab.call("POST", f"{VPG}{path}", body, auth=auth)
+    assert reply.status == 400
+    assert field in error_of(reply)["message"]
+    after = lab.emu.state()
+    for key in ("peers", "redirection", "settings"):
+        assert after[key] == before[key], key
+    assert lab.peer_events == [] and lab.vpg_events == []
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/junction/set_redirection", {"enabled": "yes"}),
+        ("/junction/set_redirection", {"gateway": 167968771}),
+        ("/gate/peers", {"outerIpAddress": ["198.18.0.10"]}),
+        ("/gate/set_vxlan_id", {"vxlanId": True}),
+        ("/gate/open", {"privacySeparatorEnabled": 1}),
+    ],
+)
+def test_a_wrongly_typed_field_is_refused(
+    lab: Lab, auth: dict[str, str], path: str, body: dict[str, Any]
+) -> None:
+    reply = lab.call("POST", f"{VPG}{path}", body, auth=auth)
+    assert reply.status == 400
+    assert "must be of type" in error_of(reply)["message"]
+    assert lab.emu.peers() == [] and lab.emu.state()["redirection"] is None
+
+
+@pytest.mark.parametrize(
+    "path", ["/junction/set_redirection", "/gate/peers", "/gate/set_vxlan_id", "/gate/open"]
+)
+@pytest.mark.parametrize("raw", [b"gateway=198.19.0.3", b"{'enabled': true}", b"[1, 2]", b"\xff"])
+def test_a_body_that_is_not_a_json_object_is_400(
+    lab: Lab, auth: dict[str, str], path: str, raw: bytes
+) -> None:
+    headers = {**auth, "Content-Type": "application/json"}
+    reply = lab.call("POST", f"{VPG}{path}", raw, auth=headers)
+    assert reply.status == 400
+    error_of(reply)
+
+
+def test_operations_without_a_request_body_refuse_fields_but_take_an_empty_object(
+    lab: Lab, auth: dict[str, str]
+) -> None:
+    assert lab.call("POST", f"{VPG}/gate/close", {"force": True}, auth=auth).status == 400
+    assert lab.emu.settings.gate_opened is True
+    assert lab.call("POST", f"{VPG}/gate/close", {}, auth=auth).status == 200
+    assert lab.call("POST", f"{VPG}/junction/unset_redirection", b"", auth=auth).status == 200
+    assert lab.call("POST", f"{VPG}/junction/unset_redirection", b"nope", auth=auth).status == 400
+
+
+def test_the_token_is_checked_before_the_body(lab: Lab) -> None:
+    reply = lab.call("POST", f"{VPG}/junction/set_redirection", {"gatewy": "198.19.0.3"})
+    assert reply.status == 401
+
+
+def test_auth_refuses_a_misspelled_field_before_checking_the_key(lab: Lab) -> None:
+    reply = lab.call("POST", "/v1/auth", {**GOOD_LOGIN, "authkey": AUTH_KEY})
+    assert reply.status == 400
+    assert "authkey" in error_of(reply)["message"]
+
+
+def test_a_refused_body_answers_in_the_wrapped_form_when_set(
+    lab: Lab, auth: dict[str, str]
+) -> None:
+    lab.emu.update_settings(wrapped_errors=True)
+    body = {"gatewy": "198.19.0.3"}
+    reply = lab.call("POST", f"{VPG}/junction/set_redirection", body, auth=auth)
+    assert reply.status == 400
+    assert reply.json["httpStatus"] == 400
+    assert "gatewy" in reply.json["errorMessage"]["message"]
+
+
+# ----- answer overrides --------------------------------------------------------------------
+
+POISON = {
+    "vpg": {"gateVxlanId": "ten", "gateOpened": False, "extra": [1, {"x": None}]},
+    "vpg_remove": ["deviceSubnetCidrRange", "noSuchField"],
+    "peers": {
+        "198.18.0.10": {"innerIpAddress": "10.0.0.1", "netmask": 7},
+        "198.18.1.11": {"ownedByCustomer": True},
+    },
+}
+
+
+def _poisoned_vpg(vpg: dict[str, Any]) -> None:
+    assert vpg["gateVxlanId"] == "ten"
+    assert vpg["gateOpened"] is False
+    assert vpg["extra"] == [1, {"x": None}]
+    assert "deviceSubnetCidrRange" not in vpg
+    assert vpg["ueSubnetCidrRange"] == "198.19.0.0/16"  # untouched fields stay true
+
+
+def test_overrides_make_every_vpg_answer_lie_but_not_the_state(
+    lab: Lab, auth: dict[str, str]
+) -> None:
+    state = lab.control("overrides", POISON).json
+    assert state["overrides"] == POISON
+    answers = [
+        lab.call("GET", VPG, auth=auth),
+        lab.call("POST", f"{VPG}/gate/open", auth=auth),
+        lab.call("POST", f"{VPG}/junction/set_redirection", {"enabled": False}, auth=auth),
+        lab.call("POST", f"{VPG}/junction/unset_redirection", auth=auth),
+        lab.call("POST", f"{VPG}/gate/close", auth=auth),
+    ]
+    for reply in answers:
+        assert reply.status == 200
+        _poisoned_vpg(reply.json)
+    # The truth: the state document, the settings, and the callbacks.
+    true_vpg = lab.emu.state()["vpg"]
+    assert true_vpg["gateVxlanId"] == 10 and true_vpg["deviceSubnetCidrRange"] == "198.19.0.0/16"
+    assert "extra" not in true_vpg
+    assert lab.emu.settings.gate_opened is False  # closeGate really closed it
+
+
+def test_overrides_change_the_peer_entries_of_that_outer_address(
+    lab: Lab, auth: dict[str, str]
+) -> None:
+    lab.emu.set_overrides(**POISON)
+    registered = lab.call("POST", f"{VPG}/gate/peers", {"outerIpAddress": "198.18.0.10"}, auth=auth)
+    assert registered.json["innerIpAddress"] == "10.0.0.1" and registered.json["netmask"] == 7
+    other = lab.call("POST", f"{VPG}/gate/peers", {"outerIpAddress": "198.18.0.11"}, auth=auth)
+    assert other.json["innerIpAddress"] == "198.19.0.4"  # not overridden
+    rows = {r["outerIpAddress"]: r for r in lab.call("GET", f"{VPG}/gate/peers", auth=auth).json}
+    assert rows["198.18.0.10"]["innerIpAddress"] == "10.0.0.1"
+    assert rows["198.18.1.11"]["ownedByCustomer"] is True  # a VPG endpoint made to lie
+    assert rows["198.18.1.12"]["ownedByCustomer"] is False
+    assert rows["198.18.0.11"]["netmask"] == "255.255.0.0"
+    # The real registration and what the lab was told are the true inner address.
+    assert Peer("198.18.0.10", "198.19.0.3") in lab.emu.peers()
+    assert lab.peer_events[0] == [Peer("198.18.0.10", "198.19.0.3")]
+
+
+def test_empty_overrides_and_reset_faults_clear_them(lab: Lab, auth: dict[str, str]) -> None:
+    lab.control("overrides", POISON)
+    assert lab.control("overrides", {}).json["overrides"] == {
+        "vpg": {},
+        "vpg_remove": [],
+        "peers": {},
+    }
+    assert lab.call("GET", VPG, auth=auth).json["gateVxlanId"] == 10
+    lab.emu.set_overrides(vpg={"gateVxlanId": 99})
+    assert lab.call("GET", VPG, auth=auth).json["gateVxlanId"] == 99
+    assert lab.control("reset_faults").status == 200
+    assert lab.emu.overrides() == {"vpg": {}, "vpg_remove": [], "peers": {}}
+    assert lab.call("GET", VPG, auth=auth).json["gateVxlanId"] == 10
+
+
+def test_overrides_are_a_private_copy(lab: Lab, auth: dict[str, str]) -> None:
+    fields: dict[str, Any] = {"tags": {"name": "poisoned"}}
+    lab.emu.set_overrides(vpg=fields)
+    fields["tags"]["name"] = "changed later"
+    first = lab.call("GET", VPG, auth=auth).json
+    assert first["tags"] == {"name": "poisoned"}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"vpgs": {}},
+        {"vpg": ["gateVxlanId"]},
+        {"vpg_remove": "redirection"},
+        {"vpg_remove": [1]},
+        {"peers": {"198.18.0.10": "x"}},
+        {"peers": []},
+    ],
+)
+def test_bad_overrides_are_refused_and_keep_the_old_ones(lab: Lab, bad: dict[str, Any]) -> None:
+    lab.emu.set_overrides(vpg={"gateVxlanId": 99})
+    reply = lab.control("overrides", bad)
+    assert reply.status == 400
+    error_of(reply)
+    assert lab.emu.overrides()["vpg"] == {"gateVxlanId": 99}
+    with pytest.raises(ValueError):
+        lab.emu.set_overrides(**bad)
+
+
+def test_redirection_changes_reach_the_callback_in_order() -> None:
+    seen: list[dict[str, Any] | None] = []
+    emu = Emulator(SETTINGS, on_redirection_changed=seen.append)
+    url = emu.start()
+    try:
+        headers = Lab(emu, url, FakeClock()).login()
+        config = {"enabled": True, "gateway": "198.19.0.3"}
+        for _ in range(2):  # the same again is no change
+            send(url, "POST", f"{VPG}/junction/set_redirection", config, headers)
+        send(url, "POST", f"{VPG}/junction/set_redirection", {**config, "enabled": False}, headers)
+        send(url, "POST", f"{VPG}/junction/unset_redirection", None, headers)
+        send(url, "POST", f"{VPG}/junction/unset_redirection", None, headers)
+        lab_overrides = {"vpg_remove": ["redirection"]}
+        send(url, "POST", "/_emulator/overrides", lab_overrides)  # answers only: no callback
+    finally:
+        emu.stop()
+    assert seen == [config, {**config, "enabled": False}, None]
+    assert emu.redirection() is None
+
+
 def test_unknown_paths_and_methods_are_404(lab: Lab, auth: dict[str, str]) -> None:
     for method, path in [
         ("GET", "/v1/subscribers"),

@@ -33,6 +33,8 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
 
 from gatepeer.lab.emulator import OPERATION_STATUSES, Emulator, EmulatorSettings
+from gatepeer.lab.emulator_model import BadRequest
+from gatepeer.lab.emulator_requests import REQUEST_BODIES, parse_request
 
 SPEC_URI = "urn:soracom-api"
 VPG_ID = "0f3c2b1a-9e8d-4c7b-a6f5-e4d3c2b1a098"
@@ -462,3 +464,74 @@ def test_strict_schemas_catch_a_misspelled_field(contract: Contract) -> None:
         contract.validate_component("VirtualPrivateGateway", {"vpgId": "x", "vxlanId": 10})
     with pytest.raises(AssertionError, match="nullable"):
         contract.validate_component("GatePeer", {"outerIpAddress": "198.18.0.1", "netmask": None})
+
+
+# ----- request bodies: the emulator's hand-written table against the spec ------------------
+
+
+def _request_schema(contract: Contract, op: str) -> tuple[bool, str, dict[str, Any]] | None:
+    """(requestBody.required, the schema's ref, the schema), or None when the spec declares
+    no request body."""
+    method, path = contract.operations[op]
+    body = contract.spec["paths"][path][method.lower()].get("requestBody")
+    if body is None:
+        return None
+    name = body["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    ref = f"{SPEC_URI}#/components/schemas/{name}"
+    return bool(body.get("required", False)), ref, contract.spec["components"]["schemas"][name]
+
+
+def _spec_accepts(contract: Contract, ref: str, instance: Any) -> bool:
+    try:
+        contract.validate(ref, instance)
+    except AssertionError:
+        return False
+    return True
+
+
+SAMPLE = {"string": "198.19.0.3", "integer": 10, "boolean": True}
+WRONG = {"string": 5, "integer": "10", "boolean": "true"}
+
+
+def test_request_table_names_every_operation_the_emulator_implements() -> None:
+    assert set(REQUEST_BODIES) == set(OPERATION_STATUSES)
+
+
+@pytest.mark.parametrize("op", sorted(OPERATION_STATUSES))
+def test_request_table_equals_the_specs_request_schema(contract: Contract, op: str) -> None:
+    declared = _request_schema(contract, op)
+    table = REQUEST_BODIES[op]
+    if declared is None:
+        assert table is None, f"{op}: the spec declares no request body"
+        return
+    assert table is not None, f"{op}: the spec declares a request body"
+    required, _ref, schema = declared
+    assert table.required == required, op
+    assert schema.get("type") == "object", op
+    props = schema.get("properties", {})
+    assert {n: (f.type, f.required) for n, f in table.fields.items()} == {
+        n: (p["type"], n in schema.get("required", [])) for n, p in props.items()
+    }, op
+
+
+@pytest.mark.parametrize("op", sorted(o for o, b in REQUEST_BODIES.items() if b is not None))
+def test_spec_and_emulator_agree_on_good_and_bad_bodies(contract: Contract, op: str) -> None:
+    """The same bodies through openapi-schema-validator (strict) and the emulator's check: a
+    full body of the right types passes both, a misspelled or mistyped field fails both."""
+    table = REQUEST_BODIES[op]
+    assert table is not None
+    declared = _request_schema(contract, op)
+    assert declared is not None
+    ref = declared[1]
+    good = {name: SAMPLE[f.type] for name, f in table.fields.items()}
+    assert _spec_accepts(contract, ref, good)
+    assert parse_request(op, json.dumps(good).encode()) == good
+    bodies = [{**good, "zzMisspelled": "x"}]
+    bodies += [{**good, name: WRONG[f.type]} for name, f in table.fields.items()]
+    bodies += [
+        {k: v for k, v in good.items() if k != n} for n, f in table.fields.items() if f.required
+    ]
+    for bad in bodies:
+        assert not _spec_accepts(contract, ref, bad), (op, bad)
+        with pytest.raises(BadRequest):
+            parse_request(op, json.dumps(bad).encode())

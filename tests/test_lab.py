@@ -343,28 +343,153 @@ def test_non_default_vni_and_a_slash_24_device_subnet(make_lab: Callable[..., La
 def test_register_and_unregister_follow_into_every_endpoint(lab: LabHandle) -> None:
     endpoints = lab.layout.endpoints
     assert all(endpoint_fdb(ep.ns) == [] for ep in endpoints)
-    assert all(_return_route(lab, f"vpg{ep.index}").startswith("unreachable") for ep in endpoints)
 
     api = lab.api()
-    first = api.register_gate_peer("198.18.0.10")["innerIpAddress"]
+    api.register_gate_peer("198.18.0.10")
     for ep in endpoints:
         assert endpoint_fdb(ep.ns) == ["198.18.0.10"]
-        assert f"via {first} dev vxlan0" in _return_route(lab, f"vpg{ep.index}")
 
-    second = api.register_gate_peer("198.18.0.11")["innerIpAddress"]
+    api.register_gate_peer("198.18.0.11")
     for ep in endpoints:
         assert sorted(endpoint_fdb(ep.ns)) == ["198.18.0.10", "198.18.0.11"]
 
     api.unregister_gate_peer("198.18.0.10")
     for ep in endpoints:
         assert endpoint_fdb(ep.ns) == ["198.18.0.11"]
-        assert f"via {second} dev vxlan0" in _return_route(lab, f"vpg{ep.index}")
 
     api.unregister_gate_peer("198.18.0.11")
     for ep in endpoints:
         assert endpoint_fdb(ep.ns) == []
-        assert _return_route(lab, f"vpg{ep.index}").startswith("unreachable")
     assert lab.state()["peers"] == []
+    # Registering is not redirecting: the devices' outbound traffic never moved to a peer.
+    assert all(topology.endpoint_gateway(ep.ns) is None for ep in endpoints)
+
+
+# One TCP connection to argv[1]:argv[2]: prints "ready", then the address that connected.
+SERVER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(1)
+s.settimeout(8)
+print("ready", flush=True)
+c, a = s.accept()
+print(a[0], flush=True)
+c.close()
+"""
+CLIENT = """
+import socket, sys
+socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3,
+                         source_address=(sys.argv[3], 0)).close()
+"""
+
+
+def _seen_by_vpc_host(h: LabHandle, device: str, port: int) -> str:
+    """A TCP connection from `device` to the VPC host: the source address the host saw."""
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", h.ns("vpc"), sys.executable, "-c", SERVER,
+         str(topology.VPC_HOST_ADDR), str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        client = h.run(
+            "dev", sys.executable, "-c", CLIENT, str(topology.VPC_HOST_ADDR), str(port), device,
+            check=False, timeout=10,
+        )  # fmt: skip
+        assert client.returncode == 0, f"device {device} could not connect: {client.stderr}"
+        return server.stdout.readline().strip()
+    finally:
+        if server.poll() is None:
+            server.terminate()
+        server.wait(timeout=5)
+
+
+def _forwarded(h: LabHandle, role: str) -> int:
+    """IP datagrams the namespace forwarded (Ip: ForwDatagrams of /proc/net/snmp)."""
+    lines = [ln.split() for ln in h.run(role, "cat", "/proc/net/snmp").stdout.splitlines()]
+    names, values = (ln for ln in lines if ln and ln[0] == "Ip:")
+    return int(values[names.index("ForwDatagrams")])
+
+
+def _vpg_dropped_replies(h: LabHandle) -> int:
+    total = 0
+    for ep in h.layout.endpoints:
+        ruleset = h.run(f"vpg{ep.index}", "nft", "list", "table", "ip", topology.VPG_NAT_TABLE)
+        for line in ruleset.stdout.splitlines():
+            if line.strip().endswith("drop") and "packets" in line:
+                total += int(line.split("packets")[1].split()[0])
+    return total
+
+
+@pytest.mark.netns
+def test_redirection_decides_whether_device_traffic_goes_through_the_peer(
+    baseline_lab: LabHandle,
+) -> None:
+    h = baseline_lab
+    device = str(h.layout.devices[0])
+    inner = str(_gate_peer_inner(h).ip)
+    first_nat = str(h.layout.endpoints[0].nat_addr)
+    # The hand-made bring-up set redirection to the peer, as SORACOM's guide has a person do.
+    assert h.state()["redirection"]["gateway"] == inner
+    assert all(topology.endpoint_gateway(ep.ns) == inner for ep in h.layout.endpoints)
+
+    # Redirected: the device's connection goes through the peer (route mode: real addresses).
+    forwarded = _forwarded(h, "peer")
+    assert _seen_by_vpc_host(h, device, 8001) == device
+    assert _forwarded(h, "peer") > forwarded
+    assert _ping(h, "vpc", device)
+
+    # Unset: the VPG's own way out, NATed to its address; the peer forwards nothing, and a
+    # connection the VPC host opens gets no reply (the reply leaves the VPG's way: dropped).
+    off = h.cli("redirect", "--off")
+    assert off.exit_code == 0 and "redirection off" in off.output
+    assert all(topology.endpoint_gateway(ep.ns) is None for ep in h.layout.endpoints)
+    forwarded = _forwarded(h, "peer")
+    assert _seen_by_vpc_host(h, device, 8002) == first_nat
+    assert _forwarded(h, "peer") == forwarded
+    dropped = _vpg_dropped_replies(h)
+    assert not _ping(h, "vpc", device, count=2)
+    assert _vpg_dropped_replies(h) > dropped
+    status = h.cli("status")
+    assert "redirection: off" in status.output and "its NAT way out" in status.output
+
+    # Set again at run time: the path moves back before the API call is answered.
+    on = h.cli("redirect", "peer")
+    assert on.exit_code == 0 and f"goes to {inner}" in on.output
+    assert all(topology.endpoint_gateway(ep.ns) == inner for ep in h.layout.endpoints)
+    forwarded = _forwarded(h, "peer")
+    assert _seen_by_vpc_host(h, device, 8003) == device
+    assert _forwarded(h, "peer") > forwarded
+    assert f"redirection: on, gateway {inner}" in h.cli("status").output
+
+    # A gateway nobody holds: the traffic goes into the tunnel and nowhere, never the NAT way.
+    assert h.cli("redirect", "198.19.0.99").exit_code == 0
+    assert all(topology.endpoint_gateway(ep.ns) == "198.19.0.99" for ep in h.layout.endpoints)
+    assert not _ping(h, "dev", "198.18.0.20")  # from the devices link address: no answer
+
+    # Closing and reopening Gate, and a VPG endpoint's tunnel re-created by `lab up`, keep the
+    # redirection (the kernel drops routes through a tunnel that goes down).
+    assert h.cli("redirect", inner).exit_code == 0
+    _control(h, "settings", {"gate_opened": False})
+    assert all(topology.endpoint_gateway(ep.ns) is None for ep in h.layout.endpoints)
+    _control(h, "settings", {"gate_opened": True})
+    assert all(topology.endpoint_gateway(ep.ns) == inner for ep in h.layout.endpoints)
+    assert _seen_by_vpc_host(h, device, 8004) == device
+    netns.ip(h.ns("vpg1"), "link", "del", "dev", "vxlan0")
+    assert h.cli("up").exit_code == 0
+    assert all(topology.endpoint_gateway(ep.ns) == inner for ep in h.layout.endpoints)
+
+
+@pytest.mark.netns
+def test_redirection_survives_a_vni_change(lab: LabHandle) -> None:
+    lab.set_redirection("198.19.0.3")
+    _control(lab, "settings", {"vxlan_id": 21})
+    assert all(_vxlan(lab, f"vpg{ep.index}")["id"] == 21 for ep in lab.layout.endpoints)
+    assert all(topology.endpoint_gateway(ep.ns) == "198.19.0.3" for ep in lab.layout.endpoints)
+    lab.set_redirection(None)
+    assert all(topology.endpoint_gateway(ep.ns) is None for ep in lab.layout.endpoints)
 
 
 @pytest.mark.netns
@@ -419,8 +544,42 @@ def test_demo_runs_traffic_and_reports_it(make_lab: Callable[..., LabHandle]) ->
     assert "converged:" in result.output and "one-shot" in result.output
     assert "handmade_gate_init.sh" not in result.output
     assert "went through the gate peer's vxlan0" in result.output
+    assert "gatepeer lab redirect peer" in result.output
+    assert "Junction redirection on" in result.output
     assert "TCP transfer" in result.output and "everything works" in result.output
     assert h.leftovers() == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "either GATEWAY or --off"),
+        (["198.19.0.3", "--off"], "either GATEWAY or --off"),
+        (["198.19.0"], "GATEWAY '198.19.0' is not an IPv4 address"),
+        (["the-peer"], "is not an IPv4 address"),
+    ],
+)
+def test_redirect_refuses_bad_usage_with_exit_2(args: list[str], message: str) -> None:
+    from click.testing import CliRunner
+
+    from gatepeer.lab.commands import lab
+
+    prefix = new_prefix()
+    result = CliRunner().invoke(lab, ["redirect", *args, "--prefix", prefix])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.netns
+def test_redirect_on_a_lab_that_is_not_up_fails_with_exit_1() -> None:
+    from click.testing import CliRunner
+
+    from gatepeer.lab.commands import lab
+
+    result = CliRunner().invoke(lab, ["redirect", "peer", "--prefix", new_prefix()])
+    assert result.exit_code == 1
+    assert "is not up" in result.output
 
 
 @pytest.mark.netns
@@ -435,3 +594,34 @@ def test_up_refuses_a_device_subnet_outside_the_lab_ranges() -> None:
     assert "must lie inside" in result.output
     assert topology.lab_namespaces(prefix) == []
     assert not topology.Paths.for_prefix(prefix).dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("redirection", "gateway"),
+    [
+        ({"enabled": True, "gateway": "198.19.0.3"}, "198.19.0.3"),
+        ({"enabled": False, "gateway": "198.19.0.3"}, None),
+        ({"gateway": "198.19.0.3"}, None),  # enabled is what turns it on
+        ({"enabled": True}, None),
+        ({"enabled": "true", "gateway": "198.19.0.3"}, None),
+        (None, None),
+    ],
+)
+def test_only_an_enabled_redirection_with_a_gateway_moves_device_traffic(
+    redirection: dict[str, Any] | None, gateway: str | None
+) -> None:
+    assert topology.redirection_gateway(redirection) == gateway
+
+
+def test_the_vpg_nat_table_snats_new_device_flows_and_drops_the_rest() -> None:
+    ep = Layout().endpoints[1]
+    assert str(ep.nat_addr) == "198.18.3.12"
+    text = topology.render_vpg_nat(ep)
+    assert text.startswith("add table ip gatepeer_lab_vpg\ndelete table ip gatepeer_lab_vpg\n")
+    rules = [ln.strip() for ln in text.splitlines() if ln.startswith("\t\t") and "type" not in ln]
+    assert rules == [
+        'iifname "to-dev" oifname "eth0" ct direction reply counter drop',
+        'iifname "to-dev" oifname "eth0" ct state invalid counter drop',
+        'iifname "to-dev" oifname "eth0" counter snat to 198.18.3.12',
+    ]
+    assert all(n.nat_addr in topology.RESERVED_NET for n in Layout(endpoint_count=8).endpoints)

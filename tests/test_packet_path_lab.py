@@ -62,6 +62,7 @@ def apply(lab: LabHandle, mode: str, allowed: list[str] | None = None) -> None:
         lab.set_config("packet_path", "allowed_destinations", json.dumps(allowed))
     proc = lab.gatepeer("apply")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    lab.set_redirection("peer")  # devices' outbound traffic through the peer (not yet agent's)
 
 
 def peer_counters(lab: LabHandle) -> dict[str, int]:

@@ -150,6 +150,54 @@ def status(prefix: str, as_json: bool) -> None:
 
 @lab.command()
 @prefix_option
+@click.argument("gateway", required=False, metavar="GATEWAY")
+@click.option("--off", is_flag=True, help="Unset the redirection instead.")
+def redirect(prefix: str, gateway: str | None, off: bool) -> None:
+    """Set the emulated VPG's Junction redirection through the lab's API, as
+    setRedirectionConfiguration does: the devices' traffic that leaves the device subnet goes
+    over the tunnel to GATEWAY (an IPv4 address, or `peer` for the lab gate peer's inner
+    address). With --off (unsetRedirectionConfiguration) it takes the VPG's own way out,
+    source-NATed to the VPG's address, and never reaches a gate peer."""
+    import ipaddress
+
+    if off == (gateway is not None):
+        click.echo("gatepeer lab redirect: give either GATEWAY or --off", err=True)
+        sys.exit(2)
+    if gateway not in (None, "peer"):
+        try:
+            ipaddress.IPv4Address(gateway)
+        except ValueError:
+            click.echo(
+                f"gatepeer lab redirect: GATEWAY {gateway!r} is not an IPv4 address (or `peer`)",
+                err=True,
+            )
+            sys.exit(2)
+    _require_root()
+    from gatepeer.lab import topology
+    from gatepeer.lab.netns import LabError
+
+    try:
+        vpg = topology.redirect(prefix, gateway)
+    except LabError as exc:
+        _fail("redirect", exc)
+    _print_redirection(prefix, vpg.get("redirection"))
+
+
+def _print_redirection(prefix: str, redirection: dict[str, Any] | None) -> None:
+    if redirection and redirection.get("enabled"):
+        click.echo(
+            f"lab {prefix}: Junction redirection on: the devices' traffic leaving the device "
+            f"subnet goes to {redirection.get('gateway')} over the tunnel"
+        )
+    else:
+        click.echo(
+            f"lab {prefix}: Junction redirection off: the devices' traffic leaving the device "
+            "subnet takes the VPG's own way out, source-NATed to the VPG's address"
+        )
+
+
+@lab.command()
+@prefix_option
 @click.option(
     "--teardown/--keep",
     default=False,
@@ -183,6 +231,14 @@ def demo(prefix: str, teardown: bool) -> None:
                 "  (one-shot: nothing repairs drift or follows the API from here on; "
                 f"`gatepeer run` in {layout.peer_ns} would)"
             )
+        click.echo("")
+        click.echo(
+            "Junction redirection: without it the VPG sends the devices' replies and their own "
+            'traffic its own way, never through the gate peer. The agent\'s `redirection = "self"` '
+            "pointed it at the peer; the VPG now says:"
+        )
+        click.echo("  ", nl=False)
+        _print_redirection(prefix, topology.status(prefix).redirection)
         click.echo("")
         click.echo("Traffic from the VPC host to the devices, through the gate peer:")
         steps = topology.demo_traffic(info)
@@ -255,7 +311,7 @@ def _print_summary(info: LabInfo) -> None:
     for ep in layout.endpoints:
         echo(
             f"    {ep.ns:<14} VPG endpoint {ep.index}: outer {ep.outer}, vxlan0 {ep.inner}/{plen} "
-            f"VNI {layout.vni}, devices link {ep.link_addr}/30"
+            f"VNI {layout.vni}, devices link {ep.link_addr}/30, NAT address {ep.nat_addr}"
         )
     echo(
         f"    {layout.dev_ns:<14} devices: {devices[0]}"
@@ -277,6 +333,8 @@ def _print_summary(info: LabInfo) -> None:
             f"  gate peer ({gp['method']}): inner {gp['inner']}, VNI {gp['vni']}, "
             f"endpoints {', '.join(gp['endpoints'])}"
         )
+        if gp.get("redirection"):
+            echo(f"  Junction redirection (set through the API): gateway {gp['redirection']}")
     echo("  run commands in the gate peer:")
     echo(f"    ip netns exec {layout.peer_ns} ip -d link show vxlan0")
     echo(f"    ip netns exec {layout.peer_ns} env GATEPEER_CONFIG={paths.config} gatepeer ...")
@@ -314,4 +372,10 @@ def _print_status(st: Status) -> None:
         echo(f"  gate peers: unknown ({st.peer_error})")
     for ns, dsts in st.endpoint_fdb.items():
         echo(f"  {ns} vxlan0 floods to: {' '.join(dsts) or '(nobody)'}")
+    if st.redirection is not None and st.redirection.get("enabled"):
+        echo(f"  redirection: on, gateway {st.redirection.get('gateway')}")
+    elif st.emulator_pid is not None:
+        echo("  redirection: off (the devices' outbound traffic takes the VPG's NATed way out)")
+    for ns, gw in st.endpoint_gateway.items():
+        echo(f"  {ns} sends device traffic out of the subnet to: {gw or 'its NAT way out'}")
     echo(f"  gate peer vxlan0: {'present' if st.gate_peer_vxlan else 'absent'}")

@@ -4,7 +4,9 @@ Reads the lab record (lab.json) and the auth key that `gatepeer lab up` wrote in
 serves the SORACOM API emulator on two sockets: 203.0.113.10:8080 inside the fabric namespace
 (what the gate peer reaches through its default route) and 127.0.0.1 in the root namespace (for
 the CLI and the tests). Registering or unregistering a gate peer points the VPG endpoints'
-VXLAN FDBs at exactly the registered peers, as SORACOM's VPG does.
+VXLAN FDBs at exactly the registered peers, and setting or unsetting Junction redirection
+moves the devices' outbound traffic between the redirection gateway and the VPG's own NATed
+way out, as SORACOM's VPG does; both before the API call is answered.
 
 Unless --foreground is given it forks: the launcher exits as soon as the child is on its own,
 so `lab up` never has a child to reap. The child writes emulator.pid, then emulator.json (pid
@@ -23,21 +25,14 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from gatepeer.lab import netns
-from gatepeer.lab.topology import (
-    API_ADDR,
-    API_PORT,
-    LabRecord,
-    Layout,
-    Paths,
-    customer_peers,
-    ensure_topology,
-    sync_peers,
-)
+from gatepeer.lab.build import ensure_topology
+from gatepeer.lab.layout import API_ADDR, API_PORT, LabRecord, Layout, Paths
+from gatepeer.lab.vpg import customer_peers, redirection_gateway, sync_peers, sync_redirection
 
 log = logging.getLogger("gatepeer.lab.run_emulator")
 
@@ -73,7 +68,14 @@ class PeerHook:
         self.paths = paths
         self.layout = record.layout
         self.peers: list[tuple[str, str]] = []
+        self.gateway: str | None = None  # the Junction redirection gateway, when enabled
         self.lock = threading.Lock()
+
+    def on_redirection_changed(self, redirection: Mapping[str, Any] | None) -> None:
+        with self.lock:
+            self.gateway = redirection_gateway(redirection)
+            for change in sync_redirection(self.layout, self.gateway):
+                log.info("%s", change)
 
     def on_peers_changed(self, peers: Sequence[Any]) -> None:
         with self.lock:
@@ -114,6 +116,8 @@ class PeerHook:
             state = "up" if settings.gate_opened else "down"
             for ep in self.layout.endpoints:
                 netns.ip(ep.ns, "link", "set", "dev", "vxlan0", state, check=False)
+            # A tunnel that went down or was re-created lost its route to the gateway.
+            sync_redirection(self.layout, self.gateway)
 
 
 def build_settings(record: LabRecord, auth_key: str) -> Any:
@@ -145,6 +149,7 @@ def serve(paths: Paths) -> int:
         build_settings(record, auth_key),
         on_peers_changed=hook.on_peers_changed,
         on_vpg_changed=hook.on_vpg_changed,
+        on_redirection_changed=hook.on_redirection_changed,
     )
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -154,6 +159,7 @@ def serve(paths: Paths) -> int:
         host_url = emulator.serve_on(bind_host_socket(record.host_port))
         # A new emulator knows no peers: clear what an earlier one left in the endpoints.
         hook.on_peers_changed(emulator.peers())
+        hook.on_redirection_changed(emulator.redirection())
         info = {"pid": os.getpid(), "lab_url": lab_url, "host_url": host_url}
         _write_atomic(paths.emulator_json, json.dumps(info) + "\n")
         log.info("ready: %s (lab), %s (host)", lab_url, host_url)
