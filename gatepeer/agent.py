@@ -457,7 +457,9 @@ class Agent:
                 reasons.append(f"SORACOM API: {self.gate_error}; keeping the last applied state")
             if self.redirection_error:
                 reasons.append(f"SORACOM API: {self.redirection_error}")
-            if self.gate is not None:
+            # A dry run with "self" previews the post that would fix the gateway instead.
+            previewed = dry_run and self.config.soracom.redirection == "self"
+            if self.gate is not None and not previewed:
                 reasons += redirection.findings(
                     self.config.packet_path.mode, self.config.soracom.redirection, self.gate
                 )

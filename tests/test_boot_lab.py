@@ -311,32 +311,40 @@ def _link_exists(name: str) -> bool:
     return Path("/sys/class/net", name).exists()
 
 
-def enable_redirection_for_peer(lab: LabHandle, machine: Machine) -> None:
-    """Point the VPG's Junction redirection at the booted peer, so devices' replies to the VPC
-    host come back through it. Today's lab routes them through the peer without it; the lab
-    change that makes them depend on redirection fills this in (one API call)."""
-    del lab, machine
+def assert_redirection_set_by_peer(lab: LabHandle, machine: Machine) -> None:
+    """The booted agent (route example: redirection = "self") pointed the VPG's Junction
+    redirection at its own inner address, so devices' replies to the VPC host come back
+    through it; nobody set it by hand."""
+    del machine
+    redirection = lab.state().get("redirection") or {}
+    inner = next(p["inner_ip"] for p in lab.state()["peers"] if p["outer_ip"] == PEER_ADDR)
+    assert redirection.get("enabled") is True, redirection
+    assert redirection.get("gateway") == inner, (redirection, inner)
 
 
 def write_user_data_equivalent(root: Path, lab: LabHandle) -> None:
     """What the route-mode cloud-init example writes, pointed at the lab's emulator: the config
     (underlay and local address left to their defaults, as on EC2) and the auth key file owned
     by the service user with mode 0600. Plus the lab's stand-in for the ENI's DHCP."""
+    import re
     import tomllib
 
+    import yaml
+
     lab_config = tomllib.loads(lab.paths.config.read_text())["soracom"]
+    user_data = yaml.safe_load((REPO / "cloud-init" / "route.yaml").read_text())
+    toml = next(
+        f["content"] for f in user_data["write_files"] if f["path"] == "/etc/gatepeer/gatepeer.toml"
+    )
+    # The example itself, with the three values a user replaces aimed at the lab's emulator.
+    for key in ("endpoint", "auth_key_id", "vpg_id"):
+        toml, found = re.subn(rf"(?m)^{key} = .*$", f'{key} = "{lab_config[key]}"', toml)
+        assert found == 1, f"cloud-init/route.yaml sets soracom.{key} once"
     etc = root / "etc" / "gatepeer"
     (etc / "gatepeer.toml").write_text(
-        "# The lab boot's user-data equivalent (cloud-init/route.yaml, aimed at the emulator).\n"
-        "[soracom]\n"
-        f'endpoint = "{lab_config["endpoint"]}"\n'
-        f'auth_key_id = "{lab_config["auth_key_id"]}"\n'
-        'auth_key_file = "/etc/gatepeer/auth-key"\n'
-        f'vpg_id = "{lab_config["vpg_id"]}"\n'
-        "\n[packet_path]\n"
-        'mode = "route"\n'
-        "\n[agent]\n"
-        'reconcile_interval = "5s"\n'
+        "# The lab boot's user-data: cloud-init/route.yaml aimed at the emulator.\n"
+        + toml
+        + '\n[agent]\nreconcile_interval = "5s"\n'
     )
     uid = gid = None
     for line in (root / "etc" / "passwd").read_text().splitlines():
@@ -440,7 +448,7 @@ def test_provisioned_image_boots_as_gate_peer(
         state = assert_peer_up(machine, lab, "ok")
         assert state["host"]["underlay"] == "host0"
         assert [p["outer_ip"] for p in lab.state()["peers"]] == [PEER_ADDR]
-        enable_redirection_for_peer(lab, machine)
+        assert_redirection_set_by_peer(lab, machine)
         ping_device(lab, machine)
         processes = machine.run("ps", "-o", "user=", "-C", "gatepeer").stdout.split()
         assert processes == ["gatepeer"], processes  # not root

@@ -544,7 +544,8 @@ def test_demo_runs_traffic_and_reports_it(make_lab: Callable[..., LabHandle]) ->
     assert "converged:" in result.output and "one-shot" in result.output
     assert "handmade_gate_init.sh" not in result.output
     assert "went through the gate peer's vxlan0" in result.output
-    assert "gatepeer lab redirect peer" in result.output
+    # The agent (redirection = "self") pointed the VPG's redirection at the peer itself.
+    assert 'redirection = "self"' in result.output
     assert "Junction redirection on" in result.output
     assert "TCP transfer" in result.output and "everything works" in result.output
     assert h.leftovers() == []
