@@ -101,6 +101,7 @@ def test_config_for_the_agent_is_valid_for_the_config_module(tmp_path: Any) -> N
         "auth_key_id": creds.auth_key_id,
         "auth_key_file": str(paths.auth_key),
         "vpg_id": creds.vpg_id,
+        "redirection": "self",  # device traffic leaving the subnet must come through the peer
     }
     assert data["tunnel"] == {
         "interface": "vxlan0",
