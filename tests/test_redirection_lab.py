@@ -186,7 +186,7 @@ def test_nat_mode_device_traffic_crosses_the_peer_only_with_redirection_to_it(
     assert text.returncode == 1, text.stdout + text.stderr
     assert "DEGRADED" in text.stdout
     assert "packet_path.mode is nat but the VPG's redirection gateway is not set" in text.stdout
-    assert "redirection   gateway not set, not this peer" in text.stdout
+    assert re.search(r"^redirection .*gateway not set, not this peer", text.stdout, re.M)
     assert (doc["health"], doc["exit_code"]) == ("degraded", 1)
     assert [r for r in doc["reasons"] if "redirection gateway" in r] == doc["reasons"]
     assert doc["redirection"]["mode"] == "unmanaged"
@@ -210,7 +210,7 @@ def test_nat_mode_device_traffic_crosses_the_peer_only_with_redirection_to_it(
     assert text.returncode == 0, text.stdout
     assert (doc["health"], doc["redirection"]["is_self"]) == ("ok", True)
     assert doc["redirection"]["gateway"] == inner
-    assert f"redirection   gateway {inner} (this peer)" in text.stdout
+    assert re.search(rf"^redirection .*gateway {inner} \(this peer\)", text.stdout, re.M)
 
 
 # ----------------------------------------------------------------------------- 2. route mode
@@ -277,8 +277,7 @@ def test_redirection_is_posted_once_and_again_only_when_changed(
     assert vpg_redirection(lab) == {"enabled": True, "gateway": inner}
 
     # Someone points it elsewhere (one post of theirs): the agent takes it back, once.
-    lab.set_redirection(ELSEWHERE)
-    assert vpg_redirection(lab) == {"enabled": True, "gateway": ELSEWHERE}
+    assert lab.set_redirection(ELSEWHERE)["redirection"]["gateway"] == ELSEWHERE
     back = wait_for(lambda: vpg_redirection(lab) == {"enabled": True, "gateway": inner}, 15, 0.1)
     assert back is not None, f"the agent left the redirection elsewhere:\n{daemon.log()[-2000:]}"
     assert several_refreshes(lab, daemon)
@@ -296,7 +295,7 @@ def test_down_unregister_unsets_the_redirection_only_when_it_points_here(
 
     down = lab.gatepeer("down", "--unregister")
     assert down.returncode == 0, down.stdout + down.stderr
-    assert f"unset the redirection of VPG {vpg_id(lab)} (it pointed at {inner})" in (down.stdout)
+    assert f"unset the redirection of VPG {vpg_id(lab)} (it pointed at {inner})" in down.stdout
     assert vpg_redirection(lab) is None
     assert customer_peers(lab) == []
     assert api_calls(lab, "unsetRedirectionConfiguration") == 1
@@ -365,6 +364,10 @@ POISONED: dict[str, tuple[dict[str, Any], str]] = {
     "vni-0": ({"vpg": {"gateVxlanId": 0}}, "gateVxlanId"),
     "vni-2**24": ({"vpg": {"gateVxlanId": 2**24}}, "gateVxlanId"),
     "vni-not-a-number": ({"vpg": {"gateVxlanId": "ten"}}, "gateVxlanId"),
+    "redirection-gateway-not-an-address": (
+        {"vpg": {"redirection": {"enabled": True, "gateway": 5}}},
+        "redirection.gateway",
+    ),
     # Without deviceSubnetCidrRange the agent falls back to ueSubnetCidrRange, which is named.
     "no-device-subnet": (
         {"vpg_remove": ["deviceSubnetCidrRange", "ueSubnetCidrRange"]},
@@ -461,6 +464,8 @@ def test_a_view_saved_for_another_vpg_is_not_applied(make_lab: Callable[..., Lab
 
     proc = lab.gatepeer("apply")
     assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert vxlan(lab) is None, "the old VPG's view was applied"
+    assert (lab.agent_state() or {})["gate"] is None
     assert_no_traceback(proc)
     assert f"ignoring the gate view in {lab.paths.state_file}: it is for VPG {right}" in (
         proc.stderr
@@ -469,16 +474,14 @@ def test_a_view_saved_for_another_vpg_is_not_applied(make_lab: Callable[..., Lab
     assert "no gate view yet" in reason, reason
     assert "404" in reason and "soracom.vpg_id" in reason
     assert "https://api.soracom.io" in reason and "https://g.api.soracom.io" in reason
-    assert vxlan(lab) is None, "the old VPG's view was applied"
-    assert (lab.agent_state() or {})["gate"] is None
 
     # Next time only the gate cache holds the old view: discarded all the same.
     proc = lab.gatepeer("apply")
     assert proc.returncode == 1
+    assert vxlan(lab) is None, "the old VPG's view in the gate cache was applied"
     assert f"ignoring the gate view in {lab.paths.gate_cache}: it is for VPG {right}" in (
         proc.stderr
     )
-    assert vxlan(lab) is None
 
     lab.set_config("soracom", "vpg_id", json.dumps(right))
     proc = lab.gatepeer("apply")
@@ -509,3 +512,28 @@ def test_down_unregister_after_the_address_changed_unregisters_the_recorded_one(
     assert customer_peers(lab) == []
     assert vpg_redirection(lab) is None  # it pointed here: released too
     assert not lab.paths.gate_cache.exists()
+
+
+def test_the_daemon_keeps_the_good_view_through_a_poisoned_answer(
+    make_lab: Callable[..., LabHandle], agent_daemon: Callable[..., AgentDaemon]
+) -> None:
+    lab = make_lab()
+    lab.set_config("agent", "reconcile_interval", '"1s"')
+    daemon = agent_daemon(lab)
+    kernel = tunnel_snapshot(lab)
+    lab.control("overrides", POISONED["vni-0"][0])
+    try:
+        state = daemon.wait_state(
+            lambda s: s["health"] == "degraded" and s["api_refused_field"] == "gateVxlanId",
+            what="the refusal",
+        )
+        assert any("gateVxlanId 0" in r for r in state["reasons"]), state["reasons"]
+        assert state["gate"]["vni"] == lab.layout.vni
+        assert several_refreshes(lab, daemon, count=2)  # refused again and again, still intact
+        assert tunnel_snapshot(lab) == kernel
+        assert underlay_route(lab) == "eth0"
+        assert "Traceback" not in daemon.log()
+    finally:
+        lab.control("overrides", {})
+    daemon.wait_state(lambda s: s["health"] == "ok" and s["api_refused_field"] is None)
+    assert tunnel_snapshot(lab) == kernel
