@@ -1,0 +1,840 @@
+"""`gatepeer doctor`: every reason this host may not be a working gate peer, one line each.
+
+Each check gives `ok`, `warn`, `fail` or `skip`, its name, and one line saying what to change.
+The judgments are pure functions of what was read (the `judge_*` functions: the unit tests call
+them); `Doctor` does the reading and asks them in order. Read-only throughout: doctor never
+registers, opens Gate, sets redirection or touches the kernel, and never prints the auth key,
+the API key or the token.
+
+It runs before the first apply (pre-flight: no state file yet, so the tunnel, table and
+registration not being there is expected and said as `skip`/`warn`) and on a running peer
+(there they must be there: `fail`). Exit 0 when nothing failed, 1 when a check failed, 2 when
+the configuration itself is bad.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+from gatepeer import redirection, statefile
+from gatepeer.config import VXLAN_OVERHEAD, Config, ConfigError, check_against_system, load
+from gatepeer.kernel import rtnl, sysctl
+from gatepeer.kernel.pmtu import PathProbe
+from gatepeer.ruleset import FAMILY, TABLE, loaded_endpoints
+from gatepeer.state import GateView, conntrack_sysctls, neighbour_thresholds
+
+Status = Literal["ok", "warn", "fail", "skip"]
+EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
+
+# Clock skew: Date has one-second resolution; AWS refuses requests signed more than 5 min off.
+CLOCK_WARN_S, CLOCK_FAIL_S = 5.0, 300.0
+# Share of a table's hard limit in use that deserves a look, and that is about to drop.
+TABLE_WARN, TABLE_FAIL = 0.75, 0.95
+# The doctor asks the API a few times, not for minutes: two tries, short pauses.
+API_ATTEMPTS, API_TIMEOUT_S = 2, 5.0
+
+
+class Check(NamedTuple):
+    status: Status
+    name: str
+    detail: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"status": self.status, "name": self.name, "detail": self.detail}
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+    bad_config: bool = False
+    preflight: bool = False  # no state file: gatepeer has not set this peer up yet
+
+    @property
+    def exit_code(self) -> int:
+        if self.bad_config:
+            return EXIT_BAD_CONFIG
+        return EXIT_FAILED if any(c.status == "fail" for c in self.checks) else EXIT_OK
+
+    def counts(self) -> dict[str, int]:
+        return {s: sum(c.status == s for c in self.checks) for s in ("ok", "warn", "fail", "skip")}
+
+
+def render(report: Report) -> str:
+    width = max((len(c.name) for c in report.checks), default=0)
+    lines = [f"{c.status:<4}  {c.name:<{width}}  {c.detail}" for c in report.checks]
+    counts = report.counts()
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items())
+    mode = "pre-flight (not set up yet)" if report.preflight else "running peer"
+    lines.append(f"# doctor ({mode}): {summary}; exit {report.exit_code}")
+    return "\n".join(lines)
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    return {
+        "exit_code": report.exit_code,
+        "preflight": report.preflight,
+        "counts": report.counts(),
+        "checks": [c.to_json() for c in report.checks],
+    }
+
+
+# ---- judgments: pure ------------------------------------------------------------------------
+
+
+def judge_gate(vpg_id: str, opened: bool, open_gate: bool) -> Check:
+    if opened:
+        return Check("ok", "gate", f"Gate is open on VPG {vpg_id}")
+    if open_gate:
+        return Check(
+            "warn",
+            "gate",
+            f"Gate is closed on VPG {vpg_id}; soracom.open_gate = true, so the next gatepeer "
+            "apply (or the daemon's refresh) opens it",
+        )
+    return Check(
+        "fail",
+        "gate",
+        f"Gate is closed on VPG {vpg_id}: open it (console or soracom-cli), or set "
+        "soracom.open_gate = true to let gatepeer open it",
+    )
+
+
+def judge_registration(
+    vpg_id: str,
+    outer: IPv4Address,
+    registered_inner: IPv4Address | None,
+    asked_inner: IPv4Address | None,
+    on_link: Sequence[IPv4Interface] | None,
+    *,
+    preflight: bool,
+) -> Check:
+    """`on_link`: the tunnel's addresses, None when the tunnel does not exist."""
+    if registered_inner is None:
+        if preflight:
+            return Check(
+                "warn",
+                "registration",
+                f"{outer} is not registered with VPG {vpg_id} yet: gatepeer apply registers it",
+            )
+        return Check(
+            "fail",
+            "registration",
+            f"{outer} is not registered as a gate peer of VPG {vpg_id}: gatepeer apply (or the "
+            "daemon's next refresh) registers it; is tunnel.local_address this host's VPC "
+            "address?",
+        )
+    if asked_inner is not None and asked_inner != registered_inner:
+        return Check(
+            "fail",
+            "registration",
+            f"{outer} is registered with inner address {registered_inner}, tunnel.inner_address "
+            f'is {asked_inner}: set inner_address = "{registered_inner}", or gatepeer down '
+            "--unregister and apply again",
+        )
+    if on_link is not None and registered_inner not in {a.ip for a in on_link}:
+        have = ", ".join(str(a) for a in on_link) or "none"
+        return Check(
+            "fail",
+            "registration",
+            f"{outer} is registered with inner address {registered_inner}, but the tunnel has "
+            f"{have}: gatepeer apply puts the registered one there",
+        )
+    return Check(
+        "ok",
+        "registration",
+        f"{outer} is registered with VPG {vpg_id}, inner address {registered_inner}"
+        + (" (on the tunnel)" if on_link is not None else ""),
+    )
+
+
+def judge_redirection(config: Config, gate: GateView) -> Check:
+    mode, setting = config.packet_path.mode, config.soracom.redirection
+    current = redirection.describe(gate.redirection)
+    here = redirection.own_gateway(gate)
+    if redirection.points_here(gate):
+        return Check("ok", "redirection", f"the VPG's redirection gateway is this peer ({here})")
+    ha_vip = config.ha.virtual_address if config.ha else None
+    r = gate.redirection
+    if ha_vip is not None and r is not None and r.enabled and r.gateway == ha_vip:
+        return Check("ok", "redirection", f"the VPG's redirection gateway is [ha]'s {ha_vip}")
+    needs = (
+        'soracom.redirection is "self"'
+        if setting == "self"
+        else "packet_path.mode is nat"
+        if mode == "nat"
+        else None
+    )
+    if needs is None:
+        return Check(
+            "warn",
+            "redirection",
+            f"the VPG's redirection gateway is {current}, not this peer ({here}): devices' "
+            "replies to connections VPC hosts open go the VPG's own way; set "
+            'soracom.redirection = "self" if VPC hosts connect to devices',
+        )
+    status: Status = "warn" if config.ha is not None else "fail"
+    fix = (
+        "gatepeer apply sets it"
+        if setting == "self"
+        else 'set soracom.redirection = "self", or point it at this peer'
+    )
+    ha = "; with [ha] only the master holds it" if config.ha is not None else ""
+    return Check(
+        status,
+        "redirection",
+        f"{needs}, but the VPG's redirection gateway is {current}, not this peer ({here}): "
+        f"devices' traffic does not come here; {fix}{ha}",
+    )
+
+
+def judge_underlay_mtu(underlay: str, underlay_mtu: int, tunnel_mtu: int | str) -> Check:
+    if tunnel_mtu == "auto":
+        mtu = underlay_mtu - VXLAN_OVERHEAD
+        if mtu < 1500:
+            return Check(
+                "warn",
+                "underlay-mtu",
+                f'tunnel.mtu "auto" gives {mtu} on {underlay} (MTU {underlay_mtu}): devices\' '
+                f"1500-byte packets will not fit; raise {underlay}'s MTU to 1550 or more",
+            )
+        return Check("ok", "underlay-mtu", f"{underlay} MTU {underlay_mtu}: tunnel MTU {mtu}")
+    assert isinstance(tunnel_mtu, int)
+    want = tunnel_mtu + VXLAN_OVERHEAD
+    if underlay_mtu < want:
+        return Check(
+            "fail",
+            "underlay-mtu",
+            f"{underlay} has MTU {underlay_mtu}, tunnel.mtu {tunnel_mtu} needs {want} "
+            f"({VXLAN_OVERHEAD} bytes of VXLAN): raise {underlay}'s MTU, or set tunnel.mtu to "
+            f"at most {underlay_mtu - VXLAN_OVERHEAD}",
+        )
+    return Check(
+        "ok", "underlay-mtu", f"{underlay} MTU {underlay_mtu} >= tunnel MTU {tunnel_mtu} + 50"
+    )
+
+
+def judge_path_mtu(probe: PathProbe, tunnel_mtu: int) -> Check:
+    t, size = probe.target, probe.size
+    if probe.error is not None:
+        return Check("warn", "path-mtu", f"{t}: the probe could not be sent: {probe.error}")
+    if probe.answered:
+        return Check(
+            "ok", "path-mtu", f"{t} answered {size} bytes with DF set (tunnel MTU {tunnel_mtu})"
+        )
+    if probe.local_mtu is not None:
+        return Check(
+            "fail",
+            "path-mtu",
+            f"{t}: this host's route allows {probe.local_mtu} bytes, a full tunnel packet is "
+            f"{size}: set tunnel.mtu to at most {probe.local_mtu - VXLAN_OVERHEAD}, or raise "
+            "the underlay's MTU",
+        )
+    if probe.reported_mtu is not None:
+        return Check(
+            "fail",
+            "path-mtu",
+            f"{t}: a router on the way allows only {probe.reported_mtu} bytes (ICMP "
+            f"fragmentation needed), a full tunnel packet is {size}: set tunnel.mtu to at most "
+            f"{probe.reported_mtu - VXLAN_OVERHEAD}",
+        )
+    if probe.small_answered:
+        return Check(
+            "fail",
+            "path-mtu",
+            f"{t} answers small pings but not {size} bytes with DF set: the path drops large "
+            f"packets without saying so; lower tunnel.mtu until it passes",
+        )
+    return Check(
+        "warn",
+        "path-mtu",
+        f"{t} answered no ICMP echo (neither {size} bytes nor small): the path MTU is not "
+        "known; allow ICMP echo from this host to verify it",
+    )
+
+
+def judge_ip_forward(value: int | None, *, preflight: bool) -> Check:
+    if value == 1:
+        return Check("ok", "ip-forward", "net.ipv4.ip_forward = 1")
+    if value is None:
+        return Check("fail", "ip-forward", "net.ipv4.ip_forward cannot be read here")
+    if preflight:
+        return Check("skip", "ip-forward", "net.ipv4.ip_forward = 0 now; gatepeer apply sets it")
+    return Check(
+        "fail",
+        "ip-forward",
+        "net.ipv4.ip_forward = 0: this peer forwards nothing; gatepeer apply sets it to 1 "
+        "(something else turned it off: check sysctl.d and other agents)",
+    )
+
+
+@dataclass(frozen=True)
+class TunnelExpectation:
+    """What the tunnel should look like, from the config, the host and the API."""
+
+    interface: str
+    vni: int | None
+    local: IPv4Address | None
+    dst_port: int
+    underlay_index: int | None
+    mtu: int | None
+
+
+def judge_tunnel(
+    link: rtnl.LinkReading | None, want: TunnelExpectation, *, preflight: bool
+) -> Check:
+    name = want.interface
+    if link is None:
+        if preflight:
+            return Check("skip", "tunnel", f"{name} does not exist yet: gatepeer apply creates it")
+        return Check(
+            "fail",
+            "tunnel",
+            f"{name} does not exist: gatepeer apply creates it (is the daemon running?)",
+        )
+    if link.kind != "vxlan":
+        return Check(
+            "fail",
+            "tunnel",
+            f"{name} is a {link.kind or 'plain'} link, not vxlan: gatepeer never deletes it; "
+            "remove it or set tunnel.interface",
+        )
+    wrong = []
+    if want.vni is not None and link.vni != want.vni:
+        wrong.append(f"VNI {link.vni} (the VPG's: {want.vni})")
+    if want.local is not None and link.local != want.local:
+        wrong.append(f"local {link.local} (want {want.local})")
+    if link.dst_port != want.dst_port:
+        wrong.append(f"dstport {link.dst_port} (tunnel.destination_port: {want.dst_port})")
+    if want.underlay_index is not None and link.underlay_index != want.underlay_index:
+        wrong.append("another underlay device")
+    if wrong:
+        return Check(
+            "fail", "tunnel", f"{name} has {'; '.join(wrong)}: gatepeer apply re-creates it"
+        )
+    if not link.oper_up:
+        state = "admin down" if not link.admin_up else f"operationally {link.oper_state}"
+        return Check("fail", "tunnel", f"{name} is {state}: ip link set {name} up, or apply")
+    if want.mtu is not None and link.mtu != want.mtu:
+        return Check(
+            "warn", "tunnel", f"{name} has MTU {link.mtu}, want {want.mtu}: gatepeer apply sets it"
+        )
+    return Check("ok", "tunnel", f"{name} up: VNI {link.vni}, local {link.local}, MTU {link.mtu}")
+
+
+def judge_fdb(
+    interface: str,
+    flood: frozenset[IPv4Address] | None,
+    endpoints: Sequence[IPv4Address],
+    *,
+    preflight: bool,
+) -> Check:
+    if flood is None:
+        status: Status = "skip" if preflight else "fail"
+        return Check(status, "fdb", f"no {interface}, so no flood entries")
+    if not endpoints:
+        return Check("skip", "fdb", "no VPG endpoint is known (the API was not reached)")
+    missing = [str(e) for e in endpoints if e not in flood]
+    stale = sorted(str(d) for d in flood - set(endpoints))
+    if missing:
+        return Check(
+            "fail",
+            "fdb",
+            f"{interface} has no flood entry for VPG endpoint {', '.join(missing)}: traffic "
+            "to devices behind it is lost; gatepeer apply adds it",
+        )
+    if stale:
+        return Check(
+            "warn",
+            "fdb",
+            f"{interface} floods also to {', '.join(stale)}, not a VPG endpoint now: gatepeer "
+            "apply removes it",
+        )
+    return Check("ok", "fdb", f"one flood entry per VPG endpoint ({len(endpoints)})")
+
+
+def judge_nftables(
+    listing: str | None, endpoints: Sequence[IPv4Address], *, preflight: bool
+) -> Check:
+    if listing is None:
+        if preflight:
+            return Check("skip", "nftables", f"table {FAMILY} {TABLE} not loaded yet")
+        return Check(
+            "fail",
+            "nftables",
+            f"table {FAMILY} {TABLE} is not loaded: no VXLAN filter, MSS clamp or NAT; "
+            "gatepeer apply loads it",
+        )
+    admitted = loaded_endpoints(listing)
+    shut = [str(e) for e in endpoints if e not in admitted]
+    if shut:
+        return Check(
+            "fail",
+            "nftables",
+            f"table {FAMILY} {TABLE} drops VXLAN from VPG endpoint {', '.join(shut)}: gatepeer "
+            "apply updates its vpg_endpoints set",
+        )
+    return Check("ok", "nftables", f"table {FAMILY} {TABLE} loaded, admits every VPG endpoint")
+
+
+def judge_conntrack(
+    count: int | None, limit: int | None, wanted: int, *, limit_writable: bool
+) -> Check:
+    if count is None or limit is None:
+        return Check("skip", "conntrack", "no conntrack table here (nothing tracked yet)")
+    used = count / limit if limit else 1.0
+    detail = f"{count} of {limit} entries ({used:.0%})"
+    if used >= TABLE_FAIL:
+        return Check(
+            "fail",
+            "conntrack",
+            f"{detail}: new flows are about to be dropped; raise net.netfilter."
+            "nf_conntrack_max (kernel.neighbour_table_devices, packet_path.flows_per_device)",
+        )
+    if used >= TABLE_WARN:
+        return Check("warn", "conntrack", f"{detail}: little headroom left")
+    if limit < wanted:
+        fix = (
+            "gatepeer apply raises it"
+            if limit_writable
+            else "only the initial network namespace can raise it: set it on the host"
+        )
+        return Check(
+            "warn",
+            "conntrack",
+            f"{detail}; the limit is below the {wanted} sized for this config: {fix}",
+        )
+    return Check("ok", "conntrack", detail)
+
+
+def judge_neighbours(count: int, gc_thresh3: int | None, wanted: int) -> Check:
+    if gc_thresh3 is None:
+        return Check(
+            "skip",
+            "neighbours",
+            f"{count} on the tunnel; gc_thresh3 exists only in the initial network namespace",
+        )
+    used = count / gc_thresh3 if gc_thresh3 else 1.0
+    detail = f"{count} neighbour entries on the tunnel, gc_thresh3 {gc_thresh3} ({used:.0%})"
+    if used >= TABLE_FAIL:
+        return Check(
+            "fail",
+            "neighbours",
+            f'{detail}: "neighbor table overflow" and drops are near; raise '
+            "kernel.neighbour_table_devices",
+        )
+    if used >= TABLE_WARN:
+        return Check("warn", "neighbours", f"{detail}: little headroom left")
+    if gc_thresh3 < wanted:
+        return Check(
+            "warn",
+            "neighbours",
+            f"{detail}; below the {wanted} sized for kernel.neighbour_table_devices: gatepeer "
+            "apply raises it",
+        )
+    return Check("ok", "neighbours", detail)
+
+
+def judge_clock(date_header: str | None, local_time: float) -> Check:
+    if not date_header:
+        return Check("skip", "clock", "the API's answer had no Date header")
+    try:
+        server = email.utils.parsedate_to_datetime(date_header).timestamp()
+    except (TypeError, ValueError):
+        return Check("skip", "clock", "the API's Date header is not a date")
+    # Date is truncated to the second: the server's clock was somewhere in [server, server+1).
+    skew = local_time - (server + 0.5)
+    side = "ahead of" if skew > 0 else "behind"
+    detail = f"this host's clock is {abs(skew):.1f} s {side} the API's"
+    if abs(skew) > CLOCK_FAIL_S:
+        return Check(
+            "fail",
+            "clock",
+            f"{detail}: AWS refuses signed requests more than 5 min off; run NTP (chrony, "
+            "Amazon Time Sync Service 169.254.169.123)",
+        )
+    if abs(skew) > CLOCK_WARN_S:
+        return Check("warn", "clock", f"{detail}: run NTP (chrony)")
+    return Check("ok", "clock", f"{detail} (within {CLOCK_WARN_S:g} s)")
+
+
+# ---- the runner: reads, then asks the judgments ----------------------------------------------
+
+
+def _guarded(name: str, fn: Callable[[], list[Check]]) -> list[Check]:
+    """A check that crashes is a failed check saying why, never a crashed doctor."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - reported as the check's own failure
+        return [Check("fail", name, f"the check itself failed: {type(exc).__name__}: {exc}")]
+
+
+@dataclass
+class Gathered:
+    """What the API said, for the kernel checks (or the last saved view when it said nothing)."""
+
+    vni: int | None = None
+    device_subnet: IPv4Network | None = None
+    endpoints: tuple[IPv4Address, ...] = ()
+    inner: IPv4Interface | None = None
+    source: str = "the API"
+
+
+class Doctor:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        sys_root: Path | None = None,
+        clock: Callable[[], float] = time.time,
+        probe_timeout: float = 1.0,
+        aws_client: Callable[[str], Any] | None = None,
+    ) -> None:
+        from gatepeer.aws.detect import SYS_ROOT
+        from gatepeer.aws.integration import InstanceFactsSource
+
+        self.config = config
+        self.clock = clock
+        self.probe_timeout = probe_timeout
+        self.aws_client = aws_client
+        self.instance = InstanceFactsSource(config.aws, sys_root=sys_root or SYS_ROOT)
+        state = statefile.read(config.agent.state_file)
+        self.preflight = state is None
+        self.saved_gate = _saved_gate(state, config.soracom.vpg_id)
+        self.report = Report(preflight=self.preflight)
+        self.ssm_read: bool | None = None
+        self.gathered = Gathered()
+        self.client: Any = None
+        self.outer: IPv4Address | None = None
+        self.underlay: tuple[str, int, int] | None = None  # name, index, MTU
+
+    def add(self, *checks: Check) -> None:
+        self.report.checks.extend(checks)
+
+    def run(self) -> Report:
+        self.add(*_guarded("secret", self.check_secret))
+        self.add(*_guarded("underlay", self.check_host))
+        self.add(*_guarded("api", self.check_api))
+        if not self.gathered.endpoints and self.saved_gate is not None:
+            g = self.saved_gate
+            self.gathered = Gathered(
+                g.vni, g.device_subnet, tuple(e.outer for e in g.endpoints), g.inner, "saved"
+            )
+        self.add(*_guarded("underlay-mtu", self.check_underlay_mtu))
+        self.add(*_guarded("path-mtu", self.check_path_mtu))
+        self.add(*_guarded("ip-forward", self.check_ip_forward))
+        self.add(*_guarded("tunnel", self.check_tunnel))
+        self.add(*_guarded("nftables", self.check_nftables))
+        self.add(*_guarded("conntrack", self.check_conntrack))
+        self.add(*_guarded("neighbours", self.check_neighbours))
+        self.add(*_guarded("aws", self.check_aws))
+        return self.report
+
+    # ---- config and secret --------------------------------------------------------------
+
+    def check_secret(self) -> list[Check]:
+        s = self.config.soracom
+        if s.auth_key_ssm_parameter:
+            from gatepeer.aws.integration import ssm_key_reader
+
+            try:
+                ssm_key_reader(self.config, self.instance)()
+            except OSError as exc:
+                self.ssm_read = False if "access denied" in str(exc) else None
+                return [Check("fail", "secret", str(exc))]
+            self.ssm_read = True
+            return [
+                Check(
+                    "ok",
+                    "secret",
+                    f"SSM SecureString {s.auth_key_ssm_parameter} read and decrypted (not shown)",
+                )
+            ]
+        try:
+            check_against_system(self.config)
+            assert s.auth_key_file is not None
+            if not s.read_auth_key():
+                raise ConfigError(f"soracom.auth_key_file: {s.auth_key_file} is empty")
+        except ConfigError as exc:
+            self.report.bad_config = True
+            name = "secret" if str(exc).startswith("soracom.auth_key_file") else "config"
+            return [Check("fail", name, str(exc))]
+        except OSError as exc:
+            self.report.bad_config = True
+            return [
+                Check("fail", "secret", f"soracom.auth_key_file: {s.auth_key_file}: {exc.strerror}")
+            ]
+        return [
+            Check("ok", "secret", f"soracom.auth_key_file {s.auth_key_file}: mode 0600, readable")
+        ]
+
+    # ---- this host ----------------------------------------------------------------------
+
+    def check_host(self) -> list[Check]:
+        from gatepeer.kernel.netlink import KernelError, Netlink
+
+        t = self.config.tunnel
+        underlay, local = t.underlay_interface, t.local_address
+        with Netlink() as nl:
+            if (underlay is None or local is None) and self.config.aws.instance_facts:
+                facts = self.instance.get()
+                if facts is not None:
+                    underlay = underlay or nl.interface_with_mac(facts.mac)
+                    local = local or facts.private_ipv4
+            try:
+                host = nl.host_facts(underlay, local)
+            except KernelError as exc:
+                return [Check("fail", "underlay", str(exc))]
+        self.outer = host.local_address
+        self.underlay = (host.underlay, host.underlay_index, host.underlay_mtu)
+        return [
+            Check(
+                "ok",
+                "underlay",
+                f"{host.underlay} (MTU {host.underlay_mtu}), local address {host.local_address}",
+            )
+        ]
+
+    # ---- the SORACOM API ----------------------------------------------------------------
+
+    def _client(self) -> Any:
+        from gatepeer.soracom import SoracomClient
+
+        s = self.config.soracom
+        read_key = s.read_auth_key
+        if s.auth_key_ssm_parameter:
+            from gatepeer.aws.integration import ssm_key_reader
+
+            read_key = ssm_key_reader(self.config, self.instance)
+        return SoracomClient(
+            s.endpoint,
+            s.auth_key_id,
+            read_key,
+            timeout=min(s.request_timeout, API_TIMEOUT_S),
+            attempts=API_ATTEMPTS,
+            backoff_base=0.2,
+            backoff_max=1.0,
+        )
+
+    def check_api(self) -> list[Check]:
+        from gatepeer.gate import AnswerRefused, find_own_peer, read_vpg, vpg_endpoints
+        from gatepeer.soracom import AuthenticationError, SoracomError
+
+        after = ("vpg", "gate", "registration", "redirection", "clock")
+        s = self.config.soracom
+        if self.report.bad_config:
+            return [Check("skip", n, "needs a readable auth key") for n in ("api", *after)]
+        self.client = client = self._client()
+        try:
+            client.authenticate()
+        except AuthenticationError as exc:
+            fix = (
+                f"check soracom.auth_key_id and the key in {s.auth_key_file or 'SSM'}"
+                if exc.status == 401
+                else "see the secret check"
+            )
+            return [Check("fail", "api", f"{exc}; {fix}"), *self._skipped(after, "api")]
+        except SoracomError as exc:
+            return [
+                Check("fail", "api", f"{exc}; check soracom.endpoint and the way to it"),
+                *self._skipped(after, "api"),
+            ]
+        out = [
+            Check(
+                "ok",
+                "api",
+                f"{client.endpoint}: authenticated with {s.auth_key_id} "
+                f"(operator {client.operator_id})",
+            )
+        ]
+        out.append(judge_clock(*(client.last_date or (None, 0.0))))
+        try:
+            vpg = read_vpg(client, s.vpg_id)
+            peers = client.list_gate_peers(s.vpg_id)
+            endpoints = vpg_endpoints(peers, vpg.device_subnet, self.outer or IPv4Address(0))
+        except (SoracomError, AnswerRefused) as exc:
+            out.append(Check("fail", "vpg", str(exc)))
+            return out + self._skipped(("gate", "registration", "redirection"), "vpg")
+        if not endpoints:
+            out.append(
+                Check("fail", "vpg", f"VPG {s.vpg_id}: the API lists no VPG tunnel endpoints")
+            )
+        else:
+            out.append(
+                Check(
+                    "ok",
+                    "vpg",
+                    f"VPG {s.vpg_id}: VNI {vpg.vni}, devices {vpg.device_subnet}, endpoints "
+                    + ", ".join(str(e.outer) for e in endpoints),
+                )
+            )
+        out.append(judge_gate(s.vpg_id, vpg.gate_opened, s.open_gate))
+        self.gathered = Gathered(vpg.vni, vpg.device_subnet, tuple(e.outer for e in endpoints))
+        if self.outer is None:
+            return out + self._skipped(("registration", "redirection"), "underlay")
+        own = find_own_peer(peers, self.outer)
+        inner = _inner(own, vpg.device_subnet)
+        link = rtnl.link(self.config.tunnel.interface)
+        on_link = rtnl.addresses(link.index) if link is not None else None
+        out.append(
+            judge_registration(
+                s.vpg_id,
+                self.outer,
+                inner.ip if inner else None,
+                self.config.tunnel.inner_address,
+                on_link,
+                preflight=self.preflight,
+            )
+        )
+        if inner is None:
+            return out + self._skipped(("redirection",), "registration")
+        self.gathered.inner = inner
+        gate = GateView(
+            vpg_id=s.vpg_id,
+            vni=vpg.vni,
+            device_subnet=vpg.device_subnet,
+            gate_opened=vpg.gate_opened,
+            inner=inner,
+            endpoints=endpoints,
+            outer=self.outer,
+            redirection=vpg.redirection,
+        )
+        out.append(judge_redirection(self.config, gate))
+        return out
+
+    @staticmethod
+    def _skipped(names: Sequence[str], because: str) -> list[Check]:
+        return [Check("skip", n, f"needs the {because} check to pass") for n in names]
+
+    # ---- the kernel ---------------------------------------------------------------------
+
+    def _tunnel_mtu(self) -> int | None:
+        mtu = self.config.tunnel.mtu
+        if mtu == "auto":
+            return self.underlay[2] - VXLAN_OVERHEAD if self.underlay else None
+        return mtu
+
+    def check_underlay_mtu(self) -> list[Check]:
+        if self.underlay is None:
+            return [Check("skip", "underlay-mtu", "needs the underlay check to pass")]
+        name, _, mtu = self.underlay
+        return [judge_underlay_mtu(name, mtu, self.config.tunnel.mtu)]
+
+    def check_path_mtu(self) -> list[Check]:
+        from gatepeer.kernel.pmtu import ProbeUnavailable, probe_paths
+
+        tunnel_mtu = self._tunnel_mtu()
+        endpoints = self.gathered.endpoints
+        if not endpoints or tunnel_mtu is None:
+            return [Check("skip", "path-mtu", "no VPG endpoint is known (the API was not reached)")]
+        try:
+            probes = probe_paths(
+                endpoints,
+                tunnel_mtu + VXLAN_OVERHEAD,
+                interface=self.underlay[0] if self.underlay else None,
+                source=self.outer,
+                timeout=self.probe_timeout,
+            )
+        except ProbeUnavailable as exc:
+            return [Check("skip", "path-mtu", str(exc))]
+        return [judge_path_mtu(p, tunnel_mtu) for p in probes]
+
+    def check_ip_forward(self) -> list[Check]:
+        return [judge_ip_forward(sysctl.read("net/ipv4/ip_forward"), preflight=self.preflight)]
+
+    def check_tunnel(self) -> list[Check]:
+        t = self.config.tunnel
+        link = rtnl.link(t.interface)
+        want = TunnelExpectation(
+            interface=t.interface,
+            vni=self.gathered.vni,
+            local=self.outer,
+            dst_port=t.destination_port,
+            underlay_index=self.underlay[1] if self.underlay else None,
+            mtu=self._tunnel_mtu(),
+        )
+        flood = rtnl.flood_destinations(link.index) if link is not None else None
+        return [
+            judge_tunnel(link, want, preflight=self.preflight),
+            judge_fdb(t.interface, flood, self.gathered.endpoints, preflight=self.preflight),
+        ]
+
+    def check_nftables(self) -> list[Check]:
+        from gatepeer.kernel import nftables
+
+        if not nftables.nft_available():
+            missing = "the nft command is not installed (Debian: nftables)"
+            return [Check("fail", "nftables", missing)]
+        listing = nftables.current()
+        return [judge_nftables(listing, self.gathered.endpoints, preflight=self.preflight)]
+
+    def check_conntrack(self) -> list[Check]:
+        pp, devices = self.config.packet_path, self.config.kernel.neighbour_table_devices
+        wanted = dict(conntrack_sysctls(devices, pp.flows_per_device))
+        return [
+            judge_conntrack(
+                sysctl.read("net/netfilter/nf_conntrack_count"),
+                sysctl.read("net/netfilter/nf_conntrack_max"),
+                wanted["net/netfilter/nf_conntrack_max"],
+                limit_writable=sysctl.read_writable("net/netfilter/nf_conntrack_max") is not None,
+            )
+        ]
+
+    def check_neighbours(self) -> list[Check]:
+        link = rtnl.link(self.config.tunnel.interface)
+        count = rtnl.neighbour_count(link.index) if link is not None else 0
+        wanted = neighbour_thresholds(self.config.kernel.neighbour_table_devices)[2]
+        gc3 = sysctl.read("net/ipv4/neigh/default/gc_thresh3")
+        return [judge_neighbours(count, gc3, wanted)]
+
+    # ---- EC2 ----------------------------------------------------------------------------
+
+    def check_aws(self) -> list[Check]:
+        from gatepeer.aws import checks
+
+        results = checks.run(
+            self.config,
+            self.instance,
+            endpoints=self.gathered.endpoints,
+            device_subnet=self.gathered.device_subnet,
+            ssm_read=self.ssm_read,
+            make_client=self.aws_client,
+        )
+        return [Check(status, name, detail) for status, name, detail in results]  # type: ignore[arg-type]
+
+
+def _inner(own: dict[str, Any] | None, subnet: IPv4Network) -> IPv4Interface | None:
+    """The registered inner address with the device subnet's prefix; None if absent or odd."""
+    if own is None:
+        return None
+    try:
+        return IPv4Interface(f"{IPv4Address(own.get('innerIpAddress'))}/{subnet.prefixlen}")
+    except ValueError:
+        return None
+
+
+def _saved_gate(state: dict[str, Any] | None, vpg_id: str) -> GateView | None:
+    raw = (state or {}).get("gate")
+    if not isinstance(raw, dict):
+        return None
+    try:
+        gate = GateView.from_json(raw)
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+    return gate if gate.vpg_id == vpg_id else None
+
+
+def diagnose(config_path: Path, **options: Any) -> Report:
+    """Load the config (a bad one ends here: exit 2), then run every check."""
+    try:
+        config = load(config_path, check_system=False)
+    except ConfigError as exc:
+        return Report([Check("fail", "config", str(exc))], bad_config=True)
+    doctor = Doctor(config, **options)
+    doctor.add(Check("ok", "config", f"{config_path}: valid"))
+    return doctor.run()
