@@ -171,6 +171,9 @@ def simulate(make_client: Callable[[str], Any], actions: list[str]) -> dict[str,
         return dict.fromkeys(actions, reason)
     except (BotoCoreError, KeyError) as exc:
         return dict.fromkeys(actions, f"iam:SimulatePrincipalPolicy failed: {exc}")
+    except Exception as exc:  # noqa: BLE001 - e.g. an endpoint without it answers 500 in HTML
+        reason = f"iam:SimulatePrincipalPolicy unavailable ({type(exc).__name__})"
+        return dict.fromkeys(actions, reason)
     decided: dict[str, bool | str] = dict.fromkeys(actions, "not in the simulation's answer")
     for result in answer.get("EvaluationResults", []):
         name = result.get("EvalActionName")
