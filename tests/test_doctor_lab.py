@@ -89,11 +89,13 @@ def test_doctor_passes_a_healthy_peer_and_names_each_fault(peer: LabHandle) -> N
     # Gate closed.
     peer.control("settings", {"gate_opened": False})
     expect("Gate closed", "gate", contains="Gate is closed")
+    assert peer.state()["settings"]["gate_opened"] is False  # doctor opened nothing
     peer.control("settings", {"gate_opened": True})
 
     # Redirection elsewhere (soracom.redirection = "self" in the lab's config).
     peer.set_redirection("198.19.0.200")
     expect("redirection elsewhere", "redirection", contains="198.19.0.200")
+    assert peer.state()["redirection"]["gateway"] == "198.19.0.200"  # nor set it back
     peer.set_redirection("peer")
 
     # Underlay MTU 1500 with tunnel MTU 1500: the DF probe fails at this host too.
@@ -128,6 +130,14 @@ def test_doctor_passes_a_healthy_peer_and_names_each_fault(peer: LabHandle) -> N
         expect("auth key wrong", "api", contains="HTTP 401")
     finally:
         peer.paths.auth_key.write_text(key + "\n")
+
+    # Beyond the list: a router on the way with a smaller MTU answers "fragmentation needed".
+    peer.run("fabric", "ip", "link", "set", "sorabr", "mtu", "1500")
+    try:
+        expect("router MTU 1500", "path-mtu", contains="a router on the way allows only 1500")
+    finally:
+        peer.run("fabric", "ip", "link", "set", "sorabr", "mtu", "9001")
+        peer.run("peer", "ip", "route", "flush", "cache")  # the learned path MTU
 
     code, statuses, details = doctor()
     assert code == 0 and failing(statuses) == set(), details  # every fault reverted
