@@ -329,34 +329,36 @@ def judge_nftables(
     return Check("ok", "nftables", f"table {FAMILY} {TABLE} loaded, admits every VPG endpoint")
 
 
+def _table_use(name: str, used: float, detail: str, full: str, undersized: str | None) -> Check:
+    """A kernel table's headroom: `full` is what to do when it is nearly full, `undersized`
+    (None: it is not) when its limit is below what gatepeer sizes for this config."""
+    if used >= TABLE_FAIL:
+        return Check("fail", name, f"{detail}: {full}")
+    if used >= TABLE_WARN:
+        return Check("warn", name, f"{detail}: little headroom left")
+    if undersized is not None:
+        return Check("warn", name, f"{detail}; {undersized}")
+    return Check("ok", name, detail)
+
+
 def judge_conntrack(
     count: int | None, limit: int | None, wanted: int, *, limit_writable: bool
 ) -> Check:
     if count is None or limit is None:
         return Check("skip", "conntrack", "no conntrack table here (nothing tracked yet)")
-    used = count / limit if limit else 1.0
-    detail = f"{count} of {limit} entries ({used:.0%})"
-    if used >= TABLE_FAIL:
-        return Check(
-            "fail",
-            "conntrack",
-            f"{detail}: new flows are about to be dropped; raise net.netfilter."
-            "nf_conntrack_max (kernel.neighbour_table_devices, packet_path.flows_per_device)",
-        )
-    if used >= TABLE_WARN:
-        return Check("warn", "conntrack", f"{detail}: little headroom left")
-    if limit < wanted:
-        fix = (
-            "gatepeer apply raises it"
-            if limit_writable
-            else "only the initial network namespace can raise it: set it on the host"
-        )
-        return Check(
-            "warn",
-            "conntrack",
-            f"{detail}; the limit is below the {wanted} sized for this config: {fix}",
-        )
-    return Check("ok", "conntrack", detail)
+    fix = (
+        "gatepeer apply raises it"
+        if limit_writable
+        else "only the initial network namespace can raise it: set it on the host"
+    )
+    return _table_use(
+        "conntrack",
+        count / limit if limit else 1.0,
+        f"{count} of {limit} entries ({count / max(limit, 1):.0%})",
+        "new flows are about to be dropped; raise net.netfilter.nf_conntrack_max "
+        "(kernel.neighbour_table_devices, packet_path.flows_per_device)",
+        f"the limit is below the {wanted} sized for this config: {fix}" if limit < wanted else None,
+    )
 
 
 def judge_neighbours(count: int, gc_thresh3: int | None, wanted: int) -> Check:
@@ -367,24 +369,15 @@ def judge_neighbours(count: int, gc_thresh3: int | None, wanted: int) -> Check:
             f"{count} on the tunnel; gc_thresh3 exists only in the initial network namespace",
         )
     used = count / gc_thresh3 if gc_thresh3 else 1.0
-    detail = f"{count} neighbour entries on the tunnel, gc_thresh3 {gc_thresh3} ({used:.0%})"
-    if used >= TABLE_FAIL:
-        return Check(
-            "fail",
-            "neighbours",
-            f'{detail}: "neighbor table overflow" and drops are near; raise '
-            "kernel.neighbour_table_devices",
-        )
-    if used >= TABLE_WARN:
-        return Check("warn", "neighbours", f"{detail}: little headroom left")
-    if gc_thresh3 < wanted:
-        return Check(
-            "warn",
-            "neighbours",
-            f"{detail}; below the {wanted} sized for kernel.neighbour_table_devices: gatepeer "
-            "apply raises it",
-        )
-    return Check("ok", "neighbours", detail)
+    return _table_use(
+        "neighbours",
+        used,
+        f"{count} neighbour entries on the tunnel, gc_thresh3 {gc_thresh3} ({used:.0%})",
+        '"neighbor table overflow" and drops are near; raise kernel.neighbour_table_devices',
+        f"below the {wanted} sized for kernel.neighbour_table_devices: gatepeer apply raises it"
+        if gc_thresh3 < wanted
+        else None,
+    )
 
 
 def judge_clock(date_header: str | None, local_time: float) -> Check:

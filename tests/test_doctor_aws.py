@@ -64,15 +64,7 @@ class Instance:
     def healthy(self) -> None:
         """What a working route-mode peer has: 4789 open to the endpoints, check off, route."""
         self.ec2.authorize_security_group_ingress(
-            GroupId=self.group_id,
-            IpPermissions=[
-                {
-                    "IpProtocol": "udp",
-                    "FromPort": 4789,
-                    "ToPort": 4789,
-                    "IpRanges": [{"CidrIp": f"{e}/32"} for e in ENDPOINTS],
-                }
-            ],
+            GroupId=self.group_id, IpPermissions=udp_rule(4789, *ENDPOINTS)
         )
         self.ec2.modify_network_interface_attribute(
             NetworkInterfaceId=self.eni_id, SourceDestCheck={"Value": False}
@@ -174,30 +166,20 @@ def test_a_well_set_up_instance_passes_every_aws_check(instance: Instance) -> No
     assert "ec2:DescribeRouteTables" in found[checks.IAM][1]
 
 
+def udp_rule(port: int, *sources: IPv4Address) -> list[dict[str, Any]]:
+    """IpPermissions for UDP `port` from each source's /32."""
+    ranges = [{"CidrIp": f"{s}/32"} for s in sources]
+    return [{"IpProtocol": "udp", "FromPort": port, "ToPort": port, "IpRanges": ranges}]
+
+
 def test_security_group_without_4789_fails_naming_the_endpoint(instance: Instance) -> None:
     instance.healthy()
     instance.ec2.revoke_security_group_ingress(
-        GroupId=instance.group_id,
-        IpPermissions=[
-            {
-                "IpProtocol": "udp",
-                "FromPort": 4789,
-                "ToPort": 4789,
-                "IpRanges": [{"CidrIp": f"{ENDPOINTS[1]}/32"}],
-            }
-        ],
+        GroupId=instance.group_id, IpPermissions=udp_rule(4789, ENDPOINTS[1])
     )
     # A rule for another port from that endpoint does not help.
     instance.ec2.authorize_security_group_ingress(
-        GroupId=instance.group_id,
-        IpPermissions=[
-            {
-                "IpProtocol": "udp",
-                "FromPort": 4790,
-                "ToPort": 4790,
-                "IpRanges": [{"CidrIp": f"{ENDPOINTS[1]}/32"}],
-            }
-        ],
+        GroupId=instance.group_id, IpPermissions=udp_rule(4790, ENDPOINTS[1])
     )
     status, detail = run(instance)[checks.SECURITY_GROUP]
     assert status == "fail"
