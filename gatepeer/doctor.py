@@ -14,7 +14,6 @@ the configuration itself is bad.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -102,8 +101,6 @@ class Gathered:
     vni: int | None = None
     device_subnet: IPv4Network | None = None
     endpoints: tuple[IPv4Address, ...] = ()
-    inner: IPv4Interface | None = None
-    source: str = "the API"
 
 
 class Doctor:
@@ -112,7 +109,6 @@ class Doctor:
         config: Config,
         *,
         sys_root: Path | None = None,
-        clock: Callable[[], float] = time.time,
         probe_timeout: float = 1.0,
         aws_client: Callable[[str], Any] | None = None,
     ) -> None:
@@ -120,7 +116,6 @@ class Doctor:
         from gatepeer.aws.integration import InstanceFactsSource
 
         self.config = config
-        self.clock = clock
         self.probe_timeout = probe_timeout
         self.aws_client = aws_client
         self.instance = InstanceFactsSource(config.aws, sys_root=sys_root or SYS_ROOT)
@@ -130,7 +125,6 @@ class Doctor:
         self.report = Report(preflight=self.preflight)
         self.ssm_read: bool | None = None
         self.gathered = Gathered()
-        self.client: Any = None
         self.outer: IPv4Address | None = None
         self.underlay: tuple[str, int, int] | None = None  # name, index, MTU
 
@@ -143,9 +137,7 @@ class Doctor:
         self.add(*_guarded("api", self.check_api))
         if not self.gathered.endpoints and self.saved_gate is not None:
             g = self.saved_gate
-            self.gathered = Gathered(
-                g.vni, g.device_subnet, tuple(e.outer for e in g.endpoints), g.inner, "saved"
-            )
+            self.gathered = Gathered(g.vni, g.device_subnet, tuple(e.outer for e in g.endpoints))
         self.add(*_guarded("underlay-mtu", self.check_underlay_mtu))
         self.add(*_guarded("path-mtu", self.check_path_mtu))
         self.add(*_guarded("ip-forward", self.check_ip_forward))
@@ -160,6 +152,12 @@ class Doctor:
 
     def check_secret(self) -> list[Check]:
         s = self.config.soracom
+        try:
+            check_against_system(self.config)  # the key file's mode, the underlay's name
+        except ConfigError as exc:
+            self.report.bad_config = True
+            name = "secret" if str(exc).startswith("soracom.auth_key_file") else "config"
+            return [Check("fail", name, str(exc))]
         if s.auth_key_ssm_parameter:
             from gatepeer.aws.integration import ssm_key_reader
 
@@ -177,19 +175,14 @@ class Doctor:
                 )
             ]
         try:
-            check_against_system(self.config)
-            assert s.auth_key_file is not None
-            if not s.read_auth_key():
-                raise ConfigError(f"soracom.auth_key_file: {s.auth_key_file} is empty")
-        except ConfigError as exc:
-            self.report.bad_config = True
-            name = "secret" if str(exc).startswith("soracom.auth_key_file") else "config"
-            return [Check("fail", name, str(exc))]
+            empty = not s.read_auth_key()
         except OSError as exc:
+            empty, why = True, f"{exc.strerror or exc}"
+        else:
+            why = "empty"
+        if empty:
             self.report.bad_config = True
-            return [
-                Check("fail", "secret", f"soracom.auth_key_file: {s.auth_key_file}: {exc.strerror}")
-            ]
+            return [Check("fail", "secret", f"soracom.auth_key_file: {s.auth_key_file}: {why}")]
         return [
             Check("ok", "secret", f"soracom.auth_key_file {s.auth_key_file}: mode 0600, readable")
         ]
@@ -250,7 +243,7 @@ class Doctor:
         s = self.config.soracom
         if self.report.bad_config:
             return [Check("skip", n, "needs a readable auth key") for n in ("api", *after)]
-        self.client = client = self._client()
+        client = self._client()
         try:
             client.authenticate()
         except AuthenticationError as exc:
@@ -315,7 +308,6 @@ class Doctor:
         )
         if inner is None:
             return out + self._skipped(("redirection",), "registration")
-        self.gathered.inner = inner
         gate = GateView(
             vpg_id=s.vpg_id,
             vni=vpg.vni,
@@ -364,6 +356,9 @@ class Doctor:
             )
         except ProbeUnavailable as exc:
             return [Check("skip", "path-mtu", str(exc))]
+        except OSError as exc:  # the local address is not on this host, say
+            why = exc.strerror or str(exc)
+            return [Check("warn", "path-mtu", f"cannot probe from {self.outer}: {why}")]
         return [judge_path_mtu(p, tunnel_mtu) for p in probes]
 
     def check_ip_forward(self) -> list[Check]:
@@ -392,7 +387,10 @@ class Doctor:
         if not nftables.nft_available():
             missing = "the nft command is not installed (Debian: nftables)"
             return [Check("fail", "nftables", missing)]
-        listing = nftables.current()
+        try:
+            listing = nftables.current()
+        except nftables.NftError as exc:  # not root, say: unknown, not absent
+            return [Check("warn", "nftables", f"cannot list the table: {exc}")]
         return [judge_nftables(listing, self.gathered.endpoints, preflight=self.preflight)]
 
     def check_conntrack(self) -> list[Check]:
