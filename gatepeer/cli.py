@@ -205,6 +205,24 @@ def status(config_file: str | None, as_json: bool) -> None:
 
 @main.command()
 @config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def doctor(config_file: str | None, as_json: bool) -> None:
+    """Pre-flight and live checks: what keeps this host from being a working gate peer.
+
+    Each check prints ok, warn, fail or skip, its name and what to change. Read-only: it never
+    registers, opens Gate or sets redirection. Exit 0 nothing failed, 1 a check failed, 2 bad
+    config.
+    """
+    setup_logging(False, quiet_level=logging.CRITICAL)  # every finding is a check line
+    from gatepeer.doctor import diagnose, render, to_json
+
+    report = diagnose(config_path(config_file))
+    click.echo(json.dumps(to_json(report), indent=2) if as_json else render(report))
+    sys.exit(report.exit_code)
+
+
+@main.command()
+@config_option
 def check(config_file: str | None) -> None:
     """Health check for keepalived (vrrp_script): may this peer hold the gateway?
 

@@ -129,10 +129,10 @@ SOL_RAW, ICMP_FILTER = 255, 1
 PAYLOAD = b"gatepeer-probe\0\0"
 
 
-def echo_request(ident: int, seq: int) -> bytes:
+def echo_request(ident: int, seq: int, payload: bytes = PAYLOAD) -> bytes:
     header = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, 0, ident, seq)
-    checksum = _checksum(header + PAYLOAD)
-    return struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, checksum, ident, seq) + PAYLOAD
+    checksum = _checksum(header + payload)
+    return struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, checksum, ident, seq) + payload
 
 
 def parse_echo_reply(packet: bytes, ident: int) -> int | None:

@@ -133,6 +133,9 @@ class SoracomClient:
         self.clock = clock
         self.stats = stats or ApiStats()
         self._session: _Session | None = None
+        # The Date header of the last answer and this host's wall clock when it came: `doctor`
+        # measures the clock's skew against the API with it.
+        self.last_date: tuple[str, float] | None = None
 
     def __repr__(self) -> str:
         return f"SoracomClient({self.endpoint!r}, auth_key_id={self.auth_key_id!r})"
@@ -178,6 +181,8 @@ class SoracomClient:
                 "check soracom.endpoint",
             ) from None
         self.stats.record(operation, status, self.clock() - started)
+        if got.get("date"):
+            self.last_date = (got["date"], time.time())
         remaining = got.get("x-soracom-ratelimit-remaining")
         if remaining is not None and remaining.isdigit():
             self.stats.ratelimit_remaining = int(remaining)

@@ -7,7 +7,7 @@ drops them while the ENI's source/destination check is on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from gatepeer.aws import AwsError
@@ -140,3 +140,83 @@ def table_of_subnet(routes: list[VpcRoute], subnet_id: str) -> VpcRoute | None:
     if own:
         return own[0]
     return next((r for r in routes if r.main), None)
+
+
+# ---- security groups: what the ENI admits ------------------------------------------------------
+
+ALL_PROTOCOLS = "-1"
+UDP_PROTOCOLS = ("udp", "17", ALL_PROTOCOLS)
+
+
+@dataclass(frozen=True)
+class IngressRule:
+    """One inbound permission of a security group, the parts an address can be judged by."""
+
+    group_id: str
+    protocol: str  # "udp", "tcp", "17", or "-1" (every protocol, every port)
+    from_port: int | None
+    to_port: int | None
+    sources: tuple[IPv4Network, ...]  # IPv4 CIDR ranges
+    # Other security groups and prefix lists: whether they hold an address needs more calls.
+    other_sources: tuple[str, ...] = ()
+
+    def admits_udp(self, port: int, source: IPv4Address) -> bool:
+        if self.protocol not in UDP_PROTOCOLS:
+            return False
+        ports_all = self.protocol == ALL_PROTOCOLS or self.from_port in (None, -1)
+        if not ports_all and not (self.from_port or 0) <= port <= (self.to_port or 0):
+            return False
+        return any(source in net for net in self.sources)
+
+
+def eni_security_groups(ec2: Any, eni_id: str) -> list[str]:
+    """The ids of the security groups attached to the ENI."""
+    answer = _call(
+        "DescribeNetworkInterfaces",
+        eni_id,
+        ec2.describe_network_interfaces,
+        NetworkInterfaceIds=[eni_id],
+    )
+    interfaces = answer.get("NetworkInterfaces") or []
+    if not interfaces:
+        raise Ec2Error("DescribeNetworkInterfaces", eni_id, "no such network interface")
+    return [str(g["GroupId"]) for g in interfaces[0].get("Groups", []) if g.get("GroupId")]
+
+
+def ingress_rules(ec2: Any, group_ids: list[str]) -> list[IngressRule]:
+    """The inbound rules of these security groups."""
+    if not group_ids:
+        return []
+    answer = _call(
+        "DescribeSecurityGroups",
+        ",".join(group_ids),
+        ec2.describe_security_groups,
+        GroupIds=group_ids,
+    )
+    rules = []
+    for group in answer.get("SecurityGroups", []):
+        for perm in group.get("IpPermissions", []):
+            sources = []
+            for r in perm.get("IpRanges", []):
+                try:
+                    sources.append(IPv4Network(r.get("CidrIp") or "", strict=False))
+                except ValueError:
+                    continue
+            others = [str(p["GroupId"]) for p in perm.get("UserIdGroupPairs", []) if "GroupId" in p]
+            others += [str(p["PrefixListId"]) for p in perm.get("PrefixListIds", [])]
+            rules.append(
+                IngressRule(
+                    group_id=str(group["GroupId"]),
+                    protocol=str(perm.get("IpProtocol", "")).lower(),
+                    from_port=perm.get("FromPort"),
+                    to_port=perm.get("ToPort"),
+                    sources=tuple(sources),
+                    other_sources=tuple(others),
+                )
+            )
+    return rules
+
+
+def groups_admitting_udp(rules: list[IngressRule], port: int, source: IPv4Address) -> list[str]:
+    """The security groups with a rule that lets UDP `port` in from `source`."""
+    return sorted({r.group_id for r in rules if r.admits_udp(port, source)})

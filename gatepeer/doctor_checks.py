@@ -1,0 +1,403 @@
+"""The doctor's judgments: each a pure function from what was read to one `Check`.
+
+`gatepeer.doctor` reads the config, the API, the kernel and EC2, and asks these in turn; the
+unit tests call them directly. A detail is one line that says what to change.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
+from typing import Literal, NamedTuple
+
+from gatepeer import redirection
+from gatepeer.config import VXLAN_OVERHEAD, Config
+from gatepeer.kernel.pmtu import PathProbe
+from gatepeer.kernel.rtnl import LinkReading
+from gatepeer.ruleset import FAMILY, TABLE, loaded_endpoints
+from gatepeer.state import GateView
+
+Status = Literal["ok", "warn", "fail", "skip"]
+
+# Clock skew: Date has one-second resolution; AWS refuses requests signed more than 5 min off.
+CLOCK_WARN_S, CLOCK_FAIL_S = 5.0, 300.0
+# Share of a table's hard limit in use that deserves a look, and that is about to drop.
+TABLE_WARN, TABLE_FAIL = 0.75, 0.95
+
+
+class Check(NamedTuple):
+    status: Status
+    name: str
+    detail: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"status": self.status, "name": self.name, "detail": self.detail}
+
+
+def judge_gate(vpg_id: str, opened: bool, open_gate: bool) -> Check:
+    if opened:
+        return Check("ok", "gate", f"Gate is open on VPG {vpg_id}")
+    if open_gate:
+        return Check(
+            "warn",
+            "gate",
+            f"Gate is closed on VPG {vpg_id}; soracom.open_gate = true, so the next gatepeer "
+            "apply (or the daemon's refresh) opens it",
+        )
+    return Check(
+        "fail",
+        "gate",
+        f"Gate is closed on VPG {vpg_id}: open it (console or soracom-cli), or set "
+        "soracom.open_gate = true to let gatepeer open it",
+    )
+
+
+def judge_registration(
+    vpg_id: str,
+    outer: IPv4Address,
+    registered_inner: IPv4Address | None,
+    asked_inner: IPv4Address | None,
+    on_link: Sequence[IPv4Interface] | None,
+    *,
+    preflight: bool,
+) -> Check:
+    """`on_link`: the tunnel's addresses, None when the tunnel does not exist."""
+    if registered_inner is None:
+        if preflight:
+            return Check(
+                "warn",
+                "registration",
+                f"{outer} is not registered with VPG {vpg_id} yet: gatepeer apply registers it",
+            )
+        return Check(
+            "fail",
+            "registration",
+            f"{outer} is not registered as a gate peer of VPG {vpg_id}: gatepeer apply (or the "
+            "daemon's next refresh) registers it; is tunnel.local_address this host's VPC "
+            "address?",
+        )
+    if asked_inner is not None and asked_inner != registered_inner:
+        return Check(
+            "fail",
+            "registration",
+            f"{outer} is registered with inner address {registered_inner}, tunnel.inner_address "
+            f'is {asked_inner}: set inner_address = "{registered_inner}", or gatepeer down '
+            "--unregister and apply again",
+        )
+    if on_link is not None and registered_inner not in {a.ip for a in on_link}:
+        have = ", ".join(str(a) for a in on_link) or "none"
+        return Check(
+            "fail",
+            "registration",
+            f"{outer} is registered with inner address {registered_inner}, but the tunnel has "
+            f"{have}: gatepeer apply puts the registered one there",
+        )
+    return Check(
+        "ok",
+        "registration",
+        f"{outer} is registered with VPG {vpg_id}, inner address {registered_inner}"
+        + (" (on the tunnel)" if on_link is not None else ""),
+    )
+
+
+def judge_redirection(config: Config, gate: GateView) -> Check:
+    mode, setting = config.packet_path.mode, config.soracom.redirection
+    current = redirection.describe(gate.redirection)
+    here = redirection.own_gateway(gate)
+    if redirection.points_here(gate):
+        return Check("ok", "redirection", f"the VPG's redirection gateway is this peer ({here})")
+    ha_vip = config.ha.virtual_address if config.ha else None
+    r = gate.redirection
+    if ha_vip is not None and r is not None and r.enabled and r.gateway == ha_vip:
+        return Check("ok", "redirection", f"the VPG's redirection gateway is [ha]'s {ha_vip}")
+    needs = (
+        'soracom.redirection is "self"'
+        if setting == "self"
+        else "packet_path.mode is nat"
+        if mode == "nat"
+        else None
+    )
+    if needs is None:
+        return Check(
+            "warn",
+            "redirection",
+            f"the VPG's redirection gateway is {current}, not this peer ({here}): devices' "
+            "replies to connections VPC hosts open go the VPG's own way; set "
+            'soracom.redirection = "self" if VPC hosts connect to devices',
+        )
+    status: Status = "warn" if config.ha is not None else "fail"
+    fix = (
+        "gatepeer apply sets it"
+        if setting == "self"
+        else 'set soracom.redirection = "self", or point it at this peer'
+    )
+    ha = "; with [ha] only the master holds it" if config.ha is not None else ""
+    return Check(
+        status,
+        "redirection",
+        f"{needs}, but the VPG's redirection gateway is {current}, not this peer ({here}): "
+        f"devices' traffic does not come here; {fix}{ha}",
+    )
+
+
+def judge_underlay_mtu(underlay: str, underlay_mtu: int, tunnel_mtu: int | str) -> Check:
+    if tunnel_mtu == "auto":
+        mtu = underlay_mtu - VXLAN_OVERHEAD
+        if mtu < 1500:
+            return Check(
+                "warn",
+                "underlay-mtu",
+                f'tunnel.mtu "auto" gives {mtu} on {underlay} (MTU {underlay_mtu}): devices\' '
+                f"1500-byte packets will not fit; raise {underlay}'s MTU to 1550 or more",
+            )
+        return Check("ok", "underlay-mtu", f"{underlay} MTU {underlay_mtu}: tunnel MTU {mtu}")
+    assert isinstance(tunnel_mtu, int)
+    want = tunnel_mtu + VXLAN_OVERHEAD
+    if underlay_mtu < want:
+        return Check(
+            "fail",
+            "underlay-mtu",
+            f"{underlay} has MTU {underlay_mtu}, tunnel.mtu {tunnel_mtu} needs {want} "
+            f"({VXLAN_OVERHEAD} bytes of VXLAN): raise {underlay}'s MTU, or set tunnel.mtu to "
+            f"at most {underlay_mtu - VXLAN_OVERHEAD}",
+        )
+    return Check(
+        "ok", "underlay-mtu", f"{underlay} MTU {underlay_mtu} >= tunnel MTU {tunnel_mtu} + 50"
+    )
+
+
+def judge_path_mtu(probe: PathProbe, tunnel_mtu: int) -> Check:
+    t, size = probe.target, probe.size
+    if probe.error is not None:
+        return Check("warn", "path-mtu", f"{t}: the probe could not be sent: {probe.error}")
+    if probe.answered:
+        return Check(
+            "ok", "path-mtu", f"{t} answered {size} bytes with DF set (tunnel MTU {tunnel_mtu})"
+        )
+    if probe.local_mtu is not None:
+        return Check(
+            "fail",
+            "path-mtu",
+            f"{t}: this host's route allows {probe.local_mtu} bytes, a full tunnel packet is "
+            f"{size}: set tunnel.mtu to at most {probe.local_mtu - VXLAN_OVERHEAD}, or raise "
+            "the underlay's MTU",
+        )
+    if probe.reported_mtu is not None:
+        return Check(
+            "fail",
+            "path-mtu",
+            f"{t}: a router on the way allows only {probe.reported_mtu} bytes (ICMP "
+            f"fragmentation needed), a full tunnel packet is {size}: set tunnel.mtu to at most "
+            f"{probe.reported_mtu - VXLAN_OVERHEAD}",
+        )
+    if probe.small_answered:
+        return Check(
+            "fail",
+            "path-mtu",
+            f"{t} answers small pings but not {size} bytes with DF set: the path drops large "
+            f"packets without saying so; lower tunnel.mtu until it passes",
+        )
+    return Check(
+        "warn",
+        "path-mtu",
+        f"{t} answered no ICMP echo (neither {size} bytes nor small): the path MTU is not "
+        "known; allow ICMP echo from this host to verify it",
+    )
+
+
+def judge_ip_forward(value: int | None, *, preflight: bool) -> Check:
+    if value == 1:
+        return Check("ok", "ip-forward", "net.ipv4.ip_forward = 1")
+    if value is None:
+        return Check("fail", "ip-forward", "net.ipv4.ip_forward cannot be read here")
+    if preflight:
+        return Check("skip", "ip-forward", "net.ipv4.ip_forward = 0 now; gatepeer apply sets it")
+    return Check(
+        "fail",
+        "ip-forward",
+        "net.ipv4.ip_forward = 0: this peer forwards nothing; gatepeer apply sets it to 1 "
+        "(something else turned it off: check sysctl.d and other agents)",
+    )
+
+
+@dataclass(frozen=True)
+class TunnelExpectation:
+    """What the tunnel should look like, from the config, the host and the API."""
+
+    interface: str
+    vni: int | None
+    local: IPv4Address | None
+    dst_port: int
+    underlay_index: int | None
+    mtu: int | None
+
+
+def judge_tunnel(link: LinkReading | None, want: TunnelExpectation, *, preflight: bool) -> Check:
+    name = want.interface
+    if link is None:
+        if preflight:
+            return Check("skip", "tunnel", f"{name} does not exist yet: gatepeer apply creates it")
+        return Check(
+            "fail",
+            "tunnel",
+            f"{name} does not exist: gatepeer apply creates it (is the daemon running?)",
+        )
+    if link.kind != "vxlan":
+        return Check(
+            "fail",
+            "tunnel",
+            f"{name} is a {link.kind or 'plain'} link, not vxlan: gatepeer never deletes it; "
+            "remove it or set tunnel.interface",
+        )
+    wrong = []
+    if want.vni is not None and link.vni != want.vni:
+        wrong.append(f"VNI {link.vni} (the VPG's: {want.vni})")
+    if want.local is not None and link.local != want.local:
+        wrong.append(f"local {link.local} (want {want.local})")
+    if link.dst_port != want.dst_port:
+        wrong.append(f"dstport {link.dst_port} (tunnel.destination_port: {want.dst_port})")
+    if want.underlay_index is not None and link.underlay_index != want.underlay_index:
+        wrong.append("another underlay device")
+    if wrong:
+        return Check(
+            "fail", "tunnel", f"{name} has {'; '.join(wrong)}: gatepeer apply re-creates it"
+        )
+    if not link.oper_up:
+        state = "admin down" if not link.admin_up else f"operationally {link.oper_state}"
+        return Check("fail", "tunnel", f"{name} is {state}: ip link set {name} up, or apply")
+    if want.mtu is not None and link.mtu != want.mtu:
+        return Check(
+            "warn", "tunnel", f"{name} has MTU {link.mtu}, want {want.mtu}: gatepeer apply sets it"
+        )
+    return Check("ok", "tunnel", f"{name} up: VNI {link.vni}, local {link.local}, MTU {link.mtu}")
+
+
+def judge_fdb(
+    interface: str,
+    flood: frozenset[IPv4Address] | None,
+    endpoints: Sequence[IPv4Address],
+    *,
+    preflight: bool,
+) -> Check:
+    if flood is None:
+        status: Status = "skip" if preflight else "fail"
+        return Check(status, "fdb", f"no {interface}, so no flood entries")
+    if not endpoints:
+        return Check("skip", "fdb", "no VPG endpoint is known (the API was not reached)")
+    missing = [str(e) for e in endpoints if e not in flood]
+    stale = sorted(str(d) for d in flood - set(endpoints))
+    if missing:
+        return Check(
+            "fail",
+            "fdb",
+            f"{interface} has no flood entry for VPG endpoint {', '.join(missing)}: traffic "
+            "to devices behind it is lost; gatepeer apply adds it",
+        )
+    if stale:
+        return Check(
+            "warn",
+            "fdb",
+            f"{interface} floods also to {', '.join(stale)}, not a VPG endpoint now: gatepeer "
+            "apply removes it",
+        )
+    return Check("ok", "fdb", f"one flood entry per VPG endpoint ({len(endpoints)})")
+
+
+def judge_nftables(
+    listing: str | None, endpoints: Sequence[IPv4Address], *, preflight: bool
+) -> Check:
+    if listing is None:
+        if preflight:
+            return Check("skip", "nftables", f"table {FAMILY} {TABLE} not loaded yet")
+        return Check(
+            "fail",
+            "nftables",
+            f"table {FAMILY} {TABLE} is not loaded: no VXLAN filter, MSS clamp or NAT; "
+            "gatepeer apply loads it",
+        )
+    admitted = loaded_endpoints(listing)
+    shut = [str(e) for e in endpoints if e not in admitted]
+    if shut:
+        return Check(
+            "fail",
+            "nftables",
+            f"table {FAMILY} {TABLE} drops VXLAN from VPG endpoint {', '.join(shut)}: gatepeer "
+            "apply updates its vpg_endpoints set",
+        )
+    return Check("ok", "nftables", f"table {FAMILY} {TABLE} loaded, admits every VPG endpoint")
+
+
+def _table_use(name: str, used: float, detail: str, full: str, undersized: str | None) -> Check:
+    """A kernel table's headroom: `full` is what to do when it is nearly full, `undersized`
+    (None: it is not) when its limit is below what gatepeer sizes for this config."""
+    if used >= TABLE_FAIL:
+        return Check("fail", name, f"{detail}: {full}")
+    if used >= TABLE_WARN:
+        return Check("warn", name, f"{detail}: little headroom left")
+    if undersized is not None:
+        return Check("warn", name, f"{detail}; {undersized}")
+    return Check("ok", name, detail)
+
+
+def judge_conntrack(
+    count: int | None, limit: int | None, wanted: int, *, limit_writable: bool
+) -> Check:
+    if count is None or limit is None:
+        return Check("skip", "conntrack", "no conntrack table here (nothing tracked yet)")
+    fix = (
+        "gatepeer apply raises it"
+        if limit_writable
+        else "only the initial network namespace can raise it: set it on the host"
+    )
+    return _table_use(
+        "conntrack",
+        count / limit if limit else 1.0,
+        f"{count} of {limit} entries ({count / max(limit, 1):.0%})",
+        "new flows are about to be dropped; raise net.netfilter.nf_conntrack_max "
+        "(kernel.neighbour_table_devices, packet_path.flows_per_device)",
+        f"the limit is below the {wanted} sized for this config: {fix}" if limit < wanted else None,
+    )
+
+
+def judge_neighbours(count: int, gc_thresh3: int | None, wanted: int) -> Check:
+    if gc_thresh3 is None:
+        return Check(
+            "skip",
+            "neighbours",
+            f"{count} on the tunnel; gc_thresh3 exists only in the initial network namespace",
+        )
+    used = count / gc_thresh3 if gc_thresh3 else 1.0
+    return _table_use(
+        "neighbours",
+        used,
+        f"{count} neighbour entries on the tunnel, gc_thresh3 {gc_thresh3} ({used:.0%})",
+        '"neighbor table overflow" and drops are near; raise kernel.neighbour_table_devices',
+        f"below the {wanted} sized for kernel.neighbour_table_devices: gatepeer apply raises it"
+        if gc_thresh3 < wanted
+        else None,
+    )
+
+
+def judge_clock(date_header: str | None, local_time: float) -> Check:
+    if not date_header:
+        return Check("skip", "clock", "the API's answer had no Date header")
+    try:
+        server = email.utils.parsedate_to_datetime(date_header).timestamp()
+    except (TypeError, ValueError):
+        return Check("skip", "clock", "the API's Date header is not a date")
+    # Date is truncated to the second: the server's clock was somewhere in [server, server+1).
+    skew = local_time - (server + 0.5)
+    side = "ahead of" if skew > 0 else "behind"
+    detail = f"this host's clock is {abs(skew):.1f} s {side} the API's"
+    if abs(skew) > CLOCK_FAIL_S:
+        return Check(
+            "fail",
+            "clock",
+            f"{detail}: AWS refuses signed requests more than 5 min off; run NTP (chrony, "
+            "Amazon Time Sync Service 169.254.169.123)",
+        )
+    if abs(skew) > CLOCK_WARN_S:
+        return Check("warn", "clock", f"{detail}: run NTP (chrony)")
+    return Check("ok", "clock", f"{detail} (within {CLOCK_WARN_S:g} s)")
