@@ -259,8 +259,10 @@ class SoracomClient:
         except OSError as exc:
             with self.stats.lock:
                 self.stats.auth_failures += 1
+            # An SSM failure already names its parameter; a file's error gets the file said.
+            source = "" if getattr(exc, "parameter", None) else "the auth key file: "
             raise AuthenticationError(
-                "auth", 0, f"cannot read the auth key file: {exc.strerror or exc}"
+                "auth", 0, f"cannot read {source}{exc.strerror or exc}"
             ) from None
         body = {
             "authKeyId": self.auth_key_id,

@@ -153,6 +153,22 @@ def test_unreadable_key_file(emulator: Emulator, clock: FakeClock, sleeps: Sleep
     assert emulator.counts() == {}
 
 
+def test_unreadable_ssm_parameter_is_named_as_such(
+    emulator: Emulator, clock: FakeClock, sleeps: Sleeps
+) -> None:
+    from gatepeer.aws.ssm import SsmParameterError
+
+    def read() -> str:
+        raise SsmParameterError("/gatepeer/auth-key", "not found")
+
+    client = SoracomClient(emulator.base_url, KEY_ID, read, sleep=sleeps, clock=clock)  # type: ignore[attr-defined]
+    with pytest.raises(AuthenticationError) as caught:
+        client.authenticate()
+    assert "cannot read SSM parameter /gatepeer/auth-key: not found" in str(caught.value)
+    assert "auth key file" not in str(caught.value)
+    assert emulator.counts() == {}
+
+
 def test_token_refreshed_before_expiry(
     emulator: Emulator, clock: FakeClock, sleeps: Sleeps
 ) -> None:
