@@ -458,15 +458,7 @@ def _inner_address(s: _Section) -> ipaddress.IPv4Address | None:
             f'{s.key("inner_address")}: must be an IPv4 address string such as "10.128.0.3", '
             f"got {_show(raw)}"
         ) from None
-    if (
-        address.is_multicast
-        or address.is_unspecified
-        or address.is_loopback
-        or address.is_link_local
-        or address == ipaddress.IPv4Address("255.255.255.255")
-    ):
-        raise ConfigError(f"{s.key('inner_address')}: must be a unicast address, got {address}")
-    return address
+    return _unicast(s, "inner_address", address)
 
 
 # An SSM parameter name (a path such as /gatepeer/auth-key) or its ARN.
@@ -834,6 +826,12 @@ def _ha_address(s: _Section, key: str, *, required: bool) -> ipaddress.IPv4Addre
         address = ipaddress.IPv4Address(value)
     except ValueError:
         raise ConfigError(f"{s.key(key)}: not an IPv4 address, got {_show(value)}") from None
+    return _unicast(s, key, address)
+
+
+def _unicast(s: _Section, key: str, address: ipaddress.IPv4Address) -> ipaddress.IPv4Address:
+    """An address a host can own on a link: not multicast, 0.0.0.0, loopback, link-local or
+    the broadcast address."""
     if (
         address.is_multicast
         or address.is_unspecified
