@@ -195,6 +195,7 @@ def _registration(f: _Findings, s: Signals) -> None:
 
 
 def _daemon(f: _Findings, s: Signals) -> None:
+    """The reconcile's failure, judged by who made it, and the daemon itself."""
     d = s.daemon
     if d is not None and not d.running:
         f.add(
@@ -202,15 +203,18 @@ def _daemon(f: _Findings, s: Signals) -> None:
             "the daemon is not running: nothing repairs drift or probes the VPG endpoints",
         )
         if s.reconcile_failure:
-            # What a one-shot apply recorded: history; the live kernel was judged above.
+            # What a one-shot apply recorded is history: the live kernel was judged above.
             f.add("degraded", f"the last reconcile failed: {s.reconcile_failure}")
         return
     if s.reconcile_failure:
         f.add("failed", s.reconcile_failure)
-    age, limit = (d.loop_age_s, d.stale_after_s) if d is not None else (None, None)
-    if age is not None and limit is not None and age > limit:
-        pid = d.pid if d is not None else None
-        f.add("degraded", f"the daemon (pid {pid}) has not reconciled for {age:.0f} s: stuck?")
+    if d is None or d.loop_age_s is None or d.stale_after_s is None:
+        return
+    if d.loop_age_s > d.stale_after_s:
+        f.add(
+            "degraded",
+            f"the daemon (pid {d.pid}) has not reconciled for {d.loop_age_s:.0f} s: stuck?",
+        )
 
 
 def _probes(f: _Findings, probes: Sequence[ProbeSignal]) -> None:
