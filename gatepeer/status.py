@@ -455,10 +455,13 @@ def probe_signals(st: StateSummary) -> tuple[health.ProbeSignal, ...]:
 
 
 def recorded_signals(st: StateSummary) -> health.Signals:
-    """What the state document alone says: the last reconcile, the API, the redirection and,
-    when the daemon wrote them, the probes. The daemon's own "health" in state.json."""
+    """What the state document alone says: the registration, the last reconcile, the API, the
+    redirection and, when the daemon wrote them, the probes. The daemon's own "health" in
+    state.json (before its first gate view: down, as status says)."""
     return health.Signals(
         gate=st.gate,
+        gate_expected=True,
+        local_address=st.local_address,
         reconcile_failure=st.reconcile_failure,
         api_error=st.gate_error,
         api_answer_refused=st.api_answer_refused,

@@ -251,7 +251,11 @@ CASES = [
     Case("redirection post failing", "degraded", "SORACOM API: setRedirection",
          doc={"redirection": {"mode": "self", "error": "setRedirectionConfiguration: HTTP 500"}}),
     Case("nat without redirection here", "degraded", "packet_path.mode is nat", doc=ELSEWHERE),
-    # What only a reader sees (the live kernel, the clock, the host's address, [ha]):
+    Case("no gate view yet", "down", "not registered: no gate view yet (HTTP 401)",
+         doc={"gate": None, "gate_error": "HTTP 401"}),
+    Case("registered for an old address", "down", "registered as 172.31.5.10",
+         doc={"host": {"local_address": "172.31.9.9"}}),
+    # What only a reader sees (the live kernel, the clock, [ha]):
     Case("loop stuck", "degraded", "the daemon (pid 4242) has not reconciled for 3600 s",
          doc={"reconciled_at": NOW - 3600}, recorded=False),
     Case("tunnel gone", "down", "vxlan0 does not exist", link=None, recorded=False),
@@ -261,10 +265,6 @@ CASES = [
     Case("one FDB entry missing", "degraded",
          "vxlan0 has no FDB entry for VPG endpoint 100.64.10.2",
          flood=frozenset({A("100.64.10.1")}), recorded=False),
-    Case("no gate view yet", "down", "not registered: no gate view yet (HTTP 401)",
-         doc={"gate": None, "gate_error": "HTTP 401"}, recorded=False),
-    Case("registered for an old address", "down", "registered as 172.31.5.10",
-         doc={"host": {"local_address": "172.31.9.9"}}, recorded=False),
     Case("ha backup", "ok", ha=("BACKUP",), recorded=False),
     Case("ha master", "ok", ha=("BACKUP", "MASTER"), recorded=False),
     Case("ha fault", "degraded", "ha: keepalived reports FAULT", ha=("MASTER", "FAULT"),
@@ -409,7 +409,7 @@ def test_status_metrics_and_the_daemon_agree(tmp_path: Path, case: Case) -> None
     else:
         assert status.reasons[0].startswith(case.first), status.reasons
     # The health the daemon writes in state.json judges the recorded signals and the probes
-    # (not the live kernel, the clock, the host's address or [ha]): the same verdict on those.
+    # (not the live kernel, the clock or [ha]): the same verdict on those.
     if case.recorded:
         results = {
             e.outer: ProbeResult(s, None, None)  # type: ignore[arg-type]

@@ -221,8 +221,20 @@ def test_health_one_down_is_degraded_all_down_is_down() -> None:
     assert worst("degraded", "failed", "ok") == "failed"
 
 
+GATE = {
+    "vpg_id": "vpg-1",
+    "vni": 10,
+    "device_subnet": "198.19.0.0/16",
+    "gate_opened": True,
+    "inner": "198.19.0.3/16",
+    "outer": "198.18.0.10",
+    "endpoints": [{"outer": str(e.outer), "inner": str(e.inner)} for e in (EP1, EP2)],
+}
+
+
 def test_with_probes_adds_endpoints_and_joins_health() -> None:
-    state = {"health": "ok", "reasons": [], "gate": {}}
+    # A registered peer (the evaluator judges a missing gate view too: "not registered").
+    state = {"health": "ok", "reasons": [], "gate": GATE}
     results = {
         EP1.outer: ProbeResult("up", 0.0012345678, 0.1),
         EP2.outer: ProbeResult("down", None, 1.0),
@@ -246,10 +258,10 @@ def test_with_probes_adds_endpoints_and_joins_health() -> None:
             "probe": {"state": "down", "rtt_s": None, "loss": 1.0, "error": None},
         },
     ]
-    assert state == {"health": "ok", "reasons": [], "gate": {}}, "the input is not changed"
+    assert state == {"health": "ok", "reasons": [], "gate": GATE}, "the input is not changed"
     # A failed reconcile stays failed; nobody probing leaves the health alone.
-    failed = {"health": "failed", "reasons": ["x"], "last_reconcile": {"health": "failed",
-                                                                       "failure": "x"}}  # fmt: skip
+    failed = {"health": "failed", "reasons": ["x"], "gate": GATE,
+              "last_reconcile": {"health": "failed", "failure": "x"}}  # fmt: skip
     assert with_probes(failed, [EP1], results, None)["health"] == "failed"
     quiet = with_probes({"health": "ok", "reasons": []}, [EP1], None, None)
     assert quiet["health"] == "ok"
