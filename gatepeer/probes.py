@@ -399,7 +399,8 @@ def with_probes(
     reasons judged again by the evaluator from the document's signals (the last reconcile, the
     API, the redirection) and the probes. The reconcile's own verdict stays in last_reconcile."""
     # status reads the document (and imports this module): import it here, not at the top.
-    from gatepeer.status import StateSummary, recorded_signals
+    from gatepeer.health_inputs import recorded_signals
+    from gatepeer.status import StateSummary
 
     out = dict(state)
     out["endpoints"] = endpoint_report(endpoints, results, fdb)

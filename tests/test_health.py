@@ -26,6 +26,7 @@ from gatepeer.health import (
     Verdict,
     evaluate,
 )
+from gatepeer.health_inputs import running_verdict
 from gatepeer.kernel.rtnl import InterfaceStats, LinkReading
 from gatepeer.metrics.collectors import HealthCollector
 from gatepeer.probes import ProbeResult, with_probes
@@ -36,7 +37,6 @@ from gatepeer.status import (
     TunnelReading,
     gather,
     render,
-    running_verdict,
     to_json,
 )
 

@@ -26,6 +26,7 @@ from gatepeer.config import AgentConfig, HaConfig
 from gatepeer.ha.metrics import HaCollector
 from gatepeer.ha.role import RoleView
 from gatepeer.health import HEALTHS
+from gatepeer.health_inputs import running_verdict
 from gatepeer.kernel.rtnl import OPER_STATES
 from gatepeer.metrics.sources import (
     CONNTRACK_COUNT,
@@ -35,7 +36,7 @@ from gatepeer.metrics.sources import (
     KernelSource,
     PacketPathSource,
 )
-from gatepeer.status import TunnelReading, running_verdict
+from gatepeer.status import TunnelReading
 
 # nftables counter name -> reason label
 DROP_REASONS = {
