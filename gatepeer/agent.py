@@ -18,7 +18,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from gatepeer import __version__, redirection, statefile
+from gatepeer import __version__, health, redirection, statefile
 from gatepeer.aws.integration import InstanceFactsSource, ssm_key_reader
 from gatepeer.config import Config
 from gatepeer.gate import (
@@ -64,13 +64,14 @@ class ReconcileError(RuntimeError):
 @dataclass
 class ReconcileResult:
     actions: list[Action]
-    health: str  # "ok", "degraded" or "failed"
+    health: str  # health.evaluate's verdict on this reconcile: "ok", "degraded" or "failed"
     reasons: list[str]
     notes: list[str]
     duration_s: float
     dry_run: bool = False
     bad_config: bool = False  # the settings themselves cannot work (exit 2, not 1)
     preview: list[str] = field(default_factory=list)  # dry run: changes outside the kernel
+    failure: str | None = None  # why the kernel could not be converged (health "failed")
 
 
 @dataclass
@@ -441,10 +442,10 @@ class Agent:
 
     def reconcile(self, *, dry_run: bool = False, refresh: bool = True) -> ReconcileResult:
         started = time.monotonic()
-        reasons: list[str] = []
+        findings: list[str] = []
         actions: list[Action] = []
         notes: list[str] = []
-        health = "ok"
+        failure: str | None = None
         bad_config = False
         try:
             facts = self.host_facts()
@@ -453,14 +454,10 @@ class Agent:
             self.preview = []
             if refresh:
                 self.refresh_gate(dry_run=dry_run)
-            if self.gate_error:
-                reasons.append(f"SORACOM API: {self.gate_error}; keeping the last applied state")
-            if self.redirection_error:
-                reasons.append(f"SORACOM API: {self.redirection_error}")
             # A dry run with "self" previews the post that would fix the gateway instead.
             previewed = dry_run and self.config.soracom.redirection == "self"
             if self.gate is not None and not previewed:
-                reasons += redirection.findings(
+                findings = redirection.findings(
                     self.config.packet_path.mode, self.config.soracom.redirection, self.gate
                 )
             desired = self.desired()
@@ -500,25 +497,32 @@ class Agent:
                     )
             elif not dry_run:
                 self._remember_link(observed)
-            if reasons:
-                health = "degraded"
         except (KernelError, ReconcileError, DesiredStateError, NetlinkError, OSError) as exc:
             # NetlinkError and OSError: a read raced with a change (the link went away between
             # lookup and get, say); the next event or timer reconciles again.
             bad_config = isinstance(exc, DesiredStateError)
-            health = "failed"
-            reasons.append(str(exc))
+            failure = str(exc)
             if not bad_config:  # a bad setting is reported once, by the caller
                 log.error("%s", exc)
+        verdict = health.evaluate(
+            health.Signals(
+                reconcile_failure=failure,
+                api_error=self.gate_error,
+                api_answer_refused=self.refused_field is not None,
+                redirection_error=self.redirection_error,
+                redirection_findings=tuple(findings),
+            )
+        )
         result = ReconcileResult(
             actions=actions,
-            health=health,
-            reasons=reasons,
+            health=verdict.health,
+            reasons=list(verdict.reasons),
             notes=notes,
             duration_s=time.monotonic() - started,
             dry_run=dry_run,
             bad_config=bad_config,
             preview=list(self.preview),
+            failure=failure,
         )
         if not dry_run:
             self.reconciled_at = self.clock()
@@ -559,12 +563,15 @@ class Agent:
 
     def record_crash(self, exc: BaseException) -> ReconcileResult:
         """Account for a reconcile that raised something unexpected (a bug): failed, and said."""
+        failure = f"internal error: {type(exc).__name__}: {exc}"
+        verdict = health.evaluate(health.Signals(reconcile_failure=failure))
         result = ReconcileResult(
             actions=[],
-            health="failed",
-            reasons=[f"internal error: {type(exc).__name__}: {exc}"],
+            health=verdict.health,
+            reasons=list(verdict.reasons),
             notes=[],
             duration_s=0.0,
+            failure=failure,
         )
         self._count(result)
         self.last = result
@@ -702,6 +709,7 @@ class Agent:
                 "actions": describe(last.actions),
                 "duration_s": round(last.duration_s, 6),
                 "error": "; ".join(last.reasons) or None,
+                "failure": last.failure,
             }
             if last
             else None,

@@ -30,6 +30,7 @@ from gatepeer.kernel import rtnl
 from gatepeer.kernel.netlink import KernelError
 from gatepeer.probes import IcmpTransport, Prober, with_probes
 from gatepeer.state import DesiredStateError, Endpoint, tunnel_mtu
+from gatepeer.status import daemon_verdict
 
 if TYPE_CHECKING:
     from gatepeer.metrics.server import MetricsServer
@@ -467,8 +468,10 @@ class Daemon:
                 if first:
                     systemd.notify("READY=1")
                     first = False
+                # What status and the metrics say too: the probes, the live tunnel, HA.
+                verdict = daemon_verdict(self.config, self.agent.state())
                 systemd.notify(
-                    f"STATUS={result.health}: {'; '.join(result.reasons) or 'converged'}"
+                    f"STATUS={verdict.health}: {'; '.join(verdict.reasons) or 'converged'}"
                 )
                 self._wait(next_refresh, watchdog)
         finally:

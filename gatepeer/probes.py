@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from gatepeer import health
 from gatepeer.state import Endpoint, IPv4Address
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ WINDOW = 10  # probes kept per endpoint for the loss ratio
 DOWN_AFTER = 2  # unanswered probes in a row that mark an endpoint down
 
 ProbeState = Literal["up", "down", "unknown"]
-HEALTH_RANK = {"ok": 0, "unknown": 1, "degraded": 2, "failed": 3}
+HEALTH_RANK = {"ok": 0, "unknown": 1, "degraded": 2, "failed": 3, "down": 4}
 
 
 @dataclass(frozen=True)
@@ -346,19 +347,24 @@ class Prober(threading.Thread):
 # ---- what the results mean --------------------------------------------------------------
 
 
+def probe_signals(
+    endpoints: Sequence[Endpoint], results: Mapping[IPv4Address, ProbeResult]
+) -> tuple[health.ProbeSignal, ...]:
+    return tuple(
+        health.ProbeSignal(
+            str(e.outer), str(e.inner) if e.inner else None, results.get(e.outer, UNKNOWN).state
+        )
+        for e in endpoints
+    )
+
+
 def probe_health(
     endpoints: Sequence[Endpoint], results: Mapping[IPv4Address, ProbeResult]
 ) -> tuple[str, list[str]]:
-    """("ok" | "degraded" | "failed", reasons). One endpoint down while another answers is
-    degraded (traffic goes through the other); every endpoint down is failed."""
-    state = {e.outer: results.get(e.outer, UNKNOWN).state for e in endpoints}
-    down = [e for e in endpoints if state[e.outer] == "down"]
-    if not down:
-        return "ok", []
-    names = ", ".join(f"{e.outer} (inner {e.inner})" for e in down)
-    if len(down) == len(endpoints):
-        return "failed", [f"no VPG endpoint answers probes through the tunnel: {names}"]
-    return "degraded", [f"VPG endpoint {names} does not answer probes through the tunnel"]
+    """What the probes alone say, as the health evaluator judges them: one endpoint down while
+    another answers is degraded (traffic goes through the other); every endpoint down is down."""
+    verdict = health.evaluate(health.Signals(probes=probe_signals(endpoints, results)))
+    return verdict.health, list(verdict.reasons)
 
 
 def worst(*healths: str) -> str:
@@ -390,12 +396,15 @@ def with_probes(
     fdb: frozenset[IPv4Address] | None,
 ) -> dict[str, Any]:
     """The agent's state document joined with the probes: an "endpoints" list, and health and
-    reasons that include what the probes found (the reconcile's own stay in last_reconcile)."""
+    reasons judged again by the evaluator from the document's signals (the last reconcile, the
+    API, the redirection) and the probes. The reconcile's own verdict stays in last_reconcile."""
+    # status reads the document (and imports this module): import it here, not at the top.
+    from gatepeer.health_inputs import recorded_signals
+    from gatepeer.status import StateSummary
+
     out = dict(state)
     out["endpoints"] = endpoint_report(endpoints, results, fdb)
     if results is not None:
-        health, reasons = probe_health(endpoints, results)
-        if health != "ok":
-            out["health"] = worst(str(state.get("health", "unknown")), health)
-            out["reasons"] = [*state.get("reasons", []), *reasons]
+        verdict = health.evaluate(recorded_signals(StateSummary.from_state(out)))
+        out["health"], out["reasons"] = verdict.health, list(verdict.reasons)
     return out

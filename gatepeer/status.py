@@ -5,29 +5,38 @@ a machine that was never configured. It must stay fast: standard library and `ke
 only, no pyroute2, no prometheus_client. The metrics read the daemon's state through the same
 `StateSummary`, so the two never disagree on what the state document means.
 
-Health here is "ok" (exit 0), "degraded" (exit 1: traffic flows, something needs a look) or
-"down" (exit 2: no traffic, or nothing set up, or no configuration).
+Health is judged by `gatepeer.health.evaluate` (what the words mean is said there), on the
+signals `health_inputs.observed_signals` makes of what was read, as for the metrics and the
+daemon's STATUS= line. Exit codes: "ok" 0, "degraded" 1, "failed" and "down" 2.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gatepeer import __version__, redirection, statefile
-from gatepeer.config import IFNAME_RE, AgentConfig, ConfigError, TunnelConfig, load
+from gatepeer import __version__, health, redirection, statefile
+from gatepeer.config import (
+    IFNAME_RE,
+    AgentConfig,
+    Config,
+    ConfigError,
+    HaConfig,
+    TunnelConfig,
+    load,
+)
+from gatepeer.ha import report as ha_report
+from gatepeer.health_inputs import daemon_signal, observed_signals, running_verdict
 from gatepeer.kernel import rtnl
 from gatepeer.probes import UNKNOWN, ProbeResult
 from gatepeer.state import GateView
 
-EXIT_CODES = {"ok": 0, "degraded": 1, "down": 2}
-# state.json is rewritten after every reconcile and probe round; older than this many
-# reconcile intervals means the daemon is stuck.
-STALE_INTERVALS = 3
+EXIT_CODES = health.STATUS_EXIT_CODES
 
 
 # ---- the state document -------------------------------------------------------------------
@@ -70,6 +79,10 @@ class StateSummary:
     api_refused_field: str | None = None  # the field that failed its check
     redirection_mode: str | None = None  # soracom.redirection when the state was written
     redirection_error: str | None = None  # the last setRedirectionConfiguration failed
+    # Why the last reconcile failed (None: it did not); older documents name it only in
+    # last_reconcile.error.
+    reconcile_failure: str | None = None
+    ha: Any = None  # the HA role the daemon recorded (RoleView.to_json()); None: none
 
     @property
     def redirection_is_self(self) -> bool | None:
@@ -130,6 +143,11 @@ class StateSummary:
         if fast_path is not None and not isinstance(fast_path, bool):
             r.damaged.append("packet_path.fast_path_active")
             fast_path = None
+        last_health = r.text(last, "health", "last_reconcile.health")
+        failure = r.text(last, "failure", "last_reconcile.failure")
+        if failure is None and last_health == "failed" and "failure" not in last:
+            error = last.get("error")  # its damage, if any, is named below
+            failure = error if isinstance(error, str) else None
         pid = data.get("pid")
         if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool)):
             r.damaged.append("pid")
@@ -148,7 +166,7 @@ class StateSummary:
             probed=probed,
             gate_fetched_at=r.number(data, "gate_fetched_at", "gate_fetched_at"),
             gate_error=r.text(data, "gate_error", "gate_error"),
-            last_health=r.text(last, "health", "last_reconcile.health"),
+            last_health=last_health,
             last_error=r.text(last, "error", "last_reconcile.error"),
             last_duration_s=r.number(last, "duration_s", "last_reconcile.duration_s"),
             reconciles=r.count(counters, "reconciles", "counters.reconciles"),
@@ -160,6 +178,8 @@ class StateSummary:
             api_refused_field=r.text(data, "api_refused_field", "api_refused_field"),
             redirection_mode=r.text(redirect, "mode", "redirection.mode"),
             redirection_error=r.text(redirect, "error", "redirection.error"),
+            reconcile_failure=failure,
+            ha=data.get("ha"),
             damaged=tuple(r.damaged),
         )
 
@@ -295,8 +315,15 @@ class Status:
     packet_path_mode: str | None = None
     state_error: str | None = None  # "state file unreadable: ..." when it exists but is damaged
     redirection_mode: str | None = None
+    ha_config: HaConfig | None = None  # [ha]; None: a single peer (no HA line, no HA reasons)
     health: str = "down"
     reasons: list[str] = field(default_factory=list)
+
+    @property
+    def ha(self) -> dict[str, Any] | None:
+        """The "ha" object of the report; None without [ha]."""
+        recorded = self.state.ha if self.state else None
+        return ha_report.summary(self.ha_config, recorded, self.now)
 
     @property
     def exit_code(self) -> int:
@@ -315,6 +342,7 @@ def gather(
     interface, state_path = TunnelConfig.interface, AgentConfig.state_file
     interval, mode = AgentConfig.reconcile_interval, None
     redirection_mode: str | None = None
+    ha_config: HaConfig | None = None
     if not configured:
         error = f"not configured: {config_path} does not exist (set --config or GATEPEER_CONFIG)"
     else:
@@ -327,6 +355,7 @@ def gather(
             interface, state_path = cfg.tunnel.interface, cfg.agent.state_file
             interval, mode = cfg.agent.reconcile_interval, cfg.packet_path.mode
             redirection_mode = cfg.soracom.redirection
+            ha_config = cfg.ha
     raw = statefile.read(state_path)
     state = StateSummary.from_state(raw) if raw else None
     state_error = None
@@ -354,6 +383,7 @@ def gather(
         packet_path_mode=(state.packet_path_mode if state else None) or mode,
         state_error=state_error,
         redirection_mode=(state.redirection_mode if state else None) or redirection_mode,
+        ha_config=ha_config,
     )
     status.health, status.reasons = evaluate(status)
     return status
@@ -361,79 +391,43 @@ def gather(
 
 def evaluate(s: Status) -> tuple[str, list[str]]:
     """The health and why, worst first. Pure: looks only at what `gather` read."""
-    down: list[str] = []
-    degraded: list[str] = []
     st = s.state
-    if not s.configured and st is None:
-        return "down", [s.config_error or "not configured"]  # the rest follows from it
-    if s.config_error:
-        down.append(s.config_error)
-    link = s.tunnel.link
-    if s.state_error:
-        degraded.append(s.state_error)  # what the kernel has is still judged below
-    elif st is None:
-        down.append(
-            f"never set up: no state file {s.state_path} (run `gatepeer apply` or start the daemon)"
-        )
-    if link is None:
-        down.append(f"{s.interface} does not exist")
-    elif link.kind != "vxlan":
-        down.append(f"{s.interface} is a {link.kind or 'plain'} link, not vxlan")
-    elif not link.oper_up:
-        flag = "admin down" if not link.admin_up else f"operationally {link.oper_state}"
-        down.append(f"{s.interface} is {flag}")
-    if st is not None and st.gate is not None and not st.registered:
-        down.append(
-            f"registered as {st.gate.outer}, but this host's address is now {st.local_address}"
-        )
-    if st is not None and st.gate is not None and link is not None:
-        gate = st.gate
-        if link.vni is not None and link.vni != gate.vni:
-            down.append(f"{s.interface} has VNI {link.vni}, the registration says {gate.vni}")
-        if gate.inner not in s.tunnel.addresses:
-            down.append(f"{s.interface} lacks the inner address {gate.inner}")
-        missing = [str(e.outer) for e in gate.endpoints if e.outer not in s.tunnel.flood]
-        if missing and len(missing) == len(gate.endpoints):
-            down.append(f"{s.interface} has no FDB entry for any VPG endpoint")
-        elif missing:
-            degraded.append(f"{s.interface} has no FDB entry for VPG endpoint {', '.join(missing)}")
-    elif st is not None and st.gate is None:
-        down.append(
-            "not registered: no gate view yet" + (f" ({st.gate_error})" if st.gate_error else "")
-        )
+    daemon = None
     if st is not None:
-        if s.daemon is None:
-            degraded.append(
-                "the daemon is not running: nothing repairs drift or probes the VPG endpoints"
-            )
-            if st.last_health == "failed":
-                degraded.append(f"the last reconcile failed: {st.last_error}")
-        else:
-            last = st.reconciled_at or st.updated_at
-            age = s.now - last if last else None
-            if age is not None and age > STALE_INTERVALS * s.reconcile_interval:
-                degraded.append(
-                    f"the daemon (pid {s.daemon}) has not reconciled for {age:.0f} s: stuck?"
-                )
-            # The daemon's health already joins the last reconcile and the probes.
-            if st.health in ("failed", "degraded"):
-                (down if st.health == "failed" else degraded).extend(st.reasons)
-    if st is not None and st.gate is not None:
-        # Said whether or not the daemon runs: an apply's refused answer and the VPG's
-        # redirection matter as much as a daemon's.
-        said = down + degraded
-        if st.gate_error and not any(st.gate_error in r for r in said):
-            word = "answer refused" if st.api_answer_refused else "failed"
-            degraded.append(f"SORACOM API {word}, keeping the last good view: {st.gate_error}")
-        if st.redirection_error and not any(st.redirection_error in r for r in said):
-            degraded.append(f"SORACOM API: {st.redirection_error}")
-        findings = redirection.findings(s.packet_path_mode, s.redirection_mode, st.gate)
-        degraded += [f for f in findings if f not in said]
-    if down:
-        return "down", down + degraded
-    if degraded:
-        return "degraded", degraded
-    return "ok", []
+        daemon = daemon_signal(st, s.daemon, s.now, s.reconcile_interval)
+    signals = observed_signals(
+        st,
+        s.tunnel,
+        interface=s.interface,
+        daemon=daemon,
+        packet_path_mode=s.packet_path_mode,
+        redirection_mode=s.redirection_mode,
+        ha=s.ha_config,
+        config_error=s.config_error,
+        configured=s.configured,
+        state_path=s.state_path,
+        state_error=s.state_error,
+    )
+    verdict = health.evaluate(signals)
+    return verdict.health, list(verdict.reasons)
+
+
+def daemon_verdict(
+    config: Config, doc: Mapping[str, Any], now: float | None = None
+) -> health.Verdict:
+    """`running_verdict` for the daemon's own state document and the live tunnel (its systemd
+    STATUS= line)."""
+    st = StateSummary.from_state(doc)
+    return running_verdict(
+        st,
+        TunnelReading.read(st.interface),
+        pid=st.pid or os.getpid(),
+        now=time.time() if now is None else now,
+        reconcile_interval=config.agent.reconcile_interval,
+        packet_path_mode=config.packet_path.mode,
+        redirection_mode=config.soracom.redirection,
+        ha=config.ha,
+    )
 
 
 # ---- output -------------------------------------------------------------------------------
@@ -442,7 +436,7 @@ def evaluate(s: Status) -> tuple[str, list[str]]:
 def to_json(s: Status) -> dict[str, Any]:
     st, link, gate = s.state, s.tunnel.link, s.state.gate if s.state else None
     stats = link.stats if link else None
-    return {
+    report: dict[str, Any] = {
         "health": s.health,
         "exit_code": s.exit_code,
         "reasons": s.reasons,
@@ -529,6 +523,10 @@ def to_json(s: Status) -> dict[str, Any]:
             "error": s.state_error,
         },
     }
+    ha = s.ha
+    if ha is not None:  # only with [ha]: a single peer's report has no "ha" key
+        report["ha"] = ha
+    return report
 
 
 def _ago(now: float, then: float | None) -> str:
@@ -625,6 +623,8 @@ def render(s: Status) -> str:
             + (" (this peer)" if rd["is_self"] else f", not this peer ({rd['this_peer']})")
             + f"; soracom.redirection {rd['mode'] or 'unknown'}"
         )
+    if "ha" in j:
+        lines.append(ha_report.line(j["ha"]))
     lr = j["last_reconcile"]
     if lr:
         took = f" in {lr['duration_s'] * 1000:.1f} ms" if lr["duration_s"] is not None else ""

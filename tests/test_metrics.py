@@ -150,9 +150,11 @@ class FakeKernel:
         link: LinkReading | None = LINK,
         flood: frozenset[IPv4Address] = frozenset({A("100.64.10.1"), A("100.64.10.2")}),
         sysctls: Mapping[str, int] | None = None,
+        addresses: Sequence[IPv4Interface] = (IPv4Interface("10.128.0.3/9"),),
     ) -> None:
         self._link = link
         self._flood = flood
+        self._addresses = tuple(addresses)
         self._sysctls = (
             {CONNTRACK_COUNT: 1234, CONNTRACK_MAX: 262_144, NEIGHBOUR_LIMIT: 100_000}
             if sysctls is None
@@ -165,6 +167,10 @@ class FakeKernel:
     def flood_destinations(self, index: int) -> frozenset[IPv4Address]:
         assert self._link is not None and index == self._link.index
         return self._flood
+
+    def addresses(self, index: int) -> Sequence[IPv4Interface]:
+        assert self._link is not None and index == self._link.index
+        return self._addresses
 
     def neighbour_count(self, index: int) -> int:
         return 812

@@ -205,22 +205,36 @@ def test_targets_follow_the_gate_view() -> None:
     assert prober.results()[EP1.outer].state == "unknown"
 
 
-def test_health_one_down_is_degraded_all_down_is_failed() -> None:
+def test_health_one_down_is_degraded_all_down_is_down() -> None:
     up, down = ProbeResult("up", 0.001, 0.0), ProbeResult("down", None, 1.0)
     both = [EP1, EP2]
     assert probe_health(both, {EP1.outer: up, EP2.outer: up}) == ("ok", [])
     assert probe_health(both, {EP1.outer: up, EP2.outer: down})[0] == "degraded"
     assert probe_health(both, {EP1.outer: down})[0] == "degraded"  # EP2 still unknown
     health, reasons = probe_health(both, {EP1.outer: down, EP2.outer: down})
-    assert health == "failed"
+    # No endpoint answers: no traffic reaches the devices. "down", the word `gatepeer status`
+    # always used for it (the daemon used to say "failed", its worst word then).
+    assert health == "down"
     assert "198.18.1.11" in reasons[0] and "198.18.1.12" in reasons[0]
     assert worst("ok", "degraded") == "degraded"
     assert worst("unknown", "ok") == "unknown"
     assert worst("degraded", "failed", "ok") == "failed"
 
 
+GATE = {
+    "vpg_id": "vpg-1",
+    "vni": 10,
+    "device_subnet": "198.19.0.0/16",
+    "gate_opened": True,
+    "inner": "198.19.0.3/16",
+    "outer": "198.18.0.10",
+    "endpoints": [{"outer": str(e.outer), "inner": str(e.inner)} for e in (EP1, EP2)],
+}
+
+
 def test_with_probes_adds_endpoints_and_joins_health() -> None:
-    state = {"health": "ok", "reasons": [], "gate": {}}
+    # A registered peer (the evaluator judges a missing gate view too: "not registered").
+    state = {"health": "ok", "reasons": [], "gate": GATE}
     results = {
         EP1.outer: ProbeResult("up", 0.0012345678, 0.1),
         EP2.outer: ProbeResult("down", None, 1.0),
@@ -244,11 +258,11 @@ def test_with_probes_adds_endpoints_and_joins_health() -> None:
             "probe": {"state": "down", "rtt_s": None, "loss": 1.0, "error": None},
         },
     ]
-    assert state == {"health": "ok", "reasons": [], "gate": {}}, "the input is not changed"
+    assert state == {"health": "ok", "reasons": [], "gate": GATE}, "the input is not changed"
     # A failed reconcile stays failed; nobody probing leaves the health alone.
-    assert with_probes({"health": "failed", "reasons": ["x"]}, [EP1], results, None)["health"] == (
-        "failed"
-    )
+    failed = {"health": "failed", "reasons": ["x"], "gate": GATE,
+              "last_reconcile": {"health": "failed", "failure": "x"}}  # fmt: skip
+    assert with_probes(failed, [EP1], results, None)["health"] == "failed"
     quiet = with_probes({"health": "ok", "reasons": []}, [EP1], None, None)
     assert quiet["health"] == "ok"
     assert quiet["endpoints"][0]["probe"]["state"] == "unknown"

@@ -258,7 +258,11 @@ def test_one_endpoint_down_is_degraded_and_named(tmp_path: Path) -> None:
 
 
 def test_all_endpoints_down_is_down(tmp_path: Path) -> None:
-    s = run_status(tmp_path, state_doc(health="failed", reasons=["no VPG endpoint answers"]))
+    # The probes are the signal (the daemon's own "health" word is not read).
+    doc = state_doc(health="failed", reasons=["no VPG endpoint answers"])
+    for endpoint in doc["endpoints"]:
+        endpoint["probe"] = probe("down", None, 1.0)
+    s = run_status(tmp_path, doc)
     assert (s.health, s.exit_code) == ("down", 2)
 
 

@@ -9,8 +9,10 @@ whose last probe went unanswered. Nothing secret is ever a label or a value.
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -20,6 +22,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from gatepeer.config import AgentConfig, HaConfig
+from gatepeer.ha.metrics import HaCollector
+from gatepeer.ha.role import RoleView
+from gatepeer.health import HEALTHS
+from gatepeer.health_inputs import running_verdict
 from gatepeer.kernel.rtnl import OPER_STATES
 from gatepeer.metrics.sources import (
     CONNTRACK_COUNT,
@@ -29,6 +36,7 @@ from gatepeer.metrics.sources import (
     KernelSource,
     PacketPathSource,
 )
+from gatepeer.status import TunnelReading
 
 # nftables counter name -> reason label
 DROP_REASONS = {
@@ -37,7 +45,7 @@ DROP_REASONS = {
     "allowlist_dropped": "destination_not_allowed",
     "host_service_dropped": "host_service_not_allowed",
 }
-HEALTH_STATES = ("ok", "degraded", "failed")
+HEALTH_STATES = HEALTHS
 # A reconcile without an API call takes milliseconds; with one, up to the request timeout.
 RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -426,28 +434,65 @@ class ApiCollector:
 
 
 class HealthCollector:
-    """The agent's health: the last reconcile joined with the endpoint probes."""
+    """The health evaluator's verdict on the agent's state (the last reconcile, the API, the
+    redirection, the probes, HA) and the live tunnel: what `gatepeer status` says while the
+    daemon runs."""
 
-    def __init__(self, agent: AgentSource) -> None:
+    def __init__(
+        self,
+        agent: AgentSource,
+        kernel: KernelSource,
+        *,
+        reconcile_interval: Callable[[], float] = lambda: AgentConfig.reconcile_interval,
+        ha: Callable[[], HaConfig | None] = lambda: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.agent = agent
+        self.kernel = kernel
+        self.reconcile_interval = reconcile_interval
+        self.ha = ha
+        self.clock = clock
 
     def collect(self) -> Iterator[Metric]:
-        health = self.agent.summary().health
+        s = self.agent.summary()
+        link = self.kernel.link(s.interface)
+        tunnel = TunnelReading(None)
+        if link is not None:
+            addresses = tuple(self.kernel.addresses(link.index))
+            tunnel = TunnelReading(link, addresses, self.kernel.flood_destinations(link.index))
+        verdict = running_verdict(
+            s,
+            tunnel,
+            pid=s.pid or os.getpid(),  # this process serves the scrape: the daemon runs
+            now=self.clock(),
+            reconcile_interval=self.reconcile_interval(),
+            packet_path_mode=None,
+            redirection_mode=None,
+            ha=self.ha(),
+        )
         family = GaugeMetricFamily(
             "gatepeer_health",
-            "1 for the current health (none before the first reconcile).",
+            "1 for the current health, as `gatepeer status` judges it.",
             labels=["state"],
         )
         for state in HEALTH_STATES:
-            family.add_metric([state], int(health == state))
+            family.add_metric([state], int(verdict.health == state))
         yield family
 
 
 def collectors(
-    agent: AgentSource, kernel: KernelSource, packet_path: PacketPathSource, version: str
+    agent: AgentSource,
+    kernel: KernelSource,
+    packet_path: PacketPathSource,
+    version: str,
+    *,
+    reconcile_interval: Callable[[], float] = lambda: AgentConfig.reconcile_interval,
+    ha: Callable[[], HaConfig | None] | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> dict[str, Collector]:
-    """Every collector by a short name (the golden files are named after them)."""
-    return {
+    """Every collector by a short name (the golden files are named after them). `ha`: the
+    current [ha] (None inside: not configured); without it there is no HA collector."""
+    found: dict[str, Collector] = {
         "build": BuildCollector(version),
         "registration": RegistrationCollector(agent),
         "endpoints": EndpointCollector(agent, kernel),
@@ -458,8 +503,22 @@ def collectors(
         "neighbour": NeighbourCollector(agent, kernel),
         "reconcile": ReconcileCollector(agent),
         "api": ApiCollector(agent),
-        "health": HealthCollector(agent),
+        "health": HealthCollector(
+            agent,
+            kernel,
+            reconcile_interval=reconcile_interval,
+            ha=ha or (lambda: None),
+            clock=clock,
+        ),
     }
+    if ha is not None:
+        found["ha"] = HaCollector(lambda: _role_view(agent, ha))
+    return found
+
+
+def _role_view(agent: AgentSource, ha: Callable[[], HaConfig | None]) -> RoleView | None:
+    """The role the daemon recorded in its state ("ha"), while [ha] is configured."""
+    return RoleView.from_json(agent.summary().ha) if ha() is not None else None
 
 
 def build_registry(
@@ -469,12 +528,17 @@ def build_registry(
     version: str,
     *,
     process: bool = True,
+    reconcile_interval: Callable[[], float] = lambda: AgentConfig.reconcile_interval,
+    ha: Callable[[], HaConfig | None] | None = None,
 ) -> CollectorRegistry:
     """A fresh registry (never the global one: nothing else in the process leaks in)."""
     from prometheus_client import ProcessCollector
 
     registry = CollectorRegistry(auto_describe=False)
-    for collector in collectors(agent, kernel, packet_path, version).values():
+    found = collectors(
+        agent, kernel, packet_path, version, reconcile_interval=reconcile_interval, ha=ha
+    )
+    for collector in found.values():
         registry.register(collector)
     if process:
         ProcessCollector(registry=registry)

@@ -92,7 +92,15 @@ def for_agent(listen: str | None, agent: Callable[[], Agent]) -> MetricsServer:
     from gatepeer.metrics.collectors import build_registry
     from gatepeer.metrics.sources import LiveAgent, LiveKernel, LivePacketPath
 
-    registry = build_registry(LiveAgent(agent), LiveKernel(), LivePacketPath(), __version__)
+    registry = build_registry(
+        LiveAgent(agent),
+        LiveKernel(),
+        LivePacketPath(),
+        __version__,
+        # Read per scrape: a reload may change either.
+        reconcile_interval=lambda: agent().config.agent.reconcile_interval,
+        ha=lambda: agent().config.ha,
+    )
 
     def local_address() -> ipaddress.IPv4Address | None:
         facts = agent().facts

@@ -44,6 +44,8 @@ class KernelSource(Protocol):
 
     def flood_destinations(self, index: int) -> frozenset[ipaddress.IPv4Address]: ...
 
+    def addresses(self, index: int) -> Sequence[ipaddress.IPv4Interface]: ...
+
     def neighbour_count(self, index: int) -> int: ...
 
     def sysctl(self, path: str) -> int | None: ...
@@ -91,6 +93,9 @@ class LiveKernel:
 
     def flood_destinations(self, index: int) -> frozenset[ipaddress.IPv4Address]:
         return rtnl.flood_destinations(index)
+
+    def addresses(self, index: int) -> Sequence[ipaddress.IPv4Interface]:
+        return rtnl.addresses(index)
 
     def neighbour_count(self, index: int) -> int:
         return rtnl.neighbour_count(index)
