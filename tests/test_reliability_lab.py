@@ -1,10 +1,16 @@
-"""Reliability under API faults, restarts and reloads, in the lab (issue 9, "Must show" 1 and 6).
+"""Reliability in the lab (issue 9, "Must show" 1, 5 and 6): API faults, restarts and reloads
+under traffic, and no secret in anything gatepeer writes.
 
 One lab and one `gatepeer run` carry two ping streams (VPC host -> device and device -> VPC
 host, every 10 ms) through each API fault in turn: sustained 5xx, timeouts, a 429 storm, token
 expiry, the VPG answering 404, the API unreachable. The daemon's timer is shortened to 1 s, so
 a fault of ~8 s is met by many refreshes. In every scenario: no packet lost, and recovery without
 a restart (same pid, health back to ok, a fresh gate view fetched after the fault ended).
+
+Secrets: a full scenario (apply, dry run, run with faults, a fresh login, SIGHUP, status in
+both formats, a metrics scrape, a wrong key, down) while tcpdump records the plain-HTTP API
+traffic; every API key and token seen on the wire, and the auth keys, are then looked for in
+every output, file and systemd notification gatepeer produced.
 
 Every scenario prints one FIGURES line (packets, API calls, health seen, recovery time);
 docs/reliability.md collects them.
@@ -15,8 +21,11 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import secrets
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -390,3 +399,149 @@ def test_restart_and_sighup_under_load_lose_no_packet(
         first.stop()
         if second is not None:
             second.stop()
+
+
+# ----------------------------------------------------------------------------- secrets
+
+TOKEN_RES = (
+    re.compile(r'"(?:token|apiKey)":\s*"([^"]+)"'),
+    re.compile(r"X-Soracom-(?:Token|API-Key): (\S+)", re.I),
+)
+
+
+def captured_secrets(pcap: Path) -> set[str]:
+    """API keys and tokens the emulator handed out, as they crossed the wire (plain HTTP)."""
+    text = subprocess.run(
+        ["tcpdump", "-nn", "-A", "-r", str(pcap)], capture_output=True, text=True, check=True
+    ).stdout
+    return {m for pattern in TOKEN_RES for m in pattern.findall(text)}
+
+
+FETCH = "import sys, urllib.request as u; print(u.urlopen(sys.argv[1], timeout=5).read().decode())"
+
+
+def leaks(texts: dict[str, str], hidden: dict[str, str]) -> list[str]:
+    """Where a secret, or the first or last 16 characters of one, appears."""
+    found = []
+    for where, text in texts.items():
+        for name, secret in hidden.items():
+            for piece in {secret, secret[:16], secret[-16:]}:
+                if piece in text:
+                    found.append(f"{name} in {where}")
+                    break
+    return found
+
+
+def test_no_secret_in_anything_gatepeer_writes(
+    make_lab: Callable[..., LabHandle], tmp_path: Path
+) -> None:
+    lab = make_lab()
+    lab.set_config("agent", "reconcile_interval", '"1s"')
+    lab.set_config("probes", "interval", '"1s"')
+    lab.set_config("probes", "timeout", '"0.3s"')
+    metrics_at = f"{topology.PEER_ADDR}:8479"
+    lab.set_config("metrics", "listen", json.dumps(metrics_at))
+    texts: dict[str, str] = {}
+
+    def keep(name: str, proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+        texts[name] = proc.stdout + proc.stderr
+        return proc
+
+    pcap = tmp_path / "api.pcap"
+    dump = subprocess.Popen(
+        ["ip", "netns", "exec", lab.ns("peer"), "tcpdump", "-i", "eth0", "-nn", "-U", "-s", "0",
+         "-w", str(pcap), "tcp", "port", str(topology.API_PORT)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(0.1)
+    daemon_proc: subprocess.Popen[bytes] | None = None
+    try:
+        assert dump.stderr is not None
+        while "listening" not in (line := dump.stderr.readline()):
+            assert line, "tcpdump exited before listening"
+
+        keep("apply -v", lab.gatepeer("apply", "-v"))
+        keep("apply --dry-run", lab.gatepeer("apply", "--dry-run", "-v"))
+        keep("config check --json", lab.gatepeer("config", "check", "--json"))
+
+        log_path = tmp_path / "run.log"
+        with open(log_path, "wb") as log:
+            daemon_proc = subprocess.Popen(
+                ["ip", "netns", "exec", lab.ns("peer"), "env",
+                 f"GATEPEER_CONFIG={lab.paths.config}", f"NOTIFY_SOCKET={notify_path}",
+                 *gatepeer_command(), "run", "-v"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        daemon = AgentDaemon(lab, daemon_proc, log_path)
+        daemon.wait_state(lambda s: s["health"] == "ok", timeout=30, what="health ok")
+        # Errors the daemon reports and logs: 5xx, then expired tokens (a fresh login).
+        lab.control("faults", {"fail_next": 6, "fail_status": 503})
+        daemon.wait_state(lambda s: s["health"] == "degraded", timeout=30, what="degraded")
+        lab.control("reset_faults")
+        lab.control("expire_tokens")
+        expired_at = time.time()
+        daemon.wait_state(
+            lambda s: s["health"] == "ok" and (s["gate_fetched_at"] or 0) > expired_at,
+            timeout=30,
+            what="ok again after a fresh login",
+        )
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_log("configuration reloaded")
+        keep("status", lab.gatepeer("status"))
+        keep("status --json", lab.gatepeer("status", "--json"))
+        scrape = lab.run(
+            "peer", sys.executable, "-c", FETCH, f"http://{metrics_at}/metrics", check=False
+        )
+        keep("metrics", scrape)
+        daemon.stop()
+        texts["run -v log"] = daemon.log()
+        for path in (lab.paths.state_file, lab.paths.gate_cache):
+            texts[f"file {path.name}"] = path.read_text()
+        assert "gatepeer_" in texts["metrics"], f"scrape failed: {texts['metrics'][-500:]}"
+
+        # Error messages with a wrong key: the wrong key is a secret too.
+        wrong = tmp_path / "wrong-key"
+        wrong_key = "wrong-" + secrets.token_hex(20)
+        wrong.write_text(wrong_key)
+        wrong.chmod(0o600)
+        good_config = lab.paths.config.read_text()
+        lab.set_config("soracom", "auth_key_file", json.dumps(str(wrong)))
+        lab.paths.state_file.unlink()
+        lab.paths.gate_cache.unlink()
+        failed = keep("apply with a wrong key", lab.gatepeer("apply", "-v"))
+        assert failed.returncode != 0, failed.stdout + failed.stderr
+        lab.paths.config.write_text(good_config)
+        keep("down --unregister", lab.gatepeer("down", "--unregister", "-v"))
+    finally:
+        if daemon_proc is not None and daemon_proc.poll() is None:
+            daemon_proc.kill()  # ours, by its handle
+            daemon_proc.wait()
+        dump.send_signal(signal.SIGINT)  # ours; flushes the capture
+        dump.wait(timeout=10)
+    statuses = []
+    while True:
+        try:
+            statuses.append(notify.recv(4096).decode())
+        except OSError:
+            break
+    notify.close()
+    texts["systemd notify"] = "\n".join(statuses)
+    assert any(s.startswith("STATUS=") for s in statuses), statuses
+    for path in sorted(lab.paths.dir.iterdir()):
+        if path.is_file() and path.name != "auth-key":
+            texts.setdefault(f"file {path.name}", path.read_text(errors="replace"))
+
+    issued = captured_secrets(pcap)
+    assert any(len(s) > 60 for s in issued), f"no token seen on the wire: {issued}"
+    hidden = {"auth key": lab.paths.auth_key.read_text().strip(), "wrong auth key": wrong_key}
+    hidden.update({f"api secret {i}": s for i, s in enumerate(sorted(issued))})
+    print("FIGURES " + json.dumps({
+        "scenario": "secrets", "secrets_checked": len(hidden),
+        "outputs_scanned": len(texts), "bytes_scanned": sum(map(len, texts.values())),
+        "outputs": sorted(texts),
+    }))  # fmt: skip
+    found = leaks(texts, hidden)
+    assert not found, f"secrets leaked: {found}"
