@@ -11,15 +11,16 @@
 - nat:           gatepeer `mode = "nat"`, device -> VPC host, masqueraded.
 
 Each measurement is `iperf3 -u -l 64 -b 0` for --seconds, packets/s received (sent - lost over
-the test's duration). Rounds are interleaved (one of every case, then the next round, the case
-order rotating) so that load from elsewhere on a shared machine hits every case alike. Reports
-the median and min-max per case, and the ratios of medians: nat / handmade_masq and
-route / handmade (targets: both >= 95 %). Also the per-round ratios, from measurements taken
-seconds apart.
+the test's duration). Three labs (hand-made, gatepeer route, gatepeer nat), so nothing is
+applied between measurements. Rounds are interleaved, each case measured right next to its
+baseline (which goes first in every other round), so that load from elsewhere on a shared
+machine hits a case and its baseline alike. Reports the median and min-max per case, the ratios
+of medians nat / handmade_masq and route / handmade (targets: both >= 95 %), and the median of
+the per-round ratios (pairs measured seconds apart: the steadier figure on a busy machine).
 
     sudo .venv/bin/python bench/bench_packet_rate.py [--rounds 7] [--seconds 3] [--json out.json]
 
-Builds two labs under fresh prefixes and removes them at the end (also on failure/Ctrl-C).
+Builds three labs under fresh prefixes and removes them at the end (also on failure/Ctrl-C).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def ruleset(ns: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--seconds", type=int, default=3)
     ap.add_argument("--json", type=Path)
     opts = ap.parse_args()
@@ -71,21 +72,25 @@ def main() -> int:
     load_start = Path("/proc/loadavg").read_text().split()[:3]
     results: dict[str, list[float]] = {c: [] for c in CASES}
     rulesets: dict[str, str] = {}
-    with lab(baseline=True) as hand, lab(baseline=False) as gp:
+    # One lab per gatepeer mode: no apply runs between the measurements.
+    with lab(baseline=True) as hand, lab(baseline=False) as gpr, lab(baseline=False) as gpn:
+        set_mode(gpr, "route")
+        set_mode(gpn, "nat")
+        rulesets["route"], rulesets["nat"] = ruleset(f"{gpr}-peer"), ruleset(f"{gpn}-peer")
         # (client ns, server ns, server address, client source) per case.
         where = {
             "handmade": (f"{hand}-vpc", f"{hand}-dev", DEVICE, VPC_HOST),
             "handmade_masq": (f"{hand}-dev", f"{hand}-vpc", VPC_HOST, DEVICE),
             "handmade_up": (f"{hand}-dev", f"{hand}-vpc", VPC_HOST, DEVICE),
-            "route": (f"{gp}-vpc", f"{gp}-dev", DEVICE, VPC_HOST),
-            "nat": (f"{gp}-dev", f"{gp}-vpc", VPC_HOST, DEVICE),
+            "route": (f"{gpr}-vpc", f"{gpr}-dev", DEVICE, VPC_HOST),
+            "nat": (f"{gpn}-dev", f"{gpn}-vpc", VPC_HOST, DEVICE),
         }
         for rnd in range(opts.rounds):
-            order = CASES[rnd % len(CASES) :] + CASES[: rnd % len(CASES)]
-            for case in order:
-                if case in ("route", "nat"):
-                    set_mode(gp, case)
-                    rulesets.setdefault(case, ruleset(f"{gp}-peer"))
+            # Each case right next to its baseline, which goes first in every other round.
+            pairs = [["handmade", "route"], ["handmade_masq", "nat"], ["handmade_up"]]
+            if rnd % 2:
+                pairs = [list(reversed(p)) for p in reversed(pairs)]
+            for case in [c for p in pairs for c in p]:
                 if case == "handmade_masq":
                     nft(f"{hand}-peer", "-f", "-", stdin=MASQUERADE)
                     rulesets.setdefault(case, ruleset(f"{hand}-peer"))
