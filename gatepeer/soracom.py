@@ -1,9 +1,11 @@
 """SORACOM API client: AuthKey authentication, token refresh, the VPG and gate peer calls.
 
 Standard library only (urllib), so the CLI stays light. Every call has a timeout; 5xx answers,
-timeouts and dropped connections are retried with exponential backoff and jitter; a 429 waits
-what `X-Soracom-Ratelimit-Seconds-Before-Refresh` says (at most 60 s). The auth key is read from
-its file only when authenticating and never appears in an error, a log line or `repr`.
+timeouts and dropped connections are retried with exponential backoff and jitter; after a 429
+no request goes out, from this call or a later one, before the wait that
+`X-Soracom-Ratelimit-Seconds-Before-Refresh` asks for (at most 60 s) has passed. The auth key
+is read from its file only when authenticating and never appears in an error, a log line or
+`repr`.
 """
 
 from __future__ import annotations
@@ -136,6 +138,9 @@ class SoracomClient:
         # The Date header of the last answer and this host's wall clock when it came: `doctor`
         # measures the clock's skew against the API with it.
         self.last_date: tuple[str, float] | None = None
+        # After a 429, no request before this clock time, across calls: a call that gave up
+        # must not let the next one (the daemon's next refresh) ask again inside the wait.
+        self._rate_limited_until = 0.0
 
     def __repr__(self) -> str:
         return f"SoracomClient({self.endpoint!r}, auth_key_id={self.auth_key_id!r})"
@@ -205,6 +210,7 @@ class SoracomClient:
         reauthed = False
         attempt = 0
         while True:
+            self._wait_out_rate_limit(operation)
             headers = self._auth_headers() if authenticated else {}
             status, payload, got = self._send(operation, method, path, body, headers)
             if status in ok:
@@ -223,6 +229,9 @@ class SoracomClient:
                 reauthed = True
                 self._session = None
                 continue
+            if status == 429:
+                wait = _rate_limit_wait(got)
+                self._rate_limited_until = max(self._rate_limited_until, self.clock() + wait)
             retryable = status == 0 or status in RETRYABLE_STATUS or status == 429
             attempt += 1
             if not retryable or attempt >= self.attempts:
@@ -237,19 +246,24 @@ class SoracomClient:
                     )
                 raise SoracomError(operation, status, message or "no answer", code)
             if status == 429:
-                wait = _rate_limit_wait(got)
                 log.warning("%s: rate limited, waiting %.1fs", operation, wait)
-            else:
-                wait = self._backoff(attempt)
-                log.warning(
-                    "%s: %s, retry %d/%d in %.2fs",
-                    operation,
-                    f"HTTP {status}" if status else f"no answer ({message})",
-                    attempt,
-                    self.attempts - 1,
-                    wait,
-                )
+                continue  # _wait_out_rate_limit waits before the next request
+            wait = self._backoff(attempt)
+            log.warning(
+                "%s: %s, retry %d/%d in %.2fs",
+                operation,
+                f"HTTP {status}" if status else f"no answer ({message})",
+                attempt,
+                self.attempts - 1,
+                wait,
+            )
             self.sleep(wait)
+
+    def _wait_out_rate_limit(self, operation: str) -> None:
+        left = self._rate_limited_until - self.clock()
+        if left > 0:
+            log.debug("%s: waiting %.1fs for the rate limit to refresh", operation, left)
+            self.sleep(left)
 
     # ---- authentication ----------------------------------------------------------------
 

@@ -20,7 +20,11 @@ def write(path: Path, data: dict[str, Any]) -> None:
     """Write-then-rename in the same directory: readers see the old file or the new, whole."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     payload = json.dumps({"format": FORMAT_VERSION, **data}, indent=2, sort_keys=True)
-    fd, tmp = tempfile.mkstemp(prefix=".state-", dir=path.parent)
+    _remove_leftovers(path)
+    # The writer's pid in the name: a writer killed before its rename is recognised later.
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(payload + "\n")
@@ -31,6 +35,25 @@ def write(path: Path, data: dict[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Delete the temporary files of writers to `path` that died before their rename (a
+    SIGKILL, a power cut): otherwise every crash would leave one behind."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def read(path: Path) -> dict[str, Any] | None:

@@ -316,6 +316,25 @@ def test_429_wait_is_capped(client: SoracomClient, emulator: Emulator, sleeps: S
     assert sleeps.waits == [RATE_LIMIT_WAIT_MAX_S] == [60.0]
 
 
+def test_a_call_that_gave_up_on_429s_makes_the_next_call_wait_out_the_limit(
+    client: SoracomClient, emulator: Emulator, clock: FakeClock, sleeps: Sleeps
+) -> None:
+    # The daemon's next refresh follows a failed one by a timer interval (1 s here): it must
+    # not ask inside the wait the last 429 asked for.
+    client.authenticate()
+    emulator.set_faults(rate_limit_next=client.attempts, rate_limit_seconds=5)
+    with pytest.raises(SoracomError) as failed:
+        client.get_virtual_private_gateway(VPG_ID)
+    assert failed.value.status == 429
+    assert sleeps.waits == [5.0] * (client.attempts - 1)
+    clock.advance(1.0)
+    assert client.get_virtual_private_gateway(VPG_ID)["vpgId"] == VPG_ID
+    assert sleeps.waits[-1] == 4.0
+    clock.advance(4.0)  # the limit has refreshed: no more waiting
+    client.get_virtual_private_gateway(VPG_ID)
+    assert len(sleeps.waits) == client.attempts
+
+
 def test_rate_limit_wait_header_parsing() -> None:
     wait = soracom._rate_limit_wait
     key = "x-soracom-ratelimit-seconds-before-refresh"

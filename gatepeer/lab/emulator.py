@@ -45,7 +45,8 @@ the operations), ``emulator_requests`` (request bodies), ``emulator_http`` (the 
 Control endpoints (no authentication, never subject to faults)
 ---------------------------------------------------------------
 
-``GET  /_emulator/state``         counts, recent requests, peers, settings (never the auth key),
+``GET  /_emulator/state``         counts, recent requests (with the emulator clock's arrival
+                                  time), peers, settings (never the auth key),
                                   faults, redirection, overrides
 ``POST /_emulator/faults``        merge, e.g. ``{"latency_ms": 200, "fail_next": 3,
                                   "fail_status": 503, "rate_limit_next": 2,
@@ -357,6 +358,7 @@ class Emulator(Operations):
 
         with self._lock:
             self._counts[operation or "_unknown"] += 1
+            arrived = self._clock()  # in "recent": tests check the gaps a 429 asked for
             settings = self._settings
             fault, latency_ms, rl_seconds, fail_status = (
                 self._take_fault() if is_api else (None, 0.0, 0, 0)
@@ -394,6 +396,8 @@ class Emulator(Operations):
                     "path": path,
                     "status": None if resp.drop else resp.status,
                     "fault": fault,
+                    "arrived": arrived,
+                    "retry_after": float(rl_seconds) if fault == "rate_limit" else None,
                 }
             )
         return resp
