@@ -50,12 +50,18 @@ FAULT_MAX_S = 30.0
 RECOVERY_TIMEOUT_S = 40.0
 
 
-def enable_redirection(lab: LabHandle) -> None:
-    """Make the emulated VPG send the devices' traffic for addresses outside the device subnet
-    (device -> VPC host and its replies) through this lab's gate peer, as Junction redirection
-    to the peer's inner address does. The lab's agent config (redirection = "self") would set
-    it too; setting it here first means no fault below can catch it unset."""
-    lab.set_redirection("peer")
+def assert_redirection_points_at_peer(lab: LabHandle) -> None:
+    """The emulated VPG sends the devices' traffic for addresses outside the device subnet
+    (device -> VPC host and its replies) through this lab's gate peer only while Junction
+    redirection points at the peer's inner address. The lab's agent config says
+    redirection = "self": the daemon set it itself before it reported health ok."""
+    state = lab.state()
+    inner = next(p["inner_ip"] for p in state["peers"] if p["outer_ip"] == "198.18.0.10")
+    redirection = state.get("redirection") or {}
+    assert redirection.get("enabled") is True and redirection.get("gateway") == inner, (
+        redirection,
+        inner,
+    )
 
 
 # ----------------------------------------------------------------------------- traffic
@@ -144,8 +150,8 @@ def fault_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultLab]:
         assert result.exit_code == 0, result.output
         lab.set_config("agent", "reconcile_interval", '"1s"')
         lab.set_config("soracom", "request_timeout", '"1s"')
-        enable_redirection(lab)
         daemon = start_daemon(lab, tmp_path_factory.mktemp("faults") / "run.log")
+        assert_redirection_points_at_peer(lab)
         try:
             yield FaultLab(lab, daemon, daemon.pid)
         finally:
@@ -353,8 +359,8 @@ def test_restart_and_sighup_under_load_lose_no_packet(
 ) -> None:
     lab = make_lab()
     lab.set_config("agent", "reconcile_interval", '"2s"')
-    enable_redirection(lab)
     first = start_daemon(lab, tmp_path / "first.log")
+    assert_redirection_points_at_peer(lab)
     second: AgentDaemon | None = None
     try:
         ifindex = vxlan_ifindex(lab)
