@@ -179,8 +179,7 @@ def test_outer_fragments_are_counted_before_reassembly(name: str) -> None:
     text = rs.render(CASES[name])
     assert "\t\ttype filter hook prerouting priority -450; policy accept;" in text
     assert chain(text, "fragments") == [
-        'iifname "eth0" ip daddr 198.18.0.1 ip frag-off & 16383 != 0'
-        ' counter name "outer_fragments"'
+        'iifname "eth0" ip daddr 198.18.0.1 ip frag-off & 16383 != 0 counter name "outer_fragments"'
     ]
     for counted in rs.COUNTED_ONLY:
         rules = [r for r in text.splitlines() if f'counter name "{counted}"' in r]
