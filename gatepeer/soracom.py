@@ -187,8 +187,9 @@ class SoracomClient:
                 "check soracom.endpoint",
             ) from None
         self.stats.record(operation, status, self.clock() - started)
-        remaining = got.get("x-soracom-ratelimit-remaining")
-        if remaining is not None and remaining.isdigit():
+        remaining = got.get("x-soracom-ratelimit-remaining", "")
+        # ASCII digits only ("²" is a digit to isdigit, not to int), and few enough for int().
+        if remaining.isascii() and remaining.isdigit() and len(remaining) <= 18:
             self.stats.ratelimit_remaining = int(remaining)
         return status, payload, got
 
