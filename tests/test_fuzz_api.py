@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_agent import FakeKernel
 from test_plan import FACTS, make_config
@@ -93,6 +93,18 @@ class Answer:
 
 
 GOOD = {"vpg": Answer.of(GOOD_VPG), "peers": Answer.of(GOOD_PEERS)}
+# Valid, though not as the emulator writes them: a float VNI, no ueSubnetCidrRange, another row
+# order, a null netmask (registerGatePeer's), an odd rate-limit header. Random answers are
+# rarely all valid at once, so these make sure the accepting path is always exercised too.
+ODD_BUT_VALID = {
+    "vpg": Answer.of(
+        {k: v for k, v in GOOD_VPG.items() if k != "ueSubnetCidrRange"} | {"gateVxlanId": 10.0}
+    ),
+    "peers": Answer(
+        json.dumps([{**GOOD_PEERS[2], "netmask": None}, GOOD_PEERS[1]]).encode(),
+        headers={"x-soracom-ratelimit-remaining": "\xb2"},
+    ),
+}
 
 
 class ScriptedApi:
@@ -326,6 +338,7 @@ def test_every_answer_gives_a_plausible_view_or_one_clear_line(api: ScriptedApi)
     outcomes = {"view": 0, "refused": 0}
 
     @settings(FUZZ, max_examples=EXAMPLES)
+    @example(vpg=ODD_BUT_VALID["vpg"], peers=ODD_BUT_VALID["peers"], register=GOOD["vpg"])
     @given(vpg=answers(vpg_values()), peers=answers(peer_values()), register=answers(junk))
     def check(vpg: Answer, peers: Answer, register: Answer) -> None:
         api.script(vpg=vpg, peers=peers, register=register)
@@ -403,6 +416,7 @@ def test_the_agent_keeps_the_last_good_view_through_any_bad_answer(
     outcomes = {"view": 0, "refused": 0}
 
     @settings(FUZZ, max_examples=AGENT_EXAMPLES)
+    @example(vpg=ODD_BUT_VALID["vpg"], peers=ODD_BUT_VALID["peers"])
     @given(vpg=answers(vpg_values()), peers=answers(peer_values()))
     def check(vpg: Answer, peers: Answer) -> None:
         api.script(vpg=vpg, peers=peers)
@@ -498,3 +512,60 @@ def test_the_daemon_loop_outlives_a_stream_of_bad_answers(
     result, _ = daemon.step(clock, clock + interval, interval)
     assert result is not None and result.health == "ok", result
     assert agent.gate == good
+
+
+# ---- what the user sees ----------------------------------------------------------------------
+
+CLI_EXAMPLES = 60
+
+
+def test_gatepeer_apply_shows_one_clear_line_never_a_traceback(
+    api: ScriptedApi, tmp_path: Path, nft: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gatepeer apply` on a fresh install (no saved view) against any answer: exit 0 on a
+    valid one, else exit 1 with one printable `gatepeer:` line."""
+    from click.testing import CliRunner
+
+    from gatepeer import agent as agent_module
+    from gatepeer.cli import main
+
+    api.script()
+    good = fetch_gate_view(client_for(api), VPG_ID, OUTER, open_gate=False)
+    key = tmp_path / "auth-key"
+    key.write_text(AUTH_KEY)
+    key.chmod(0o600)
+    config = tmp_path / "gatepeer.toml"
+    config.write_text(
+        f'[soracom]\nendpoint = "{api.url}"\nauth_key_id = "{KEY_ID}"\nauth_key_file = "{key}"\n'
+        f'vpg_id = "{VPG_ID}"\n[tunnel]\nlocal_address = "{OUTER}"\n'
+        f'[agent]\nstate_file = "{tmp_path / "state.json"}"\ngate_cache = ""\n'
+    )
+
+    def agent_on_a_fake_kernel(cfg: Config) -> Agent:
+        agent = Agent(cfg, client=client_for(api))
+        agent.netlink = FakeKernel(desired_state(cfg, FACTS, good))  # type: ignore[assignment]
+        return agent
+
+    monkeypatch.setattr(agent_module, "Agent", agent_on_a_fake_kernel)
+    exits = {0: 0, 1: 0}
+
+    @settings(FUZZ, max_examples=CLI_EXAMPLES)
+    @example(vpg=GOOD["vpg"], peers=GOOD["peers"])  # the fake kernel converges on this one
+    @given(vpg=answers(vpg_values()), peers=answers(peer_values()))
+    def check(vpg: Answer, peers: Answer) -> None:
+        api.script(vpg=vpg, peers=peers)
+        result = CliRunner().invoke(main, ["apply", "--config", str(config)])
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+        assert result.exit_code in exits, result.output
+        exits[result.exit_code] += 1
+        assert "Traceback" not in result.output
+        # What gatepeer says (its verdict, its log): one printable line each. The rest is the
+        # applied commands of a valid answer (an nft script has tabs).
+        said = [line for line in result.output.splitlines() if line.startswith("gatepeer: ")]
+        for line in said:
+            assert_one_clear_line(line)
+        verdicts = [line for line in said if not line.startswith("gatepeer: ERROR")]
+        assert len(verdicts) == (result.exit_code != 0), result.output
+
+    check()
+    assert exits[0] > 0 and exits[1] > 0, exits
