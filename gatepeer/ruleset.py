@@ -4,15 +4,21 @@ here: `gatepeer.kernel.nftables` runs `nft`.
 
 Shape of the table (see `render`):
 
+- `fragments` (hook prerouting, priority -450, before the kernel reassembles at -400): outer
+  IPv4 fragments on the underlay to the local address are counted (`outer_fragments`, one per
+  fragment). Every later chain sees only whole datagrams, so a fragmented VXLAN packet meets
+  the checks below like any other and an incomplete one never reaches anything.
 - `input` (hook input, policy accept: SSH and everything else must keep working for the rest
   of the network): the tunnel's VXLAN (UDP to the tunnel port carrying the tunnel's VNI) is
   accepted only on the underlay, to the local address, from the VPG endpoints in the named set
-  `vpg_endpoints`; any other (another source, address or interface) is counted
-  (`vxlan_foreign_dropped`) and dropped. VXLAN with another VNI (another VXLAN user on this
-  host) is not ours and passes. Packets from the tunnel to this host, whatever address they
-  are for, go to `to_host`: replies to the host's own traffic (probes), ICMP echo requests and
-  the `host_services` ports pass; anything else is counted (`host_service_dropped`) and
-  dropped.
+  `vpg_endpoints`, and only when well formed (long enough for the VXLAN header and an inner
+  Ethernet header, flags exactly the I flag); a malformed one sent to the tunnel's address and
+  port is counted (`vxlan_malformed_dropped`) and dropped; ours from any other source, address
+  or interface is counted (`vxlan_foreign_dropped`) and dropped. VXLAN with another VNI (another
+  VXLAN user on this host) is not ours: it is counted (`vxlan_other_vni`) and passes. Packets
+  from the tunnel to this host, whatever address they are for, go to `to_host`: replies to the
+  host's own traffic (probes), ICMP echo requests and the `host_services` ports pass; anything
+  else is counted (`host_service_dropped`) and dropped.
 - `prerouting` (priority raw, before conntrack): packets in from the tunnel whose inner source
   is outside the device subnet, and any IPv6 from the tunnel (SORACOM Gate is IPv4 only), are
   counted (`spoofed_source_dropped`) and dropped. Doing it here rather than in `forward` covers
@@ -69,13 +75,23 @@ COUNTERS = (
     "allowlist_dropped",
     "masqueraded_flows",
     "host_service_dropped",
+    "vxlan_malformed_dropped",
+    "vxlan_other_vni",
+    "outer_fragments",
 )
+# Counted, never dropped by this table: another VXLAN user's VNI, and outer fragments.
+COUNTED_ONLY = ("vxlan_other_vni", "outer_fragments")
 
 Mode = Literal["route", "nat"]
 # A port devices may open on this host from the tunnel: ("tcp", 22).
 HostService = tuple[Literal["tcp", "udp"], int]
 # What it takes to bring the kernel's table to the spec.
 Change = Literal["none", "endpoints", "reload"]
+
+# UDP header (8) + VXLAN header (8) + inner Ethernet header (14): the least a VXLAN packet holds.
+_VXLAN_MIN_UDP_LENGTH = 30
+# The flags byte of a VXLAN header with a valid VNI and no extension: the I flag alone.
+_VXLAN_FLAGS = 0x08
 
 _IFNAME = re.compile(r"[A-Za-z0-9_.@-]{1,15}")  # IFNAMSIZ - 1; nothing nft would need quoted
 
@@ -217,12 +233,45 @@ def _render(
     # endpoint check covers; VXLAN with any other VNI belongs to another user (flannel,
     # Docker overlay) and passes untouched, even on our port.
     ours = f"udp dport {spec.vxlan_port} @th,96,24 {spec.vni:#x}"
+    to_port = f"iifname {u} ip daddr {spec.local_address} udp dport {spec.vxlan_port}"
     to_us = f"iifname {u} ip daddr {spec.local_address} {ours}"
+    # Before reassembly (the kernel defragments at -400 once conntrack is on, which `ct state`
+    # below turns on for this namespace), so each fragment is seen. A non-first fragment has no
+    # UDP header to tell its port, hence every fragment to the local address. They are only
+    # counted: a path with a smaller MTU may fragment the VPG's packets (RFC 7348 lets a VTEP
+    # drop them; Linux reassembles them), and after reassembly the input chain judges the whole
+    # datagram like any other.
+    out += [
+        "\tchain fragments {",
+        "\t\ttype filter hook prerouting priority -450; policy accept;",
+        f"\t\tiifname {u} ip daddr {spec.local_address} ip frag-off & 16383 != 0"
+        ' counter name "outer_fragments"',
+        "\t}",
+        "",
+    ]
+    # A well-formed VXLAN packet of ours holds the 8-byte header and at least an inner Ethernet
+    # header (UDP length 8 + 8 + 14), and its flags are exactly the I flag: our link uses no
+    # extension, and the kernel drops any other flags silently. Those checks sit in the accept
+    # rule, so a good packet still costs one rule; what fails them is counted as malformed when
+    # it was sent to the tunnel's own address and port (the kernel would drop it anyway).
+    well_formed = f"udp length >= {_VXLAN_MIN_UDP_LENGTH} @th,64,8 {_VXLAN_FLAGS:#x}"
+    accept_ours = (
+        f"{to_port} {well_formed} @th,96,24 {spec.vni:#x} ip saddr @{ENDPOINT_SET}"
+        ' counter name "vxlan_accepted" accept'
+    )
     out += [
         "\tchain input {",
         "\t\ttype filter hook input priority filter; policy accept;",
-        f'\t\t{to_us} ip saddr @{ENDPOINT_SET} counter name "vxlan_accepted" accept',
+        f"\t\t{accept_ours}",
+        # The length first: a shorter packet has no flags byte for the next rule to read.
+        f"\t\t{to_port} udp length < {_VXLAN_MIN_UDP_LENGTH}"
+        ' counter name "vxlan_malformed_dropped" drop',
+        f'\t\t{to_port} @th,64,8 != {_VXLAN_FLAGS:#x} counter name "vxlan_malformed_dropped" drop',
         f'\t\t{ours} counter name "vxlan_foreign_dropped" drop',
+        # Another VNI belongs to another VXLAN user (Docker overlay, flannel): counted, and
+        # left to the kernel, which hands it to that user's link or drops it when there is none.
+        f"\t\tudp dport {spec.vxlan_port} @th,96,24 != {spec.vni:#x}"
+        ' counter name "vxlan_other_vni"',
         f"\t\tiifname {t} jump to_host",
         "\t}",
         "",

@@ -94,10 +94,19 @@ class _Session:
     lifetime: float
 
 
+def _json(payload: bytes) -> Any:
+    """The body as JSON. Anything that is not JSON raises ValueError, including nesting deeper
+    than the parser can recurse (json raises RecursionError there, which nothing expects)."""
+    try:
+        return json.loads(payload)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def error_fields(body: bytes) -> tuple[str, str]:
     """(code, message) from either error shape SORACOM sends; empty strings if neither."""
     try:
-        data = json.loads(body or b"{}")
+        data = _json(body or b"{}")
     except ValueError:
         return "", body[:200].decode("utf-8", "replace")
     if isinstance(data, dict) and isinstance(data.get("errorMessage"), dict):
@@ -188,8 +197,9 @@ class SoracomClient:
         self.stats.record(operation, status, self.clock() - started)
         if got.get("date"):
             self.last_date = (got["date"], time.time())
-        remaining = got.get("x-soracom-ratelimit-remaining")
-        if remaining is not None and remaining.isdigit():
+        remaining = got.get("x-soracom-ratelimit-remaining", "")
+        # ASCII digits only ("²" is a digit to isdigit, not to int), and few enough for int().
+        if remaining.isascii() and remaining.isdigit() and len(remaining) <= 18:
             self.stats.ratelimit_remaining = int(remaining)
         return status, payload, got
 
@@ -217,7 +227,7 @@ class SoracomClient:
                 if not payload.strip():
                     return status, None
                 try:
-                    return status, json.loads(payload)
+                    return status, _json(payload)
                 except ValueError:
                     # A proxy or captive portal answering in our place: not the SORACOM API.
                     raise SoracomError(

@@ -194,6 +194,9 @@ FULL_COUNTERS = {
     "allowlist_dropped": (5, 420),
     "host_service_dropped": (7, 420),
     "masqueraded_flows": (12, 0),
+    "vxlan_malformed_dropped": (4, 160),
+    "vxlan_other_vni": (9, 450),
+    "outer_fragments": (6, 3000),
 }
 
 
@@ -294,6 +297,11 @@ def test_drop_reasons_come_from_the_named_nftables_counters() -> None:
     assert (
         'gatepeer_packet_path_dropped_packets_total{reason="host_service_not_allowed"} 7.0' in text
     )
+    assert 'gatepeer_packet_path_dropped_packets_total{reason="vxlan_malformed"} 4.0' in text
+    # Counted without a drop: never mixed into the drop family.
+    assert 'gatepeer_packet_path_counted_packets_total{class="vxlan_other_vni"} 9.0' in text
+    assert 'gatepeer_packet_path_counted_packets_total{class="outer_fragment"} 6.0' in text
+    assert 'reason="vxlan_other_vni"' not in text and 'reason="outer_fragment"' not in text
 
 
 def test_promtool_accepts_the_whole_exposition() -> None:

@@ -328,22 +328,29 @@ def test_packets_are_counted(pair: tuple[str, str]) -> None:
     peer, other = pair
     nf.load(spec(endpoints=frozenset({EP1})), peer)
 
-    ours = _vxlan_header(VNI)
+    inner = bytes(14)  # the least a VXLAN packet carries: an inner Ethernet header
+    ours = _vxlan_header(VNI) + inner
     _send_udp(other, "198.18.0.2", "198.18.0.1", 4789, ours)  # not a VPG endpoint
-    assert _wait_for(peer, "vxlan_foreign_dropped", 1) == (1, 36)  # 20 IP + 8 UDP + 8 payload
+    assert _wait_for(peer, "vxlan_foreign_dropped", 1) == (1, 50)  # 20 IP + 8 UDP + 22 payload
     _send_udp(other, str(EP1), "198.18.0.1", 4789, ours)
-    assert _wait_for(peer, "vxlan_accepted", 1) == (1, 36)
-    assert nf.counters(peer)["vxlan_foreign_dropped"] == (1, 36)
-    # Another VNI is another VXLAN user's: not ours to accept or drop.
-    _send_udp(other, "198.18.0.2", "198.18.0.1", 4789, _vxlan_header(VNI + 1))
+    assert _wait_for(peer, "vxlan_accepted", 1) == (1, 50)
+    assert nf.counters(peer)["vxlan_foreign_dropped"] == (1, 50)
+    # From an endpoint but malformed: no room for an inner frame; flags without the I flag.
+    _send_udp(other, str(EP1), "198.18.0.1", 4789, _vxlan_header(VNI))
+    assert _wait_for(peer, "vxlan_malformed_dropped", 1) == (1, 36)
+    _send_udp(other, str(EP1), "198.18.0.1", 4789, bytes(4) + ours[4:])
+    assert _wait_for(peer, "vxlan_malformed_dropped", 2) == (2, 86)
+    # Another VNI is another VXLAN user's: not ours to accept or drop, only counted.
+    _send_udp(other, "198.18.0.2", "198.18.0.1", 4789, _vxlan_header(VNI + 1) + inner)
+    assert _wait_for(peer, "vxlan_other_vni", 1) == (1, 50)
 
     _send_udp(other, "198.19.0.2", "198.19.0.1", 9)  # a device, to a port not listed
     assert _wait_for(peer, "host_service_dropped", 1) == (1, 36)
     _send_udp(other, "203.0.113.9", "198.19.0.1", 9)  # outside the device subnet
     assert _wait_for(peer, "spoofed_source_dropped", 1) == (1, 36)
     assert nf.counters(peer)["host_service_dropped"] == (1, 36)  # spoofed: dropped before
-    assert nf.counters(peer)["vxlan_foreign_dropped"] == (1, 36)
-    assert nf.counters(peer)["vxlan_accepted"] == (1, 36)
+    assert nf.counters(peer)["vxlan_foreign_dropped"] == (1, 50)
+    assert nf.counters(peer)["vxlan_accepted"] == (1, 50)
 
 
 def _vxlan(ns: str, name: str, vni: int, local: str, remote: str, dev: str, inner: str) -> None:

@@ -160,11 +160,30 @@ def test_vxlan_filter_covers_only_our_vni(name: str) -> None:
     # from a VPG endpoint.
     input_rules = chain(rs.render(CASES[name]), "input")
     vxlan = [r for r in input_rules if "udp dport" in r]
+    to_port = 'iifname "eth0" ip daddr 198.18.0.1 udp dport 4789'
     assert vxlan == [
-        'iifname "eth0" ip daddr 198.18.0.1 udp dport 4789 @th,96,24 0xa'
+        f"{to_port} udp length >= 30 @th,64,8 0x8 @th,96,24 0xa"
         ' ip saddr @vpg_endpoints counter name "vxlan_accepted" accept',
+        f'{to_port} udp length < 30 counter name "vxlan_malformed_dropped" drop',
+        f'{to_port} @th,64,8 != 0x8 counter name "vxlan_malformed_dropped" drop',
         'udp dport 4789 @th,96,24 0xa counter name "vxlan_foreign_dropped" drop',
+        # Counted, no verdict: other VNIs pass on to whoever owns them.
+        'udp dport 4789 @th,96,24 != 0xa counter name "vxlan_other_vni"',
     ]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_outer_fragments_are_counted_before_reassembly(name: str) -> None:
+    # Issue 9, "Must show" 3: the kernel reassembles at priority -400 (conntrack's defrag), so
+    # only a chain before it sees fragments; it counts and never drops.
+    text = rs.render(CASES[name])
+    assert "\t\ttype filter hook prerouting priority -450; policy accept;" in text
+    assert chain(text, "fragments") == [
+        'iifname "eth0" ip daddr 198.18.0.1 ip frag-off & 16383 != 0 counter name "outer_fragments"'
+    ]
+    for counted in rs.COUNTED_ONLY:
+        rules = [r for r in text.splitlines() if f'counter name "{counted}"' in r]
+        assert rules and not [r for r in rules if r.rstrip().endswith(("drop", "accept"))]
 
 
 def test_vni_and_local_address_are_part_of_the_spec() -> None:

@@ -44,6 +44,13 @@ DROP_REASONS = {
     "spoofed_source_dropped": "spoofed_inner_source",
     "allowlist_dropped": "destination_not_allowed",
     "host_service_dropped": "host_service_not_allowed",
+    "vxlan_malformed_dropped": "vxlan_malformed",
+}
+# nftables counter name -> class label, for what the packet path counts but lets through
+# (the kernel may still drop it: another VNI with no link of its own, an incomplete fragment).
+COUNTED_CLASSES = {
+    "vxlan_other_vni": "vxlan_other_vni",
+    "outer_fragments": "outer_fragment",
 }
 HEALTH_STATES = HEALTHS
 # A reconcile without an API call takes milliseconds; with one, up to the request timeout.
@@ -290,6 +297,15 @@ class PacketPathCollector:
                 octets.add_metric([reason], b)
         yield packets
         yield octets
+        seen = CounterMetricFamily(
+            "gatepeer_packet_path_counted_packets",
+            "Packets the packet path counts but does not drop, by class.",
+            labels=["class"],
+        )
+        for counter, label in COUNTED_CLASSES.items():
+            if counter in counters:
+                seen.add_metric([label], counters[counter][0])
+        yield seen
 
 
 class ConntrackCollector:
