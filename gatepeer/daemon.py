@@ -48,6 +48,7 @@ FIRST_VIEW_RETRY_S = 30.0
 WAITING_FOR_API = "waiting for the SORACOM API: no gate view yet (registering or fetching it)"
 # At scale-in, how long an API refresh already under way may take before we unregister.
 REFRESH_JOIN_S = 15.0
+EXIT_BAD_CONFIG = 2  # as the CLI's: systemd's RestartPreventExitStatus=2 stops retrying
 
 
 class Wake:
@@ -403,6 +404,7 @@ class Daemon:
         next_refresh = 0.0
         first = True
         busy = 0
+        exit_code = 0
         try:
             while not self.stopping:
                 if self.terminating:
@@ -465,7 +467,15 @@ class Daemon:
                     pause = min(interval, MAX_BACKOFF_S, EVENT_SETTLE_S * 2**excess)
                     log.warning("reconcile keeps changing things; pausing %.2fs", pause)
                     self.pause(pause)
-                if first:
+                if first and result.bad_config:
+                    # Settings this host cannot take, before the peer ever worked: exit 2, so
+                    # systemd (RestartPreventExitStatus=2) fails the unit at once, loudly.
+                    log.error("bad configuration: %s", "; ".join(result.reasons))
+                    exit_code = EXIT_BAD_CONFIG
+                    break
+                if first and result.failure is None:
+                    # READY once the data path is up: from the API's view or the cached one.
+                    # Until then the watchdog is fed and TimeoutStartSec= bounds the wait.
                     systemd.notify("READY=1")
                     first = False
                 # What status and the metrics say too: the probes, the live tunnel, HA.
@@ -485,4 +495,4 @@ class Daemon:
                 metrics.stop()
             self.agent.close()
         log.info("stopped; the data path stays up")
-        return 0
+        return exit_code

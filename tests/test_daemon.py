@@ -10,7 +10,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,11 +186,12 @@ class NotifySocket:
 
 @contextlib.contextmanager
 def daemon_waiting_on_the_api(
-    tmp_path: Path, **faults: Any
+    tmp_path: Path, prepare: Callable[[Any], None] | None = None, **faults: Any
 ) -> Iterator[tuple[subprocess.Popen[bytes], NotifySocket, Path]]:
     """`gatepeer run` in a namespace of its own, on a fresh install (no gate view kept), the
     in-process emulator serving inside that namespace with `faults`, systemd's notify socket
-    and a 0.6 s watchdog faked. The daemon is stopped by its pid at the end."""
+    and a 0.6 s watchdog faked. `prepare(namespace)` runs before the daemon starts. The daemon
+    is stopped by its pid at the end."""
     from conftest import gatepeer_command
     from kernel_ns import LOCAL, UNDERLAY, namespace
 
@@ -220,6 +221,8 @@ def daemon_waiting_on_the_api(
             f'[agent]\nstate_file = "{tmp_path / "state.json"}"\ngate_cache = ""\n'
             '[metrics]\nlisten = ""\n'
         )
+        if prepare is not None:
+            prepare(ns)
         env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "600000"}
         with open(log, "wb") as out:
             proc = subprocess.Popen(
@@ -265,3 +268,31 @@ def test_sigterm_while_the_first_api_call_hangs_stops_the_daemon(tmp_path: Path)
         assert proc.wait(15) == 0, log.read_text()
         assert "STOPPING=1" in notify.messages
         assert "READY=1" not in notify.messages
+
+
+@pytest.mark.netns
+def test_no_ready_while_the_first_reconcile_cannot_build_the_tunnel(tmp_path: Path) -> None:
+    # Another vxlan link already holds VNI 10 on port 4789: creating vxlan0 fails in the kernel.
+    def squat(ns: Any) -> None:
+        ns.ip("link", "add", "squat0", "type", "vxlan", "id", "10", "dstport", "4789")
+
+    with daemon_waiting_on_the_api(tmp_path, prepare=squat) as (proc, notify, log):
+        notify.wait_for("STATUS=down: vxlan0 does not exist", 30, log)
+        time.sleep(1.5)  # a few watchdog periods (0.6 s) with the data path still not up
+        assert "READY=1" not in notify.messages, notify.messages
+        assert notify.messages.count("WATCHDOG=1") >= 2, notify.messages
+        assert proc.poll() is None, "a kernel failure is retried, not fatal"
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(15) == 0
+
+
+@pytest.mark.netns
+def test_a_setting_the_host_cannot_take_exits_2_before_ready(tmp_path: Path) -> None:
+    # A bridge under the tunnel's name: a config error (tunnel.interface), never deleted.
+    def bridge(ns: Any) -> None:
+        ns.ip("link", "add", "vxlan0", "type", "bridge")
+
+    with daemon_waiting_on_the_api(tmp_path, prepare=bridge) as (proc, notify, log):
+        assert proc.wait(30) == 2, log.read_text()[-2000:]
+        assert "READY=1" not in notify.messages, notify.messages
+        assert "tunnel.interface" in log.read_text()
