@@ -4,10 +4,6 @@ here: `gatepeer.kernel.nftables` runs `nft`.
 
 Shape of the table (see `render`):
 
-- `fragments` (hook prerouting, priority -450, before the kernel reassembles at -400): outer
-  IPv4 fragments on the underlay to the local address are counted (`outer_fragments`, one per
-  fragment). Every later chain sees only whole datagrams, so a fragmented VXLAN packet meets
-  the checks below like any other and an incomplete one never reaches anything.
 - `input` (hook input, policy accept: SSH and everything else must keep working for the rest
   of the network): the tunnel's VXLAN (UDP to the tunnel port carrying the tunnel's VNI) is
   accepted only on the underlay, to the local address, from the VPG endpoints in the named set
@@ -18,18 +14,22 @@ Shape of the table (see `render`):
   VXLAN user on this host) is not ours: it is counted (`vxlan_other_vni`) and passes. Packets
   from the tunnel to this host, whatever address they are for, go to `to_host`: replies to the
   host's own traffic (probes), ICMP echo requests and the `host_services` ports pass; anything
-  else is counted (`host_service_dropped`) and dropped.
-- `prerouting` (priority raw, before conntrack): packets in from the tunnel whose inner source
-  is outside the device subnet, and any IPv6 from the tunnel (SORACOM Gate is IPv4 only), are
-  counted (`spoofed_source_dropped`) and dropped. Doing it here rather than in `forward` covers
-  traffic to this host too, and a spoofing device cannot fill the conntrack table. Here and in
-  `output` (priority raw) the outer VXLAN packets, and in route mode without a stateful rule
-  the devices' forwarded traffic, are exempted from connection tracking.
+  else is counted (`host_service_dropped`) and dropped. With conntrack on (nat mode, an
+  allow-list or the flowtable) "replies" are judged by connection state; in route mode, which
+  renders no `ct` at all, statelessly: ICMP replies and errors, TCP segments that open nothing.
+- `prerouting` (priority -450: before the kernel reassembles IPv4 at -400 once conntrack is on,
+  and before conntrack): outer IPv4 fragments on the underlay to the local address are counted
+  (`outer_fragments`, one per fragment, never dropped: the input chain judges the reassembled
+  datagram like any other); packets in from the tunnel whose inner source is outside the device
+  subnet, and any IPv6 from the tunnel (SORACOM Gate is IPv4 only), are counted
+  (`spoofed_source_dropped`) and dropped. Doing it here rather than in `forward` covers traffic
+  to this host too, and a spoofing device cannot fill the conntrack table. With conntrack on,
+  here and in `output` (priority raw) the outer VXLAN packets are exempted from tracking.
 - `forward` (policy accept: this host may route other traffic we know nothing about, and a drop
   policy in our table would drop it whatever other tables say): PMTU signals (ICMP
   frag-needed, ICMPv6 packet-too-big) always pass; TCP SYN and SYN-ACK to and from the tunnel get
   their MSS clamped to the route MTU; established flows are offloaded to the flowtable when it is
-  on; established/related traffic is accepted; then, with an allow-list, anything else from the
+  on; with an allow-list, established/related traffic is accepted and anything else from the
   tunnel to a destination outside it is counted (`allowlist_dropped`) and dropped. The
   allow-list therefore limits what devices may *start*; replies to flows started from the
   underlay (route mode) still pass.
@@ -81,6 +81,8 @@ COUNTERS = (
 )
 # Counted, never dropped by this table: another VXLAN user's VNI, and outer fragments.
 COUNTED_ONLY = ("vxlan_other_vni", "outer_fragments")
+# Before the kernel reassembles IPv4 (-400, once conntrack is on) and before conntrack (-200).
+PREROUTING_PRIORITY = -450
 
 Mode = Literal["route", "nat"]
 # A port devices may open on this host from the tunnel: ("tcp", 22).
@@ -235,20 +237,22 @@ def _render(
     ours = f"udp dport {spec.vxlan_port} @th,96,24 {spec.vni:#x}"
     to_port = f"iifname {u} ip daddr {spec.local_address} udp dport {spec.vxlan_port}"
     to_us = f"iifname {u} ip daddr {spec.local_address} {ours}"
-    # Before reassembly (the kernel defragments at -400 once conntrack is on, which `ct state`
-    # below turns on for this namespace), so each fragment is seen. A non-first fragment has no
-    # UDP header to tell its port, hence every fragment to the local address. They are only
-    # counted: a path with a smaller MTU may fragment the VPG's packets (RFC 7348 lets a VTEP
-    # drop them; Linux reassembles them), and after reassembly the input chain judges the whole
-    # datagram like any other.
-    out += [
-        "\tchain fragments {",
-        "\t\ttype filter hook prerouting priority -450; policy accept;",
-        f"\t\tiifname {u} ip daddr {spec.local_address} ip frag-off & 16383 != 0"
-        ' counter name "outer_fragments"',
-        "\t}",
-        "",
-    ]
+    # Connection tracking runs only where a rule needs a connection's state: nat mode, the
+    # allow-list, the flowtable. Any `ct` expression engages it for the whole network namespace,
+    # and then every packet pays for it (about 9 % of small-packet throughput here) or for the
+    # `notrack` rules and lookups that exempt it; so route mode renders no `ct` at all.
+    tracked = bool(spec.allow_list) or spec.flowtable or spec.mode == "nat"
+    # Outer IPv4 fragments on the underlay to the local address are counted before any
+    # reassembly, one per fragment; a non-first fragment has no UDP header to tell its port,
+    # hence every fragment to the local address. They are only counted: a path with a smaller
+    # MTU may fragment the VPG's packets (RFC 7348 lets a VTEP drop them; Linux reassembles
+    # them), and the input chain judges the whole datagram like any other. With conntrack on,
+    # the kernel reassembles at prerouting priority -400, so the prerouting chain below sits at
+    # -450: one hook for this count and the early checks, not a chain of its own for each.
+    count_fragments = (
+        f"iifname {u} ip daddr {spec.local_address} ip frag-off & 16383 != 0"
+        ' counter name "outer_fragments"'
+    )
     # A well-formed VXLAN packet of ours holds the 8-byte header and at least an inner Ethernet
     # header (UDP length 8 + 8 + 14), and its flags are exactly the I flag: our link uses no
     # extension, and the kernel drops any other flags silently. Those checks sit in the accept
@@ -280,50 +284,59 @@ def _render(
         # own traffic (probes), ping and the listed services; any other new connection is
         # counted and dropped.
         "\tchain to_host {",
-        "\t\tct state established,related accept",
-        "\t\ticmp type echo-request accept",
     ]
+    if tracked:
+        out += [
+            "\t\tct state established,related accept",
+            "\t\ticmp type echo-request accept",
+        ]
+    else:
+        # Without conntrack the same policy, statelessly: ICMP a host needs (ping, the replies
+        # to its probes, errors for its own traffic), and TCP segments that do not open a
+        # connection (those of the host's own connections; a stray one gets a reset). A device
+        # can open nothing but the listed services; UDP to any other port is dropped, replies
+        # included (this host sends no UDP of its own into the tunnel).
+        # Written as nft 1.0.6 lists them back, so a loaded table compares equal.
+        out.append(
+            "\t\ticmp type { echo-reply, destination-unreachable, echo-request, time-exceeded,"
+            " parameter-problem } accept"
+        )
     for proto in ("tcp", "udp"):
         ports = sorted(p for pr, p in spec.host_services if pr == proto)
         if ports:
             out.append(f"\t\t{proto} dport {_ports(ports)} accept")
+    if not tracked:
+        out.append("\t\ttcp flags != syn / fin,syn,rst,ack accept")
     out += [
         '\t\tcounter name "host_service_dropped" drop',
         "\t}",
         "",
-        # Every packet crosses this hook: one interface test, the checks only for the tunnel's.
+        # Every packet crosses this hook: interface tests, the checks only for the tunnel's.
         "\tchain prerouting {",
-        "\t\ttype filter hook prerouting priority raw; policy accept;",
+        f"\t\ttype filter hook prerouting priority {PREROUTING_PRIORITY}; policy accept;",
+        f"\t\t{count_fragments}",
         f"\t\tiifname {t} jump from_tunnel",
     ]
-    # The `ct state` rule above engages connection tracking for this whole network namespace,
-    # and tracking costs every forwarded packet a lookup (about 9 % of small-packet throughput
-    # here). Forwarded traffic needs it only where a rule asks for a connection's state (the
-    # allow-list, the flowtable) or in nat mode; otherwise route mode leaves the devices'
-    # forwarded traffic untracked, both ways, and tracks only what is addressed to this host.
-    # The outer VXLAN packets are never tracked: that would double the cost for nothing.
-    forward_tracked = bool(spec.allow_list) or spec.flowtable or spec.mode == "nat"
-    out.append(f"\t\t{to_us} notrack")
-    if not forward_tracked:
-        out.append(f"\t\tiifname {u} ip daddr {spec.device_subnet} notrack")
+    if tracked:
+        # The outer VXLAN packets are never tracked: that would double the cost for nothing.
+        out.append(f"\t\t{to_us} notrack")
     out += [
         "\t}",
         "",
         "\tchain from_tunnel {",
         f'\t\tip saddr != {spec.device_subnet} counter name "spoofed_source_dropped" drop',
         '\t\tmeta nfproto ipv6 counter name "spoofed_source_dropped" drop',
-    ]
-    if not forward_tracked:
-        out.append("\t\tfib daddr type != local notrack")
-    out += [
-        "\t}",
-        "",
-        "\tchain output {",
-        "\t\ttype filter hook output priority raw; policy accept;",
-        f"\t\toifname {u} ip saddr {spec.local_address} {ours} notrack",
         "\t}",
         "",
     ]
+    if tracked:
+        out += [
+            "\tchain output {",
+            "\t\ttype filter hook output priority raw; policy accept;",
+            f"\t\toifname {u} ip saddr {spec.local_address} {ours} notrack",
+            "\t}",
+            "",
+        ]
     out += [
         "\tchain forward {",
         "\t\ttype filter hook forward priority filter; policy accept;",
@@ -346,9 +359,9 @@ def _render(
                 f"\t\tiifname {a} oifname {b} meta l4proto {{ tcp, udp }}"
                 f" ct state established flow add @{FLOWTABLE}"
             )
-    if forward_tracked:
-        out.append("\t\tct state established,related accept")
     if spec.allow_list:
+        # Established traffic passes before the allow-list (without one, the policy accepts).
+        out.append("\t\tct state established,related accept")
         out.append(
             f'\t\tiifname {t} ip daddr != @{ALLOW_SET} counter name "allowlist_dropped" drop'
         )
