@@ -367,3 +367,15 @@ def agent_daemon(tmp_path: Path) -> Iterator[Callable[..., AgentDaemon]]:
 
     for daemon in daemons:
         daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[Any]:
+    """moto's server (tests/aws_fakes.Moto) on 127.0.0.1, one per test module."""
+    from aws_fakes import Moto
+
+    server = Moto()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
@@ -33,15 +32,6 @@ PARAMETER = "/gatepeer/auth-key"
 SECRET = "secret-from-ssm-9c1f2e7a5b3d4c6e"
 DEVICE_SUBNET = IPv4Network("10.128.0.0/9")
 MOTO_IMAGE = "ami-12c6146b"  # one of the images moto knows (listing them all is slow)
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[Moto]:
-    server = Moto()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

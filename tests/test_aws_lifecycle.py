@@ -129,15 +129,6 @@ def test_launch_gate_steps() -> None:
 # ---- after a reconcile: source/destination check, then CONTINUE; ABANDON past the deadline ---
 
 
-@pytest.fixture(scope="module")
-def moto() -> Iterator[Moto]:
-    server = Moto()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def fake_imds() -> Iterator[FakeImds]:
     with running_imds() as server:

@@ -27,15 +27,6 @@ ENDPOINTS = (IPv4Address("100.64.10.1"), IPv4Address("100.64.10.2"))
 MOTO_IMAGE = "ami-12c6146b"
 
 
-@pytest.fixture(scope="module")
-def moto() -> Iterator[Moto]:
-    server = Moto()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def imds() -> Iterator[FakeImds]:
     with running_imds() as server:
