@@ -162,6 +162,15 @@ class PacketPathSpec:
         nft interval set) and sorted."""
         return tuple(sorted(ipaddress.collapse_addresses(self.allowed_destinations)))
 
+    @property
+    def tracked(self) -> bool:
+        """Connection tracking runs only where a rule needs a connection's state: nat mode,
+        the allow-list, the flowtable. Any `ct` expression engages it for the whole network
+        namespace, and then every packet pays for it (about 9 % of small-packet throughput
+        here) or for the `notrack` rules and lookups that exempt it; so route mode renders no
+        `ct` at all, and conntrack is sized only when tracked."""
+        return bool(self.allow_list) or self.flowtable or self.mode == "nat"
+
 
 # ---- rendering (pure) ------------------------------------------------------------------------
 
@@ -237,11 +246,7 @@ def _render(
     ours = f"udp dport {spec.vxlan_port} @th,96,24 {spec.vni:#x}"
     to_port = f"iifname {u} ip daddr {spec.local_address} udp dport {spec.vxlan_port}"
     to_us = f"iifname {u} ip daddr {spec.local_address} {ours}"
-    # Connection tracking runs only where a rule needs a connection's state: nat mode, the
-    # allow-list, the flowtable. Any `ct` expression engages it for the whole network namespace,
-    # and then every packet pays for it (about 9 % of small-packet throughput here) or for the
-    # `notrack` rules and lookups that exempt it; so route mode renders no `ct` at all.
-    tracked = bool(spec.allow_list) or spec.flowtable or spec.mode == "nat"
+    tracked = spec.tracked
     # Outer IPv4 fragments on the underlay to the local address are counted before any
     # reassembly, one per fragment; a non-first fragment has no UDP header to tell its port,
     # hence every fragment to the local address. They are only counted: a path with a smaller

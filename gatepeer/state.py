@@ -293,18 +293,20 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         Sysctl("net/ipv4/neigh/default/gc_thresh2", g2, "at_least", init_netns_only=True),
         Sysctl("net/ipv4/neigh/default/gc_thresh3", g3, "at_least", init_netns_only=True),
     )
-    # The input chain tracks connections in both modes, so conntrack is sized in both.
+    # Conntrack is sized only where the packet path tracks connections (nat mode, an allow-list,
+    # the flowtable): route mode has no use for it and leaves another tool's tracking alone.
     # Timeouts are set exactly, some below the kernel's defaults (why: conntrack_sysctls), and
     # they are host-wide; the values before gatepeer are recorded and `down` restores them.
-    for path, value in conntrack_sysctls(
-        config.kernel.neighbour_table_devices, pp.flows_per_device
-    ):
-        global_size = path.endswith(("_max", "_buckets"))
-        sysctls += (
-            Sysctl(path, value, "at_least", init_netns_only=True)
-            if global_size
-            else Sysctl(path, value),
-        )
+    if packet_path is not None and packet_path.tracked:
+        for path, value in conntrack_sysctls(
+            config.kernel.neighbour_table_devices, pp.flows_per_device
+        ):
+            global_size = path.endswith(("_max", "_buckets"))
+            sysctls += (
+                Sysctl(path, value, "at_least", init_netns_only=True)
+                if global_size
+                else Sysctl(path, value),
+            )
     return DesiredState(
         link=link,
         address=gate.inner,

@@ -14,7 +14,7 @@ from test_plan import FACTS, GATE, converged, make_config
 
 from gatepeer import redirection, ruleset, statefile
 from gatepeer.agent import Agent
-from gatepeer.config import AgentConfig, Config, SoracomConfig
+from gatepeer.config import AgentConfig, Config, PacketPathConfig, SoracomConfig
 from gatepeer.kernel import nftables
 from gatepeer.lab.emulator import Emulator, EmulatorSettings
 from gatepeer.plan import Action, CreateLink, LoadRuleset, SetSysctl
@@ -24,6 +24,7 @@ from gatepeer.state import (
     IPv4Address,
     IPv4Interface,
     ObservedState,
+    Redirection,
     desired_state,
 )
 
@@ -82,8 +83,8 @@ def fake_nft(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return loaded
 
 
-def agent_for(tmp_path: Path, kernel: FakeKernel) -> Agent:
-    config: Config = make_config()
+def agent_for(tmp_path: Path, kernel: FakeKernel, config: Config | None = None) -> Agent:
+    config = config or make_config()
     config = dataclasses.replace(
         config,
         agent=AgentConfig(state_file=tmp_path / "state.json", gate_cache=tmp_path / "gate.json"),
@@ -96,8 +97,13 @@ def agent_for(tmp_path: Path, kernel: FakeKernel) -> Agent:
 def test_first_apply_sets_conntrack_keys_that_appear_only_after_the_ruleset(
     tmp_path: Path, fake_nft: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    kernel = FakeKernel(desired_state(make_config(), FACTS, GATE))
-    agent = agent_for(tmp_path, kernel)
+    # nat mode tracks connections, so conntrack is sized (route mode leaves it alone).
+    config = dataclasses.replace(make_config(), packet_path=PacketPathConfig(mode="nat"))
+    kernel = FakeKernel(desired_state(config, FACTS, GATE))
+    agent = agent_for(tmp_path, kernel, config)
+    # nat mode is healthy only with the VPG's redirection pointing here.
+    here = Redirection(enabled=True, gateway=GATE.inner.ip)
+    agent.gate = dataclasses.replace(GATE, redirection=here)
     # Once the ruleset is loaded, conntrack's keys exist with the kernel's smaller defaults.
     original_apply = agent.apply_action
 

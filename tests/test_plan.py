@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from gatepeer import ruleset
-from gatepeer.config import Config, TunnelConfig
+from gatepeer.config import Config, PacketPathConfig, TunnelConfig
 from gatepeer.plan import (
     AddAddress,
     AddFdb,
@@ -133,8 +133,10 @@ def fresh_host_sysctls(d: DesiredState) -> tuple[tuple[str, int | None], ...]:
         "net/netfilter/nf_conntrack_udp_timeout": 30,
         "net/netfilter/nf_conntrack_udp_timeout_stream": 120,
     }
-    assert set(values) == {s.path for s in d.sysctls}
-    return tuple(values.items())
+    wanted = {s.path for s in d.sysctls}
+    assert wanted <= set(values), wanted - set(values)
+    # Conntrack's keys are wanted only where the packet path tracks connections (nat mode).
+    return tuple((path, value) for path, value in values.items() if path in wanted)
 
 
 # ---- desired state ---------------------------------------------------------------------------
@@ -238,12 +240,29 @@ def test_plan_from_nothing() -> None:
         "net/ipv4/neigh/default/gc_thresh1": 128,
         "net/ipv4/neigh/default/gc_thresh2": 512,
         "net/ipv4/neigh/default/gc_thresh3": 1024,
-        "net/netfilter/nf_conntrack_max": 262144,
-        "net/netfilter/nf_conntrack_buckets": 65536,
-        "net/netfilter/nf_conntrack_tcp_timeout_established": 432000,
-        "net/netfilter/nf_conntrack_tcp_timeout_time_wait": 120,
+        # No conntrack key: route mode tracks no connection, so it sizes nothing there.
     }
     assert not any(isinstance(a, DeleteLink | RemoveFdb | RemoveAddress) for a in actions)
+
+
+def test_conntrack_is_sized_only_where_connections_are_tracked() -> None:
+    def conntrack_keys(config: Config) -> set[str]:
+        d = desired_state(config, FACTS, GATE)
+        return {s.path for s in d.sysctls if s.path.startswith("net/netfilter/")}
+
+    route = make_config()
+    assert conntrack_keys(route) == set()
+    nat = dataclasses.replace(route, packet_path=PacketPathConfig(mode="nat"))
+    allow = dataclasses.replace(
+        route,
+        packet_path=PacketPathConfig(allowed_destinations=(IPv4Network("203.0.113.0/24"),)),
+    )
+    for tracked in (nat, allow):
+        assert {
+            "net/netfilter/nf_conntrack_max",
+            "net/netfilter/nf_conntrack_buckets",
+            "net/netfilter/nf_conntrack_tcp_timeout_established",
+        } <= conntrack_keys(tracked)
 
 
 def test_converged_plans_nothing() -> None:
