@@ -632,15 +632,7 @@ class Agent:
         outer = gate.outer if gate else self.host_facts().local_address
         inner = gate.inner.ip if gate else self._registered_inner(outer)
         if self.config.soracom.redirection == "self" and inner is not None:
-            current = read_vpg(self.client, vpg_id).redirection
-            if current is not None and current.gateway == inner:
-                self.client.unset_redirection(vpg_id)
-                messages.append(f"unset the redirection of VPG {vpg_id} (it pointed at {inner})")
-            else:
-                messages.append(
-                    f"left the redirection of VPG {vpg_id} alone: its gateway is "
-                    f"{redirection.describe(current)}, not this peer ({inner})"
-                )
+            self._release_redirection(vpg_id, inner, messages)
         try:
             self.client.unregister_gate_peer(vpg_id, str(outer))
         except SoracomError as exc:
@@ -655,6 +647,23 @@ class Agent:
         if self.config.agent.gate_cache is not None:
             self.config.agent.gate_cache.unlink(missing_ok=True)
         return done
+
+    def _release_redirection(self, vpg_id: str, inner: IPv4Address, messages: list[str]) -> None:
+        """Unset the VPG's redirection when it points at this peer's inner address."""
+        try:
+            current = read_vpg(self.client, vpg_id).redirection
+        except GateError as exc:
+            # An answer we cannot read must not keep the registration alive: say so, go on.
+            messages.append(f"left the redirection of VPG {vpg_id} unchecked: {exc}")
+            return
+        if current is not None and current.gateway == inner:
+            self.client.unset_redirection(vpg_id)
+            messages.append(f"unset the redirection of VPG {vpg_id} (it pointed at {inner})")
+        else:
+            messages.append(
+                f"left the redirection of VPG {vpg_id} alone: its gateway is "
+                f"{redirection.describe(current)}, not this peer ({inner})"
+            )
 
     def _registered_inner(self, outer: IPv4Address) -> IPv4Address | None:
         own = find_own_peer(self.client.list_gate_peers(self.config.soracom.vpg_id), outer)

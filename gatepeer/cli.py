@@ -148,6 +148,7 @@ def down(config_file: str | None, unregister: bool, verbose: bool) -> None:
     cfg = load_config(config_file)
     setup_logging(verbose)
     from gatepeer.agent import Agent
+    from gatepeer.gate import GateError
     from gatepeer.kernel.netlink import KernelError
     from gatepeer.kernel.nftables import NftError
     from gatepeer.soracom import SoracomError
@@ -162,8 +163,10 @@ def down(config_file: str | None, unregister: bool, verbose: bool) -> None:
         removed, messages = agent.teardown(unregister=unregister)
     except DesiredStateError as exc:  # a link that is not ours under the configured name
         fail(str(exc), EXIT_USAGE)
-    except (SoracomError, KernelError, NftError) as exc:
+    except (SoracomError, GateError, KernelError, NftError) as exc:
         fail(str(exc))
+    except OSError as exc:  # the state file or the recorded sysctls could not be written
+        fail(f"{exc.filename or 'down'}: {exc.strerror or exc}")
     finally:
         agent.close()
     for line in messages:

@@ -439,6 +439,26 @@ def test_down_unregister_uses_the_saved_view_and_unsets_a_redirection_pointing_h
     assert not (tmp_path / "gate.json").exists()
 
 
+def test_down_unregister_still_unregisters_when_the_vpg_answer_is_refused(
+    tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A VPG answer that fails its checks must not keep the registration alive (scale-in would
+    # otherwise leave this peer registered after the instance is gone).
+    monkeypatch.setattr(nftables, "nft_available", lambda: False)
+    client = SoracomClient(emulator.base_url, EMU.auth_key_id, lambda: AUTH_KEY)  # type: ignore[attr-defined]
+    client.register_gate_peer(EMU.vpg_id, "198.18.0.10")
+    client.set_redirection(EMU.vpg_id, "198.19.0.3")
+    statefile.write(tmp_path / "gate.json", {"gate": EMU_GATE.to_json()})
+    agent, poisonable = _down_agent(tmp_path, emulator, host="198.18.0.10")
+    poisonable.vpg = lambda answer: {**answer, "redirection": 5}
+    removed, messages = agent.teardown(unregister=True)
+    assert removed and emulator.peers() == []
+    assert any(
+        m.startswith(f"left the redirection of VPG {EMU.vpg_id} unchecked") for m in messages
+    )
+    assert "unsetRedirectionConfiguration" not in emulator.counts()
+
+
 def test_down_unregister_leaves_a_redirection_pointing_elsewhere(
     tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
