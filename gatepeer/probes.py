@@ -44,7 +44,6 @@ WINDOW = 10  # probes kept per endpoint for the loss ratio
 DOWN_AFTER = 2  # unanswered probes in a row that mark an endpoint down
 
 ProbeState = Literal["up", "down", "unknown"]
-HEALTH_RANK = {"ok": 0, "unknown": 1, "degraded": 2, "failed": 3, "down": 4}
 
 
 @dataclass(frozen=True)
@@ -365,10 +364,6 @@ def probe_health(
     another answers is degraded (traffic goes through the other); every endpoint down is down."""
     verdict = health.evaluate(health.Signals(probes=probe_signals(endpoints, results)))
     return verdict.health, list(verdict.reasons)
-
-
-def worst(*healths: str) -> str:
-    return max(healths, key=lambda h: HEALTH_RANK.get(h, HEALTH_RANK["unknown"]))
 
 
 def endpoint_report(
