@@ -254,6 +254,7 @@ def ha_group() -> None:
 )
 def ha_render(config_file: str | None, output: str | None) -> None:
     """Print (or write) keepalived.conf rendered from [ha]."""
+    import subprocess
     from pathlib import Path
 
     from gatepeer import statefile
@@ -261,11 +262,12 @@ def ha_render(config_file: str | None, output: str | None) -> None:
     from gatepeer.ha.keepalived import RenderError, render
 
     cfg = load_config(config_file)
+    if cfg.ha is None:
+        fail("config error: ha: no [ha] section in the config: nothing to render", EXIT_USAGE)
     try:
         facts = install.facts_for(
             cfg, statefile.read(cfg.agent.state_file), install.gatepeer_executable()
         )
-        assert cfg.ha is not None  # facts_for refuses a config without [ha]
         text = render(cfg.ha, facts)
     except RenderError as exc:
         fail(f"config error: {exc}", EXIT_USAGE)
@@ -276,9 +278,14 @@ def ha_render(config_file: str | None, output: str | None) -> None:
         complaint = install.keepalived_test(text)
     except FileNotFoundError:
         fail("keepalived is not installed: cannot validate the file (apt-get install keepalived)")
+    except subprocess.TimeoutExpired:
+        fail("keepalived -t did not answer in time: the file was not written")
     if complaint is not None:
         fail(f"keepalived -t refused the rendered config: {complaint}")
-    install.write(Path(output), text)
+    try:
+        install.write(Path(output), text)
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror or exc}")
     click.echo(f"wrote {output} (keepalived -t passed)")
 
 
