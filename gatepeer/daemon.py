@@ -32,6 +32,9 @@ from gatepeer.probes import IcmpTransport, Prober, with_probes
 from gatepeer.state import DesiredStateError, Endpoint, tunnel_mtu
 
 if TYPE_CHECKING:
+    from gatepeer.ha.claim import RouteTarget
+    from gatepeer.ha.role import RoleView
+    from gatepeer.ha.watcher import HaWatcher
     from gatepeer.metrics.server import MetricsServer
 
 log = logging.getLogger(__name__)
@@ -194,6 +197,7 @@ class ProbedAgent(Agent):
     state too, hence the lock (shared by the agents a reload swaps)."""
 
     prober: Prober | None = None
+    ha_view: Callable[[], RoleView] | None = None  # with [ha]: the role keepalived gave us
     _write_lock = threading.Lock()
 
     def state(self) -> dict[str, Any]:
@@ -203,7 +207,10 @@ class ProbedAgent(Agent):
             flood = rtnl.flood_destinations_of(self.config.tunnel.interface)
         except OSError:
             flood = None  # reported as missing; the state must still be written
-        return with_probes(super().state(), endpoints, results, flood)
+        state = with_probes(super().state(), endpoints, results, flood)
+        if self.ha_view is not None:
+            state["ha"] = self.ha_view().to_json()  # read by gatepeer.ha.report
+        return state
 
     def write_state(self) -> None:
         with self._write_lock:
@@ -221,6 +228,8 @@ class Daemon:
             IcmpTransport(config.tunnel.interface),
             on_update=lambda: self.agent.write_state(),
         )
+        # [ha] as at start, like [aws]: keepalived's own config changes only with a restart.
+        self.ha = self._ha_watcher(config)
         self.agent = self._new_agent(config)
         # The [aws] flags as at start: a reload keeps the lifecycle's progress (restart to change).
         self.aws = AwsIntegration.for_config(config, self.agent.instance)
@@ -231,11 +240,56 @@ class Daemon:
         self.reload_requested = False
         self.event_reasons: list[str] = []
         self.lock = threading.Lock()
+        self._route_target_cache: RouteTarget | None = None
 
     def _new_agent(self, config: Config) -> ProbedAgent:
         agent = ProbedAgent(config)
         agent.prober = self.prober
+        if self.ha is not None:
+            agent.ha_view = self.ha.view
         return agent
+
+    # ---- HA: keepalived's notify FIFO and the claim on MASTER ------------------------
+
+    def _ha_watcher(self, config: Config) -> HaWatcher | None:
+        """With [ha]: the FIFO reader whose coordinator claims the gateway when keepalived
+        makes this peer master. Not started yet (`run` does, before the first reconcile)."""
+        if config.ha is None:
+            return None
+        from gatepeer.agent import make_client
+        from gatepeer.ha.claim import GatewayClaim
+        from gatepeer.ha.watcher import HaWatcher
+
+        claim = GatewayClaim(
+            config=lambda: self.config,
+            gate=lambda: self.agent.gate,
+            # Its own client: the claim runs on the FIFO thread, beside the refresher's.
+            api=make_client(config),
+            route_target=self._route_target if config.ha.route_tables else None,
+        )
+        return HaWatcher(
+            config.ha.notify_fifo, claim, on_change=lambda _view: self.agent.write_state()
+        )
+
+    def _route_target(self) -> RouteTarget:
+        """This instance's ENI and an EC2 client in its region, made at the first claim."""
+        from gatepeer.aws import AwsError
+        from gatepeer.aws.clients import AwsTarget, client
+        from gatepeer.ha.claim import ClaimError, RouteTarget
+
+        if self._route_target_cache is None:
+            facts = self.agent.instance.get()
+            if facts is None:
+                raise ClaimError(
+                    "ha.route_tables: this instance's ENI is unknown: "
+                    + self.agent.instance.why_missing()
+                )
+            try:
+                ec2 = client("ec2", AwsTarget(self.agent.instance.region()))
+            except AwsError as exc:
+                raise ClaimError(f"ha.route_tables: {exc}") from None
+            self._route_target_cache = RouteTarget(ec2, facts.eni_id)
+        return self._route_target_cache
 
     def _probe_targets(self) -> tuple[Endpoint, ...]:
         return self.agent.gate.endpoints if self.agent.gate else ()
@@ -327,6 +381,8 @@ class Daemon:
             log.error("reload refused, keeping the running config: %s", exc)
             return
         log.info("configuration reloaded from %s", config.source)
+        if config.ha != self.config.ha:
+            log.warning("ha: changed settings take effect when gatepeer and keepalived restart")
         self.agent.close()
         self.config = config
         self.agent = self._new_agent(config)
@@ -388,6 +444,16 @@ class Daemon:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        if self.ha is not None:
+            # Before the first reconcile, so before READY: keepalived, ordered after us, finds
+            # the FIFO made and held open by us (gatepeer.ha.fifo says why that matters).
+            from gatepeer.ha.fifo import FifoError
+
+            try:
+                self.ha.start()
+            except FifoError as exc:
+                log.error("ha.notify_fifo: %s", exc.strerror or exc)
+                return 1
         watcher = KernelWatcher(self.config.tunnel.interface, self.kick)
         watcher.start()
         watcher.ready.wait(5)
@@ -478,6 +544,8 @@ class Daemon:
             if termination is not None:
                 termination.stop()
             self.prober.stop()
+            if self.ha is not None:
+                self.ha.stop()
             if metrics is not None:
                 metrics.stop()
             self.agent.close()

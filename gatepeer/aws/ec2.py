@@ -140,3 +140,25 @@ def table_of_subnet(routes: list[VpcRoute], subnet_id: str) -> VpcRoute | None:
     if own:
         return own[0]
     return next((r for r in routes if r.main), None)
+
+
+def point_route_at(ec2: Any, table_id: str, destination: IPv4Network, eni_id: str) -> str:
+    """Send `destination` in route table `table_id` to `eni_id` (HA route mode, on MASTER):
+    ReplaceRoute, or CreateRoute when the table has no such route yet. Returns which."""
+    kwargs = {
+        "RouteTableId": table_id,
+        "DestinationCidrBlock": str(destination),
+        "NetworkInterfaceId": eni_id,
+    }
+    try:
+        _call("ReplaceRoute", table_id, ec2.replace_route, **kwargs)
+        return "replaced"
+    except Ec2Error as exc:
+        # EC2 answers InvalidParameterValue "There is no route defined ... Use CreateRoute".
+        missing = exc.code == "InvalidRoute.NotFound" or (
+            exc.code == "InvalidParameterValue" and "no route defined" in str(exc)
+        )
+        if not missing:
+            raise
+    _call("CreateRoute", table_id, ec2.create_route, **kwargs)
+    return "created"
