@@ -272,23 +272,29 @@ class Daemon:
         )
 
     def _route_target(self) -> RouteTarget:
-        """This instance's ENI and an EC2 client in its region, made at the first claim."""
+        """This instance's ENI and an EC2 client in its region, found at the first claim: the
+        ENI from IMDS on EC2, else the one holding this host's VPC address in the VPC of the
+        first route table (aws.region must then be set)."""
         from gatepeer.aws import AwsError
         from gatepeer.aws.clients import AwsTarget, client
+        from gatepeer.aws.ec2 import eni_of_address
         from gatepeer.ha.claim import ClaimError, RouteTarget
 
         if self._route_target_cache is None:
-            facts = self.agent.instance.get()
-            if facts is None:
-                raise ClaimError(
-                    "ha.route_tables: this instance's ENI is unknown: "
-                    + self.agent.instance.why_missing()
-                )
+            instance = self.agent.instance
+            tables = self.config.ha.route_tables if self.config.ha else ()
             try:
-                ec2 = client("ec2", AwsTarget(self.agent.instance.region()))
+                ec2 = client("ec2", AwsTarget(instance.region()))
+                facts = instance.get()
+                if facts is not None:
+                    eni = facts.eni_id
+                elif self.agent.facts is not None and tables:
+                    eni = eni_of_address(ec2, tables[0], str(self.agent.facts.local_address))
+                else:
+                    raise ClaimError("ha.route_tables: this host's VPC address is not known yet")
             except AwsError as exc:
                 raise ClaimError(f"ha.route_tables: {exc}") from None
-            self._route_target_cache = RouteTarget(ec2, facts.eni_id)
+            self._route_target_cache = RouteTarget(ec2, eni)
         return self._route_target_cache
 
     def _probe_targets(self) -> tuple[Endpoint, ...]:

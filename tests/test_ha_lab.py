@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from conftest import new_prefix
 
-from gatepeer.lab import ha_pair, netns
+from gatepeer.lab import ha_pair, netns, vpc_routes
 from gatepeer.lab.layout import VPC_HOST_ADDR, GatePeer, Layout, Paths
 from gatepeer.lab.vpg import endpoint_gateway
 
@@ -43,6 +43,7 @@ class Pair:
     layout: Layout
     paths: Paths
     advert: float = 1.0
+    route_table: vpc_routes.RouteTable | None = None  # route mode, once a test switched to it
 
     @property
     def peers(self) -> list[GatePeer]:
@@ -425,3 +426,70 @@ def test_state_shows_the_role_for_status(pair: Pair) -> None:
         ha = pair.state(p)["ha"]
         assert ha["role"] == role and ha["since"] is not None and ha["transitions"] >= 1
         assert json.dumps(ha)  # plain JSON values
+
+
+# ---- route mode: the VPC route table follows the master (EC2 stand-in) --------------------
+
+
+def to_route_mode(pair: Pair, table: vpc_routes.RouteTable) -> None:
+    """Both configs to route mode with the stand-in's route table; the pair restarted (the
+    daemons read [ha] at start) with the stand-in's endpoint in their environment."""
+    ha_pair.stop_pair(pair.paths, len(pair.peers))
+    for p in pair.peers:
+        config = pair.paths.peer_config(p.index)
+        text = config.read_text().replace('mode = "nat"', 'mode = "route"')
+        # [ha] is the last section: its keys go at the end, then [aws].
+        text += f'route_tables = ["{table.table_id}"]\n\n[aws]\nregion = "{vpc_routes.REGION}"\n'
+        config.write_text(text)
+    ha_pair.start_pair(pair.layout, pair.paths, env=vpc_routes.ENV)
+
+
+@pytest.mark.parametrize("advert", [1.0, 0.1], ids=["advert-1s", "advert-100ms"])
+def test_route_mode_hard_failure_moves_the_route_and_the_gateway(
+    pair: Pair, advert: float, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if pair.route_table is None:
+        pair.route_table = vpc_routes.start(pair.layout, pair.paths)
+        to_route_mode(pair, pair.route_table)
+    table = pair.route_table
+    eni_of = {addr: eni for eni, addr in table.eni_addresses.items()}
+
+    def route_holder() -> str | None:
+        return table.eni_addresses.get(vpc_routes.route_target(pair.layout, table.table_id) or "")
+
+    def vpc_router() -> str | None:
+        routes = netns.ip_json(pair.layout.vpc_ns, "route", "show", str(pair.layout.device_subnet))
+        return str(routes[0].get("gateway")) if routes else None
+
+    pair.set_advert(advert)
+    master, backup = pair.settled()
+    pair.wait(lambda: route_holder() == str(master.address), 10, "the route on the master")
+    pair.wait(lambda: vpc_router() == str(master.address), 5, "the VPC router following")
+    pinger = Pinger(pair, 1 + 4 * advert + 3)
+    try:
+        cut = time.time()
+        netns.ip(pair.layout.fabric_ns, "link", "set", "dev", master.fabric_port, "down")
+        took = pair.wait(
+            lambda: pair.holder() == backup and vpc_router() == str(backup.address),
+            10 + 10 * advert,
+            "gateway and VPC route moved",
+        )
+        traffic = pinger.result()
+    finally:
+        pinger.stop()
+        netns.ip(pair.layout.fabric_ns, "link", "set", "dev", master.fabric_port, "up")
+    assert route_holder() == str(backup.address)
+    # The new master's own claim moved it (ReplaceRoute through the stand-in), found its ENI
+    # by its VPC address (no IMDS here), and the lab's VPC router followed.
+    claimed = pair.paths.peer_file(backup.index, "gatepeer.log").read_text()
+    assert f"{table.table_id} {pair.layout.device_subnet} -> {eni_of[str(backup.address)]}" in (
+        claimed
+    )
+    assert traffic.answered_after(cut + took) > 0, "no traffic through the new master"
+    report(
+        capsys,
+        f"route mode hard failure, {advert:g} s adverts: gateway and VPC route moved "
+        f"{took:.3f} s after the cut; " + traffic.line(),
+    )
+    new_master, _ = pair.settled()
+    assert new_master == backup

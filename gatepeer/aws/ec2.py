@@ -162,3 +162,33 @@ def point_route_at(ec2: Any, table_id: str, destination: IPv4Network, eni_id: st
             raise
     _call("CreateRoute", table_id, ec2.create_route, **kwargs)
     return "created"
+
+
+def eni_of_address(ec2: Any, table_id: str, address: str) -> str:
+    """The ENI that holds `address` in the VPC of route table `table_id`: how route mode finds
+    this instance's ENI without IMDS (private addresses are unique only within a VPC)."""
+    tables = _call(
+        "DescribeRouteTables",
+        table_id,
+        ec2.describe_route_tables,
+        RouteTableIds=[table_id],
+    ).get("RouteTables", [])
+    if not tables:
+        raise Ec2Error("DescribeRouteTables", table_id, "no such route table")
+    vpc_id = tables[0]["VpcId"]
+    enis = _call(
+        "DescribeNetworkInterfaces",
+        f"{address} in {vpc_id}",
+        ec2.describe_network_interfaces,
+        Filters=[
+            {"Name": "vpc-id", "Values": [vpc_id]},
+            {"Name": "addresses.private-ip-address", "Values": [address]},
+        ],
+    ).get("NetworkInterfaces", [])
+    if len(enis) != 1:
+        raise Ec2Error(
+            "DescribeNetworkInterfaces",
+            f"{address} in {vpc_id}",
+            f"{len(enis)} network interfaces hold this address, expected one",
+        )
+    return str(enis[0]["NetworkInterfaceId"])

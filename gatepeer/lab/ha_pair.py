@@ -72,15 +72,18 @@ def agent_state(paths: Paths, index: int) -> dict[str, Any] | None:
         return None
 
 
-def start_agent(paths: Paths, peer: GatePeer, *, wait: bool = True) -> int:
-    """`gatepeer run -v` in the peer's namespace; waits for its first healthy reconcile."""
+def start_agent(
+    paths: Paths, peer: GatePeer, *, wait: bool = True, env: dict[str, str] | None = None
+) -> int:
+    """`gatepeer run` in the peer's namespace (with `env` added to its environment: route
+    mode's EC2 stand-in); waits for its first healthy reconcile."""
     config = str(paths.peer_config(peer.index))
     log = paths.peer_file(peer.index, "gatepeer.log")
     cmd = netns.exec_in(peer.ns, [*agent_command(paths, "run")[:-2], "--config", config])
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, env={**os.environ, **(env or {})},
         )  # fmt: skip
     # `ip netns exec` execs in place: this is the daemon's own pid.
     paths.peer_file(peer.index, "gatepeer.pid").write_text(f"{proc.pid}\n")
@@ -169,9 +172,9 @@ def stop_agent(paths: Paths, index: int) -> int | None:
     return stopped
 
 
-def start_peer(paths: Paths, peer: GatePeer) -> dict[str, int]:
+def start_peer(paths: Paths, peer: GatePeer, env: dict[str, str] | None = None) -> dict[str, int]:
     """gatepeer first (it makes the FIFO keepalived writes to), then keepalived."""
-    agent = start_agent(paths, peer)
+    agent = start_agent(paths, peer, env=env)
     return {"gatepeer": agent, "keepalived": start_keepalived(paths, peer)}
 
 
@@ -188,14 +191,16 @@ def stop_peer(paths: Paths, index: int) -> list[str]:
     return out
 
 
-def start_pair(layout: Layout, paths: Paths) -> dict[str, dict[str, int]]:
+def start_pair(
+    layout: Layout, paths: Paths, env: dict[str, str] | None = None
+) -> dict[str, dict[str, int]]:
     if layout.peer_count < 2:
         raise LabError(f"lab {layout.prefix} has one gate peer: make it with `lab up --peers 2`")
     keepalived_binary()
     started: dict[str, dict[str, int]] = {}
     for peer in layout.gate_peers:
         # Peer 1 (priority 150) first: it becomes master, peer 2 joins as backup.
-        started[peer.ns] = start_peer(paths, peer)
+        started[peer.ns] = start_peer(paths, peer, env)
     return started
 
 

@@ -244,9 +244,11 @@ def down(prefix: str) -> DownReport:
     if iperf is not None:
         report.removed.append(f"iperf3 server (pid {iperf})")
     if paths.dir.exists():
+        from gatepeer.lab import vpc_routes
         from gatepeer.lab.ha_pair import stop_pair  # the HA pair's processes, by their pids
 
         report.removed += stop_pair(paths, MAX_PEERS)
+        report.removed += vpc_routes.stop(paths)
     for name in lab_namespaces(prefix):
         pids = netns.netns_pids(name)
         if pids:
