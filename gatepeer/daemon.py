@@ -271,6 +271,22 @@ class Daemon:
             config.ha.notify_fifo, claim, on_change=lambda _view: self.agent.write_state()
         )
 
+    def _keep_claim(self) -> None:
+        """As master, claim again when a refresh after our claim shows the gateway elsewhere:
+        the pair converges even when a late claim (a peer that was master only briefly) landed
+        after ours. Only the master ever posts, so the backup cannot start a fight."""
+        if self.ha is None:
+            return
+        from gatepeer.ha.claim import claim_lost
+
+        view = self.ha.view()
+        if view.role != "master":
+            return
+        agent = self.agent
+        why = claim_lost(self.config, agent.gate, agent.gate_fetched_at, view.claimed_at)
+        if why is not None:
+            self.ha.coordinator.reassert(why)
+
     def _route_target(self) -> RouteTarget:
         """This instance's ENI and an EC2 client in its region, found at the first claim: the
         ENI from IMDS on EC2, else the one holding this host's VPC address in the VPC of the
@@ -517,6 +533,7 @@ class Daemon:
                     continue
                 if self.aws is not None:
                     self.aws.after_reconcile(result.health == "ok")
+                self._keep_claim()
                 if result.actions or result.health != "ok":
                     log.info(
                         "reconcile (%s): %s, %d action(s) in %.1f ms",

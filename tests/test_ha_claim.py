@@ -254,3 +254,40 @@ def test_a_notify_fifo_that_cannot_be_made_stops_the_daemon_with_exit_1(tmp_path
     config = ha_daemon_config(tmp_path, tmp_path / "missing-dir" / "keepalived.fifo")
     daemon = Daemon(config, lambda: config)
     assert daemon.run() == 1
+
+
+# ---- the master keeps its claim true ------------------------------------------------------
+
+
+def test_claim_lost_only_from_a_view_fetched_after_the_claim() -> None:
+    from gatepeer.ha.claim import claim_lost
+
+    cfg = config()
+    # Fetched before our claim: it still shows the old gateway, which proves nothing.
+    assert claim_lost(cfg, gate(PEER_INNER), fetched_at=10.0, claimed_at=11.0) is None
+    assert claim_lost(cfg, gate(PEER_INNER), fetched_at=10.0, claimed_at=None) is None
+    # Fetched after it: ours is right, or someone wrote after us.
+    assert claim_lost(cfg, gate(INNER.ip), fetched_at=12.0, claimed_at=11.0) is None
+    why = claim_lost(cfg, gate(PEER_INNER), fetched_at=12.0, claimed_at=11.0)
+    assert why is not None and str(PEER_INNER) in why and str(INNER.ip) in why
+    assert claim_lost(cfg, gate(None), fetched_at=12.0, claimed_at=11.0) is not None
+    # vip mode: the virtual address is the gateway to keep.
+    assert claim_lost(config(vip=True), gate(VIP), fetched_at=12.0, claimed_at=11.0) is None
+    assert claim_lost(config(vip=True), gate(INNER.ip), fetched_at=12.0, claimed_at=11.0)
+
+
+def test_reassert_claims_again_only_as_master() -> None:
+    from gatepeer.ha.fifo import Event
+    from gatepeer.ha.role import Coordinator
+
+    claims: list[int] = []
+    now = [100.0]
+    coordinator = Coordinator(lambda: claims.append(1), clock=lambda: now[0])
+    assert coordinator.reassert("test") is False  # unknown role: nothing
+    coordinator.handle([Event("INSTANCE", "gatepeer", "BACKUP", 100)])
+    assert coordinator.reassert("test") is False and claims == []
+    coordinator.handle([Event("INSTANCE", "gatepeer", "MASTER", 100)])
+    assert claims == [1]
+    assert coordinator.reassert("gateway elsewhere") is True
+    coordinator.tick()
+    assert claims == [1, 1] and coordinator.view().claims == 2

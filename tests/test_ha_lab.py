@@ -91,7 +91,7 @@ class Pair:
             time.sleep(0.02)
         return time.monotonic() - started
 
-    def settled(self) -> tuple[GatePeer, GatePeer]:
+    def settled(self, timeout: float = 30) -> tuple[GatePeer, GatePeer]:
         """Wait for one master, one backup, and the gateway on the master: (master, backup)."""
 
         def one_master() -> bool:
@@ -102,7 +102,7 @@ class Pair:
             # The claim shows in state.json once the API has answered it.
             return self.holder() == master and self.claims(master) >= 1
 
-        self.wait(one_master, 30, "one master holding the gateway, one backup")
+        self.wait(one_master, timeout, "one master holding the gateway, one backup")
         master = next(p for p in self.peers if self.role(p) == "master")
         backup = next(p for p in self.peers if p != master)
         return master, backup
@@ -273,18 +273,23 @@ def test_graceful_stop_and_return_keeps_the_new_master(
     pinger = Pinger(pair, 4)
     try:
         # As `lab ha stop` (and a host's shutdown) does: keepalived, then gatepeer, by pid.
-        began = time.monotonic()
+        began, began_wall = time.monotonic(), time.time()
         assert ha_pair.stop_keepalived(pair.paths, master.index) is not None
+        stopped = time.monotonic() - began  # keepalived's own exit
         pair.wait(lambda: pair.holder() == backup, 10, "gateway moved")
-        took = time.monotonic() - began
+        # The backup's daemon read MASTER from its FIFO, then its claim was answered (wall
+        # clock, from its state.json): keepalived's own exit takes longer than both.
+        ha = pair.state(backup)["ha"]
+        became, took = ha["since"] - began_wall, ha["claimed_at"] - began_wall
         assert ha_pair.stop_agent(pair.paths, master.index) is not None
         traffic = pinger.result()
     finally:
         pinger.stop()
     report(
         capsys,
-        f"graceful stop (keepalived then gatepeer), 0.1 s adverts: gateway moved {took:.3f} s "
-        "after keepalived's SIGTERM; " + traffic.line(),
+        f"graceful stop (keepalived then gatepeer), 0.1 s adverts: after keepalived's SIGTERM "
+        f"it exited in {stopped:.3f} s, the backup read MASTER at {became:.3f} s and had "
+        f"claimed at {took:.3f} s; " + traffic.line(),
     )
     claims_before = pair.claims(backup)
     ha_pair.start_peer(pair.paths, master)
@@ -316,7 +321,7 @@ def test_split_brain_converges_to_one_master_and_one_gateway(
 ) -> None:
     pair.set_advert(0.1)
     master, backup = pair.settled()
-    pinger = Pinger(pair, 7)
+    pinger = Pinger(pair, 60)  # stopped once healed
     try:
         for p in pair.peers:
             block_vrrp(p.ns)
@@ -329,10 +334,14 @@ def test_split_brain_converges_to_one_master_and_one_gateway(
         healed_at = time.time()
         for p in pair.peers:
             unblock_vrrp(p.ns)
-        # The higher priority stays master and re-asserts (MASTER_RX_LOWER_PRI): the gateway
-        # follows the one master, whichever it is.
-        final_master, final_backup = pair.settled()
+        # One master again at the first advert heard. If the master heard the other's advert
+        # before that one stepped down (MASTER_RX_LOWER_PRI), it claims again at once; if not,
+        # its next refresh (reconcile_interval, 10 s in the HA lab) finds the gateway on the
+        # backup and it claims again then. Either way the gateway follows the one master.
+        final_master, final_backup = pair.settled(timeout=45)
         healed = time.time() - healed_at
+        time.sleep(0.5)  # traffic through the one master
+        pinger.stop()
         traffic = pinger.result()
     finally:
         pinger.stop()
@@ -340,14 +349,33 @@ def test_split_brain_converges_to_one_master_and_one_gateway(
             unblock_vrrp(p.ns)
     assert pair.holder() == final_master
     ha = pair.state(final_master)["ha"]
+    heard = (ha.get("peer_lower_priority_at") or 0) >= healed_at
+    how = "MASTER_RX_LOWER_PRI" if heard else "its next refresh"
     report(
         capsys,
         f"split brain, 0.1 s adverts: both master {split:.3f} s after VRRP was cut; gateway "
-        f"went to the last writer ({backup.ns}); after healing, {final_master.ns} master "
-        f"(peer heard as master: {ha.get('peer_lower_priority_at') is not None}) and holds "
-        f"the gateway {healed:.3f} s later; traffic: " + traffic.line(),
+        f"went to the last writer ({backup.ns}); after healing, {final_master.ns} master and "
+        f"holds the gateway {healed:.3f} s later (re-claimed on {how}); traffic: " + traffic.line(),
     )
     assert traffic.answered_after(healed_at + healed) > 0
+
+
+def test_the_master_takes_back_a_gateway_written_after_its_claim(pair: Pair) -> None:
+    """A late claim of a peer that was master only briefly (or a person) points the VPG at the
+    backup after the master's claim. The master's next refresh sees it and claims again; the
+    backup never posts. (SIGHUP makes the refresh come now instead of after 10 s.)"""
+    from gatepeer.lab import topology
+
+    master, backup = pair.settled()
+    claims = pair.claims(master)
+    topology.redirect(pair.layout.prefix, pair.inner(backup))
+    assert pair.holder() == backup
+    agent = int(pair.paths.peer_file(master.index, "gatepeer.pid").read_text())
+    os.kill(agent, signal.SIGHUP)
+    pair.wait(lambda: pair.holder() == master, 15, "the master claiming its gateway back")
+    pair.wait(lambda: pair.claims(master) == claims + 1, 5, "the claim recorded")
+    log = pair.paths.peer_file(master.index, "gatepeer.log").read_text()
+    assert "claiming the gateway again" in log
 
 
 # ---- a broken tunnel on the master ----------------------------------------------------------
@@ -426,6 +454,73 @@ def test_state_shows_the_role_for_status(pair: Pair) -> None:
         ha = pair.state(p)["ha"]
         assert ha["role"] == role and ha["since"] is not None and ha["transitions"] >= 1
         assert json.dumps(ha)  # plain JSON values
+
+
+# ---- vip mode: keepalived moves a virtual inner address; gatepeer leaves it alone --------
+
+VIP = "198.19.0.100"  # in the device subnet's lower half, clear of what the emulator assigns
+
+
+def restart_pair(pair: Pair, edit: Callable[[str], str]) -> None:
+    ha_pair.stop_pair(pair.paths, len(pair.peers))
+    for p in pair.peers:
+        config = pair.paths.peer_config(p.index)
+        config.write_text(edit(config.read_text()))
+    ha_pair.start_pair(pair.layout, pair.paths)
+
+
+def vip_holders(pair: Pair) -> list[GatePeer]:
+    return [
+        p
+        for p in pair.peers
+        if any(
+            a.get("local") == VIP
+            for link in netns.ip_json(p.ns, "addr", "show", "dev", "vxlan0")
+            for a in link.get("addr_info", [])
+        )
+    ]
+
+
+def test_vip_mode_moves_the_virtual_address_and_gatepeer_keeps_it(
+    pair: Pair, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # [ha] is the last section of each config: the key goes at the end.
+    restart_pair(pair, lambda text: text + f'virtual_address = "{VIP}"\n')
+    try:
+        pair.wait(lambda: pair.gateway() == VIP, 20, "the VIP as redirection gateway")
+        master = next(p for p in pair.peers if pair.role(p) == "master")
+        backup = next(p for p in pair.peers if p != master)
+        pair.wait(lambda: vip_holders(pair) == [master], 10, "the VIP on the master only")
+        # A reconcile (SIGHUP reloads and reconciles) leaves keepalived's address alone.
+        before = pair.state(master)["counters"]["reconciles"]
+        agent = int(pair.paths.peer_file(master.index, "gatepeer.pid").read_text())
+        os.kill(agent, signal.SIGHUP)
+        pair.wait(lambda: pair.state(master)["counters"]["reconciles"] > before, 10, "a reconcile")
+        assert vip_holders(pair) == [master]
+        assert pair.state(master)["owned_addresses"] == [pair.state(master)["gate"]["inner"]]
+        pinger = Pinger(pair, 1 + 4 * pair.advert + 3)
+        try:
+            cut = time.time()
+            netns.ip(pair.layout.fabric_ns, "link", "set", "dev", master.fabric_port, "down")
+            took = pair.wait(
+                lambda: vip_holders(pair)[-1:] == [backup] and pair.role(backup) == "master",
+                10 + 10 * pair.advert,
+                "the VIP on the new master",
+            )
+            traffic = pinger.result()
+        finally:
+            pinger.stop()
+            netns.ip(pair.layout.fabric_ns, "link", "set", "dev", master.fabric_port, "up")
+        assert pair.gateway() == VIP  # the gateway never changed; its owner did
+        assert traffic.answered_after(cut + took) > 0, "no traffic through the new master"
+        report(
+            capsys,
+            f"vip mode hard failure, {pair.advert:g} s adverts: VIP on the backup "
+            f"{took:.3f} s after the cut; " + traffic.line(),
+        )
+        pair.wait(lambda: vip_holders(pair) == [backup], 20, "the VIP on the new master only")
+    finally:
+        restart_pair(pair, lambda text: text.replace(f'virtual_address = "{VIP}"\n', ""))
 
 
 # ---- route mode: the VPC route table follows the master (EC2 stand-in) --------------------

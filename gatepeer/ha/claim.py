@@ -82,3 +82,21 @@ def point_routes(target: RouteTarget, tables: tuple[str, ...], subnet: IPv4Netwo
         how = point_route_at(target.ec2, table, subnet, target.eni_id)
         out.append(f"{table} {subnet} -> {target.eni_id} ({how})")
     return out
+
+
+def claim_lost(
+    cfg: Config, gate: GateView | None, fetched_at: float | None, claimed_at: float | None
+) -> str | None:
+    """Why this master must claim again, or None: the VPG's redirection, as fetched after our
+    last successful claim, is not the gateway we claim. (Before that fetch the view still shows
+    the gateway from before our claim, which proves nothing.)"""
+    if gate is None or fetched_at is None or claimed_at is None or fetched_at <= claimed_at:
+        return None
+    wanted = redirection.claim_gateway(cfg, gate)
+    current = gate.redirection
+    if current is not None and current.enabled and current.gateway == wanted:
+        return None
+    return (
+        f"the VPG's redirection gateway is {redirection.describe(current)}, not {wanted}, "
+        "although this peer is master and claimed it"
+    )

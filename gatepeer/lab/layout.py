@@ -379,7 +379,8 @@ def render_config(
         f'local_address = "{address}"\n'
         "\n"
         "[agent]\n"
-        'reconcile_interval = "30s"\n'
+        # An HA master checks at each refresh that the VPG's gateway is still its claim.
+        f'reconcile_interval = "{"10s" if pair else "30s"}"\n'
         f'state_file = "{paths.peer_state_file(index)}"\n'
         f'gate_cache = "{paths.peer_gate_cache(index)}"\n'
     )
