@@ -356,6 +356,11 @@ def _print_summary(info: LabInfo) -> None:
         f"    {layout.peer_ns:<14} gate peer: eth0 {t.PEER_ADDR}/24, "
         f"default via {t.FABRIC_VPC_ADDR}"
     )
+    for second in layout.gate_peers[1:]:
+        echo(
+            f"    {second.ns:<14} gate peer {second.index} (HA pair): eth0 {second.address}/24, "
+            f"default via {t.FABRIC_VPC_ADDR}"
+        )
     echo(
         f"    {layout.vpc_ns:<14} VPC host: eth0 {t.VPC_HOST_ADDR}/24, "
         f"{layout.device_subnet} via {t.PEER_ADDR}"
@@ -379,6 +384,12 @@ def _print_summary(info: LabInfo) -> None:
         f" auth key id {info.credentials.auth_key_id}, secret in {paths.auth_key}"
     )
     echo(f"  agent config: {paths.config}")
+    if layout.peer_count > 1:
+        configs = ", ".join(str(paths.peer_config(p.index)) for p in layout.gate_peers)
+        echo(
+            f"  HA pair: configs {configs} ([ha], nat mode); start gatepeer and keepalived "
+            f"in both with `gatepeer lab ha start --prefix {layout.prefix}`"
+        )
     if info.gate_peer:
         gp = info.gate_peer
         echo(
