@@ -291,3 +291,16 @@ def test_reassert_claims_again_only_as_master() -> None:
     assert coordinator.reassert("gateway elsewhere") is True
     coordinator.tick()
     assert claims == [1, 1] and coordinator.view().claims == 2
+
+
+def test_the_eni_is_found_by_its_vpc_address_in_the_route_tables_vpc(vpc: TwoInstances) -> None:
+    """Route mode without IMDS (IMDS off, or the lab): the ENI that holds this host's VPC
+    address in the VPC of the first route table."""
+    from gatepeer.aws.ec2 import Ec2Error, eni_of_address
+
+    for eni in vpc.enis:
+        answer = vpc.ec2.describe_network_interfaces(NetworkInterfaceIds=[eni])
+        address = answer["NetworkInterfaces"][0]["PrivateIpAddress"]
+        assert eni_of_address(vpc.ec2, vpc.tables[0], address) == eni
+    with pytest.raises(Ec2Error, match="0 network interfaces hold this address"):
+        eni_of_address(vpc.ec2, vpc.tables[0], "198.18.0.250")
