@@ -77,9 +77,8 @@ def start_agent(
 ) -> int:
     """`gatepeer run` in the peer's namespace (with `env` added to its environment: route
     mode's EC2 stand-in); waits for its first healthy reconcile."""
-    config = str(paths.peer_config(peer.index))
     log = paths.peer_file(peer.index, "gatepeer.log")
-    cmd = netns.exec_in(peer.ns, [*agent_command(paths, "run")[:-2], "--config", config])
+    cmd = netns.exec_in(peer.ns, agent_command(paths, "run", index=peer.index))
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -103,8 +102,7 @@ def start_agent(
 def render_keepalived(paths: Paths, peer: GatePeer) -> Path:
     """`gatepeer ha render -o FILE` in the peer's namespace (it runs `keepalived -t` first)."""
     conf = paths.peer_file(peer.index, "keepalived.conf")
-    config = str(paths.peer_config(peer.index))
-    cmd = [*agent_command(paths, "ha", "render", "-o", str(conf))[:-2], "--config", config]
+    cmd = agent_command(paths, "ha", "render", "-o", str(conf), index=peer.index)
     proc = netns.run(netns.exec_in(peer.ns, cmd), check=False, timeout=60)
     if proc.returncode != 0:
         raise LabError(f"gatepeer ha render in {peer.ns} failed: {proc.stderr.strip()}")

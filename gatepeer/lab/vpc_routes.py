@@ -182,9 +182,13 @@ def follow(table_id: str, subnet: str, vpc_ns: str, enis: dict[str, str]) -> Non
             log.warning("route table %s: %s", table_id, exc)
             target = current
         if target != current and target in enis:
-            ip(vpc_ns, "route", "replace", subnet, "via", enis[target], "dev", "eth0")
-            log.warning("%s -> %s (%s)", subnet, enis[target], target)
-            current = target
+            try:
+                ip(vpc_ns, "route", "replace", subnet, "via", enis[target], "dev", "eth0")
+            except LabError as exc:  # the lab going down under us; try again next round
+                log.warning("%s", exc)
+            else:
+                log.warning("%s -> %s (%s)", subnet, enis[target], target)
+                current = target
         time.sleep(FOLLOW_INTERVAL_S)
 
 
