@@ -228,7 +228,9 @@ class Daemon:
             IcmpTransport(config.tunnel.interface),
             on_update=lambda: self.agent.write_state(),
         )
-        # [ha] as at start, like [aws]: keepalived's own config changes only with a restart.
+        # [ha] as at start, like [aws]: keepalived's own config changes only with a restart,
+        # and the claim (its API client included) keeps the config it started with.
+        self.ha_config = config
         self.ha = self._ha_watcher(config)
         self.agent = self._new_agent(config)
         # The [aws] flags as at start: a reload keeps the lifecycle's progress (restart to change).
@@ -261,7 +263,7 @@ class Daemon:
         from gatepeer.ha.watcher import HaWatcher
 
         claim = GatewayClaim(
-            config=lambda: self.config,
+            config=lambda: config,
             gate=lambda: self.agent.gate,
             # Its own client: the claim runs on the FIFO thread, beside the refresher's.
             api=make_client(config),
@@ -283,7 +285,7 @@ class Daemon:
         if view.role != "master":
             return
         agent = self.agent
-        why = claim_lost(self.config, agent.gate, agent.gate_fetched_at, view.claimed_at)
+        why = claim_lost(self.ha_config, agent.gate, agent.gate_fetched_at, view.claimed_at)
         if why is not None:
             self.ha.coordinator.reassert(why)
 
@@ -298,7 +300,7 @@ class Daemon:
 
         if self._route_target_cache is None:
             instance = self.agent.instance
-            tables = self.config.ha.route_tables if self.config.ha else ()
+            tables = self.ha_config.ha.route_tables if self.ha_config.ha else ()
             try:
                 ec2 = client("ec2", AwsTarget(instance.region()))
                 facts = instance.get()
@@ -403,8 +405,13 @@ class Daemon:
             log.error("reload refused, keeping the running config: %s", exc)
             return
         log.info("configuration reloaded from %s", config.source)
-        if config.ha != self.config.ha:
-            log.warning("ha: changed settings take effect when gatepeer and keepalived restart")
+        started = self.ha_config
+        ha_in_play = config.ha is not None or started.ha is not None
+        if ha_in_play and (config.ha != started.ha or config.soracom != started.soracom):
+            log.warning(
+                "ha: the claim keeps the [ha] and [soracom] settings gatepeer started with; "
+                "restart gatepeer (and keepalived after `gatepeer ha render -o`) to change them"
+            )
         self.agent.close()
         self.config = config
         self.agent = self._new_agent(config)
