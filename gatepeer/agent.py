@@ -38,6 +38,7 @@ from gatepeer.plan import (
     SetSysctl,
     UpdateEndpointSet,
     describe,
+    owned_after,
     plan,
     refuse_foreign,
 )
@@ -130,6 +131,9 @@ class Agent:
         # The vxlan link this agent (or its predecessor) made: {"name", "ifindex", "vni",
         # "dst_port"}. Kept in the state file, so a renamed tunnel.interface can remove it.
         self.managed_link: dict[str, Any] | None = None
+        # Addresses this agent (or its predecessor) put on the tunnel: the only ones the plan
+        # may remove. Others (keepalived's virtual address) are not ours.
+        self.owned_addresses: frozenset[IPv4Interface] = frozenset()
         self._load_last_good()
 
     def close(self) -> None:
@@ -148,6 +152,9 @@ class Agent:
                     self.gate = gate
                     self.gate_fetched_at = previous.get("gate_fetched_at")
             self.managed_link = _managed_link(previous.get("managed_link"))
+            self.owned_addresses = frozenset(
+                IPv4Interface(a) for a in previous.get("owned_addresses") or ()
+            )
         except (AttributeError, KeyError, ValueError, TypeError):
             # A damaged file must not stop the agent: start as if it were not there.
             log.warning("ignoring unreadable parts of %s", self.config.agent.state_file)
@@ -458,14 +465,17 @@ class Agent:
             previewed = dry_run and self.config.soracom.redirection == "self"
             if self.gate is not None and not previewed:
                 findings = redirection.findings(
-                    self.config.packet_path.mode, self.config.soracom.redirection, self.gate
+                    self.config.packet_path.mode,
+                    self.config.soracom.redirection,
+                    self.gate,
+                    ha=self.config.ha,
                 )
             desired = self.desired()
             observed = self.observe(desired)
             notes = self.notes(observed, desired)
             # The old link goes first: it holds the VNI and port the new one needs.
             actions = self._previous_link(desired) + plan(
-                desired, observed, self.facts.underlay if self.facts else ""
+                desired, observed, self.facts.underlay if self.facts else "", self.owned_addresses
             )
             if not dry_run and actions:
                 for action in actions:
@@ -474,7 +484,8 @@ class Agent:
                 underlay = self.facts.underlay if self.facts else ""
                 final = self.observe(desired)
                 self._remember_link(final)
-                leftover = plan(desired, final, underlay)
+                self.owned_addresses = owned_after(desired, final, self.owned_addresses)
+                leftover = plan(desired, final, underlay, self.owned_addresses)
                 # Keys that appear only once what we applied loaded their module (conntrack's,
                 # after the first ruleset with `ct state`) get a second pass, then are checked.
                 absent_before = {path for path, value in observed.sysctls if value is None}
@@ -489,7 +500,7 @@ class Agent:
                         self.apply_action(action)
                     actions.extend(late)
                     final = self.observe(desired)
-                    leftover = plan(desired, final, underlay)
+                    leftover = plan(desired, final, underlay, self.owned_addresses)
                 notes = self.notes(final, desired)
                 if leftover:
                     raise ReconcileError(
@@ -497,6 +508,7 @@ class Agent:
                     )
             elif not dry_run:
                 self._remember_link(observed)
+                self.owned_addresses = owned_after(desired, observed, self.owned_addresses)
         except (KernelError, ReconcileError, DesiredStateError, NetlinkError, OSError) as exc:
             # NetlinkError and OSError: a read raced with a change (the link went away between
             # lookup and get, say); the next event or timer reconciles again.
@@ -704,6 +716,7 @@ class Agent:
             else None,
             "tunnel": {"interface": self.config.tunnel.interface},
             "managed_link": self.managed_link,
+            "owned_addresses": sorted(a.with_prefixlen for a in self.owned_addresses),
             "packet_path": {
                 "mode": self.config.packet_path.mode,
                 "flowtable_supported": self.facts.flowtable_supported if self.facts else None,

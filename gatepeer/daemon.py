@@ -33,6 +33,9 @@ from gatepeer.state import DesiredStateError, Endpoint, tunnel_mtu
 from gatepeer.status import daemon_verdict
 
 if TYPE_CHECKING:
+    from gatepeer.ha.claim import RouteTarget
+    from gatepeer.ha.role import RoleView
+    from gatepeer.ha.watcher import HaWatcher
     from gatepeer.metrics.server import MetricsServer
 
 log = logging.getLogger(__name__)
@@ -196,6 +199,7 @@ class ProbedAgent(Agent):
     state too, hence the lock (shared by the agents a reload swaps)."""
 
     prober: Prober | None = None
+    ha_view: Callable[[], RoleView] | None = None  # with [ha]: the role keepalived gave us
     _write_lock = threading.Lock()
 
     def state(self) -> dict[str, Any]:
@@ -205,7 +209,10 @@ class ProbedAgent(Agent):
             flood = rtnl.flood_destinations_of(self.config.tunnel.interface)
         except OSError:
             flood = None  # reported as missing; the state must still be written
-        return with_probes(super().state(), endpoints, results, flood)
+        state = with_probes(super().state(), endpoints, results, flood)
+        if self.ha_view is not None:
+            state["ha"] = self.ha_view().to_json()  # read by gatepeer.ha.report
+        return state
 
     def write_state(self) -> None:
         with self._write_lock:
@@ -223,6 +230,10 @@ class Daemon:
             IcmpTransport(config.tunnel.interface),
             on_update=lambda: self.agent.write_state(),
         )
+        # [ha] as at start, like [aws]: keepalived's own config changes only with a restart,
+        # and the claim (its API client included) keeps the config it started with.
+        self.ha_config = config
+        self.ha = self._ha_watcher(config)
         self.agent = self._new_agent(config)
         # The [aws] flags as at start: a reload keeps the lifecycle's progress (restart to change).
         self.aws = AwsIntegration.for_config(config, self.agent.instance)
@@ -233,11 +244,78 @@ class Daemon:
         self.reload_requested = False
         self.event_reasons: list[str] = []
         self.lock = threading.Lock()
+        self._route_target_cache: RouteTarget | None = None
 
     def _new_agent(self, config: Config) -> ProbedAgent:
         agent = ProbedAgent(config)
         agent.prober = self.prober
+        if self.ha is not None:
+            agent.ha_view = self.ha.view
         return agent
+
+    # ---- HA: keepalived's notify FIFO and the claim on MASTER ------------------------
+
+    def _ha_watcher(self, config: Config) -> HaWatcher | None:
+        """With [ha]: the FIFO reader whose coordinator claims the gateway when keepalived
+        makes this peer master. Not started yet (`run` does, before the first reconcile)."""
+        if config.ha is None:
+            return None
+        from gatepeer.agent import make_client
+        from gatepeer.ha.claim import GatewayClaim
+        from gatepeer.ha.watcher import HaWatcher
+
+        claim = GatewayClaim(
+            config=lambda: config,
+            gate=lambda: self.agent.gate,
+            # Its own client: the claim runs on the FIFO thread, beside the refresher's.
+            api=make_client(config),
+            route_target=self._route_target if config.ha.route_tables else None,
+        )
+        return HaWatcher(
+            config.ha.notify_fifo, claim, on_change=lambda _view: self.agent.write_state()
+        )
+
+    def _keep_claim(self) -> None:
+        """As master, claim again when a refresh after our claim shows the gateway elsewhere:
+        the pair converges even when a late claim (a peer that was master only briefly) landed
+        after ours. Only the master ever posts, so the backup cannot start a fight."""
+        if self.ha is None:
+            return
+        from gatepeer.ha.claim import claim_lost
+
+        view = self.ha.view()
+        if view.role != "master":
+            return
+        agent = self.agent
+        why = claim_lost(self.ha_config, agent.gate, agent.gate_fetched_at, view.claimed_at)
+        if why is not None:
+            self.ha.coordinator.reassert(why)
+
+    def _route_target(self) -> RouteTarget:
+        """This instance's ENI and an EC2 client in its region, found at the first claim: the
+        ENI from IMDS on EC2, else the one holding this host's VPC address in the VPC of the
+        first route table (aws.region must then be set)."""
+        from gatepeer.aws import AwsError
+        from gatepeer.aws.clients import AwsTarget, client
+        from gatepeer.aws.ec2 import eni_of_address
+        from gatepeer.ha.claim import ClaimError, RouteTarget
+
+        if self._route_target_cache is None:
+            instance = self.agent.instance
+            tables = self.ha_config.ha.route_tables if self.ha_config.ha else ()
+            try:
+                ec2 = client("ec2", AwsTarget(instance.region()))
+                facts = instance.get()
+                if facts is not None:
+                    eni = facts.eni_id
+                elif self.agent.facts is not None and tables:
+                    eni = eni_of_address(ec2, tables[0], str(self.agent.facts.local_address))
+                else:
+                    raise ClaimError("ha.route_tables: this host's VPC address is not known yet")
+            except AwsError as exc:
+                raise ClaimError(f"ha.route_tables: {exc}") from None
+            self._route_target_cache = RouteTarget(ec2, eni)
+        return self._route_target_cache
 
     def _probe_targets(self) -> tuple[Endpoint, ...]:
         return self.agent.gate.endpoints if self.agent.gate else ()
@@ -329,6 +407,13 @@ class Daemon:
             log.error("reload refused, keeping the running config: %s", exc)
             return
         log.info("configuration reloaded from %s", config.source)
+        started = self.ha_config
+        ha_in_play = config.ha is not None or started.ha is not None
+        if ha_in_play and (config.ha != started.ha or config.soracom != started.soracom):
+            log.warning(
+                "ha: the claim keeps the [ha] and [soracom] settings gatepeer started with; "
+                "restart gatepeer (and keepalived after `gatepeer ha render -o`) to change them"
+            )
         self.agent.close()
         self.config = config
         self.agent = self._new_agent(config)
@@ -390,6 +475,16 @@ class Daemon:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        if self.ha is not None:
+            # Before the first reconcile, so before READY: keepalived, ordered after us, finds
+            # the FIFO made and held open by us (gatepeer.ha.fifo says why that matters).
+            from gatepeer.ha.fifo import FifoError
+
+            try:
+                self.ha.start()
+            except FifoError as exc:
+                log.error("ha.notify_fifo: %s", exc.strerror or exc)
+                return 1
         watcher = KernelWatcher(self.config.tunnel.interface, self.kick)
         watcher.start()
         watcher.ready.wait(5)
@@ -448,6 +543,7 @@ class Daemon:
                     continue
                 if self.aws is not None:
                     self.aws.after_reconcile(result.health == "ok")
+                self._keep_claim()
                 if result.actions or result.health != "ok":
                     log.info(
                         "reconcile (%s): %s, %d action(s) in %.1f ms",
@@ -491,6 +587,8 @@ class Daemon:
             if termination is not None:
                 termination.stop()
             self.prober.stop()
+            if self.ha is not None:
+                self.ha.stop()
             if metrics is not None:
                 metrics.stop()
             self.agent.close()

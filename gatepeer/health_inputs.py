@@ -71,10 +71,11 @@ def recorded_signals(st: StateSummary) -> health.Signals:
         api_error=st.gate_error,
         api_answer_refused=st.api_answer_refused,
         redirection_error=st.redirection_error,
+        # A state with "ha" is half of a pair: a gateway elsewhere is the backup's normal state.
         redirection_findings=tuple(
             redirection.findings(st.packet_path_mode, st.redirection_mode, st.gate)
         )
-        if st.gate is not None
+        if st.gate is not None and st.ha is None
         else (),
         probes=probe_signals(st) if st.probed else None,
     )
@@ -109,7 +110,7 @@ def observed_signals(
         return base
     findings: tuple[str, ...] = ()
     if st.gate is not None:
-        findings = tuple(redirection.findings(packet_path_mode, redirection_mode, st.gate))
+        findings = tuple(redirection.findings(packet_path_mode, redirection_mode, st.gate, ha=ha))
     # Without a daemon nobody probes: its old results would only mislead.
     running = daemon is not None and daemon.running
     return replace(

@@ -3,7 +3,9 @@
 A converged system plans nothing. Nothing is deleted and re-created when it can be changed in
 place: the link is replaced only when an attribute the kernel cannot change differs, and the
 action says which. FDB entries change as a set difference, additions first, so traffic keeps a
-path while an endpoint is swapped.
+path while an endpoint is swapped. Of the addresses on the tunnel, only those gatepeer put
+there (recorded in the state file, passed in as `owned`) are ever removed: keepalived's
+virtual address, or any other tool's, stays.
 """
 
 from __future__ import annotations
@@ -183,7 +185,14 @@ def immutable_differences(spec: VxlanSpec, link: ObservedLink) -> list[str]:
     return [f"{name} {have} (want {want})" for name, (have, want) in wanted.items() if have != want]
 
 
-def plan(desired: DesiredState, observed: ObservedState, underlay: str) -> list[Action]:
+def plan(
+    desired: DesiredState,
+    observed: ObservedState,
+    underlay: str,
+    owned: frozenset[IPv4Interface] = frozenset(),
+) -> list[Action]:
+    """The actions from `observed` to `desired`. `owned`: addresses gatepeer added to the
+    tunnel earlier (an inner address that the API has since replaced is removed, no other)."""
     spec = desired.link
     actions: list[Action] = []
     link = observed.link
@@ -212,7 +221,7 @@ def plan(desired: DesiredState, observed: ObservedState, underlay: str) -> list[
     actions += [a for a in sysctl_actions if _tunnel_key(a.setting, spec.name)]
     if desired.address not in addresses:
         actions.append(AddAddress(spec.name, desired.address))
-    for extra in sorted(addresses - {desired.address}):
+    for extra in sorted((addresses & owned) - {desired.address}):
         actions.append(RemoveAddress(spec.name, extra))
     # Add before remove: during an endpoint swap the surviving endpoints never lose their entry.
     for dst in sorted(desired.fdb - fdb):
@@ -250,6 +259,14 @@ def _sysctl_actions(desired: DesiredState, observed: ObservedState, fresh: bool)
         if fresh and tunnel_key or not setting.satisfied_by(have):
             actions.append(SetSysctl(setting, have))
     return actions
+
+
+def owned_after(
+    desired: DesiredState, observed: ObservedState, owned: frozenset[IPv4Interface]
+) -> frozenset[IPv4Interface]:
+    """What to record as ours once `observed` is read back: the desired address, and earlier
+    ones of ours still on the link (their removal failed, or is still to come)."""
+    return frozenset(a for a in observed.addresses if a == desired.address or a in owned)
 
 
 def describe(actions: list[Action]) -> list[str]:

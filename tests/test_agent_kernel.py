@@ -59,6 +59,24 @@ def test_a_new_inner_address_in_the_same_subnet_converges_in_one_apply(ns: Names
     ns.call(agent.close)
 
 
+def test_an_address_another_tool_added_to_the_tunnel_stays(ns: Namespace) -> None:
+    # keepalived's virtual address in vip mode: on our tunnel, but not ours to remove.
+    agent = ns.agent()
+    assert reconcile(ns, agent).health == "ok"
+    netns.ip(ns.name, "addr", "add", "198.19.0.100/32", "dev", "vxlan0")
+    again = reconcile(ns, agent)
+    assert again.health == "ok" and again.actions == [], again.actions
+    assert sorted(ns.addresses("vxlan0")) == sorted([str(GATE.inner), "198.19.0.100/32"])
+    # A new agent (a restart) reads what is ours from the state file: still the inner only.
+    state = json.loads(agent.config.agent.state_file.read_text())
+    assert state["owned_addresses"] == [str(GATE.inner)]
+    ns.call(agent.close)
+    restarted = ns.agent()
+    assert reconcile(ns, restarted).actions == []
+    assert "198.19.0.100/32" in ns.addresses("vxlan0")
+    ns.call(restarted.close)
+
+
 # ---- 4: a link of another kind under the configured name ------------------------------------
 
 

@@ -118,6 +118,40 @@ def test_config_for_the_agent_is_valid_for_the_config_module(tmp_path: Any) -> N
     assert str(parsed.tunnel.local_address) == "198.18.0.10"
 
 
+def test_the_ha_pair_configs_point_at_each_other(tmp_path: Any) -> None:
+    from gatepeer.config import parse
+
+    paths = topology.Paths(tmp_path)
+    creds = topology.Credentials.generate()
+    layout = topology.Layout(peer_count=2)
+    assert [p.ns for p in layout.gate_peers] == ["gplab-peer", "gplab-peer2"]
+    assert "gplab-peer2" in layout.namespaces
+    assert topology.Layout().namespaces == [n for n in layout.namespaces if n != "gplab-peer2"]
+    first, second = (
+        parse(tomllib.loads(topology.render_config(paths, creds, p, pair=True)))
+        for p in layout.gate_peers
+    )
+    assert first.ha is not None and second.ha is not None
+    assert (str(first.tunnel.local_address), str(first.ha.peer_address)) == (
+        "198.18.0.10",
+        "198.18.0.11",
+    )
+    assert (str(second.tunnel.local_address), str(second.ha.peer_address)) == (
+        "198.18.0.11",
+        "198.18.0.10",
+    )
+    assert first.ha.priority > second.ha.priority
+    assert first.ha.notify_fifo != second.ha.notify_fifo
+    assert first.agent.state_file != second.agent.state_file
+    assert first.packet_path.mode == second.packet_path.mode == "nat"
+    # A lab.json from before the pair existed reads as one peer.
+    record = topology.Layout().to_dict()
+    del record["peer_count"]
+    assert topology.Layout.from_dict(record).peer_count == 1
+    with pytest.raises(topology.LabError, match="peers 3"):
+        topology.Layout(peer_count=3)
+
+
 def test_customer_peers_reads_every_shape_and_skips_vpg_endpoints() -> None:
     from gatepeer.lab.emulator import Peer
 

@@ -27,6 +27,7 @@ from gatepeer.plan import (
     SetSysctl,
     SetUp,
     describe,
+    owned_after,
     plan,
 )
 from gatepeer.state import (
@@ -352,18 +353,36 @@ def test_missing_fdb_entry_is_added_back() -> None:
     assert plan(d, converged(d, fdb=frozenset({EP1})), UNDERLAY) == [AddFdb("vxlan0", EP2)]
 
 
-def test_extra_address_removed_and_missing_added() -> None:
+def test_only_addresses_gatepeer_recorded_are_removed() -> None:
     d = desired()
     extra = IPv4Interface("198.19.0.99/16")
-    assert plan(d, converged(d, addresses=frozenset({INNER, extra})), UNDERLAY) == [
+    # Not ours (keepalived's virtual address, another tool's): left alone.
+    assert plan(d, converged(d, addresses=frozenset({INNER, extra})), UNDERLAY) == []
+    vip = IPv4Interface("198.19.0.100/32")
+    assert plan(d, converged(d, addresses=frozenset({INNER, vip})), UNDERLAY) == []
+    # Ours from before (an inner address the API has since replaced): removed.
+    owned = frozenset({extra})
+    assert plan(d, converged(d, addresses=frozenset({INNER, extra})), UNDERLAY, owned) == [
         RemoveAddress("vxlan0", extra)
     ]
-    # Same address, different prefix: the wanted one is added before the stale one goes.
+    # Same address, different prefix, recorded as ours: the wanted one is added first.
     stale = IPv4Interface("198.19.0.3/24")
-    assert plan(d, converged(d, addresses=frozenset({stale})), UNDERLAY) == [
+    observed = converged(d, addresses=frozenset({stale}))
+    assert plan(d, observed, UNDERLAY, frozenset({stale})) == [
         AddAddress("vxlan0", INNER),
         RemoveAddress("vxlan0", stale),
     ]
+    assert plan(d, observed, UNDERLAY) == [AddAddress("vxlan0", INNER)]
+
+
+def test_owned_after_records_the_inner_address_and_ours_still_there() -> None:
+    d = desired()
+    vip = IPv4Interface("198.19.0.100/32")
+    old = IPv4Interface("198.19.0.7/16")
+    gone = IPv4Interface("198.19.0.8/16")
+    observed = converged(d, addresses=frozenset({INNER, vip, old}))
+    assert owned_after(d, observed, frozenset({old, gone})) == {INNER, old}
+    assert owned_after(d, observed, frozenset()) == {INNER}
 
 
 def test_admin_down_is_set_up() -> None:

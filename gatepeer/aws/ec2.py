@@ -220,3 +220,55 @@ def ingress_rules(ec2: Any, group_ids: list[str]) -> list[IngressRule]:
 def groups_admitting_udp(rules: list[IngressRule], port: int, source: IPv4Address) -> list[str]:
     """The security groups with a rule that lets UDP `port` in from `source`."""
     return sorted({r.group_id for r in rules if r.admits_udp(port, source)})
+
+
+def point_route_at(ec2: Any, table_id: str, destination: IPv4Network, eni_id: str) -> str:
+    """Send `destination` in route table `table_id` to `eni_id` (HA route mode, on MASTER):
+    ReplaceRoute, or CreateRoute when the table has no such route yet. Returns which."""
+    kwargs = {
+        "RouteTableId": table_id,
+        "DestinationCidrBlock": str(destination),
+        "NetworkInterfaceId": eni_id,
+    }
+    try:
+        _call("ReplaceRoute", table_id, ec2.replace_route, **kwargs)
+        return "replaced"
+    except Ec2Error as exc:
+        # EC2 answers InvalidParameterValue "There is no route defined ... Use CreateRoute".
+        missing = exc.code == "InvalidRoute.NotFound" or (
+            exc.code == "InvalidParameterValue" and "no route defined" in str(exc)
+        )
+        if not missing:
+            raise
+    _call("CreateRoute", table_id, ec2.create_route, **kwargs)
+    return "created"
+
+
+def eni_of_address(ec2: Any, table_id: str, address: str) -> str:
+    """The ENI that holds `address` in the VPC of route table `table_id`: how route mode finds
+    this instance's ENI without IMDS (private addresses are unique only within a VPC)."""
+    tables = _call(
+        "DescribeRouteTables",
+        table_id,
+        ec2.describe_route_tables,
+        RouteTableIds=[table_id],
+    ).get("RouteTables", [])
+    if not tables:
+        raise Ec2Error("DescribeRouteTables", table_id, "no such route table")
+    vpc_id = tables[0]["VpcId"]
+    enis = _call(
+        "DescribeNetworkInterfaces",
+        f"{address} in {vpc_id}",
+        ec2.describe_network_interfaces,
+        Filters=[
+            {"Name": "vpc-id", "Values": [vpc_id]},
+            {"Name": "addresses.private-ip-address", "Values": [address]},
+        ],
+    ).get("NetworkInterfaces", [])
+    if len(enis) != 1:
+        raise Ec2Error(
+            "DescribeNetworkInterfaces",
+            f"{address} in {vpc_id}",
+            f"{len(enis)} network interfaces hold this address, expected one",
+        )
+    return str(enis[0]["NetworkInterfaceId"])

@@ -8,9 +8,11 @@ gateway pointing nowhere in between.
 
 The claim itself is injected (the Junction redirection call, EC2 ReplaceRoute, ...), so this
 module does no I/O. A claim that fails is retried with backoff for as long as this peer stays
-master. Events that arrive together are applied in order but claim once, and only if the last
-of them leaves this peer master: a stale MASTER followed by BACKUP in the FIFO's buffer must not
-move the gateway here.
+master; `reassert` claims again when the daemon sees the VPG's gateway elsewhere while we are
+master (a late claim of a peer that was master only briefly can land after ours). Events that
+arrive together are applied in order but claim once, and only if the last of them leaves this
+peer master: a stale MASTER followed by BACKUP in the FIFO's buffer must not move the gateway
+here.
 """
 
 from __future__ import annotations
@@ -186,6 +188,16 @@ class Coordinator:
             changed = view != self._view
             self._view = view
             return changed
+
+    def reassert(self, why: str) -> bool:
+        """Claim again now if this peer is master and no claim is already owed (the daemon
+        found the VPG pointing elsewhere). True when a claim was scheduled."""
+        with self._lock:
+            if self._view.role != "master" or self._claim_due is not None:
+                return False
+            log.warning("claiming the gateway again: %s", why)
+            self._owe_claim(self.clock())
+            return True
 
     def _owe_claim(self, now: float) -> None:
         self._claim_due = now

@@ -170,12 +170,13 @@ def ensure_topology(layout: Layout) -> BuildReport:
     netns.write_sysctls(fab, {"net.ipv4.ip_forward": 1})
     _ensure_bridge(fab, "vpcbr", report)
     _ensure_bridge(fab, "sorabr", report)
-    _ensure_veth(fab, "to-peer", layout.peer_ns, "eth0", report)
+    for gp in layout.gate_peers:
+        _ensure_veth(fab, gp.fabric_port, gp.ns, "eth0", report)
     _ensure_veth(fab, "to-vpc", layout.vpc_ns, "eth0", report)
     for ep in layout.endpoints:
         _ensure_veth(fab, f"to-vpg{ep.index}", ep.ns, "eth0", report)
         _ensure_veth(ep.ns, DEVICES_LINK, layout.dev_ns, ep.dev_ifname, report)
-    for port in ("to-peer", "to-vpc"):
+    for port in (*(gp.fabric_port for gp in layout.gate_peers), "to-vpc"):
         _up(fab, port, UNDERLAY_MTU, "vpcbr")
     for ep in layout.endpoints:
         _up(fab, f"to-vpg{ep.index}", UNDERLAY_MTU, "sorabr")
@@ -189,11 +190,11 @@ def ensure_topology(layout: Layout) -> BuildReport:
         # Answers to the VPG's NAT address go back to the endpoint that made them.
         ip(fab, "route", "replace", f"{ep.nat_addr}/32", "via", str(ep.outer), "dev", "sorabr")
 
-    # The gate peer: only its ENI. Forwarding, vxlan0 and the rest are the agent's job.
-    peer = layout.peer_ns
-    _up(peer, "eth0", UNDERLAY_MTU)
-    ip(peer, "addr", "replace", f"{PEER_ADDR}/{VPC_NET.prefixlen}", "dev", "eth0")
-    ip(peer, "route", "replace", "default", "via", str(FABRIC_VPC_ADDR), "dev", "eth0")
+    # The gate peers: only their ENI. Forwarding, vxlan0 and the rest are the agent's job.
+    for gp in layout.gate_peers:
+        _up(gp.ns, "eth0", UNDERLAY_MTU)
+        ip(gp.ns, "addr", "replace", f"{gp.address}/{VPC_NET.prefixlen}", "dev", "eth0")
+        ip(gp.ns, "route", "replace", "default", "via", str(FABRIC_VPC_ADDR), "dev", "eth0")
 
     vpc = layout.vpc_ns
     _up(vpc, "eth0", UNDERLAY_MTU)

@@ -64,6 +64,12 @@ def lab() -> None:
 @click.option("--endpoints", type=click.IntRange(1, 8), help="VPG tunnel endpoints.  [default: 2]")
 @click.option("--devices", type=click.IntRange(1, 250), help="Device addresses.  [default: 4]")
 @click.option(
+    "--peers",
+    type=click.IntRange(1, 2),
+    help="Gate peer namespaces; 2 makes an HA pair (PREFIX-peer2 at 198.18.0.11, [ha] in both "
+    "configs; `lab ha start` runs gatepeer and keepalived in each).  [default: 1]",
+)
+@click.option(
     "--host-port",
     type=click.IntRange(0, 65535),
     help="Emulator port on 127.0.0.1 (0: any free one).  [default: 18080 for the default "
@@ -80,6 +86,7 @@ def up(
     device_subnet: str | None,
     endpoints: int | None,
     devices: int | None,
+    peers: int | None,
     host_port: int | None,
     baseline: bool,
 ) -> None:
@@ -90,7 +97,12 @@ def up(
 
     try:
         layout = topology.resolve_layout(
-            prefix, vni=vni, device_subnet=device_subnet, endpoints=endpoints, devices=devices
+            prefix,
+            vni=vni,
+            device_subnet=device_subnet,
+            endpoints=endpoints,
+            devices=devices,
+            peers=peers,
         )
     except LabError as exc:
         _fail("up", exc, code=2)
@@ -124,6 +136,46 @@ def down(prefix: str) -> None:
         click.echo(f"lab {prefix}: removed " + ", ".join(report.removed))
     else:
         click.echo(f"lab {prefix}: nothing to remove")
+
+
+@lab.group("ha")
+def ha_group() -> None:
+    """The HA pair of a `lab up --peers 2` lab: gatepeer and keepalived in both peers."""
+
+
+@ha_group.command("start")
+@prefix_option
+def ha_start(prefix: str) -> None:
+    """Start `gatepeer run`, then keepalived (config from `gatepeer ha render`), in each gate
+    peer namespace; pids recorded in the lab's folder (`lab ha stop` and `lab down` use them)."""
+    _require_root()
+    from gatepeer.lab import ha_pair
+    from gatepeer.lab.layout import LabRecord, Paths
+    from gatepeer.lab.netns import LabError
+
+    paths = Paths.for_prefix(prefix)
+    try:
+        record = LabRecord.load(paths.lab_json)
+        if record is None:
+            raise LabError(f"lab {prefix} is not up: run `lab up --peers 2`")
+        started = ha_pair.start_pair(record.layout, paths)
+    except LabError as exc:
+        _fail("ha start", exc)
+    for ns, pids in started.items():
+        agent, keepalived = pids["gatepeer"], pids["keepalived"]
+        click.echo(f"{ns}: gatepeer run pid {agent}, keepalived pid {keepalived}")
+
+
+@ha_group.command("stop")
+@prefix_option
+def ha_stop(prefix: str) -> None:
+    """Stop keepalived, then gatepeer, in each gate peer namespace (by the recorded pids)."""
+    _require_root()
+    from gatepeer.lab import ha_pair
+    from gatepeer.lab.layout import MAX_PEERS, Paths
+
+    stopped = ha_pair.stop_pair(Paths.for_prefix(prefix), MAX_PEERS)
+    click.echo(f"lab {prefix}: stopped " + (", ".join(stopped) or "nothing"))
 
 
 @lab.command()
@@ -304,6 +356,11 @@ def _print_summary(info: LabInfo) -> None:
         f"    {layout.peer_ns:<14} gate peer: eth0 {t.PEER_ADDR}/24, "
         f"default via {t.FABRIC_VPC_ADDR}"
     )
+    for second in layout.gate_peers[1:]:
+        echo(
+            f"    {second.ns:<14} gate peer {second.index} (HA pair): eth0 {second.address}/24, "
+            f"default via {t.FABRIC_VPC_ADDR}"
+        )
     echo(
         f"    {layout.vpc_ns:<14} VPC host: eth0 {t.VPC_HOST_ADDR}/24, "
         f"{layout.device_subnet} via {t.PEER_ADDR}"
@@ -327,6 +384,12 @@ def _print_summary(info: LabInfo) -> None:
         f" auth key id {info.credentials.auth_key_id}, secret in {paths.auth_key}"
     )
     echo(f"  agent config: {paths.config}")
+    if layout.peer_count > 1:
+        configs = ", ".join(str(paths.peer_config(p.index)) for p in layout.gate_peers)
+        echo(
+            f"  HA pair: configs {configs} ([ha], nat mode); start gatepeer and keepalived "
+            f"in both with `gatepeer lab ha start --prefix {layout.prefix}`"
+        )
     if info.gate_peer:
         gp = info.gate_peer
         echo(

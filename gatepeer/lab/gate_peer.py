@@ -62,9 +62,10 @@ def baseline_gate_peer(lab: LabInfo) -> dict[str, Any]:
     }
 
 
-def agent_command(paths: Paths, *args: str) -> list[str]:
-    """`gatepeer ARGS...` with this lab's config, as this interpreter runs it."""
-    return [sys.executable, "-m", "gatepeer", *args, "--config", str(paths.config)]
+def agent_command(paths: Paths, *args: str, index: int = 1) -> list[str]:
+    """`gatepeer ARGS...` with this lab's config (gate peer `index`'s in an HA pair), as this
+    interpreter runs it."""
+    return [sys.executable, "-m", "gatepeer", *args, "--config", str(paths.peer_config(index))]
 
 
 def agent_gate_peer(lab: LabInfo) -> dict[str, Any]:

@@ -25,6 +25,9 @@ RUN_ROOT = Path("/run/gatepeer-lab")
 VPC_NET = ipaddress.IPv4Network("198.18.0.0/24")
 FABRIC_VPC_ADDR = ipaddress.IPv4Address("198.18.0.1")
 PEER_ADDR = ipaddress.IPv4Address("198.18.0.10")
+# The second gate peer of an HA lab (`lab up --peers 2`), on the same VPC bridge.
+PEER2_ADDR = ipaddress.IPv4Address("198.18.0.11")
+MAX_PEERS = 2
 VPC_HOST_ADDR = ipaddress.IPv4Address("198.18.0.20")
 SORACOM_NET = ipaddress.IPv4Network("198.18.1.0/24")
 FABRIC_SORACOM_ADDR = ipaddress.IPv4Address("198.18.1.1")
@@ -84,6 +87,16 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class GatePeer:
+    """One gate peer instance of the lab: its namespace, VPC address and fabric port."""
+
+    index: int  # 1-based; peer 1 is the lab's single peer when there is only one
+    ns: str
+    address: ipaddress.IPv4Address
+    fabric_port: str  # its veth's end on the fabric's VPC bridge
+
+
+@dataclass(frozen=True)
 class Layout:
     """Everything that decides the lab's shape; equal layouts build identical labs."""
 
@@ -92,6 +105,7 @@ class Layout:
     device_subnet: ipaddress.IPv4Network = DEFAULT_DEVICE_SUBNET
     endpoint_count: int = 2
     device_count: int = 4
+    peer_count: int = 1  # 2: an HA pair (both register; keepalived elects)
 
     def __post_init__(self) -> None:
         if not PREFIX_RE.match(self.prefix):
@@ -102,6 +116,8 @@ class Layout:
             raise LabError(f"VNI {self.vni}: must be between 1 and 16777215")
         if not 1 <= self.endpoint_count <= 8:
             raise LabError(f"endpoints {self.endpoint_count}: must be between 1 and 8")
+        if not 1 <= self.peer_count <= MAX_PEERS:
+            raise LabError(f"peers {self.peer_count}: must be 1 or {MAX_PEERS}")
         net = self.device_subnet
         if not any(net.subnet_of(allowed) for allowed in ALLOWED_NETS):
             allowed = ", ".join(str(n) for n in ALLOWED_NETS)
@@ -142,10 +158,17 @@ class Layout:
         return self.ns("dev")
 
     @property
+    def gate_peers(self) -> list[GatePeer]:
+        peers = [GatePeer(1, self.peer_ns, PEER_ADDR, "to-peer")]
+        if self.peer_count >= 2:
+            peers.append(GatePeer(2, self.ns("peer2"), PEER2_ADDR, "to-peer2"))
+        return peers
+
+    @property
     def namespaces(self) -> list[str]:
         return [
             self.fabric_ns,
-            self.peer_ns,
+            *(p.ns for p in self.gate_peers),
             self.vpc_ns,
             *(ep.ns for ep in self.endpoints),
             self.dev_ns,
@@ -193,6 +216,7 @@ class Layout:
             device_subnet=ipaddress.IPv4Network(d["device_subnet"]),
             endpoint_count=int(d["endpoint_count"]),
             device_count=int(d["device_count"]),
+            peer_count=int(d.get("peer_count", 1)),  # lab.json of a lab made before HA
         )
 
 
@@ -248,6 +272,21 @@ class Paths:
     @property
     def iperf_pid(self) -> Path:
         return self.dir / "iperf3.pid"
+
+    # Per gate peer: peer 1 keeps the single-peer names above.
+
+    def peer_config(self, index: int) -> Path:
+        return self.config if index == 1 else self.dir / f"gatepeer-peer{index}.toml"
+
+    def peer_state_file(self, index: int) -> Path:
+        return self.state_file if index == 1 else self.dir / f"state-peer{index}.json"
+
+    def peer_gate_cache(self, index: int) -> Path:
+        return self.gate_cache if index == 1 else self.dir / f"gate-peer{index}.json"
+
+    def peer_file(self, index: int, name: str) -> Path:
+        """The HA pair's files: keepalived.conf, its FIFO, pid files and logs."""
+        return self.dir / f"peer{index}-{name}"
 
 
 @dataclass(frozen=True)
@@ -316,9 +355,14 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def render_config(paths: Paths, creds: Credentials) -> str:
-    """The agent's configuration for this lab (TOML, keys as in the project's config spec)."""
-    return (
+def render_config(
+    paths: Paths, creds: Credentials, peer: GatePeer | None = None, pair: bool = False
+) -> str:
+    """The agent's configuration for this lab (TOML, keys as in the project's config spec):
+    for its single gate peer, or for one peer of an HA pair (`pair`)."""
+    index = peer.index if peer else 1
+    address = peer.address if peer else PEER_ADDR
+    text = (
         "# Written by `gatepeer lab up`: the agent in the lab's gate peer namespace uses this.\n"
         "[soracom]\n"
         f'endpoint = "http://{API_ADDR}:{API_PORT}"\n'
@@ -332,10 +376,37 @@ def render_config(paths: Paths, creds: Credentials) -> str:
         "[tunnel]\n"
         'interface = "vxlan0"\n'
         'underlay_interface = "eth0"\n'
-        f'local_address = "{PEER_ADDR}"\n'
+        f'local_address = "{address}"\n'
         "\n"
         "[agent]\n"
-        'reconcile_interval = "30s"\n'
-        f'state_file = "{paths.state_file}"\n'
-        f'gate_cache = "{paths.gate_cache}"\n'
+        # An HA master checks at each refresh that the VPG's gateway is still its claim.
+        f'reconcile_interval = "{"10s" if pair else "30s"}"\n'
+        f'state_file = "{paths.peer_state_file(index)}"\n'
+        f'gate_cache = "{paths.peer_gate_cache(index)}"\n'
+    )
+    if pair:
+        text += render_ha_settings(paths, index)
+    return text
+
+
+def render_ha_settings(paths: Paths, index: int) -> str:
+    """The HA pair's sections: nat mode (the lab's VPC host routes the device subnet to peer
+    1 only, so route mode would need its route to move too), 1 s probes (`gatepeer check`
+    wants a recent answer from the VPG), and [ha] pointing at the other peer."""
+    other = PEER2_ADDR if index == 1 else PEER_ADDR
+    return (
+        "\n"
+        "[packet_path]\n"
+        'mode = "nat"\n'
+        "\n"
+        "[probes]\n"
+        'interval = "1s"\n'
+        'timeout = "0.3s"\n'
+        "\n"
+        "[ha]\n"
+        f'peer_address = "{other}"\n'
+        "# Peer 1 wins when both start together; afterwards nopreempt keeps whoever is master.\n"
+        f"priority = {150 if index == 1 else 100}\n"
+        'advert_interval = "1s"\n'
+        f'notify_fifo = "{paths.peer_file(index, "keepalived.fifo")}"\n'
     )

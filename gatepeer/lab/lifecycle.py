@@ -21,6 +21,7 @@ from gatepeer.lab.build import BuildReport, ensure_topology
 from gatepeer.lab.layout import (
     API_ADDR,
     API_PORT,
+    MAX_PEERS,
     PEER_ADDR,
     PREFIX_RE,
     RUN_ROOT,
@@ -75,6 +76,7 @@ def resolve_layout(
     device_subnet: str | None = None,
     endpoints: int | None = None,
     devices: int | None = None,
+    peers: int | None = None,
 ) -> Layout:
     """The layout `up` builds: the given options over the existing lab's, over the defaults."""
     layout = Layout(prefix=prefix)
@@ -90,6 +92,8 @@ def resolve_layout(
         changes["endpoint_count"] = endpoints
     if devices is not None:
         changes["device_count"] = devices
+    if peers is not None:
+        changes["peer_count"] = peers
     return replace(layout, **changes) if changes else layout
 
 
@@ -129,7 +133,11 @@ def up(
     if not paths.auth_key.exists():
         write_private(paths.auth_key, f"secret-{secrets.token_urlsafe(32)}\n")
     os.chmod(paths.auth_key, 0o600)
-    write_private(paths.config, render_config(paths, record.credentials))
+    pair = layout.peer_count > 1
+    for gp in layout.gate_peers:
+        write_private(
+            paths.peer_config(gp.index), render_config(paths, record.credentials, gp, pair)
+        )
 
     report = ensure_topology(layout)
     if report.created:
@@ -235,6 +243,12 @@ def down(prefix: str) -> DownReport:
     iperf = stop_recorded_iperf(paths, prefix)
     if iperf is not None:
         report.removed.append(f"iperf3 server (pid {iperf})")
+    if paths.dir.exists():
+        from gatepeer.lab import vpc_routes
+        from gatepeer.lab.ha_pair import stop_pair  # the HA pair's processes, by their pids
+
+        report.removed += stop_pair(paths, MAX_PEERS)
+        report.removed += vpc_routes.stop(paths)
     for name in lab_namespaces(prefix):
         pids = netns.netns_pids(name)
         if pids:

@@ -1,0 +1,102 @@
+"""What the HA master claims, as the callable the coordinator runs on MASTER (and again on
+MASTER_RX_LOWER_PRI): the VPG's Junction redirection to `redirection.claim_gateway` (this
+peer's inner address, or the virtual address in vip mode) through the API, then, in route
+mode, each route table in `ha.route_tables` pointed at this instance's ENI (ReplaceRoute).
+
+Any failed step raises; the coordinator retries the whole claim with backoff while this peer
+stays master. Every step is idempotent, so a retry repeats the ones that already worked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from typing import Any, Protocol
+
+from gatepeer import redirection
+from gatepeer.config import Config
+from gatepeer.state import GateView
+
+log = logging.getLogger(__name__)
+
+
+class ClaimError(RuntimeError):
+    """The claim cannot be made yet; the message says what is missing."""
+
+
+class RedirectionSetter(Protocol):
+    def set_redirection(self, vpg_id: str, gateway: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class RouteTarget:
+    """Where route mode points the VPC route tables: this instance's ENI, via this client."""
+
+    ec2: Any  # a boto3 EC2 client
+    eni_id: str
+
+
+class GatewayClaim:
+    """`claim()` for the coordinator. The gate view and the route target are read at each
+    claim (the daemon's agent changes with a reload; the view arrives after start)."""
+
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        gate: Callable[[], GateView | None],
+        api: RedirectionSetter,
+        route_target: Callable[[], RouteTarget] | None = None,
+    ) -> None:
+        self.config = config
+        self.gate = gate
+        self.api = api
+        self.route_target = route_target
+        self.done: list[str] = []  # what the last successful claim did, for the log and tests
+
+    def __call__(self) -> None:
+        cfg = self.config()
+        gate = self.gate()
+        if gate is None:
+            raise ClaimError("no gate view yet (the first API refresh has not succeeded)")
+        gateway = redirection.claim_gateway(cfg, gate)
+        done = []
+        self.api.set_redirection(cfg.soracom.vpg_id, str(gateway))
+        done.append(f"redirection gateway {gateway}")
+        tables = cfg.ha.route_tables if cfg.ha is not None else ()
+        if tables:
+            if self.route_target is None:
+                raise ClaimError("ha.route_tables is set but this daemon has no EC2 access")
+            target = self.route_target()
+            done += point_routes(target, tables, gate.inner.network)
+        self.done = done
+        log.info("claimed: %s", "; ".join(done))
+
+
+def point_routes(target: RouteTarget, tables: tuple[str, ...], subnet: IPv4Network) -> list[str]:
+    from gatepeer.aws.ec2 import point_route_at
+
+    out = []
+    for table in tables:
+        how = point_route_at(target.ec2, table, subnet, target.eni_id)
+        out.append(f"{table} {subnet} -> {target.eni_id} ({how})")
+    return out
+
+
+def claim_lost(
+    cfg: Config, gate: GateView | None, fetched_at: float | None, claimed_at: float | None
+) -> str | None:
+    """Why this master must claim again, or None: the VPG's redirection, as fetched after our
+    last successful claim, is not the gateway we claim. (Before that fetch the view still shows
+    the gateway from before our claim, which proves nothing.)"""
+    if gate is None or fetched_at is None or claimed_at is None or fetched_at <= claimed_at:
+        return None
+    wanted = redirection.claim_gateway(cfg, gate)
+    current = gate.redirection
+    if current is not None and current.enabled and current.gateway == wanted:
+        return None
+    return (
+        f"the VPG's redirection gateway is {redirection.describe(current)}, not {wanted}, "
+        "although this peer is master and claimed it"
+    )
