@@ -19,6 +19,7 @@ if [ "$deps" = "--with-dependencies" ]; then
 else
     "$python" -m pip wheel -q --disable-pip-version-check --no-deps --wheel-dir "$out/wheels" .
 fi
-cp systemd/gatepeer.service systemd/gatepeer.sysusers systemd/gatepeer.sysctl.conf "$out/systemd/"
+cp systemd/gatepeer.service systemd/gatepeer.sysusers systemd/gatepeer.sysctl.conf \
+    systemd/keepalived-gatepeer.conf "$out/systemd/"
 cp scripts/provision.sh README.md "$out/"
 echo "bundle: $out ($(cd "$out/wheels" && echo *.whl))"

@@ -12,6 +12,9 @@
 #   /usr/local/bin/gatepeer                a link to its command, for operators
 #   /usr/lib/systemd/system/gatepeer.service and /usr/lib/sysusers.d/gatepeer.conf
 #   /usr/lib/sysctl.d/60-gatepeer.conf     forwarding and neighbour table defaults
+#   /usr/lib/systemd/system/keepalived.service.d/gatepeer.conf
+#                                          for an HA pair: keepalived after gatepeer, its config
+#                                          rendered from [ha] (inert until keepalived is installed)
 #   the system user gatepeer, /etc/gatepeer, and enables gatepeer.service.
 # It writes no config: cloud-init user-data (or whoever launches the machine) does. Running it
 # again upgrades in place.
@@ -25,7 +28,8 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "provision: must run as root" >&2
     exit 2
 fi
-for f in systemd/gatepeer.service systemd/gatepeer.sysusers systemd/gatepeer.sysctl.conf; do
+for f in systemd/gatepeer.service systemd/gatepeer.sysusers systemd/gatepeer.sysctl.conf \
+    systemd/keepalived-gatepeer.conf; do
     if [ ! -f "$bundle/$f" ]; then
         echo "provision: $bundle/$f missing: not a bundle from scripts/bundle.sh" >&2
         exit 2
@@ -70,6 +74,10 @@ ln -sfn "$prefix/venv/bin/gatepeer" /usr/local/bin/gatepeer
 echo "provision: unit, sysctl.d defaults, /etc/gatepeer"
 install -D -m 0644 "$bundle/systemd/gatepeer.service" /usr/lib/systemd/system/gatepeer.service
 install -D -m 0644 "$bundle/systemd/gatepeer.sysctl.conf" /usr/lib/sysctl.d/60-gatepeer.conf
+# An HA pair's user-data installs and enables Debian's keepalived; this orders it after gatepeer
+# and renders its config from [ha] (docs/ha.md "Running it").
+install -D -m 0644 "$bundle/systemd/keepalived-gatepeer.conf" \
+    /usr/lib/systemd/system/keepalived.service.d/gatepeer.conf
 # The config (no secret in it) is world-readable; the key file the user-data writes next to it
 # belongs to gatepeer with mode 0600.
 install -d -m 0755 /etc/gatepeer
