@@ -472,6 +472,18 @@ class Daemon:
 
         return for_agent(self.config.metrics.listen, lambda: self.agent)
 
+    def _status_line(self, result: ReconcileResult) -> str:
+        """What status and the metrics say too: the probes, the live tunnel, HA. A read that
+        fails (a netlink dump cut short, say) must not end the loop: the reconcile's own
+        verdict stands in."""
+        try:
+            verdict = daemon_verdict(self.config, self.agent.state())
+            health_word, reasons = verdict.health, list(verdict.reasons)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read the live state for STATUS=: %s", exc)
+            health_word, reasons = result.health, result.reasons
+        return f"{health_word}: {'; '.join(reasons) or 'converged'}"
+
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
@@ -574,11 +586,7 @@ class Daemon:
                     # Until then the watchdog is fed and TimeoutStartSec= bounds the wait.
                     systemd.notify("READY=1")
                     first = False
-                # What status and the metrics say too: the probes, the live tunnel, HA.
-                verdict = daemon_verdict(self.config, self.agent.state())
-                systemd.notify(
-                    f"STATUS={verdict.health}: {'; '.join(verdict.reasons) or 'converged'}"
-                )
+                systemd.notify(f"STATUS={self._status_line(result)}")
                 self._wait(next_refresh, watchdog)
         finally:
             systemd.notify("STOPPING=1")

@@ -296,3 +296,24 @@ def test_a_setting_the_host_cannot_take_exits_2_before_ready(tmp_path: Path) -> 
         assert proc.wait(30) == 2, log.read_text()[-2000:]
         assert "READY=1" not in notify.messages, notify.messages
         assert "tunnel.interface" in log.read_text()
+
+
+def test_status_line_falls_back_to_the_reconcile_when_the_live_read_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A netlink dump cut short while reading the tunnel for STATUS= must not end the loop.
+    from types import SimpleNamespace
+
+    from gatepeer import daemon as daemon_module
+    from gatepeer.agent import ReconcileResult
+
+    def unreadable(*_: Any, **__: Any) -> Any:
+        raise OSError(105, "No buffer space available")
+
+    monkeypatch.setattr(daemon_module, "daemon_verdict", unreadable)
+    fake = SimpleNamespace(config=None, agent=SimpleNamespace(state=lambda: {}))
+    result = ReconcileResult(
+        actions=[], health="degraded", reasons=["SORACOM API: 503"], notes=[], duration_s=0.1
+    )
+    line = daemon_module.Daemon._status_line(fake, result)  # type: ignore[arg-type]
+    assert line == "degraded: SORACOM API: 503"
