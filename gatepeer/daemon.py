@@ -209,10 +209,12 @@ class ProbedAgent(Agent):
             flood = rtnl.flood_destinations_of(self.config.tunnel.interface)
         except OSError:
             flood = None  # reported as missing; the state must still be written
-        state = with_probes(super().state(), endpoints, results, flood)
+        state = super().state()
         if self.ha_view is not None:
-            state["ha"] = self.ha_view().to_json()  # read by gatepeer.ha.report
-        return state
+            # Read by gatepeer.ha.report; before the probes' judgment, which reads a gateway
+            # elsewhere as a backup's normal state when it is there.
+            state["ha"] = self.ha_view().to_json()
+        return with_probes(state, endpoints, results, flood)
 
     def write_state(self) -> None:
         with self._write_lock:

@@ -18,8 +18,9 @@ from kernel_ns import LOCAL, UNDERLAY, Namespace, namespace
 from test_plan import GATE
 
 from gatepeer.agent import Agent
+from gatepeer.config import PacketPathConfig
 from gatepeer.lab import netns
-from gatepeer.state import IPv4Interface
+from gatepeer.state import IPv4Interface, IPv4Network
 
 pytestmark = pytest.mark.netns
 
@@ -205,9 +206,28 @@ HOST_KEYS = {
 }
 
 
-def test_down_restores_every_sysctl_gatepeer_changed_to_its_value_before(ns: Namespace) -> None:
+def tracking_agent(ns: Namespace) -> Agent:
+    """An agent whose packet path tracks connections (an allow-list), so conntrack is sized."""
+    allow = PacketPathConfig(allowed_destinations=(IPv4Network("203.0.113.0/24"),))
+    config = dataclasses.replace(ns.config(), packet_path=allow)
+    agent = ns.call(lambda: Agent(config))
+    agent.gate = dataclasses.replace(GATE, outer=LOCAL)
+    return agent
+
+
+def test_route_mode_leaves_conntrack_settings_alone(ns: Namespace) -> None:
     netns.write_sysctls(ns.name, HOST_KEYS)
     agent = ns.agent()
+    assert reconcile(ns, agent).health == "ok"
+    ns.call(agent.close)
+    for key in ("nf_conntrack_tcp_timeout_established", "nf_conntrack_tcp_timeout_time_wait"):
+        assert ns.sysctl(f"net.netfilter.{key}") == HOST_KEYS[f"net.netfilter.{key}"]
+    assert ns.sysctl("net.ipv4.ip_forward") == 1
+
+
+def test_down_restores_every_sysctl_gatepeer_changed_to_its_value_before(ns: Namespace) -> None:
+    netns.write_sysctls(ns.name, HOST_KEYS)
+    agent = tracking_agent(ns)
     assert reconcile(ns, agent).health == "ok"
     changed = {key: ns.sysctl(key) for key in HOST_KEYS}
     assert all(changed[k] != v for k, v in HOST_KEYS.items()), changed
