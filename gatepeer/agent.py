@@ -19,7 +19,7 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from gatepeer import __version__, health, redirection, statefile
-from gatepeer.aws.integration import InstanceFactsSource, ssm_key_reader
+from gatepeer.aws.integration import InstanceFactsSource, key_reader
 from gatepeer.config import Config
 from gatepeer.gate import (
     AnswerRefused,
@@ -91,11 +91,12 @@ def make_client(
     instance: InstanceFactsSource | None = None,
 ) -> SoracomClient:
     s = config.soracom
-    read_key = s.read_auth_key
-    if s.auth_key_ssm_parameter:  # asked at each authentication, never kept on disk
-        read_key = ssm_key_reader(config, instance or InstanceFactsSource(config.aws))
     return SoracomClient(
-        s.endpoint, s.auth_key_id, read_key, timeout=s.request_timeout, stats=stats
+        s.endpoint,
+        s.auth_key_id,
+        key_reader(config, instance),
+        timeout=s.request_timeout,
+        stats=stats,
     )
 
 

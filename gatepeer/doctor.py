@@ -217,18 +217,14 @@ class Doctor:
     # ---- the SORACOM API ----------------------------------------------------------------
 
     def _client(self) -> Any:
+        from gatepeer.aws.integration import key_reader
         from gatepeer.soracom import SoracomClient
 
         s = self.config.soracom
-        read_key = s.read_auth_key
-        if s.auth_key_ssm_parameter:
-            from gatepeer.aws.integration import ssm_key_reader
-
-            read_key = ssm_key_reader(self.config, self.instance)
         return SoracomClient(
             s.endpoint,
             s.auth_key_id,
-            read_key,
+            key_reader(self.config, self.instance),
             timeout=min(s.request_timeout, API_TIMEOUT_S),
             attempts=API_ATTEMPTS,
             backoff_base=0.2,

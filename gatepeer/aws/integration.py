@@ -120,6 +120,14 @@ def ssm_key_reader(config: Config, source: InstanceFactsSource) -> Callable[[], 
     return auth_key_reader(name, lambda: AwsTarget(source.region()))
 
 
+def key_reader(config: Config, source: InstanceFactsSource | None = None) -> Callable[[], str]:
+    """Where the SORACOM auth key comes from: the SSM parameter (asked at each authentication,
+    never kept on disk) or the key file. The agent and `doctor` both take theirs here."""
+    if config.soracom.auth_key_ssm_parameter:
+        return ssm_key_reader(config, source or InstanceFactsSource(config.aws))
+    return config.soracom.read_auth_key
+
+
 class _Agent(Protocol):
     def teardown(self, *, unregister: bool) -> tuple[bool, list[str]]: ...
 
