@@ -7,4 +7,5 @@ bash scripts/setup.sh
 echo "== ruff check";  .venv/bin/ruff check gatepeer tests bench
 echo "== ruff format"; .venv/bin/ruff format --check gatepeer tests bench
 echo "== mypy";        .venv/bin/mypy
+echo "== mkdocs";      .venv/bin/mkdocs build --strict --quiet  # a broken link fails
 echo "== pytest";      .venv/bin/pytest -q "$@"

@@ -1,6 +1,6 @@
 """Delivery: the systemd unit, the cloud-init examples, the Packer template, the provisioning
-script and the README's config reference. Each check runs the real tool where one exists
-(systemd-analyze, cloud-init, packer); the boot of the provisioned image is test_boot_lab.py.
+script and the config reference (docs/configuration.md). Each check runs the real tool where one
+exists (systemd-analyze, cloud-init, packer); the boot of the provisioned image is test_boot_lab.py.
 """
 
 from __future__ import annotations
@@ -99,9 +99,9 @@ def test_exposure_parser_sees_a_weaker_unit(tmp_path: Path) -> None:
 
 def test_readme_records_the_exposure() -> None:
     need("systemd-analyze", "systemd")
-    readme = (REPO / "README.md").read_text()
-    recorded = re.search(r"exposure of \*\*(\d+\.\d+)\*\*", readme)
-    assert recorded, "README does not record the unit's exposure as 'exposure of **N.N**'"
+    page = (REPO / "docs" / "systemd-unit.md").read_text()
+    recorded = re.search(r"exposure of \*\*(\d+\.\d+)\*\*", page)
+    assert recorded, "docs/systemd-unit.md does not record the exposure as 'exposure of **N.N**'"
     assert float(recorded.group(1)) == exposure(UNIT)
 
 
@@ -403,14 +403,15 @@ def test_packer_required_plugins_pinned_and_documented() -> None:
     amazon = plugins["amazon"]
     assert unquote(amazon["source"]) == "github.com/hashicorp/amazon"
     version = unquote(amazon["version"])
-    assert version in (REPO / "README.md").read_text(), f"README does not give {version!r}"
+    page = (REPO / "docs" / "image.md").read_text()
+    assert version in page, f"docs/image.md does not give {version!r}"
     # Only this file holds the block that 1.6.6 cannot read.
     for f in AMI.glob("*.hcl"):
         if f.name != PLUGINS_FILE:
             assert "required_plugins" not in f.read_text(), f.name
 
 
-# ---- the README's config reference -----------------------------------------------------------
+# ---- the config reference (docs/configuration.md) -----------------------------------------------
 
 
 def config_keys() -> list[str]:
@@ -428,9 +429,9 @@ def config_keys() -> list[str]:
 
 
 def reference_table() -> dict[str, list[str]]:
-    readme = (REPO / "README.md").read_text()
-    part = readme.split("## Config reference", 1)
-    assert len(part) == 2, "README has no '## Config reference' section"
+    page = (REPO / "docs" / "configuration.md").read_text()
+    part = page.split("## Config reference", 1)
+    assert len(part) == 2, "docs/configuration.md has no '## Config reference' section"
     body = part[1].split("\n## ", 1)[0]
     rows = {}
     for line in body.splitlines():
@@ -448,6 +449,6 @@ def test_config_keys_are_enough_to_find() -> None:
 def test_readme_config_reference_lists_every_key() -> None:
     rows = reference_table()
     missing = [k for k in config_keys() if k not in rows]
-    assert not missing, f"README '## Config reference' lacks: {', '.join(missing)}"
+    assert not missing, f"docs/configuration.md '## Config reference' lacks: {', '.join(missing)}"
     for key, cells in rows.items():
         assert len(cells) == 2 and all(cells), f"{key}: needs a default and a meaning"
