@@ -8,6 +8,8 @@ and moto's dummy credentials.
     net = moto_network(moto.url)
     stack = deploy_stack(moto.url, net.parameters(Mode="route"))
     stack.user_data            # the single peer's #cloud-config, decoded
+
+or in one call, `rendered_user_data(moto.url, SoracomApiEndpoint="http://198.18.0.1:8080")`.
 """
 
 from __future__ import annotations
@@ -150,3 +152,10 @@ def deploy_stack(
         data = versions["LaunchTemplateVersions"][-1]["LaunchTemplateData"]
         deployment.user_data_by_template[logical] = base64.b64decode(data["UserData"]).decode()
     return deployment
+
+
+def rendered_user_data(endpoint_url: str, **parameters: str) -> str:
+    """A fresh VPC in moto, the stack deployed into it with these parameters (the rest as
+    MotoNetwork.parameters gives them), and the single peer's user-data (a pair: peer A's)."""
+    network = moto_network(endpoint_url)
+    return deploy_stack(endpoint_url, network.parameters(**parameters)).user_data

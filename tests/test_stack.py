@@ -359,7 +359,7 @@ def test_pair_peers_launch_at_the_addresses_each_names_for_the_other(
         (eni,) = versions["LaunchTemplateVersions"][-1]["LaunchTemplateData"]["NetworkInterfaces"]
         assert eni["DeviceIndex"] == 0
         assert eni["PrivateIpAddress"] == PAIR_ADDRESSES[index]
-        assert eni["SubnetId"] == network.subnet_ids[index]
+        assert "SubnetId" not in eni  # the group's VPCZoneIdentifier chooses it
         assert eni["Groups"] == [stack.outputs["SecurityGroupId"]]
         assert ip_address(PAIR_ADDRESSES[index]) in ip_network(SUBNET_CIDRS[index])
         other = written_toml(stack.user_data_by_template[template_id])
@@ -374,6 +374,17 @@ def test_route_mode_without_route_tables_manages_none(moto: Any, network: MotoNe
         RoleName=stack.outputs["RoleName"], PolicyName="gatepeer"
     )["PolicyDocument"]
     assert "RouteTables" not in [s["Sid"] for s in statements(made)]
+
+
+def test_rendered_user_data_in_one_call(moto: Any) -> None:
+    """The boot rehearsal's entry point: its own VPC, the emulator's API, route mode."""
+    from stack_moto import rendered_user_data
+
+    text = rendered_user_data(moto.url, SoracomApiEndpoint="http://198.18.0.1:8080")
+    config = tomllib.loads(written_toml(text))
+    assert config["soracom"]["endpoint"] == "http://198.18.0.1:8080"
+    assert config["packet_path"]["mode"] == "route"
+    assert len(config["aws"]["route_tables"]) == 1
 
 
 def test_optional_key_pair_metrics_source_and_api_endpoint(moto: Any, network: MotoNetwork) -> None:
