@@ -329,6 +329,7 @@ def test_user_data_writes_the_config_the_parameters_choose(
             "redirection": redirection,
         }
         assert config["packet_path"] == {"mode": mode}
+        assert config["tunnel"] == {"mtu": 1500}
         aws = config["aws"]
         suffix = {"PeerLaunchTemplate": "", "PeerALaunchTemplate": "-a"}.get(template_id, "-b")
         assert aws["autoscaling_group"] == f"{stack.stack_name}-peer{suffix}"
@@ -385,6 +386,15 @@ def test_rendered_user_data_in_one_call(moto: Any) -> None:
     assert config["soracom"]["endpoint"] == "http://198.18.0.1:8080"
     assert config["packet_path"]["mode"] == "route"
     assert len(config["aws"]["route_tables"]) == 1
+
+
+@pytest.mark.parametrize(("given", "written"), [("1450", 1450), ("auto", "auto")])
+def test_tunnel_mtu_for_an_inter_region_peering(
+    moto: Any, network: MotoNetwork, given: str, written: int | str
+) -> None:
+    stack = deploy_stack(moto.url, network.parameters(TunnelMtu=given, Peers="pair"))
+    for user_data in stack.user_data_by_template.values():
+        assert tomllib.loads(written_toml(user_data))["tunnel"] == {"mtu": written}
 
 
 def test_optional_key_pair_metrics_source_and_api_endpoint(moto: Any, network: MotoNetwork) -> None:
