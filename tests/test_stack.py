@@ -559,11 +559,21 @@ def test_aws_policy_bad_config_is_one_line_exit_2(tmp_path: Path) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1 and "packet_path.mode" in proc.stderr
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/deploy.md"])
-def test_iam_tables_in_the_docs_are_the_source_of_truth(doc: str) -> None:
-    text = (REPO / doc).read_text()
-    assert iam_table() in text, f"{doc}'s IAM table differs from `gatepeer aws policy --table`"
-    assert gatepeer("aws", "policy", "--table").stdout == iam_table()
+IAM_TABLE_HEADER = "| setting | actions | resource |"
+
+
+def test_iam_tables_in_the_docs_are_the_source_of_truth() -> None:
+    """Every page with the IAM table (README.md, docs/*.md) has exactly the one
+    `gatepeer aws policy --table` prints; docs/deploy.md has it."""
+    table = iam_table()
+    assert gatepeer("aws", "policy", "--table").stdout == table
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    with_table = [p for p in pages if IAM_TABLE_HEADER in p.read_text()]
+    assert REPO / "docs" / "deploy.md" in with_table
+    for page in with_table:
+        assert table in page.read_text(), (
+            f"{page.relative_to(REPO)}: its IAM table is not `gatepeer aws policy --table`"
+        )
 
 
 def test_route_tables_need_create_and_replace_and_describes_only_on_star() -> None:
