@@ -155,6 +155,17 @@ def test_lifecycle_hooks_hold_launch_until_healthy_and_termination_until_unregis
         assert (props["MinSize"], props["MaxSize"], props["DesiredCapacity"]) == ("1", "1", "1")
 
 
+def test_rules_refuse_nat_without_redirection_and_a_pair_without_addresses() -> None:
+    """CloudFormation checks Rules before it makes anything (moto does not run them)."""
+    rules = template()["Rules"]
+    nat = rules["NatNeedsRedirection"]
+    assert nat["RuleCondition"] == {"Fn::Equals": [{"Ref": "Mode"}, "nat"]}
+    assert nat["Assertions"][0]["Assert"] == {"Fn::Equals": [{"Ref": "Redirection"}, "self"]}
+    pair = rules["PairNeedsTwoAddresses"]
+    assert pair["RuleCondition"] == {"Fn::Equals": [{"Ref": "Peers"}, "pair"]}
+    assert "PeerAddresses" in json.dumps(pair["Assertions"])
+
+
 def test_operator_access_attaches_session_manager_policy_only_when_asked() -> None:
     t = template()
     assert t["Conditions"]["OperatorSsm"] == {"Fn::Equals": [{"Ref": "OperatorAccess"}, "ssm"]}
