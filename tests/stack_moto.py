@@ -26,7 +26,6 @@ REGION = "us-east-1"
 # The VPC the stack is deployed into: benchmarking addresses only (198.18.0.0/15).
 VPC_CIDR = "198.18.0.0/16"
 SUBNET_CIDRS = ("198.18.0.0/24", "198.18.1.0/24")
-PAIR_ADDRESSES = ("198.18.0.21", "198.18.1.22")
 # Stand-ins for the VPG's endpoint outer addresses (real ones are in 100.64.0.0/10).
 VPG_ENDPOINTS = ("203.0.113.11", "203.0.113.12")
 AUTH_KEY_ID = "keyId-stacktest"
@@ -70,8 +69,6 @@ class MotoNetwork:
             "Redirection": "self",
             "Peers": "single",
         }
-        if overrides.get("Peers") == "pair":
-            out["PeerAddresses"] = ",".join(PAIR_ADDRESSES)
         out.update(overrides)
         return out
 

@@ -5,9 +5,10 @@ launch template writes), the Auto Scaling groups, the user-data (cloud-init's sc
 `gatepeer config check` on the TOML it writes).
 
 moto gaps, tested on the template itself instead: moto ignores the groups'
-LifecycleHookSpecificationList (and has no AWS::AutoScaling::LifecycleHook resource type) and
-the role's ManagedPolicyArns; it leaves a null where `AWS::NoValue` drops a list item and
-keeps the stack's inline policy as Python's repr of the document.
+LifecycleHookSpecificationList (and has no AWS::AutoScaling::LifecycleHook resource type), the
+role's ManagedPolicyArns, and a network interface's GroupSet and SourceDestCheck (it reads
+SecurityGroups, which AWS::EC2::NetworkInterface does not have). It also leaves a null where
+`AWS::NoValue` drops a list item, and keeps the stack's inline policy as Python's repr of it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import yaml
 from stack_moto import (
     AUTH_KEY_ID,
     AUTH_KEY_PARAMETER,
-    PAIR_ADDRESSES,
     REGION,
     SUBNET_CIDRS,
     TEMPLATE,
@@ -155,15 +155,15 @@ def test_lifecycle_hooks_hold_launch_until_healthy_and_termination_until_unregis
         assert (props["MinSize"], props["MaxSize"], props["DesiredCapacity"]) == ("1", "1", "1")
 
 
-def test_rules_refuse_nat_without_redirection_and_a_pair_without_addresses() -> None:
+def test_rules_refuse_nat_without_redirection_and_a_pair_in_one_subnet() -> None:
     """CloudFormation checks Rules before it makes anything (moto does not run them)."""
     rules = template()["Rules"]
     nat = rules["NatNeedsRedirection"]
     assert nat["RuleCondition"] == {"Fn::Equals": [{"Ref": "Mode"}, "nat"]}
     assert nat["Assertions"][0]["Assert"] == {"Fn::Equals": [{"Ref": "Redirection"}, "self"]}
-    pair = rules["PairNeedsTwoAddresses"]
+    pair = rules["PairNeedsTwoSubnets"]
     assert pair["RuleCondition"] == {"Fn::Equals": [{"Ref": "Peers"}, "pair"]}
-    assert "PeerAddresses" in json.dumps(pair["Assertions"])
+    assert "SubnetIds" in json.dumps(pair["Assertions"])
 
 
 def test_operator_access_attaches_session_manager_policy_only_when_asked() -> None:
@@ -354,28 +354,51 @@ def test_user_data_writes_the_config_the_parameters_choose(
             assert aws.get("route_tables") == tables
         else:
             assert "route_tables" not in aws  # [ha] route_tables is the master's claim
-            me, other = PAIR_ADDRESSES if suffix == "-a" else reversed(PAIR_ADDRESSES)
             assert config["ha"].get("route_tables") == tables
-            assert config["ha"]["peer_address"] == other
+            assert ip_address(config["ha"]["peer_address"]) in ip_network(VPC_CIDR)
 
 
-def test_pair_peers_launch_at_the_addresses_each_names_for_the_other(
+def test_pair_peers_launch_on_the_interfaces_whose_addresses_the_other_names(
     moto: Any, stacks: dict[Any, Deployment], network: MotoNetwork
 ) -> None:
+    """Each peer's group launches it on a network interface the stack made in its subnet (a
+    replacement comes back on it), and each peer's [ha] peer_address is the other's."""
     stack = stacks[("route", "pair", "self")]
     ec2 = client(moto.url, "ec2")
-    for template_id, index in (("PeerALaunchTemplate", 0), ("PeerBLaunchTemplate", 1)):
+    enis = stack.outputs["PeerNetworkInterfaces"].split(",")
+    assert enis == [
+        stack.resources["PeerANetworkInterface"],
+        stack.resources["PeerBNetworkInterface"],
+    ]
+    described = {
+        e["NetworkInterfaceId"]: e
+        for e in ec2.describe_network_interfaces(NetworkInterfaceIds=enis)["NetworkInterfaces"]
+    }
+    addresses = [described[e]["PrivateIpAddress"] for e in enis]
+    for index, template_id in enumerate(("PeerALaunchTemplate", "PeerBLaunchTemplate")):
+        eni = described[enis[index]]
+        assert eni["SubnetId"] == network.subnet_ids[index]
+        assert ip_address(addresses[index]) in ip_network(SUBNET_CIDRS[index])
         versions = ec2.describe_launch_template_versions(
             LaunchTemplateId=stack.resources[template_id]
         )
-        (eni,) = versions["LaunchTemplateVersions"][-1]["LaunchTemplateData"]["NetworkInterfaces"]
-        assert eni["DeviceIndex"] == 0
-        assert eni["PrivateIpAddress"] == PAIR_ADDRESSES[index]
-        assert "SubnetId" not in eni  # the group's VPCZoneIdentifier chooses it
-        assert eni["Groups"] == [stack.outputs["SecurityGroupId"]]
-        assert ip_address(PAIR_ADDRESSES[index]) in ip_network(SUBNET_CIDRS[index])
-        other = written_toml(stack.user_data_by_template[template_id])
-        assert f'peer_address = "{PAIR_ADDRESSES[1 - index]}"' in other
+        data = versions["LaunchTemplateVersions"][-1]["LaunchTemplateData"]
+        (spec,) = data["NetworkInterfaces"]
+        assert spec["DeviceIndex"] == 0
+        assert spec["NetworkInterfaceId"] == enis[index]
+        assert spec["DeleteOnTermination"] is False
+        assert "SecurityGroupIds" not in data  # the interface carries the group
+        config = tomllib.loads(written_toml(stack.user_data_by_template[template_id]))
+        assert config["ha"]["peer_address"] == addresses[1 - index]
+
+
+def test_pair_network_interfaces_forward_in_the_peer_group() -> None:
+    """Checked on the template: moto's stack interface takes neither property."""
+    resources = template()["Resources"]
+    for name in ("PeerANetworkInterface", "PeerBNetworkInterface"):
+        props = resources[name]["Properties"]
+        assert props["SourceDestCheck"] is False
+        assert props["GroupSet"] == [{"Fn::GetAtt": ["PeerSecurityGroup", "GroupId"]}]
 
 
 def test_route_mode_without_route_tables_manages_none(moto: Any, network: MotoNetwork) -> None:
