@@ -25,10 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from stack_moto import (
     AUTH_KEY_ID,
     AUTH_KEY_PARAMETER,
+    CONFIG_PATH,
+    KEYS_KNOWN,
+    MOTO_ACCOUNT,
+    NEW_AWS_KEYS,
+    PEER_TOML,
     REGION,
     SUBNET_CIDRS,
     TEMPLATE,
@@ -37,28 +41,24 @@ from stack_moto import (
     Deployment,
     MotoNetwork,
     client,
+    cloud_config,
     deploy_stack,
     moto_network,
+    parsed,
+    written_toml,
 )
 
 from gatepeer import config as cfg
 from gatepeer.aws.permissions import Account, iam_table, policy
 
 REPO = Path(__file__).resolve().parents[1]
-MOTO_ACCOUNT = "123456789012"
-CONFIG_PATH = "/etc/gatepeer/gatepeer.toml"
-
-# [aws] keys of CONTRACT16 that config.py learns on helper boot's branch. Until that merge,
-# `gatepeer config check` refuses the user-data's TOML naming one of them (checked), and the
-# rest of the file is checked without them; after it, the file as written.
-NEW_AWS_KEYS = ("route_tables", "remove_stale_registrations")
-KEYS_KNOWN = all(k in {f.name for f in dataclasses.fields(cfg.AwsConfig)} for k in NEW_AWS_KEYS)
 
 
 def checkable(toml_text: str, check: Any) -> str:
     """The TOML as `gatepeer` on this branch can read it: unchanged once config.py knows
-    NEW_AWS_KEYS; before, `check(text)` (a CompletedProcess) must refuse exactly those keys,
-    and the text comes back without them."""
+    NEW_AWS_KEYS (helper boot's branch); before that merge, `check(text)` (a CompletedProcess)
+    must refuse one of exactly those keys, and the text comes back without them, so the rest
+    of the file is still checked."""
     if KEYS_KNOWN:
         return toml_text
     refused = check(toml_text)
@@ -232,39 +232,6 @@ def statements(document: dict[str, Any] | str) -> list[dict[str, Any]]:
             }
         out.append(s)
     return out
-
-
-class _AwsWithNewKeys:
-    """The parsed [aws] section plus the keys config.py does not know yet on this branch (see
-    NEW_AWS_KEYS): what permissions.py reads of them is all a Config needs here."""
-
-    def __init__(self, aws: cfg.AwsConfig, extra: dict[str, Any]) -> None:
-        self._aws, self._extra = aws, extra
-
-    def __getattr__(self, name: str) -> Any:
-        if name in self._extra:
-            value = self._extra[name]
-            return tuple(value) if isinstance(value, list) else value
-        return getattr(self._aws, name)
-
-
-def parsed(toml_text: str) -> cfg.Config:
-    data = tomllib.loads(toml_text)
-    extra = {} if KEYS_KNOWN else {k: data["aws"].pop(k) for k in NEW_AWS_KEYS if k in data["aws"]}
-    config = cfg.parse(data)
-    if extra:
-        config = dataclasses.replace(config, aws=_AwsWithNewKeys(config.aws, extra))  # type: ignore[arg-type]
-    return config
-
-
-def cloud_config(user_data: str) -> dict[str, Any]:
-    assert user_data.startswith("#cloud-config\n")
-    return dict(yaml.safe_load(user_data))
-
-
-def written_toml(user_data: str) -> str:
-    files = {f["path"]: f for f in cloud_config(user_data)["write_files"]}
-    return str(files[CONFIG_PATH]["content"])
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
@@ -521,20 +488,6 @@ def test_aws_policy_command_prints_the_stack_policy_for_both_peers_of_a_pair(
         RoleName=stack.outputs["RoleName"], PolicyName="gatepeer"
     )["PolicyDocument"]
     assert statements(json.loads(proc.stdout)) == statements(made)
-
-
-PEER_TOML = """
-[soracom]
-auth_key_id = "keyId-x"
-auth_key_ssm_parameter = "/gatepeer/auth-key"
-vpg_id = "vpg-x"
-[aws]
-autoscaling_group = "{group}"
-launch_lifecycle_hook = "gatepeer-launch"
-[ha]
-peer_address = "{other}"
-route_tables = ["rtb-0123abcd"]
-"""
 
 
 def test_aws_policy_command_merges_the_two_peers_of_a_pair(tmp_path: Path) -> None:

@@ -16,8 +16,17 @@ from ipaddress import IPv4Network
 from typing import Any
 
 import pytest
-from stack_moto import REGION, MotoNetwork, client, moto_network
-from test_stack import MOTO_ACCOUNT, PEER_TOML, parsed
+from stack_moto import (
+    MOTO_ACCOUNT,
+    PEER_TOML,
+    REGION,
+    MotoNetwork,
+    client,
+    moto_network,
+    parsed,
+    rendered_user_data,
+    written_toml,
+)
 
 from gatepeer.aws.permissions import Account, Subject, policy, verify
 
@@ -104,9 +113,6 @@ def test_stack_config_policy_grants_every_call_doctor_asks_for(
 ) -> None:
     """The single peer's config as the stack writes it (source/destination check, hooks, the
     route table, stale registrations)."""
-    from stack_moto import rendered_user_data
-    from test_stack import written_toml
-
     config = parsed(written_toml(rendered_user_data(moto.url, Mode=mode)))
     document = policy([config], Account(partition="aws", region=REGION, account=MOTO_ACCOUNT))
     verdict = verify(config, subject, as_user(actions_only(document)), ssm_read=True)
