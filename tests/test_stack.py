@@ -398,7 +398,9 @@ def test_tunnel_mtu_for_an_inter_region_peering(
         assert tomllib.loads(written_toml(user_data))["tunnel"] == {"mtu": written}
 
 
-def test_optional_key_pair_metrics_source_and_api_endpoint(moto: Any, network: MotoNetwork) -> None:
+def test_optional_key_pair_metrics_source_and_api_endpoint(
+    moto: Any, network: MotoNetwork, tmp_path: Path
+) -> None:
     client(moto.url, "ec2").create_key_pair(KeyName="operator")
     stack = deploy_stack(
         moto.url,
@@ -416,6 +418,15 @@ def test_optional_key_pair_metrics_source_and_api_endpoint(moto: Any, network: M
     assert ("tcp", 8479, 8479, "198.18.5.0/24") in ingress(moto, stack.outputs["SecurityGroupId"])
     config = tomllib.loads(written_toml(stack.user_data))
     assert config["soracom"]["endpoint"] == "http://198.18.0.1:8080"
+    # What the boot rehearsal boots with: gatepeer accepts plain http to a private address.
+    path = tmp_path / "gatepeer.toml"
+
+    def check(text: str) -> subprocess.CompletedProcess[str]:
+        path.write_text(text)
+        return gatepeer("config", "check", "--config", str(path))
+
+    proc = check(checkable(written_toml(stack.user_data), check))
+    assert proc.returncode == 0, proc.stderr
 
 
 # ---- the user-data, checked by the tools that read it -------------------------------------
