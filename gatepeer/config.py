@@ -84,6 +84,8 @@ class KernelConfig:
 
 PacketPathMode = Literal["route", "nat"]
 HostService = tuple[Literal["tcp", "udp"], int]
+# Route mode: what happens to device traffic whose destination is outside the VPC.
+OutsideVpc = Literal["masquerade", "route"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,12 @@ class PacketPathConfig:
     flows_per_device: int = 8
     # Ports on this host that devices may open from the tunnel ("tcp", 22); empty: none.
     host_services: tuple[HostService, ...] = ()
+    # Route mode: "masquerade" sends device traffic to destinations outside the VPC out with
+    # this peer's address (a NAT or internet gateway then needs no route back to the devices);
+    # "route" keeps the devices' addresses everywhere.
+    outside_vpc: OutsideVpc = "masquerade"
+    # What "inside the VPC" means; empty: learned (IMDS's VPC CIDRs, else the underlay's prefix).
+    vpc_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
 
 
 # Outside 9100-9999 (allocated to other exporters).
@@ -584,22 +592,18 @@ def _parse_packet_path(s: _Section) -> PacketPathConfig:
     mode = s.get("mode", "route")
     if mode not in ("route", "nat"):
         raise ConfigError(f'{s.key("mode")}: must be "route" or "nat", got {_show(mode)}')
-    allowed_raw = s.get("allowed_destinations", [])
-    if not isinstance(allowed_raw, list):
-        raise ConfigError(f"{s.key('allowed_destinations')}: must be a list of IPv4 prefixes")
-    allowed = []
-    for item in allowed_raw:
-        if not isinstance(item, str):
-            raise ConfigError(
-                f"{s.key('allowed_destinations')}: not an IPv4 prefix string, got {_show(item)}"
-            )
-        try:
-            allowed.append(ipaddress.IPv4Network(item))
-        except (ipaddress.AddressValueError, ipaddress.NetmaskValueError, ValueError, TypeError):
-            raise ConfigError(
-                f"{s.key('allowed_destinations')}: not an IPv4 prefix (host bits must be zero), "
-                f"got {_show(item)}"
-            ) from None
+    allowed = _prefixes(s, "allowed_destinations")
+    outside_vpc = s.get("outside_vpc", "masquerade")
+    if outside_vpc not in ("masquerade", "route"):
+        raise ConfigError(
+            f'{s.key("outside_vpc")}: must be "masquerade" or "route", got {_show(outside_vpc)}'
+        )
+    if mode == "nat" and s.has("outside_vpc"):
+        raise ConfigError(
+            f"{s.key('outside_vpc')}: has no effect in nat mode (every device flow leaving by "
+            "the underlay is masqueraded); remove it or set packet_path.mode = \"route\""
+        )
+    vpc_cidrs = _prefixes(s, "vpc_cidrs")
     flowtable = s.get("flowtable", "auto")
     if flowtable != "auto" and not isinstance(flowtable, bool):
         raise ConfigError(
@@ -612,9 +616,29 @@ def _parse_packet_path(s: _Section) -> PacketPathConfig:
         flowtable=flowtable,
         flows_per_device=flows,
         host_services=_host_services(s),
+        outside_vpc=outside_vpc,
+        vpc_cidrs=vpc_cidrs,
     )
     s.finish()
     return cfg
+
+
+def _prefixes(s: _Section, key: str) -> tuple[ipaddress.IPv4Network, ...]:
+    """A list of IPv4 prefix strings, ["198.18.0.0/16", ...]."""
+    raw = s.get(key, [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"{s.key(key)}: must be a list of IPv4 prefixes, got {_show(raw)}")
+    found = []
+    for item in raw:
+        if not isinstance(item, str):
+            raise ConfigError(f"{s.key(key)}: not an IPv4 prefix string, got {_show(item)}")
+        try:
+            found.append(ipaddress.IPv4Network(item))
+        except (ipaddress.AddressValueError, ipaddress.NetmaskValueError, ValueError, TypeError):
+            raise ConfigError(
+                f"{s.key(key)}: not an IPv4 prefix (host bits must be zero), got {_show(item)}"
+            ) from None
+    return tuple(found)
 
 
 def _host_services(s: _Section) -> tuple[HostService, ...]:
