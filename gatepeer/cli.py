@@ -217,7 +217,7 @@ def doctor(config_file: str | None, as_json: bool) -> None:
     config.
     """
     setup_logging(False, quiet_level=logging.CRITICAL)  # every finding is a check line
-    from gatepeer.doctor import diagnose, render, to_json
+    from gatepeer.doctor.runner import diagnose, render, to_json
 
     report = diagnose(config_path(config_file))
     click.echo(json.dumps(to_json(report), indent=2) if as_json else render(report))
