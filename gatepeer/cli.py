@@ -42,7 +42,8 @@ def load_config(config_file: str | None) -> Config:
     try:
         return load(config_path(config_file))
     except ConfigError as exc:
-        fail(f"config error: {exc}", EXIT_USAGE)
+        # One line per problem, each naming its key.
+        fail("\ngatepeer: ".join(f"config error: {line}" for line in exc.lines), EXIT_USAGE)
 
 
 def running_daemon(cfg: Config) -> int | None:
