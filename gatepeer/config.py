@@ -327,11 +327,7 @@ def parse(data: Mapping[str, Any]) -> Config:
     packet_path = section("packet_path", _parse_packet_path)
     metrics = section("metrics", _parse_metrics)
     probes = section("probes", _parse_probes)
-    ha = (
-        section("ha", lambda s: _parse_ha(s, tunnel or TunnelConfig()))
-        if "ha" in tables
-        else None
-    )
+    ha = section("ha", lambda s: _parse_ha(s, tunnel or TunnelConfig())) if "ha" in tables else None
     aws = section("aws", _parse_aws)
     if kernel is not None and packet_path is not None:
         # conntrack is sized for devices x flows; past this the kernel refuses the table size
@@ -687,7 +683,7 @@ def _parse_packet_path(s: _Section) -> PacketPathConfig:
     if mode == "nat" and s.has("outside_vpc"):
         raise ConfigError(
             f"{s.key('outside_vpc')}: has no effect in nat mode (every device flow leaving by "
-            "the underlay is masqueraded); remove it or set packet_path.mode = \"route\""
+            'the underlay is masqueraded); remove it or set packet_path.mode = "route"'
         )
     vpc_cidrs = _prefixes(s, "vpc_cidrs")
     flowtable = s.get("flowtable", "auto")
