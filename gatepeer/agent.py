@@ -218,8 +218,22 @@ class Agent:
         if (underlay is None or local is None) and self.config.aws.instance_facts:
             underlay, local = self._instance_defaults(underlay, local)
         facts = self.netlink.host_facts(underlay, local)
-        self.facts = replace(facts, flowtable_supported=self.flowtable_supported())
+        self.facts = self._with_vpc_networks(
+            replace(facts, flowtable_supported=self.flowtable_supported())
+        )
         return self.facts
+
+    def _with_vpc_networks(self, facts: HostFacts) -> HostFacts:
+        """What "inside the VPC" means: packet_path.vpc_cidrs, else the VPC's CIDR blocks from
+        IMDS (on EC2), else the underlay's connected prefix (already in `facts`)."""
+        if self.config.packet_path.vpc_cidrs:
+            return replace(
+                facts, vpc_networks=self.config.packet_path.vpc_cidrs, vpc_networks_source="config"
+            )
+        instance = self.instance.get() if self.config.aws.instance_facts else None
+        if instance is not None and instance.vpc_cidrs:
+            return replace(facts, vpc_networks=instance.vpc_cidrs, vpc_networks_source="imds")
+        return facts
 
     def _instance_defaults(
         self, underlay: str | None, local: IPv4Address | None
@@ -720,6 +734,9 @@ class Agent:
             "owned_addresses": sorted(a.with_prefixlen for a in self.owned_addresses),
             "packet_path": {
                 "mode": self.config.packet_path.mode,
+                "outside_vpc": self.config.packet_path.outside_vpc,
+                "vpc_cidrs": [str(n) for n in self.facts.vpc_networks] if self.facts else None,
+                "vpc_cidrs_source": self.facts.vpc_networks_source if self.facts else None,
                 "flowtable_supported": self.facts.flowtable_supported if self.facts else None,
                 "fast_path_active": bool(
                     self.facts

@@ -42,7 +42,8 @@ def load_config(config_file: str | None) -> Config:
     try:
         return load(config_path(config_file))
     except ConfigError as exc:
-        fail(f"config error: {exc}", EXIT_USAGE)
+        # One line per problem, each naming its key.
+        fail("\ngatepeer: ".join(f"config error: {line}" for line in exc.lines), EXIT_USAGE)
 
 
 def running_daemon(cfg: Config) -> int | None:
@@ -217,7 +218,7 @@ def doctor(config_file: str | None, as_json: bool) -> None:
     config.
     """
     setup_logging(False, quiet_level=logging.CRITICAL)  # every finding is a check line
-    from gatepeer.doctor import diagnose, render, to_json
+    from gatepeer.doctor.runner import diagnose, render, to_json
 
     report = diagnose(config_path(config_file))
     click.echo(json.dumps(to_json(report), indent=2) if as_json else render(report))

@@ -34,7 +34,30 @@ RESERVED_TUNNEL_NAMES = (*RESERVED_IFNAMES, "lo")
 
 
 class ConfigError(ValueError):
-    """A configuration problem; the message is one line that names the key."""
+    """A configuration problem; the message is one line that names the key.
+
+    `ConfigErrors` is one that holds several: its message is one such line per problem."""
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        return (str(self),)
+
+
+class ConfigErrors(ConfigError):
+    """Every problem found in one file, in file order; each line names its key."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = tuple(errors)
+        super().__init__("\n".join(str(e) for e in self.errors))
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        return tuple(str(e) for e in self.errors)
+
+
+# The examples' stand-ins (keyId-REPLACE-..., REPLACE-WITH-YOUR-VPG-ID, rtb-REPLACE): a value
+# holding REPLACE as a word was copied without being filled in.
+_PLACEHOLDER_RE = re.compile(r"(^|[-_/.:])REPLACE([-_/.:]|$)")
 
 
 RedirectionMode = Literal["unmanaged", "self"]
@@ -84,6 +107,8 @@ class KernelConfig:
 
 PacketPathMode = Literal["route", "nat"]
 HostService = tuple[Literal["tcp", "udp"], int]
+# Route mode: what happens to device traffic whose destination is outside the VPC.
+OutsideVpc = Literal["masquerade", "route"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +122,12 @@ class PacketPathConfig:
     flows_per_device: int = 8
     # Ports on this host that devices may open from the tunnel ("tcp", 22); empty: none.
     host_services: tuple[HostService, ...] = ()
+    # Route mode: "masquerade" sends device traffic to destinations outside the VPC out with
+    # this peer's address (a NAT or internet gateway then needs no route back to the devices);
+    # "route" keeps the devices' addresses everywhere.
+    outside_vpc: OutsideVpc = "masquerade"
+    # What "inside the VPC" means; empty: learned (IMDS's VPC CIDRs, else the underlay's prefix).
+    vpc_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
 
 
 # Outside 9100-9999 (allocated to other exporters).
@@ -273,30 +304,47 @@ _SECTIONS = (
 
 
 def parse(data: Mapping[str, Any]) -> Config:
-    """Validate a decoded TOML document. Pure: looks at nothing outside `data`."""
+    """Validate a decoded TOML document. Pure: looks at nothing outside `data`.
+
+    Every problem is reported, not only the first: each section is parsed again without a key
+    that was refused (so its default stands in and the next key gets checked) until it passes,
+    or the problem is a key that is missing."""
+    errors: list[ConfigError] = []
     for name, value in data.items():
         if name not in _SECTIONS:
-            raise ConfigError(f"{name}: unknown section (known: {', '.join(_SECTIONS)})")
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: must be a table ([{name}])")
-    soracom = _parse_soracom(_Section("soracom", data.get("soracom", {})))
-    tunnel = _parse_tunnel(_Section("tunnel", data.get("tunnel", {})))
-    kernel = _parse_kernel(_Section("kernel", data.get("kernel", {})))
-    agent = _parse_agent(_Section("agent", data.get("agent", {})))
-    packet_path = _parse_packet_path(_Section("packet_path", data.get("packet_path", {})))
-    metrics = _parse_metrics(_Section("metrics", data.get("metrics", {})))
-    probes = _parse_probes(_Section("probes", data.get("probes", {})))
-    ha = _parse_ha(_Section("ha", data["ha"]), tunnel) if "ha" in data else None
-    aws = _parse_aws(_Section("aws", data.get("aws", {})))
-    # conntrack is sized for devices x flows; past this the kernel refuses the table size
-    # (it must fit a signed int, and each entry costs ~256 bytes of memory).
-    flows = kernel.neighbour_table_devices * packet_path.flows_per_device
-    if flows > MAX_TRACKED_FLOWS:
-        raise ConfigError(
-            f"packet_path.flows_per_device: {packet_path.flows_per_device} flows for "
-            f"{kernel.neighbour_table_devices} devices is {flows:,} connections; at most "
-            f"{MAX_TRACKED_FLOWS:,} can be tracked"
-        )
+            errors.append(ConfigError(f"{name}: unknown section (known: {', '.join(_SECTIONS)})"))
+        elif not isinstance(value, dict):
+            errors.append(ConfigError(f"{name}: must be a table ([{name}])"))
+    tables = {n: v for n, v in data.items() if n in _SECTIONS and isinstance(v, dict)}
+
+    def section(name: str, parser: Any) -> Any:
+        return _parse_section(name, tables.get(name, {}), parser, errors)
+
+    soracom = section("soracom", _parse_soracom)
+    tunnel = section("tunnel", _parse_tunnel)
+    kernel = section("kernel", _parse_kernel)
+    agent = section("agent", _parse_agent)
+    packet_path = section("packet_path", _parse_packet_path)
+    metrics = section("metrics", _parse_metrics)
+    probes = section("probes", _parse_probes)
+    ha = section("ha", lambda s: _parse_ha(s, tunnel or TunnelConfig())) if "ha" in tables else None
+    aws = section("aws", _parse_aws)
+    if kernel is not None and packet_path is not None:
+        # conntrack is sized for devices x flows; past this the kernel refuses the table size
+        # (it must fit a signed int, and each entry costs ~256 bytes of memory).
+        flows = kernel.neighbour_table_devices * packet_path.flows_per_device
+        if flows > MAX_TRACKED_FLOWS:
+            errors.append(
+                ConfigError(
+                    f"packet_path.flows_per_device: {packet_path.flows_per_device} flows for "
+                    f"{kernel.neighbour_table_devices} devices is {flows:,} connections; at "
+                    f"most {MAX_TRACKED_FLOWS:,} can be tracked"
+                )
+            )
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
     return Config(
         soracom=soracom,
         tunnel=tunnel,
@@ -308,6 +356,48 @@ def parse(data: Mapping[str, Any]) -> Config:
         ha=ha,
         aws=aws,
     )
+
+
+def _parse_section(
+    name: str, table: Mapping[str, Any], parser: Any, errors: list[ConfigError]
+) -> Any:
+    """`parser` over one table, collecting every problem into `errors`; the parsed value
+    (defaults standing in for refused keys), or None when a missing key stopped it."""
+    table = dict(table)
+    refused: set[str] = set()
+    for key, value in table.items():
+        if _placeholder(value):
+            errors.append(
+                ConfigError(
+                    f"{name}.{key}: {_show(value)} is the example's placeholder; put your own "
+                    "value here"
+                )
+            )
+            refused.add(key)
+    while True:
+        try:
+            return parser(_Section(name, table))
+        except ConfigError as exc:
+            named = _named_key(name, str(exc))
+            if named is None or named not in refused:
+                errors.append(exc)
+            if named is None or named not in table:
+                return None  # missing, or not one key's fault: nothing left to strip
+            refused.add(named)
+            del table[named]
+
+
+def _named_key(section: str, message: str) -> str | None:
+    m = re.match(rf"{re.escape(section)}\.([A-Za-z0-9_]+)\b", message)
+    return m.group(1) if m else None
+
+
+def _placeholder(value: Any) -> bool:
+    if isinstance(value, str):
+        return _PLACEHOLDER_RE.search(value) is not None
+    if isinstance(value, list):
+        return any(_placeholder(v) for v in value)
+    return False
 
 
 class _Section:
@@ -584,22 +674,18 @@ def _parse_packet_path(s: _Section) -> PacketPathConfig:
     mode = s.get("mode", "route")
     if mode not in ("route", "nat"):
         raise ConfigError(f'{s.key("mode")}: must be "route" or "nat", got {_show(mode)}')
-    allowed_raw = s.get("allowed_destinations", [])
-    if not isinstance(allowed_raw, list):
-        raise ConfigError(f"{s.key('allowed_destinations')}: must be a list of IPv4 prefixes")
-    allowed = []
-    for item in allowed_raw:
-        if not isinstance(item, str):
-            raise ConfigError(
-                f"{s.key('allowed_destinations')}: not an IPv4 prefix string, got {_show(item)}"
-            )
-        try:
-            allowed.append(ipaddress.IPv4Network(item))
-        except (ipaddress.AddressValueError, ipaddress.NetmaskValueError, ValueError, TypeError):
-            raise ConfigError(
-                f"{s.key('allowed_destinations')}: not an IPv4 prefix (host bits must be zero), "
-                f"got {_show(item)}"
-            ) from None
+    allowed = _prefixes(s, "allowed_destinations")
+    outside_vpc = s.get("outside_vpc", "masquerade")
+    if outside_vpc not in ("masquerade", "route"):
+        raise ConfigError(
+            f'{s.key("outside_vpc")}: must be "masquerade" or "route", got {_show(outside_vpc)}'
+        )
+    if mode == "nat" and s.has("outside_vpc"):
+        raise ConfigError(
+            f"{s.key('outside_vpc')}: has no effect in nat mode (every device flow leaving by "
+            'the underlay is masqueraded); remove it or set packet_path.mode = "route"'
+        )
+    vpc_cidrs = _prefixes(s, "vpc_cidrs")
     flowtable = s.get("flowtable", "auto")
     if flowtable != "auto" and not isinstance(flowtable, bool):
         raise ConfigError(
@@ -612,9 +698,29 @@ def _parse_packet_path(s: _Section) -> PacketPathConfig:
         flowtable=flowtable,
         flows_per_device=flows,
         host_services=_host_services(s),
+        outside_vpc=outside_vpc,
+        vpc_cidrs=vpc_cidrs,
     )
     s.finish()
     return cfg
+
+
+def _prefixes(s: _Section, key: str) -> tuple[ipaddress.IPv4Network, ...]:
+    """A list of IPv4 prefix strings, ["198.18.0.0/16", ...]."""
+    raw = s.get(key, [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"{s.key(key)}: must be a list of IPv4 prefixes, got {_show(raw)}")
+    found = []
+    for item in raw:
+        if not isinstance(item, str):
+            raise ConfigError(f"{s.key(key)}: not an IPv4 prefix string, got {_show(item)}")
+        try:
+            found.append(ipaddress.IPv4Network(item))
+        except (ipaddress.AddressValueError, ipaddress.NetmaskValueError, ValueError, TypeError):
+            raise ConfigError(
+                f"{s.key(key)}: not an IPv4 prefix (host bits must be zero), got {_show(item)}"
+            ) from None
+    return tuple(found)
 
 
 def _host_services(s: _Section) -> tuple[HostService, ...]:
@@ -722,18 +828,29 @@ def _parse_aws(s: _Section) -> AwsConfig:
 
 
 def check_against_system(cfg: Config) -> None:
-    """Checks that need the host: the secret file's presence and mode, interface names."""
+    """Checks that need the host: the secret file's presence and mode, interface names. Both
+    are checked; every problem is reported."""
+    errors: list[ConfigError] = []
     key_file = cfg.soracom.auth_key_file
     if key_file is not None:
-        _check_key_file(key_file)
+        try:
+            _check_key_file(key_file)
+        except ConfigError as exc:
+            errors.append(exc)
     underlay = cfg.tunnel.underlay_interface
     if underlay is not None:
         try:
             socket.if_nametoindex(underlay)
         except OSError:
-            raise ConfigError(
-                f"tunnel.underlay_interface: no interface named {underlay!r} on this host"
-            ) from None
+            errors.append(
+                ConfigError(
+                    f"tunnel.underlay_interface: no interface named {underlay!r} on this host"
+                )
+            )
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
 
 
 def _check_key_file(key_file: Path) -> None:

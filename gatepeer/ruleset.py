@@ -14,9 +14,10 @@ Shape of the table (see `render`):
   VXLAN user on this host) is not ours: it is counted (`vxlan_other_vni`) and passes. Packets
   from the tunnel to this host, whatever address they are for, go to `to_host`: replies to the
   host's own traffic (probes), ICMP echo requests and the `host_services` ports pass; anything
-  else is counted (`host_service_dropped`) and dropped. With conntrack on (nat mode, an
-  allow-list or the flowtable) "replies" are judged by connection state; in route mode, which
-  renders no `ct` at all, statelessly: ICMP replies and errors, TCP segments that open nothing.
+  else is counted (`host_service_dropped`) and dropped. With conntrack on (nat mode, route
+  mode masquerading what leaves the VPC, an allow-list or the flowtable) "replies" are judged by
+  connection state; in plain route mode, which renders no `ct` at all, statelessly: ICMP
+  replies and errors, TCP segments that open nothing.
 - `prerouting` (priority -450: before the kernel reassembles IPv4 at -400 once conntrack is on,
   and before conntrack): outer IPv4 fragments on the underlay to the local address are counted
   (`outer_fragments`, one per fragment, never dropped: the input chain judges the reassembled
@@ -24,7 +25,10 @@ Shape of the table (see `render`):
   subnet, and any IPv6 from the tunnel (SORACOM Gate is IPv4 only), are counted
   (`spoofed_source_dropped`) and dropped. Doing it here rather than in `forward` covers traffic
   to this host too, and a spoofing device cannot fill the conntrack table. With conntrack on,
-  here and in `output` (priority raw) the outer VXLAN packets are exempted from tracking.
+  here and in `output` (priority raw) the outer VXLAN packets are exempted from tracking; in
+  route mode masquerading what leaves the VPC (`outside_vpc = "masquerade"`), so is forwarded
+  traffic between devices and the VPC (`vpc_networks`): it stays routed and stateless, and
+  conntrack engages only for flows to destinations outside the VPC.
 - `forward` (policy accept: this host may route other traffic we know nothing about, and a drop
   policy in our table would drop it whatever other tables say): PMTU signals (ICMP
   frag-needed, ICMPv6 packet-too-big) always pass; TCP SYN and SYN-ACK to and from the tunnel get
@@ -33,10 +37,11 @@ Shape of the table (see `render`):
   tunnel to a destination outside it is counted (`allowlist_dropped`) and dropped. The
   allow-list therefore limits what devices may *start*; replies to flows started from the
   underlay (route mode) still pass.
-- `postrouting` (nat mode only): traffic from the device subnet leaving by the underlay is
-  masqueraded; conntrack maps the replies back, and they leave through the tunnel by the normal
-  route. The rule's counter (`masqueraded_flows`) counts new flows (a nat chain sees only the
-  first packet of each).
+- `postrouting` (nat mode; route mode with `outside_vpc = "masquerade"`): traffic from the
+  device subnet leaving by the underlay is masqueraded (in route mode only when it goes outside
+  `vpc_networks`: the VPC sees devices' own addresses); conntrack maps the replies back, and
+  they leave through the tunnel by the normal route. The rule's counter (`masqueraded_flows`)
+  counts new flows (a nat chain sees only the first packet of each).
 
 Every named counter is declared in every mode so the metrics keep one schema.
 
@@ -65,6 +70,7 @@ FAMILY = "inet"
 TABLE = "gatepeer"
 ENDPOINT_SET = "vpg_endpoints"
 ALLOW_SET = "allowed_destinations"
+VPC_SET = "vpc_networks"
 FLOWTABLE = "ft"
 
 # Every named counter, in render order. Metrics can rely on all of them existing.
@@ -85,6 +91,8 @@ COUNTED_ONLY = ("vxlan_other_vni", "outer_fragments")
 PREROUTING_PRIORITY = -450
 
 Mode = Literal["route", "nat"]
+# Route mode: device traffic to destinations outside the VPC is masqueraded, or routed as is.
+OutsideVpc = Literal["masquerade", "route"]
 # A port devices may open on this host from the tunnel: ("tcp", 22).
 HostService = tuple[Literal["tcp", "udp"], int]
 # What it takes to bring the kernel's table to the spec.
@@ -116,6 +124,9 @@ class PacketPathSpec:
     flowtable: bool = False
     # Ports devices may open on this host; everything else they start towards it is dropped.
     host_services: tuple[HostService, ...] = ()
+    # Route mode: what happens to device traffic leaving the VPC, and what the VPC is.
+    outside_vpc: OutsideVpc = "route"
+    vpc_networks: tuple[IPv4Network, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.device_subnet, IPv4Network):
@@ -155,6 +166,15 @@ class PacketPathSpec:
             raise ValueError(
                 f"host_services: want a tuple of (tcp|udp, port), got {self.host_services!r}"
             )
+        if self.outside_vpc not in ("masquerade", "route"):
+            raise ValueError(f"outside_vpc: want 'masquerade' or 'route', got {self.outside_vpc!r}")
+        if not isinstance(self.vpc_networks, tuple) or not all(
+            isinstance(n, IPv4Network) for n in self.vpc_networks
+        ):
+            raise TypeError(f"vpc_networks: want tuple of IPv4Network, got {self.vpc_networks!r}")
+        if self.masquerades_outside_vpc and not self.vpc_networks:
+            # Without it every device flow would be masqueraded, VPC hosts included.
+            raise ValueError("vpc_networks: route mode masquerading outside the VPC needs them")
 
     @property
     def allow_list(self) -> tuple[IPv4Network, ...]:
@@ -163,13 +183,36 @@ class PacketPathSpec:
         return tuple(sorted(ipaddress.collapse_addresses(self.allowed_destinations)))
 
     @property
+    def vpc_list(self) -> tuple[IPv4Network, ...]:
+        """The VPC's networks as they are loaded: collapsed and sorted."""
+        return tuple(sorted(ipaddress.collapse_addresses(self.vpc_networks)))
+
+    @property
+    def masquerades_outside_vpc(self) -> bool:
+        return self.mode == "route" and self.outside_vpc == "masquerade"
+
+    @property
+    def stateless_vpc(self) -> bool:
+        """Route mode masquerading what leaves the VPC: forwarded device <-> VPC traffic is
+        exempted from conntrack, so only flows leaving the VPC pay for it. Not with an
+        allow-list or the flowtable: those judge or offload every flow by its state."""
+        return self.masquerades_outside_vpc and not self.allow_list and not self.flowtable
+
+    @property
     def tracked(self) -> bool:
         """Connection tracking runs only where a rule needs a connection's state: nat mode,
-        the allow-list, the flowtable. Any `ct` expression engages it for the whole network
-        namespace, and then every packet pays for it (about 9 % of small-packet throughput
-        here) or for the `notrack` rules and lookups that exempt it; so route mode renders no
-        `ct` at all, and conntrack is sized only when tracked."""
-        return bool(self.allow_list) or self.flowtable or self.mode == "nat"
+        route mode masquerading what leaves the VPC, the allow-list, the flowtable. Any `ct`
+        expression engages it for the whole network namespace, and then every packet pays for
+        it (about 9 % of small-packet throughput here) unless a `notrack` rule exempts it; so
+        route mode with `outside_vpc = "route"` renders no `ct` at all, route mode with
+        "masquerade" exempts device <-> VPC traffic, and conntrack is sized only when
+        tracked."""
+        return (
+            bool(self.allow_list)
+            or self.flowtable
+            or self.mode == "nat"
+            or self.masquerades_outside_vpc
+        )
 
 
 # ---- rendering (pure) ------------------------------------------------------------------------
@@ -226,6 +269,10 @@ def _render(
     if spec.allow_list:
         out += [f"\tset {ALLOW_SET} {{", "\t\ttype ipv4_addr", "\t\tflags interval"]
         out.append(f"\t\telements = {_elements(_prefix(n) for n in spec.allow_list)}")
+        out += ["\t}", ""]
+    if spec.masquerades_outside_vpc:
+        out += [f"\tset {VPC_SET} {{", "\t\ttype ipv4_addr", "\t\tflags interval"]
+        out.append(f"\t\telements = {_elements(_prefix(n) for n in spec.vpc_list)}")
         out += ["\t}", ""]
     if spec.flowtable:
         devices = _elements(sorted((spec.tunnel, spec.underlay)))
@@ -325,6 +372,14 @@ def _render(
     if tracked:
         # The outer VXLAN packets are never tracked: that would double the cost for nothing.
         out.append(f"\t\t{to_us} notrack")
+    if spec.stateless_vpc:
+        # Device <-> VPC traffic is routed as in plain route mode: no conntrack entry, no
+        # lookup. Only this host's own address is left tracked, so replies to its own traffic
+        # still pass `to_host` by their state.
+        out += [
+            f"\t\tiifname {t} ip daddr @{VPC_SET} ip daddr != {spec.local_address} notrack",
+            f"\t\tiifname {u} ip saddr @{VPC_SET} ip daddr {spec.device_subnet} notrack",
+        ]
     out += [
         "\t}",
         "",
@@ -371,12 +426,15 @@ def _render(
             f'\t\tiifname {t} ip daddr != @{ALLOW_SET} counter name "allowlist_dropped" drop'
         )
     out += ["\t}"]
-    if spec.mode == "nat":
+    if spec.mode == "nat" or spec.masquerades_outside_vpc:
+        # Route mode: only what leaves the VPC (a NAT or internet gateway's path) takes this
+        # peer's address; the VPC sees devices' own.
+        outside = f" ip daddr != @{VPC_SET}" if spec.masquerades_outside_vpc else ""
         out += [
             "",
             "\tchain postrouting {",
             "\t\ttype nat hook postrouting priority srcnat; policy accept;",
-            f"\t\toifname {u} ip saddr {spec.device_subnet}"
+            f"\t\toifname {u} ip saddr {spec.device_subnet}{outside}"
             ' counter name "masqueraded_flows" masquerade',
             "\t}",
         ]

@@ -100,6 +100,10 @@ class HostFacts:
     underlay_mtu: int
     local_address: IPv4Address
     flowtable_supported: bool = False  # this kernel takes an nftables flowtable
+    # What "inside the VPC" means in route mode, and where it came from: "config"
+    # (packet_path.vpc_cidrs), "imds" (the VPC's CIDR blocks) or "underlay" (its prefix).
+    vpc_networks: tuple[IPv4Network, ...] = ()
+    vpc_networks_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -262,6 +266,11 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
             "packet_path.flowtable: true, but this kernel has no nftables flowtable "
             '(CONFIG_NF_FLOW_TABLE); set it to "auto" or false'
         )
+    if pp.mode == "route" and pp.outside_vpc == "masquerade" and not facts.vpc_networks:
+        raise DesiredStateError(
+            "packet_path.vpc_cidrs: not set, and neither IMDS nor the underlay told the VPC's "
+            'CIDRs; list them, or set packet_path.outside_vpc = "route"'
+        )
     packet_path = PacketPathSpec(
         device_subnet=gate.device_subnet,
         vni=gate.vni,
@@ -274,6 +283,8 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         allowed_destinations=pp.allowed_destinations,
         flowtable=facts.flowtable_supported and pp.flowtable is not False,
         host_services=pp.host_services,
+        outside_vpc=pp.outside_vpc,
+        vpc_networks=facts.vpc_networks,
     )
     g1, g2, g3 = neighbour_thresholds(config.kernel.neighbour_table_devices)
     sysctls: tuple[Sysctl, ...] = (

@@ -75,6 +75,7 @@ class StateSummary:
     last_success_at: float | None = None
     packet_path_mode: str | None = None
     fast_path: bool | None = None
+    vpc_cidrs: str | None = None  # route mode's VPC and its source: "198.18.0.0/16 (from imds)"
     api_answer_refused: bool = False  # gate_error is a refused answer (the last good view stays)
     api_refused_field: str | None = None  # the field that failed its check
     redirection_mode: str | None = None  # soracom.redirection when the state was written
@@ -174,6 +175,7 @@ class StateSummary:
             last_success_at=r.number(counters, "last_success_at", "counters.last_success_at"),
             packet_path_mode=r.text(packet_path, "mode", "packet_path.mode"),
             fast_path=fast_path,
+            vpc_cidrs=_vpc_cidrs(packet_path),
             api_answer_refused=data.get("api_answer_refused") is True,
             api_refused_field=r.text(data, "api_refused_field", "api_refused_field"),
             redirection_mode=r.text(redirect, "mode", "redirection.mode"),
@@ -234,6 +236,14 @@ def _address(value: Any) -> str | None:
         return str(ipaddress.IPv4Address(value)) if isinstance(value, str) else None
     except ValueError:
         return None
+
+
+def _vpc_cidrs(packet_path: Mapping[str, Any]) -> str | None:
+    """The VPC's networks the agent used and where they came from; None when not recorded."""
+    nets, source = packet_path.get("vpc_cidrs"), packet_path.get("vpc_cidrs_source")
+    if not isinstance(nets, list) or not nets or not all(isinstance(n, str) for n in nets):
+        return None
+    return f"{', '.join(nets)} (from {source if isinstance(source, str) else 'unknown'})"
 
 
 def _endpoint(data: Any) -> EndpointSummary | None:
@@ -489,7 +499,11 @@ def to_json(s: Status) -> dict[str, Any]:
             }
             for e in (st.endpoints if st else ())
         ],
-        "packet_path": {"mode": s.packet_path_mode, "fast_path": st.fast_path if st else None},
+        "packet_path": {
+            "mode": s.packet_path_mode,
+            "fast_path": st.fast_path if st else None,
+            "vpc_cidrs": st.vpc_cidrs if st else None,
+        },
         "redirection": {
             "mode": s.redirection_mode,
             "enabled": gate.redirection.enabled if gate.redirection else False,
@@ -615,6 +629,8 @@ def render(s: Status) -> str:
     pp = j["packet_path"]
     fast = {True: "fast path active", False: "no fast path", None: "fast path unknown"}
     lines.append(f"packet path   {pp['mode'] or 'unknown'}, {fast[pp['fast_path']]}")
+    if pp.get("vpc_cidrs"):
+        lines.append(f"vpc cidrs     {pp['vpc_cidrs']}")
     rd = j["redirection"]
     if s.state is not None and s.state.gate is not None:
         current = redirection.describe(s.state.gate.redirection)

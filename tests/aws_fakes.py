@@ -34,6 +34,7 @@ INSTANCE = {
     f"{ENI}/interface-id": "eni-0aaaabbbbccccdddd",
     f"{ENI}/subnet-id": "subnet-0123abcd",
     f"{ENI}/vpc-id": "vpc-0123abcd",
+    f"{ENI}/vpc-ipv4-cidr-blocks": "198.18.0.0/16\n203.0.113.0/24",
 }
 
 

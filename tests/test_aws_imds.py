@@ -17,7 +17,7 @@ from gatepeer.aws import integration
 from gatepeer.aws.detect import ec2_evidence, on_ec2
 from gatepeer.aws.imds import Imds, ImdsError
 from gatepeer.aws.integration import InstanceFactsSource
-from gatepeer.config import AwsConfig
+from gatepeer.config import AwsConfig, PacketPathConfig
 from gatepeer.state import HostFacts
 
 SHORT = 0.3  # seconds: the fake answers in microseconds, a "slow" fake sleeps past this
@@ -223,6 +223,10 @@ def test_failure_is_logged_and_retried_later(
     assert "unavailable" in caplog.text
 
 
+# What the netlink reader learns for the VPC when nothing else tells: the underlay's prefix.
+UNDERLAY_PREFIX = (IPv4Network("192.0.2.0/24"),)
+
+
 class RecordingNetlink:
     """Stands in for kernel.netlink.Netlink: records what host_facts was asked."""
 
@@ -240,6 +244,8 @@ class RecordingNetlink:
             underlay_index=2,
             underlay_mtu=9001,
             local_address=local or IPv4Address("192.0.2.99"),
+            vpc_networks=UNDERLAY_PREFIX,
+            vpc_networks_source="underlay",
         )
 
     def close(self) -> None:
@@ -281,9 +287,26 @@ def test_agent_settings_win_over_imds(tmp_path: Path, fake_imds: FakeImds) -> No
         underlay_interface="eth9",
         local_address=IPv4Address("203.0.113.5"),
     )
-    agent.host_facts()
+    vpc = (IPv4Network("192.0.2.0/24"),)
+    agent.config = dataclasses.replace(agent.config, packet_path=PacketPathConfig(vpc_cidrs=vpc))
+    facts = agent.host_facts()
     assert netlink.asked == [("eth9", IPv4Address("203.0.113.5"))]
-    assert fake_imds.behaviour.requests == []  # both set: nothing to ask
+    assert fake_imds.behaviour.requests == []  # all three set: nothing to ask
+    assert (facts.vpc_networks, facts.vpc_networks_source) == (vpc, "config")
+
+
+def test_vpc_cidrs_come_from_imds_else_the_underlay(tmp_path: Path, fake_imds: FakeImds) -> None:
+    """Route mode's "inside the VPC": the VPC's CIDR blocks from IMDS on EC2; off EC2 (or
+    without the IMDS item) the underlay's connected prefix, as the netlink reader found it."""
+    agent = agent_with(tmp_path, fake_imds.url, RecordingNetlink({MAC: "ens5"}))
+    facts = agent.host_facts()
+    assert facts.vpc_networks == (IPv4Network("198.18.0.0/16"), IPv4Network("203.0.113.0/24"))
+    assert facts.vpc_networks_source == "imds"
+    assert agent.state()["packet_path"]["vpc_cidrs_source"] == "imds"
+    del fake_imds.behaviour.data[f"{ENI}/vpc-ipv4-cidr-blocks"]
+    agent = agent_with(tmp_path, fake_imds.url, RecordingNetlink({MAC: "ens5"}))
+    facts = agent.host_facts()
+    assert (facts.vpc_networks, facts.vpc_networks_source) == (UNDERLAY_PREFIX, "underlay")
 
 
 def test_agent_falls_back_to_the_default_route_and_says_so(

@@ -369,6 +369,32 @@ BAD_CONFIGS = [
     ),
     Bad("interface-slash", _with("tunnel", 'interface = "vx/0"'), "tunnel.interface:"),
     Bad(
+        "outside-vpc-unknown",
+        _with("packet_path", 'outside_vpc = "nat"'),
+        "packet_path.outside_vpc:",
+    ),
+    Bad(
+        "outside-vpc-in-nat-mode",
+        _with("packet_path", 'mode = "nat"\noutside_vpc = "route"'),
+        "packet_path.outside_vpc:",
+    ),
+    Bad(
+        "vpc-cidrs-host-bits",
+        _with("packet_path", 'vpc_cidrs = ["198.18.0.1/16"]'),
+        "packet_path.vpc_cidrs:",
+    ),
+    Bad(
+        "vpc-cidrs-not-a-list",
+        _with("packet_path", 'vpc_cidrs = "198.18.0.0/16"'),
+        "packet_path.vpc_cidrs:",
+    ),
+    Bad(
+        "placeholder-key-id",
+        _soracom(auth_key_id='"keyId-REPLACE-WITH-YOUR-AUTH-KEY-ID"'),
+        "soracom.auth_key_id:",
+    ),
+    Bad("placeholder-vpg-id", _soracom(vpg_id='"REPLACE-WITH-YOUR-VPG-ID"'), "soracom.vpg_id:"),
+    Bad(
         "neighbours-too-few",
         _with("kernel", "neighbour_table_devices = 10"),
         "kernel.neighbour_table_devices:",
@@ -410,6 +436,77 @@ def test_invalid_config_is_one_line_naming_the_key(tmp_path: Path, case: Bad) ->
     with pytest.raises(ConfigError) as info:
         load(path)
     assert_good_message(str(info.value), prefix)
+
+
+def test_outside_vpc_and_vpc_cidrs(tmp_path: Path) -> None:
+    key = write_key(tmp_path / "auth-key")
+    default = load(write_config(tmp_path, soracom_section(key))).packet_path
+    assert (default.outside_vpc, default.vpc_cidrs) == ("masquerade", ())
+    text = soracom_section(key) + (
+        '[packet_path]\noutside_vpc = "route"\nvpc_cidrs = ["198.18.0.0/16", "192.0.2.0/24"]\n'
+    )
+    pp = load(write_config(tmp_path, text)).packet_path
+    assert pp.outside_vpc == "route"
+    assert pp.vpc_cidrs == (
+        ipaddress.IPv4Network("198.18.0.0/16"),
+        ipaddress.IPv4Network("192.0.2.0/24"),
+    )
+
+
+def test_every_error_is_shown_one_line_each(tmp_path: Path) -> None:
+    """Not only the first: each refused key is reported, and the keys after it still checked."""
+    key = write_key(tmp_path / "auth-key")
+    text = (
+        soracom_section(
+            key,
+            auth_key_id='"keyId-REPLACE-WITH-YOUR-AUTH-KEY-ID"',
+            vpg_id='"REPLACE-WITH-YOUR-VPG-ID"',
+        )
+        + "[tunnel]\nmtu = 99999\ndestination_port = 0\n"
+        + '[packet_path]\nmode = "bridge"\nvpc_cidrs = ["nope"]\nflows_per_device = 0\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load(write_config(tmp_path, text))
+    lines = info.value.lines
+    assert [line.split(":", 1)[0] for line in lines] == [
+        "soracom.auth_key_id",
+        "soracom.vpg_id",
+        "tunnel.mtu",
+        "tunnel.destination_port",
+        "packet_path.mode",
+        "packet_path.vpc_cidrs",
+        "packet_path.flows_per_device",
+    ]
+    for line in lines:
+        assert_good_message(line, line.split(":", 1)[0] + ":")
+    assert "placeholder" in lines[0] and "placeholder" in lines[1]
+
+
+def test_cli_shows_every_error(tmp_path: Path) -> None:
+    key = write_key(tmp_path / "auth-key")
+    path = write_config(
+        tmp_path,
+        soracom_section(key, vpg_id='"REPLACE-WITH-YOUR-VPG-ID"') + "[tunnel]\nmtu = 1\n",
+    )
+    result = run_cli("config", "check", "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "gatepeer: config error: soracom.vpg_id: 'REPLACE-WITH-YOUR-VPG-ID' is the example's "
+        "placeholder; put your own value here",
+        "gatepeer: config error: tunnel.mtu: must be between 576 and 8951, got 1",
+    ]
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_host_checks_report_both_problems(tmp_path: Path) -> None:
+    key = write_key(tmp_path / "auth-key", 0o644)
+    text = soracom_section(key) + '[tunnel]\nunderlay_interface = "nosuchif9"\n'
+    with pytest.raises(ConfigError) as info:
+        load(write_config(tmp_path, text))
+    assert [line.split(":", 1)[0] for line in info.value.lines] == [
+        "soracom.auth_key_file",
+        "tunnel.underlay_interface",
+    ]
 
 
 def test_bad_mode_message_says_how_to_fix(tmp_path: Path) -> None:

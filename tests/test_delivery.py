@@ -237,15 +237,32 @@ def example_id(path: Path) -> str:
 
 
 # What each example is for, checked on its effective config (`gatepeer config check --json`).
+# Route mode means one thing in every example: redirection to this peer (connections VPC hosts
+# open to devices reply through it) and traffic leaving the VPC masqueraded (no return route).
+ROUTE_MODE = {
+    ("packet_path", "mode"): "route",
+    ("soracom", "redirection"): "self",
+    ("packet_path", "outside_vpc"): "masquerade",
+}
 EXPECTED = {
-    "route": {("packet_path", "mode"): "route"},
+    "route": ROUTE_MODE,
     "nat-redirection": {("packet_path", "mode"): "nat", ("soracom", "redirection"): "self"},
-    "ssm-auth-key": {("soracom", "auth_key_ssm_parameter"): "/gatepeer/auth-key"},
+    "ssm-auth-key": {
+        **ROUTE_MODE,
+        ("soracom", "auth_key_ssm_parameter"): "/gatepeer/auth-key",
+    },
     "non-ec2": {
+        **ROUTE_MODE,
         ("tunnel", "mtu"): "auto",
         ("tunnel", "underlay_interface"): "eth0",
         ("tunnel", "local_address"): "10.0.1.4",
+        ("packet_path", "vpc_cidrs"): ["10.0.0.0/16"],
     },
+}
+# What a user fills in for the examples' placeholders.
+FILLED = {
+    "keyId-REPLACE-WITH-YOUR-AUTH-KEY-ID": "keyId-0123456789abcdef0123456789abcdef",
+    "REPLACE-WITH-YOUR-VPG-ID": "vpg-0123abcd",
 }
 
 
@@ -287,13 +304,17 @@ def test_example_writes_config_secret_reference_and_enables(example: Path) -> No
     assert ["systemctl", "enable", "--now", "--no-block", "gatepeer.service"] in runcmd
 
 
-def render_example(example: Path, root: Path) -> Path:
+def render_example(example: Path, root: Path, *, filled: bool = True) -> Path:
     """Write the example's files under `root`, its paths re-rooted there, as cloud-init would
-    write them on the instance; returns the config's path."""
+    write them on the instance, the placeholders filled in as a user would (unless `filled`
+    is false); returns the config's path."""
     for entry in user_data(example)["write_files"]:
         target = root / entry["path"].lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(entry["content"].replace("/etc/gatepeer/", f"{root}/etc/gatepeer/"))
+        content = entry["content"].replace("/etc/gatepeer/", f"{root}/etc/gatepeer/")
+        for placeholder, value in FILLED.items() if filled else ():
+            content = content.replace(placeholder, value)
+        target.write_text(content)
         target.chmod(int(entry.get("permissions", "0644"), 8))
     return root / str(cfg.DEFAULT_PATH).lstrip("/")
 
@@ -318,6 +339,21 @@ def test_example_config_checks(example: Path, tmp_path: Path) -> None:
     effective = json.loads(proc.stdout)
     for (section, key), value in EXPECTED[example.stem].items():
         assert effective[section][key] == value, (section, key)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=example_id)
+def test_example_left_unfilled_is_refused_naming_each_placeholder(
+    example: Path, tmp_path: Path
+) -> None:
+    """Copied without filling in: `config check` names every placeholder's key, one line
+    each, exit 2 (the host checks are not reached, so no namespace is needed)."""
+    config = render_example(example, tmp_path, filled=False)
+    argv = [sys.executable, "-m", "gatepeer", "config", "check", "--config", str(config)]
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    keys = [line.split(": ")[2] for line in proc.stderr.splitlines()]
+    assert keys == ["soracom.auth_key_id", "soracom.vpg_id"], proc.stderr
+    assert "secret-REPLACE" not in proc.stderr
 
 
 # ---- the Packer template ---------------------------------------------------------------------

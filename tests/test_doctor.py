@@ -26,8 +26,7 @@ from gatepeer.config import (
     SoracomConfig,
     TunnelConfig,
 )
-from gatepeer.doctor import Doctor, Report, diagnose, render, to_json
-from gatepeer.doctor_checks import (
+from gatepeer.doctor.judgments import (
     Check,
     TunnelExpectation,
     judge_clock,
@@ -43,6 +42,7 @@ from gatepeer.doctor_checks import (
     judge_tunnel,
     judge_underlay_mtu,
 )
+from gatepeer.doctor.runner import Doctor, Report, diagnose, render, to_json
 from gatepeer.kernel.pmtu import PathProbe, parse_frag_needed
 from gatepeer.kernel.rtnl import IFF_LOWER_UP, IFF_UP, LinkReading
 from gatepeer.lab.emulator import Emulator, EmulatorSettings

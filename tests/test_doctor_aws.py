@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 from aws_fakes import ENI, FakeImds, Moto, offline_aws_env, running_imds
 
-from gatepeer.aws import checks
 from gatepeer.aws.clients import AwsTarget, client
 from gatepeer.aws.integration import InstanceFactsSource
 from gatepeer.aws.permissions import principal_arn
 from gatepeer.config import AwsConfig, Config, PacketPathConfig
+from gatepeer.doctor import aws as checks
 
 REGION = "ap-northeast-1"
 DEVICE_SUBNET = IPv4Network("10.128.0.0/9")

@@ -55,7 +55,15 @@ EP1, EP2, EP3 = A("198.18.1.11"), A("198.18.1.12"), A("198.18.1.13")
 INNER = IPv4Interface("198.19.0.3/16")
 LOCAL = A("198.18.0.10")
 
-FACTS = HostFacts(underlay=UNDERLAY, underlay_index=2, underlay_mtu=9001, local_address=LOCAL)
+# The VPC networks as the real netlink reader gives them: the underlay's connected prefix.
+FACTS = HostFacts(
+    underlay=UNDERLAY,
+    underlay_index=2,
+    underlay_mtu=9001,
+    local_address=LOCAL,
+    vpc_networks=(IPv4Network("198.18.0.0/16"),),
+    vpc_networks_source="underlay",
+)
 GATE = GateView(
     vpg_id="vpg-test",
     vni=10,
@@ -211,7 +219,9 @@ def test_gate_view_json_round_trip() -> None:
 
 
 def test_plan_from_nothing() -> None:
-    d = desired()
+    # Route mode routing everything with device addresses: no connection is tracked.
+    plain = PacketPathConfig(outside_vpc="route")
+    d = desired_state(dataclasses.replace(make_config(), packet_path=plain), FACTS, GATE)
     observed = ObservedState(
         link=None, addresses=frozenset(), fdb=frozenset(), sysctls=fresh_host_sysctls(d)
     )
@@ -241,7 +251,7 @@ def test_plan_from_nothing() -> None:
         "net/ipv4/neigh/default/gc_thresh1": 128,
         "net/ipv4/neigh/default/gc_thresh2": 512,
         "net/ipv4/neigh/default/gc_thresh3": 1024,
-        # No conntrack key: route mode tracks no connection, so it sizes nothing there.
+        # No conntrack key: this route mode tracks no connection, so it sizes nothing there.
     }
     assert not any(isinstance(a, DeleteLink | RemoveFdb | RemoveAddress) for a in actions)
 
@@ -251,14 +261,19 @@ def test_conntrack_is_sized_only_where_connections_are_tracked() -> None:
         d = desired_state(config, FACTS, GATE)
         return {s.path for s in d.sysctls if s.path.startswith("net/netfilter/")}
 
-    route = make_config()
+    route = dataclasses.replace(make_config(), packet_path=PacketPathConfig(outside_vpc="route"))
     assert conntrack_keys(route) == set()
     nat = dataclasses.replace(route, packet_path=PacketPathConfig(mode="nat"))
     allow = dataclasses.replace(
         route,
-        packet_path=PacketPathConfig(allowed_destinations=(IPv4Network("203.0.113.0/24"),)),
+        packet_path=PacketPathConfig(
+            outside_vpc="route", allowed_destinations=(IPv4Network("203.0.113.0/24"),)
+        ),
     )
-    for tracked in (nat, allow):
+    # The default route mode masquerades what leaves the VPC: those flows are tracked.
+    route_masquerading = make_config()
+    assert route_masquerading.packet_path.outside_vpc == "masquerade"
+    for tracked in (nat, allow, route_masquerading):
         assert {
             "net/netfilter/nf_conntrack_max",
             "net/netfilter/nf_conntrack_buckets",

@@ -32,6 +32,9 @@ ALLOW = (
     IPv4Network("198.51.100.7/32"),
 )
 
+# The VPC: the underlay's 198.18.0.0/16 and a second CIDR block (the /25 inside it collapses).
+VPC = (IPv4Network("198.18.0.0/16"), IPv4Network("203.0.113.0/24"), IPv4Network("198.18.1.0/25"))
+
 
 def spec(**kw: object) -> PacketPathSpec:
     base: dict[str, object] = {
@@ -55,6 +58,11 @@ CASES = {
     "nat_host_service": spec(mode="nat", host_services=(("udp", 53),)),
     "nat_allowlist_flowtable_0ep": spec(
         mode="nat", allowed_destinations=ALLOW, flowtable=True, endpoints=frozenset()
+    ),
+    # Route mode masquerading what leaves the VPC; the VPC given as two overlapping prefixes.
+    "route_masquerade_2ep": spec(outside_vpc="masquerade", vpc_networks=VPC),
+    "route_masquerade_allowlist": spec(
+        outside_vpc="masquerade", vpc_networks=VPC, allowed_destinations=ALLOW
     ),
 }
 PLAIN = [name for name, s in CASES.items() if not s.flowtable]
@@ -102,7 +110,8 @@ def chain(text: str, name: str) -> list[str]:
 
 def tracked(s: rs.PacketPathSpec) -> bool:
     """Where a rule needs a connection's state, so conntrack runs for the namespace."""
-    return s.mode == "nat" or s.flowtable or bool(s.allow_list)
+    masquerades = s.mode == "nat" or s.outside_vpc == "masquerade"
+    return masquerades or s.flowtable or bool(s.allow_list)
 
 
 def uses_conntrack(text: str) -> bool:
@@ -135,6 +144,45 @@ def test_modes_differ_by_masquerade_and_connection_tracking() -> None:
         # The forward chain asks for a connection's state only where a rule needs it.
         forward = chain(text, "forward")
         assert any(r.startswith("ct ") for r in forward) == bool(s.allow_list), name
+
+
+def test_route_mode_masquerades_only_what_leaves_the_vpc() -> None:
+    text = rs.render(CASES["route_masquerade_2ep"])
+    assert "elements = { 198.18.0.0/16, 203.0.113.0/24 }" in text  # collapsed, sorted
+    assert chain(text, "postrouting") == [
+        'oifname "eth0" ip saddr 198.19.0.0/16 ip daddr != @vpc_networks'
+        ' counter name "masqueraded_flows" masquerade'
+    ]
+    # Conntrack engages only for flows leaving the VPC: device <-> VPC traffic is exempted
+    # before conntrack's hook (-200), this host's own address excepted (to_host judges its
+    # replies by state).
+    assert chain(text, "prerouting")[-2:] == [
+        'iifname "vxlan0" ip daddr @vpc_networks ip daddr != 198.18.0.1 notrack',
+        'iifname "eth0" ip saddr @vpc_networks ip daddr 198.19.0.0/16 notrack',
+    ]
+    assert rs.PREROUTING_PRIORITY < -200
+    # Without masquerading, route mode stays as it was: no conntrack, no VPC set.
+    plain = rs.render(spec(vpc_networks=VPC))
+    assert not uses_conntrack(plain) and "notrack" not in plain and "vpc_networks" not in plain
+    assert plain == rs.render(spec())
+
+
+def test_allow_list_keeps_every_flow_tracked() -> None:
+    # The allow-list accepts replies by their state: device <-> VPC flows stay tracked.
+    text = rs.render(CASES["route_masquerade_allowlist"])
+    assert "ip daddr @vpc_networks" not in text
+    assert "ip daddr != @vpc_networks" in "".join(chain(text, "postrouting"))
+    assert not CASES["route_masquerade_allowlist"].stateless_vpc
+    assert CASES["route_masquerade_2ep"].stateless_vpc
+
+
+def test_masquerading_outside_the_vpc_needs_the_vpc() -> None:
+    with pytest.raises(ValueError, match="vpc_networks"):
+        spec(outside_vpc="masquerade")
+    with pytest.raises(ValueError, match="outside_vpc"):
+        spec(outside_vpc="nat")
+    # nat mode masquerades everything: the VPC is not needed there.
+    assert "vpc_networks" not in rs.render(spec(mode="nat", outside_vpc="masquerade"))
 
 
 @pytest.mark.parametrize("name", CASES)

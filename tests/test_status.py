@@ -331,6 +331,22 @@ def test_a_registration_for_an_old_address_is_down(tmp_path: Path) -> None:
     assert to_json(s)["registration"]["registered"] is False
 
 
+def test_vpc_cidrs_are_shown_with_their_source(tmp_path: Path) -> None:
+    """Route mode's "inside the VPC": what the agent used and where it came from."""
+    packet_path = {
+        "mode": "route",
+        "fast_path_active": False,
+        "outside_vpc": "masquerade",
+        "vpc_cidrs": ["198.18.0.0/16", "203.0.113.0/24"],
+        "vpc_cidrs_source": "imds",
+    }
+    s = run_status(tmp_path, state_doc(packet_path=packet_path))
+    assert to_json(s)["packet_path"]["vpc_cidrs"] == "198.18.0.0/16, 203.0.113.0/24 (from imds)"
+    assert "vpc cidrs     198.18.0.0/16, 203.0.113.0/24 (from imds)" in render(s)
+    broken = run_status(tmp_path, state_doc(packet_path={**packet_path, "vpc_cidrs": "x"}))
+    assert to_json(broken)["packet_path"]["vpc_cidrs"] is None
+
+
 def test_configured_but_never_set_up_is_down(tmp_path: Path) -> None:
     s = run_status(tmp_path, None, TunnelReading(None), daemon=False)
     assert s.exit_code == 2
@@ -402,7 +418,7 @@ def test_json_shape(tmp_path: Path) -> None:
         "fdb_present": True,
         "probe": probe("up"),
     }
-    assert j["packet_path"] == {"mode": "route", "fast_path": True}
+    assert j["packet_path"] == {"mode": "route", "fast_path": True, "vpc_cidrs": None}
     assert j["redirection"] == {
         "mode": "unmanaged", "enabled": False, "gateway": None, "is_self": False,
         "this_peer": "10.128.0.3",

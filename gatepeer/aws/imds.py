@@ -60,6 +60,7 @@ class InstanceFacts:
     subnet_cidr: IPv4Network
     vpc_id: str
     imds_version: int  # 2, or 1 when the token was refused and IMDSv1 answered
+    vpc_cidrs: tuple[IPv4Network, ...] = ()  # the VPC's IPv4 CIDR blocks; () when not told
 
     @property
     def note(self) -> str | None:
@@ -241,7 +242,17 @@ class Imds:
             subnet_cidr=subnet_cidr,
             vpc_id=self.require(f"{eni}/vpc-id"),
             imds_version=self.version,
+            vpc_cidrs=self._vpc_cidrs(f"{eni}/vpc-ipv4-cidr-blocks"),
         )
+
+    def _vpc_cidrs(self, path: str) -> tuple[IPv4Network, ...]:
+        """The VPC's IPv4 CIDR blocks, one a line; () when IMDS has none or an unusable one
+        (the underlay's prefix then stands in)."""
+        try:
+            return tuple(IPv4Network(line) for line in (self.get(path) or "").split())
+        except ValueError:
+            log.warning("IMDS at %s: unusable %s; not using it", self.endpoint, path)
+            return ()
 
     def target_lifecycle_state(self) -> str | None:
         """Auto Scaling's target state for this instance ("InService", "Terminated", ...);

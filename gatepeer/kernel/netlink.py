@@ -33,6 +33,7 @@ from gatepeer.state import (
     HostFacts,
     IPv4Address,
     IPv4Interface,
+    IPv4Network,
     ObservedLink,
     ObservedState,
     Sysctl,
@@ -116,9 +117,28 @@ class Netlink:
                     f"tunnel.local_address: not set and {underlay} has no IPv4 address"
                 )
         mtu = int(self.ipr.link("get", index=index)[0].get_attr("IFLA_MTU"))
+        prefix = self.connected_prefix(index, local)
         return HostFacts(
-            underlay=underlay, underlay_index=index, underlay_mtu=mtu, local_address=local
+            underlay=underlay,
+            underlay_index=index,
+            underlay_mtu=mtu,
+            local_address=local,
+            vpc_networks=(prefix,) if prefix else (),
+            vpc_networks_source="underlay" if prefix else None,
         )
+
+    def connected_prefix(self, index: int, local: IPv4Address) -> IPv4Network | None:
+        """The prefix of `local` on the interface (else its primary address's): the last
+        guess at the VPC's networks, when neither config nor IMDS tells them."""
+        found = None
+        for addr in self.ipr.addr("dump", family=socket.AF_INET, index=index):
+            address = IPv4Address(addr.get_attr("IFA_LOCAL") or addr.get_attr("IFA_ADDRESS"))
+            network = IPv4Network(f"{address}/{addr['prefixlen']}", strict=False)
+            if address == local:
+                return network
+            if found is None and not addr["flags"] & IFA_F_SECONDARY:
+                found = network
+        return found
 
     # ---- observe -----------------------------------------------------------------------
 

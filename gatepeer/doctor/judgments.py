@@ -1,7 +1,9 @@
 """The doctor's judgments: each a pure function from what was read to one `Check`.
 
-`gatepeer.doctor` reads the config, the API, the kernel and EC2, and asks these in turn; the
-unit tests call them directly. A detail is one line that says what to change.
+`gatepeer.doctor.runner` reads the config, the API and the kernel, `gatepeer.doctor.aws` reads
+EC2, and both ask these in turn; the unit tests call them directly. A detail is one line that
+says what to change. Nothing here does I/O: the readings' types are imported for annotations
+only, so this module pulls in no kernel or AWS code.
 """
 
 from __future__ import annotations
@@ -9,15 +11,20 @@ from __future__ import annotations
 import email.utils
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface
-from typing import Literal, NamedTuple
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from gatepeer import redirection
 from gatepeer.config import VXLAN_OVERHEAD, Config
-from gatepeer.kernel.pmtu import PathProbe
-from gatepeer.kernel.rtnl import LinkReading
 from gatepeer.ruleset import FAMILY, TABLE, loaded_endpoints
 from gatepeer.state import GateView
+
+if TYPE_CHECKING:
+    from gatepeer.aws.ec2 import IngressRule, VpcRoute
+    from gatepeer.aws.imds import InstanceFacts
+    from gatepeer.aws.permissions import Verdict
+    from gatepeer.kernel.pmtu import PathProbe
+    from gatepeer.kernel.rtnl import LinkReading
 
 Status = Literal["ok", "warn", "fail", "skip"]
 
@@ -401,3 +408,221 @@ def judge_clock(date_header: str | None, local_time: float) -> Check:
     if abs(skew) > CLOCK_WARN_S:
         return Check("warn", "clock", f"{detail}: run NTP (chrony)")
     return Check("ok", "clock", f"{detail} (within {CLOCK_WARN_S:g} s)")
+
+
+# ---- EC2 (read by gatepeer.doctor.aws) -----------------------------------------------------------
+
+SOURCE_DEST = "aws-source-dest-check"
+SECURITY_GROUP = "aws-security-group"
+ROUTE = "aws-route"
+RETURN_PATH = "aws-return-path"
+IAM = "aws-iam"
+NAMES = (SOURCE_DEST, SECURITY_GROUP, ROUTE, IAM)
+
+
+def judge_source_dest_check(enabled: bool, eni_id: str) -> Check:
+    if enabled:
+        return Check(
+            "fail",
+            SOURCE_DEST,
+            f"the source/destination check is on for {eni_id}: EC2 drops every packet this "
+            "peer forwards; turn it off (aws ec2 modify-network-interface-attribute "
+            f"--network-interface-id {eni_id} --no-source-dest-check, or set "
+            "aws.disable_source_dest_check = true)",
+        )
+    return Check("ok", SOURCE_DEST, f"off for {eni_id}: EC2 passes the traffic this peer forwards")
+
+
+def judge_security_groups(
+    groups: Sequence[str],
+    rules: Sequence[IngressRule],
+    endpoints: Sequence[IPv4Address],
+    port: int,
+    *,
+    forwarded_from: Sequence[IPv4Network] = (),
+) -> Check:
+    """UDP `port` from every VPG endpoint; in route mode also `forwarded_from` (the VPC's
+    CIDRs): EC2 applies the ENI's inbound rules to the packets VPC hosts send to devices
+    through this peer, so without a rule for them cloud-to-device connections never arrive."""
+    if not endpoints:
+        return Check("skip", SECURITY_GROUP, "no VPG endpoint is known (the API was not reached)")
+    named = ", ".join(groups) or "none"
+    shut = [e for e in endpoints if not any(r.admits_udp(port, e) for r in rules)]
+    unjudged = sorted({s for r in rules for s in r.other_sources})
+    if shut:
+        addresses = ", ".join(str(e) for e in shut)
+        if unjudged:
+            return Check(
+                "warn",
+                SECURITY_GROUP,
+                f"no CIDR rule of {', '.join(groups) or 'the ENI'} admits UDP {port} from "
+                f"{addresses}; rules naming {', '.join(unjudged)} were not judged: make sure one "
+                f"of them holds those addresses, or add inbound UDP {port} from each /32",
+            )
+        return Check(
+            "fail",
+            SECURITY_GROUP,
+            f"no security group on the ENI ({named}) admits UDP {port} from VPG endpoint "
+            f"{addresses}: the VPG's VXLAN is dropped; add an inbound rule for UDP {port} from "
+            "each endpoint's /32",
+        )
+    vxlan_ok = (
+        f"{', '.join(groups)} admit UDP {port} from every VPG endpoint "
+        f"({', '.join(map(str, endpoints))})"
+    )
+    closed = [n for n in forwarded_from if not any(_admits_everything(r, n) for r in rules)]
+    if not closed:
+        if forwarded_from:
+            vxlan_ok += (
+                f" and all traffic from {', '.join(map(str, forwarded_from))} "
+                "(forwarded to the devices)"
+            )
+        return Check("ok", SECURITY_GROUP, vxlan_ok)
+    nets = ", ".join(map(str, closed))
+    partial = sorted({r.group_id for r in rules for n in closed if _admits_some(r, n)})
+    if partial or unjudged:
+        why = (
+            f"{', '.join(partial)} admit only some protocols or ports from {nets}"
+            if partial
+            else f"rules naming {', '.join(unjudged)} were not judged"
+        )
+        return Check(
+            "warn",
+            SECURITY_GROUP,
+            f"{why}: in route mode EC2 applies {named}'s inbound rules to what VPC hosts send "
+            f"to devices through this peer; make sure it admits what they open, or add an "
+            f"inbound rule for all traffic from {nets}",
+        )
+    return Check(
+        "fail",
+        SECURITY_GROUP,
+        f"no security group on the ENI ({named}) admits traffic from {nets}: in route mode EC2 "
+        "applies them to what VPC hosts send to devices through this peer, so cloud-to-device "
+        f"connections are dropped; add an inbound rule for all traffic from {nets} to "
+        f"{groups[0] if groups else 'the ENI'}",
+    )
+
+
+def _admits_everything(rule: IngressRule, net: IPv4Network) -> bool:
+    return rule.protocol == "-1" and any(net.subnet_of(s) for s in rule.sources)
+
+
+def _admits_some(rule: IngressRule, net: IPv4Network) -> bool:
+    return any(net.overlaps(s) for s in rule.sources)
+
+
+def judge_routes(
+    mode: str,
+    routes: Sequence[VpcRoute],
+    facts: InstanceFacts,
+    device_subnet: IPv4Network | None,
+) -> Check:
+    if mode != "route":
+        return Check(
+            "skip", ROUTE, f"packet_path.mode is {mode}: the VPC needs no route to the devices"
+        )
+    if device_subnet is None:
+        return Check("skip", ROUTE, "the device subnet is not known (the API was not reached)")
+    ours = [r for r in routes if r.points_to(facts.eni_id, facts.instance_id)]
+    if not ours:
+        elsewhere = [f"{r.table_id} sends {r.destination} to {r.target}" for r in routes]
+        return Check(
+            "fail",
+            ROUTE,
+            f"no route table of {facts.vpc_id} sends {device_subnet} to {facts.eni_id} or "
+            f"{facts.instance_id}"
+            + (f" ({'; '.join(elsewhere)})" if elsewhere else "")
+            + f": add a route {device_subnet} -> {facts.eni_id} to the route table of each "
+            "subnet whose hosts talk to the devices",
+        )
+    own_subnet = [r for r in ours if facts.subnet_id in r.subnets or r.main]
+    names = ", ".join(r.table_id + (" (main)" if r.main else "") for r in ours)
+    note = "" if own_subnet else f"; {facts.subnet_id}'s own table has no such route"
+    return Check("ok", ROUTE, f"{names} send {device_subnet} to this peer{note}")
+
+
+@dataclass(frozen=True)
+class NatReturnPath:
+    """A NAT gateway of the VPC, and what its subnet's route table does with the device subnet
+    (`target` None: no route covers it)."""
+
+    nat_gateway_id: str
+    subnet_id: str
+    table_id: str | None
+    target: str | None
+
+
+def return_path_needed(config: Config) -> str | None:
+    """Why a return route for internet-bound device traffic matters here, or None: only route
+    mode with redirection to this peer and `outside_vpc = "route"` sends devices' traffic out
+    of the VPC with the devices' own addresses."""
+    pp = config.packet_path
+    if pp.mode != "route":
+        return f"packet_path.mode is {pp.mode}: device traffic leaves with this peer's address"
+    if config.soracom.redirection != "self":
+        return (
+            "soracom.redirection is not self: devices' internet traffic does not come through "
+            "this peer"
+        )
+    if pp.outside_vpc != "route":
+        return (
+            f'packet_path.outside_vpc is "{pp.outside_vpc}": traffic leaving the VPC is '
+            "masqueraded to this peer's address"
+        )
+    return None
+
+
+def judge_return_path(
+    config: Config,
+    paths: Sequence[NatReturnPath],
+    facts: InstanceFacts,
+    device_subnet: IPv4Network | None,
+) -> Check:
+    """Route mode, redirection to this peer and `outside_vpc = "route"`: devices' traffic to
+    the internet leaves with device addresses, so each NAT gateway's subnet must route the
+    device subnet back to this peer or the replies are lost."""
+    why_not = return_path_needed(config)
+    if why_not is not None:
+        return Check("skip", RETURN_PATH, why_not)
+    if device_subnet is None:
+        return Check(
+            "skip", RETURN_PATH, "the device subnet is not known (the API was not reached)"
+        )
+    if not paths:
+        return Check(
+            "skip",
+            RETURN_PATH,
+            f"{facts.vpc_id} has no NAT gateway; traffic to an internet gateway with device "
+            "addresses is not translated and gets no answer",
+        )
+    mine = (facts.eni_id, facts.instance_id)
+    lacking = [p for p in paths if p.target not in mine]
+    if not lacking:
+        return Check(
+            "ok",
+            RETURN_PATH,
+            f"the subnets of {', '.join(p.nat_gateway_id for p in paths)} route "
+            f"{device_subnet} to this peer",
+        )
+    gaps = "; ".join(
+        f"{p.nat_gateway_id} in {p.subnet_id} ({p.table_id or 'no route table'} "
+        + (f"sends it to {p.target})" if p.target else "has no route for it)")
+        for p in lacking
+    )
+    return Check(
+        "warn",
+        RETURN_PATH,
+        f'route mode with redirection to this peer and packet_path.outside_vpc = "route": '
+        f"devices' internet traffic leaves with {device_subnet} addresses, but {gaps}; add a "
+        f'route {device_subnet} -> {facts.eni_id} there, or set outside_vpc = "masquerade"',
+    )
+
+
+def judge_permissions(verdict: Verdict) -> Check:
+    if verdict.denied:
+        missing = ", ".join(f"{p.action} (for {p.why})" for p in verdict.denied)
+        return Check("warn", IAM, f"the instance role lacks {missing}: add them to its policy")
+    detail = f"allowed: {', '.join(verdict.allowed) or 'nothing needed'}"
+    if verdict.unverified:
+        detail += "; not verified: " + ", ".join(f"{a} ({why})" for a, why in verdict.unverified)
+    return Check("ok", IAM, detail)

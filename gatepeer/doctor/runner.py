@@ -1,8 +1,9 @@
 """`gatepeer doctor`: every reason this host may not be a working gate peer, one line each.
 
 Each check gives `ok`, `warn`, `fail` or `skip`, its name, and one line saying what to change.
-The judgments are pure functions of what was read (`gatepeer.doctor_checks`: the unit tests
-call them); `Doctor` here does the reading and asks them in order. Read-only throughout:
+The judgments are pure functions of what was read (`gatepeer.doctor.judgments`: the unit
+tests call them); `Doctor` here does the reading and asks them in order, the EC2 part through
+`gatepeer.doctor.aws`. Read-only throughout:
 doctor never registers, opens Gate, sets redirection or touches the kernel, and never prints
 the auth key, the API key or the token.
 
@@ -22,7 +23,7 @@ from typing import Any
 
 from gatepeer import statefile
 from gatepeer.config import VXLAN_OVERHEAD, Config, ConfigError, check_against_system, load
-from gatepeer.doctor_checks import (
+from gatepeer.doctor.judgments import (
     Check,
     TunnelExpectation,
     judge_clock,
@@ -411,9 +412,9 @@ class Doctor:
     # ---- EC2 ----------------------------------------------------------------------------
 
     def check_aws(self) -> list[Check]:
-        from gatepeer.aws import checks
+        from gatepeer.doctor import aws
 
-        results = checks.run(
+        return aws.run(
             self.config,
             self.instance,
             endpoints=self.gathered.endpoints,
@@ -421,7 +422,6 @@ class Doctor:
             ssm_read=self.ssm_read,
             make_client=self.aws_client,
         )
-        return [Check(status, name, detail) for status, name, detail in results]  # type: ignore[arg-type]
 
 
 def _inner(own: dict[str, Any] | None, subnet: IPv4Network) -> IPv4Interface | None:
