@@ -336,7 +336,8 @@ class Doctor:
         return [judge_underlay_mtu(name, mtu, self.config.tunnel.mtu)]
 
     def check_path_mtu(self) -> list[Check]:
-        from gatepeer.kernel.pmtu import ProbeUnavailable, probe_paths
+        from gatepeer.kernel.icmp import ProbeUnavailable
+        from gatepeer.kernel.pmtu import probe_paths
 
         tunnel_mtu = self._tunnel_mtu()
         endpoints = self.gathered.endpoints

@@ -27,7 +27,6 @@ import os
 import random
 import select
 import socket
-import struct
 import threading
 import time
 from collections import deque
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from gatepeer import health
+from gatepeer.kernel import icmp
 from gatepeer.state import Endpoint, IPv4Address
 
 log = logging.getLogger(__name__)
@@ -96,10 +96,6 @@ class _Track:
         return ProbeResult(self.state, self.rtt_s, loss, self.error)
 
 
-class ProbeUnavailable(OSError):
-    """Probing is impossible here (no CAP_NET_RAW): it says nothing about the endpoints."""
-
-
 Reply = tuple[IPv4Address, int, float]  # source, sequence, received at (the prober's clock)
 
 
@@ -113,37 +109,6 @@ class Transport(Protocol):
     def wake(self) -> None: ...
 
     def close(self) -> None: ...
-
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
-ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
-SOL_RAW, ICMP_FILTER = 255, 1
-PAYLOAD = b"gatepeer-probe\0\0"
-
-
-def echo_request(ident: int, seq: int, payload: bytes = PAYLOAD) -> bytes:
-    header = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, 0, ident, seq)
-    checksum = _checksum(header + payload)
-    return struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, checksum, ident, seq) + payload
-
-
-def parse_echo_reply(packet: bytes, ident: int) -> int | None:
-    """The sequence number if `packet` (IP header included) is an echo reply to `ident`."""
-    if len(packet) < 20:
-        return None
-    offset = (packet[0] & 0x0F) * 4
-    if len(packet) < offset + 8:
-        return None
-    kind, _, _, got_ident, seq = struct.unpack_from("!BBHHH", packet, offset)
-    return seq if kind == ICMP_ECHO_REPLY and got_ident == ident else None
 
 
 class IcmpTransport:
@@ -168,22 +133,7 @@ class IcmpTransport:
             raise OSError(errno.ENODEV, f"no interface {self.interface}") from None
         if self._sock is None or index != self._bound_index:
             self._drop()
-            try:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-            except PermissionError as exc:
-                raise ProbeUnavailable(
-                    exc.errno, f"cannot open a raw ICMP socket ({exc.strerror}): needs CAP_NET_RAW"
-                ) from None
-            try:
-                sock.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.interface.encode() + b"\0"
-                )
-                # The filter's set bits are the ICMP types the kernel drops: all but echo reply.
-                sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("=I", ~(1 << 0) & 0xFFFFFFFF))
-                sock.setblocking(False)
-            except OSError:
-                sock.close()
-                raise
+            sock = icmp.open_raw(keep=(icmp.ICMP_ECHO_REPLY,), interface=self.interface)
             self._sock, self._bound_index = sock, index
         return self._sock
 
@@ -193,7 +143,7 @@ class IcmpTransport:
         self._sock, self._bound_index = None, None
 
     def send(self, dst: IPv4Address, seq: int) -> None:
-        self._socket().sendto(echo_request(self.ident, seq), (str(dst), 0))
+        self._socket().sendto(icmp.echo_request(self.ident, seq), (str(dst), 0))
 
     def wait(self, timeout: float) -> list[Reply]:
         fds: list[Any] = [self._wake_r]
@@ -210,7 +160,7 @@ class IcmpTransport:
                     packet, (src, _) = self._sock.recvfrom(2048)
                 except (BlockingIOError, InterruptedError):
                     break
-                seq = parse_echo_reply(packet, self.ident)
+                seq = icmp.parse_echo_reply(packet, self.ident)
                 if seq is not None:
                     replies.append((IPv4Address(src), seq, time.monotonic()))
         return replies
@@ -308,7 +258,7 @@ class Prober(threading.Thread):
         try:
             self.transport.send(track.endpoint.inner, self._seq)
             track.error = None
-        except ProbeUnavailable as exc:
+        except icmp.ProbeUnavailable as exc:
             # Not the endpoint's fault: unknown, not down, and no alarm; try again later.
             why = exc.strerror or str(exc)
             if track.error != why:

@@ -10,17 +10,14 @@ import time
 
 import pytest
 
+from gatepeer.kernel.icmp import ProbeUnavailable, checksum, echo_request, parse_echo_reply
 from gatepeer.probes import (
     DOWN_AFTER,
     WINDOW,
     IcmpTransport,
     Prober,
     ProbeResult,
-    ProbeUnavailable,
     Reply,
-    _checksum,
-    echo_request,
-    parse_echo_reply,
     probe_health,
     with_probes,
 )
@@ -268,7 +265,7 @@ def test_with_probes_adds_endpoints_and_joins_health() -> None:
 def test_echo_request_has_a_valid_checksum_and_replies_parse() -> None:
     packet = echo_request(0x1234, 7)
     assert packet[0] == 8 and packet[1] == 0
-    assert _checksum(packet) == 0  # a correct ICMP checksum sums to zero
+    assert checksum(packet) == 0  # a correct ICMP checksum sums to zero
     reply = bytearray(packet)
     reply[0] = 0
     ip_header = bytes([0x45]) + b"\0" * 19
