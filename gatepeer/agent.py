@@ -18,7 +18,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from gatepeer import __version__, health, redirection, statefile
+from gatepeer import health, redirection, state_document, statefile
 from gatepeer.aws.integration import InstanceFactsSource, key_reader
 from gatepeer.config import Config
 from gatepeer.gate import (
@@ -127,6 +127,7 @@ class Agent:
         self.facts: HostFacts | None = None
         self.preview: list[str] = []
         self.reconciled_at: float | None = None
+        self.written: state_document.StateDocument | None = None  # the last state.json
         self._gate_kept = False  # written to the gate cache by this process
         self._flowtable_supported: bool | None = None
         # The vxlan link this agent (or its predecessor) made: {"name", "ifindex", "vni",
@@ -687,66 +688,54 @@ class Agent:
 
     # ---- state file --------------------------------------------------------------------
 
-    def state(self) -> dict[str, Any]:
+    def state_record(self) -> state_document.AgentRecord:
+        """What this agent knows now, for the state document."""
         last = self.last
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "updated_at": self.clock(),
-            # The prober rewrites this file too: staleness of the loop is judged by this one.
-            "reconciled_at": self.reconciled_at,
-            "config_file": str(self.config.source) if self.config.source else None,
-            "health": last.health if last else "unknown",
-            "reasons": last.reasons if last else [],
-            "notes": last.notes if last else [],
-            "gate": self.gate.to_json() if self.gate else None,
-            "gate_fetched_at": self.gate_fetched_at,
-            "gate_error": self.gate_error,
-            "api_answer_refused": self.refused_field is not None,
-            "api_refused_field": self.refused_field,
-            "redirection": {
-                "mode": self.config.soracom.redirection,
-                "error": self.redirection_error,
-            },
-            "host": {
-                "underlay": self.facts.underlay,
-                "underlay_mtu": self.facts.underlay_mtu,
-                "local_address": str(self.facts.local_address),
-            }
-            if self.facts
-            else None,
-            "tunnel": {"interface": self.config.tunnel.interface},
-            "managed_link": self.managed_link,
-            "owned_addresses": sorted(a.with_prefixlen for a in self.owned_addresses),
-            "packet_path": {
-                "mode": self.config.packet_path.mode,
-                "flowtable_supported": self.facts.flowtable_supported if self.facts else None,
-                "fast_path_active": bool(
-                    self.facts
-                    and self.facts.flowtable_supported
-                    and self.config.packet_path.flowtable is not False
-                ),
-            },
-            "last_reconcile": {
-                "health": last.health,
-                "actions": describe(last.actions),
-                "duration_s": round(last.duration_s, 6),
-                "error": "; ".join(last.reasons) or None,
-                "failure": last.failure,
-            }
+        return state_document.AgentRecord(
+            pid=os.getpid(),
+            now=self.clock(),
+            reconciled_at=self.reconciled_at,
+            config_file=str(self.config.source) if self.config.source else None,
+            interface=self.config.tunnel.interface,
+            redirection_mode=self.config.soracom.redirection,
+            packet_path_mode=self.config.packet_path.mode,
+            flowtable_allowed=self.config.packet_path.flowtable is not False,
+            last=state_document.LastReconcile(
+                health=last.health,
+                reasons=tuple(last.reasons),
+                notes=tuple(last.notes),
+                actions=tuple(describe(last.actions)),
+                duration_s=last.duration_s,
+                failure=last.failure,
+            )
             if last
             else None,
-            "counters": {
-                "reconciles": self.record.reconciles,
-                "failures": self.record.failures,
-                "last_success_at": self.record.last_success_at,
-            },
-        }
+            gate=self.gate,
+            gate_fetched_at=self.gate_fetched_at,
+            gate_error=self.gate_error,
+            refused_field=self.refused_field,
+            redirection_error=self.redirection_error,
+            facts=self.facts,
+            managed_link=self.managed_link,
+            owned_addresses=self.owned_addresses,
+            reconciles=self.record.reconciles,
+            failures=self.record.failures,
+            last_success_at=self.record.last_success_at,
+        )
+
+    def document(self) -> state_document.StateDocument:
+        """The state document as of now (the daemon's agent adds the probes and HA)."""
+        return state_document.build(self.state_record())
+
+    def state(self) -> dict[str, Any]:
+        return self.document().data
 
     def write_state(self) -> None:
+        """Build the document once, keep it for readers in this process, write it."""
         path: Path = self.config.agent.state_file
+        self.written = self.document()
         try:
-            statefile.write(path, self.state())
+            statefile.write(path, self.written.data)
         except OSError as exc:
             log.error("cannot write %s: %s", path, exc.strerror or exc)
 

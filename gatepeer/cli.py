@@ -48,7 +48,7 @@ def load_config(config_file: str | None) -> Config:
 def running_daemon(cfg: Config) -> int | None:
     """The pid of a live `gatepeer run` for this config, from its state file."""
     from gatepeer import statefile
-    from gatepeer.status import daemon_pid
+    from gatepeer.running_daemon import daemon_pid
 
     return daemon_pid((statefile.read(cfg.agent.state_file) or {}).get("pid"))
 

@@ -1,8 +1,9 @@
-"""The health evaluator's signals from what a reader found: the state document (`StateSummary`),
-the live tunnel (`TunnelReading`), the daemon and [ha]. Pure.
+"""The health evaluator's signals from what a reader found live, beside the state document's
+own (`state_document.recorded_signals`): the live tunnel (`rtnl.TunnelReading`), the daemon
+and [ha]. Pure.
 
-`gatepeer status`, the metrics, the daemon's STATUS= line and the health the daemon writes in
-state.json all build their signals here, so one state and one kernel give one verdict.
+`gatepeer status`, the metrics and the daemon's STATUS= line build their signals here, so one
+state and one kernel give one verdict.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import TYPE_CHECKING
 from gatepeer import health, redirection
 from gatepeer.config import HaConfig
 from gatepeer.ha import report as ha_report
+from gatepeer.state_document import StateSummary, probe_signals
 
-if TYPE_CHECKING:  # status imports this module: its types only
-    from gatepeer.status import StateSummary, TunnelReading
+if TYPE_CHECKING:  # a reading's type only: this module does no I/O
+    from gatepeer.kernel.rtnl import TunnelReading
 
 # state.json is rewritten after every reconcile and probe round; older than this many
 # reconcile intervals means the daemon is stuck.
@@ -52,32 +54,6 @@ def daemon_signal(
         pid=pid,
         loop_age_s=now - last if last else None,
         stale_after_s=STALE_INTERVALS * reconcile_interval,
-    )
-
-
-def probe_signals(st: StateSummary) -> tuple[health.ProbeSignal, ...]:
-    return tuple(health.ProbeSignal(e.outer, e.inner, e.probe.state) for e in st.endpoints)
-
-
-def recorded_signals(st: StateSummary) -> health.Signals:
-    """What the state document alone says: the registration, the last reconcile, the API, the
-    redirection and, when the daemon wrote them, the probes. The daemon's own "health" in
-    state.json (before its first gate view: down, as status says)."""
-    return health.Signals(
-        gate=st.gate,
-        gate_expected=True,
-        local_address=st.local_address,
-        reconcile_failure=st.reconcile_failure,
-        api_error=st.gate_error,
-        api_answer_refused=st.api_answer_refused,
-        redirection_error=st.redirection_error,
-        # A state with "ha" is half of a pair: a gateway elsewhere is the backup's normal state.
-        redirection_findings=tuple(
-            redirection.findings(st.packet_path_mode, st.redirection_mode, st.gate)
-        )
-        if st.gate is not None and st.ha is None
-        else (),
-        probes=probe_signals(st) if st.probed else None,
     )
 
 
@@ -123,7 +99,7 @@ def observed_signals(
         api_answer_refused=st.api_answer_refused,
         redirection_error=st.redirection_error,
         redirection_findings=findings,
-        probes=probe_signals(st) if st.probed and running else None,
+        probes=probe_signals(st.endpoints) if st.probed and running else None,
         daemon=daemon,
         ha=tuple(ha_report.reasons(ha, st.ha)),
     )

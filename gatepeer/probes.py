@@ -30,39 +30,17 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
-from gatepeer import health
 from gatepeer.kernel import icmp
 from gatepeer.state import Endpoint, IPv4Address
+from gatepeer.state_document import ProbeResult, ProbeState
 
 log = logging.getLogger(__name__)
 
 WINDOW = 10  # probes kept per endpoint for the loss ratio
 DOWN_AFTER = 2  # unanswered probes in a row that mark an endpoint down
-
-ProbeState = Literal["up", "down", "unknown"]
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    state: ProbeState
-    rtt_s: float | None  # the last probe's round trip; None when it was not answered
-    loss: float | None  # unanswered share of the last WINDOW probes; None before any
-    error: str | None = None  # why the last probe could not even be sent
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "state": self.state,
-            "rtt_s": round(self.rtt_s, 6) if self.rtt_s is not None else None,
-            "loss": round(self.loss, 3) if self.loss is not None else None,
-            "error": self.error,
-        }
-
-
-UNKNOWN = ProbeResult("unknown", None, None)
 
 
 class _Track:
@@ -291,65 +269,3 @@ class Prober(threading.Thread):
                     track.next_due = now if confirm else sent + self.interval
                     recorded = True
         return recorded
-
-
-# ---- what the results mean --------------------------------------------------------------
-
-
-def probe_signals(
-    endpoints: Sequence[Endpoint], results: Mapping[IPv4Address, ProbeResult]
-) -> tuple[health.ProbeSignal, ...]:
-    return tuple(
-        health.ProbeSignal(
-            str(e.outer), str(e.inner) if e.inner else None, results.get(e.outer, UNKNOWN).state
-        )
-        for e in endpoints
-    )
-
-
-def probe_health(
-    endpoints: Sequence[Endpoint], results: Mapping[IPv4Address, ProbeResult]
-) -> tuple[str, list[str]]:
-    """What the probes alone say, as the health evaluator judges them: one endpoint down while
-    another answers is degraded (traffic goes through the other); every endpoint down is down."""
-    verdict = health.evaluate(health.Signals(probes=probe_signals(endpoints, results)))
-    return verdict.health, list(verdict.reasons)
-
-
-def endpoint_report(
-    endpoints: Sequence[Endpoint],
-    results: Mapping[IPv4Address, ProbeResult] | None,
-    fdb: frozenset[IPv4Address] | None,
-) -> list[dict[str, Any]]:
-    """The "endpoints" list of state.json. `results` None: nobody probes (no daemon);
-    `fdb` None: the tunnel link does not exist."""
-    return [
-        {
-            "outer": str(e.outer),
-            "inner": str(e.inner) if e.inner else None,
-            "fdb_present": e.outer in fdb if fdb is not None else False,
-            "probe": (results.get(e.outer, UNKNOWN) if results is not None else UNKNOWN).to_json(),
-        }
-        for e in endpoints
-    ]
-
-
-def with_probes(
-    state: Mapping[str, Any],
-    endpoints: Sequence[Endpoint],
-    results: Mapping[IPv4Address, ProbeResult] | None,
-    fdb: frozenset[IPv4Address] | None,
-) -> dict[str, Any]:
-    """The agent's state document joined with the probes: an "endpoints" list, and health and
-    reasons judged again by the evaluator from the document's signals (the last reconcile, the
-    API, the redirection) and the probes. The reconcile's own verdict stays in last_reconcile."""
-    # status reads the document (and imports this module): import it here, not at the top.
-    from gatepeer.health_inputs import recorded_signals
-    from gatepeer.status import StateSummary
-
-    out = dict(state)
-    out["endpoints"] = endpoint_report(endpoints, results, fdb)
-    if results is not None:
-        verdict = health.evaluate(recorded_signals(StateSummary.from_state(out)))
-        out["health"], out["reasons"] = verdict.health, list(verdict.reasons)
-    return out

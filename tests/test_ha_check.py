@@ -18,8 +18,8 @@ from gatepeer import statefile
 from gatepeer.config import load
 from gatepeer.ha.check import CheckInputs, evaluate, gather
 from gatepeer.kernel.nftables import NftError
-from gatepeer.kernel.rtnl import LinkReading
-from gatepeer.status import StateSummary, TunnelReading
+from gatepeer.kernel.rtnl import LinkReading, TunnelReading
+from gatepeer.state_document import StateSummary
 
 A = ipaddress.IPv4Address
 NOW = 1_760_000_000.0

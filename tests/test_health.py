@@ -27,18 +27,12 @@ from gatepeer.health import (
     evaluate,
 )
 from gatepeer.health_inputs import running_verdict
-from gatepeer.kernel.rtnl import InterfaceStats, LinkReading
+from gatepeer.kernel.rtnl import InterfaceStats, LinkReading, TunnelReading
 from gatepeer.metrics.collectors import HealthCollector
-from gatepeer.probes import ProbeResult, with_probes
 from gatepeer.soracom import ApiStats
 from gatepeer.state import GateView
-from gatepeer.status import (
-    StateSummary,
-    TunnelReading,
-    gather,
-    render,
-    to_json,
-)
+from gatepeer.state_document import ProbeResult, StateSummary, endpoint_report, recorded_signals
+from gatepeer.status import gather, render, to_json
 
 A = ipaddress.IPv4Address
 I = ipaddress.IPv4Interface  # noqa: E741 - as in the addresses it builds
@@ -415,10 +409,14 @@ def test_status_metrics_and_the_daemon_agree(tmp_path: Path, case: Case) -> None
             e.outer: ProbeResult(s, None, None)  # type: ignore[arg-type]
             for e, s in zip(VIEW.endpoints, case.probe_states, strict=True)
         }
-        written = with_probes(
-            doc, VIEW.endpoints, results, frozenset(e.outer for e in VIEW.endpoints)
-        )
-        assert (written["health"], written["reasons"]) == (case.health, status.reasons)
+        written = {
+            **doc,
+            "endpoints": endpoint_report(
+                VIEW.endpoints, results, frozenset(e.outer for e in VIEW.endpoints)
+            ),
+        }
+        verdict = evaluate(recorded_signals(StateSummary.from_state(written)))
+        assert (verdict.health, list(verdict.reasons)) == (case.health, status.reasons)
 
 
 def test_status_shows_the_ha_line_and_object_only_with_ha(tmp_path: Path) -> None:

@@ -21,16 +21,10 @@ from click.testing import CliRunner
 
 from gatepeer import statefile
 from gatepeer.cli import main
-from gatepeer.kernel.rtnl import InterfaceStats, LinkReading
-from gatepeer.status import (
-    StateSummary,
-    Status,
-    TunnelReading,
-    daemon_pid,
-    gather,
-    render,
-    to_json,
-)
+from gatepeer.kernel.rtnl import InterfaceStats, LinkReading, TunnelReading
+from gatepeer.running_daemon import daemon_pid
+from gatepeer.state_document import StateSummary
+from gatepeer.status import Status, gather, render, to_json
 
 A = ipaddress.IPv4Address
 NOW = 1_760_000_000.0

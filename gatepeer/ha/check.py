@@ -20,7 +20,9 @@ from pathlib import Path
 from gatepeer import statefile
 from gatepeer.config import Config, ConfigError, load
 from gatepeer.kernel import nftables
-from gatepeer.status import StateSummary, TunnelReading, daemon_pid
+from gatepeer.kernel.rtnl import TunnelReading
+from gatepeer.running_daemon import daemon_pid
+from gatepeer.state_document import StateSummary
 
 # Probe results older than this many probe intervals (plus one timeout) no longer prove a path:
 # the daemon's prober rewrites state.json after every round.
