@@ -18,16 +18,19 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from gatepeer import health, redirection, state_document, statefile
+from gatepeer import atomic_json, health, redirection, state_document
 from gatepeer.aws.integration import InstanceFactsSource, key_reader
 from gatepeer.config import Config
-from gatepeer.gate import (
-    AnswerRefused,
-    GateError,
-    fetch_gate_view,
-    find_own_peer,
-    read_vpg,
-    vpg_endpoints,
+from gatepeer.desired_state import (
+    DesiredState,
+    DesiredStateError,
+    GateView,
+    HostFacts,
+    IPv4Address,
+    IPv4Interface,
+    ObservedState,
+    desired_state,
+    tunnel_mtu,
 )
 from gatepeer.kernel import nftables, sysctl
 from gatepeer.kernel.netlink import KernelError, Netlink
@@ -42,18 +45,15 @@ from gatepeer.plan import (
     plan,
     refuse_foreign,
 )
-from gatepeer.soracom import ApiStats, SoracomClient, SoracomError
-from gatepeer.state import (
-    DesiredState,
-    DesiredStateError,
-    GateView,
-    HostFacts,
-    IPv4Address,
-    IPv4Interface,
-    ObservedState,
-    desired_state,
-    tunnel_mtu,
+from gatepeer.registration import (
+    AnswerRefused,
+    GateError,
+    fetch_gate_view,
+    find_own_peer,
+    read_vpg,
+    vpg_endpoints,
 )
+from gatepeer.soracom import ApiStats, SoracomClient, SoracomError
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class Agent:
         self.netlink.close()
 
     def _load_last_good(self) -> None:
-        previous = statefile.read(self.config.agent.state_file) or {}
+        previous = atomic_json.read(self.config.agent.state_file) or {}
         try:
             counters = previous.get("counters") or {}
             self.record.reconciles = int(counters.get("reconciles") or 0)
@@ -166,7 +166,7 @@ class Agent:
     def _load_gate_cache(self) -> None:
         """After a reboot (state_file is on tmpfs): the last view the API gave, if kept."""
         path = self.config.agent.gate_cache
-        cached = statefile.read(path) if path else None
+        cached = atomic_json.read(path) if path else None
         if path is None or not cached or not isinstance(cached.get("gate"), dict):
             return
         try:
@@ -207,7 +207,7 @@ class Agent:
         if path is None:
             return
         try:
-            statefile.write(path, {"gate": gate.to_json(), "fetched_at": self.clock()})
+            atomic_json.write(path, {"gate": gate.to_json(), "fetched_at": self.clock()})
         except OSError as exc:
             log.warning("cannot keep the gate view in %s: %s", path, exc.strerror or exc)
 
@@ -735,7 +735,7 @@ class Agent:
         path: Path = self.config.agent.state_file
         self.written = self.document()
         try:
-            statefile.write(path, self.written.data)
+            atomic_json.write(path, self.written.data)
         except OSError as exc:
             log.error("cannot write %s: %s", path, exc.strerror or exc)
 

@@ -27,12 +27,12 @@ from gatepeer import health, state_document, systemd
 from gatepeer.agent import Agent, ReconcileResult
 from gatepeer.aws.integration import AwsIntegration, TerminationWatcher
 from gatepeer.config import Config, ConfigError
-from gatepeer.health_inputs import running_verdict
+from gatepeer.desired_state import DesiredStateError, Endpoint, tunnel_mtu
+from gatepeer.health_signals import running_verdict
 from gatepeer.kernel import rtnl
 from gatepeer.kernel.netlink import KernelError
 from gatepeer.kernel.rtnl import TunnelReading
 from gatepeer.probes import IcmpTransport, Prober
-from gatepeer.state import DesiredStateError, Endpoint, tunnel_mtu
 
 if TYPE_CHECKING:
     from gatepeer.ha.claim import RouteTarget

@@ -20,8 +20,9 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from gatepeer import statefile
+from gatepeer import atomic_json
 from gatepeer.config import VXLAN_OVERHEAD, Config, ConfigError, check_against_system, load
+from gatepeer.desired_state import GateView, conntrack_sysctls, neighbour_thresholds
 from gatepeer.doctor_checks import (
     Check,
     TunnelExpectation,
@@ -39,7 +40,6 @@ from gatepeer.doctor_checks import (
     judge_underlay_mtu,
 )
 from gatepeer.kernel import rtnl, sysctl
-from gatepeer.state import GateView, conntrack_sysctls, neighbour_thresholds
 
 __all__ = ["Check", "Doctor", "Report", "diagnose", "render", "to_json"]
 
@@ -119,7 +119,7 @@ class Doctor:
         self.probe_timeout = probe_timeout
         self.aws_client = aws_client
         self.instance = InstanceFactsSource(config.aws, sys_root=sys_root or SYS_ROOT)
-        state = statefile.read(config.agent.state_file)
+        state = atomic_json.read(config.agent.state_file)
         self.preflight = state is None
         self.saved_gate = _saved_gate(state, config.soracom.vpg_id)
         self.report = Report(preflight=self.preflight)
@@ -232,7 +232,7 @@ class Doctor:
         )
 
     def check_api(self) -> list[Check]:
-        from gatepeer.gate import AnswerRefused, find_own_peer, read_vpg, vpg_endpoints
+        from gatepeer.registration import AnswerRefused, find_own_peer, read_vpg, vpg_endpoints
         from gatepeer.soracom import AuthenticationError, SoracomError
 
         after = ("vpg", "gate", "registration", "redirection", "clock")

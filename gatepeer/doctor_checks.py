@@ -14,10 +14,10 @@ from typing import Literal, NamedTuple
 
 from gatepeer import redirection
 from gatepeer.config import VXLAN_OVERHEAD, Config
+from gatepeer.desired_state import GateView
 from gatepeer.kernel.pmtu import PathProbe
 from gatepeer.kernel.rtnl import LinkReading
 from gatepeer.ruleset import FAMILY, TABLE, loaded_endpoints
-from gatepeer.state import GateView
 
 Status = Literal["ok", "warn", "fail", "skip"]
 

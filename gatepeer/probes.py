@@ -33,8 +33,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
+from gatepeer.desired_state import Endpoint, IPv4Address
 from gatepeer.kernel import icmp
-from gatepeer.state import Endpoint, IPv4Address
 from gatepeer.state_document import ProbeResult, ProbeState
 
 log = logging.getLogger(__name__)

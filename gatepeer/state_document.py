@@ -1,8 +1,8 @@
 """state.json, the agent's record of its last reconcile: its fields, how they are built from
 the reconcile's results and the probes, the health judged once from them, and how a reader
-parses them back. Pure: the daemon and `apply` write what `build` makes (`statefile` does the
+parses them back. Pure: the daemon and `apply` write what `build` makes (`atomic_json` does the
 I/O); `status`, the metrics, the daemon's STATUS= line and `gatepeer check` read the verdict
-it holds, adding only what they read live through `health_inputs` and the one evaluator.
+it holds, adding only what they read live through `health_signals` and the one evaluator.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from gatepeer import __version__, health, redirection
 from gatepeer.config import IFNAME_RE, TunnelConfig
-from gatepeer.state import Endpoint, GateView, HostFacts, IPv4Address, IPv4Interface
+from gatepeer.desired_state import Endpoint, GateView, HostFacts, IPv4Address, IPv4Interface
 
 # ---- what the probes found ------------------------------------------------------------------
 

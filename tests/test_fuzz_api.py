@@ -5,8 +5,9 @@ gate peer list answer whatever the test scripts, status, raw body and headers) s
 answers to the real `SoracomClient`: wrong types, missing fields, huge values, control
 characters, nested junk, bodies that are not JSON at all, odd rate-limit headers.
 
-- The client and the checks (`gate.fetch_gate_view`): every answer gives a plausible view or a
-  refusal whose message is one printable line without a secret; nothing else ever escapes.
+- The client and the checks (`registration.fetch_gate_view`): every answer gives a plausible
+  view or a refusal whose message is one printable line without a secret; nothing else ever
+  escapes.
 - The agent (a fake kernel, nft faked): after a good reconcile, a bad answer leaves the kernel
   untouched, keeps the last good view in memory, in state.json and in the gate cache, and
   turns health degraded with one printable line per reason.
@@ -36,10 +37,10 @@ from test_plan import FACTS, make_config
 from gatepeer import ruleset
 from gatepeer.agent import Agent
 from gatepeer.config import AgentConfig, Config, SoracomConfig
-from gatepeer.gate import GateError, fetch_gate_view
+from gatepeer.desired_state import GateView, desired_state
 from gatepeer.kernel import nftables
+from gatepeer.registration import GateError, fetch_gate_view
 from gatepeer.soracom import SoracomClient, SoracomError
-from gatepeer.state import GateView, desired_state
 
 VPG_ID = "vpg-fuzz-0001"
 KEY_ID = "keyId-fuzzfuzzfuzzfuzzfuzzfuzzfuzz01"

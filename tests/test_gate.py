@@ -12,7 +12,9 @@ from typing import Any, cast
 
 import pytest
 
-from gatepeer.gate import (
+from gatepeer.desired_state import Endpoint, IPv4Address, IPv4Interface, IPv4Network, Redirection
+from gatepeer.lab.emulator import Emulator, EmulatorSettings, Peer
+from gatepeer.registration import (
     AnswerRefused,
     GateError,
     coverage_hint,
@@ -20,9 +22,7 @@ from gatepeer.gate import (
     find_own_peer,
     vpg_endpoints,
 )
-from gatepeer.lab.emulator import Emulator, EmulatorSettings, Peer
 from gatepeer.soracom import SoracomClient, SoracomError
-from gatepeer.state import Endpoint, IPv4Address, IPv4Interface, IPv4Network, Redirection
 
 A = IPv4Address
 AUTH_KEY = "secret-gate-test-key-4a7c1e9b3d5f"

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from gatepeer.desired_state import Endpoint, IPv4Address
 from gatepeer.health import Signals, evaluate
 from gatepeer.kernel.icmp import ProbeUnavailable, checksum, echo_request, parse_echo_reply
 from gatepeer.probes import (
@@ -19,7 +20,6 @@ from gatepeer.probes import (
     Prober,
     Reply,
 )
-from gatepeer.state import Endpoint, IPv4Address
 from gatepeer.state_document import ProbeResult, StateSummary, endpoint_report, probe_signals
 
 A = IPv4Address

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gatepeer.state import Endpoint, GateView, HostFacts, IPv4Address, IPv4Interface
+from gatepeer.desired_state import Endpoint, GateView, HostFacts, IPv4Address, IPv4Interface
 from gatepeer.state_document import (
     AgentRecord,
     LastReconcile,
@@ -119,6 +119,6 @@ def test_the_summary_built_is_what_a_reader_parses_from_the_file(
     changes: dict[str, Any], probes: Probes | None, ha: dict[str, Any] | None
 ) -> None:
     doc = build(record(**changes), probes=probes, ha=ha)
-    on_disk = json.loads(json.dumps(doc.data))  # what statefile writes and a reader loads
+    on_disk = json.loads(json.dumps(doc.data))  # what atomic_json writes and a reader loads
     assert StateSummary.from_state(on_disk) == doc.summary
     assert doc.summary.damaged == ()

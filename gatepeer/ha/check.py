@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gatepeer import statefile
+from gatepeer import atomic_json
 from gatepeer.config import Config, ConfigError, load
 from gatepeer.kernel import nftables
 from gatepeer.kernel.rtnl import TunnelReading
@@ -89,7 +89,7 @@ def gather(
     find_daemon: Callable[[int | None], int | None] = daemon_pid,
     clock: Callable[[], float] = time.time,
 ) -> CheckInputs:
-    raw = statefile.read(cfg.agent.state_file)
+    raw = atomic_json.read(cfg.agent.state_file)
     state = StateSummary.from_state(raw) if raw else None
     interface = state.interface if state is not None else cfg.tunnel.interface
     loaded: bool | None

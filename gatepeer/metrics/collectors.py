@@ -26,7 +26,7 @@ from gatepeer.config import AgentConfig, HaConfig
 from gatepeer.ha.metrics import HaCollector
 from gatepeer.ha.role import RoleView
 from gatepeer.health import HEALTHS
-from gatepeer.health_inputs import running_verdict
+from gatepeer.health_signals import running_verdict
 from gatepeer.kernel.rtnl import OPER_STATES, TunnelReading
 from gatepeer.metrics.sources import (
     CONNTRACK_COUNT,

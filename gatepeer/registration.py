@@ -15,8 +15,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
-from gatepeer.soracom import SoracomClient, SoracomError, printable
-from gatepeer.state import (
+from gatepeer.desired_state import (
     Endpoint,
     GateView,
     IPv4Address,
@@ -24,6 +23,7 @@ from gatepeer.state import (
     IPv4Network,
     Redirection,
 )
+from gatepeer.soracom import SoracomClient, SoracomError, printable
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ only, no pyroute2, no prometheus_client. The metrics read the daemon's state thr
 `state_document.StateSummary`, so the two never disagree on what the state document means.
 
 Health is judged by `gatepeer.health.evaluate` (what the words mean is said there), on the
-signals `health_inputs.observed_signals` makes of what was read, as for the metrics and the
+signals `health_signals.observed_signals` makes of what was read, as for the metrics and the
 daemon's STATUS= line. Exit codes: "ok" 0, "degraded" 1, "failed" and "down" 2.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gatepeer import __version__, health, redirection, statefile
+from gatepeer import __version__, atomic_json, health, redirection
 from gatepeer.config import (
     AgentConfig,
     ConfigError,
@@ -28,7 +28,7 @@ from gatepeer.config import (
     load,
 )
 from gatepeer.ha import report as ha_report
-from gatepeer.health_inputs import daemon_signal, observed_signals
+from gatepeer.health_signals import daemon_signal, observed_signals
 from gatepeer.kernel.rtnl import TunnelReading
 from gatepeer.running_daemon import daemon_pid
 from gatepeer.state_document import UNKNOWN, StateSummary
@@ -95,7 +95,7 @@ def gather(
             interval, mode = cfg.agent.reconcile_interval, cfg.packet_path.mode
             redirection_mode = cfg.soracom.redirection
             ha_config = cfg.ha
-    raw = statefile.read(state_path)
+    raw = atomic_json.read(state_path)
     state = StateSummary.from_state(raw) if raw else None
     state_error = None
     if raw is None and state_path.exists():
