@@ -19,6 +19,7 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from gatepeer import atomic_json, health, redirection, state_document
+from gatepeer.api_actions import ApiAction, RegisterGatePeer, SetRedirection, UnsetRedirection
 from gatepeer.aws.integration import InstanceFactsSource, key_reader
 from gatepeer.config import Config
 from gatepeer.desired_state import (
@@ -48,10 +49,12 @@ from gatepeer.plan import (
 from gatepeer.registration import (
     AnswerRefused,
     GateError,
-    fetch_gate_view,
+    apply_api_action,
     find_own_peer,
+    gate_view,
+    plan_registration,
+    read_registration,
     read_vpg,
-    vpg_endpoints,
 )
 from gatepeer.soracom import ApiStats, SoracomClient, SoracomError
 
@@ -71,7 +74,8 @@ class ReconcileResult:
     duration_s: float
     dry_run: bool = False
     bad_config: bool = False  # the settings themselves cannot work (exit 2, not 1)
-    preview: list[str] = field(default_factory=list)  # dry run: changes outside the kernel
+    # A dry run's planned API changes (a real run makes them before planning the kernel's).
+    api_actions: list[ApiAction] = field(default_factory=list)
     failure: str | None = None  # why the kernel could not be converged (health "failed")
 
 
@@ -125,7 +129,7 @@ class Agent:
         self.gate_fetched_at: float | None = None
         self.last: ReconcileResult | None = None
         self.facts: HostFacts | None = None
-        self.preview: list[str] = []
+        self.api_actions: list[ApiAction] = []  # a dry run's planned API changes
         self.reconciled_at: float | None = None
         self.written: state_document.StateDocument | None = None  # the last state.json
         self._gate_kept = False  # written to the gate cache by this process
@@ -260,28 +264,46 @@ class Agent:
 
     def refresh_gate(self, *, dry_run: bool = False, facts: HostFacts | None = None) -> bool:
         """Ask the API; on failure keep the last good view and remember why. True on success.
+        The registration's changes (openGate, registerGatePeer) and the redirection's are
+        planned first, then made (or, in a dry run, kept in `api_actions` to be printed).
 
         The daemon calls this from a worker thread with the facts of the last reconcile, so
         that it never touches this agent's netlink socket (one IPRoute per thread)."""
         facts = facts or self.facts or self.host_facts()
+        vpg_id, outer = self.config.soracom.vpg_id, facts.local_address
+        inner_address = self.config.tunnel.inner_address
         try:
-            if dry_run and self._preview_registration(facts):
-                return True
             previous = self.gate
+            reading = read_registration(self.client, vpg_id)
+            actions = plan_registration(
+                vpg_id,
+                reading,
+                outer,
+                open_gate=self.config.soracom.open_gate,
+                inner_address=inner_address,
+            )
+            if dry_run:
+                self.api_actions.extend(actions)
+            else:
+                for action in actions:
+                    log.info("apply: %s", action.command())
+                    reading = apply_api_action(self.client, action, reading) or reading
             # Assigned only once every check passed: a refused answer leaves the last good view.
-            fetched = fetch_gate_view(
-                self.client,
-                self.config.soracom.vpg_id,
-                facts.local_address,
-                open_gate=self.config.soracom.open_gate and not dry_run,
-                inner_address=self.config.tunnel.inner_address,
+            fetched = gate_view(
+                vpg_id, reading, outer, inner_address, placeholder=dry_run and bool(actions)
             )
         except (SoracomError, GateError) as exc:
             self.gate_error = str(exc)
             self.refused_field = exc.field if isinstance(exc, AnswerRefused) else None
             log.error("%s", exc)
             return False
-        self.gate = self._ensure_redirection(fetched, dry_run=dry_run)
+        # A dry run before registering knows this peer's inner address only when it is asked for.
+        unregistered = dry_run and any(isinstance(a, RegisterGatePeer) for a in actions)
+        self.gate = self._ensure_redirection(
+            fetched, dry_run=dry_run, inner_known=not unregistered or inner_address is not None
+        )
+        if dry_run and actions:
+            return True  # a placeholder view: neither kept nor counted as fetched
         if not dry_run and (self.gate != previous or not self._gate_kept):
             self._keep_gate(self.gate)
             self._gate_kept = True
@@ -290,87 +312,26 @@ class Agent:
         self.gate_fetched_at = self.clock()
         return True
 
-    def _ensure_redirection(self, gate: GateView, *, dry_run: bool) -> GateView:
+    def _ensure_redirection(self, gate: GateView, *, dry_run: bool, inner_known: bool) -> GateView:
         """With soracom.redirection = "self": post the redirection when the VPG's differs."""
         wanted = redirection.wanted_change(self.config, gate)
         if wanted is None or wanted.gateway is None:
             self.redirection_error = None
             return gate
         vpg_id = self.config.soracom.vpg_id
+        action = SetRedirection(vpg_id, wanted.gateway if inner_known else None, gate.redirection)
         if dry_run:
-            self.preview.append(
-                f"# would set the redirection gateway of VPG {vpg_id} to {wanted.gateway} "
-                f"(setRedirectionConfiguration; now {redirection.describe(gate.redirection)})"
-            )
+            self.api_actions.append(action)
             return gate
-        log.info(
-            "setting the redirection gateway of VPG %s to %s (was %s)",
-            vpg_id,
-            wanted.gateway,
-            redirection.describe(gate.redirection),
-        )
+        log.info("apply: %s", action.command())
         try:
-            self.client.set_redirection(vpg_id, str(wanted.gateway))
+            apply_api_action(self.client, action)
         except SoracomError as exc:
             self.redirection_error = str(exc)
             log.error("%s", exc)
             return gate
         self.redirection_error = None
         return replace(gate, redirection=wanted)
-
-    def _preview_registration(self, facts: HostFacts) -> bool:
-        """In a dry run an unregistered peer is not registered: say so and plan with a
-        placeholder inner address. True when that placeholder view was set."""
-        vpg_id = self.config.soracom.vpg_id
-        peers = self.client.list_gate_peers(vpg_id)
-        if find_own_peer(peers, facts.local_address) is not None:
-            return False
-        vpg = read_vpg(self.client, vpg_id)
-        subnet = vpg.device_subnet
-        asked = self.config.tunnel.inner_address
-        if asked is not None:
-            if asked not in subnet:
-                raise GateError(
-                    f"tunnel.inner_address: {asked} is outside VPG {vpg_id}'s device subnet "
-                    f"{subnet}; pick an address inside it"
-                )
-            inner = asked
-            self.preview.append(
-                f"# would register {facts.local_address} as a gate peer of VPG {vpg_id} "
-                f"with inner address {inner} (registerGatePeer)"
-            )
-        else:
-            inner = subnet.network_address
-            self.preview.append(
-                f"# would register {facts.local_address} as a gate peer of VPG {vpg_id} "
-                "(registerGatePeer); the inner address below is a placeholder until the API "
-                "assigns one"
-            )
-        if not vpg.gate_opened:
-            self.preview.append(f"# would open Gate on VPG {vpg_id} (openGate)")
-        try:
-            endpoints = vpg_endpoints(peers, subnet, facts.local_address)
-        except AnswerRefused as exc:
-            raise exc.within(vpg_id, "listGatePeers") from None
-        gate = GateView(
-            vpg_id=vpg_id,
-            vni=vpg.vni,
-            device_subnet=subnet,
-            gate_opened=vpg.gate_opened,
-            inner=IPv4Interface(f"{inner}/{subnet.prefixlen}"),
-            endpoints=endpoints,
-            outer=facts.local_address,
-            redirection=vpg.redirection,
-        )
-        if asked is None and self.config.soracom.redirection == "self":
-            self.gate = gate
-            self.preview.append(
-                f"# would set the redirection gateway of VPG {vpg_id} to the inner address the "
-                "API assigns (setRedirectionConfiguration)"
-            )
-        else:
-            self.gate = self._ensure_redirection(gate, dry_run=True)
-        return True
 
     # ---- reconcile ---------------------------------------------------------------------
 
@@ -460,7 +421,7 @@ class Agent:
             facts = self.host_facts()
             # Settings this host cannot satisfy are refused before anything reaches the API.
             tunnel_mtu(self.config, facts)
-            self.preview = []
+            self.api_actions = []
             if refresh:
                 self.refresh_gate(dry_run=dry_run)
             # A dry run with "self" previews the post that would fix the gateway instead.
@@ -535,7 +496,7 @@ class Agent:
             duration_s=time.monotonic() - started,
             dry_run=dry_run,
             bad_config=bad_config,
-            preview=list(self.preview),
+            api_actions=list(self.api_actions),
             failure=failure,
         )
         if not dry_run:
@@ -671,7 +632,9 @@ class Agent:
             messages.append(f"left the redirection of VPG {vpg_id} unchecked: {exc}")
             return
         if current is not None and current.gateway == inner:
-            self.client.unset_redirection(vpg_id)
+            action = UnsetRedirection(vpg_id, current)
+            log.info("apply: %s", action.command())
+            apply_api_action(self.client, action)
             messages.append(f"unset the redirection of VPG {vpg_id} (it pointed at {inner})")
         else:
             messages.append(

@@ -121,8 +121,8 @@ def apply(config_file: str | None, dry_run: bool, verbose: bool) -> None:
     for note in result.notes:
         click.echo(f"# note: {note}")
     if dry_run:
-        for line in result.preview:
-            click.echo(line)
+        for api_action in result.api_actions:  # the API's changes come first, as in a real run
+            click.echo(api_action.command())
     for action in result.actions:
         click.echo(action.command() if dry_run else f"+ {action.command()}")
     if result.bad_config:

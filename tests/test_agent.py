@@ -269,10 +269,10 @@ def test_dry_run_says_it_would_set_the_redirection_and_does_not(
     agent, client = emu_agent(tmp_path, emulator)
     client.register_gate_peer(EMU.vpg_id, str(FACTS.local_address))
     result = agent.reconcile(dry_run=True)
-    assert (
-        f"# would set the redirection gateway of VPG {EMU.vpg_id} to 198.19.0.3 "
-        "(setRedirectionConfiguration; now not set)"
-    ) in result.preview
+    assert [a.command() for a in result.api_actions] == [
+        f"soracom vpg set-redirection --vpg-id {EMU.vpg_id} "
+        """--body '{"enabled":true,"gateway":"198.19.0.3"}'  # now not set"""
+    ]
     assert "setRedirectionConfiguration" not in emulator.counts()
     assert emulator.state()["redirection"] is None
 
