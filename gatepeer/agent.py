@@ -18,7 +18,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from gatepeer import atomic_json, health, redirection, state_document
+from gatepeer import atomic_json, gate_cache, health, redirection, state_document
 from gatepeer.api_actions import ApiAction, RegisterGatePeer, SetRedirection, UnsetRedirection
 from gatepeer.aws.integration import InstanceFactsSource, key_reader
 from gatepeer.config import Config
@@ -140,80 +140,19 @@ class Agent:
         # Addresses this agent (or its predecessor) put on the tunnel: the only ones the plan
         # may remove. Others (keepalived's virtual address) are not ours.
         self.owned_addresses: frozenset[IPv4Interface] = frozenset()
-        self._load_last_good()
+        self._resume()
 
     def close(self) -> None:
         self.netlink.close()
 
-    def _load_last_good(self) -> None:
-        previous = atomic_json.read(self.config.agent.state_file) or {}
-        try:
-            counters = previous.get("counters") or {}
-            self.record.reconciles = int(counters.get("reconciles") or 0)
-            self.record.failures = int(counters.get("failures") or 0)
-            self.record.last_success_at = counters.get("last_success_at")
-            if previous.get("gate"):
-                gate = GateView.from_json(previous["gate"])
-                if self._saved_view_fits(gate, self.config.agent.state_file):
-                    self.gate = gate
-                    self.gate_fetched_at = previous.get("gate_fetched_at")
-            self.managed_link = _managed_link(previous.get("managed_link"))
-            self.owned_addresses = frozenset(
-                IPv4Interface(a) for a in previous.get("owned_addresses") or ()
-            )
-        except (AttributeError, KeyError, ValueError, TypeError):
-            # A damaged file must not stop the agent: start as if it were not there.
-            log.warning("ignoring unreadable parts of %s", self.config.agent.state_file)
-        if self.gate is None:
-            self._load_gate_cache()
-
-    def _load_gate_cache(self) -> None:
-        """After a reboot (state_file is on tmpfs): the last view the API gave, if kept."""
-        path = self.config.agent.gate_cache
-        cached = atomic_json.read(path) if path else None
-        if path is None or not cached or not isinstance(cached.get("gate"), dict):
-            return
-        try:
-            gate = GateView.from_json(cached["gate"])
-        except (KeyError, ValueError, TypeError):
-            log.warning("ignoring an unreadable gate view in %s", path)
-            return
-        if not self._saved_view_fits(gate, path):
-            return
-        self.gate = gate
-        self.gate_fetched_at = cached.get("fetched_at")
-        log.info("starting from the gate view kept in %s", path)
-
-    def _saved_view_fits(self, gate: GateView, path: Path) -> bool:
-        """A view saved for another VPG or outer address must not be applied (nor unregistered)."""
-        vpg_id, local = self.config.soracom.vpg_id, self.config.tunnel.local_address
-        if gate.vpg_id != vpg_id:
-            log.warning(
-                "ignoring the gate view in %s: it is for VPG %s, soracom.vpg_id is %s",
-                path,
-                gate.vpg_id,
-                vpg_id,
-            )
-            return False
-        if local is not None and gate.outer != local:
-            log.warning(
-                "ignoring the gate view in %s: it is for outer address %s, "
-                "tunnel.local_address is %s",
-                path,
-                gate.outer,
-                local,
-            )
-            return False
-        return True
-
-    def _keep_gate(self, gate: GateView) -> None:
-        path = self.config.agent.gate_cache
-        if path is None:
-            return
-        try:
-            atomic_json.write(path, {"gate": gate.to_json(), "fetched_at": self.clock()})
-        except OSError as exc:
-            log.warning("cannot keep the gate view in %s: %s", path, exc.strerror or exc)
+    def _resume(self) -> None:
+        resumed = gate_cache.resume(self.config)
+        self.record.reconciles = resumed.reconciles
+        self.record.failures = resumed.failures
+        self.record.last_success_at = resumed.last_success_at
+        self.gate, self.gate_fetched_at = resumed.gate, resumed.gate_fetched_at
+        self.managed_link = resumed.managed_link
+        self.owned_addresses = resumed.owned_addresses
 
     # ---- gathering ---------------------------------------------------------------------
 
@@ -305,7 +244,7 @@ class Agent:
         if dry_run and actions:
             return True  # a placeholder view: neither kept nor counted as fetched
         if not dry_run and (self.gate != previous or not self._gate_kept):
-            self._keep_gate(self.gate)
+            gate_cache.keep(self.config, self.gate, self.clock())
             self._gate_kept = True
         self.gate_error = None
         self.refused_field = None
@@ -618,9 +557,7 @@ class Agent:
         else:
             messages.append(f"unregistered {outer} from VPG {vpg_id}")
             done = True
-        # The kept view names an inner address that is no longer ours.
-        if self.config.agent.gate_cache is not None:
-            self.config.agent.gate_cache.unlink(missing_ok=True)
+        gate_cache.forget(self.config)
         return done
 
     def _release_redirection(self, vpg_id: str, inner: IPv4Address, messages: list[str]) -> None:
@@ -701,13 +638,3 @@ class Agent:
             atomic_json.write(path, self.written.data)
         except OSError as exc:
             log.error("cannot write %s: %s", path, exc.strerror or exc)
-
-
-def _managed_link(data: Any) -> dict[str, Any] | None:
-    """The state file's record of our link, or None when absent or damaged."""
-    if not isinstance(data, dict):
-        return None
-    name, vni, port = data.get("name"), data.get("vni"), data.get("dst_port")
-    if isinstance(name, str) and isinstance(vni, int) and isinstance(port, int):
-        return {"name": name, "ifindex": data.get("ifindex"), "vni": vni, "dst_port": port}
-    return None
