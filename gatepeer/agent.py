@@ -18,8 +18,8 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from gatepeer import atomic_json, gate_cache, health, redirection, state_document
-from gatepeer.api_actions import ApiAction, RegisterGatePeer, SetRedirection, UnsetRedirection
+from gatepeer import atomic_json, gate_cache, health, redirection, state_document, teardown
+from gatepeer.api_actions import ApiAction, RegisterGatePeer, SetRedirection
 from gatepeer.aws.integration import InstanceFactsSource, key_reader
 from gatepeer.config import Config
 from gatepeer.desired_state import (
@@ -44,17 +44,14 @@ from gatepeer.plan import (
     describe,
     owned_after,
     plan,
-    refuse_foreign,
 )
 from gatepeer.registration import (
     AnswerRefused,
     GateError,
     apply_api_action,
-    find_own_peer,
     gate_view,
     plan_registration,
     read_registration,
-    read_vpg,
 )
 from gatepeer.soracom import ApiStats, SoracomClient, SoracomError
 
@@ -455,23 +452,14 @@ class Agent:
                 "dst_port": link.dst_port,
             }
 
-    def _ours(self, name: str) -> bool:
-        """`name` is the link recorded as ours, and still a vxlan with the recorded VNI and
-        port (never a link of another kind, nor someone else's vxlan under that name)."""
-        rec = self.managed_link
-        if rec is None or rec["name"] != name:
-            return False
-        link = self.netlink.observe_link(name)
-        return (
-            link is not None
-            and link.kind == "vxlan"
-            and (link.vni, link.dst_port) == (rec["vni"], rec["dst_port"])
-        )
-
     def _previous_link(self, desired: DesiredState) -> list[Action]:
         """Removing the link made under an earlier tunnel.interface, if it is still there."""
         rec = self.managed_link
-        if rec is None or rec["name"] == desired.link.name or not self._ours(rec["name"]):
+        if (
+            rec is None
+            or rec["name"] == desired.link.name
+            or not teardown.our_link(self.netlink, rec, rec["name"])
+        ):
             return []
         return [DeleteLink(rec["name"], f"tunnel.interface is now {desired.link.name}")]
 
@@ -504,87 +492,16 @@ class Agent:
     # ---- teardown ----------------------------------------------------------------------
 
     def teardown(self, *, unregister: bool) -> tuple[bool, list[str]]:
-        """Remove what gatepeer created, and put back the host-wide sysctls it changed
-        (those someone changed since are left, and said)."""
-        messages: list[str] = []
-        name = self.config.tunnel.interface
-        # Before anything is touched: a link of another kind under our name is a config error.
-        refuse_foreign(name, self.netlink.observe_link(name))
-        removed = self.netlink.delete_link(name)
-        if removed:
-            messages.append(f"removed {name}")
-        old = self.managed_link["name"] if self.managed_link else name
-        if old != name and self._ours(old) and self.netlink.delete_link(old):
-            removed = True
-            messages.append(f"removed {old} (made under an earlier tunnel.interface)")
-        nft_error: nftables.NftError | None = None
-        try:
-            if nftables.nft_available() and nftables.current() is not None:
-                nftables.remove()
-                removed = True
-                messages.append(f"removed nftables table {nftables.FAMILY} {nftables.TABLE}")
-        except nftables.NftError as exc:
-            if not unregister:
-                raise
-            nft_error = exc  # unregistering needs no nft: do it, then report this
-        # Host-wide sysctls back to what they were before gatepeer changed them.
-        restored = sysctl.OriginalValues.beside(self.config.agent.state_file).restore()
-        removed = removed or any(line.startswith("restored ") for line in restored)
-        messages += restored
-        if unregister:
-            removed = self._unregister(messages) or removed
-        if nft_error is not None:
-            raise nft_error
-        self.config.agent.state_file.unlink(missing_ok=True)
-        return removed, messages
-
-    def _unregister(self, messages: list[str]) -> bool:
-        """Release the redirection if it points here, then remove the registration the saved
-        view records (the host's address may have changed since). True when one was removed."""
-        vpg_id = self.config.soracom.vpg_id
-        gate = self.gate
-        outer = gate.outer if gate else self.host_facts().local_address
-        inner = gate.inner.ip if gate else self._registered_inner(outer)
-        if self.config.soracom.redirection == "self" and inner is not None:
-            self._release_redirection(vpg_id, inner, messages)
-        try:
-            self.client.unregister_gate_peer(vpg_id, str(outer))
-        except SoracomError as exc:
-            if exc.status != 404:
-                raise  # the kept view stays: it is the only record of the registration
-            messages.append(f"{outer} was not registered with VPG {vpg_id}")
-            done = False
-        else:
-            messages.append(f"unregistered {outer} from VPG {vpg_id}")
-            done = True
-        gate_cache.forget(self.config)
-        return done
-
-    def _release_redirection(self, vpg_id: str, inner: IPv4Address, messages: list[str]) -> None:
-        """Unset the VPG's redirection when it points at this peer's inner address."""
-        try:
-            current = read_vpg(self.client, vpg_id).redirection
-        except GateError as exc:
-            # An answer we cannot read must not keep the registration alive: say so, go on.
-            messages.append(f"left the redirection of VPG {vpg_id} unchecked: {exc}")
-            return
-        if current is not None and current.gateway == inner:
-            action = UnsetRedirection(vpg_id, current)
-            log.info("apply: %s", action.command())
-            apply_api_action(self.client, action)
-            messages.append(f"unset the redirection of VPG {vpg_id} (it pointed at {inner})")
-        else:
-            messages.append(
-                f"left the redirection of VPG {vpg_id} alone: its gateway is "
-                f"{redirection.describe(current)}, not this peer ({inner})"
-            )
-
-    def _registered_inner(self, outer: IPv4Address) -> IPv4Address | None:
-        own = find_own_peer(self.client.list_gate_peers(self.config.soracom.vpg_id), outer)
-        try:
-            return IPv4Address(own["innerIpAddress"]) if own else None
-        except (ValueError, TypeError, KeyError):
-            return None
+        """Remove what gatepeer created (`gatepeer down`); see gatepeer.teardown."""
+        return teardown.teardown(
+            self.config,
+            self.netlink,
+            self.client,
+            gate=self.gate,
+            managed_link=self.managed_link,
+            local_address=lambda: self.host_facts().local_address,
+            unregister=unregister,
+        )
 
     # ---- state file --------------------------------------------------------------------
 
