@@ -18,7 +18,15 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from gatepeer import atomic_json, gate_cache, health, redirection, state_document, teardown
+from gatepeer import (
+    atomic_json,
+    gate_cache,
+    health,
+    kernel_reconcile,
+    redirection,
+    state_document,
+    teardown,
+)
 from gatepeer.api_actions import ApiAction, RegisterGatePeer, SetRedirection
 from gatepeer.aws.integration import InstanceFactsSource, key_reader
 from gatepeer.config import Config
@@ -33,14 +41,11 @@ from gatepeer.desired_state import (
     desired_state,
     tunnel_mtu,
 )
-from gatepeer.kernel import nftables, sysctl
+from gatepeer.kernel import nftables
 from gatepeer.kernel.netlink import KernelError, Netlink
+from gatepeer.kernel_reconcile import ReconcileError
 from gatepeer.plan import (
     Action,
-    DeleteLink,
-    LoadRuleset,
-    SetSysctl,
-    UpdateEndpointSet,
     describe,
     owned_after,
     plan,
@@ -56,10 +61,6 @@ from gatepeer.registration import (
 from gatepeer.soracom import ApiStats, SoracomClient, SoracomError
 
 log = logging.getLogger(__name__)
-
-
-class ReconcileError(RuntimeError):
-    """The kernel could not be brought to the desired state; the message says what differs."""
 
 
 @dataclass
@@ -184,7 +185,7 @@ class Agent:
         if self.config.packet_path.flowtable is False:
             return False
         if self._flowtable_supported is None:
-            self._require_nft()
+            kernel_reconcile.require_nft()
             try:
                 self._flowtable_supported = nftables.flowtable_supported()
             except nftables.NftError as exc:
@@ -192,11 +193,6 @@ class Agent:
             if not self._flowtable_supported:
                 log.info("this kernel has no nftables flowtable: the fast path stays off")
         return self._flowtable_supported
-
-    @staticmethod
-    def _require_nft() -> None:
-        if not nftables.nft_available():
-            raise KernelError("nftables: the nft command is not installed (Debian: nftables)")
 
     def refresh_gate(self, *, dry_run: bool = False, facts: HostFacts | None = None) -> bool:
         """Ask the API; on failure keep the last good view and remember why. True on success.
@@ -291,60 +287,10 @@ class Agent:
             ) from None
 
     def observe(self, desired: DesiredState) -> ObservedState:
-        observed = self.netlink.observe(desired.link.name, desired.sysctls)
-        if desired.packet_path is None:
-            return observed
-        self._require_nft()
-        try:
-            return replace(observed, nft_table=nftables.current())
-        except nftables.NftError as exc:
-            raise KernelError(f"nftables: {exc}") from None
+        return kernel_reconcile.observe(self.netlink, desired)
 
     def apply_action(self, action: Action) -> None:
-        try:
-            if isinstance(action, LoadRuleset):
-                # Carry the counters over a reload: they feed metrics and must not reset.
-                kept = nftables.counters_from_listing(action.current) if action.current else None
-                nftables.load(action.spec, counters=kept)
-            elif isinstance(action, UpdateEndpointSet):
-                nftables.update_endpoints(action.spec.endpoints)
-            else:
-                if isinstance(action, SetSysctl):
-                    self._record_original(action)
-                self.netlink.apply(action)
-        except nftables.NftError as exc:
-            raise KernelError(f"nftables: {exc}") from None
-
-    def _record_original(self, action: SetSysctl) -> None:
-        """Note a host-wide key's value before its first change, for `down` to restore. The
-        tunnel's own keys go with the link and are not recorded."""
-        path = action.setting.path
-        if action.was is None or f"/conf/{self.config.tunnel.interface}/" in path:
-            return
-        record = sysctl.OriginalValues.beside(self.config.agent.state_file)
-        try:
-            record.remember(path, action.was, action.setting.value)
-        except OSError as exc:
-            # Not changed, then: a value that cannot be restored is not ours to change.
-            raise KernelError(
-                f"cannot record {action.setting.dotted}={action.was} in {record.path} before "
-                f"changing it: {exc.strerror or exc}"
-            ) from None
-
-    def notes(self, observed: ObservedState, desired: DesiredState) -> list[str]:
-        """Settings this network namespace cannot take: said, not treated as failures."""
-        missing = [
-            s.dotted
-            for s in desired.sysctls
-            if s.init_netns_only and observed.sysctl(s.path) is None
-        ]
-        if missing:
-            return [
-                "only the initial network namespace can set "
-                + ", ".join(missing)
-                + "; left to the host"
-            ]
-        return []
+        kernel_reconcile.apply_action(self.config, self.netlink, action)
 
     def reconcile(self, *, dry_run: bool = False, refresh: bool = True) -> ReconcileResult:
         started = time.monotonic()
@@ -371,43 +317,25 @@ class Agent:
                 )
             desired = self.desired()
             observed = self.observe(desired)
-            notes = self.notes(observed, desired)
+            notes = kernel_reconcile.notes(observed, desired)
+            underlay = self.facts.underlay if self.facts else ""
             # The old link goes first: it holds the VNI and port the new one needs.
-            actions = self._previous_link(desired) + plan(
-                desired, observed, self.facts.underlay if self.facts else "", self.owned_addresses
-            )
+            actions = kernel_reconcile.previous_link(
+                self.netlink, self.managed_link, desired
+            ) + plan(desired, observed, underlay, self.owned_addresses)
             if not dry_run and actions:
-                for action in actions:
-                    log.info("apply: %s", action.command())
-                    self.apply_action(action)
-                underlay = self.facts.underlay if self.facts else ""
-                final = self.observe(desired)
-                self._remember_link(final)
-                self.owned_addresses = owned_after(desired, final, self.owned_addresses)
-                leftover = plan(desired, final, underlay, self.owned_addresses)
-                # Keys that appear only once what we applied loaded their module (conntrack's,
-                # after the first ruleset with `ct state`) get a second pass, then are checked.
-                absent_before = {path for path, value in observed.sysctls if value is None}
-                late = [
-                    a
-                    for a in leftover
-                    if isinstance(a, SetSysctl) and a.setting.path in absent_before
-                ]
-                if late and len(late) == len(leftover):
-                    for action in late:
-                        log.info("apply: %s", action.command())
-                        self.apply_action(action)
-                    actions.extend(late)
-                    final = self.observe(desired)
-                    leftover = plan(desired, final, underlay, self.owned_addresses)
-                notes = self.notes(final, desired)
-                if leftover:
-                    raise ReconcileError(
-                        "read back differs from what was applied: " + "; ".join(describe(leftover))
-                    )
+                notes, leftover = kernel_reconcile.converge(
+                    desired,
+                    observed,
+                    actions,
+                    underlay=underlay,
+                    read=self.observe,
+                    apply=lambda action: self.apply_action(action),
+                    remember=lambda final: self._remember(desired, final),
+                )
+                kernel_reconcile.refuse_leftover(leftover)
             elif not dry_run:
-                self._remember_link(observed)
-                self.owned_addresses = owned_after(desired, observed, self.owned_addresses)
+                self._remember(desired, observed)
         except (KernelError, ReconcileError, DesiredStateError, NetlinkError, OSError) as exc:
             # NetlinkError and OSError: a read raced with a change (the link went away between
             # lookup and get, say); the next event or timer reconciles again.
@@ -442,26 +370,11 @@ class Agent:
             self.write_state()
         return result
 
-    def _remember_link(self, observed: ObservedState) -> None:
-        link = observed.link
-        if link is not None and link.kind == "vxlan":
-            self.managed_link = {
-                "name": link.name,
-                "ifindex": link.index,
-                "vni": link.vni,
-                "dst_port": link.dst_port,
-            }
-
-    def _previous_link(self, desired: DesiredState) -> list[Action]:
-        """Removing the link made under an earlier tunnel.interface, if it is still there."""
-        rec = self.managed_link
-        if (
-            rec is None
-            or rec["name"] == desired.link.name
-            or not teardown.our_link(self.netlink, rec, rec["name"])
-        ):
-            return []
-        return [DeleteLink(rec["name"], f"tunnel.interface is now {desired.link.name}")]
+    def _remember(self, desired: DesiredState, observed: ObservedState) -> frozenset[IPv4Interface]:
+        """Record the link and the addresses that are ours, as read back."""
+        self.managed_link = kernel_reconcile.link_record(observed) or self.managed_link
+        self.owned_addresses = owned_after(desired, observed, self.owned_addresses)
+        return self.owned_addresses
 
     def record_crash(self, exc: BaseException) -> ReconcileResult:
         """Account for a reconcile that raised something unexpected (a bug): failed, and said."""
