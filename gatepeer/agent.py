@@ -21,13 +21,14 @@ from pyroute2.netlink.exceptions import NetlinkError
 from gatepeer import (
     atomic_json,
     gate_cache,
+    gate_refresh,
     health,
     kernel_reconcile,
     redirection,
     state_document,
     teardown,
 )
-from gatepeer.api_actions import ApiAction, RegisterGatePeer, SetRedirection
+from gatepeer.api_actions import ApiAction
 from gatepeer.aws.integration import InstanceFactsSource, key_reader
 from gatepeer.config import Config
 from gatepeer.desired_state import (
@@ -50,15 +51,7 @@ from gatepeer.plan import (
     owned_after,
     plan,
 )
-from gatepeer.registration import (
-    AnswerRefused,
-    GateError,
-    apply_api_action,
-    gate_view,
-    plan_registration,
-    read_registration,
-)
-from gatepeer.soracom import ApiStats, SoracomClient, SoracomError
+from gatepeer.soracom import ApiStats, SoracomClient
 
 log = logging.getLogger(__name__)
 
@@ -202,40 +195,18 @@ class Agent:
         The daemon calls this from a worker thread with the facts of the last reconcile, so
         that it never touches this agent's netlink socket (one IPRoute per thread)."""
         facts = facts or self.facts or self.host_facts()
-        vpg_id, outer = self.config.soracom.vpg_id, facts.local_address
-        inner_address = self.config.tunnel.inner_address
-        try:
-            previous = self.gate
-            reading = read_registration(self.client, vpg_id)
-            actions = plan_registration(
-                vpg_id,
-                reading,
-                outer,
-                open_gate=self.config.soracom.open_gate,
-                inner_address=inner_address,
-            )
-            if dry_run:
-                self.api_actions.extend(actions)
-            else:
-                for action in actions:
-                    log.info("apply: %s", action.command())
-                    reading = apply_api_action(self.client, action, reading) or reading
-            # Assigned only once every check passed: a refused answer leaves the last good view.
-            fetched = gate_view(
-                vpg_id, reading, outer, inner_address, placeholder=dry_run and bool(actions)
-            )
-        except (SoracomError, GateError) as exc:
-            self.gate_error = str(exc)
-            self.refused_field = exc.field if isinstance(exc, AnswerRefused) else None
-            log.error("%s", exc)
+        previous = self.gate
+        got = gate_refresh.refresh(self.config, self.client, facts.local_address, dry_run=dry_run)
+        self.api_actions.extend(got.api_actions)
+        if got.gate is None:
+            # The last good view stays: a refused answer must never reach the kernel.
+            self.gate_error, self.refused_field = got.error, got.refused_field
             return False
-        # A dry run before registering knows this peer's inner address only when it is asked for.
-        unregistered = dry_run and any(isinstance(a, RegisterGatePeer) for a in actions)
-        self.gate = self._ensure_redirection(
-            fetched, dry_run=dry_run, inner_known=not unregistered or inner_address is not None
-        )
-        if dry_run and actions:
-            return True  # a placeholder view: neither kept nor counted as fetched
+        if got.redirection_checked:
+            self.redirection_error = got.redirection_error
+        self.gate = got.gate
+        if got.placeholder:
+            return True  # a dry run's view before registering: neither kept nor fetched
         if not dry_run and (self.gate != previous or not self._gate_kept):
             gate_cache.keep(self.config, self.gate, self.clock())
             self._gate_kept = True
@@ -243,27 +214,6 @@ class Agent:
         self.refused_field = None
         self.gate_fetched_at = self.clock()
         return True
-
-    def _ensure_redirection(self, gate: GateView, *, dry_run: bool, inner_known: bool) -> GateView:
-        """With soracom.redirection = "self": post the redirection when the VPG's differs."""
-        wanted = redirection.wanted_change(self.config, gate)
-        if wanted is None or wanted.gateway is None:
-            self.redirection_error = None
-            return gate
-        vpg_id = self.config.soracom.vpg_id
-        action = SetRedirection(vpg_id, wanted.gateway if inner_known else None, gate.redirection)
-        if dry_run:
-            self.api_actions.append(action)
-            return gate
-        log.info("apply: %s", action.command())
-        try:
-            apply_api_action(self.client, action)
-        except SoracomError as exc:
-            self.redirection_error = str(exc)
-            log.error("%s", exc)
-            return gate
-        self.redirection_error = None
-        return replace(gate, redirection=wanted)
 
     # ---- reconcile ---------------------------------------------------------------------
 
@@ -418,10 +368,10 @@ class Agent:
 
     # ---- state file --------------------------------------------------------------------
 
-    def state_record(self) -> state_document.AgentRecord:
+    def snapshot(self) -> state_document.AgentSnapshot:
         """What this agent knows now, for the state document."""
         last = self.last
-        return state_document.AgentRecord(
+        return state_document.AgentSnapshot(
             pid=os.getpid(),
             now=self.clock(),
             reconciled_at=self.reconciled_at,
@@ -455,7 +405,7 @@ class Agent:
 
     def document(self) -> state_document.StateDocument:
         """The state document as of now (the daemon's agent adds the probes and HA)."""
-        return state_document.build(self.state_record())
+        return state_document.build(self.snapshot())
 
     def state(self) -> dict[str, Any]:
         return self.document().data

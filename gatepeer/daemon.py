@@ -212,7 +212,7 @@ class ProbedAgent(Agent):
             flood = None  # reported as missing; the state must still be written
         ha = self.ha_view().to_json() if self.ha_view is not None else None
         return state_document.build(
-            self.state_record(), probes=state_document.Probes(results, flood), ha=ha
+            self.snapshot(), probes=state_document.Probes(results, flood), ha=ha
         )
 
     def write_state(self) -> None:

@@ -281,7 +281,7 @@ class LastReconcile:
 
 
 @dataclass(frozen=True)
-class AgentRecord:
+class AgentSnapshot:
     """What the agent knows when it writes: the document's sources, no judgment yet."""
 
     pid: int
@@ -325,15 +325,15 @@ class StateDocument:
 
 
 def build(
-    record: AgentRecord,
+    snapshot: AgentSnapshot,
     *,
     probes: Probes | None = None,
     ha: Mapping[str, Any] | None = None,
 ) -> StateDocument:
-    """The document for `record`. Without probes (`gatepeer apply`) its health is the
+    """The document for `snapshot`. Without probes (`gatepeer apply`) its health is the
     reconcile's own verdict; with them (the daemon) it is judged here, once, by the evaluator
     from the recorded signals and the probes. The reconcile's verdict stays in last_reconcile."""
-    r, last, facts = record, record.last, record.facts
+    r, last, facts = snapshot, snapshot.last, snapshot.facts
     data: dict[str, Any] = {
         "version": __version__,
         "pid": r.pid,
@@ -395,7 +395,7 @@ def build(
     return StateDocument(data, summary)
 
 
-def _summary(r: AgentRecord, data: Mapping[str, Any], *, probed: bool) -> StateSummary:
+def _summary(r: AgentSnapshot, data: Mapping[str, Any], *, probed: bool) -> StateSummary:
     """`StateSummary.from_state(data)` without parsing: the typed values are at hand."""
     last = r.last
     if probed:

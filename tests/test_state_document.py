@@ -10,7 +10,7 @@ import pytest
 
 from gatepeer.desired_state import Endpoint, GateView, HostFacts, IPv4Address, IPv4Interface
 from gatepeer.state_document import (
-    AgentRecord,
+    AgentSnapshot,
     LastReconcile,
     ProbeResult,
     Probes,
@@ -38,7 +38,7 @@ FAILED = LastReconcile("failed", ("cannot create vxlan0",), (), (), 0.5, "cannot
 UP, DOWN = ProbeResult("up", 0.0012345678, 0.1), ProbeResult("down", None, 1.0)
 
 
-def record(**changes: Any) -> AgentRecord:
+def record(**changes: Any) -> AgentSnapshot:
     base: dict[str, Any] = {
         "pid": 4242,
         "now": 1_760_000_000.0,
@@ -57,7 +57,7 @@ def record(**changes: Any) -> AgentRecord:
         "last_success_at": 1_759_999_999.0,
     }
     base.update(changes)
-    return AgentRecord(**base)
+    return AgentSnapshot(**base)
 
 
 def test_the_daemons_document_carries_the_endpoints_and_judges_them_once() -> None:
