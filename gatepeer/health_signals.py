@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gatepeer import health, redirection
 from gatepeer.config import HaConfig
 from gatepeer.ha import report as ha_report
-from gatepeer.state_document import StateSummary, probe_signals
+from gatepeer.state_document import StateSummary, probe_signals, recorded_signals
 
 if TYPE_CHECKING:  # a reading's type only: this module does no I/O
     from gatepeer.kernel.rtnl import TunnelReading
@@ -74,7 +74,7 @@ def observed_signals(
     """A reader's signals: the state document (None: there is none) joined with the live
     kernel, the daemon and the configuration. Status and the metrics both build theirs here,
     so the same state and kernel give them the same verdict."""
-    base = health.Signals(
+    reader: dict[str, Any] = dict(
         config_error=config_error,
         configured=configured,
         state_file=str(state_path) if state_path is not None else None,
@@ -83,21 +83,16 @@ def observed_signals(
         tunnel=tunnel_signal(interface, tunnel),
     )
     if st is None:
-        return base
+        return health.Signals(**reader)
     findings: tuple[str, ...] = ()
     if st.gate is not None:
         findings = tuple(redirection.findings(packet_path_mode, redirection_mode, st.gate, ha=ha))
     # Without a daemon nobody probes: its old results would only mislead.
     running = daemon is not None and daemon.running
+    # What the document records, read with this reader's settings, the live kernel and HA.
     return replace(
-        base,
-        gate=st.gate,
-        gate_expected=True,
-        local_address=st.local_address,
-        reconcile_failure=st.reconcile_failure,
-        api_error=st.gate_error,
-        api_answer_refused=st.api_answer_refused,
-        redirection_error=st.redirection_error,
+        recorded_signals(st),
+        **reader,
         redirection_findings=findings,
         probes=probe_signals(st.endpoints) if st.probed and running else None,
         daemon=daemon,

@@ -366,8 +366,9 @@ def gate_view(
     vpg, peers = reading.vpg, reading.peers
     subnet = vpg.device_subnet
     own = find_own_peer(peers, outer)
+    assumed = placeholder and own is None  # not registered yet: a dry run plans on
     try:
-        if placeholder and own is None:
+        if assumed:
             inner = inner_address or subnet.network_address
         elif own is None:
             raise GateError(
@@ -379,24 +380,13 @@ def gate_view(
         endpoints = vpg_endpoints(peers, subnet, outer)
     except AnswerRefused as exc:
         raise exc.within(vpg_id, "listGatePeers") from None
-    if placeholder:
-        return GateView(
-            vpg_id=vpg_id,
-            vni=vpg.vni,
-            device_subnet=subnet,
-            gate_opened=vpg.gate_opened,
-            inner=IPv4Interface(f"{inner}/{subnet.prefixlen}"),
-            endpoints=endpoints,
-            outer=outer,
-            redirection=vpg.redirection,
-        )
     if inner_address is not None and inner != inner_address:
         raise GateError(
             f"tunnel.inner_address: {outer} is registered with VPG {vpg_id} with inner address "
             f'{inner}, not {inner_address}; set tunnel.inner_address = "{inner}", or '
             "unregister it (gatepeer down --unregister) to register again"
         )
-    if not endpoints:
+    if not assumed and not endpoints:
         raise GateError(
             f"VPG {vpg_id}: the API lists no VPG tunnel endpoints; check the VPG's state in "
             "the SORACOM console (it may still be starting)"

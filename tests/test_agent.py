@@ -533,3 +533,26 @@ def test_apply_exits_1_with_the_refusal_on_one_line(
     lines = [line for line in result.output.splitlines() if line.startswith("gatepeer: ")]
     assert len(lines) == 1 and "listGatePeers answer refused: netmask '128.0.0.0'" in lines[0]
     assert "Traceback" not in result.output
+
+
+def test_dry_run_plans_opening_gate_and_registering_from_the_api_plan(
+    tmp_path: Path, nft_table: list[str], emulator: Emulator
+) -> None:
+    # Gate closed, this peer not registered: the plan opens Gate and registers (as the soracom
+    # CLI lines that would do it), the kernel's plan uses a placeholder inner address, and
+    # nothing reaches the API but reads.
+    emulator.update_settings(gate_opened=False)
+    agent, _ = emu_agent(tmp_path, emulator, redirection="unmanaged", open_gate=True)
+    result = agent.reconcile(dry_run=True)
+    assert [a.command() for a in result.api_actions] == [
+        f"soracom vpg open-gate --vpg-id {EMU.vpg_id}",
+        f"soracom vpg register-gate-peer --vpg-id {EMU.vpg_id} --outer-ip-address "
+        f"{FACTS.local_address}  # the API assigns the inner address",
+    ]
+    assert result.actions, "the kernel's actions are planned against the placeholder view"
+    assert set(emulator.counts()) <= {"auth", "getVirtualPrivateGateway", "listGatePeers"}
+    assert emulator.peers() == []
+    # The real run makes the same changes, then the view is read: nothing is left to plan.
+    assert agent.reconcile().health == "ok"
+    assert [p.outer_ip for p in emulator.peers()] == [str(FACTS.local_address)]
+    assert agent.reconcile(dry_run=True).api_actions == []
