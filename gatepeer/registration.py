@@ -1,7 +1,9 @@
-"""What the SORACOM API says about this gate peer, turned into a `GateView`.
+"""This gate peer's registration with the VPG: what the API says, turned into a `GateView`.
 
-Registration is idempotent: when this host's outer address is already a customer peer of the
-VPG, that registration is reused; the agent never registers twice.
+Reading never changes anything (`read_registration`, `fetch_gate_view`); the changes are
+planned (`plan_registration`: open Gate, register, as `api_actions`) and made one by one
+(`apply_api_action`). Registration is idempotent: when this host's outer address is already a
+customer peer of the VPG, that registration is reused; the agent never registers twice.
 
 Every field taken from an answer passes a check first (one function per check below). A field
 that fails raises `AnswerRefused` with one printable line naming the field and the value; the
