@@ -29,7 +29,7 @@ from gatepeer.aws.integration import AwsIntegration, TerminationWatcher
 from gatepeer.config import Config, ConfigError
 from gatepeer.desired_state import DesiredStateError, Endpoint, tunnel_mtu
 from gatepeer.health_signals import running_verdict
-from gatepeer.kernel import rtnl
+from gatepeer.kernel import nftables, rtnl
 from gatepeer.kernel.netlink import KernelError
 from gatepeer.kernel.rtnl import TunnelReading
 from gatepeer.probes import IcmpTransport, Prober
@@ -54,6 +54,12 @@ WAITING_FOR_API = "waiting for the SORACOM API: no gate view yet (registering or
 # At scale-in, how long an API refresh already under way may take before we unregister.
 REFRESH_JOIN_S = 15.0
 EXIT_BAD_CONFIG = 2  # as the CLI's: systemd's RestartPreventExitStatus=2 stops retrying
+# After an event socket failed (ENOBUFS, say): a pause before listening again, so a socket that
+# keeps failing cannot spin.
+RELISTEN_PAUSE_S = 0.5
+# How long the loop waits for the kernel watcher's socket before its first reconcile: events
+# from then on are seen; past this, the timer still repairs drift.
+WATCHER_READY_S = 5.0
 
 
 class Wake:
@@ -112,7 +118,7 @@ class KernelWatcher(threading.Thread):
                 # open a fresh socket, and reconcile, since whatever was lost may matter.
                 log.warning("kernel events: %s; listening again", exc or type(exc).__name__)
                 self.kick("kernel events lost")
-                self._stopping.wait(0.5)
+                self._stopping.wait(RELISTEN_PAUSE_S)
 
     def _listen(self) -> None:
         with IPRoute() as ipr:
@@ -189,7 +195,7 @@ class NftablesWatcher(threading.Thread):
                     # buffer; ours may have changed in it.
                     log.warning("nftables events: %s", exc.strerror or exc)
                     self.kick("nftables events lost")
-                    self._stopping.wait(0.5)
+                    self._stopping.wait(RELISTEN_PAUSE_S)
                     continue
                 if self.needle in data:
                     self.kick(f"nftables table {self.table} changed")
@@ -516,8 +522,8 @@ class Daemon:
                 return 1
         watcher = KernelWatcher(self.config.tunnel.interface, self.kick)
         watcher.start()
-        watcher.ready.wait(5)
-        nft_watcher = NftablesWatcher("gatepeer", self.kick)
+        watcher.ready.wait(WATCHER_READY_S)
+        nft_watcher = NftablesWatcher(nftables.TABLE, self.kick)
         nft_watcher.start()
         self.prober.start()
         termination = self._termination_watcher()
