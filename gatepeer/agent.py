@@ -18,32 +18,20 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from gatepeer import __version__, health, redirection, statefile
+from gatepeer import (
+    atomic_json,
+    gate_cache,
+    gate_refresh,
+    health,
+    kernel_reconcile,
+    redirection,
+    state_document,
+    teardown,
+)
+from gatepeer.api_actions import ApiAction
 from gatepeer.aws.integration import InstanceFactsSource, key_reader
 from gatepeer.config import Config
-from gatepeer.gate import (
-    AnswerRefused,
-    GateError,
-    fetch_gate_view,
-    find_own_peer,
-    read_vpg,
-    vpg_endpoints,
-)
-from gatepeer.kernel import nftables, sysctl
-from gatepeer.kernel.netlink import KernelError, Netlink
-from gatepeer.plan import (
-    Action,
-    DeleteLink,
-    LoadRuleset,
-    SetSysctl,
-    UpdateEndpointSet,
-    describe,
-    owned_after,
-    plan,
-    refuse_foreign,
-)
-from gatepeer.soracom import ApiStats, SoracomClient, SoracomError
-from gatepeer.state import (
+from gatepeer.desired_state import (
     DesiredState,
     DesiredStateError,
     GateView,
@@ -54,12 +42,18 @@ from gatepeer.state import (
     desired_state,
     tunnel_mtu,
 )
+from gatepeer.kernel import nftables
+from gatepeer.kernel.netlink import KernelError, Netlink
+from gatepeer.kernel_reconcile import ReconcileError
+from gatepeer.plan import (
+    Action,
+    describe,
+    owned_after,
+    plan,
+)
+from gatepeer.soracom import ApiStats, SoracomClient
 
 log = logging.getLogger(__name__)
-
-
-class ReconcileError(RuntimeError):
-    """The kernel could not be brought to the desired state; the message says what differs."""
 
 
 @dataclass
@@ -71,7 +65,8 @@ class ReconcileResult:
     duration_s: float
     dry_run: bool = False
     bad_config: bool = False  # the settings themselves cannot work (exit 2, not 1)
-    preview: list[str] = field(default_factory=list)  # dry run: changes outside the kernel
+    # A dry run's planned API changes (a real run makes them before planning the kernel's).
+    api_actions: list[ApiAction] = field(default_factory=list)
     failure: str | None = None  # why the kernel could not be converged (health "failed")
 
 
@@ -125,8 +120,9 @@ class Agent:
         self.gate_fetched_at: float | None = None
         self.last: ReconcileResult | None = None
         self.facts: HostFacts | None = None
-        self.preview: list[str] = []
+        self.api_actions: list[ApiAction] = []  # a dry run's planned API changes
         self.reconciled_at: float | None = None
+        self.written: state_document.StateDocument | None = None  # the last state.json
         self._gate_kept = False  # written to the gate cache by this process
         self._flowtable_supported: bool | None = None
         # The vxlan link this agent (or its predecessor) made: {"name", "ifindex", "vni",
@@ -135,80 +131,19 @@ class Agent:
         # Addresses this agent (or its predecessor) put on the tunnel: the only ones the plan
         # may remove. Others (keepalived's virtual address) are not ours.
         self.owned_addresses: frozenset[IPv4Interface] = frozenset()
-        self._load_last_good()
+        self._resume()
 
     def close(self) -> None:
         self.netlink.close()
 
-    def _load_last_good(self) -> None:
-        previous = statefile.read(self.config.agent.state_file) or {}
-        try:
-            counters = previous.get("counters") or {}
-            self.record.reconciles = int(counters.get("reconciles") or 0)
-            self.record.failures = int(counters.get("failures") or 0)
-            self.record.last_success_at = counters.get("last_success_at")
-            if previous.get("gate"):
-                gate = GateView.from_json(previous["gate"])
-                if self._saved_view_fits(gate, self.config.agent.state_file):
-                    self.gate = gate
-                    self.gate_fetched_at = previous.get("gate_fetched_at")
-            self.managed_link = _managed_link(previous.get("managed_link"))
-            self.owned_addresses = frozenset(
-                IPv4Interface(a) for a in previous.get("owned_addresses") or ()
-            )
-        except (AttributeError, KeyError, ValueError, TypeError):
-            # A damaged file must not stop the agent: start as if it were not there.
-            log.warning("ignoring unreadable parts of %s", self.config.agent.state_file)
-        if self.gate is None:
-            self._load_gate_cache()
-
-    def _load_gate_cache(self) -> None:
-        """After a reboot (state_file is on tmpfs): the last view the API gave, if kept."""
-        path = self.config.agent.gate_cache
-        cached = statefile.read(path) if path else None
-        if path is None or not cached or not isinstance(cached.get("gate"), dict):
-            return
-        try:
-            gate = GateView.from_json(cached["gate"])
-        except (KeyError, ValueError, TypeError):
-            log.warning("ignoring an unreadable gate view in %s", path)
-            return
-        if not self._saved_view_fits(gate, path):
-            return
-        self.gate = gate
-        self.gate_fetched_at = cached.get("fetched_at")
-        log.info("starting from the gate view kept in %s", path)
-
-    def _saved_view_fits(self, gate: GateView, path: Path) -> bool:
-        """A view saved for another VPG or outer address must not be applied (nor unregistered)."""
-        vpg_id, local = self.config.soracom.vpg_id, self.config.tunnel.local_address
-        if gate.vpg_id != vpg_id:
-            log.warning(
-                "ignoring the gate view in %s: it is for VPG %s, soracom.vpg_id is %s",
-                path,
-                gate.vpg_id,
-                vpg_id,
-            )
-            return False
-        if local is not None and gate.outer != local:
-            log.warning(
-                "ignoring the gate view in %s: it is for outer address %s, "
-                "tunnel.local_address is %s",
-                path,
-                gate.outer,
-                local,
-            )
-            return False
-        return True
-
-    def _keep_gate(self, gate: GateView) -> None:
-        path = self.config.agent.gate_cache
-        if path is None:
-            return
-        try:
-            statefile.write(path, {"gate": gate.to_json(), "fetched_at": self.clock()})
-        except OSError as exc:
-            log.warning("cannot keep the gate view in %s: %s", path, exc.strerror or exc)
+    def _resume(self) -> None:
+        resumed = gate_cache.resume(self.config)
+        self.record.reconciles = resumed.reconciles
+        self.record.failures = resumed.failures
+        self.record.last_success_at = resumed.last_success_at
+        self.gate, self.gate_fetched_at = resumed.gate, resumed.gate_fetched_at
+        self.managed_link = resumed.managed_link
+        self.owned_addresses = resumed.owned_addresses
 
     # ---- gathering ---------------------------------------------------------------------
 
@@ -257,7 +192,7 @@ class Agent:
         if self.config.packet_path.flowtable is False:
             return False
         if self._flowtable_supported is None:
-            self._require_nft()
+            kernel_reconcile.require_nft()
             try:
                 self._flowtable_supported = nftables.flowtable_supported()
             except nftables.NftError as exc:
@@ -266,123 +201,32 @@ class Agent:
                 log.info("this kernel has no nftables flowtable: the fast path stays off")
         return self._flowtable_supported
 
-    @staticmethod
-    def _require_nft() -> None:
-        if not nftables.nft_available():
-            raise KernelError("nftables: the nft command is not installed (Debian: nftables)")
-
     def refresh_gate(self, *, dry_run: bool = False, facts: HostFacts | None = None) -> bool:
         """Ask the API; on failure keep the last good view and remember why. True on success.
+        The registration's changes (openGate, registerGatePeer) and the redirection's are
+        planned first, then made (or, in a dry run, kept in `api_actions` to be printed).
 
         The daemon calls this from a worker thread with the facts of the last reconcile, so
         that it never touches this agent's netlink socket (one IPRoute per thread)."""
         facts = facts or self.facts or self.host_facts()
-        try:
-            if dry_run and self._preview_registration(facts):
-                return True
-            previous = self.gate
-            # Assigned only once every check passed: a refused answer leaves the last good view.
-            fetched = fetch_gate_view(
-                self.client,
-                self.config.soracom.vpg_id,
-                facts.local_address,
-                open_gate=self.config.soracom.open_gate and not dry_run,
-                inner_address=self.config.tunnel.inner_address,
-            )
-        except (SoracomError, GateError) as exc:
-            self.gate_error = str(exc)
-            self.refused_field = exc.field if isinstance(exc, AnswerRefused) else None
-            log.error("%s", exc)
+        previous = self.gate
+        got = gate_refresh.refresh(self.config, self.client, facts.local_address, dry_run=dry_run)
+        self.api_actions.extend(got.api_actions)
+        if got.gate is None:
+            # The last good view stays: a refused answer must never reach the kernel.
+            self.gate_error, self.refused_field = got.error, got.refused_field
             return False
-        self.gate = self._ensure_redirection(fetched, dry_run=dry_run)
+        if got.redirection_checked:
+            self.redirection_error = got.redirection_error
+        self.gate = got.gate
+        if got.placeholder:
+            return True  # a dry run's view before registering: neither kept nor fetched
         if not dry_run and (self.gate != previous or not self._gate_kept):
-            self._keep_gate(self.gate)
+            gate_cache.keep(self.config, self.gate, self.clock())
             self._gate_kept = True
         self.gate_error = None
         self.refused_field = None
         self.gate_fetched_at = self.clock()
-        return True
-
-    def _ensure_redirection(self, gate: GateView, *, dry_run: bool) -> GateView:
-        """With soracom.redirection = "self": post the redirection when the VPG's differs."""
-        wanted = redirection.wanted_change(self.config, gate)
-        if wanted is None or wanted.gateway is None:
-            self.redirection_error = None
-            return gate
-        vpg_id = self.config.soracom.vpg_id
-        if dry_run:
-            self.preview.append(
-                f"# would set the redirection gateway of VPG {vpg_id} to {wanted.gateway} "
-                f"(setRedirectionConfiguration; now {redirection.describe(gate.redirection)})"
-            )
-            return gate
-        log.info(
-            "setting the redirection gateway of VPG %s to %s (was %s)",
-            vpg_id,
-            wanted.gateway,
-            redirection.describe(gate.redirection),
-        )
-        try:
-            self.client.set_redirection(vpg_id, str(wanted.gateway))
-        except SoracomError as exc:
-            self.redirection_error = str(exc)
-            log.error("%s", exc)
-            return gate
-        self.redirection_error = None
-        return replace(gate, redirection=wanted)
-
-    def _preview_registration(self, facts: HostFacts) -> bool:
-        """In a dry run an unregistered peer is not registered: say so and plan with a
-        placeholder inner address. True when that placeholder view was set."""
-        vpg_id = self.config.soracom.vpg_id
-        peers = self.client.list_gate_peers(vpg_id)
-        if find_own_peer(peers, facts.local_address) is not None:
-            return False
-        vpg = read_vpg(self.client, vpg_id)
-        subnet = vpg.device_subnet
-        asked = self.config.tunnel.inner_address
-        if asked is not None:
-            if asked not in subnet:
-                raise GateError(
-                    f"tunnel.inner_address: {asked} is outside VPG {vpg_id}'s device subnet "
-                    f"{subnet}; pick an address inside it"
-                )
-            inner = asked
-            self.preview.append(
-                f"# would register {facts.local_address} as a gate peer of VPG {vpg_id} "
-                f"with inner address {inner} (registerGatePeer)"
-            )
-        else:
-            inner = subnet.network_address
-            self.preview.append(
-                f"# would register {facts.local_address} as a gate peer of VPG {vpg_id} "
-                "(registerGatePeer); the inner address below is a placeholder until the API "
-                "assigns one"
-            )
-        if not vpg.gate_opened:
-            self.preview.append(f"# would open Gate on VPG {vpg_id} (openGate)")
-        try:
-            endpoints = vpg_endpoints(peers, subnet, facts.local_address)
-        except AnswerRefused as exc:
-            raise exc.within(vpg_id, "listGatePeers") from None
-        gate = GateView(
-            vpg_id=vpg_id,
-            vni=vpg.vni,
-            device_subnet=subnet,
-            gate_opened=vpg.gate_opened,
-            inner=IPv4Interface(f"{inner}/{subnet.prefixlen}"),
-            endpoints=endpoints,
-            outer=facts.local_address,
-            redirection=vpg.redirection,
-        )
-        if asked is None and self.config.soracom.redirection == "self":
-            self.gate = gate
-            self.preview.append(
-                f"# would set the redirection gateway of VPG {vpg_id} to the inner address the "
-                "API assigns (setRedirectionConfiguration)"
-            )
-        else:
-            self.gate = self._ensure_redirection(gate, dry_run=True)
         return True
 
     # ---- reconcile ---------------------------------------------------------------------
@@ -407,60 +251,10 @@ class Agent:
             ) from None
 
     def observe(self, desired: DesiredState) -> ObservedState:
-        observed = self.netlink.observe(desired.link.name, desired.sysctls)
-        if desired.packet_path is None:
-            return observed
-        self._require_nft()
-        try:
-            return replace(observed, nft_table=nftables.current())
-        except nftables.NftError as exc:
-            raise KernelError(f"nftables: {exc}") from None
+        return kernel_reconcile.observe(self.netlink, desired)
 
     def apply_action(self, action: Action) -> None:
-        try:
-            if isinstance(action, LoadRuleset):
-                # Carry the counters over a reload: they feed metrics and must not reset.
-                kept = nftables.counters_from_listing(action.current) if action.current else None
-                nftables.load(action.spec, counters=kept)
-            elif isinstance(action, UpdateEndpointSet):
-                nftables.update_endpoints(action.spec.endpoints)
-            else:
-                if isinstance(action, SetSysctl):
-                    self._record_original(action)
-                self.netlink.apply(action)
-        except nftables.NftError as exc:
-            raise KernelError(f"nftables: {exc}") from None
-
-    def _record_original(self, action: SetSysctl) -> None:
-        """Note a host-wide key's value before its first change, for `down` to restore. The
-        tunnel's own keys go with the link and are not recorded."""
-        path = action.setting.path
-        if action.was is None or f"/conf/{self.config.tunnel.interface}/" in path:
-            return
-        record = sysctl.OriginalValues.beside(self.config.agent.state_file)
-        try:
-            record.remember(path, action.was, action.setting.value)
-        except OSError as exc:
-            # Not changed, then: a value that cannot be restored is not ours to change.
-            raise KernelError(
-                f"cannot record {action.setting.dotted}={action.was} in {record.path} before "
-                f"changing it: {exc.strerror or exc}"
-            ) from None
-
-    def notes(self, observed: ObservedState, desired: DesiredState) -> list[str]:
-        """Settings this network namespace cannot take: said, not treated as failures."""
-        missing = [
-            s.dotted
-            for s in desired.sysctls
-            if s.init_netns_only and observed.sysctl(s.path) is None
-        ]
-        if missing:
-            return [
-                "only the initial network namespace can set "
-                + ", ".join(missing)
-                + "; left to the host"
-            ]
-        return []
+        kernel_reconcile.apply_action(self.config, self.netlink, action)
 
     def reconcile(self, *, dry_run: bool = False, refresh: bool = True) -> ReconcileResult:
         started = time.monotonic()
@@ -473,7 +267,7 @@ class Agent:
             facts = self.host_facts()
             # Settings this host cannot satisfy are refused before anything reaches the API.
             tunnel_mtu(self.config, facts)
-            self.preview = []
+            self.api_actions = []
             if refresh:
                 self.refresh_gate(dry_run=dry_run)
             # A dry run with "self" previews the post that would fix the gateway instead.
@@ -487,43 +281,25 @@ class Agent:
                 )
             desired = self.desired()
             observed = self.observe(desired)
-            notes = self.notes(observed, desired)
+            notes = kernel_reconcile.notes(observed, desired)
+            underlay = self.facts.underlay if self.facts else ""
             # The old link goes first: it holds the VNI and port the new one needs.
-            actions = self._previous_link(desired) + plan(
-                desired, observed, self.facts.underlay if self.facts else "", self.owned_addresses
-            )
+            actions = kernel_reconcile.previous_link(
+                self.netlink, self.managed_link, desired
+            ) + plan(desired, observed, underlay, self.owned_addresses)
             if not dry_run and actions:
-                for action in actions:
-                    log.info("apply: %s", action.command())
-                    self.apply_action(action)
-                underlay = self.facts.underlay if self.facts else ""
-                final = self.observe(desired)
-                self._remember_link(final)
-                self.owned_addresses = owned_after(desired, final, self.owned_addresses)
-                leftover = plan(desired, final, underlay, self.owned_addresses)
-                # Keys that appear only once what we applied loaded their module (conntrack's,
-                # after the first ruleset with `ct state`) get a second pass, then are checked.
-                absent_before = {path for path, value in observed.sysctls if value is None}
-                late = [
-                    a
-                    for a in leftover
-                    if isinstance(a, SetSysctl) and a.setting.path in absent_before
-                ]
-                if late and len(late) == len(leftover):
-                    for action in late:
-                        log.info("apply: %s", action.command())
-                        self.apply_action(action)
-                    actions.extend(late)
-                    final = self.observe(desired)
-                    leftover = plan(desired, final, underlay, self.owned_addresses)
-                notes = self.notes(final, desired)
-                if leftover:
-                    raise ReconcileError(
-                        "read back differs from what was applied: " + "; ".join(describe(leftover))
-                    )
+                notes, leftover = kernel_reconcile.converge(
+                    desired,
+                    observed,
+                    actions,
+                    underlay=underlay,
+                    read=self.observe,
+                    apply=lambda action: self.apply_action(action),
+                    remember=lambda final: self._remember(desired, final),
+                )
+                kernel_reconcile.refuse_leftover(leftover)
             elif not dry_run:
-                self._remember_link(observed)
-                self.owned_addresses = owned_after(desired, observed, self.owned_addresses)
+                self._remember(desired, observed)
         except (KernelError, ReconcileError, DesiredStateError, NetlinkError, OSError) as exc:
             # NetlinkError and OSError: a read raced with a change (the link went away between
             # lookup and get, say); the next event or timer reconciles again.
@@ -548,7 +324,7 @@ class Agent:
             duration_s=time.monotonic() - started,
             dry_run=dry_run,
             bad_config=bad_config,
-            preview=list(self.preview),
+            api_actions=list(self.api_actions),
             failure=failure,
         )
         if not dry_run:
@@ -558,35 +334,11 @@ class Agent:
             self.write_state()
         return result
 
-    def _remember_link(self, observed: ObservedState) -> None:
-        link = observed.link
-        if link is not None and link.kind == "vxlan":
-            self.managed_link = {
-                "name": link.name,
-                "ifindex": link.index,
-                "vni": link.vni,
-                "dst_port": link.dst_port,
-            }
-
-    def _ours(self, name: str) -> bool:
-        """`name` is the link recorded as ours, and still a vxlan with the recorded VNI and
-        port (never a link of another kind, nor someone else's vxlan under that name)."""
-        rec = self.managed_link
-        if rec is None or rec["name"] != name:
-            return False
-        link = self.netlink.observe_link(name)
-        return (
-            link is not None
-            and link.kind == "vxlan"
-            and (link.vni, link.dst_port) == (rec["vni"], rec["dst_port"])
-        )
-
-    def _previous_link(self, desired: DesiredState) -> list[Action]:
-        """Removing the link made under an earlier tunnel.interface, if it is still there."""
-        rec = self.managed_link
-        if rec is None or rec["name"] == desired.link.name or not self._ours(rec["name"]):
-            return []
-        return [DeleteLink(rec["name"], f"tunnel.interface is now {desired.link.name}")]
+    def _remember(self, desired: DesiredState, observed: ObservedState) -> frozenset[IPv4Interface]:
+        """Record the link and the addresses that are ours, as read back."""
+        self.managed_link = kernel_reconcile.link_record(observed) or self.managed_link
+        self.owned_addresses = owned_after(desired, observed, self.owned_addresses)
+        return self.owned_addresses
 
     def record_crash(self, exc: BaseException) -> ReconcileResult:
         """Account for a reconcile that raised something unexpected (a bug): failed, and said."""
@@ -617,162 +369,67 @@ class Agent:
     # ---- teardown ----------------------------------------------------------------------
 
     def teardown(self, *, unregister: bool) -> tuple[bool, list[str]]:
-        """Remove what gatepeer created, and put back the host-wide sysctls it changed
-        (those someone changed since are left, and said)."""
-        messages: list[str] = []
-        name = self.config.tunnel.interface
-        # Before anything is touched: a link of another kind under our name is a config error.
-        refuse_foreign(name, self.netlink.observe_link(name))
-        removed = self.netlink.delete_link(name)
-        if removed:
-            messages.append(f"removed {name}")
-        old = self.managed_link["name"] if self.managed_link else name
-        if old != name and self._ours(old) and self.netlink.delete_link(old):
-            removed = True
-            messages.append(f"removed {old} (made under an earlier tunnel.interface)")
-        nft_error: nftables.NftError | None = None
-        try:
-            if nftables.nft_available() and nftables.current() is not None:
-                nftables.remove()
-                removed = True
-                messages.append(f"removed nftables table {nftables.FAMILY} {nftables.TABLE}")
-        except nftables.NftError as exc:
-            if not unregister:
-                raise
-            nft_error = exc  # unregistering needs no nft: do it, then report this
-        # Host-wide sysctls back to what they were before gatepeer changed them.
-        restored = sysctl.OriginalValues.beside(self.config.agent.state_file).restore()
-        removed = removed or any(line.startswith("restored ") for line in restored)
-        messages += restored
-        if unregister:
-            removed = self._unregister(messages) or removed
-        if nft_error is not None:
-            raise nft_error
-        self.config.agent.state_file.unlink(missing_ok=True)
-        return removed, messages
-
-    def _unregister(self, messages: list[str]) -> bool:
-        """Release the redirection if it points here, then remove the registration the saved
-        view records (the host's address may have changed since). True when one was removed."""
-        vpg_id = self.config.soracom.vpg_id
-        gate = self.gate
-        outer = gate.outer if gate else self.host_facts().local_address
-        inner = gate.inner.ip if gate else self._registered_inner(outer)
-        if self.config.soracom.redirection == "self" and inner is not None:
-            self._release_redirection(vpg_id, inner, messages)
-        try:
-            self.client.unregister_gate_peer(vpg_id, str(outer))
-        except SoracomError as exc:
-            if exc.status != 404:
-                raise  # the kept view stays: it is the only record of the registration
-            messages.append(f"{outer} was not registered with VPG {vpg_id}")
-            done = False
-        else:
-            messages.append(f"unregistered {outer} from VPG {vpg_id}")
-            done = True
-        # The kept view names an inner address that is no longer ours.
-        if self.config.agent.gate_cache is not None:
-            self.config.agent.gate_cache.unlink(missing_ok=True)
-        return done
-
-    def _release_redirection(self, vpg_id: str, inner: IPv4Address, messages: list[str]) -> None:
-        """Unset the VPG's redirection when it points at this peer's inner address."""
-        try:
-            current = read_vpg(self.client, vpg_id).redirection
-        except GateError as exc:
-            # An answer we cannot read must not keep the registration alive: say so, go on.
-            messages.append(f"left the redirection of VPG {vpg_id} unchecked: {exc}")
-            return
-        if current is not None and current.gateway == inner:
-            self.client.unset_redirection(vpg_id)
-            messages.append(f"unset the redirection of VPG {vpg_id} (it pointed at {inner})")
-        else:
-            messages.append(
-                f"left the redirection of VPG {vpg_id} alone: its gateway is "
-                f"{redirection.describe(current)}, not this peer ({inner})"
-            )
-
-    def _registered_inner(self, outer: IPv4Address) -> IPv4Address | None:
-        own = find_own_peer(self.client.list_gate_peers(self.config.soracom.vpg_id), outer)
-        try:
-            return IPv4Address(own["innerIpAddress"]) if own else None
-        except (ValueError, TypeError, KeyError):
-            return None
+        """Remove what gatepeer created (`gatepeer down`); see gatepeer.teardown."""
+        return teardown.teardown(
+            self.config,
+            self.netlink,
+            self.client,
+            gate=self.gate,
+            managed_link=self.managed_link,
+            local_address=lambda: self.host_facts().local_address,
+            unregister=unregister,
+        )
 
     # ---- state file --------------------------------------------------------------------
 
-    def state(self) -> dict[str, Any]:
+    def snapshot(self) -> state_document.AgentSnapshot:
+        """What this agent knows now, for the state document."""
         last = self.last
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "updated_at": self.clock(),
-            # The prober rewrites this file too: staleness of the loop is judged by this one.
-            "reconciled_at": self.reconciled_at,
-            "config_file": str(self.config.source) if self.config.source else None,
-            "health": last.health if last else "unknown",
-            "reasons": last.reasons if last else [],
-            "notes": last.notes if last else [],
-            "gate": self.gate.to_json() if self.gate else None,
-            "gate_fetched_at": self.gate_fetched_at,
-            "gate_error": self.gate_error,
-            "api_answer_refused": self.refused_field is not None,
-            "api_refused_field": self.refused_field,
-            "redirection": {
-                "mode": self.config.soracom.redirection,
-                "error": self.redirection_error,
-            },
-            "host": {
-                "underlay": self.facts.underlay,
-                "underlay_mtu": self.facts.underlay_mtu,
-                "local_address": str(self.facts.local_address),
-            }
-            if self.facts
-            else None,
-            "tunnel": {"interface": self.config.tunnel.interface},
-            "managed_link": self.managed_link,
-            "owned_addresses": sorted(a.with_prefixlen for a in self.owned_addresses),
-            "packet_path": {
-                "mode": self.config.packet_path.mode,
-                "outside_vpc": self.config.packet_path.outside_vpc,
-                "vpc_cidrs": [str(n) for n in self.facts.vpc_networks] if self.facts else None,
-                "vpc_cidrs_source": self.facts.vpc_networks_source if self.facts else None,
-                "flowtable_supported": self.facts.flowtable_supported if self.facts else None,
-                "fast_path_active": bool(
-                    self.facts
-                    and self.facts.flowtable_supported
-                    and self.config.packet_path.flowtable is not False
-                ),
-            },
-            "last_reconcile": {
-                "health": last.health,
-                "actions": describe(last.actions),
-                "duration_s": round(last.duration_s, 6),
-                "error": "; ".join(last.reasons) or None,
-                "failure": last.failure,
-            }
+        return state_document.AgentSnapshot(
+            pid=os.getpid(),
+            now=self.clock(),
+            reconciled_at=self.reconciled_at,
+            config_file=str(self.config.source) if self.config.source else None,
+            interface=self.config.tunnel.interface,
+            redirection_mode=self.config.soracom.redirection,
+            packet_path_mode=self.config.packet_path.mode,
+            flowtable_allowed=self.config.packet_path.flowtable is not False,
+            outside_vpc=self.config.packet_path.outside_vpc,
+            last=state_document.LastReconcile(
+                health=last.health,
+                reasons=tuple(last.reasons),
+                notes=tuple(last.notes),
+                actions=tuple(describe(last.actions)),
+                duration_s=last.duration_s,
+                failure=last.failure,
+            )
             if last
             else None,
-            "counters": {
-                "reconciles": self.record.reconciles,
-                "failures": self.record.failures,
-                "last_success_at": self.record.last_success_at,
-            },
-        }
+            gate=self.gate,
+            gate_fetched_at=self.gate_fetched_at,
+            gate_error=self.gate_error,
+            refused_field=self.refused_field,
+            redirection_error=self.redirection_error,
+            facts=self.facts,
+            managed_link=self.managed_link,
+            owned_addresses=self.owned_addresses,
+            reconciles=self.record.reconciles,
+            failures=self.record.failures,
+            last_success_at=self.record.last_success_at,
+        )
+
+    def document(self) -> state_document.StateDocument:
+        """The state document as of now (the daemon's agent adds the probes and HA)."""
+        return state_document.build(self.snapshot())
+
+    def state(self) -> dict[str, Any]:
+        return self.document().data
 
     def write_state(self) -> None:
+        """Build the document once, keep it for readers in this process, write it."""
         path: Path = self.config.agent.state_file
+        self.written = self.document()
         try:
-            statefile.write(path, self.state())
+            atomic_json.write(path, self.written.data)
         except OSError as exc:
             log.error("cannot write %s: %s", path, exc.strerror or exc)
-
-
-def _managed_link(data: Any) -> dict[str, Any] | None:
-    """The state file's record of our link, or None when absent or damaged."""
-    if not isinstance(data, dict):
-        return None
-    name, vni, port = data.get("name"), data.get("vni"), data.get("dst_port")
-    if isinstance(name, str) and isinstance(vni, int) and isinstance(port, int):
-        return {"name": name, "ifindex": data.get("ifindex"), "vni": vni, "dst_port": port}
-    return None

@@ -48,10 +48,10 @@ def load_config(config_file: str | None) -> Config:
 
 def running_daemon(cfg: Config) -> int | None:
     """The pid of a live `gatepeer run` for this config, from its state file."""
-    from gatepeer import statefile
-    from gatepeer.status import daemon_pid
+    from gatepeer import atomic_json
+    from gatepeer.running_daemon import daemon_pid
 
-    return daemon_pid((statefile.read(cfg.agent.state_file) or {}).get("pid"))
+    return daemon_pid((atomic_json.read(cfg.agent.state_file) or {}).get("pid"))
 
 
 def setup_logging(verbose: bool, quiet_level: int = logging.WARNING) -> None:
@@ -122,8 +122,8 @@ def apply(config_file: str | None, dry_run: bool, verbose: bool) -> None:
     for note in result.notes:
         click.echo(f"# note: {note}")
     if dry_run:
-        for line in result.preview:
-            click.echo(line)
+        for api_action in result.api_actions:  # the API's changes come first, as in a real run
+            click.echo(api_action.command())
     for action in result.actions:
         click.echo(action.command() if dry_run else f"+ {action.command()}")
     if result.bad_config:
@@ -149,11 +149,11 @@ def down(config_file: str | None, unregister: bool, verbose: bool) -> None:
     cfg = load_config(config_file)
     setup_logging(verbose)
     from gatepeer.agent import Agent
-    from gatepeer.gate import GateError
+    from gatepeer.desired_state import DesiredStateError
     from gatepeer.kernel.netlink import KernelError
     from gatepeer.kernel.nftables import NftError
+    from gatepeer.registration import GateError
     from gatepeer.soracom import SoracomError
-    from gatepeer.state import DesiredStateError
 
     running = running_daemon(cfg)
     if running is not None:
@@ -200,7 +200,7 @@ def status(config_file: str | None, as_json: bool) -> None:
     Reads the live kernel and the daemon's state file, so it works while the daemon is down.
     Exit 0 healthy, 1 degraded, 2 down or not configured.
     """
-    from gatepeer.status import gather, render, to_json
+    from gatepeer.status_report import gather, render, to_json
 
     report = gather(config_path(config_file))
     click.echo(json.dumps(to_json(report), indent=2) if as_json else render(report))
@@ -258,7 +258,7 @@ def ha_render(config_file: str | None, output: str | None) -> None:
     import subprocess
     from pathlib import Path
 
-    from gatepeer import statefile
+    from gatepeer import atomic_json
     from gatepeer.ha import install
     from gatepeer.ha.keepalived import RenderError, render
 
@@ -267,7 +267,7 @@ def ha_render(config_file: str | None, output: str | None) -> None:
         fail("config error: ha: no [ha] section in the config: nothing to render", EXIT_USAGE)
     try:
         facts = install.facts_for(
-            cfg, statefile.read(cfg.agent.state_file), install.gatepeer_executable()
+            cfg, atomic_json.read(cfg.agent.state_file), install.gatepeer_executable()
         )
         text = render(cfg.ha, facts)
     except RenderError as exc:

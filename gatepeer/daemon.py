@@ -10,27 +10,29 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK, RTMGRP_NEIGH
 
-from gatepeer import systemd
+from gatepeer import health, state_document, systemd
 from gatepeer.agent import Agent, ReconcileResult
 from gatepeer.aws.integration import AwsIntegration, TerminationWatcher
 from gatepeer.config import Config, ConfigError
-from gatepeer.kernel import rtnl
+from gatepeer.desired_state import DesiredStateError, Endpoint, tunnel_mtu
+from gatepeer.health_signals import running_verdict
+from gatepeer.kernel import nftables, rtnl
 from gatepeer.kernel.netlink import KernelError
-from gatepeer.probes import IcmpTransport, Prober, with_probes
-from gatepeer.state import DesiredStateError, Endpoint, tunnel_mtu
-from gatepeer.status import daemon_verdict
+from gatepeer.kernel.rtnl import TunnelReading
+from gatepeer.probes import IcmpTransport, Prober
 
 if TYPE_CHECKING:
     from gatepeer.ha.claim import RouteTarget
@@ -52,6 +54,12 @@ WAITING_FOR_API = "waiting for the SORACOM API: no gate view yet (registering or
 # At scale-in, how long an API refresh already under way may take before we unregister.
 REFRESH_JOIN_S = 15.0
 EXIT_BAD_CONFIG = 2  # as the CLI's: systemd's RestartPreventExitStatus=2 stops retrying
+# After an event socket failed (ENOBUFS, say): a pause before listening again, so a socket that
+# keeps failing cannot spin.
+RELISTEN_PAUSE_S = 0.5
+# How long the loop waits for the kernel watcher's socket before its first reconcile: events
+# from then on are seen; past this, the timer still repairs drift.
+WATCHER_READY_S = 5.0
 
 
 class Wake:
@@ -110,7 +118,7 @@ class KernelWatcher(threading.Thread):
                 # open a fresh socket, and reconcile, since whatever was lost may matter.
                 log.warning("kernel events: %s; listening again", exc or type(exc).__name__)
                 self.kick("kernel events lost")
-                self._stopping.wait(0.5)
+                self._stopping.wait(RELISTEN_PAUSE_S)
 
     def _listen(self) -> None:
         with IPRoute() as ipr:
@@ -187,7 +195,7 @@ class NftablesWatcher(threading.Thread):
                     # buffer; ours may have changed in it.
                     log.warning("nftables events: %s", exc.strerror or exc)
                     self.kick("nftables events lost")
-                    self._stopping.wait(0.5)
+                    self._stopping.wait(RELISTEN_PAUSE_S)
                     continue
                 if self.needle in data:
                     self.kick(f"nftables table {self.table} changed")
@@ -202,19 +210,16 @@ class ProbedAgent(Agent):
     ha_view: Callable[[], RoleView] | None = None  # with [ha]: the role keepalived gave us
     _write_lock = threading.Lock()
 
-    def state(self) -> dict[str, Any]:
-        endpoints = self.gate.endpoints if self.gate else ()
+    def document(self) -> state_document.StateDocument:
         results = self.prober.results() if self.prober else None
         try:
             flood = rtnl.flood_destinations_of(self.config.tunnel.interface)
         except OSError:
             flood = None  # reported as missing; the state must still be written
-        state = super().state()
-        if self.ha_view is not None:
-            # Read by gatepeer.ha.report; before the probes' judgment, which reads a gateway
-            # elsewhere as a backup's normal state when it is there.
-            state["ha"] = self.ha_view().to_json()
-        return with_probes(state, endpoints, results, flood)
+        ha = self.ha_view().to_json() if self.ha_view is not None else None
+        return state_document.build(
+            self.snapshot(), probes=state_document.Probes(results, flood), ha=ha
+        )
 
     def write_state(self) -> None:
         with self._write_lock:
@@ -474,12 +479,28 @@ class Daemon:
 
         return for_agent(self.config.metrics.listen, lambda: self.agent)
 
+    def _live_verdict(self) -> health.Verdict:
+        """The verdict of the document just written, with the live tunnel and this daemon
+        added through the one evaluator: what `gatepeer status` says while we run."""
+        written = self.agent.written or self.agent.document()
+        st = written.summary
+        return running_verdict(
+            st,
+            TunnelReading.read(st.interface),
+            pid=os.getpid(),
+            now=time.time(),
+            reconcile_interval=self.config.agent.reconcile_interval,
+            packet_path_mode=self.config.packet_path.mode,
+            redirection_mode=self.config.soracom.redirection,
+            ha=self.config.ha,
+        )
+
     def _status_line(self, result: ReconcileResult) -> str:
         """What status and the metrics say too: the probes, the live tunnel, HA. A read that
         fails (a netlink dump cut short, say) must not end the loop: the reconcile's own
         verdict stands in."""
         try:
-            verdict = daemon_verdict(self.config, self.agent.state())
+            verdict = self._live_verdict()
             health_word, reasons = verdict.health, list(verdict.reasons)
         except (OSError, ValueError) as exc:
             log.warning("cannot read the live state for STATUS=: %s", exc)
@@ -501,8 +522,8 @@ class Daemon:
                 return 1
         watcher = KernelWatcher(self.config.tunnel.interface, self.kick)
         watcher.start()
-        watcher.ready.wait(5)
-        nft_watcher = NftablesWatcher("gatepeer", self.kick)
+        watcher.ready.wait(WATCHER_READY_S)
+        nft_watcher = NftablesWatcher(nftables.TABLE, self.kick)
         nft_watcher.start()
         self.prober.start()
         termination = self._termination_watcher()

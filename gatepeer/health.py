@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gatepeer.state import GateView, IPv4Address, IPv4Interface
+from gatepeer.desired_state import GateView, IPv4Address, IPv4Interface
 
 HEALTHS = ("ok", "degraded", "failed", "down")  # best first
 RANK = {h: i for i, h in enumerate(HEALTHS)}

@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gatepeer import ruleset
-from gatepeer.ruleset import PacketPathSpec
-from gatepeer.state import (
+from gatepeer.desired_state import (
     DesiredState,
     DesiredStateError,
     IPv4Address,
@@ -24,6 +23,7 @@ from gatepeer.state import (
     Sysctl,
     VxlanSpec,
 )
+from gatepeer.ruleset import PacketPathSpec
 
 ZERO_MAC = "00:00:00:00:00:00"
 

@@ -27,42 +27,20 @@ import os
 import random
 import select
 import socket
-import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
-from gatepeer import health
-from gatepeer.state import Endpoint, IPv4Address
+from gatepeer.desired_state import Endpoint, IPv4Address
+from gatepeer.kernel import icmp
+from gatepeer.state_document import ProbeResult, ProbeState
 
 log = logging.getLogger(__name__)
 
 WINDOW = 10  # probes kept per endpoint for the loss ratio
 DOWN_AFTER = 2  # unanswered probes in a row that mark an endpoint down
-
-ProbeState = Literal["up", "down", "unknown"]
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    state: ProbeState
-    rtt_s: float | None  # the last probe's round trip; None when it was not answered
-    loss: float | None  # unanswered share of the last WINDOW probes; None before any
-    error: str | None = None  # why the last probe could not even be sent
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "state": self.state,
-            "rtt_s": round(self.rtt_s, 6) if self.rtt_s is not None else None,
-            "loss": round(self.loss, 3) if self.loss is not None else None,
-            "error": self.error,
-        }
-
-
-UNKNOWN = ProbeResult("unknown", None, None)
 
 
 class _Track:
@@ -96,10 +74,6 @@ class _Track:
         return ProbeResult(self.state, self.rtt_s, loss, self.error)
 
 
-class ProbeUnavailable(OSError):
-    """Probing is impossible here (no CAP_NET_RAW): it says nothing about the endpoints."""
-
-
 Reply = tuple[IPv4Address, int, float]  # source, sequence, received at (the prober's clock)
 
 
@@ -113,37 +87,6 @@ class Transport(Protocol):
     def wake(self) -> None: ...
 
     def close(self) -> None: ...
-
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
-ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
-SOL_RAW, ICMP_FILTER = 255, 1
-PAYLOAD = b"gatepeer-probe\0\0"
-
-
-def echo_request(ident: int, seq: int, payload: bytes = PAYLOAD) -> bytes:
-    header = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, 0, ident, seq)
-    checksum = _checksum(header + payload)
-    return struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, checksum, ident, seq) + payload
-
-
-def parse_echo_reply(packet: bytes, ident: int) -> int | None:
-    """The sequence number if `packet` (IP header included) is an echo reply to `ident`."""
-    if len(packet) < 20:
-        return None
-    offset = (packet[0] & 0x0F) * 4
-    if len(packet) < offset + 8:
-        return None
-    kind, _, _, got_ident, seq = struct.unpack_from("!BBHHH", packet, offset)
-    return seq if kind == ICMP_ECHO_REPLY and got_ident == ident else None
 
 
 class IcmpTransport:
@@ -168,22 +111,7 @@ class IcmpTransport:
             raise OSError(errno.ENODEV, f"no interface {self.interface}") from None
         if self._sock is None or index != self._bound_index:
             self._drop()
-            try:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-            except PermissionError as exc:
-                raise ProbeUnavailable(
-                    exc.errno, f"cannot open a raw ICMP socket ({exc.strerror}): needs CAP_NET_RAW"
-                ) from None
-            try:
-                sock.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.interface.encode() + b"\0"
-                )
-                # The filter's set bits are the ICMP types the kernel drops: all but echo reply.
-                sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("=I", ~(1 << 0) & 0xFFFFFFFF))
-                sock.setblocking(False)
-            except OSError:
-                sock.close()
-                raise
+            sock = icmp.open_raw(keep=(icmp.ICMP_ECHO_REPLY,), interface=self.interface)
             self._sock, self._bound_index = sock, index
         return self._sock
 
@@ -193,7 +121,7 @@ class IcmpTransport:
         self._sock, self._bound_index = None, None
 
     def send(self, dst: IPv4Address, seq: int) -> None:
-        self._socket().sendto(echo_request(self.ident, seq), (str(dst), 0))
+        self._socket().sendto(icmp.echo_request(self.ident, seq), (str(dst), 0))
 
     def wait(self, timeout: float) -> list[Reply]:
         fds: list[Any] = [self._wake_r]
@@ -210,7 +138,7 @@ class IcmpTransport:
                     packet, (src, _) = self._sock.recvfrom(2048)
                 except (BlockingIOError, InterruptedError):
                     break
-                seq = parse_echo_reply(packet, self.ident)
+                seq = icmp.parse_echo_reply(packet, self.ident)
                 if seq is not None:
                     replies.append((IPv4Address(src), seq, time.monotonic()))
         return replies
@@ -308,7 +236,7 @@ class Prober(threading.Thread):
         try:
             self.transport.send(track.endpoint.inner, self._seq)
             track.error = None
-        except ProbeUnavailable as exc:
+        except icmp.ProbeUnavailable as exc:
             # Not the endpoint's fault: unknown, not down, and no alarm; try again later.
             why = exc.strerror or str(exc)
             if track.error != why:
@@ -341,65 +269,3 @@ class Prober(threading.Thread):
                     track.next_due = now if confirm else sent + self.interval
                     recorded = True
         return recorded
-
-
-# ---- what the results mean --------------------------------------------------------------
-
-
-def probe_signals(
-    endpoints: Sequence[Endpoint], results: Mapping[IPv4Address, ProbeResult]
-) -> tuple[health.ProbeSignal, ...]:
-    return tuple(
-        health.ProbeSignal(
-            str(e.outer), str(e.inner) if e.inner else None, results.get(e.outer, UNKNOWN).state
-        )
-        for e in endpoints
-    )
-
-
-def probe_health(
-    endpoints: Sequence[Endpoint], results: Mapping[IPv4Address, ProbeResult]
-) -> tuple[str, list[str]]:
-    """What the probes alone say, as the health evaluator judges them: one endpoint down while
-    another answers is degraded (traffic goes through the other); every endpoint down is down."""
-    verdict = health.evaluate(health.Signals(probes=probe_signals(endpoints, results)))
-    return verdict.health, list(verdict.reasons)
-
-
-def endpoint_report(
-    endpoints: Sequence[Endpoint],
-    results: Mapping[IPv4Address, ProbeResult] | None,
-    fdb: frozenset[IPv4Address] | None,
-) -> list[dict[str, Any]]:
-    """The "endpoints" list of state.json. `results` None: nobody probes (no daemon);
-    `fdb` None: the tunnel link does not exist."""
-    return [
-        {
-            "outer": str(e.outer),
-            "inner": str(e.inner) if e.inner else None,
-            "fdb_present": e.outer in fdb if fdb is not None else False,
-            "probe": (results.get(e.outer, UNKNOWN) if results is not None else UNKNOWN).to_json(),
-        }
-        for e in endpoints
-    ]
-
-
-def with_probes(
-    state: Mapping[str, Any],
-    endpoints: Sequence[Endpoint],
-    results: Mapping[IPv4Address, ProbeResult] | None,
-    fdb: frozenset[IPv4Address] | None,
-) -> dict[str, Any]:
-    """The agent's state document joined with the probes: an "endpoints" list, and health and
-    reasons judged again by the evaluator from the document's signals (the last reconcile, the
-    API, the redirection) and the probes. The reconcile's own verdict stays in last_reconcile."""
-    # status reads the document (and imports this module): import it here, not at the top.
-    from gatepeer.health_inputs import recorded_signals
-    from gatepeer.status import StateSummary
-
-    out = dict(state)
-    out["endpoints"] = endpoint_report(endpoints, results, fdb)
-    if results is not None:
-        verdict = health.evaluate(recorded_signals(StateSummary.from_state(out)))
-        out["health"], out["reasons"] = verdict.health, list(verdict.reasons)
-    return out

@@ -12,7 +12,7 @@ each other forever.
 from __future__ import annotations
 
 from gatepeer.config import Config, HaConfig
-from gatepeer.state import GateView, IPv4Address, Redirection
+from gatepeer.desired_state import GateView, IPv4Address, Redirection
 
 
 def own_gateway(gate: GateView) -> IPv4Address:

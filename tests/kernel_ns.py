@@ -15,8 +15,8 @@ from test_plan import GATE
 
 from gatepeer.agent import Agent
 from gatepeer.config import AgentConfig, Config, TunnelConfig
+from gatepeer.desired_state import GateView, IPv4Address
 from gatepeer.lab import netns
-from gatepeer.state import GateView, IPv4Address
 
 T = TypeVar("T")
 UNDERLAY = "gpu0"

@@ -12,14 +12,10 @@ from typing import Any
 import pytest
 from test_plan import FACTS, GATE, converged, make_config
 
-from gatepeer import redirection, ruleset, statefile
+from gatepeer import atomic_json, redirection, ruleset
 from gatepeer.agent import Agent
 from gatepeer.config import AgentConfig, Config, PacketPathConfig, SoracomConfig
-from gatepeer.kernel import nftables
-from gatepeer.lab.emulator import Emulator, EmulatorSettings
-from gatepeer.plan import Action, CreateLink, LoadRuleset, SetSysctl
-from gatepeer.soracom import SoracomClient, SoracomError
-from gatepeer.state import (
+from gatepeer.desired_state import (
     DesiredState,
     IPv4Address,
     IPv4Interface,
@@ -27,6 +23,10 @@ from gatepeer.state import (
     Redirection,
     desired_state,
 )
+from gatepeer.kernel import nftables
+from gatepeer.lab.emulator import Emulator, EmulatorSettings
+from gatepeer.plan import Action, CreateLink, LoadRuleset, SetSysctl
+from gatepeer.soracom import SoracomClient, SoracomError
 
 CONNTRACK_MAX = "net/netfilter/nf_conntrack_max"
 
@@ -269,10 +269,10 @@ def test_dry_run_says_it_would_set_the_redirection_and_does_not(
     agent, client = emu_agent(tmp_path, emulator)
     client.register_gate_peer(EMU.vpg_id, str(FACTS.local_address))
     result = agent.reconcile(dry_run=True)
-    assert (
-        f"# would set the redirection gateway of VPG {EMU.vpg_id} to 198.19.0.3 "
-        "(setRedirectionConfiguration; now not set)"
-    ) in result.preview
+    assert [a.command() for a in result.api_actions] == [
+        f"soracom vpg set-redirection --vpg-id {EMU.vpg_id} "
+        """--body '{"enabled":true,"gateway":"198.19.0.3"}'  # now not set"""
+    ]
     assert "setRedirectionConfiguration" not in emulator.counts()
     assert emulator.state()["redirection"] is None
 
@@ -375,12 +375,12 @@ def test_poisoned_answers_cover_the_required_kinds() -> None:
 def test_a_saved_view_for_another_vpg_or_outer_address_is_discarded(
     tmp_path: Path, emulator: Emulator, field: str, value: str
 ) -> None:
-    statefile.write(tmp_path / "gate.json", {"gate": EMU_GATE.to_json()})
+    atomic_json.write(tmp_path / "gate.json", {"gate": EMU_GATE.to_json()})
     control, _ = emu_agent(tmp_path, emulator)
     assert control.gate == EMU_GATE  # the same view, unchanged, is taken
     saved = {**EMU_GATE.to_json(), field: value}
-    statefile.write(tmp_path / "gate.json", {"gate": saved, "fetched_at": 1.0})
-    statefile.write(tmp_path / "state.json", {"gate": saved})
+    atomic_json.write(tmp_path / "gate.json", {"gate": saved, "fetched_at": 1.0})
+    atomic_json.write(tmp_path / "state.json", {"gate": saved})
     agent, _ = emu_agent(
         tmp_path, emulator, kernel=FakeKernel(desired_state(make_config(), FACTS, EMU_GATE))
     )
@@ -427,7 +427,7 @@ def test_down_unregister_uses_the_saved_view_and_unsets_a_redirection_pointing_h
     client = SoracomClient(emulator.base_url, EMU.auth_key_id, lambda: AUTH_KEY)  # type: ignore[attr-defined]
     client.register_gate_peer(EMU.vpg_id, "198.18.0.10")
     client.set_redirection(EMU.vpg_id, "198.19.0.3")
-    statefile.write(tmp_path / "gate.json", {"gate": EMU_GATE.to_json()})
+    atomic_json.write(tmp_path / "gate.json", {"gate": EMU_GATE.to_json()})
     # The host's address changed since it registered: the registered one is unregistered.
     agent, _ = _down_agent(tmp_path, emulator, host="198.18.0.99")
     removed, messages = agent.teardown(unregister=True)
@@ -448,7 +448,7 @@ def test_down_unregister_still_unregisters_when_the_vpg_answer_is_refused(
     client = SoracomClient(emulator.base_url, EMU.auth_key_id, lambda: AUTH_KEY)  # type: ignore[attr-defined]
     client.register_gate_peer(EMU.vpg_id, "198.18.0.10")
     client.set_redirection(EMU.vpg_id, "198.19.0.3")
-    statefile.write(tmp_path / "gate.json", {"gate": EMU_GATE.to_json()})
+    atomic_json.write(tmp_path / "gate.json", {"gate": EMU_GATE.to_json()})
     agent, poisonable = _down_agent(tmp_path, emulator, host="198.18.0.10")
     poisonable.vpg = lambda answer: {**answer, "redirection": 5}
     removed, messages = agent.teardown(unregister=True)
@@ -466,7 +466,7 @@ def test_down_unregister_leaves_a_redirection_pointing_elsewhere(
     client = SoracomClient(emulator.base_url, EMU.auth_key_id, lambda: AUTH_KEY)  # type: ignore[attr-defined]
     client.register_gate_peer(EMU.vpg_id, "198.18.0.10")
     client.set_redirection(EMU.vpg_id, "198.19.0.200")
-    statefile.write(tmp_path / "gate.json", {"gate": EMU_GATE.to_json()})
+    atomic_json.write(tmp_path / "gate.json", {"gate": EMU_GATE.to_json()})
     agent, _ = _down_agent(tmp_path, emulator, host="198.18.0.10")
     agent.teardown(unregister=True)
     assert emulator.state()["redirection"] == {"enabled": True, "gateway": "198.19.0.200"}
@@ -480,7 +480,7 @@ def test_down_unregister_keeps_the_saved_view_when_unregistering_fails(
     monkeypatch.setattr(nftables, "nft_available", lambda: False)
     client = SoracomClient(emulator.base_url, EMU.auth_key_id, lambda: AUTH_KEY)  # type: ignore[attr-defined]
     client.register_gate_peer(EMU.vpg_id, "198.18.0.10")
-    statefile.write(tmp_path / "gate.json", {"gate": EMU_GATE.to_json()})
+    atomic_json.write(tmp_path / "gate.json", {"gate": EMU_GATE.to_json()})
     agent, down_client = _down_agent(tmp_path, emulator, host="198.18.0.10")
     down_client.refuse = {"unregisterGatePeer"}
     with pytest.raises(SoracomError):
@@ -499,7 +499,7 @@ def test_down_unregister_needs_no_nft(
     monkeypatch.setattr(nftables, "current", broken)
     client = SoracomClient(emulator.base_url, EMU.auth_key_id, lambda: AUTH_KEY)  # type: ignore[attr-defined]
     client.register_gate_peer(EMU.vpg_id, "198.18.0.10")
-    statefile.write(tmp_path / "gate.json", {"gate": EMU_GATE.to_json()})
+    atomic_json.write(tmp_path / "gate.json", {"gate": EMU_GATE.to_json()})
     agent, _ = _down_agent(tmp_path, emulator, host="198.18.0.10")
     with pytest.raises(nftables.NftError):
         agent.teardown(unregister=True)
@@ -533,3 +533,26 @@ def test_apply_exits_1_with_the_refusal_on_one_line(
     lines = [line for line in result.output.splitlines() if line.startswith("gatepeer: ")]
     assert len(lines) == 1 and "listGatePeers answer refused: netmask '128.0.0.0'" in lines[0]
     assert "Traceback" not in result.output
+
+
+def test_dry_run_plans_opening_gate_and_registering_from_the_api_plan(
+    tmp_path: Path, nft_table: list[str], emulator: Emulator
+) -> None:
+    # Gate closed, this peer not registered: the plan opens Gate and registers (as the soracom
+    # CLI lines that would do it), the kernel's plan uses a placeholder inner address, and
+    # nothing reaches the API but reads.
+    emulator.update_settings(gate_opened=False)
+    agent, _ = emu_agent(tmp_path, emulator, redirection="unmanaged", open_gate=True)
+    result = agent.reconcile(dry_run=True)
+    assert [a.command() for a in result.api_actions] == [
+        f"soracom vpg open-gate --vpg-id {EMU.vpg_id}",
+        f"soracom vpg register-gate-peer --vpg-id {EMU.vpg_id} --outer-ip-address "
+        f"{FACTS.local_address}  # the API assigns the inner address",
+    ]
+    assert result.actions, "the kernel's actions are planned against the placeholder view"
+    assert set(emulator.counts()) <= {"auth", "getVirtualPrivateGateway", "listGatePeers"}
+    assert emulator.peers() == []
+    # The real run makes the same changes, then the view is read: nothing is left to plan.
+    assert agent.reconcile().health == "ok"
+    assert [p.outer_ip for p in emulator.peers()] == [str(FACTS.local_address)]
+    assert agent.reconcile(dry_run=True).api_actions == []

@@ -19,8 +19,8 @@ from test_plan import GATE
 
 from gatepeer.agent import Agent
 from gatepeer.config import PacketPathConfig
+from gatepeer.desired_state import IPv4Interface, IPv4Network
 from gatepeer.lab import netns
-from gatepeer.state import IPv4Interface, IPv4Network
 
 pytestmark = pytest.mark.netns
 

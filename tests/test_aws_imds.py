@@ -18,7 +18,7 @@ from gatepeer.aws.detect import ec2_evidence, on_ec2
 from gatepeer.aws.imds import Imds, ImdsError
 from gatepeer.aws.integration import InstanceFactsSource
 from gatepeer.config import AwsConfig, PacketPathConfig
-from gatepeer.state import HostFacts
+from gatepeer.desired_state import HostFacts
 
 SHORT = 0.3  # seconds: the fake answers in microseconds, a "slow" fake sleeps past this
 

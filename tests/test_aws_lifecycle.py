@@ -27,10 +27,10 @@ from gatepeer.aws.lifecycle import (
     heartbeat,
 )
 from gatepeer.config import AgentConfig, AwsConfig, Config, MetricsConfig, SoracomConfig
+from gatepeer.desired_state import HostFacts
 from gatepeer.kernel import nftables
 from gatepeer.lab.emulator import Emulator, EmulatorSettings
 from gatepeer.soracom import SoracomClient
-from gatepeer.state import HostFacts
 
 REGION = "ap-northeast-1"
 GROUP = "gatepeer-asg"

@@ -311,8 +311,7 @@ def test_status_line_falls_back_to_the_reconcile_when_the_live_read_fails(
     def unreadable(*_: Any, **__: Any) -> Any:
         raise OSError(105, "No buffer space available")
 
-    monkeypatch.setattr(daemon_module, "daemon_verdict", unreadable)
-    fake = SimpleNamespace(config=None, agent=SimpleNamespace(state=lambda: {}))
+    fake = SimpleNamespace(_live_verdict=unreadable)
     result = ReconcileResult(
         actions=[], health="degraded", reasons=["SORACOM API: 503"], notes=[], duration_s=0.1
     )

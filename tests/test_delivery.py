@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from gatepeer import config as cfg
-from gatepeer.state import neighbour_thresholds
+from gatepeer.desired_state import neighbour_thresholds
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "gatepeer.service"

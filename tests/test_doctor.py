@@ -16,7 +16,7 @@ import pytest
 from aws_fakes import closed_port_url
 from click.testing import CliRunner
 
-from gatepeer import statefile
+from gatepeer import atomic_json
 from gatepeer.cli import main
 from gatepeer.config import (
     AgentConfig,
@@ -26,6 +26,7 @@ from gatepeer.config import (
     SoracomConfig,
     TunnelConfig,
 )
+from gatepeer.desired_state import Endpoint, GateView, Redirection
 from gatepeer.doctor.judgments import (
     Check,
     TunnelExpectation,
@@ -49,7 +50,6 @@ from gatepeer.lab.emulator import Emulator, EmulatorSettings
 from gatepeer.ruleset import PacketPathSpec
 from gatepeer.ruleset import render as render_table
 from gatepeer.soracom import SoracomClient
-from gatepeer.state import Endpoint, GateView, Redirection
 
 A = IPv4Address
 VPG = "d6a52f88-4f11-4f5e-9b2d-1f2e3d4c5b6a"
@@ -283,7 +283,7 @@ def api_doctor(tmp_path: Path, endpoint: str, *, key: str = SECRET, **soracom: A
     key_file.write_text(key + "\n")
     key_file.chmod(0o600)
     state = tmp_path / "state.json"
-    statefile.write(state, {"health": "ok"})  # a peer gatepeer set up: nothing is pre-flight
+    atomic_json.write(state, {"health": "ok"})  # a peer gatepeer set up: nothing is pre-flight
     cfg = Config(
         soracom=SoracomConfig(
             endpoint=endpoint,

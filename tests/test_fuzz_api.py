@@ -5,8 +5,9 @@ gate peer list answer whatever the test scripts, status, raw body and headers) s
 answers to the real `SoracomClient`: wrong types, missing fields, huge values, control
 characters, nested junk, bodies that are not JSON at all, odd rate-limit headers.
 
-- The client and the checks (`gate.fetch_gate_view`): every answer gives a plausible view or a
-  refusal whose message is one printable line without a secret; nothing else ever escapes.
+- The client and the checks (`registration.converge_registration`): every answer gives a plausible
+  view or a refusal whose message is one printable line without a secret; nothing else ever
+  escapes.
 - The agent (a fake kernel, nft faked): after a good reconcile, a bad answer leaves the kernel
   untouched, keeps the last good view in memory, in state.json and in the gate cache, and
   turns health degraded with one printable line per reason.
@@ -36,10 +37,10 @@ from test_plan import FACTS, make_config
 from gatepeer import ruleset
 from gatepeer.agent import Agent
 from gatepeer.config import AgentConfig, Config, SoracomConfig
-from gatepeer.gate import GateError, fetch_gate_view
+from gatepeer.desired_state import GateView, desired_state
 from gatepeer.kernel import nftables
+from gatepeer.registration import GateError, converge_registration
 from gatepeer.soracom import SoracomClient, SoracomError
-from gatepeer.state import GateView, desired_state
 
 VPG_ID = "vpg-fuzz-0001"
 KEY_ID = "keyId-fuzzfuzzfuzzfuzzfuzzfuzzfuzz01"
@@ -343,7 +344,7 @@ def test_every_answer_gives_a_plausible_view_or_one_clear_line(api: ScriptedApi)
     def check(vpg: Answer, peers: Answer, register: Answer) -> None:
         api.script(vpg=vpg, peers=peers, register=register)
         try:
-            view = fetch_gate_view(client, VPG_ID, OUTER, open_gate=False)
+            view = converge_registration(client, VPG_ID, OUTER, open_gate=False)
         except (SoracomError, GateError) as exc:
             outcomes["refused"] += 1
             assert_one_clear_line(str(exc))
@@ -530,7 +531,7 @@ def test_gatepeer_apply_shows_one_clear_line_never_a_traceback(
     from gatepeer.cli import main
 
     api.script()
-    good = fetch_gate_view(client_for(api), VPG_ID, OUTER, open_gate=False)
+    good = converge_registration(client_for(api), VPG_ID, OUTER, open_gate=False)
     key = tmp_path / "auth-key"
     key.write_text(AUTH_KEY)
     key.chmod(0o600)

@@ -12,17 +12,17 @@ from typing import Any, cast
 
 import pytest
 
-from gatepeer.gate import (
+from gatepeer.desired_state import Endpoint, IPv4Address, IPv4Interface, IPv4Network, Redirection
+from gatepeer.lab.emulator import Emulator, EmulatorSettings, Peer
+from gatepeer.registration import (
     AnswerRefused,
     GateError,
+    converge_registration,
     coverage_hint,
-    fetch_gate_view,
     find_own_peer,
     vpg_endpoints,
 )
-from gatepeer.lab.emulator import Emulator, EmulatorSettings, Peer
 from gatepeer.soracom import SoracomClient, SoracomError
-from gatepeer.state import Endpoint, IPv4Address, IPv4Interface, IPv4Network, Redirection
 
 A = IPv4Address
 AUTH_KEY = "secret-gate-test-key-4a7c1e9b3d5f"
@@ -51,7 +51,7 @@ def client(emulator: Emulator) -> SoracomClient:
 
 
 def fetch(client: SoracomClient, *, open_gate: bool = False, outer: IPv4Address = OUTER) -> Any:
-    return fetch_gate_view(client, VPG_ID, outer, open_gate=open_gate)
+    return converge_registration(client, VPG_ID, outer, open_gate=open_gate)
 
 
 # ---- against the emulator --------------------------------------------------------------------
@@ -177,7 +177,7 @@ def test_dropped_call_is_retried(client: SoracomClient, emulator: Emulator) -> N
 
 def test_unknown_vpg_is_a_soracom_error(client: SoracomClient) -> None:
     with pytest.raises(SoracomError) as info:
-        fetch_gate_view(client, "vpg-nosuch", OUTER, open_gate=False)
+        converge_registration(client, "vpg-nosuch", OUTER, open_gate=False)
     assert info.value.status == 404
     assert "soracom.endpoint" in str(info.value) and "g.api.soracom.io" in str(info.value)
 
@@ -196,12 +196,16 @@ def test_a_404_for_the_vpg_names_the_other_coverage(endpoint: str, other: str) -
 def test_a_stable_inner_address_is_asked_for_and_kept(
     client: SoracomClient, emulator: Emulator
 ) -> None:
-    view = fetch_gate_view(client, VPG_ID, OUTER, open_gate=False, inner_address=A("198.19.0.77"))
+    view = converge_registration(
+        client, VPG_ID, OUTER, open_gate=False, inner_address=A("198.19.0.77")
+    )
     assert emulator.peers() == [Peer("198.18.0.10", "198.19.0.77")]
     assert view.inner == IPv4Interface("198.19.0.77/16")
     # A replacement instance (same outer address after re-registering) gets it again.
     client.unregister_gate_peer(VPG_ID, str(OUTER))
-    again = fetch_gate_view(client, VPG_ID, OUTER, open_gate=False, inner_address=A("198.19.0.77"))
+    again = converge_registration(
+        client, VPG_ID, OUTER, open_gate=False, inner_address=A("198.19.0.77")
+    )
     assert again.inner == view.inner
 
 
@@ -210,7 +214,9 @@ def test_a_registration_with_another_inner_address_names_the_key(
 ) -> None:
     client.register_gate_peer(VPG_ID, str(OUTER), "198.19.0.50")
     with pytest.raises(GateError) as info:
-        fetch_gate_view(client, VPG_ID, OUTER, open_gate=False, inner_address=A("198.19.0.77"))
+        converge_registration(
+            client, VPG_ID, OUTER, open_gate=False, inner_address=A("198.19.0.77")
+        )
     message = str(info.value)
     assert message.startswith("tunnel.inner_address:") and "198.19.0.50" in message
     assert not isinstance(info.value, AnswerRefused)
@@ -219,7 +225,7 @@ def test_a_registration_with_another_inner_address_names_the_key(
 
 def test_an_inner_address_outside_the_subnet_names_the_key(client: SoracomClient) -> None:
     with pytest.raises(GateError, match=r"^tunnel\.inner_address: 10\.0\.0\.5 is outside"):
-        fetch_gate_view(client, VPG_ID, OUTER, open_gate=False, inner_address=A("10.0.0.5"))
+        converge_registration(client, VPG_ID, OUTER, open_gate=False, inner_address=A("10.0.0.5"))
 
 
 def test_the_redirection_is_read(client: SoracomClient, emulator: Emulator) -> None:
@@ -299,7 +305,7 @@ class FakeClient:
 
 
 def fake_fetch(fake: FakeClient, *, open_gate: bool = False) -> Any:
-    return fetch_gate_view(cast(SoracomClient, fake), VPG_ID, OUTER, open_gate=open_gate)
+    return converge_registration(cast(SoracomClient, fake), VPG_ID, OUTER, open_gate=open_gate)
 
 
 REGISTERED_NULL_NETMASK = own_row(netmask=None)
@@ -548,4 +554,10 @@ def test_gate_still_closed_after_open_gate_is_an_error() -> None:
     fake = FakeClient([closed], [[*ENDPOINT_ROWS, own_row()]])
     with pytest.raises(GateError, match="closed"):
         fake_fetch(fake, open_gate=True)
-    assert fake.calls == ["getVirtualPrivateGateway", "openGate", "getVirtualPrivateGateway"]
+    # The VPG and its peers are read first (the plan needs both), then Gate is opened.
+    assert fake.calls == [
+        "getVirtualPrivateGateway",
+        "listGatePeers",
+        "openGate",
+        "getVirtualPrivateGateway",
+    ]

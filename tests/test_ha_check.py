@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from gatepeer import statefile
+from gatepeer import atomic_json
 from gatepeer.config import load
 from gatepeer.ha.check import CheckInputs, evaluate, gather
 from gatepeer.kernel.nftables import NftError
-from gatepeer.kernel.rtnl import LinkReading
-from gatepeer.status import StateSummary, TunnelReading
+from gatepeer.kernel.rtnl import LinkReading, TunnelReading
+from gatepeer.state_document import StateSummary
 
 A = ipaddress.IPv4Address
 NOW = 1_760_000_000.0
@@ -157,7 +157,7 @@ def write_config(tmp_path: Path, extra: str = "") -> Path:
 
 def test_gather_reads_the_state_file_and_the_kernel_through_its_readers(tmp_path: Path) -> None:
     cfg = load(write_config(tmp_path), check_system=False)
-    statefile.write(tmp_path / "state.json", state_doc(tunnel={"interface": "vxlan9"}))
+    atomic_json.write(tmp_path / "state.json", state_doc(tunnel={"interface": "vxlan9"}))
     asked: list[str] = []
 
     def read_tunnel(name: str) -> TunnelReading:

@@ -16,8 +16,8 @@ from aws_fakes import Moto, offline_aws_env
 
 from gatepeer import redirection
 from gatepeer.config import Config, HaConfig, SoracomConfig
+from gatepeer.desired_state import Endpoint, GateView, Redirection
 from gatepeer.ha.claim import ClaimError, GatewayClaim, RouteTarget
-from gatepeer.state import Endpoint, GateView, Redirection
 
 VPG = "vpg-1"
 INNER = IPv4Interface("10.128.0.5/9")

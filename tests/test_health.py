@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from gatepeer import statefile
+from gatepeer import atomic_json
 from gatepeer.config import HaConfig
+from gatepeer.desired_state import GateView
 from gatepeer.ha.fifo import Event
 from gatepeer.ha.role import Coordinator
 from gatepeer.health import (
@@ -26,19 +27,12 @@ from gatepeer.health import (
     Verdict,
     evaluate,
 )
-from gatepeer.health_inputs import running_verdict
-from gatepeer.kernel.rtnl import InterfaceStats, LinkReading
+from gatepeer.health_signals import running_verdict
+from gatepeer.kernel.rtnl import InterfaceStats, LinkReading, TunnelReading
 from gatepeer.metrics.collectors import HealthCollector
-from gatepeer.probes import ProbeResult, with_probes
 from gatepeer.soracom import ApiStats
-from gatepeer.state import GateView
-from gatepeer.status import (
-    StateSummary,
-    TunnelReading,
-    gather,
-    render,
-    to_json,
-)
+from gatepeer.state_document import ProbeResult, StateSummary, endpoint_report, recorded_signals
+from gatepeer.status_report import gather, render, to_json
 
 A = ipaddress.IPv4Address
 I = ipaddress.IPv4Interface  # noqa: E741 - as in the addresses it builds
@@ -375,7 +369,7 @@ def metrics_health(case: Case, summary: StateSummary) -> str:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_status_metrics_and_the_daemon_agree(tmp_path: Path, case: Case) -> None:
     doc = state_doc(case)
-    statefile.write(tmp_path / "state.json", doc)
+    atomic_json.write(tmp_path / "state.json", doc)
     config = tmp_path / "gatepeer.toml"
     config.write_text(config_text(tmp_path, case))
     tunnel = (
@@ -415,16 +409,20 @@ def test_status_metrics_and_the_daemon_agree(tmp_path: Path, case: Case) -> None
             e.outer: ProbeResult(s, None, None)  # type: ignore[arg-type]
             for e, s in zip(VIEW.endpoints, case.probe_states, strict=True)
         }
-        written = with_probes(
-            doc, VIEW.endpoints, results, frozenset(e.outer for e in VIEW.endpoints)
-        )
-        assert (written["health"], written["reasons"]) == (case.health, status.reasons)
+        written = {
+            **doc,
+            "endpoints": endpoint_report(
+                VIEW.endpoints, results, frozenset(e.outer for e in VIEW.endpoints)
+            ),
+        }
+        verdict = evaluate(recorded_signals(StateSummary.from_state(written)))
+        assert (verdict.health, list(verdict.reasons)) == (case.health, status.reasons)
 
 
 def test_status_shows_the_ha_line_and_object_only_with_ha(tmp_path: Path) -> None:
     case = Case("ha", "degraded", ha=("MASTER",), claim_fails=True)
     doc = state_doc(case)
-    statefile.write(tmp_path / "state.json", doc)
+    atomic_json.write(tmp_path / "state.json", doc)
     config = tmp_path / "gatepeer.toml"
     config.write_text(config_text(tmp_path, case))
     tunnel = TunnelReading(case.link, case.addresses, case.flood)

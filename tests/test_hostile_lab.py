@@ -249,7 +249,7 @@ def metric_packets(h: Hostile) -> dict[str, float]:
     from prometheus_client.registry import CollectorRegistry
 
     from gatepeer.metrics.collectors import PacketPathCollector
-    from gatepeer.status import StateSummary
+    from gatepeer.state_document import StateSummary
 
     class Agent:
         def summary(self) -> StateSummary:

@@ -28,13 +28,7 @@ from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from gatepeer import __version__
-from gatepeer.kernel.rtnl import InterfaceStats, LinkReading
-from gatepeer.metrics.collectors import ReconcileCollector, build_registry, collectors
-from gatepeer.metrics.server import MetricsServer, listen_address
-from gatepeer.metrics.sources import CONNTRACK_COUNT, CONNTRACK_MAX, NEIGHBOUR_LIMIT
-from gatepeer.probes import ProbeResult
-from gatepeer.soracom import ApiStats
-from gatepeer.state import (
+from gatepeer.desired_state import (
     Endpoint,
     GateView,
     IPv4Address,
@@ -42,7 +36,12 @@ from gatepeer.state import (
     IPv4Network,
     Redirection,
 )
-from gatepeer.status import EndpointSummary, StateSummary
+from gatepeer.kernel.rtnl import InterfaceStats, LinkReading
+from gatepeer.metrics.collectors import ReconcileCollector, build_registry, collectors
+from gatepeer.metrics.server import MetricsServer, listen_address
+from gatepeer.metrics.sources import CONNTRACK_COUNT, CONNTRACK_MAX, NEIGHBOUR_LIMIT
+from gatepeer.soracom import ApiStats
+from gatepeer.state_document import EndpointSummary, ProbeResult, StateSummary
 
 GOLDEN = Path(__file__).parent / "golden" / "metrics"
 A = IPv4Address

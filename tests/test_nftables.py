@@ -16,8 +16,8 @@ import pytest
 from test_ruleset import ALLOW, CASES, EP1, EP3, PLAIN, VNI, WITH_FLOWTABLE, spec
 
 from gatepeer import ruleset as rs
+from gatepeer.desired_state import conntrack_sysctls
 from gatepeer.kernel import nftables as nf
-from gatepeer.state import conntrack_sysctls
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -236,7 +236,8 @@ def test_errors_carry_nft_stderr(ns: str) -> None:
 @pytest.mark.netns
 def test_conntrack_max_is_read_only_outside_the_initial_namespace(ns: str) -> None:
     code = (
-        "from gatepeer.kernel import nftables as nf; from gatepeer.state import conntrack_sysctls; "
+        "from gatepeer.kernel import nftables as nf; "
+        "from gatepeer.desired_state import conntrack_sysctls; "
         "print('\\n'.join(nf.unwritable(conntrack_sysctls(50000, 8))))"
     )
     out = subprocess.run(

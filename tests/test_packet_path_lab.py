@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from conftest import LabHandle
 
+from gatepeer.desired_state import neighbour_thresholds
 from gatepeer.kernel.nftables import counters
 from gatepeer.lab import netns
-from gatepeer.state import neighbour_thresholds
 
 pytestmark = pytest.mark.netns
 

@@ -15,22 +15,7 @@ import pytest
 
 from gatepeer import ruleset
 from gatepeer.config import Config, PacketPathConfig, TunnelConfig
-from gatepeer.plan import (
-    AddAddress,
-    AddFdb,
-    CreateLink,
-    DeleteLink,
-    LoadRuleset,
-    RemoveAddress,
-    RemoveFdb,
-    SetMtu,
-    SetSysctl,
-    SetUp,
-    describe,
-    owned_after,
-    plan,
-)
-from gatepeer.state import (
+from gatepeer.desired_state import (
     DesiredState,
     DesiredStateError,
     Endpoint,
@@ -47,6 +32,21 @@ from gatepeer.state import (
     neighbour_thresholds,
     stable_mac,
     tunnel_mtu,
+)
+from gatepeer.plan import (
+    AddAddress,
+    AddFdb,
+    CreateLink,
+    DeleteLink,
+    LoadRuleset,
+    RemoveAddress,
+    RemoveFdb,
+    SetMtu,
+    SetSysctl,
+    SetUp,
+    describe,
+    owned_after,
+    plan,
 )
 
 A = IPv4Address

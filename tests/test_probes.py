@@ -10,27 +10,33 @@ import time
 
 import pytest
 
+from gatepeer.desired_state import Endpoint, IPv4Address
+from gatepeer.health import Signals, evaluate
+from gatepeer.kernel.icmp import ProbeUnavailable, checksum, echo_request, parse_echo_reply
 from gatepeer.probes import (
     DOWN_AFTER,
     WINDOW,
     IcmpTransport,
     Prober,
-    ProbeResult,
-    ProbeUnavailable,
     Reply,
-    _checksum,
-    echo_request,
-    parse_echo_reply,
-    probe_health,
-    with_probes,
 )
-from gatepeer.state import Endpoint, IPv4Address
+from gatepeer.state_document import ProbeResult, StateSummary, endpoint_report, probe_signals
 
 A = IPv4Address
 IN1, IN2 = A("198.19.0.1"), A("198.19.0.2")
 EP1 = Endpoint(A("198.18.1.11"), IN1)
 EP2 = Endpoint(A("198.18.1.12"), IN2)
 INTERVAL, TIMEOUT = 5.0, 1.0
+
+
+def probe_health(
+    endpoints: list[Endpoint], results: dict[IPv4Address, ProbeResult]
+) -> tuple[str, list[str]]:
+    """What the probes alone say, the way the daemon's document judges them: reported,
+    read back, and given to the evaluator as its probe signals."""
+    read = StateSummary.from_state({"endpoints": endpoint_report(endpoints, results, None)})
+    verdict = evaluate(Signals(probes=probe_signals(read.endpoints)))
+    return verdict.health, list(verdict.reasons)
 
 
 class FakeClock:
@@ -217,58 +223,10 @@ def test_health_one_down_is_degraded_all_down_is_down() -> None:
     assert "198.18.1.11" in reasons[0] and "198.18.1.12" in reasons[0]
 
 
-GATE = {
-    "vpg_id": "vpg-1",
-    "vni": 10,
-    "device_subnet": "198.19.0.0/16",
-    "gate_opened": True,
-    "inner": "198.19.0.3/16",
-    "outer": "198.18.0.10",
-    "endpoints": [{"outer": str(e.outer), "inner": str(e.inner)} for e in (EP1, EP2)],
-}
-
-
-def test_with_probes_adds_endpoints_and_joins_health() -> None:
-    # A registered peer (the evaluator judges a missing gate view too: "not registered").
-    state = {"health": "ok", "reasons": [], "gate": GATE}
-    results = {
-        EP1.outer: ProbeResult("up", 0.0012345678, 0.1),
-        EP2.outer: ProbeResult("down", None, 1.0),
-    }
-    out = with_probes(state, [EP1, EP2], results, frozenset({EP1.outer}))
-    assert out["health"] == "degraded"
-    assert out["reasons"] == [
-        "VPG endpoint 198.18.1.12 (inner 198.19.0.2) does not answer probes through the tunnel"
-    ]
-    assert out["endpoints"] == [
-        {
-            "outer": "198.18.1.11",
-            "inner": "198.19.0.1",
-            "fdb_present": True,
-            "probe": {"state": "up", "rtt_s": 0.001235, "loss": 0.1, "error": None},
-        },
-        {
-            "outer": "198.18.1.12",
-            "inner": "198.19.0.2",
-            "fdb_present": False,
-            "probe": {"state": "down", "rtt_s": None, "loss": 1.0, "error": None},
-        },
-    ]
-    assert state == {"health": "ok", "reasons": [], "gate": GATE}, "the input is not changed"
-    # A failed reconcile stays failed; nobody probing leaves the health alone.
-    failed = {"health": "failed", "reasons": ["x"], "gate": GATE,
-              "last_reconcile": {"health": "failed", "failure": "x"}}  # fmt: skip
-    assert with_probes(failed, [EP1], results, None)["health"] == "failed"
-    quiet = with_probes({"health": "ok", "reasons": []}, [EP1], None, None)
-    assert quiet["health"] == "ok"
-    assert quiet["endpoints"][0]["probe"]["state"] == "unknown"
-    assert quiet["endpoints"][0]["fdb_present"] is False
-
-
 def test_echo_request_has_a_valid_checksum_and_replies_parse() -> None:
     packet = echo_request(0x1234, 7)
     assert packet[0] == 8 and packet[1] == 0
-    assert _checksum(packet) == 0  # a correct ICMP checksum sums to zero
+    assert checksum(packet) == 0  # a correct ICMP checksum sums to zero
     reply = bytearray(packet)
     reply[0] = 0
     ip_header = bytes([0x45]) + b"\0" * 19

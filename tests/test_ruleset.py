@@ -410,7 +410,7 @@ def test_counters_from_json() -> None:
 
 def test_pure_modules_import_no_kernel_code() -> None:
     code = (
-        "import sys, gatepeer.plan, gatepeer.ruleset, gatepeer.state; "
+        "import sys, gatepeer.plan, gatepeer.ruleset, gatepeer.desired_state; "
         "print(sorted(m for m in sys.modules if m.startswith('gatepeer.kernel')))"
     )
     out = subprocess.run(

@@ -1,4 +1,4 @@
-"""statefile: atomic writes, and the temporary files of writers that died mid-write."""
+"""atomic_json: atomic writes, and the temporary files of writers that died mid-write."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gatepeer import statefile
+from gatepeer import atomic_json
 
 
 def dead_pid() -> int:
@@ -19,8 +19,8 @@ def dead_pid() -> int:
 
 def test_write_is_whole_and_readable(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
-    statefile.write(path, {"health": "ok"})
-    assert statefile.read(path) == {"format": statefile.FORMAT_VERSION, "health": "ok"}
+    atomic_json.write(path, {"health": "ok"})
+    assert atomic_json.read(path) == {"format": atomic_json.FORMAT_VERSION, "health": "ok"}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
 
 
@@ -33,7 +33,7 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path: 
     other = tmp_path / f".gate.json.{dead_pid()}.xyz.tmp"  # another file's: not ours to judge
     other.write_text("{")
 
-    statefile.write(path, {"health": "ok"})
+    atomic_json.write(path, {"health": "ok"})
 
     assert not killed.exists()
     assert live.exists() and other.exists()

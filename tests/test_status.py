@@ -19,18 +19,12 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from gatepeer import statefile
+from gatepeer import atomic_json
 from gatepeer.cli import main
-from gatepeer.kernel.rtnl import InterfaceStats, LinkReading
-from gatepeer.status import (
-    StateSummary,
-    Status,
-    TunnelReading,
-    daemon_pid,
-    gather,
-    render,
-    to_json,
-)
+from gatepeer.kernel.rtnl import InterfaceStats, LinkReading, TunnelReading
+from gatepeer.running_daemon import daemon_pid
+from gatepeer.state_document import StateSummary
+from gatepeer.status_report import Status, gather, render, to_json
 
 A = ipaddress.IPv4Address
 NOW = 1_760_000_000.0
@@ -133,7 +127,7 @@ def run_status(
             )
         )
     if doc is not None:
-        statefile.write(state_file, doc)
+        atomic_json.write(state_file, doc)
     return gather(
         cfg,
         read_tunnel=lambda name: tunnel,
@@ -223,7 +217,7 @@ def test_a_state_file_that_is_not_json_is_said(tmp_path: Path) -> None:
 
 def test_status_command_survives_a_damaged_state_file(tmp_path: Path) -> None:
     state_file = tmp_path / "state.json"
-    statefile.write(state_file, {"endpoints": [{"inner": None}], "counters": 5})
+    atomic_json.write(state_file, {"endpoints": [{"inner": None}], "counters": 5})
     cfg = tmp_path / "gatepeer.toml"
     cfg.write_text(
         '[soracom]\nauth_key_id = "keyId-x"\nvpg_id = "vpg-1"\n'

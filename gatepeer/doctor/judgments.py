@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from gatepeer import redirection
 from gatepeer.config import VXLAN_OVERHEAD, Config
+from gatepeer.desired_state import GateView
 from gatepeer.ruleset import FAMILY, TABLE, loaded_endpoints
-from gatepeer.state import GateView
 
 if TYPE_CHECKING:
     from gatepeer.aws.ec2 import IngressRule, VpcRoute

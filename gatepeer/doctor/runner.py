@@ -21,8 +21,9 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from gatepeer import statefile
+from gatepeer import atomic_json
 from gatepeer.config import VXLAN_OVERHEAD, Config, ConfigError, check_against_system, load
+from gatepeer.desired_state import GateView, conntrack_sysctls, neighbour_thresholds
 from gatepeer.doctor.judgments import (
     Check,
     TunnelExpectation,
@@ -40,7 +41,6 @@ from gatepeer.doctor.judgments import (
     judge_underlay_mtu,
 )
 from gatepeer.kernel import rtnl, sysctl
-from gatepeer.state import GateView, conntrack_sysctls, neighbour_thresholds
 
 __all__ = ["Check", "Doctor", "Report", "diagnose", "render", "to_json"]
 
@@ -120,7 +120,7 @@ class Doctor:
         self.probe_timeout = probe_timeout
         self.aws_client = aws_client
         self.instance = InstanceFactsSource(config.aws, sys_root=sys_root or SYS_ROOT)
-        state = statefile.read(config.agent.state_file)
+        state = atomic_json.read(config.agent.state_file)
         self.preflight = state is None
         self.saved_gate = _saved_gate(state, config.soracom.vpg_id)
         self.report = Report(preflight=self.preflight)
@@ -233,7 +233,7 @@ class Doctor:
         )
 
     def check_api(self) -> list[Check]:
-        from gatepeer.gate import AnswerRefused, find_own_peer, read_vpg, vpg_endpoints
+        from gatepeer.registration import AnswerRefused, find_own_peer, read_vpg, vpg_endpoints
         from gatepeer.soracom import AuthenticationError, SoracomError
 
         after = ("vpg", "gate", "registration", "redirection", "clock")
@@ -337,7 +337,8 @@ class Doctor:
         return [judge_underlay_mtu(name, mtu, self.config.tunnel.mtu)]
 
     def check_path_mtu(self) -> list[Check]:
-        from gatepeer.kernel.pmtu import ProbeUnavailable, probe_paths
+        from gatepeer.kernel.icmp import ProbeUnavailable
+        from gatepeer.kernel.pmtu import probe_paths
 
         tunnel_mtu = self._tunnel_mtu()
         endpoints = self.gathered.endpoints

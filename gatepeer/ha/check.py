@@ -17,10 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gatepeer import statefile
+from gatepeer import atomic_json
 from gatepeer.config import Config, ConfigError, load
 from gatepeer.kernel import nftables
-from gatepeer.status import StateSummary, TunnelReading, daemon_pid
+from gatepeer.kernel.rtnl import TunnelReading
+from gatepeer.running_daemon import daemon_pid
+from gatepeer.state_document import StateSummary
 
 # Probe results older than this many probe intervals (plus one timeout) no longer prove a path:
 # the daemon's prober rewrites state.json after every round.
@@ -87,7 +89,7 @@ def gather(
     find_daemon: Callable[[int | None], int | None] = daemon_pid,
     clock: Callable[[], float] = time.time,
 ) -> CheckInputs:
-    raw = statefile.read(cfg.agent.state_file)
+    raw = atomic_json.read(cfg.agent.state_file)
     state = StateSummary.from_state(raw) if raw else None
     interface = state.interface if state is not None else cfg.tunnel.interface
     loaded: bool | None

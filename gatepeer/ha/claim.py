@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from gatepeer import redirection
 from gatepeer.config import Config
-from gatepeer.state import GateView
+from gatepeer.desired_state import GateView
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,14 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from gatepeer.desired_state import (
+    HostFacts,
+    IPv4Address,
+    IPv4Interface,
+    ObservedLink,
+    ObservedState,
+    Sysctl,
+)
 from gatepeer.kernel import sysctl
 from gatepeer.plan import (
     ZERO_MAC,
@@ -28,15 +36,6 @@ from gatepeer.plan import (
     SetMtu,
     SetSysctl,
     SetUp,
-)
-from gatepeer.state import (
-    HostFacts,
-    IPv4Address,
-    IPv4Interface,
-    IPv4Network,
-    ObservedLink,
-    ObservedState,
-    Sysctl,
 )
 
 IFA_F_SECONDARY = 0x01

@@ -10,7 +10,7 @@ afresh rather than repeating what an earlier ICMP taught the kernel. Three answe
 an echo reply (the size passes), EMSGSIZE at send (this host's own route or interface is
 smaller) or a router's "fragmentation needed" carrying its next-hop MTU.
 
-A raw ICMP socket, like the endpoint probes (`gatepeer.probes`): it needs CAP_NET_RAW.
+A raw ICMP socket (`gatepeer.kernel.icmp`), like the endpoint probes: it needs CAP_NET_RAW.
 """
 
 from __future__ import annotations
@@ -26,13 +26,19 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 from typing import Any
 
-from gatepeer.probes import ICMP_FILTER, SOL_RAW, echo_request, parse_echo_reply
+from gatepeer.kernel.icmp import (
+    ICMP_DEST_UNREACH,
+    ICMP_ECHO_REPLY,
+    echo_request,
+    open_raw,
+    parse_echo_reply,
+)
 
 # <linux/in.h>
 IP_MTU_DISCOVER, IP_MTU = 10, 14
 IP_PMTUDISC_PROBE = 3
 IP_HEADER, ICMP_HEADER = 20, 8
-ICMP_ECHO_REPLY, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED = 0, 3, 4
+ICMP_FRAG_NEEDED = 4  # the code of "destination unreachable" that carries a next-hop MTU
 SMALL_PACKET = 84  # what ping sends by default: answered wherever ICMP echo is
 DEFAULT_TIMEOUT_S = 1.0
 
@@ -48,10 +54,6 @@ class PathProbe:
     local_mtu: int | None = None  # EMSGSIZE at send: the MTU of this host's route
     reported_mtu: int | None = None  # a router's "fragmentation needed": its next-hop MTU
     error: str | None = None  # the probe could not be sent at all
-
-
-class ProbeUnavailable(OSError):
-    """No raw ICMP socket here (CAP_NET_RAW missing): nothing was measured."""
 
 
 def parse_frag_needed(packet: bytes, ident: int) -> tuple[IPv4Address, int] | None:
@@ -87,22 +89,12 @@ def route_mtu(target: IPv4Address) -> int | None:
 
 
 def _open(interface: str | None, source: IPv4Address | None) -> socket.socket:
-    try:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-    except PermissionError as exc:
-        raise ProbeUnavailable(
-            exc.errno, f"cannot open a raw ICMP socket ({exc.strerror}): needs CAP_NET_RAW"
-        ) from None
+    # Echo replies and "fragmentation needed" (a destination-unreachable code) get through.
+    sock = open_raw(keep=(ICMP_ECHO_REPLY, ICMP_DEST_UNREACH), interface=interface)
     try:
         sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
-        # The kernel drops every ICMP type whose bit is set: keep echo reply and unreachable.
-        keep = (1 << ICMP_ECHO_REPLY) | (1 << ICMP_DEST_UNREACH)
-        sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("=I", ~keep & 0xFFFFFFFF))
-        if interface:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode() + b"\0")
         if source is not None:
             sock.bind((str(source), 0))
-        sock.setblocking(False)
     except OSError:
         sock.close()
         raise

@@ -251,3 +251,19 @@ def flood_destinations_of(name: str) -> frozenset[ipaddress.IPv4Address] | None:
     """The flood entries of the link called `name`; None when there is no such link."""
     found = link(name)
     return flood_destinations(found.index) if found is not None else None
+
+
+@dataclass(frozen=True)
+class TunnelReading:
+    """The tunnel link as the kernel has it now: the link, its addresses, its flood entries."""
+
+    link: LinkReading | None
+    addresses: tuple[ipaddress.IPv4Interface, ...] = ()
+    flood: frozenset[ipaddress.IPv4Address] = frozenset()
+
+    @classmethod
+    def read(cls, interface: str) -> TunnelReading:
+        found = link(interface)
+        if found is None:
+            return cls(None)
+        return cls(found, tuple(addresses(found.index)), flood_destinations(found.index))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gatepeer import statefile
+from gatepeer import atomic_json
 
 PROC_SYS = Path("/proc/sys")
 
@@ -56,7 +56,7 @@ class OriginalValues:
         return cls(state_file.with_name(cls.FILE_NAME))
 
     def _load(self) -> dict[str, dict[str, int]]:
-        data = statefile.read(self.path) or {}
+        data = atomic_json.read(self.path) or {}
         entries = data.get("sysctls")
         if not isinstance(entries, dict):
             return {}
@@ -77,7 +77,7 @@ class OriginalValues:
             return  # nothing new: spare the disk a rewrite
         else:
             entry["set"] = value
-        statefile.write(self.path, {"sysctls": entries})
+        atomic_json.write(self.path, {"sysctls": entries})
 
     def restore(self, root: Path = PROC_SYS) -> list[str]:
         """Put back every original value gatepeer's own setting still holds; one line per key

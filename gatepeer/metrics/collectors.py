@@ -26,8 +26,8 @@ from gatepeer.config import AgentConfig, HaConfig
 from gatepeer.ha.metrics import HaCollector
 from gatepeer.ha.role import RoleView
 from gatepeer.health import HEALTHS
-from gatepeer.health_inputs import running_verdict
-from gatepeer.kernel.rtnl import OPER_STATES
+from gatepeer.health_signals import running_verdict
+from gatepeer.kernel.rtnl import OPER_STATES, TunnelReading
 from gatepeer.metrics.sources import (
     CONNTRACK_COUNT,
     CONNTRACK_MAX,
@@ -36,7 +36,6 @@ from gatepeer.metrics.sources import (
     KernelSource,
     PacketPathSource,
 )
-from gatepeer.status import TunnelReading
 
 # nftables counter name -> reason label
 DROP_REASONS = {

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from gatepeer.kernel import rtnl, sysctl
 from gatepeer.soracom import ApiStats
-from gatepeer.status import StateSummary
+from gatepeer.state_document import StateSummary
 
 if TYPE_CHECKING:
     from gatepeer.agent import Agent
@@ -59,18 +58,14 @@ class PacketPathSource(Protocol):
 class LiveAgent:
     """The daemon's current agent (it is replaced on SIGHUP, so it is looked up per scrape)."""
 
-    # Collectors ask for the summary several times per scrape; building it reads the kernel.
-    SUMMARY_TTL_S = 0.05  # one scrape (~6 ms), never the next one
-
     def __init__(self, agent: Callable[[], Agent]) -> None:
         self._agent = agent
-        self._cached: tuple[float, StateSummary] | None = None
 
     def summary(self) -> StateSummary:
-        now = time.monotonic()
-        if self._cached is None or now - self._cached[0] > self.SUMMARY_TTL_S:
-            self._cached = (now, StateSummary.from_state(self._agent().state()))
-        return self._cached[1]
+        """The document the agent last wrote (after a reconcile, a probe round or an HA
+        change): its verdict is read, not judged again. Built afresh only before the first."""
+        agent = self._agent()
+        return (agent.written or agent.document()).summary
 
     def api_stats(self) -> ApiStats:
         stats = self._agent().api_stats

@@ -3,308 +3,37 @@
 It works when the daemon is down (the kernel and the last state.json say what is there) and on
 a machine that was never configured. It must stay fast: standard library and `kernel.rtnl`
 only, no pyroute2, no prometheus_client. The metrics read the daemon's state through the same
-`StateSummary`, so the two never disagree on what the state document means.
+`state_document.StateSummary`, so the two never disagree on what the state document means.
 
 Health is judged by `gatepeer.health.evaluate` (what the words mean is said there), on the
-signals `health_inputs.observed_signals` makes of what was read, as for the metrics and the
+signals `health_signals.observed_signals` makes of what was read, as for the metrics and the
 daemon's STATUS= line. Exit codes: "ok" 0, "degraded" 1, "failed" and "down" 2.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gatepeer import __version__, health, redirection, statefile
+from gatepeer import __version__, atomic_json, health, redirection
 from gatepeer.config import (
-    IFNAME_RE,
     AgentConfig,
-    Config,
     ConfigError,
     HaConfig,
     TunnelConfig,
     load,
 )
 from gatepeer.ha import report as ha_report
-from gatepeer.health_inputs import daemon_signal, observed_signals, running_verdict
-from gatepeer.kernel import rtnl
-from gatepeer.probes import UNKNOWN, ProbeResult
-from gatepeer.state import GateView
+from gatepeer.health_signals import daemon_signal, observed_signals
+from gatepeer.kernel.rtnl import TunnelReading
+from gatepeer.running_daemon import daemon_pid
+from gatepeer.state_document import UNKNOWN, StateSummary
 
 EXIT_CODES = health.STATUS_EXIT_CODES
-
-
-# ---- the state document -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EndpointSummary:
-    outer: str
-    inner: str | None
-    fdb_present: bool | None  # None: not recorded
-    probe: ProbeResult
-
-
-@dataclass(frozen=True)
-class StateSummary:
-    """state.json as typed values; every field tolerates an older or partial document."""
-
-    version: str | None = None
-    pid: int | None = None
-    updated_at: float | None = None
-    reconciled_at: float | None = None  # the main loop's last pass (the prober writes too)
-    interface: str = TunnelConfig.interface
-    health: str = "unknown"
-    reasons: tuple[str, ...] = ()
-    gate: GateView | None = None
-    local_address: str | None = None
-    endpoints: tuple[EndpointSummary, ...] = ()
-    probed: bool = False  # the daemon recorded probe results
-    gate_fetched_at: float | None = None
-    gate_error: str | None = None
-    last_health: str | None = None
-    last_error: str | None = None
-    last_duration_s: float | None = None
-    reconciles: int = 0
-    failures: int = 0
-    last_success_at: float | None = None
-    packet_path_mode: str | None = None
-    fast_path: bool | None = None
-    vpc_cidrs: str | None = None  # route mode's VPC and its source: "198.18.0.0/16 (from imds)"
-    api_answer_refused: bool = False  # gate_error is a refused answer (the last good view stays)
-    api_refused_field: str | None = None  # the field that failed its check
-    redirection_mode: str | None = None  # soracom.redirection when the state was written
-    redirection_error: str | None = None  # the last setRedirectionConfiguration failed
-    # Why the last reconcile failed (None: it did not); older documents name it only in
-    # last_reconcile.error.
-    reconcile_failure: str | None = None
-    ha: Any = None  # the HA role the daemon recorded (RoleView.to_json()); None: none
-
-    @property
-    def redirection_is_self(self) -> bool | None:
-        """The VPG redirects to this peer; None when no gate view is known."""
-        return redirection.points_here(self.gate) if self.gate else None
-
-    @property
-    def registered(self) -> bool:
-        """A registration this host's current address still matches."""
-        if self.gate is None:
-            return False
-        return self.local_address is None or self.local_address == str(self.gate.outer)
-
-    # Fields of the document that were present but unusable (wrong type, bad address).
-    damaged: tuple[str, ...] = ()
-
-    @classmethod
-    def from_state(cls, data: Mapping[str, Any]) -> StateSummary:
-        """Never raises: a field of the wrong shape is left at its default and named in
-        `damaged`, so a hand-edited or truncated file cannot break `status` or the metrics."""
-        r = _Reader(data)
-        gate = None
-        if data.get("gate"):
-            try:
-                gate = GateView.from_json(data["gate"])
-            except (KeyError, ValueError, TypeError, AttributeError):
-                r.damaged.append("gate")
-        last, counters = r.section("last_reconcile"), r.section("counters")
-        packet_path, host, tunnel = r.section("packet_path"), r.section("host"), r.section("tunnel")
-        redirect = r.section("redirection")
-        raw_endpoints = data.get("endpoints")
-        probed = isinstance(raw_endpoints, list)
-        if raw_endpoints is not None and not probed:
-            r.damaged.append("endpoints")
-        if isinstance(raw_endpoints, list):
-            endpoints = []
-            for i, e in enumerate(raw_endpoints):
-                entry = _endpoint(e)
-                if entry is None:
-                    r.damaged.append(f"endpoints[{i}]")
-                else:
-                    endpoints.append(entry)
-        else:
-            endpoints = [
-                EndpointSummary(str(e.outer), str(e.inner) if e.inner else None, None, UNKNOWN)
-                for e in (gate.endpoints if gate else ())
-            ]
-        interface = r.text(tunnel, "interface", "tunnel.interface")
-        if interface is not None and not IFNAME_RE.fullmatch(interface):
-            r.damaged.append("tunnel.interface")
-            interface = None
-        reasons = data.get("reasons") or []
-        if not isinstance(reasons, list) or not all(isinstance(x, str) for x in reasons):
-            r.damaged.append("reasons")
-            reasons = ()
-        health = r.text(data, "health", "health")
-        fast_path = packet_path.get("fast_path_active")
-        if fast_path is not None and not isinstance(fast_path, bool):
-            r.damaged.append("packet_path.fast_path_active")
-            fast_path = None
-        last_health = r.text(last, "health", "last_reconcile.health")
-        failure = r.text(last, "failure", "last_reconcile.failure")
-        if failure is None and last_health == "failed" and "failure" not in last:
-            error = last.get("error")  # its damage, if any, is named below
-            failure = error if isinstance(error, str) else None
-        pid = data.get("pid")
-        if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool)):
-            r.damaged.append("pid")
-            pid = None
-        return cls(
-            version=r.text(data, "version", "version"),
-            pid=pid,
-            updated_at=r.number(data, "updated_at", "updated_at"),
-            reconciled_at=r.number(data, "reconciled_at", "reconciled_at"),
-            interface=interface or TunnelConfig.interface,
-            health=health if health in ("ok", "degraded", "failed") else "unknown",
-            reasons=tuple(reasons),
-            gate=gate,
-            local_address=r.text(host, "local_address", "host.local_address"),
-            endpoints=tuple(endpoints),
-            probed=probed,
-            gate_fetched_at=r.number(data, "gate_fetched_at", "gate_fetched_at"),
-            gate_error=r.text(data, "gate_error", "gate_error"),
-            last_health=last_health,
-            last_error=r.text(last, "error", "last_reconcile.error"),
-            last_duration_s=r.number(last, "duration_s", "last_reconcile.duration_s"),
-            reconciles=r.count(counters, "reconciles", "counters.reconciles"),
-            failures=r.count(counters, "failures", "counters.failures"),
-            last_success_at=r.number(counters, "last_success_at", "counters.last_success_at"),
-            packet_path_mode=r.text(packet_path, "mode", "packet_path.mode"),
-            fast_path=fast_path,
-            vpc_cidrs=_vpc_cidrs(packet_path),
-            api_answer_refused=data.get("api_answer_refused") is True,
-            api_refused_field=r.text(data, "api_refused_field", "api_refused_field"),
-            redirection_mode=r.text(redirect, "mode", "redirection.mode"),
-            redirection_error=r.text(redirect, "error", "redirection.error"),
-            reconcile_failure=failure,
-            ha=data.get("ha"),
-            damaged=tuple(r.damaged),
-        )
-
-
-class _Reader:
-    """Typed reads from the state document; a present value of the wrong type reads as absent
-    and its key is remembered."""
-
-    def __init__(self, data: Mapping[str, Any]) -> None:
-        self.data = data
-        self.damaged: list[str] = []
-
-    def section(self, key: str) -> Mapping[str, Any]:
-        value = self.data.get(key)
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            self.damaged.append(key)
-            return {}
-        return value
-
-    def text(self, where: Mapping[str, Any], key: str, name: str) -> str | None:
-        value = where.get(key)
-        if value is None or isinstance(value, str):
-            return value
-        self.damaged.append(name)
-        return None
-
-    def number(self, where: Mapping[str, Any], key: str, name: str) -> float | None:
-        value = where.get(key)
-        if value is not None and _number(value) is None:
-            self.damaged.append(name)
-        return _number(value)
-
-    def count(self, where: Mapping[str, Any], key: str, name: str) -> int:
-        value = where.get(key)
-        if value is None:
-            return 0
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            self.damaged.append(name)
-            return 0
-        return value
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _address(value: Any) -> str | None:
-    """The address as text when `value` is an IPv4 address, else None."""
-    try:
-        return str(ipaddress.IPv4Address(value)) if isinstance(value, str) else None
-    except ValueError:
-        return None
-
-
-def _vpc_cidrs(packet_path: Mapping[str, Any]) -> str | None:
-    """The VPC's networks the agent used and where they came from; None when not recorded."""
-    nets, source = packet_path.get("vpc_cidrs"), packet_path.get("vpc_cidrs_source")
-    if not isinstance(nets, list) or not nets or not all(isinstance(n, str) for n in nets):
-        return None
-    return f"{', '.join(nets)} (from {source if isinstance(source, str) else 'unknown'})"
-
-
-def _endpoint(data: Any) -> EndpointSummary | None:
-    """One probed endpoint, or None when the entry is damaged."""
-    if not isinstance(data, Mapping):
-        return None
-    outer, inner, probe = data.get("outer"), data.get("inner"), data.get("probe") or {}
-    fdb_present = data.get("fdb_present")
-    if (
-        _address(outer) is None
-        or (inner is not None and _address(inner) is None)
-        or not isinstance(probe, Mapping)
-        or not isinstance(fdb_present, bool | None)
-    ):
-        return None
-    state = probe.get("state")
-    error = probe.get("error")
-    return EndpointSummary(
-        outer=str(_address(outer)),
-        inner=_address(inner),
-        fdb_present=fdb_present,
-        probe=ProbeResult(
-            state=state if state in ("up", "down") else "unknown",
-            rtt_s=_number(probe.get("rtt_s")),
-            loss=_number(probe.get("loss")),
-            error=error if isinstance(error, str) else None,
-        ),
-    )
-
-
-# ---- what the kernel has ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TunnelReading:
-    link: rtnl.LinkReading | None
-    addresses: tuple[ipaddress.IPv4Interface, ...] = ()
-    flood: frozenset[ipaddress.IPv4Address] = frozenset()
-
-    @classmethod
-    def read(cls, interface: str) -> TunnelReading:
-        link = rtnl.link(interface)
-        if link is None:
-            return cls(None)
-        return cls(link, tuple(rtnl.addresses(link.index)), rtnl.flood_destinations(link.index))
-
-
-def daemon_pid(pid: int | None, proc: Path = Path("/proc")) -> int | None:
-    """`pid` when it is a live `gatepeer run` (not a zombie, not a reused pid)."""
-    if pid is None:
-        return None
-    try:
-        stat = (proc / str(pid) / "stat").read_text()
-        argv = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
-        return None
-    args = [a.decode(errors="replace") for a in argv if a]
-    is_gatepeer = any(Path(a).name == "gatepeer" or a in ("gatepeer", "gatepeer.cli") for a in args)
-    return pid if is_gatepeer and "run" in args else None
 
 
 # ---- the report -----------------------------------------------------------------------------
@@ -366,7 +95,7 @@ def gather(
             interval, mode = cfg.agent.reconcile_interval, cfg.packet_path.mode
             redirection_mode = cfg.soracom.redirection
             ha_config = cfg.ha
-    raw = statefile.read(state_path)
+    raw = atomic_json.read(state_path)
     state = StateSummary.from_state(raw) if raw else None
     state_error = None
     if raw is None and state_path.exists():
@@ -420,24 +149,6 @@ def evaluate(s: Status) -> tuple[str, list[str]]:
     )
     verdict = health.evaluate(signals)
     return verdict.health, list(verdict.reasons)
-
-
-def daemon_verdict(
-    config: Config, doc: Mapping[str, Any], now: float | None = None
-) -> health.Verdict:
-    """`running_verdict` for the daemon's own state document and the live tunnel (its systemd
-    STATUS= line)."""
-    st = StateSummary.from_state(doc)
-    return running_verdict(
-        st,
-        TunnelReading.read(st.interface),
-        pid=st.pid or os.getpid(),
-        now=time.time() if now is None else now,
-        reconcile_interval=config.agent.reconcile_interval,
-        packet_path_mode=config.packet_path.mode,
-        redirection_mode=config.soracom.redirection,
-        ha=config.ha,
-    )
 
 
 # ---- output -------------------------------------------------------------------------------

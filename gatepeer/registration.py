@@ -1,7 +1,9 @@
-"""What the SORACOM API says about this gate peer, turned into a `GateView`.
+"""This gate peer's registration with the VPG: what the API says, turned into a `GateView`.
 
-Registration is idempotent: when this host's outer address is already a customer peer of the
-VPG, that registration is reused; the agent never registers twice.
+Reading never changes anything (`read_registration`, `fetch_gate_view`); the changes are
+planned (`plan_registration`: open Gate, register, as `api_actions`) and made one by one
+(`apply_api_action`). Registration is idempotent: when this host's outer address is already a
+customer peer of the VPG, that registration is reused; the agent never registers twice.
 
 Every field taken from an answer passes a check first (one function per check below). A field
 that fails raises `AnswerRefused` with one printable line naming the field and the value; the
@@ -15,8 +17,13 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
-from gatepeer.soracom import SoracomClient, SoracomError, printable
-from gatepeer.state import (
+from gatepeer.api_actions import (
+    ApiAction,
+    OpenGate,
+    RegisterGatePeer,
+    SetRedirection,
+)
+from gatepeer.desired_state import (
     Endpoint,
     GateView,
     IPv4Address,
@@ -24,6 +31,7 @@ from gatepeer.state import (
     IPv4Network,
     Redirection,
 )
+from gatepeer.soracom import SoracomClient, SoracomError, printable
 
 log = logging.getLogger(__name__)
 
@@ -267,63 +275,110 @@ def vpg_endpoints(
     return tuple(sorted(found, key=lambda e: e.outer))
 
 
-def _registration(
-    client: SoracomClient,
-    vpg_id: str,
-    outer: IPv4Address,
-    inner_address: IPv4Address | None,
-    peers: list[dict[str, Any]],
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """This peer's row (registering it when absent) and the latest list of peers."""
-    own = find_own_peer(peers, outer)
-    if own is not None:
-        return own, peers
-    log.info("registering %s as a gate peer of VPG %s", outer, vpg_id)
-    try:
-        own = client.register_gate_peer(
-            vpg_id, str(outer), str(inner_address) if inner_address else None
-        )
-    except SoracomError as exc:
-        # A concurrent registration (another run, a retried request) may have won the race.
-        peers = client.list_gate_peers(vpg_id)
-        found = find_own_peer(peers, outer)
-        if found is None:
-            raise exc from None
-        return found, peers
-    peers = client.list_gate_peers(vpg_id)
-    return find_own_peer(peers, outer) or own, peers
+@dataclass(frozen=True)
+class VpgReading:
+    """What the API says now about the VPG and its gate peers (reads only)."""
+
+    vpg: VpgFacts
+    peers: list[dict[str, Any]]
 
 
-def fetch_gate_view(
-    client: SoracomClient,
+def read_registration(client: SoracomClient, vpg_id: str) -> VpgReading:
+    return VpgReading(read_vpg(client, vpg_id), client.list_gate_peers(vpg_id))
+
+
+def plan_registration(
     vpg_id: str,
+    reading: VpgReading,
     outer: IPv4Address,
     *,
     open_gate: bool,
     inner_address: IPv4Address | None = None,
-) -> GateView:
-    vpg = read_vpg(client, vpg_id)
+) -> list[ApiAction]:
+    """The API changes that make this host a gate peer of an open Gate: openGate when Gate is
+    closed (and soracom.open_gate allows it), registerGatePeer when `outer` is not registered.
+    Pure; refuses what no change can fix."""
+    actions: list[ApiAction] = []
+    vpg = reading.vpg
     if not vpg.gate_opened:
         if not open_gate:
             raise GateError(
                 f"Gate is closed on VPG {vpg_id}: open it, or set soracom.open_gate = true"
             )
-        log.info("Gate is closed on VPG %s; opening it (soracom.open_gate = true)", vpg_id)
-        client.open_gate(vpg_id)
-        vpg = read_vpg(client, vpg_id)
-        if not vpg.gate_opened:
-            raise GateError(f"Gate is still closed on VPG {vpg_id} after openGate")
+        actions.append(OpenGate(vpg_id))
     subnet = vpg.device_subnet
     if inner_address is not None and inner_address not in subnet:
         raise GateError(
             f"tunnel.inner_address: {inner_address} is outside VPG {vpg_id}'s device subnet "
             f"{subnet}; pick an address inside it"
         )
-    peers = client.list_gate_peers(vpg_id)
-    own, peers = _registration(client, vpg_id, outer, inner_address, peers)
+    if find_own_peer(reading.peers, outer) is None:
+        actions.append(RegisterGatePeer(vpg_id, outer, inner_address))
+    return actions
+
+
+def apply_api_action(
+    client: SoracomClient, action: ApiAction, reading: VpgReading | None = None
+) -> VpgReading | None:
+    """Make the call `action` stands for; for the registration's actions, the reading that
+    follows it (Gate open, this peer listed)."""
+    vpg_id = action.vpg_id
+    if isinstance(action, OpenGate):
+        log.info("Gate is closed on VPG %s; opening it (soracom.open_gate = true)", vpg_id)
+        client.open_gate(vpg_id)
+        vpg = read_vpg(client, vpg_id)
+        if not vpg.gate_opened:
+            raise GateError(f"Gate is still closed on VPG {vpg_id} after openGate")
+        return VpgReading(vpg, reading.peers if reading else client.list_gate_peers(vpg_id))
+    if isinstance(action, RegisterGatePeer):
+        log.info("registering %s as a gate peer of VPG %s", action.outer, vpg_id)
+        inner = str(action.inner) if action.inner else None
+        try:
+            answer = client.register_gate_peer(vpg_id, str(action.outer), inner)
+        except SoracomError as exc:
+            # A concurrent registration (another run, a retried request) may have won the race.
+            peers = client.list_gate_peers(vpg_id)
+            if find_own_peer(peers, action.outer) is None:
+                raise exc from None
+        else:
+            peers = client.list_gate_peers(vpg_id)
+            if find_own_peer(peers, action.outer) is None:
+                peers = [*peers, answer]  # a listing that lags behind: the answer stands in
+        vpg = reading.vpg if reading else read_vpg(client, vpg_id)
+        return VpgReading(vpg, peers)
+    if isinstance(action, SetRedirection):
+        assert action.gateway is not None, "planned with the inner address unknown"
+        client.set_redirection(vpg_id, str(action.gateway))
+        return reading
+    client.unset_redirection(vpg_id)
+    return reading
+
+
+def gate_view(
+    vpg_id: str,
+    reading: VpgReading,
+    outer: IPv4Address,
+    inner_address: IPv4Address | None = None,
+    *,
+    placeholder: bool = False,
+) -> GateView:
+    """The view of a registered peer, every field checked. `placeholder` (a dry run before
+    registering): the inner address is the one asked for, or the subnet's first, until the
+    API assigns one."""
+    vpg, peers = reading.vpg, reading.peers
+    subnet = vpg.device_subnet
+    own = find_own_peer(peers, outer)
+    assumed = placeholder and own is None  # not registered yet: a dry run plans on
     try:
-        inner = check_inner("innerIpAddress", own.get("innerIpAddress"), subnet)
-        check_netmask(own.get("netmask"), subnet)
+        if assumed:
+            inner = inner_address or subnet.network_address
+        elif own is None:
+            raise GateError(
+                f"VPG {vpg_id}: {outer} is not registered; run gatepeer apply to register it"
+            )
+        else:
+            inner = check_inner("innerIpAddress", own.get("innerIpAddress"), subnet)
+            check_netmask(own.get("netmask"), subnet)
         endpoints = vpg_endpoints(peers, subnet, outer)
     except AnswerRefused as exc:
         raise exc.within(vpg_id, "listGatePeers") from None
@@ -333,7 +388,7 @@ def fetch_gate_view(
             f'{inner}, not {inner_address}; set tunnel.inner_address = "{inner}", or '
             "unregister it (gatepeer down --unregister) to register again"
         )
-    if not endpoints:
+    if not assumed and not endpoints:
         raise GateError(
             f"VPG {vpg_id}: the API lists no VPG tunnel endpoints; check the VPG's state in "
             "the SORACOM console (it may still be starting)"
@@ -342,10 +397,38 @@ def fetch_gate_view(
         vpg_id=vpg_id,
         vni=vpg.vni,
         device_subnet=subnet,
-        gate_opened=True,
+        gate_opened=vpg.gate_opened,
         # Always the device subnet's prefix: check_netmask refused any other.
         inner=IPv4Interface(f"{inner}/{subnet.prefixlen}"),
         endpoints=endpoints,
         outer=outer,
         redirection=vpg.redirection,
     )
+
+
+def fetch_gate_view(
+    client: SoracomClient, vpg_id: str, outer: IPv4Address, inner_address: IPv4Address | None = None
+) -> GateView:
+    """The VPG as the API has it now, for a peer already registered on an open Gate. Reads
+    only: `converge_registration` (or the agent's plan) makes the changes."""
+    reading = read_registration(client, vpg_id)
+    plan_registration(vpg_id, reading, outer, open_gate=False, inner_address=inner_address)
+    return gate_view(vpg_id, reading, outer, inner_address)
+
+
+def converge_registration(
+    client: SoracomClient,
+    vpg_id: str,
+    outer: IPv4Address,
+    *,
+    open_gate: bool,
+    inner_address: IPv4Address | None = None,
+) -> GateView:
+    """Plan the registration's API changes, make them, and return the view that follows."""
+    reading = read_registration(client, vpg_id)
+    for action in plan_registration(
+        vpg_id, reading, outer, open_gate=open_gate, inner_address=inner_address
+    ):
+        log.info("apply: %s", action.command())
+        reading = apply_api_action(client, action, reading) or reading
+    return gate_view(vpg_id, reading, outer, inner_address)

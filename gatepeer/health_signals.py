@@ -1,22 +1,24 @@
-"""The health evaluator's signals from what a reader found: the state document (`StateSummary`),
-the live tunnel (`TunnelReading`), the daemon and [ha]. Pure.
+"""The health evaluator's signals from what a reader found live, beside the state document's
+own (`state_document.recorded_signals`): the live tunnel (`rtnl.TunnelReading`), the daemon
+and [ha]. Pure.
 
-`gatepeer status`, the metrics, the daemon's STATUS= line and the health the daemon writes in
-state.json all build their signals here, so one state and one kernel give one verdict.
+`gatepeer status`, the metrics and the daemon's STATUS= line build their signals here, so one
+state and one kernel give one verdict.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gatepeer import health, redirection
 from gatepeer.config import HaConfig
 from gatepeer.ha import report as ha_report
+from gatepeer.state_document import StateSummary, probe_signals, recorded_signals
 
-if TYPE_CHECKING:  # status imports this module: its types only
-    from gatepeer.status import StateSummary, TunnelReading
+if TYPE_CHECKING:  # a reading's type only: this module does no I/O
+    from gatepeer.kernel.rtnl import TunnelReading
 
 # state.json is rewritten after every reconcile and probe round; older than this many
 # reconcile intervals means the daemon is stuck.
@@ -55,32 +57,6 @@ def daemon_signal(
     )
 
 
-def probe_signals(st: StateSummary) -> tuple[health.ProbeSignal, ...]:
-    return tuple(health.ProbeSignal(e.outer, e.inner, e.probe.state) for e in st.endpoints)
-
-
-def recorded_signals(st: StateSummary) -> health.Signals:
-    """What the state document alone says: the registration, the last reconcile, the API, the
-    redirection and, when the daemon wrote them, the probes. The daemon's own "health" in
-    state.json (before its first gate view: down, as status says)."""
-    return health.Signals(
-        gate=st.gate,
-        gate_expected=True,
-        local_address=st.local_address,
-        reconcile_failure=st.reconcile_failure,
-        api_error=st.gate_error,
-        api_answer_refused=st.api_answer_refused,
-        redirection_error=st.redirection_error,
-        # A state with "ha" is half of a pair: a gateway elsewhere is the backup's normal state.
-        redirection_findings=tuple(
-            redirection.findings(st.packet_path_mode, st.redirection_mode, st.gate)
-        )
-        if st.gate is not None and st.ha is None
-        else (),
-        probes=probe_signals(st) if st.probed else None,
-    )
-
-
 def observed_signals(
     st: StateSummary | None,
     tunnel: TunnelReading,
@@ -98,7 +74,7 @@ def observed_signals(
     """A reader's signals: the state document (None: there is none) joined with the live
     kernel, the daemon and the configuration. Status and the metrics both build theirs here,
     so the same state and kernel give them the same verdict."""
-    base = health.Signals(
+    reader: dict[str, Any] = dict(
         config_error=config_error,
         configured=configured,
         state_file=str(state_path) if state_path is not None else None,
@@ -107,23 +83,18 @@ def observed_signals(
         tunnel=tunnel_signal(interface, tunnel),
     )
     if st is None:
-        return base
+        return health.Signals(**reader)
     findings: tuple[str, ...] = ()
     if st.gate is not None:
         findings = tuple(redirection.findings(packet_path_mode, redirection_mode, st.gate, ha=ha))
     # Without a daemon nobody probes: its old results would only mislead.
     running = daemon is not None and daemon.running
+    # What the document records, read with this reader's settings, the live kernel and HA.
     return replace(
-        base,
-        gate=st.gate,
-        gate_expected=True,
-        local_address=st.local_address,
-        reconcile_failure=st.reconcile_failure,
-        api_error=st.gate_error,
-        api_answer_refused=st.api_answer_refused,
-        redirection_error=st.redirection_error,
+        recorded_signals(st),
+        **reader,
         redirection_findings=findings,
-        probes=probe_signals(st) if st.probed and running else None,
+        probes=probe_signals(st.endpoints) if st.probed and running else None,
         daemon=daemon,
         ha=tuple(ha_report.reasons(ha, st.ha)),
     )

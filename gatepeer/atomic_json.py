@@ -1,8 +1,9 @@
-"""/run/gatepeer/state.json: what the last reconcile did, written atomically.
+"""JSON documents written atomically and read back leniently: state.json (what
+`state_document` builds), the gate cache and the record of original sysctl values.
 
-`gatepeer status` reads it together with the live kernel state, so the report works while the
-daemon is down, and a restarted agent reads the last known good gate view from it so that a
-failing API at boot does not leave the data path unbuilt.
+`gatepeer status` reads state.json together with the live kernel state, so the report works
+while the daemon is down, and a restarted agent reads the last known good gate view from it so
+that a failing API at boot does not leave the data path unbuilt.
 """
 
 from __future__ import annotations
