@@ -7,11 +7,16 @@
                  device -> VPC host. nat's baseline: what nat mode really replaces.
 - handmade_up:   the hand-made tunnel without the rule, device -> VPC host (reference: the
                  cost of NAT itself).
-- route:         gatepeer `mode = "route"`, VPC host -> device.
+- route:         gatepeer `mode = "route"` (default `outside_vpc = "masquerade"`: conntrack
+                 is on for flows leaving the VPC, device <-> VPC traffic is `notrack`ed),
+                 VPC host -> device.
+- route_plain:   gatepeer route mode with `outside_vpc = "route"`: no conntrack at all (the
+                 route mode table before issue 16), VPC host -> device. route / route_plain
+                 per round is what keeping the VPC path stateless costs or saves.
 - nat:           gatepeer `mode = "nat"`, device -> VPC host, masqueraded.
 
 Each measurement is `iperf3 -u -l 64 -b 0` for --seconds, packets/s received (sent - lost over
-the test's duration). Three labs (hand-made, gatepeer route, gatepeer nat), so nothing is
+the test's duration). Four labs (hand-made, gatepeer route, route_plain, nat), so nothing is
 applied between measurements. Rounds are interleaved, each case measured right next to its
 baseline (which goes first in every other round), so that load from elsewhere on a shared
 machine hits a case and its baseline alike. Reports the median and min-max per case, the ratios
@@ -38,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 from bench_throughput import DEVICE, VPC_HOST, iperf, iperf_server, lab, set_mode  # noqa: E402
 
-CASES = ("handmade", "handmade_masq", "handmade_up", "route", "nat")
+CASES = ("handmade", "handmade_masq", "handmade_up", "route", "route_plain", "nat")
 BASELINE = {"route": "handmade", "nat": "handmade_masq"}
 TARGET = 0.95
 MASQUERADE = """
@@ -76,21 +81,33 @@ def main() -> int:
     results: dict[str, list[float]] = {c: [] for c in CASES}
     rulesets: dict[str, str] = {}
     # One lab per gatepeer mode: no apply runs between the measurements.
-    with lab(baseline=True) as hand, lab(baseline=False) as gpr, lab(baseline=False) as gpn:
+    with (
+        lab(baseline=True) as hand,
+        lab(baseline=False) as gpr,
+        lab(baseline=False) as gpp,
+        lab(baseline=False) as gpn,
+    ):
         set_mode(gpr, "route")
+        set_mode(gpp, "route", outside_vpc="route")
         set_mode(gpn, "nat")
         rulesets["route"], rulesets["nat"] = ruleset(f"{gpr}-peer"), ruleset(f"{gpn}-peer")
+        rulesets["route_plain"] = ruleset(f"{gpp}-peer")
         # (client ns, server ns, server address, client source) per case.
         where = {
             "handmade": (f"{hand}-vpc", f"{hand}-dev", DEVICE, VPC_HOST),
             "handmade_masq": (f"{hand}-dev", f"{hand}-vpc", VPC_HOST, DEVICE),
             "handmade_up": (f"{hand}-dev", f"{hand}-vpc", VPC_HOST, DEVICE),
             "route": (f"{gpr}-vpc", f"{gpr}-dev", DEVICE, VPC_HOST),
+            "route_plain": (f"{gpp}-vpc", f"{gpp}-dev", DEVICE, VPC_HOST),
             "nat": (f"{gpn}-dev", f"{gpn}-vpc", VPC_HOST, DEVICE),
         }
         for rnd in range(opts.rounds):
             # Each case right next to its baseline, which goes first in every other round.
-            pairs = [["handmade", "route"], ["handmade_masq", "nat"], ["handmade_up"]]
+            pairs = [
+                ["handmade", "route", "route_plain"],
+                ["handmade_masq", "nat"],
+                ["handmade_up"],
+            ]
             if rnd % 2:
                 pairs = [list(reversed(p)) for p in reversed(pairs)]
             if opts.only:
@@ -137,6 +154,13 @@ def main() -> int:
         per_round = [a / b for a, b in zip(results[case], results[base], strict=True)]
         print(
             f"\n{case} / {base} per round: "
+            + ", ".join(f"{r:.0%}" for r in per_round)
+            + f" (median {statistics.median(per_round):.1%})"
+        )
+    if results.get("route") and results.get("route_plain"):
+        per_round = [a / b for a, b in zip(results["route"], results["route_plain"], strict=True)]
+        print(
+            "\nroute / route_plain per round: "
             + ", ".join(f"{r:.0%}" for r in per_round)
             + f" (median {statistics.median(per_round):.1%})"
         )

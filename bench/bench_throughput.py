@@ -73,11 +73,12 @@ def lab(baseline: bool) -> Iterator[str]:
         gatepeer("lab", "down", "--prefix", prefix)
 
 
-def set_mode(prefix: str, mode: str) -> None:
+def set_mode(prefix: str, mode: str, outside_vpc: str | None = None) -> None:
     path = config_path(prefix)
     lines = [ln for ln in path.read_text().splitlines() if ln.strip() != "[packet_path]"]
-    lines = [ln for ln in lines if not ln.startswith("mode =")]
-    path.write_text("\n".join(lines) + f'\n\n[packet_path]\nmode = "{mode}"\n')
+    lines = [ln for ln in lines if not ln.startswith(("mode =", "outside_vpc ="))]
+    extra = f'outside_vpc = "{outside_vpc}"\n' if outside_vpc else ""
+    path.write_text("\n".join(lines) + f'\n\n[packet_path]\nmode = "{mode}"\n{extra}')
     gatepeer("apply", ns=f"{prefix}-peer", env={"GATEPEER_CONFIG": str(path)})
     # The devices' traffic through the peer: Junction redirection, until the agent manages it.
     gatepeer("lab", "redirect", "peer", "--prefix", prefix)

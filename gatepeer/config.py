@@ -13,11 +13,12 @@ import re
 import socket
 import stat
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
+T = TypeVar("T")
 DEFAULT_PATH = Path("/etc/gatepeer/gatepeer.toml")
 ENV_VAR = "GATEPEER_CONFIG"
 
@@ -317,7 +318,7 @@ def parse(data: Mapping[str, Any]) -> Config:
             errors.append(ConfigError(f"{name}: must be a table ([{name}])"))
     tables = {n: v for n, v in data.items() if n in _SECTIONS and isinstance(v, dict)}
 
-    def section(name: str, parser: Any) -> Any:
+    def section(name: str, parser: Callable[[_Section], T]) -> T | None:
         return _parse_section(name, tables.get(name, {}), parser, errors)
 
     soracom = section("soracom", _parse_soracom)
@@ -345,6 +346,8 @@ def parse(data: Mapping[str, Any]) -> Config:
         raise errors[0]
     if errors:
         raise ConfigErrors(errors)
+    # No error: every section parsed (only a refused key stops one, and it is reported).
+    assert soracom and tunnel and kernel and agent and packet_path and metrics and probes and aws
     return Config(
         soracom=soracom,
         tunnel=tunnel,
@@ -359,8 +362,8 @@ def parse(data: Mapping[str, Any]) -> Config:
 
 
 def _parse_section(
-    name: str, table: Mapping[str, Any], parser: Any, errors: list[ConfigError]
-) -> Any:
+    name: str, table: Mapping[str, Any], parser: Callable[[_Section], T], errors: list[ConfigError]
+) -> T | None:
     """`parser` over one table, collecting every problem into `errors`; the parsed value
     (defaults standing in for refused keys), or None when a missing key stopped it."""
     table = dict(table)

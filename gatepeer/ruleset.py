@@ -371,7 +371,15 @@ def _render(
     ]
     if tracked:
         # The outer VXLAN packets are never tracked: that would double the cost for nothing.
+        # A fragmented one's pieces after the first carry no UDP header to match: every UDP
+        # fragment to the local address is exempted too, or conntrack's defragmenter would
+        # hold them waiting for a first piece that bypassed it, and the datagram would never
+        # be delivered. The host reassembles it on input, where `input` judges it whole.
         out.append(f"\t\t{to_us} notrack")
+        out.append(
+            f"\t\tiifname {u} ip daddr {spec.local_address} ip protocol udp"
+            " ip frag-off & 16383 != 0 notrack"
+        )
     if spec.stateless_vpc:
         # Device <-> VPC traffic is routed as in plain route mode: no conntrack entry, no
         # lookup. Only this host's own address is left tracked, so replies to its own traffic

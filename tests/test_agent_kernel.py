@@ -216,8 +216,13 @@ def tracking_agent(ns: Namespace) -> Agent:
 
 
 def test_route_mode_leaves_conntrack_settings_alone(ns: Namespace) -> None:
+    # Route mode routing everything with device addresses (outside_vpc = "route") tracks
+    # nothing; the default masquerades what leaves the VPC and sizes conntrack for that.
     netns.write_sysctls(ns.name, HOST_KEYS)
-    agent = ns.agent()
+    plain = PacketPathConfig(outside_vpc="route")
+    config = dataclasses.replace(ns.config(), packet_path=plain)
+    agent = ns.call(lambda: Agent(config))
+    agent.gate = dataclasses.replace(GATE, outer=LOCAL)
     assert reconcile(ns, agent).health == "ok"
     ns.call(agent.close)
     for key in ("nf_conntrack_tcp_timeout_established", "nf_conntrack_tcp_timeout_time_wait"):

@@ -97,6 +97,16 @@ def test_token_flow_gives_the_instance_facts(fake_imds: FakeImds) -> None:
     assert all(h.get("user-agent", "").startswith("gatepeer/") for _, h in gets)
 
 
+def test_vpc_cidr_blocks_are_read_one_a_line(fake_imds: FakeImds) -> None:
+    facts = Imds(fake_imds.url, timeout=SHORT).instance_facts()
+    assert facts.vpc_cidrs == (IPv4Network("198.18.0.0/16"), IPv4Network("203.0.113.0/24"))
+    # Unusable or absent: none (the underlay's prefix stands in), never a failure.
+    fake_imds.behaviour.data[f"{ENI}/vpc-ipv4-cidr-blocks"] = "198.18.0.0/33"
+    assert Imds(fake_imds.url, timeout=SHORT).instance_facts().vpc_cidrs == ()
+    del fake_imds.behaviour.data[f"{ENI}/vpc-ipv4-cidr-blocks"]
+    assert Imds(fake_imds.url, timeout=SHORT).instance_facts().vpc_cidrs == ()
+
+
 def test_region_falls_back_to_the_zone(fake_imds: FakeImds) -> None:
     del fake_imds.behaviour.data["placement/region"]
     assert Imds(fake_imds.url, timeout=SHORT).instance_facts().region == "ap-northeast-1"

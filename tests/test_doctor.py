@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
@@ -431,3 +433,16 @@ def test_group_readable_key_file_is_bad_config(
 def test_diagnose_reports_an_unreadable_config_as_bad_config(tmp_path: Path) -> None:
     report = diagnose(tmp_path / "missing.toml")
     assert report.exit_code == 2 and report.checks[0].name == "config"
+
+
+def test_the_judgments_import_no_kernel_or_aws_code() -> None:
+    """doctor/judgments.py is pure: it gets readings as values, so importing it pulls in none
+    of the modules that read the kernel or call AWS."""
+    probe = (
+        "import sys, gatepeer.doctor.judgments; "
+        "print(sorted(m for m in sys.modules "
+        "if m.startswith(('gatepeer.kernel', 'gatepeer.aws', 'pyroute2', 'boto'))))"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -1,7 +1,9 @@
 """The doctor's EC2 checks against moto in server mode and a fake IMDS, both on 127.0.0.1: a
-well set up instance passes; a security group without UDP 4789, the source/destination check
-on and a missing route each fail, naming what to add; a missing IAM permission is a warning
-naming it; off EC2 every AWS check is skipped without a request."""
+well set up instance passes; a security group without UDP 4789 or (route mode) without the
+VPC's traffic forwarded to devices, the source/destination check on and a missing route each
+fail, naming what to add; a NAT gateway's subnet with no route back for devices' own addresses
+is a warning; a missing IAM permission is a warning naming it; off EC2 every AWS check is
+skipped without a request."""
 
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ from aws_fakes import ENI, FakeImds, Moto, offline_aws_env, running_imds
 from gatepeer.aws.clients import AwsTarget, client
 from gatepeer.aws.integration import InstanceFactsSource
 from gatepeer.aws.permissions import principal_arn
-from gatepeer.config import AwsConfig, Config, PacketPathConfig
+from gatepeer.config import AwsConfig, Config, PacketPathConfig, SoracomConfig
 from gatepeer.doctor import aws as checks
 
 REGION = "ap-northeast-1"
 DEVICE_SUBNET = IPv4Network("10.128.0.0/9")
+VPC_CIDR = "198.18.0.0/16"
 ENDPOINTS = (IPv4Address("100.64.10.1"), IPv4Address("100.64.10.2"))
 MOTO_IMAGE = "ami-12c6146b"
 
@@ -53,9 +56,13 @@ class Instance:
         return InstanceFactsSource(aws, sys_root=self.sys_root)
 
     def healthy(self) -> None:
-        """What a working route-mode peer has: 4789 open to the endpoints, check off, route."""
+        """What a working route-mode peer has: 4789 open to the endpoints and everything from
+        the VPC (forwarded to devices), the check off, the route."""
         self.ec2.authorize_security_group_ingress(
             GroupId=self.group_id, IpPermissions=udp_rule(4789, *ENDPOINTS)
+        )
+        self.ec2.authorize_security_group_ingress(
+            GroupId=self.group_id, IpPermissions=[all_traffic_rule(VPC_CIDR)]
         )
         self.ec2.modify_network_interface_attribute(
             NetworkInterfaceId=self.eni_id, SourceDestCheck={"Value": False}
@@ -83,7 +90,7 @@ def instance(
     moto.reset()
     target = AwsTarget(REGION, endpoint_url=moto.url)
     ec2 = client("ec2", target)
-    vpc_id = ec2.create_vpc(CidrBlock="198.18.0.0/16")["Vpc"]["VpcId"]
+    vpc_id = ec2.create_vpc(CidrBlock=VPC_CIDR)["Vpc"]["VpcId"]
     subnet_id = ec2.create_subnet(VpcId=vpc_id, CidrBlock="198.18.0.0/24")["Subnet"]["SubnetId"]
     group_id = ec2.create_security_group(
         GroupName="gatepeer", Description="gate peer", VpcId=vpc_id
@@ -115,6 +122,7 @@ def instance(
         f"{eni_path}/interface-id": eni["NetworkInterfaceId"],
         f"{eni_path}/subnet-id": subnet_id,
         f"{eni_path}/vpc-id": vpc_id,
+        f"{eni_path}/vpc-ipv4-cidr-blocks": VPC_CIDR,
     }
     assert ENI not in imds.behaviour.data  # the fixture's own MAC, not aws_fakes' default
     return Instance(
@@ -151,10 +159,75 @@ def run(
 def test_a_well_set_up_instance_passes_every_aws_check(instance: Instance) -> None:
     instance.healthy()
     found = run(instance)
-    assert {name: s for name, (s, _) in found.items()} == dict.fromkeys(checks.NAMES, "ok")
+    want = dict.fromkeys(checks.NAMES, "ok")
+    want[checks.RETURN_PATH] = "skip"  # redirection is not managed: no internet traffic here
+    assert {name: s for name, (s, _) in found.items()} == want
     assert instance.group_id in found[checks.SECURITY_GROUP][1]
     assert instance.main_table in found[checks.ROUTE][1]
     assert "ec2:DescribeRouteTables" in found[checks.IAM][1]
+
+
+def all_traffic_rule(cidr: str, protocol: str = "-1", port: int | None = None) -> dict[str, Any]:
+    rule: dict[str, Any] = {"IpProtocol": protocol, "IpRanges": [{"CidrIp": cidr}]}
+    if port is not None:
+        rule.update(FromPort=port, ToPort=port)
+    return rule
+
+
+def test_route_mode_needs_the_vpcs_traffic_admitted_for_the_devices(instance: Instance) -> None:
+    """Issue 16 item 2: EC2 applies the ENI's groups to what VPC hosts send to devices through
+    this peer; UDP 4789 alone passes the VXLAN but drops cloud-to-device connections."""
+    instance.healthy()
+    instance.ec2.revoke_security_group_ingress(
+        GroupId=instance.group_id, IpPermissions=[all_traffic_rule(VPC_CIDR)]
+    )
+    status, detail = run(instance)[checks.SECURITY_GROUP]
+    assert status == "fail", detail
+    assert instance.group_id in detail and VPC_CIDR in detail
+    assert "add an inbound rule for all traffic from 198.18.0.0/16" in detail
+    # nat mode: devices are reached only through the tunnel, nothing is forwarded to them.
+    nat = Config(packet_path=PacketPathConfig(mode="nat"))
+    assert run(instance, nat)[checks.SECURITY_GROUP][0] == "ok"
+    # Only SSH from the VPC: said, as a warning naming the group.
+    instance.ec2.authorize_security_group_ingress(
+        GroupId=instance.group_id, IpPermissions=[all_traffic_rule(VPC_CIDR, "tcp", 22)]
+    )
+    status, detail = run(instance)[checks.SECURITY_GROUP]
+    assert status == "warn" and "admit only some protocols or ports" in detail
+    assert instance.group_id in detail
+
+
+def test_return_path_for_devices_own_addresses_is_checked_at_the_nat_gateways(
+    instance: Instance,
+) -> None:
+    instance.healthy()
+    ec2 = instance.ec2
+    public = ec2.create_subnet(VpcId=instance.vpc_id, CidrBlock="198.18.9.0/24")["Subnet"]
+    table = ec2.create_route_table(VpcId=instance.vpc_id)["RouteTable"]["RouteTableId"]
+    ec2.associate_route_table(RouteTableId=table, SubnetId=public["SubnetId"])
+    allocation = ec2.allocate_address(Domain="vpc")["AllocationId"]
+    nat_id = ec2.create_nat_gateway(SubnetId=public["SubnetId"], AllocationId=allocation)[
+        "NatGateway"
+    ]["NatGatewayId"]
+    routed = Config(
+        soracom=SoracomConfig(redirection="self"),
+        packet_path=PacketPathConfig(outside_vpc="route"),
+    )
+    status, detail = run(instance, routed)[checks.RETURN_PATH]
+    assert status == "warn", detail
+    assert nat_id in detail and public["SubnetId"] in detail and table in detail
+    assert f"add a route {DEVICE_SUBNET} -> {instance.eni_id}" in detail
+    ec2.create_route(
+        RouteTableId=table,
+        DestinationCidrBlock=str(DEVICE_SUBNET),
+        NetworkInterfaceId=instance.eni_id,
+    )
+    status, detail = run(instance, routed)[checks.RETURN_PATH]
+    assert status == "ok" and nat_id in detail
+    # The default masquerades what leaves the VPC: no return route is needed, nothing read.
+    masquerading = Config(soracom=SoracomConfig(redirection="self"))
+    status, detail = run(instance, masquerading)[checks.RETURN_PATH]
+    assert status == "skip" and "masquerade" in detail
 
 
 def udp_rule(port: int, *sources: IPv4Address) -> list[dict[str, Any]]:
@@ -282,7 +355,9 @@ def test_a_describe_denied_is_a_warning_not_a_crash(moto: Moto, instance: Instan
         )
     finally:
         moto.enforce_iam(False)
-    assert {s for s, _ in found.values()} == {"warn"}
+    # Every check that reads is a warning; the return path reads nothing in this config.
+    assert {s for n, (s, _) in found.items() if n != checks.RETURN_PATH} == {"warn"}
+    assert found[checks.RETURN_PATH][0] == "skip"
     assert "ec2:DescribeNetworkInterfaceAttribute" in found[checks.SOURCE_DEST][1]
     assert "ec2:DescribeSecurityGroups" in found[checks.IAM][1]
 

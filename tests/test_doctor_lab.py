@@ -21,7 +21,13 @@ from gatepeer.aws.detect import on_ec2
 pytestmark = pytest.mark.netns
 
 PEER_OUTER = "198.18.0.10"
-AWS_CHECKS = ("aws-source-dest-check", "aws-security-group", "aws-route", "aws-iam")
+AWS_CHECKS = (
+    "aws-source-dest-check",
+    "aws-security-group",
+    "aws-route",
+    "aws-return-path",
+    "aws-iam",
+)
 
 
 @pytest.fixture

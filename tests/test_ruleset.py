@@ -167,6 +167,15 @@ def test_route_mode_masquerades_only_what_leaves_the_vpc() -> None:
     assert plain == rs.render(spec())
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_tracked_tables_exempt_every_outer_udp_fragment(name: str) -> None:
+    # Pieces after the first have no UDP header: left to conntrack's defragmenter they would
+    # wait for a first piece that `notrack` sent past it, and the datagram would be lost.
+    text = rs.render(CASES[name])
+    rule = 'iifname "eth0" ip daddr 198.18.0.1 ip protocol udp ip frag-off & 16383 != 0 notrack'
+    assert (rule in chain(text, "prerouting")) == tracked(CASES[name]), name
+
+
 def test_allow_list_keeps_every_flow_tracked() -> None:
     # The allow-list accepts replies by their state: device <-> VPC flows stay tracked.
     text = rs.render(CASES["route_masquerade_allowlist"])

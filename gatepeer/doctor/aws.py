@@ -1,5 +1,7 @@
-"""The doctor's EC2 checks: the source/destination check, the security groups' UDP 4789, the
-VPC route toward the device subnet, and the IAM permissions.
+"""The doctor's EC2 checks: the source/destination check, the security groups (UDP 4789 from
+the VPG, and in route mode the VPC's traffic forwarded to devices), the VPC route toward the
+device subnet, the NAT gateways' return path for devices' own addresses, and the IAM
+permissions.
 
 `run` reads (the calls in `gatepeer.aws.ec2` and `gatepeer.aws.permissions`) and asks the pure
 judgments in `gatepeer.doctor.judgments`. Off EC2 (DMI decides, no network call) every
@@ -17,8 +19,10 @@ from typing import Any
 from gatepeer.aws import AwsError, AwsUnavailable, require_boto3
 from gatepeer.aws.clients import AwsTarget, client
 from gatepeer.aws.ec2 import (
+    _TARGET_KEYS,
     Ec2Error,
     VpcRoute,
+    _call,
     device_subnet_routes,
     eni_security_groups,
     ingress_rules,
@@ -30,18 +34,22 @@ from gatepeer.config import Config
 from gatepeer.doctor.judgments import (
     IAM,
     NAMES,
+    RETURN_PATH,
     ROUTE,
     SECURITY_GROUP,
     SOURCE_DEST,
     Check,
+    NatReturnPath,
     Status,
     judge_permissions,
+    judge_return_path,
     judge_routes,
     judge_security_groups,
     judge_source_dest_check,
+    return_path_needed,
 )
 
-__all__ = ["IAM", "NAMES", "ROUTE", "SECURITY_GROUP", "SOURCE_DEST", "run"]
+__all__ = ["IAM", "NAMES", "RETURN_PATH", "ROUTE", "SECURITY_GROUP", "SOURCE_DEST", "run"]
 
 
 def _all(status: Status, detail: str) -> list[Check]:
@@ -89,7 +97,15 @@ def run(
     try:
         groups = eni_security_groups(cached("ec2"), facts.eni_id)
         rules = ingress_rules(cached("ec2"), groups)
-        out.append(judge_security_groups(groups, rules, endpoints, config.tunnel.destination_port))
+        # Route mode: VPC hosts' packets to devices arrive at this ENI and are judged by its
+        # groups; what the VPC is: the config's, else IMDS's, else this subnet.
+        vpc = config.packet_path.vpc_cidrs or facts.vpc_cidrs or (facts.subnet_cidr,)
+        forwarded = vpc if config.packet_path.mode == "route" else ()
+        out.append(
+            judge_security_groups(
+                groups, rules, endpoints, config.tunnel.destination_port, forwarded_from=forwarded
+            )
+        )
     except AwsError as exc:
         out.append(Check("warn", SECURITY_GROUP, f"cannot read them: {exc}"))
     routes: list[VpcRoute] = []
@@ -100,9 +116,71 @@ def run(
             out.append(Check("warn", ROUTE, f"cannot read the route tables: {exc}"))
     if not any(name == ROUTE for _, name, _ in out):
         out.append(judge_routes(config.packet_path.mode, routes, facts, device_subnet))
+    paths: list[NatReturnPath] = []
+    if return_path_needed(config) is None and device_subnet is not None:
+        try:
+            paths = nat_return_paths(cached("ec2"), facts.vpc_id, device_subnet)
+        except Ec2Error as exc:
+            out.append(Check("warn", RETURN_PATH, f"cannot read the NAT gateways: {exc}"))
+    if not any(name == RETURN_PATH for _, name, _ in out):
+        out.append(judge_return_path(config, paths, facts, device_subnet))
     subject = Subject(facts.eni_id, facts.vpc_id, device_subnet)
     try:
         out.append(judge_permissions(verify(config, subject, cached, ssm_read=ssm_read)))
     except AwsError as exc:
         out.append(Check("warn", IAM, f"cannot check the permissions: {exc}"))
     return out
+
+
+def nat_return_paths(ec2: Any, vpc_id: str, device_subnet: IPv4Network) -> list[NatReturnPath]:
+    """Each available NAT gateway of the VPC, and where its subnet's route table (its own
+    association, else the main table) sends the device subnet."""
+    answer = _call(
+        "DescribeNatGateways",
+        vpc_id,
+        ec2.describe_nat_gateways,
+        Filters=[
+            {"Name": "vpc-id", "Values": [vpc_id]},
+            {"Name": "state", "Values": ["available"]},
+        ],
+    )
+    gateways = [(str(g["NatGatewayId"]), str(g["SubnetId"])) for g in answer.get("NatGateways", [])]
+    if not gateways:
+        return []
+    tables = _call(
+        "DescribeRouteTables",
+        vpc_id,
+        ec2.describe_route_tables,
+        Filters=[{"Name": "vpc-id", "Values": [vpc_id]}],
+    ).get("RouteTables", [])
+    out = []
+    for nat_id, subnet_id in gateways:
+        table = next(
+            (t for t in tables if any(a.get("SubnetId") == subnet_id for a in t["Associations"])),
+            None,
+        ) or next((t for t in tables if any(a.get("Main") for a in t["Associations"])), None)
+        out.append(
+            NatReturnPath(
+                nat_gateway_id=nat_id,
+                subnet_id=subnet_id,
+                table_id=str(table["RouteTableId"]) if table else None,
+                target=_route_target(table, device_subnet) if table else None,
+            )
+        )
+    return out
+
+
+def _route_target(table: dict[str, Any], device_subnet: IPv4Network) -> str | None:
+    """The target of the table's longest active route covering the device subnet."""
+    best: tuple[int, str] | None = None
+    for route in table.get("Routes", []):
+        try:
+            destination = IPv4Network(route.get("DestinationCidrBlock") or "")
+        except ValueError:
+            continue
+        if route.get("State", "active") != "active" or not device_subnet.subnet_of(destination):
+            continue
+        target = next((str(route[k]) for k in _TARGET_KEYS if route.get(k)), "?")
+        if best is None or destination.prefixlen > best[0]:
+            best = (destination.prefixlen, target)
+    return best[1] if best else None

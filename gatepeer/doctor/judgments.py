@@ -417,7 +417,7 @@ SECURITY_GROUP = "aws-security-group"
 ROUTE = "aws-route"
 RETURN_PATH = "aws-return-path"
 IAM = "aws-iam"
-NAMES = (SOURCE_DEST, SECURITY_GROUP, ROUTE, IAM)
+NAMES = (SOURCE_DEST, SECURITY_GROUP, ROUTE, RETURN_PATH, IAM)
 
 
 def judge_source_dest_check(enabled: bool, eni_id: str) -> Check:

@@ -19,6 +19,7 @@ from gatepeer.desired_state import (
     HostFacts,
     IPv4Address,
     IPv4Interface,
+    IPv4Network,
     ObservedLink,
     ObservedState,
     Sysctl,
