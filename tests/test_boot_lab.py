@@ -50,6 +50,8 @@ ROOTFS_PACKAGES = (
     "python3-venv",
     "procps",
     "ca-certificates",
+    # Debian's AMIs carry cloud-init: at first boot it writes the config from user-data.
+    "cloud-init",
 )
 # The lab's addresses (gatepeer/lab/topology.py): the peer's ENI address and the VPC router.
 PEER_ADDR = "198.18.0.10"
