@@ -23,7 +23,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK, RTMGRP_NEIGH
 
 from gatepeer import systemd
-from gatepeer.agent import Agent, ReconcileResult
+from gatepeer.agent import Agent, ReconcileResult, make_client
 from gatepeer.aws.integration import AwsIntegration, TerminationWatcher
 from gatepeer.config import Config, ConfigError
 from gatepeer.kernel import rtnl
@@ -200,6 +200,7 @@ class ProbedAgent(Agent):
 
     prober: Prober | None = None
     ha_view: Callable[[], RoleView] | None = None  # with [ha]: the role keepalived gave us
+    aws_view: Callable[[], dict[str, Any] | None] | None = None  # [aws] routes, stale sweep
     _write_lock = threading.Lock()
 
     def state(self) -> dict[str, Any]:
@@ -214,6 +215,9 @@ class ProbedAgent(Agent):
             # Read by gatepeer.ha.report; before the probes' judgment, which reads a gateway
             # elsewhere as a backup's normal state when it is there.
             state["ha"] = self.ha_view().to_json()
+        aws = self.aws_view() if self.aws_view is not None else None
+        if aws:
+            state["aws"] = aws
         return with_probes(state, endpoints, results, flood)
 
     def write_state(self) -> None:
@@ -238,7 +242,9 @@ class Daemon:
         self.ha = self._ha_watcher(config)
         self.agent = self._new_agent(config)
         # The [aws] flags as at start: a reload keeps the lifecycle's progress (restart to change).
-        self.aws = AwsIntegration.for_config(config, self.agent.instance)
+        self.aws = AwsIntegration.for_config(
+            config, self.agent.instance, soracom=lambda: make_client(config)
+        )
         self.terminating = False  # Auto Scaling is taking this instance away
         self.wake = Wake()
         self._refresher: threading.Thread | None = None
@@ -251,9 +257,14 @@ class Daemon:
     def _new_agent(self, config: Config) -> ProbedAgent:
         agent = ProbedAgent(config)
         agent.prober = self.prober
+        agent.aws_view = self._aws_view
         if self.ha is not None:
             agent.ha_view = self.ha.view
         return agent
+
+    def _aws_view(self) -> dict[str, Any] | None:
+        aws: AwsIntegration | None = getattr(self, "aws", None)  # made after the first agent
+        return aws.to_json() if aws is not None else None
 
     # ---- HA: keepalived's notify FIFO and the claim on MASTER ------------------------
 
@@ -556,7 +567,7 @@ class Daemon:
                     self._wait(next_refresh, watchdog)
                     continue
                 if self.aws is not None:
-                    self.aws.after_reconcile(result.health == "ok")
+                    self.aws.after_reconcile(result.health == "ok", self.agent.gate)
                 self._keep_claim()
                 if result.actions or result.health != "ok":
                     log.info(

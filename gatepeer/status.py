@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gatepeer import __version__, health, redirection, statefile
+from gatepeer.aws import report as aws_report
 from gatepeer.config import (
     IFNAME_RE,
     AgentConfig,
@@ -83,6 +84,7 @@ class StateSummary:
     # last_reconcile.error.
     reconcile_failure: str | None = None
     ha: Any = None  # the HA role the daemon recorded (RoleView.to_json()); None: none
+    aws: Any = None  # [aws] route_tables and the stale sweep (AwsIntegration.to_json())
 
     @property
     def redirection_is_self(self) -> bool | None:
@@ -180,6 +182,7 @@ class StateSummary:
             redirection_error=r.text(redirect, "error", "redirection.error"),
             reconcile_failure=failure,
             ha=data.get("ha"),
+            aws=data.get("aws") if isinstance(data.get("aws"), dict) else None,
             damaged=tuple(r.damaged),
         )
 
@@ -526,6 +529,8 @@ def to_json(s: Status) -> dict[str, Any]:
     ha = s.ha
     if ha is not None:  # only with [ha]: a single peer's report has no "ha" key
         report["ha"] = ha
+    if st is not None and st.aws:
+        report["aws"] = st.aws
     return report
 
 
@@ -625,6 +630,9 @@ def render(s: Status) -> str:
         )
     if "ha" in j:
         lines.append(ha_report.line(j["ha"]))
+    aws_line = aws_report.line(j["aws"]) if "aws" in j else None
+    if aws_line:
+        lines.append(aws_line)
     lr = j["last_reconcile"]
     if lr:
         took = f" in {lr['duration_s'] * 1000:.1f} ms" if lr["duration_s"] is not None else ""

@@ -52,6 +52,9 @@ ROOTFS_PACKAGES = (
     "ca-certificates",
     # Debian's AMIs carry cloud-init: at first boot it writes the config from user-data.
     "cloud-init",
+    # debootstrap resolves no virtual packages: python3-cryptography (cloud-init's, through
+    # oauthlib) needs python3-cffi-backend-api-*, which this one provides.
+    "python3-cffi-backend",
 )
 # The lab's addresses (gatepeer/lab/topology.py): the peer's ENI address and the VPC router.
 PEER_ADDR = "198.18.0.10"

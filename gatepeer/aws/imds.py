@@ -28,6 +28,7 @@ from typing import Any
 
 from gatepeer import __version__
 from gatepeer.aws import AwsError
+from gatepeer.config import DEFAULT_IMDS_ENDPOINT, IMDS_ENDPOINT_ENV, IMDS_ENDPOINT_RE
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,24 @@ ATTEMPTS = 2
 # botocore asks for a 6-hour token; take a new one well before it expires.
 TOKEN_REUSE_S = 5 * 3600
 TOKEN_REFUSED_STATUS = frozenset({403, 404, 405})
+
+
+def resolve_endpoint(configured: str | None, env: Mapping[str, str] | None = None) -> str:
+    """Where IMDS is asked: aws.imds_endpoint when the file sets it, else botocore's own
+    AWS_EC2_METADATA_SERVICE_ENDPOINT (as every AWS call honours AWS_ENDPOINT_URL), else the
+    link-local default. A malformed variable is an error naming it, not a silent default."""
+    if configured:
+        return configured
+    value = (os.environ if env is None else env).get(IMDS_ENDPOINT_ENV, "").strip().rstrip("/")
+    if not value:
+        return DEFAULT_IMDS_ENDPOINT
+    if not IMDS_ENDPOINT_RE.fullmatch(value):
+        raise ImdsError(
+            "unreachable",
+            f"{IMDS_ENDPOINT_ENV}: must be http://ADDRESS[:PORT] (or unset for "
+            f"{DEFAULT_IMDS_ENDPOINT}), got {value!r}",
+        )
+    return value
 
 
 class ImdsError(AwsError):
@@ -60,6 +79,8 @@ class InstanceFacts:
     subnet_cidr: IPv4Network
     vpc_id: str
     imds_version: int  # 2, or 1 when the token was refused and IMDSv1 answered
+    # The VPC's IPv4 CIDR blocks (vpc-ipv4-cidr-blocks); empty when IMDS lists none.
+    vpc_cidrs: tuple[IPv4Network, ...] = ()
 
     @property
     def note(self) -> str | None:
@@ -223,12 +244,16 @@ class Imds:
         eni = f"network/interfaces/macs/{mac}"
         address = self.require(f"{eni}/local-ipv4s").split()[0]
         cidr = self.require(f"{eni}/subnet-ipv4-cidr-block")
+        vpc_blocks = (self.get(f"{eni}/vpc-ipv4-cidr-blocks") or "").split()
         try:
             private = IPv4Address(address)
             subnet_cidr = IPv4Network(cidr)
+            vpc_cidrs = tuple(IPv4Network(block) for block in vpc_blocks)
         except ValueError:
             raise ImdsError(
-                "http", f"IMDS at {self.endpoint}: unusable address {address!r} or subnet {cidr!r}"
+                "http",
+                f"IMDS at {self.endpoint}: unusable address {address!r}, subnet {cidr!r} or VPC "
+                f"blocks {vpc_blocks!r}",
             ) from None
         return InstanceFacts(
             instance_id=instance_id,
@@ -241,6 +266,7 @@ class Imds:
             subnet_cidr=subnet_cidr,
             vpc_id=self.require(f"{eni}/vpc-id"),
             imds_version=self.version,
+            vpc_cidrs=vpc_cidrs,
         )
 
     def target_lifecycle_state(self) -> str | None:
