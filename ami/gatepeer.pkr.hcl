@@ -28,6 +28,12 @@ variable "gatepeer_version" {
   description = "Goes into the AMI's name and tags."
 }
 
+variable "ssm_agent_key_file" {
+  type        = string
+  description = "AWS's public key for the SSM Agent packages, copied from \"Verifying the signature of SSM Agent\" (Systems Manager user guide); ssm-agent.sh refuses it unless its fingerprint is the one pinned there."
+  default     = "ssm-agent-public-key.asc"
+}
+
 variable "ami_regions" {
   type        = list(string)
   description = "Other regions to copy the AMI to."
@@ -84,6 +90,27 @@ build {
   provisioner "file" {
     source      = "${var.bundle_dir}/"
     destination = "/tmp/gatepeer-bundle"
+  }
+
+  # An operator path without a key pair or an inbound port: Session Manager. The package is
+  # installed only with a good signature by AWS's pinned key (ssm-agent.sh).
+  provisioner "file" {
+    source      = "${path.root}/ssm-agent.sh"
+    destination = "/tmp/ssm-agent.sh"
+  }
+
+  provisioner "file" {
+    source      = var.ssm_agent_key_file
+    destination = "/tmp/ssm-agent-public-key.asc"
+  }
+
+  provisioner "shell" {
+    inline = [
+      "sudo DEBIAN_FRONTEND=noninteractive apt-get update -qq",
+      "sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends curl gpg",
+      "sudo bash /tmp/ssm-agent.sh install ${var.region} ${local.debian_arch} /tmp/ssm-agent-public-key.asc",
+      "rm -f /tmp/ssm-agent.sh /tmp/ssm-agent-public-key.asc",
+    ]
   }
 
   provisioner "shell" {

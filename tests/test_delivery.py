@@ -441,6 +441,12 @@ def test_packer_template_structure() -> None:
     assert any(
         "provision.sh /tmp/gatepeer-bundle" in c and c.startswith("sudo bash") for c in commands
     )
+    # The SSM agent, from AWS's package, only through the signature check (test_ami_ssm_agent).
+    assert (
+        "sudo bash /tmp/ssm-agent.sh install ${var.region} ${local.debian_arch} "
+        "/tmp/ssm-agent-public-key.asc"
+    ) in commands
+    assert not any("dpkg -i" in c or "amazon-ssm-agent.deb" in c for c in commands)
     declared = {unquote(name) for block in template["variable"] for name in block}
     for arch, var_file in VAR_FILES.items():
         values = {k: unquote(v) for k, v in hcl(var_file).items()}
