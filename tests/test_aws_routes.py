@@ -311,3 +311,41 @@ def test_after_reconcile_points_the_route_and_sweeps_once(
         api.rows.append({"outerIpAddress": "198.18.0.10", "ownedByCustomer": True})
         integration.after_reconcile(True, gate_view("198.18.0.12"))
         assert api.unregistered == ["198.18.0.10"]
+
+
+# ---- an answer botocore cannot parse ---------------------------------------------------------
+
+
+def test_an_unparsable_answer_is_an_aws_error_not_a_crash() -> None:
+    """moto (or a proxy) answering an HTML 500 page: botocore raises ResponseParserError, which
+    is no BotoCoreError. It must arrive as the call's own error (the boot rehearsal found the
+    daemon dying of it at the launch lifecycle action)."""
+    from botocore.parsers import ResponseParserError
+
+    from gatepeer.aws.lifecycle import Hook, LifecycleError, complete
+    from gatepeer.aws.routes import routes_seen
+
+    class Broken:
+        def __getattr__(self, name: str) -> Any:
+            def call(**kwargs: Any) -> Any:
+                raise ResponseParserError("Unable to parse response, invalid XML received")
+
+            return call
+
+    with pytest.raises(LifecycleError, match="CompleteLifecycleAction"):
+        complete(Broken(), Hook("group", "gatepeer-launch", "i-1"), "CONTINUE")
+    with pytest.raises(AwsError, match="ec2:DescribeRouteTables"):
+        routes_seen(Broken(), ("rtb-0a1b2c3d",), DEVICES)
+
+
+def test_after_reconcile_never_raises(tmp_path: Path) -> None:
+    config = aws_config(tmp_path, 'route_tables = ["rtb-0a1b2c3d"]\n')
+
+    class Exploding(InstanceFactsSource):
+        def get(self) -> Any:
+            raise KeyError("a bug")
+
+    integration = AwsIntegration.for_config(config, Exploding(config.aws))
+    assert integration is not None
+    integration.after_reconcile(True, gate_view("198.18.0.12"))
+    assert integration.problem is not None and "KeyError" in integration.problem

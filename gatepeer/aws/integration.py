@@ -220,6 +220,14 @@ class AwsIntegration:
         """`healthy`: the reconcile ended with health "ok"; `gate`: the view the data path is
         built from. Never raises: AWS trouble is logged and retried after the next reconcile;
         the data path does not depend on it."""
+        try:
+            self._after_reconcile(healthy, gate)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not end the daemon's loop
+            log.exception("aws: after the reconcile")
+            self._fail(f"aws: unexpected {type(exc).__name__}: {exc}")
+            self.retry_at = self.clock() + AWS_RETRY_S
+
+    def _after_reconcile(self, healthy: bool, gate: GateView | None) -> None:
         if gate is not None:
             self._keep_routes(gate)
             self._sweep_stale(gate)
