@@ -289,6 +289,50 @@ def ha_render(config_file: str | None, output: str | None) -> None:
     click.echo(f"wrote {output} (keepalived -t passed)")
 
 
+@main.group("aws")
+def aws_group() -> None:
+    """AWS: what the instance role needs."""
+
+
+@aws_group.command("policy")
+@click.option(
+    "--config",
+    "config_files",
+    metavar="PATH",
+    multiple=True,
+    help="Config file; twice for the two peers of a pair sharing one role "
+    "(default: $GATEPEER_CONFIG, else /etc/gatepeer/gatepeer.toml).",
+)
+@click.option("--partition", default="aws", show_default=True)
+@click.option("--region", help="Region in the ARNs (default: aws.region, else *).")
+@click.option("--account", default="*", show_default=True, help="Account id in the ARNs.")
+@click.option("--table", is_flag=True, help="Print the IAM table of every setting instead.")
+def aws_policy(
+    config_files: tuple[str, ...], partition: str, region: str | None, account: str, table: bool
+) -> None:
+    """Print the minimal IAM policy (JSON) for the config's features.
+
+    The same source gives the CloudFormation stack's role and the README's IAM table.
+    """
+    from gatepeer.aws.permissions import Account, iam_table, policy
+
+    if table:
+        click.echo(iam_table(), nl=False)
+        return
+    configs = []
+    for path in config_files or (None,):
+        try:
+            # The instance's config, read anywhere: no key file or interface checks.
+            configs.append(load(config_path(path), check_system=False))
+        except ConfigError as exc:
+            fail(f"config error: {exc}", EXIT_USAGE)
+    if region is None:
+        regions = {c.aws.region for c in configs}
+        region = regions.pop() if len(regions) == 1 and None not in regions else "*"
+    where = Account(partition=partition, region=str(region), account=account)
+    click.echo(json.dumps(policy(configs, where), indent=2))
+
+
 def _register_lab() -> None:
     from gatepeer.lab.commands import lab
 

@@ -8,27 +8,36 @@ and moto's dummy credentials.
     net = moto_network(moto.url)
     stack = deploy_stack(moto.url, net.parameters(Mode="route"))
     stack.user_data            # the single peer's #cloud-config, decoded
+
+or in one call, `rendered_user_data(moto.url, SoracomApiEndpoint="http://198.18.0.1:8080")`.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import secrets
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from gatepeer import config as cfg
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "cloudformation" / "gatepeer.yaml"
 REGION = "us-east-1"
 # The VPC the stack is deployed into: benchmarking addresses only (198.18.0.0/15).
 VPC_CIDR = "198.18.0.0/16"
 SUBNET_CIDRS = ("198.18.0.0/24", "198.18.1.0/24")
-PAIR_ADDRESSES = ("198.18.0.21", "198.18.1.22")
 # Stand-ins for the VPG's endpoint outer addresses (real ones are in 100.64.0.0/10).
 VPG_ENDPOINTS = ("203.0.113.11", "203.0.113.12")
 AUTH_KEY_ID = "keyId-stacktest"
 AUTH_KEY_PARAMETER = "/gatepeer/auth-key"
+MOTO_ACCOUNT = "123456789012"
+CONFIG_PATH = "/etc/gatepeer/gatepeer.toml"
 
 
 def client(endpoint_url: str, service: str, region: str = REGION) -> Any:
@@ -68,8 +77,6 @@ class MotoNetwork:
             "Redirection": "self",
             "Peers": "single",
         }
-        if overrides.get("Peers") == "pair":
-            out["PeerAddresses"] = ",".join(PAIR_ADDRESSES)
         out.update(overrides)
         return out
 
@@ -150,3 +157,68 @@ def deploy_stack(
         data = versions["LaunchTemplateVersions"][-1]["LaunchTemplateData"]
         deployment.user_data_by_template[logical] = base64.b64decode(data["UserData"]).decode()
     return deployment
+
+
+def rendered_user_data(endpoint_url: str, **parameters: str) -> str:
+    """A fresh VPC in moto, the stack deployed into it with these parameters (the rest as
+    MotoNetwork.parameters gives them), and the single peer's user-data (a pair: peer A's)."""
+    network = moto_network(endpoint_url)
+    return deploy_stack(endpoint_url, network.parameters(**parameters)).user_data
+
+
+# ---- reading what the stack rendered -------------------------------------------------------
+
+# [aws] keys of CONTRACT16 that config.py learns on helper boot's branch (see parsed()).
+NEW_AWS_KEYS = ("route_tables", "remove_stale_registrations")
+KEYS_KNOWN = all(k in {f.name for f in dataclasses.fields(cfg.AwsConfig)} for k in NEW_AWS_KEYS)
+
+
+class _AwsWithNewKeys:
+    """The parsed [aws] section plus the keys config.py does not know yet on this branch (see
+    NEW_AWS_KEYS): what permissions.py reads of them is all a Config needs here."""
+
+    def __init__(self, aws: cfg.AwsConfig, extra: dict[str, Any]) -> None:
+        self._aws, self._extra = aws, extra
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._extra:
+            value = self._extra[name]
+            return tuple(value) if isinstance(value, list) else value
+        return getattr(self._aws, name)
+
+
+def parsed(toml_text: str) -> cfg.Config:
+    """The Config a TOML text gives; before config.py knows NEW_AWS_KEYS, with them carried
+    alongside (a stand-in that goes away by itself once the keys exist)."""
+    data = tomllib.loads(toml_text)
+    extra = {} if KEYS_KNOWN else {k: data["aws"].pop(k) for k in NEW_AWS_KEYS if k in data["aws"]}
+    config = cfg.parse(data)
+    if extra:
+        config = dataclasses.replace(config, aws=_AwsWithNewKeys(config.aws, extra))  # type: ignore[arg-type]
+    return config
+
+
+def cloud_config(user_data: str) -> dict[str, Any]:
+    assert user_data.startswith("#cloud-config\n")
+    return dict(yaml.safe_load(user_data))
+
+
+def written_toml(user_data: str) -> str:
+    """The gatepeer.toml a #cloud-config's write_files puts in place."""
+    files = {f["path"]: f for f in cloud_config(user_data)["write_files"]}
+    return str(files[CONFIG_PATH]["content"])
+
+
+# One peer of a pair (route mode, route tables claimed by the master), without the new keys.
+PEER_TOML = """
+[soracom]
+auth_key_id = "keyId-x"
+auth_key_ssm_parameter = "/gatepeer/auth-key"
+vpg_id = "vpg-x"
+[aws]
+autoscaling_group = "{group}"
+launch_lifecycle_hook = "gatepeer-launch"
+[ha]
+peer_address = "{other}"
+route_tables = ["rtb-0123abcd"]
+"""

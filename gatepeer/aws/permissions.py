@@ -34,37 +34,210 @@ LIFECYCLE_ACTIONS = (
 class Permission:
     action: str  # "ec2:ModifyNetworkInterfaceAttribute"
     why: str  # the setting or check that needs it
+    scope: str = "Describe"  # the policy statement (its Sid) that grants it; see SCOPES
+
+
+# What each scope's statement is allowed on. Describe* actions take no resource-level
+# permissions; the ENI is not known when the policy is written (any in this account and
+# region); route tables are named by the ec2:RouteTableID condition key (see policy()).
+SCOPES: dict[str, str] = {
+    "Describe": "*",
+    "NetworkInterface": "arn:{partition}:ec2:{region}:{account}:network-interface/*",
+    "RouteTables": "arn:{partition}:ec2:{region}:{account}:route-table/*",
+    "AuthKey": "arn:{partition}:ssm:{region}:{account}:parameter{name}",
+    "LifecycleHooks": (
+        "arn:{partition}:autoscaling:{region}:{account}:autoScalingGroup:*:"
+        "autoScalingGroupName/{name}"
+    ),
+}
+# What the README's IAM table says each scope's resource is.
+SCOPE_RESOURCES: dict[str, str] = {
+    "Describe": "`*` (Describe actions take no resource-level permissions)",
+    "NetworkInterface": "`network-interface/*` in this account and region (the ENI is not "
+    "known when the policy is written)",
+    "RouteTables": "`route-table/*` on the condition `ec2:RouteTableID` = the listed tables",
+    "AuthKey": "the parameter (`arn:aws:ssm:REGION:ACCOUNT:parameter/gatepeer/auth-key`); "
+    "`kms:Decrypt` on the key too when it is a customer managed key",
+    "LifecycleHooks": "the Auto Scaling group (`aws.autoscaling_group`)",
+}
+
+
+def _route_tables(config: Config) -> tuple[str, ...]:
+    """Every route table gatepeer may point at this instance: [aws] (a single peer, at each
+    reconcile) and [ha] (the master's claim)."""
+    # getattr: [aws] route_tables arrives with the branch that teaches config.py the key.
+    single: tuple[str, ...] = tuple(getattr(config.aws, "route_tables", ()) or ())
+    pair = config.ha.route_tables if config.ha is not None else ()
+    return tuple(dict.fromkeys((*single, *pair)))
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One setting (or check) and the actions it calls, each in its statement's scope."""
+
+    setting: str
+    grants: tuple[tuple[str, str], ...]  # (action, scope)
+    applies: Callable[[Config], bool]
+    row: str = ""  # the IAM table's first column when it is not the setting's key
+
+
+_ROUTES = (
+    ("ec2:DescribeRouteTables", "Describe"),
+    ("ec2:DescribeNetworkInterfaces", "Describe"),
+    ("ec2:CreateRoute", "RouteTables"),
+    ("ec2:ReplaceRoute", "RouteTables"),
+)
+_LIFECYCLE = tuple((action, "LifecycleHooks") for action in LIFECYCLE_ACTIONS)
+
+# The one list of what gatepeer calls in AWS, by setting: `needed()`, `gatepeer aws policy`,
+# the CloudFormation stack's role (checked by tests/test_stack.py) and the README's IAM table
+# all come from here.
+FEATURES: tuple[Feature, ...] = (
+    Feature(
+        "the source/destination check",
+        (("ec2:DescribeNetworkInterfaceAttribute", "Describe"),),
+        lambda c: True,
+        "any peer on EC2 (doctor's source/destination check)",
+    ),
+    Feature(
+        "the security group check",
+        (
+            ("ec2:DescribeNetworkInterfaces", "Describe"),
+            ("ec2:DescribeSecurityGroups", "Describe"),
+        ),
+        lambda c: True,
+        "any peer on EC2 (doctor's security group check)",
+    ),
+    Feature(
+        "the route check",
+        (("ec2:DescribeRouteTables", "Describe"),),
+        lambda c: c.packet_path.mode == "route",
+        '`packet_path.mode = "route"` (doctor\'s route check)',
+    ),
+    Feature(
+        "aws.disable_source_dest_check",
+        (("ec2:ModifyNetworkInterfaceAttribute", "NetworkInterface"),),
+        lambda c: c.aws.disable_source_dest_check,
+    ),
+    Feature(
+        "aws.route_tables",
+        _ROUTES,
+        lambda c: bool(getattr(c.aws, "route_tables", ())),
+    ),
+    Feature(
+        "ha.route_tables",
+        _ROUTES,
+        lambda c: c.ha is not None and bool(c.ha.route_tables),
+    ),
+    Feature(
+        "aws.remove_stale_registrations",
+        (("ec2:DescribeNetworkInterfaces", "Describe"),),
+        lambda c: bool(getattr(c.aws, "remove_stale_registrations", False)),
+    ),
+    Feature(
+        "soracom.auth_key_ssm_parameter",
+        (("ssm:GetParameter", "AuthKey"),),
+        lambda c: bool(c.soracom.auth_key_ssm_parameter),
+    ),
+    Feature(
+        "aws.launch_lifecycle_hook",
+        _LIFECYCLE,
+        lambda c: bool(c.aws.launch_lifecycle_hook),
+    ),
+    Feature(
+        "aws.termination_lifecycle_hook",
+        _LIFECYCLE,
+        lambda c: bool(c.aws.termination_lifecycle_hook),
+    ),
+)
 
 
 def needed(config: Config) -> list[Permission]:
-    """What doctor's own EC2 checks read, then what each configured [aws]/[ha] feature calls."""
-    out = [
-        Permission("ec2:DescribeNetworkInterfaceAttribute", "the source/destination check"),
-        Permission("ec2:DescribeNetworkInterfaces", "the security group check"),
-        Permission("ec2:DescribeSecurityGroups", "the security group check"),
-    ]
-    if config.packet_path.mode == "route":
-        out.append(Permission("ec2:DescribeRouteTables", "the route check"))
-    aws = config.aws
-    if aws.disable_source_dest_check:
-        out.append(
-            Permission("ec2:ModifyNetworkInterfaceAttribute", "aws.disable_source_dest_check")
-        )
-    if config.ha is not None and config.ha.route_tables:
-        out.append(Permission("ec2:ReplaceRoute", "ha.route_tables"))
-    if config.soracom.auth_key_ssm_parameter:
-        out.append(Permission("ssm:GetParameter", "soracom.auth_key_ssm_parameter"))
-    hooks = [
-        name
-        for name, value in (
-            ("aws.launch_lifecycle_hook", aws.launch_lifecycle_hook),
-            ("aws.termination_lifecycle_hook", aws.termination_lifecycle_hook),
-        )
-        if value
-    ]
-    if hooks:
-        out += [Permission(action, " and ".join(hooks)) for action in LIFECYCLE_ACTIONS]
+    """Each action this config calls (doctor's own EC2 checks first, then each configured
+    feature), once, with every setting that needs it."""
+    why: dict[str, list[str]] = {}
+    scope: dict[str, str] = {}
+    for feature in FEATURES:
+        if not feature.applies(config):
+            continue
+        for action, in_scope in feature.grants:
+            why.setdefault(action, []).append(feature.setting)
+            scope[action] = in_scope
+    return [Permission(action, " and ".join(why[action]), scope[action]) for action in why]
+
+
+@dataclass(frozen=True)
+class Account:
+    """Where the policy applies; "*" when not known (any region, any account)."""
+
+    partition: str = "aws"
+    region: str = "*"
+    account: str = "*"
+
+
+def policy(configs: list[Config], where: Account) -> dict[str, Any]:
+    """The minimal IAM policy document for instances running these configs (one, or both
+    peers of a pair sharing a role): one statement per scope, in SCOPES order, actions sorted."""
+    actions: dict[str, set[str]] = {}
+    for config in configs:
+        for p in needed(config):
+            actions.setdefault(p.scope, set()).add(p.action)
+    statements: list[dict[str, Any]] = []
+    for scope, pattern in SCOPES.items():
+        if scope not in actions:
+            continue
+        names = sorted(_scope_names(scope, configs))
+        arns = [
+            pattern.format(
+                partition=where.partition, region=where.region, account=where.account, name=n
+            )
+            for n in (names or [""])
+        ]
+        statement: dict[str, Any] = {
+            "Sid": scope,
+            "Effect": "Allow",
+            "Action": sorted(actions[scope]),
+            "Resource": arns[0] if len(arns) == 1 else arns,
+        }
+        if scope == "RouteTables":
+            # One ARN per table cannot be written in CloudFormation from a list of ids (the
+            # stack renders this same policy), so the condition key names the tables.
+            statement["Resource"] = arns[0]
+            statement["Condition"] = {"StringEquals": {"ec2:RouteTableID": names}}
+        statements.append(statement)
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
+def _scope_names(scope: str, configs: list[Config]) -> set[str]:
+    """The names a scope's resources carry: SSM parameter paths, Auto Scaling group names,
+    route table ids."""
+    out: set[str] = set()
+    for c in configs:
+        if scope == "AuthKey" and c.soracom.auth_key_ssm_parameter:
+            name = c.soracom.auth_key_ssm_parameter
+            out.add(name if name.startswith("/") else f"/{name}")
+        elif scope == "LifecycleHooks":
+            out.add(c.aws.autoscaling_group or "*")
+        elif scope == "RouteTables":
+            out.update(_route_tables(c))
     return out
+
+
+def iam_table() -> str:
+    """The README's IAM table (Markdown), one row per setting or check, from FEATURES."""
+    rows = [
+        "| setting | actions | resource |",
+        "|---|---|---|",
+    ]
+    for feature in FEATURES:
+        by_scope: dict[str, list[str]] = {}
+        for action, scope in feature.grants:
+            by_scope.setdefault(scope, []).append(f"`{action}`")
+        actions = "; ".join(", ".join(a) for a in by_scope.values())
+        resources = "; ".join(SCOPE_RESOURCES[s] for s in by_scope)
+        setting = feature.row or f"`{feature.setting}`"
+        rows.append(f"| {setting} | {actions} | {resources} |")
+    return "\n".join(rows) + "\n"
 
 
 @dataclass
@@ -122,17 +295,18 @@ def _ec2_call(ec2: Any, action: str, s: Subject, config: Config) -> tuple[bool |
             NetworkInterfaceId=s.eni_id,
             SourceDestCheck={"Value": False},
         )
-    if action == "ec2:ReplaceRoute":
-        if s.device_subnet is None or config.ha is None:
+    if action in ("ec2:ReplaceRoute", "ec2:CreateRoute"):
+        if s.device_subnet is None:
             return None, "the device subnet is not known (the API was not reached)"
+        call = ec2.replace_route if action == "ec2:ReplaceRoute" else ec2.create_route
         answers = [
             dry_run(
-                ec2.replace_route,
+                call,
                 RouteTableId=table,
                 DestinationCidrBlock=str(s.device_subnet),
                 NetworkInterfaceId=s.eni_id,
             )
-            for table in config.ha.route_tables
+            for table in _route_tables(config)
         ]
         if any(a[0] is False for a in answers):
             return False, ""
