@@ -349,3 +349,32 @@ def test_after_reconcile_never_raises(tmp_path: Path) -> None:
     assert integration is not None
     integration.after_reconcile(True, gate_view("198.18.0.12"))
     assert integration.problem is not None and "KeyError" in integration.problem
+
+
+# ---- what status shows -------------------------------------------------------------------------
+
+
+def test_status_shows_the_route_claim_and_the_sweep(tmp_path: Path) -> None:
+    from test_status import run_status, state_doc
+
+    from gatepeer.status import render, to_json
+
+    aws = {
+        "route_tables": {
+            "destination": "198.19.0.0/16",
+            "eni_id": "eni-0new",
+            "tables": {"rtb-0a1b2c3d": "replaced"},
+            "checked_at": 1.0,
+            "error": None,
+        },
+        "stale_registrations": {"removed": ["198.18.0.10"], "checked_at": 1.0, "error": None},
+    }
+    status = run_status(tmp_path, state_doc(aws=aws))
+    assert to_json(status)["aws"] == aws
+    assert (
+        "aws           routes 198.19.0.0/16 -> eni-0new (rtb-0a1b2c3d replaced); "
+        "stale registrations removed: 198.18.0.10"
+    ) in render(status).splitlines()
+    # A single peer without these features: no aws key, no line.
+    plain = run_status(tmp_path, state_doc())
+    assert "aws" not in to_json(plain) and "aws     " not in render(plain)
