@@ -1,6 +1,6 @@
 # gatepeer's AMI: Debian 12 (Debian's own AMIs), provisioned by scripts/provision.sh from a
 # bundle made by scripts/bundle.sh. One architecture per build; see x86_64.pkrvars.hcl and
-# arm64.pkrvars.hcl, and README "Building the AMI" for the release pipeline.
+# arm64.pkrvars.hcl, and docs/image.md for the release pipeline.
 
 variable "architecture" {
   type        = string
@@ -26,6 +26,12 @@ variable "bundle_dir" {
 variable "gatepeer_version" {
   type        = string
   description = "Goes into the AMI's name and tags."
+}
+
+variable "ssm_agent_key_file" {
+  type        = string
+  description = "AWS's public key for the SSM Agent packages, copied from \"Verifying the signature of SSM Agent\" (Systems Manager user guide); ssm-agent.sh refuses it unless its fingerprint is the one pinned there."
+  default     = "ssm-agent-public-key.asc"
 }
 
 variable "ami_regions" {
@@ -84,6 +90,27 @@ build {
   provisioner "file" {
     source      = "${var.bundle_dir}/"
     destination = "/tmp/gatepeer-bundle"
+  }
+
+  # An operator path without a key pair or an inbound port: Session Manager. The package is
+  # installed only with a good signature by AWS's pinned key (ssm-agent.sh).
+  provisioner "file" {
+    source      = "${path.root}/ssm-agent.sh"
+    destination = "/tmp/ssm-agent.sh"
+  }
+
+  provisioner "file" {
+    source      = var.ssm_agent_key_file
+    destination = "/tmp/ssm-agent-public-key.asc"
+  }
+
+  provisioner "shell" {
+    inline = [
+      "sudo DEBIAN_FRONTEND=noninteractive apt-get update -qq",
+      "sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends curl gpg",
+      "sudo bash /tmp/ssm-agent.sh install ${var.region} ${local.debian_arch} /tmp/ssm-agent-public-key.asc",
+      "rm -f /tmp/ssm-agent.sh /tmp/ssm-agent-public-key.asc",
+    ]
   }
 
   provisioner "shell" {

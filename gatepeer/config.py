@@ -187,6 +187,9 @@ class HaConfig:
 
 # The instance metadata service; contacted only when DMI says this host is an EC2 instance.
 DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
+# botocore's own variable for it; honoured when aws.imds_endpoint is not in the file.
+IMDS_ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+IMDS_ENDPOINT_RE = re.compile(r"http://([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\])(:\d{1,5})?")
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,9 @@ class AwsConfig:
     # On EC2, take the underlay (the primary ENI) and local address from IMDSv2 when
     # tunnel.underlay_interface or tunnel.local_address is not set.
     instance_facts: bool = True
-    imds_endpoint: str = DEFAULT_IMDS_ENDPOINT
+    # None: not in the file; $AWS_EC2_METADATA_SERVICE_ENDPOINT, else DEFAULT_IMDS_ENDPOINT
+    # (resolved where IMDS is asked: gatepeer.aws.imds.endpoint).
+    imds_endpoint: str | None = None
     imds_timeout: float = 1.0
     region: str | None = None  # None: the instance's region, from IMDS
     disable_source_dest_check: bool = False
@@ -206,6 +211,12 @@ class AwsConfig:
     lifecycle_deadline: float = 600.0
     # On scale-in: unregister from SORACOM, then CONTINUE.
     termination_lifecycle_hook: str | None = None
+    # A single peer in route mode: at every reconcile the device subnet's route in these VPC
+    # route tables points at this instance's ENI (an Auto Scaling replacement takes it over).
+    route_tables: tuple[str, ...] = ()
+    # Unregister gate peers of this VPG whose VPC address no network interface holds any more
+    # (an instance that was replaced), at start and after each registration.
+    remove_stale_registrations: bool = False
 
     @property
     def any_api_feature(self) -> bool:
@@ -214,6 +225,8 @@ class AwsConfig:
             self.disable_source_dest_check
             or self.launch_lifecycle_hook
             or self.termination_lifecycle_hook
+            or self.route_tables
+            or self.remove_stale_registrations
         )
 
 
@@ -329,7 +342,7 @@ def parse(data: Mapping[str, Any]) -> Config:
     metrics = section("metrics", _parse_metrics)
     probes = section("probes", _parse_probes)
     ha = section("ha", lambda s: _parse_ha(s, tunnel or TunnelConfig())) if "ha" in tables else None
-    aws = section("aws", _parse_aws)
+    aws = section("aws", lambda s: _parse_aws(s, packet_path or PacketPathConfig(), ha))
     if kernel is not None and packet_path is not None:
         # conntrack is sized for devices x flows; past this the kernel refuses the table size
         # (it must fit a signed int, and each entry costs ~256 bytes of memory).
@@ -787,7 +800,21 @@ _AWS_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-/:]{1,255}$")
 _REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
 
 
-def _parse_aws(s: _Section) -> AwsConfig:
+def _route_table_ids(s: _Section) -> tuple[str, ...]:
+    tables_raw = s.get("route_tables", [])
+    if not isinstance(tables_raw, list) or not all(isinstance(t, str) for t in tables_raw):
+        raise ConfigError(
+            f'{s.key("route_tables")}: must be a list of route table ids such as ["rtb-0a1b2c3d"]'
+        )
+    for table in tables_raw:
+        if not ROUTE_TABLE_RE.match(table):
+            raise ConfigError(f"{s.key('route_tables')}: not a route table id, got {table!r}")
+    if len(set(tables_raw)) != len(tables_raw):
+        raise ConfigError(f"{s.key('route_tables')}: lists a route table twice")
+    return tuple(tables_raw)
+
+
+def _parse_aws(s: _Section, packet_path: PacketPathConfig, ha: HaConfig | None) -> AwsConfig:
     def name(key: str, what: str) -> str | None:
         value = s.get(key)
         if value is None or value == "":
@@ -796,11 +823,24 @@ def _parse_aws(s: _Section) -> AwsConfig:
             raise ConfigError(f"{s.key(key)}: not {what}, got {_show(value)}")
         return value
 
-    endpoint = s.string("imds_endpoint", DEFAULT_IMDS_ENDPOINT).rstrip("/")
-    if not re.fullmatch(r"http://([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\])(:\d{1,5})?", endpoint):
+    endpoint = None
+    if s.has("imds_endpoint"):
+        endpoint = s.string("imds_endpoint", DEFAULT_IMDS_ENDPOINT).rstrip("/")
+        if not IMDS_ENDPOINT_RE.fullmatch(endpoint):
+            raise ConfigError(
+                f"{s.key('imds_endpoint')}: must be http://ADDRESS[:PORT] "
+                f'(default "{DEFAULT_IMDS_ENDPOINT}"), got {endpoint!r}'
+            )
+    tables = _route_table_ids(s)
+    if tables and ha is not None:
         raise ConfigError(
-            f"{s.key('imds_endpoint')}: must be http://ADDRESS[:PORT] "
-            f'(default "{DEFAULT_IMDS_ENDPOINT}"), got {endpoint!r}'
+            f"{s.key('route_tables')}: an HA pair moves routes with ha.route_tables (the master's "
+            "claim); set only that one"
+        )
+    if tables and packet_path.mode != "route":
+        raise ConfigError(
+            f"{s.key('route_tables')}: routes the device subnet to this peer, which only route "
+            f'mode forwards; set packet_path.mode = "route" or remove it'
         )
     region = s.get("region")
     if region is not None and (not isinstance(region, str) or not _REGION_RE.match(region)):
@@ -815,6 +855,8 @@ def _parse_aws(s: _Section) -> AwsConfig:
         launch_lifecycle_hook=name("launch_lifecycle_hook", "a lifecycle hook name"),
         lifecycle_deadline=s.duration("lifecycle_deadline", 600.0, 10.0, 7_200.0),
         termination_lifecycle_hook=name("termination_lifecycle_hook", "a lifecycle hook name"),
+        route_tables=tables,
+        remove_stale_registrations=s.boolean("remove_stale_registrations", False),
     )
     hooks = [k for k in ("launch_lifecycle_hook", "termination_lifecycle_hook") if getattr(cfg, k)]
     if hooks and cfg.autoscaling_group is None:
@@ -898,16 +940,7 @@ def _parse_ha(s: _Section, tunnel: TunnelConfig) -> HaConfig:
             f"{s.key('virtual_address')}: {vip} is a VPC address; the virtual address is an "
             "inner address on the tunnel"
         )
-    tables_raw = s.get("route_tables", [])
-    if not isinstance(tables_raw, list) or not all(isinstance(t, str) for t in tables_raw):
-        raise ConfigError(
-            f'{s.key("route_tables")}: must be a list of route table ids such as ["rtb-0a1b2c3d"]'
-        )
-    for table in tables_raw:
-        if not ROUTE_TABLE_RE.match(table):
-            raise ConfigError(f"{s.key('route_tables')}: not a route table id, got {table!r}")
-    if len(set(tables_raw)) != len(tables_raw):
-        raise ConfigError(f"{s.key('route_tables')}: lists a route table twice")
+    tables_raw = _route_table_ids(s)
     fifo = s.string("notify_fifo", str(HA_NOTIFY_FIFO))
     if not fifo.startswith("/"):
         raise ConfigError(f"{s.key('notify_fifo')}: must be an absolute path, got {fifo!r}")
@@ -920,7 +953,7 @@ def _parse_ha(s: _Section, tunnel: TunnelConfig) -> HaConfig:
         nopreempt=s.boolean("nopreempt", True),
         interface=interface,
         virtual_address=vip,
-        route_tables=tuple(tables_raw),
+        route_tables=tables_raw,
         check_interval=_whole_seconds(s, "check_interval", 1, 1, 60),
         check_timeout=_whole_seconds(s, "check_timeout", 1, 1, 60),
         check_fall=s.integer("check_fall", 2, 1, 100),

@@ -17,14 +17,14 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK, RTMGRP_NEIGH
 
 from gatepeer import health, state_document, systemd
-from gatepeer.agent import Agent, ReconcileResult
+from gatepeer.agent import Agent, ReconcileResult, make_client
 from gatepeer.aws.integration import AwsIntegration, TerminationWatcher
 from gatepeer.config import Config, ConfigError
 from gatepeer.desired_state import DesiredStateError, Endpoint, tunnel_mtu
@@ -208,6 +208,7 @@ class ProbedAgent(Agent):
 
     prober: Prober | None = None
     ha_view: Callable[[], RoleView] | None = None  # with [ha]: the role keepalived gave us
+    aws_view: Callable[[], dict[str, Any] | None] | None = None  # [aws] routes, stale sweep
     _write_lock = threading.Lock()
 
     def document(self) -> state_document.StateDocument:
@@ -217,8 +218,9 @@ class ProbedAgent(Agent):
         except OSError:
             flood = None  # reported as missing; the state must still be written
         ha = self.ha_view().to_json() if self.ha_view is not None else None
+        aws = self.aws_view() if self.aws_view is not None else None
         return state_document.build(
-            self.snapshot(), probes=state_document.Probes(results, flood), ha=ha
+            self.snapshot(), probes=state_document.Probes(results, flood), ha=ha, aws=aws
         )
 
     def write_state(self) -> None:
@@ -243,7 +245,9 @@ class Daemon:
         self.ha = self._ha_watcher(config)
         self.agent = self._new_agent(config)
         # The [aws] flags as at start: a reload keeps the lifecycle's progress (restart to change).
-        self.aws = AwsIntegration.for_config(config, self.agent.instance)
+        self.aws = AwsIntegration.for_config(
+            config, self.agent.instance, soracom=lambda: make_client(config)
+        )
         self.terminating = False  # Auto Scaling is taking this instance away
         self.wake = Wake()
         self._refresher: threading.Thread | None = None
@@ -256,9 +260,14 @@ class Daemon:
     def _new_agent(self, config: Config) -> ProbedAgent:
         agent = ProbedAgent(config)
         agent.prober = self.prober
+        agent.aws_view = self._aws_view
         if self.ha is not None:
             agent.ha_view = self.ha.view
         return agent
+
+    def _aws_view(self) -> dict[str, Any] | None:
+        aws: AwsIntegration | None = getattr(self, "aws", None)  # made after the first agent
+        return aws.to_json() if aws is not None else None
 
     # ---- HA: keepalived's notify FIFO and the claim on MASTER ------------------------
 
@@ -577,7 +586,7 @@ class Daemon:
                     self._wait(next_refresh, watchdog)
                     continue
                 if self.aws is not None:
-                    self.aws.after_reconcile(result.health == "ok")
+                    self.aws.after_reconcile(result.health == "ok", self.agent.gate)
                 self._keep_claim()
                 if result.actions or result.health != "ok":
                     log.info(

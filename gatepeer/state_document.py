@@ -85,6 +85,7 @@ class StateSummary:
     # last_reconcile.error.
     reconcile_failure: str | None = None
     ha: Any = None  # the HA role the daemon recorded (RoleView.to_json()); None: none
+    aws: Any = None  # [aws] route_tables and the stale sweep (AwsIntegration.to_json())
 
     @property
     def redirection_is_self(self) -> bool | None:
@@ -183,6 +184,7 @@ class StateSummary:
             redirection_error=r.text(redirect, "error", "redirection.error"),
             reconcile_failure=failure,
             ha=data.get("ha"),
+            aws=data.get("aws") if isinstance(data.get("aws"), dict) else None,
             damaged=tuple(r.damaged),
         )
 
@@ -340,6 +342,7 @@ def build(
     *,
     probes: Probes | None = None,
     ha: Mapping[str, Any] | None = None,
+    aws: Mapping[str, Any] | None = None,
 ) -> StateDocument:
     """The document for `snapshot`. Without probes (`gatepeer apply`) its health is the
     reconcile's own verdict; with them (the daemon) it is judged here, once, by the evaluator
@@ -399,6 +402,8 @@ def build(
         # Read by gatepeer.ha.report; before the judgment, which reads a gateway elsewhere as
         # a backup's normal state when "ha" is there.
         data["ha"] = dict(ha)
+    if aws:
+        data["aws"] = dict(aws)  # [aws] route_tables and the stale sweep, for status
     if probes is not None:
         data["endpoints"] = endpoint_report(endpoints, probes.results, probes.fdb)
     summary = _summary(r, data, probed=probes is not None)
@@ -442,12 +447,14 @@ def _summary(r: AgentSnapshot, data: Mapping[str, Any], *, probed: bool) -> Stat
         last_success_at=r.last_success_at,
         packet_path_mode=r.packet_path_mode,
         fast_path=data["packet_path"]["fast_path_active"],
+        vpc_cidrs=_vpc_cidrs(data["packet_path"]),
         api_answer_refused=r.refused_field is not None,
         api_refused_field=r.refused_field,
         redirection_mode=r.redirection_mode,
         redirection_error=r.redirection_error,
         reconcile_failure=last.failure if last else None,
         ha=data.get("ha"),
+        aws=data.get("aws"),
     )
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gatepeer import __version__, atomic_json, health, redirection
+from gatepeer.aws import report as aws_report
 from gatepeer.config import (
     AgentConfig,
     ConfigError,
@@ -251,6 +252,8 @@ def to_json(s: Status) -> dict[str, Any]:
     ha = s.ha
     if ha is not None:  # only with [ha]: a single peer's report has no "ha" key
         report["ha"] = ha
+    if st is not None and st.aws:
+        report["aws"] = st.aws
     return report
 
 
@@ -352,6 +355,9 @@ def render(s: Status) -> str:
         )
     if "ha" in j:
         lines.append(ha_report.line(j["ha"]))
+    aws_line = aws_report.line(j["aws"]) if "aws" in j else None
+    if aws_line:
+        lines.append(aws_line)
     lr = j["last_reconcile"]
     if lr:
         took = f" in {lr['duration_s'] * 1000:.1f} ms" if lr["duration_s"] is not None else ""

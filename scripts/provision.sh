@@ -8,7 +8,9 @@
 # --with-dependencies every wheel it needs), systemd/ (unit, sysusers.d and sysctl.d files) and
 # README.md. pip takes dependencies missing from wheels/ from PyPI; set PIP_NO_INDEX=1 to forbid
 # that. It installs:
-#   /opt/gatepeer/venv                     a virtual environment with gatepeer from the wheel
+#   /opt/gatepeer/venv                     a virtual environment with gatepeer from the wheel and
+#                                          its [aws] extra (boto3: the key from SSM, IMDS facts,
+#                                          the source/destination check, lifecycle hooks, routes)
 #   /usr/local/bin/gatepeer                a link to its command, for operators
 #   /usr/lib/systemd/system/gatepeer.service and /usr/lib/sysusers.d/gatepeer.conf
 #   /usr/lib/sysctl.d/60-gatepeer.conf     forwarding and neighbour table defaults
@@ -43,8 +45,9 @@ if ((${#wheels[@]} != 1)); then
     exit 2
 fi
 
-# The same Debian packages as CI: the interpreter, nft for the packet path, ip for operators.
-packages=(python3 python3-venv nftables iproute2 ca-certificates)
+# The same Debian packages as CI: the interpreter, nft for the packet path, ip for operators;
+# cloud-init writes the config from user-data at first boot (Debian's AMIs carry it already).
+packages=(python3 python3-venv nftables iproute2 ca-certificates cloud-init)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -66,7 +69,12 @@ if [ ! -x "$prefix/venv/bin/python" ]; then
     python3 -m venv "$prefix/venv"
 fi
 "$prefix/venv/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir \
-    --upgrade --find-links "$bundle/wheels" "${wheels[0]}"
+    --upgrade --find-links "$bundle/wheels" "${wheels[0]}[aws]"
+# Checked, not assumed: without boto3 the image would read no key from SSM.
+"$prefix/venv/bin/python" -c "import boto3" || {
+    echo "provision: boto3 missing from $prefix/venv after installing gatepeer[aws]" >&2
+    exit 1
+}
 install -m 0644 "$bundle/README.md" "$prefix/README.md"
 # Operators type `gatepeer status`; the unit runs the venv's own copy.
 ln -sfn "$prefix/venv/bin/gatepeer" /usr/local/bin/gatepeer

@@ -15,7 +15,6 @@ or in one call, `rendered_user_data(moto.url, SoracomApiEndpoint="http://198.18.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import secrets
 import tomllib
 from collections.abc import Mapping
@@ -168,34 +167,10 @@ def rendered_user_data(endpoint_url: str, **parameters: str) -> str:
 
 # ---- reading what the stack rendered -------------------------------------------------------
 
-# [aws] keys of CONTRACT16 that config.py learns on helper boot's branch (see parsed()).
-NEW_AWS_KEYS = ("route_tables", "remove_stale_registrations")
-KEYS_KNOWN = all(k in {f.name for f in dataclasses.fields(cfg.AwsConfig)} for k in NEW_AWS_KEYS)
-
-
-class _AwsWithNewKeys:
-    """The parsed [aws] section plus the keys config.py does not know yet on this branch (see
-    NEW_AWS_KEYS): what permissions.py reads of them is all a Config needs here."""
-
-    def __init__(self, aws: cfg.AwsConfig, extra: dict[str, Any]) -> None:
-        self._aws, self._extra = aws, extra
-
-    def __getattr__(self, name: str) -> Any:
-        if name in self._extra:
-            value = self._extra[name]
-            return tuple(value) if isinstance(value, list) else value
-        return getattr(self._aws, name)
-
 
 def parsed(toml_text: str) -> cfg.Config:
-    """The Config a TOML text gives; before config.py knows NEW_AWS_KEYS, with them carried
-    alongside (a stand-in that goes away by itself once the keys exist)."""
-    data = tomllib.loads(toml_text)
-    extra = {} if KEYS_KNOWN else {k: data["aws"].pop(k) for k in NEW_AWS_KEYS if k in data["aws"]}
-    config = cfg.parse(data)
-    if extra:
-        config = dataclasses.replace(config, aws=_AwsWithNewKeys(config.aws, extra))  # type: ignore[arg-type]
-    return config
+    """The Config a TOML text gives."""
+    return cfg.parse(tomllib.loads(toml_text))
 
 
 def cloud_config(user_data: str) -> dict[str, Any]:

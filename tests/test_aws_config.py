@@ -30,7 +30,9 @@ def test_defaults_make_no_aws_feature(tmp_path: Path) -> None:
     cfg = load(write_config(tmp_path, soracom_section(key)))
     aws = cfg.aws
     assert aws.instance_facts is True
-    assert aws.imds_endpoint == DEFAULT_IMDS_ENDPOINT == "http://169.254.169.254"
+    # Not in the file: AWS_EC2_METADATA_SERVICE_ENDPOINT, else the default (gatepeer.aws.imds).
+    assert aws.imds_endpoint is None and DEFAULT_IMDS_ENDPOINT == "http://169.254.169.254"
+    assert aws.route_tables == () and aws.remove_stale_registrations is False
     assert aws.imds_timeout == 1.0
     assert not aws.any_api_feature
     assert cfg.soracom.auth_key_ssm_parameter is None and cfg.soracom.auth_key_file == key

@@ -229,6 +229,60 @@ def test_provision_refuses_what_is_not_a_bundle(tmp_path: Path) -> None:
     ]
 
 
+@pytest.fixture(scope="module")
+def bundle_with_dependencies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What the AMI's release pipeline and the boot test install from (needs PyPI or pip's
+    cache for the dependencies' wheels)."""
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "bundle.sh"), str(out), "--with-dependencies"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=600,
+    )
+    if proc.returncode != 0 and "No matching distribution" in proc.stderr + proc.stdout:
+        pytest.skip(f"no package index reachable for the dependencies' wheels: {proc.stderr}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+def test_bundle_carries_the_aws_extra(bundle_with_dependencies: Path) -> None:
+    """The image reads its key from SSM and its facts from IMDS: boto3 must be in the bundle,
+    or an image provisioned with PIP_NO_INDEX=1 has none (issue 16, item 1)."""
+    wheels = sorted(
+        p.name.split("-")[0].lower() for p in (bundle_with_dependencies / "wheels").glob("*.whl")
+    )
+    assert {"gatepeer", "boto3", "botocore", "pyroute2"} <= set(wheels), wheels
+
+
+def test_provision_installs_the_aws_extra() -> None:
+    """provision.sh asks pip for gatepeer[aws] and checks boto3 imports (the boot test runs it
+    inside a Debian root; tests/test_boot_lab.py)."""
+    text = (REPO / "scripts" / "provision.sh").read_text()
+    assert '"${wheels[0]}[aws]"' in text
+    assert '-c "import boto3"' in text
+
+
+def test_wheel_carries_the_license(tmp_path: Path) -> None:
+    """pyproject says Apache-2.0; the text is LICENSE at the top and in the wheel's dist-info."""
+    import zipfile
+
+    license_text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check",
+         "--wheel-dir", str(tmp_path), str(REPO)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = tmp_path.glob("gatepeer-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        licenses = [n for n in zf.namelist() if n.endswith("/LICENSE") and ".dist-info/" in n]
+        assert licenses, zf.namelist()
+        assert zf.read(licenses[0]).decode() == license_text
+
+
 # ---- cloud-init examples ---------------------------------------------------------------------
 
 
@@ -423,6 +477,12 @@ def test_packer_template_structure() -> None:
     assert any(
         "provision.sh /tmp/gatepeer-bundle" in c and c.startswith("sudo bash") for c in commands
     )
+    # The SSM agent, from AWS's package, only through the signature check (test_ami_ssm_agent).
+    assert (
+        "sudo bash /tmp/ssm-agent.sh install ${var.region} ${local.debian_arch} "
+        "/tmp/ssm-agent-public-key.asc"
+    ) in commands
+    assert not any("dpkg -i" in c or "amazon-ssm-agent.deb" in c for c in commands)
     declared = {unquote(name) for block in template["variable"] for name in block}
     for arch, var_file in VAR_FILES.items():
         values = {k: unquote(v) for k, v in hcl(var_file).items()}

@@ -29,9 +29,7 @@ from stack_moto import (
     AUTH_KEY_ID,
     AUTH_KEY_PARAMETER,
     CONFIG_PATH,
-    KEYS_KNOWN,
     MOTO_ACCOUNT,
-    NEW_AWS_KEYS,
     PEER_TOML,
     REGION,
     SUBNET_CIDRS,
@@ -52,27 +50,6 @@ from gatepeer import config as cfg
 from gatepeer.aws.permissions import Account, iam_table, policy
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def checkable(toml_text: str, check: Any) -> str:
-    """The TOML as `gatepeer` on this branch can read it: unchanged once config.py knows
-    NEW_AWS_KEYS (helper boot's branch); before that merge, `check(text)` (a CompletedProcess)
-    must refuse one of exactly those keys, and the text comes back without them, so the rest
-    of the file is still checked."""
-    if KEYS_KNOWN:
-        return toml_text
-    refused = check(toml_text)
-    assert refused.returncode == 2, refused.stdout
-    assert "unknown key" in refused.stderr, refused.stderr
-    assert any(f"aws.{k}:" in refused.stderr for k in NEW_AWS_KEYS), refused.stderr
-    kept, section = [], ""
-    for line in toml_text.splitlines(keepends=True):
-        if line.startswith("["):
-            section = line.strip()
-        if section == "[aws]" and line.split(" =")[0] in NEW_AWS_KEYS:
-            continue
-        kept.append(line)
-    return "".join(kept)
 
 
 # (Mode, Peers, Redirection): nat needs redirection (the template's rule says so).
@@ -425,7 +402,7 @@ def test_optional_key_pair_metrics_source_and_api_endpoint(
         path.write_text(text)
         return gatepeer("config", "check", "--config", str(path))
 
-    proc = check(checkable(written_toml(stack.user_data), check))
+    proc = check(written_toml(stack.user_data))
     assert proc.returncode == 0, proc.stderr
 
 
@@ -457,7 +434,7 @@ def test_user_data_config_passes_gatepeer_config_check(
         return gatepeer("config", "check", "--json", "--config", str(path))
 
     for user_data in stacks[combo].user_data_by_template.values():
-        proc = check(checkable(written_toml(user_data), check))
+        proc = check(written_toml(user_data))
         assert proc.returncode == 0, proc.stderr
         effective = json.loads(proc.stdout)
         assert effective["packet_path"]["mode"] == combo[0]
@@ -491,7 +468,7 @@ def test_aws_policy_command_prints_the_stack_policy_for_both_peers_of_a_pair(
             path.write_text(text)
             return gatepeer("aws", "policy", "--config", str(path))
 
-        path.write_text(checkable(written_toml(user_data), check))
+        path.write_text(written_toml(user_data))
         paths += ["--config", str(path)]
     proc = gatepeer("aws", "policy", *paths, "--region", REGION, "--account", MOTO_ACCOUNT)
     assert proc.returncode == 0, proc.stderr

@@ -37,6 +37,16 @@ def client(service: str, target: AwsTarget) -> Any:
     )
 
 
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """What a call raises besides ClientError: botocore's own errors, and an answer it could
+    not parse (an HTML error page from a proxy or a stand-in: ResponseParserError is not a
+    BotoCoreError), which must not escape as a crash."""
+    from botocore.exceptions import BotoCoreError
+    from botocore.parsers import ResponseParserError
+
+    return (BotoCoreError, ResponseParserError)
+
+
 def error_code(exc: BaseException) -> str:
     """The AWS error code of a ClientError ("AccessDeniedException", ...), else ""."""
     response = getattr(exc, "response", None)

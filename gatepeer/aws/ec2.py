@@ -11,7 +11,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from gatepeer.aws import AwsError
-from gatepeer.aws.clients import error_code, error_message, http_status
+from gatepeer.aws.clients import error_code, error_message, http_status, transport_errors
 
 
 class Ec2Error(AwsError):
@@ -24,7 +24,7 @@ class Ec2Error(AwsError):
 
 
 def _call(action: str, resource: str, fn: Any, **kwargs: Any) -> Any:
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import ClientError
 
     try:
         return fn(**kwargs)
@@ -35,7 +35,7 @@ def _call(action: str, resource: str, fn: Any, **kwargs: Any) -> Any:
         if code in denied or http_status(exc) == 403:
             reason = f"access denied; the instance role needs ec2:{action}"
         raise Ec2Error(action, resource, reason, code) from None
-    except BotoCoreError as exc:
+    except transport_errors() as exc:
         raise Ec2Error(action, resource, error_message(exc)) from None
 
 

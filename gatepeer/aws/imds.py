@@ -28,6 +28,7 @@ from typing import Any
 
 from gatepeer import __version__
 from gatepeer.aws import AwsError
+from gatepeer.config import DEFAULT_IMDS_ENDPOINT, IMDS_ENDPOINT_ENV, IMDS_ENDPOINT_RE
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,24 @@ ATTEMPTS = 2
 # botocore asks for a 6-hour token; take a new one well before it expires.
 TOKEN_REUSE_S = 5 * 3600
 TOKEN_REFUSED_STATUS = frozenset({403, 404, 405})
+
+
+def resolve_endpoint(configured: str | None, env: Mapping[str, str] | None = None) -> str:
+    """Where IMDS is asked: aws.imds_endpoint when the file sets it, else botocore's own
+    AWS_EC2_METADATA_SERVICE_ENDPOINT (as every AWS call honours AWS_ENDPOINT_URL), else the
+    link-local default. A malformed variable is an error naming it, not a silent default."""
+    if configured:
+        return configured
+    value = (os.environ if env is None else env).get(IMDS_ENDPOINT_ENV, "").strip().rstrip("/")
+    if not value:
+        return DEFAULT_IMDS_ENDPOINT
+    if not IMDS_ENDPOINT_RE.fullmatch(value):
+        raise ImdsError(
+            "unreachable",
+            f"{IMDS_ENDPOINT_ENV}: must be http://ADDRESS[:PORT] (or unset for "
+            f"{DEFAULT_IMDS_ENDPOINT}), got {value!r}",
+        )
+    return value
 
 
 class ImdsError(AwsError):

@@ -21,10 +21,13 @@ from gatepeer.aws import AwsError
 from gatepeer.aws.clients import AwsTarget, client
 from gatepeer.aws.detect import SYS_ROOT, ec2_evidence
 from gatepeer.aws.ec2 import disable_source_dest_check
-from gatepeer.aws.imds import Imds, InstanceFacts
+from gatepeer.aws.imds import Imds, InstanceFacts, resolve_endpoint
 from gatepeer.aws.lifecycle import Hook, LaunchGate, complete, heartbeat
+from gatepeer.aws.routes import RouteKeeper
 from gatepeer.aws.ssm import auth_key_reader
+from gatepeer.aws.stale import Sweep, sweep
 from gatepeer.config import AwsConfig, Config
+from gatepeer.desired_state import GateView
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ class InstanceFactsSource:
         return self._evidence is not None
 
     def imds(self) -> Imds:
-        return Imds(self.aws.imds_endpoint, timeout=self.aws.imds_timeout)
+        return Imds(resolve_endpoint(self.aws.imds_endpoint), timeout=self.aws.imds_timeout)
 
     def get(self) -> InstanceFacts | None:
         """The facts, or None off EC2 (no request made) or after a failure (logged)."""
@@ -147,10 +150,20 @@ class AwsIntegration:
         source: InstanceFactsSource,
         *,
         make_client: Callable[[str], Any] | None = None,
+        soracom: Callable[[], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.aws = config.aws
+        self.vpg_id = config.soracom.vpg_id
+        # The SORACOM client for the stale sweep (its own: the refresher thread has the agent's).
+        self._soracom_factory = soracom
+        self._soracom: Any = None
+        self.routes = (
+            RouteKeeper(self.aws.route_tables, clock=clock) if self.aws.route_tables else None
+        )
+        self.stale = Sweep() if self.aws.remove_stale_registrations else None
+        self._swept_for: tuple[str, str] | None = None  # the registration last swept after
         self.source = source
         self.clock = clock
         self.sleep = sleep
@@ -169,9 +182,23 @@ class AwsIntegration:
         self.retry_at = 0.0
 
     @classmethod
-    def for_config(cls, config: Config, source: InstanceFactsSource) -> AwsIntegration | None:
+    def for_config(
+        cls,
+        config: Config,
+        source: InstanceFactsSource,
+        soracom: Callable[[], Any] | None = None,
+    ) -> AwsIntegration | None:
         """None when no [aws] flag needs the AWS API."""
-        return cls(config, source) if config.aws.any_api_feature else None
+        return cls(config, source, soracom=soracom) if config.aws.any_api_feature else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The state document's "aws" object: the route claim's and the sweep's last result."""
+        out: dict[str, Any] = {}
+        if self.routes is not None:
+            out["route_tables"] = self.routes.claim.to_json()
+        if self.stale is not None:
+            out["stale_registrations"] = self.stale.to_json()
+        return out
 
     def client(self, service: str) -> Any:
         if service not in self._clients:
@@ -189,9 +216,21 @@ class AwsIntegration:
 
     # ---- after a reconcile -------------------------------------------------------------
 
-    def after_reconcile(self, healthy: bool) -> None:
-        """`healthy`: the reconcile ended with health "ok". Never raises: AWS trouble is
-        logged and retried after the next reconcile; the data path does not depend on it."""
+    def after_reconcile(self, healthy: bool, gate: GateView | None = None) -> None:
+        """`healthy`: the reconcile ended with health "ok"; `gate`: the view the data path is
+        built from. Never raises: AWS trouble is logged and retried after the next reconcile;
+        the data path does not depend on it."""
+        try:
+            self._after_reconcile(healthy, gate)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not end the daemon's loop
+            log.exception("aws: after the reconcile")
+            self._fail(f"aws: unexpected {type(exc).__name__}: {exc}")
+            self.retry_at = self.clock() + AWS_RETRY_S
+
+    def _after_reconcile(self, healthy: bool, gate: GateView | None) -> None:
+        if gate is not None:
+            self._keep_routes(gate)
+            self._sweep_stale(gate)
         if self.done.source_dest_check and (self.launch is None or self.launch.finished):
             return
         if self.clock() < self.retry_at:
@@ -218,6 +257,62 @@ class AwsIntegration:
                     self._fail(f"aws: {again}")
             return
         self.problem = None
+
+    def _keep_routes(self, gate: GateView) -> None:
+        """aws.route_tables: the device subnet's route on this instance's ENI."""
+        if self.routes is None:
+            return
+        instance = self.source.get()
+        if instance is None:
+            message = (
+                f"aws.route_tables: this instance's ENI is unknown: {self.source.why_missing()}"
+            )
+            self.routes.fail(message)
+            self._fail(message)
+            return
+        if not self.routes.due(gate.device_subnet, instance.eni_id):
+            return
+        try:
+            self.routes.keep(self.client("ec2"), gate.device_subnet, instance.eni_id)
+        except AwsError as exc:
+            self._fail(f"aws.route_tables: {exc}")
+
+    def _sweep_stale(self, gate: GateView) -> None:
+        """aws.remove_stale_registrations: once per registration (at start, and again when
+        this peer's registration changed)."""
+        if self.stale is None:
+            return
+        registration = (str(gate.outer), str(gate.inner))
+        if registration == self._swept_for or self.clock() < self.retry_at:
+            return
+        from gatepeer.soracom import SoracomError
+
+        instance = self.source.get()
+        try:
+            if instance is None:
+                raise AwsError(f"the VPC is unknown: {self.source.why_missing()}")
+            if self._soracom is None:
+                if self._soracom_factory is None:
+                    raise AwsError("no SORACOM API client to unregister with")
+                self._soracom = self._soracom_factory()
+            removed = sweep(
+                self._soracom,
+                self.client("ec2"),
+                self.vpg_id,
+                gate.outer,
+                instance.vpc_id,
+                instance.vpc_cidrs,
+            )
+        except (AwsError, SoracomError) as exc:
+            self.stale.error = f"aws.remove_stale_registrations: {exc}"
+            self.stale.checked_at = time.time()
+            self._fail(self.stale.error)
+            self.retry_at = self.clock() + AWS_RETRY_S
+            return
+        self.stale.removed += [str(a) for a in removed]
+        self.stale.error = None
+        self.stale.checked_at = time.time()
+        self._swept_for = registration
 
     def _launch_step(self, ready: bool, instance: InstanceFacts) -> None:
         if self.launch is None or self.aws.launch_lifecycle_hook is None:
@@ -305,7 +400,12 @@ class TerminationWatcher(threading.Thread):
         self._stopping.set()
 
     def run(self) -> None:
-        imds = self._imds()  # one per thread
+        try:
+            imds = self._imds()  # one per thread
+        except AwsError as exc:  # a malformed AWS_EC2_METADATA_SERVICE_ENDPOINT
+            self.last_error = str(exc)
+            log.error("scale-in watch: %s", exc)
+            return
         while not self._stopping.is_set():
             try:
                 state = imds.target_lifecycle_state()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from gatepeer.aws import AwsError
-from gatepeer.aws.clients import error_code, error_message, http_status
+from gatepeer.aws.clients import error_code, error_message, http_status, transport_errors
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Hook:
 def _call(action: str, hook: Hook, fn: Any, **kwargs: Any) -> bool:
     """True when done; False when Auto Scaling has no action waiting for this instance
     (already completed, timed out, or the instance was never held by this hook)."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import ClientError
 
     try:
         fn(
@@ -54,7 +54,7 @@ def _call(action: str, hook: Hook, fn: Any, **kwargs: Any) -> bool:
         if code in ("AccessDenied", "AccessDeniedException") or http_status(exc) == 403:
             message = f"access denied; the instance role needs autoscaling:{action}"
         raise LifecycleError(action, hook.name, message) from None
-    except BotoCoreError as exc:
+    except transport_errors() as exc:
         raise LifecycleError(action, hook.name, error_message(exc)) from None
     return True
 

@@ -65,8 +65,7 @@ SCOPE_RESOURCES: dict[str, str] = {
 def _route_tables(config: Config) -> tuple[str, ...]:
     """Every route table gatepeer may point at this instance: [aws] (a single peer, at each
     reconcile) and [ha] (the master's claim)."""
-    # getattr: [aws] route_tables arrives with the branch that teaches config.py the key.
-    single: tuple[str, ...] = tuple(getattr(config.aws, "route_tables", ()) or ())
+    single = config.aws.route_tables
     pair = config.ha.route_tables if config.ha is not None else ()
     return tuple(dict.fromkeys((*single, *pair)))
 
@@ -115,6 +114,17 @@ FEATURES: tuple[Feature, ...] = (
         '`packet_path.mode = "route"` (doctor\'s route check)',
     ),
     Feature(
+        "the return-path check",
+        (("ec2:DescribeNatGateways", "Describe"),),
+        lambda c: (
+            c.packet_path.mode == "route"
+            and c.packet_path.outside_vpc == "route"
+            and c.soracom.redirection == "self"
+        ),
+        '`packet_path.outside_vpc = "route"` with `soracom.redirection = "self"` '
+        "(doctor's return-path check)",
+    ),
+    Feature(
         "aws.disable_source_dest_check",
         (("ec2:ModifyNetworkInterfaceAttribute", "NetworkInterface"),),
         lambda c: c.aws.disable_source_dest_check,
@@ -122,7 +132,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature(
         "aws.route_tables",
         _ROUTES,
-        lambda c: bool(getattr(c.aws, "route_tables", ())),
+        lambda c: bool(c.aws.route_tables),
     ),
     Feature(
         "ha.route_tables",
@@ -132,7 +142,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature(
         "aws.remove_stale_registrations",
         (("ec2:DescribeNetworkInterfaces", "Describe"),),
-        lambda c: bool(getattr(c.aws, "remove_stale_registrations", False)),
+        lambda c: c.aws.remove_stale_registrations,
     ),
     Feature(
         "soracom.auth_key_ssm_parameter",

@@ -10,7 +10,14 @@ from collections.abc import Callable
 from typing import Any
 
 from gatepeer.aws import AwsError
-from gatepeer.aws.clients import AwsTarget, client, error_code, error_message, http_status
+from gatepeer.aws.clients import (
+    AwsTarget,
+    client,
+    error_code,
+    error_message,
+    http_status,
+    transport_errors,
+)
 
 
 class SsmParameterError(OSError):
@@ -39,7 +46,7 @@ _REASONS = {
 
 def read_secure_string(ssm: Any, name: str) -> str:
     """The decrypted value of the SecureString `name`; SsmParameterError otherwise."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import ClientError
 
     try:
         answer = ssm.get_parameter(Name=name, WithDecryption=True)
@@ -50,7 +57,7 @@ def read_secure_string(ssm: Any, name: str) -> str:
         raise SsmParameterError(
             name, _REASONS.get(code) or f"{code}: {error_message(exc)}"
         ) from None
-    except BotoCoreError as exc:  # no credentials, endpoint unreachable, timeout
+    except transport_errors() as exc:  # no credentials, endpoint unreachable, timeout
         raise SsmParameterError(name, error_message(exc)) from None
     parameter = answer.get("Parameter") or {}
     if parameter.get("Type") != "SecureString":
