@@ -290,7 +290,7 @@ def ha_render(config_file: str | None, output: str | None) -> None:
 
 
 def _register_lab() -> None:
-    from gatepeer.lab.commands import lab
+    from gatepeer.lab.cli import lab
 
     main.add_command(lab)
 

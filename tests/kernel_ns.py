@@ -15,7 +15,7 @@ from test_plan import GATE
 
 from gatepeer.agent import Agent
 from gatepeer.config import AgentConfig, Config, TunnelConfig
-from gatepeer.lab import netns
+from gatepeer.lab.network import netns
 from gatepeer.state import GateView, IPv4Address
 
 T = TypeVar("T")

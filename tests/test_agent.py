@@ -16,7 +16,8 @@ from gatepeer import redirection, ruleset, statefile
 from gatepeer.agent import Agent
 from gatepeer.config import AgentConfig, Config, PacketPathConfig, SoracomConfig
 from gatepeer.kernel import nftables
-from gatepeer.lab.emulator import Emulator, EmulatorSettings
+from gatepeer.lab.emulator.model import EmulatorSettings
+from gatepeer.lab.emulator.service import Emulator
 from gatepeer.plan import Action, CreateLink, LoadRuleset, SetSysctl
 from gatepeer.soracom import SoracomClient, SoracomError
 from gatepeer.state import (

@@ -19,7 +19,7 @@ from test_plan import GATE
 
 from gatepeer.agent import Agent
 from gatepeer.config import PacketPathConfig
-from gatepeer.lab import netns
+from gatepeer.lab.network import netns
 from gatepeer.state import IPv4Interface, IPv4Network
 
 pytestmark = pytest.mark.netns

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from conftest import AgentDaemon, LabHandle
 
-from gatepeer.lab import netns
+from gatepeer.lab.network import netns
 
 pytestmark = pytest.mark.netns
 

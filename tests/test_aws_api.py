@@ -24,7 +24,8 @@ from gatepeer.aws.ec2 import (
 from gatepeer.aws.integration import InstanceFactsSource
 from gatepeer.aws.ssm import SsmParameterError, auth_key_reader, read_secure_string
 from gatepeer.config import AgentConfig, AwsConfig, Config, SoracomConfig
-from gatepeer.lab.emulator import Emulator, EmulatorSettings
+from gatepeer.lab.emulator.model import EmulatorSettings
+from gatepeer.lab.emulator.service import Emulator
 from gatepeer.soracom import AuthenticationError
 
 REGION = "ap-northeast-1"

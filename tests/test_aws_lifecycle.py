@@ -28,7 +28,8 @@ from gatepeer.aws.lifecycle import (
 )
 from gatepeer.config import AgentConfig, AwsConfig, Config, MetricsConfig, SoracomConfig
 from gatepeer.kernel import nftables
-from gatepeer.lab.emulator import Emulator, EmulatorSettings
+from gatepeer.lab.emulator.model import EmulatorSettings
+from gatepeer.lab.emulator.service import Emulator
 from gatepeer.soracom import SoracomClient
 from gatepeer.state import HostFacts
 

@@ -51,7 +51,7 @@ ROOTFS_PACKAGES = (
     "procps",
     "ca-certificates",
 )
-# The lab's addresses (gatepeer/lab/topology.py): the peer's ENI address and the VPC router.
+# The lab's addresses (gatepeer/lab/network/layout.py): the peer's ENI address and the VPC router.
 PEER_ADDR = "198.18.0.10"
 VPC_ROUTER = "198.18.0.1"
 UNDERLAY_MTU = 9001

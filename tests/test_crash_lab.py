@@ -37,12 +37,13 @@ from typing import Any
 import pytest
 from conftest import LabHandle, gatepeer_command
 
-from gatepeer.lab import netns, topology
+from gatepeer.lab.network import netns
+from gatepeer.lab.network.layout import PEER_ADDR
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 ZERO_MAC = "00:00:00:00:00:00"
-PEER_OUTER = str(topology.PEER_ADDR)
+PEER_OUTER = str(PEER_ADDR)
 APPLY_KILLS = 40
 RUN_KILLS = 12
 # Each API answer this late: a fresh apply spends ~1 s in five calls, registration included.

@@ -195,7 +195,8 @@ def daemon_waiting_on_the_api(
     from conftest import gatepeer_command
     from kernel_ns import LOCAL, UNDERLAY, namespace
 
-    from gatepeer.lab.emulator import Emulator, EmulatorSettings
+    from gatepeer.lab.emulator.model import EmulatorSettings
+    from gatepeer.lab.emulator.service import Emulator
 
     settings = EmulatorSettings()
     emulator = Emulator(settings)

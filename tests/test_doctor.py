@@ -45,7 +45,8 @@ from gatepeer.doctor_checks import (
 )
 from gatepeer.kernel.pmtu import PathProbe, parse_frag_needed
 from gatepeer.kernel.rtnl import IFF_LOWER_UP, IFF_UP, LinkReading
-from gatepeer.lab.emulator import Emulator, EmulatorSettings
+from gatepeer.lab.emulator.model import EmulatorSettings
+from gatepeer.lab.emulator.service import Emulator
 from gatepeer.ruleset import PacketPathSpec
 from gatepeer.ruleset import render as render_table
 from gatepeer.soracom import SoracomClient

@@ -23,7 +23,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from gatepeer.lab.emulator import Emulator, EmulatorSettings, Peer
+from gatepeer.lab.emulator.model import EmulatorSettings, Peer
+from gatepeer.lab.emulator.service import Emulator
 
 AUTH_KEY = "secret-behaviour-test-key-0123456789"
 SETTINGS = EmulatorSettings(auth_key=AUTH_KEY)

@@ -32,9 +32,10 @@ from openapi_schema_validator import OAS30Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
 
-from gatepeer.lab.emulator import OPERATION_STATUSES, Emulator, EmulatorSettings
-from gatepeer.lab.emulator_model import BadRequest
-from gatepeer.lab.emulator_requests import REQUEST_BODIES, parse_request
+from gatepeer.lab.emulator.model import BadRequest, EmulatorSettings
+from gatepeer.lab.emulator.operations import OPERATION_STATUSES
+from gatepeer.lab.emulator.requests import REQUEST_BODIES, parse_request
+from gatepeer.lab.emulator.service import Emulator
 
 SPEC_URI = "urn:soracom-api"
 VPG_ID = "0f3c2b1a-9e8d-4c7b-a6f5-e4d3c2b1a098"

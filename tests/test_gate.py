@@ -20,7 +20,8 @@ from gatepeer.gate import (
     find_own_peer,
     vpg_endpoints,
 )
-from gatepeer.lab.emulator import Emulator, EmulatorSettings, Peer
+from gatepeer.lab.emulator.model import EmulatorSettings, Peer
+from gatepeer.lab.emulator.service import Emulator
 from gatepeer.soracom import SoracomClient, SoracomError
 from gatepeer.state import Endpoint, IPv4Address, IPv4Interface, IPv4Network, Redirection
 

@@ -27,9 +27,11 @@ from typing import Any
 import pytest
 from conftest import new_prefix
 
-from gatepeer.lab import ha_pair, netns, vpc_routes
-from gatepeer.lab.layout import VPC_HOST_ADDR, GatePeer, Layout, Paths
-from gatepeer.lab.vpg import endpoint_gateway
+from gatepeer.lab.network import netns
+from gatepeer.lab.network.layout import VPC_HOST_ADDR, GatePeer, Layout
+from gatepeer.lab.network.vpg import endpoint_gateway
+from gatepeer.lab.processes import ha_pair, vpc_routes
+from gatepeer.lab.record import Paths
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -188,17 +190,17 @@ def pair() -> Iterator[Pair]:
         pytest.skip("keepalived is not installed (Debian: keepalived)")
     if shutil.which("ping") is None:
         pytest.skip("ping is not installed (Debian: iputils-ping)")
-    from gatepeer.lab import topology
+    from gatepeer.lab import control
 
     layout = Layout(prefix=new_prefix(), peer_count=2)
     try:
-        info = topology.up(layout)
+        info = control.up(layout)
         handle = Pair(layout, info.paths)
         ha_pair.start_pair(layout, info.paths)
         yield handle
     finally:
-        topology.down(layout.prefix)
-        left = topology.lab_namespaces(layout.prefix)
+        control.down(layout.prefix)
+        left = control.lab_namespaces(layout.prefix)
         assert not left, f"namespaces left behind: {left}"
         assert not Paths.for_prefix(layout.prefix).dir.exists()
 
@@ -364,11 +366,11 @@ def test_the_master_takes_back_a_gateway_written_after_its_claim(pair: Pair) -> 
     """A late claim of a peer that was master only briefly (or a person) points the VPG at the
     backup after the master's claim. The master's next refresh sees it and claims again; the
     backup never posts. (SIGHUP makes the refresh come now instead of after 10 s.)"""
-    from gatepeer.lab import topology
+    from gatepeer.lab import control
 
     master, backup = pair.settled()
     claims = pair.claims(master)
-    topology.redirect(pair.layout.prefix, pair.inner(backup))
+    control.redirect(pair.layout.prefix, pair.inner(backup))
     assert pair.holder() == backup
     agent = int(pair.paths.peer_file(master.index, "gatepeer.pid").read_text())
     os.kill(agent, signal.SIGHUP)

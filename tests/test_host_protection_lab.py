@@ -21,7 +21,7 @@ import pytest
 from conftest import LabHandle
 
 from gatepeer.kernel.nftables import counters
-from gatepeer.lab import netns
+from gatepeer.lab.network import netns
 
 pytestmark = pytest.mark.netns
 

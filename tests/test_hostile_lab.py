@@ -35,7 +35,7 @@ import pytest
 from conftest import LabHandle, new_prefix
 
 from gatepeer.kernel.nftables import counters
-from gatepeer.lab import netns
+from gatepeer.lab.network import netns
 
 pytestmark = pytest.mark.netns
 
@@ -77,7 +77,7 @@ class Hostile:
 
 @pytest.fixture(scope="module")
 def hostile() -> Iterator[Hostile]:
-    from gatepeer.lab import topology
+    from gatepeer.lab import control
 
     lab = LabHandle(prefix=new_prefix())
     opened: list[socket.socket] = []
@@ -123,7 +123,7 @@ def hostile() -> Iterator[Hostile]:
         for s in opened:
             s.close()
         lab.remember_emulator()
-        topology.down(lab.prefix)
+        control.down(lab.prefix)
         assert not lab.leftovers(), f"lab teardown left things behind: {lab.leftovers()}"
 
 

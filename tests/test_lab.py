@@ -23,9 +23,30 @@ from typing import Any
 import pytest
 from conftest import LabHandle, new_prefix
 
-from gatepeer.lab import netns, topology
-from gatepeer.lab.netns import LabError
-from gatepeer.lab.topology import Layout, endpoint_fdb
+from gatepeer.lab import control
+from gatepeer.lab.network import netns
+from gatepeer.lab.network.build import render_vpg_nat
+from gatepeer.lab.network.layout import (
+    ALLOWED_NETS,
+    API_ADDR,
+    DEVICES_LINK,
+    INTERNET_ADDR,
+    PEER_ADDR,
+    RESERVED_NET,
+    VPC_HOST_ADDR,
+    VPG_NAT_TABLE,
+    Layout,
+)
+from gatepeer.lab.network.netns import LabError
+from gatepeer.lab.network.vpg import (
+    customer_peers,
+    endpoint_fdb,
+    endpoint_gateway,
+    redirection_gateway,
+)
+from gatepeer.lab.processes.emulator_process import emulator_pid
+from gatepeer.lab.processes.traffic import iperf
+from gatepeer.lab.record import Credentials, Paths, render_config
 
 # ----------------------------------------------------------------------------- pure: layout
 
@@ -61,14 +82,14 @@ def test_small_subnet_layout_keeps_devices_in_the_upper_half() -> None:
 
 def test_every_lab_address_is_in_the_benchmark_or_test_net_ranges() -> None:
     layout = Layout(prefix="gt0001", endpoint_count=8, device_count=10)
-    addrs = [topology.PEER_ADDR, topology.VPC_HOST_ADDR, topology.API_ADDR, *layout.devices]
-    addrs.append(topology.INTERNET_ADDR)
+    addrs = [PEER_ADDR, VPC_HOST_ADDR, API_ADDR, *layout.devices]
+    addrs.append(INTERNET_ADDR)
     for ep in layout.endpoints:
         addrs += [ep.outer, ep.inner, ep.link_addr, ep.dev_link_addr]
     for addr in addrs:
-        assert any(addr in net for net in topology.ALLOWED_NETS), addr
+        assert any(addr in net for net in ALLOWED_NETS), addr
     # Interface names fit IFNAMSIZ.
-    names = ["vxlan0", "vpcbr", "sorabr", topology.DEVICES_LINK, "to-peer", "to-vpc"]
+    names = ["vxlan0", "vpcbr", "sorabr", DEVICES_LINK, "to-peer", "to-vpc"]
     names += [ep.dev_ifname for ep in layout.endpoints]
     assert all(len(n) <= 15 for n in names)
 
@@ -92,9 +113,9 @@ def test_layout_refuses_what_the_lab_cannot_build(changes: dict[str, Any], messa
 
 
 def test_config_for_the_agent_is_valid_for_the_config_module(tmp_path: Any) -> None:
-    paths = topology.Paths(tmp_path)
-    creds = topology.Credentials.generate()
-    text = topology.render_config(paths, creds)
+    paths = Paths(tmp_path)
+    creds = Credentials.generate()
+    text = render_config(paths, creds)
     data = tomllib.loads(text)
     assert data["soracom"] == {
         "endpoint": "http://203.0.113.10:8080",
@@ -121,15 +142,14 @@ def test_config_for_the_agent_is_valid_for_the_config_module(tmp_path: Any) -> N
 def test_the_ha_pair_configs_point_at_each_other(tmp_path: Any) -> None:
     from gatepeer.config import parse
 
-    paths = topology.Paths(tmp_path)
-    creds = topology.Credentials.generate()
-    layout = topology.Layout(peer_count=2)
+    paths = Paths(tmp_path)
+    creds = Credentials.generate()
+    layout = Layout(peer_count=2)
     assert [p.ns for p in layout.gate_peers] == ["gplab-peer", "gplab-peer2"]
     assert "gplab-peer2" in layout.namespaces
-    assert topology.Layout().namespaces == [n for n in layout.namespaces if n != "gplab-peer2"]
+    assert Layout().namespaces == [n for n in layout.namespaces if n != "gplab-peer2"]
     first, second = (
-        parse(tomllib.loads(topology.render_config(paths, creds, p, pair=True)))
-        for p in layout.gate_peers
+        parse(tomllib.loads(render_config(paths, creds, p, pair=True))) for p in layout.gate_peers
     )
     assert first.ha is not None and second.ha is not None
     assert (str(first.tunnel.local_address), str(first.ha.peer_address)) == (
@@ -145,25 +165,23 @@ def test_the_ha_pair_configs_point_at_each_other(tmp_path: Any) -> None:
     assert first.agent.state_file != second.agent.state_file
     assert first.packet_path.mode == second.packet_path.mode == "nat"
     # A lab.json from before the pair existed reads as one peer.
-    record = topology.Layout().to_dict()
+    record = Layout().to_dict()
     del record["peer_count"]
-    assert topology.Layout.from_dict(record).peer_count == 1
-    with pytest.raises(topology.LabError, match="peers 3"):
-        topology.Layout(peer_count=3)
+    assert Layout.from_dict(record).peer_count == 1
+    with pytest.raises(LabError, match="peers 3"):
+        Layout(peer_count=3)
 
 
 def test_customer_peers_reads_every_shape_and_skips_vpg_endpoints() -> None:
-    from gatepeer.lab.emulator import Peer
+    from gatepeer.lab.emulator.model import Peer
 
     api_rows = [
         {"outerIpAddress": "198.18.1.11", "innerIpAddress": "198.19.0.1", "ownedByCustomer": False},
         {"outerIpAddress": "198.18.0.10", "innerIpAddress": "198.19.0.3", "ownedByCustomer": True},
     ]
-    assert topology.customer_peers(api_rows) == [("198.18.0.10", "198.19.0.3")]
-    assert topology.customer_peers([Peer("198.18.0.10", "198.19.0.3")]) == [
-        ("198.18.0.10", "198.19.0.3")
-    ]
-    assert topology.customer_peers([{"outer_ip": "198.18.0.11", "inner_ip": "198.19.0.4"}]) == [
+    assert customer_peers(api_rows) == [("198.18.0.10", "198.19.0.3")]
+    assert customer_peers([Peer("198.18.0.10", "198.19.0.3")]) == [("198.18.0.10", "198.19.0.3")]
+    assert customer_peers([{"outer_ip": "198.18.0.11", "inner_ip": "198.19.0.4"}]) == [
         ("198.18.0.11", "198.19.0.4")
     ]
 
@@ -213,8 +231,8 @@ def test_up_up_down_up_down_each_work_and_leave_nothing(make_lab: Callable[..., 
     first = h.cli("up")
     h.remember_emulator()
     assert first.exit_code == 0, first.output
-    assert set(topology.lab_namespaces(h.prefix)) == set(h.layout.namespaces)
-    pid = topology.emulator_pid(h.paths)
+    assert set(control.lab_namespaces(h.prefix)) == set(h.layout.namespaces)
+    pid = emulator_pid(h.paths)
     assert pid is not None
     assert stat.S_IMODE(h.paths.auth_key.stat().st_mode) == 0o600
     assert stat.S_IMODE(h.paths.dir.stat().st_mode) == 0o700
@@ -230,7 +248,7 @@ def test_up_up_down_up_down_each_work_and_leave_nothing(make_lab: Callable[..., 
     again = h.cli("up")
     assert again.exit_code == 0, again.output
     assert "kept" in again.output
-    assert topology.emulator_pid(h.paths) == pid
+    assert emulator_pid(h.paths) == pid
     # Nothing was re-created: the same links, so no packet was lost.
     assert {ep.ns: _vxlan_ifindex(h, ep.ns) for ep in h.layout.endpoints} == vxlan_ids
     assert h.cli("status").exit_code == 0
@@ -282,12 +300,12 @@ def test_killed_emulator_and_lost_namespace_are_repaired_by_up(
     h = make_lab(baseline=True)
     device = h.layout.devices[0]
     assert _ping(h, "vpc", device)
-    pid = topology.emulator_pid(h.paths)
+    pid = emulator_pid(h.paths)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)  # the emulator this test started, by its pid
     netns.delete_netns(h.ns("vpg2"))
     deadline = time.monotonic() + 5
-    while topology.emulator_pid(h.paths) is not None and time.monotonic() < deadline:
+    while emulator_pid(h.paths) is not None and time.monotonic() < deadline:
         time.sleep(0.05)
 
     st = h.cli("status")
@@ -298,7 +316,7 @@ def test_killed_emulator_and_lost_namespace_are_repaired_by_up(
     h.remember_emulator()
     assert repaired.exit_code == 0, repaired.output
     assert "started the emulator" in repaired.output
-    assert set(topology.lab_namespaces(h.prefix)) == set(h.layout.namespaces)
+    assert set(control.lab_namespaces(h.prefix)) == set(h.layout.namespaces)
     assert _ping(h, "vpc", device)
     # The re-created endpoint floods to the gate peer again, and only to it.
     assert endpoint_fdb(h.ns("vpg2")) == ["198.18.0.10"]
@@ -342,7 +360,7 @@ def test_baseline_gate_peer_carries_vpc_traffic_through_vxlan(baseline_lab: LabH
         h.run("dev", "ping", "-c1", "-W2", "-I", device, "198.18.0.20", check=False).returncode == 0
     )
     assert h.run("dev", "ping", "-c1", "-W1", "-I", device, "198.51.100.1", check=False).returncode
-    assert _ping(h, "peer", topology.INTERNET_ADDR)
+    assert _ping(h, "peer", INTERNET_ADDR)
 
     # Without the tunnel there is no path: the devices are reachable only through it.
     netns.ip(h.ns("peer"), "link", "set", "dev", "vxlan0", "down")
@@ -351,7 +369,7 @@ def test_baseline_gate_peer_carries_vpc_traffic_through_vxlan(baseline_lab: LabH
     assert _ping(h, "vpc", layout.devices[0], count=2)
 
     assert shutil.which("iperf3"), "the TCP check needs iperf3 (Debian package iperf3)"
-    ok, detail = topology.iperf(layout, h.paths, str(layout.devices[0]), seconds=1)
+    ok, detail = iperf(layout, h.paths, str(layout.devices[0]), seconds=1)
     assert ok, detail
     assert not h.paths.iperf_pid.exists()
 
@@ -397,7 +415,7 @@ def test_register_and_unregister_follow_into_every_endpoint(lab: LabHandle) -> N
         assert endpoint_fdb(ep.ns) == []
     assert lab.state()["peers"] == []
     # Registering is not redirecting: the devices' outbound traffic never moved to a peer.
-    assert all(topology.endpoint_gateway(ep.ns) is None for ep in endpoints)
+    assert all(endpoint_gateway(ep.ns) is None for ep in endpoints)
 
 
 # One TCP connection to argv[1]:argv[2]: prints "ready", then the address that connected.
@@ -424,13 +442,13 @@ def _seen_by_vpc_host(h: LabHandle, device: str, port: int) -> str:
     """A TCP connection from `device` to the VPC host: the source address the host saw."""
     server = subprocess.Popen(
         ["ip", "netns", "exec", h.ns("vpc"), sys.executable, "-c", SERVER,
-         str(topology.VPC_HOST_ADDR), str(port)],
+         str(VPC_HOST_ADDR), str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         client = h.run(
-            "dev", sys.executable, "-c", CLIENT, str(topology.VPC_HOST_ADDR), str(port), device,
+            "dev", sys.executable, "-c", CLIENT, str(VPC_HOST_ADDR), str(port), device,
             check=False, timeout=10,
         )  # fmt: skip
         assert client.returncode == 0, f"device {device} could not connect: {client.stderr}"
@@ -451,7 +469,7 @@ def _forwarded(h: LabHandle, role: str) -> int:
 def _vpg_dropped_replies(h: LabHandle) -> int:
     total = 0
     for ep in h.layout.endpoints:
-        ruleset = h.run(f"vpg{ep.index}", "nft", "list", "table", "ip", topology.VPG_NAT_TABLE)
+        ruleset = h.run(f"vpg{ep.index}", "nft", "list", "table", "ip", VPG_NAT_TABLE)
         for line in ruleset.stdout.splitlines():
             if line.strip().endswith("drop") and "packets" in line:
                 total += int(line.split("packets")[1].split()[0])
@@ -468,7 +486,7 @@ def test_redirection_decides_whether_device_traffic_goes_through_the_peer(
     first_nat = str(h.layout.endpoints[0].nat_addr)
     # The hand-made bring-up set redirection to the peer, as SORACOM's guide has a person do.
     assert h.state()["redirection"]["gateway"] == inner
-    assert all(topology.endpoint_gateway(ep.ns) == inner for ep in h.layout.endpoints)
+    assert all(endpoint_gateway(ep.ns) == inner for ep in h.layout.endpoints)
 
     # Redirected: the device's connection goes through the peer (route mode: real addresses).
     forwarded = _forwarded(h, "peer")
@@ -480,7 +498,7 @@ def test_redirection_decides_whether_device_traffic_goes_through_the_peer(
     # connection the VPC host opens gets no reply (the reply leaves the VPG's way: dropped).
     off = h.cli("redirect", "--off")
     assert off.exit_code == 0 and "redirection off" in off.output
-    assert all(topology.endpoint_gateway(ep.ns) is None for ep in h.layout.endpoints)
+    assert all(endpoint_gateway(ep.ns) is None for ep in h.layout.endpoints)
     forwarded = _forwarded(h, "peer")
     assert _seen_by_vpc_host(h, device, 8002) == first_nat
     assert _forwarded(h, "peer") == forwarded
@@ -493,7 +511,7 @@ def test_redirection_decides_whether_device_traffic_goes_through_the_peer(
     # Set again at run time: the path moves back before the API call is answered.
     on = h.cli("redirect", "peer")
     assert on.exit_code == 0 and f"goes to {inner}" in on.output
-    assert all(topology.endpoint_gateway(ep.ns) == inner for ep in h.layout.endpoints)
+    assert all(endpoint_gateway(ep.ns) == inner for ep in h.layout.endpoints)
     forwarded = _forwarded(h, "peer")
     assert _seen_by_vpc_host(h, device, 8003) == device
     assert _forwarded(h, "peer") > forwarded
@@ -501,20 +519,20 @@ def test_redirection_decides_whether_device_traffic_goes_through_the_peer(
 
     # A gateway nobody holds: the traffic goes into the tunnel and nowhere, never the NAT way.
     assert h.cli("redirect", "198.19.0.99").exit_code == 0
-    assert all(topology.endpoint_gateway(ep.ns) == "198.19.0.99" for ep in h.layout.endpoints)
+    assert all(endpoint_gateway(ep.ns) == "198.19.0.99" for ep in h.layout.endpoints)
     assert not _ping(h, "dev", "198.18.0.20")  # from the devices link address: no answer
 
     # Closing and reopening Gate, and a VPG endpoint's tunnel re-created by `lab up`, keep the
     # redirection (the kernel drops routes through a tunnel that goes down).
     assert h.cli("redirect", inner).exit_code == 0
     _control(h, "settings", {"gate_opened": False})
-    assert all(topology.endpoint_gateway(ep.ns) is None for ep in h.layout.endpoints)
+    assert all(endpoint_gateway(ep.ns) is None for ep in h.layout.endpoints)
     _control(h, "settings", {"gate_opened": True})
-    assert all(topology.endpoint_gateway(ep.ns) == inner for ep in h.layout.endpoints)
+    assert all(endpoint_gateway(ep.ns) == inner for ep in h.layout.endpoints)
     assert _seen_by_vpc_host(h, device, 8004) == device
     netns.ip(h.ns("vpg1"), "link", "del", "dev", "vxlan0")
     assert h.cli("up").exit_code == 0
-    assert all(topology.endpoint_gateway(ep.ns) == inner for ep in h.layout.endpoints)
+    assert all(endpoint_gateway(ep.ns) == inner for ep in h.layout.endpoints)
 
 
 @pytest.mark.netns
@@ -522,9 +540,9 @@ def test_redirection_survives_a_vni_change(lab: LabHandle) -> None:
     lab.set_redirection("198.19.0.3")
     _control(lab, "settings", {"vxlan_id": 21})
     assert all(_vxlan(lab, f"vpg{ep.index}")["id"] == 21 for ep in lab.layout.endpoints)
-    assert all(topology.endpoint_gateway(ep.ns) == "198.19.0.3" for ep in lab.layout.endpoints)
+    assert all(endpoint_gateway(ep.ns) == "198.19.0.3" for ep in lab.layout.endpoints)
     lab.set_redirection(None)
-    assert all(topology.endpoint_gateway(ep.ns) is None for ep in lab.layout.endpoints)
+    assert all(endpoint_gateway(ep.ns) is None for ep in lab.layout.endpoints)
 
 
 @pytest.mark.netns
@@ -598,7 +616,7 @@ def test_demo_runs_traffic_and_reports_it(make_lab: Callable[..., LabHandle]) ->
 def test_redirect_refuses_bad_usage_with_exit_2(args: list[str], message: str) -> None:
     from click.testing import CliRunner
 
-    from gatepeer.lab.commands import lab
+    from gatepeer.lab.cli import lab
 
     prefix = new_prefix()
     result = CliRunner().invoke(lab, ["redirect", *args, "--prefix", prefix])
@@ -611,7 +629,7 @@ def test_redirect_refuses_bad_usage_with_exit_2(args: list[str], message: str) -
 def test_redirect_on_a_lab_that_is_not_up_fails_with_exit_1() -> None:
     from click.testing import CliRunner
 
-    from gatepeer.lab.commands import lab
+    from gatepeer.lab.cli import lab
 
     result = CliRunner().invoke(lab, ["redirect", "peer", "--prefix", new_prefix()])
     assert result.exit_code == 1
@@ -622,14 +640,14 @@ def test_redirect_on_a_lab_that_is_not_up_fails_with_exit_1() -> None:
 def test_up_refuses_a_device_subnet_outside_the_lab_ranges() -> None:
     from click.testing import CliRunner
 
-    from gatepeer.lab.commands import lab
+    from gatepeer.lab.cli import lab
 
     prefix = new_prefix()
     result = CliRunner().invoke(lab, ["up", "--prefix", prefix, "--device-subnet", "10.0.0.0/8"])
     assert result.exit_code == 2
     assert "must lie inside" in result.output
-    assert topology.lab_namespaces(prefix) == []
-    assert not topology.Paths.for_prefix(prefix).dir.exists()
+    assert control.lab_namespaces(prefix) == []
+    assert not Paths.for_prefix(prefix).dir.exists()
 
 
 @pytest.mark.parametrize(
@@ -646,13 +664,13 @@ def test_up_refuses_a_device_subnet_outside_the_lab_ranges() -> None:
 def test_only_an_enabled_redirection_with_a_gateway_moves_device_traffic(
     redirection: dict[str, Any] | None, gateway: str | None
 ) -> None:
-    assert topology.redirection_gateway(redirection) == gateway
+    assert redirection_gateway(redirection) == gateway
 
 
 def test_the_vpg_nat_table_snats_new_device_flows_and_drops_the_rest() -> None:
     ep = Layout().endpoints[1]
     assert str(ep.nat_addr) == "198.18.3.12"
-    text = topology.render_vpg_nat(ep)
+    text = render_vpg_nat(ep)
     assert text.startswith("add table ip gatepeer_lab_vpg\ndelete table ip gatepeer_lab_vpg\n")
     rules = [ln.strip() for ln in text.splitlines() if ln.startswith("\t\t") and "type" not in ln]
     assert rules == [
@@ -660,4 +678,4 @@ def test_the_vpg_nat_table_snats_new_device_flows_and_drops_the_rest() -> None:
         'iifname "to-dev" oifname "eth0" ct state invalid counter drop',
         'iifname "to-dev" oifname "eth0" counter snat to 198.18.3.12',
     ]
-    assert all(n.nat_addr in topology.RESERVED_NET for n in Layout(endpoint_count=8).endpoints)
+    assert all(n.nat_addr in RESERVED_NET for n in Layout(endpoint_count=8).endpoints)

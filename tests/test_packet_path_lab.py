@@ -22,7 +22,7 @@ import pytest
 from conftest import LabHandle
 
 from gatepeer.kernel.nftables import counters
-from gatepeer.lab import netns
+from gatepeer.lab.network import netns
 from gatepeer.state import neighbour_thresholds
 
 pytestmark = pytest.mark.netns

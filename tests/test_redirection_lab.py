@@ -42,7 +42,7 @@ from test_packet_path_lab import (
     popen,
 )
 
-from gatepeer.lab import netns
+from gatepeer.lab.network import netns
 
 pytestmark = pytest.mark.netns
 
@@ -318,7 +318,7 @@ def test_down_unregister_unsets_the_redirection_only_when_it_points_here(
 def poison_lab() -> Iterator[LabHandle]:
     """One lab for every poisoned answer, with the good view applied once. Removed at the end
     (checked, as make_lab does), even when a case failed."""
-    from gatepeer.lab import topology
+    from gatepeer.lab import control
 
     lab = LabHandle(prefix=new_prefix())
     try:
@@ -330,7 +330,7 @@ def poison_lab() -> Iterator[LabHandle]:
         yield lab
     finally:
         lab.remember_emulator()
-        topology.down(lab.prefix)
+        control.down(lab.prefix)
         assert not lab.leftovers(), f"lab teardown left things behind: {lab.leftovers()}"
 
 

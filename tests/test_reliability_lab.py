@@ -35,13 +35,16 @@ from typing import Any
 import pytest
 from conftest import AgentDaemon, LabHandle, gatepeer_command, new_prefix
 
-from gatepeer.lab import netns, topology
+from gatepeer.lab import control
+from gatepeer.lab.network import netns
+from gatepeer.lab.network.layout import API_ADDR, API_PORT, PEER_ADDR, VPC_HOST_ADDR
+from gatepeer.lab.record import LabRecord
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 ZERO_MAC = "00:00:00:00:00:00"
-VPC_HOST = str(topology.VPC_HOST_ADDR)
-API_ADDR = str(topology.API_ADDR)
+VPC_HOST = str(VPC_HOST_ADDR)
+API_ADDR = str(API_ADDR)
 PING_INTERVAL = 0.01
 # Pings sent in the last moment before a stream is stopped may still be on their way.
 IN_FLIGHT_S = 0.2
@@ -158,7 +161,7 @@ def fault_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultLab]:
             daemon.stop()
     finally:
         lab.remember_emulator()
-        topology.down(lab.prefix)
+        control.down(lab.prefix)
         assert not lab.leftovers(), f"lab teardown left things behind: {lab.leftovers()}"
 
 
@@ -217,7 +220,7 @@ def _vpg_gone(lab: LabHandle) -> None:
 
 
 def _vpg_back(lab: LabHandle) -> None:
-    record = topology.LabRecord.load(lab.paths.lab_json)
+    record = LabRecord.load(lab.paths.lab_json)
     assert record is not None
     lab.control("settings", {"vpg_id": record.credentials.vpg_id})
 
@@ -334,7 +337,7 @@ def test_api_fault_loses_no_packet_and_recovers_without_a_restart(
     assert daemon.running() and daemon.pid == fault_lab.pid, "the daemon was restarted"
     assert vxlan_ifindex(lab) == ifindex, "vxlan0 was re-created"
     assert flood_entries(lab) == endpoints
-    assert [p["outer_ip"] for p in lab.state()["peers"]] == [str(topology.PEER_ADDR)]
+    assert [p["outer_ip"] for p in lab.state()["peers"]] == [str(PEER_ADDR)]
     if fault.reaches_api:
         assert calls >= 3, f"the daemon barely met the fault ({calls} API calls): proves nothing"
     else:
@@ -443,7 +446,7 @@ def test_no_secret_in_anything_gatepeer_writes(
     lab.set_config("agent", "reconcile_interval", '"1s"')
     lab.set_config("probes", "interval", '"1s"')
     lab.set_config("probes", "timeout", '"0.3s"')
-    metrics_at = f"{topology.PEER_ADDR}:8479"
+    metrics_at = f"{PEER_ADDR}:8479"
     lab.set_config("metrics", "listen", json.dumps(metrics_at))
     texts: dict[str, str] = {}
 
@@ -454,7 +457,7 @@ def test_no_secret_in_anything_gatepeer_writes(
     pcap = tmp_path / "api.pcap"
     dump = subprocess.Popen(
         ["ip", "netns", "exec", lab.ns("peer"), "tcpdump", "-i", "eth0", "-nn", "-U", "-s", "0",
-         "-w", str(pcap), "tcp", "port", str(topology.API_PORT)],
+         "-w", str(pcap), "tcp", "port", str(API_PORT)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     notify_path = tmp_path / "notify.sock"

@@ -18,7 +18,8 @@ import pytest
 from test_emulator_contract import SPEC_URI, _pointer, contract  # noqa: F401 - a fixture
 
 from gatepeer import soracom
-from gatepeer.lab.emulator import Emulator, EmulatorSettings
+from gatepeer.lab.emulator.model import EmulatorSettings
+from gatepeer.lab.emulator.service import Emulator
 from gatepeer.soracom import (
     RATE_LIMIT_WAIT_MAX_S,
     ApiStats,

@@ -7,8 +7,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from gatepeer.lab.layout import Credentials, LabRecord, Paths
-from gatepeer.lab.netns import LabError
+from gatepeer.lab.network.netns import LabError
+from gatepeer.lab.record import Credentials, LabRecord, Paths
 
 
 class LabApi:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gatepeer.lab.emulator_model import BadRequest
+from gatepeer.lab.emulator.model import BadRequest
 
 
 @dataclass(frozen=True)

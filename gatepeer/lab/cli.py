@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 if TYPE_CHECKING:
-    from gatepeer.lab.topology import LabInfo, Status
+    from gatepeer.lab.control import Status
+    from gatepeer.lab.record import LabInfo
 
 DEFAULT_PREFIX = "gplab"  # same as topology.DEFAULT_PREFIX, kept here to avoid the import
 
@@ -92,11 +93,12 @@ def up(
 ) -> None:
     """Build the lab, or repair it; running it again on a lab that is up changes nothing."""
     _require_root()
-    from gatepeer.lab import topology
-    from gatepeer.lab.netns import LabError
+    from gatepeer.lab import control
+    from gatepeer.lab.network.netns import LabError
+    from gatepeer.lab.processes.gate_peer import baseline_gate_peer
 
     try:
-        layout = topology.resolve_layout(
+        layout = control.resolve_layout(
             prefix,
             vni=vni,
             device_subnet=device_subnet,
@@ -107,10 +109,10 @@ def up(
     except LabError as exc:
         _fail("up", exc, code=2)
     try:
-        info = topology.up(
+        info = control.up(
             layout,
             host_port=host_port,
-            gate_peer=topology.baseline_gate_peer if baseline else None,
+            gate_peer=baseline_gate_peer if baseline else None,
         )
     except LabError as exc:
         _fail("up", exc)
@@ -123,11 +125,11 @@ def down(prefix: str) -> None:
     """Remove the lab: emulator, every PREFIX-* namespace, its folder. Works on half-built or
     crashed labs; exits 0 when there is nothing to remove."""
     _require_root()
-    from gatepeer.lab import topology
-    from gatepeer.lab.netns import LabError
+    from gatepeer.lab import control
+    from gatepeer.lab.network.netns import LabError
 
     try:
-        report = topology.down(prefix)
+        report = control.down(prefix)
     except LabError as exc:
         _fail("down", exc)
     for warning in report.warnings:
@@ -149,9 +151,9 @@ def ha_start(prefix: str) -> None:
     """Start `gatepeer run`, then keepalived (config from `gatepeer ha render`), in each gate
     peer namespace; pids recorded in the lab's folder (`lab ha stop` and `lab down` use them)."""
     _require_root()
-    from gatepeer.lab import ha_pair
-    from gatepeer.lab.layout import LabRecord, Paths
-    from gatepeer.lab.netns import LabError
+    from gatepeer.lab.network.netns import LabError
+    from gatepeer.lab.processes import ha_pair
+    from gatepeer.lab.record import LabRecord, Paths
 
     paths = Paths.for_prefix(prefix)
     try:
@@ -171,8 +173,9 @@ def ha_start(prefix: str) -> None:
 def ha_stop(prefix: str) -> None:
     """Stop keepalived, then gatepeer, in each gate peer namespace (by the recorded pids)."""
     _require_root()
-    from gatepeer.lab import ha_pair
-    from gatepeer.lab.layout import MAX_PEERS, Paths
+    from gatepeer.lab.network.layout import MAX_PEERS
+    from gatepeer.lab.processes import ha_pair
+    from gatepeer.lab.record import Paths
 
     stopped = ha_pair.stop_pair(Paths.for_prefix(prefix), MAX_PEERS)
     click.echo(f"lab {prefix}: stopped " + (", ".join(stopped) or "nothing"))
@@ -185,11 +188,11 @@ def status(prefix: str, as_json: bool) -> None:
     """What exists, whether the emulator runs, the registered gate peers. Exit 0 when the lab
     is complete and its emulator runs, 1 otherwise."""
     _require_root()
-    from gatepeer.lab import topology
-    from gatepeer.lab.netns import LabError
+    from gatepeer.lab import control
+    from gatepeer.lab.network.netns import LabError
 
     try:
-        st = topology.status(prefix)
+        st = control.status(prefix)
     except LabError as exc:
         _fail("status", exc)
     healthy = st.layout is not None and not st.missing and st.emulator_pid is not None
@@ -225,11 +228,11 @@ def redirect(prefix: str, gateway: str | None, off: bool) -> None:
             )
             sys.exit(2)
     _require_root()
-    from gatepeer.lab import topology
-    from gatepeer.lab.netns import LabError
+    from gatepeer.lab import control
+    from gatepeer.lab.network.netns import LabError
 
     try:
-        vpg = topology.redirect(prefix, gateway)
+        vpg = control.redirect(prefix, gateway)
     except LabError as exc:
         _fail("redirect", exc)
     _print_redirection(prefix, vpg.get("redirection"))
@@ -262,17 +265,18 @@ def demo(prefix: str, teardown: bool) -> None:
     ping and a 2-second TCP transfer. Exit 1 if any fails. (`lab up --baseline` brings the
     hand-made gate peer up instead.)"""
     _require_root()
-    from gatepeer.lab import topology
-    from gatepeer.lab.netns import LabError
+    from gatepeer.lab import control
+    from gatepeer.lab.network.netns import LabError
+    from gatepeer.lab.processes.traffic import demo_traffic
 
     failed = True
     try:
-        layout = topology.resolve_layout(prefix)
+        layout = control.resolve_layout(prefix)
         click.echo(
             f"Bringing lab {prefix} up, and its gate peer with the agent: one `gatepeer apply` "
             "in the peer namespace ..."
         )
-        info = topology.up(layout, gate_peer=demo_gate_peer())
+        info = control.up(layout, gate_peer=demo_gate_peer())
         _print_summary(info)
         if info.gate_peer and info.gate_peer.get("output"):
             click.echo("")
@@ -290,10 +294,10 @@ def demo(prefix: str, teardown: bool) -> None:
             "pointed it at the peer; the VPG now says:"
         )
         click.echo("  ", nl=False)
-        _print_redirection(prefix, topology.status(prefix).redirection)
+        _print_redirection(prefix, control.status(prefix).redirection)
         click.echo("")
         click.echo("Traffic from the VPC host to the devices, through the gate peer:")
-        steps = topology.demo_traffic(info)
+        steps = demo_traffic(info)
         for step in steps:
             mark = "ok    " if step.ok else "FAILED"
             click.echo(f"  {mark} {step.name}")
@@ -305,7 +309,7 @@ def demo(prefix: str, teardown: bool) -> None:
         click.echo(f"gatepeer lab demo: {exc}", err=True)
     finally:
         if teardown:
-            topology.down(prefix)
+            control.down(prefix)
             click.echo(f"lab {prefix} removed")
         else:
             click.echo(f"The lab stays up; remove it with: gatepeer lab down --prefix {prefix}")
@@ -333,13 +337,20 @@ def _apply_outline(lines: list[str]) -> list[str]:
 
 def demo_gate_peer() -> Any:
     """The gate-peer bring-up step of the demo: the real agent, one `gatepeer apply`."""
-    from gatepeer.lab import topology
+    from gatepeer.lab.processes.gate_peer import agent_gate_peer
 
-    return topology.agent_gate_peer
+    return agent_gate_peer
 
 
 def _print_summary(info: LabInfo) -> None:
-    from gatepeer.lab import topology as t
+    from gatepeer.lab.network.layout import (
+        API_ADDR,
+        FABRIC_SORACOM_ADDR,
+        FABRIC_VPC_ADDR,
+        INTERNET_ADDR,
+        PEER_ADDR,
+        VPC_HOST_ADDR,
+    )
 
     layout, paths = info.layout, info.paths
     plen = layout.device_subnet.prefixlen
@@ -348,22 +359,19 @@ def _print_summary(info: LabInfo) -> None:
     echo(f"lab {layout.prefix} is up ({'; '.join(info.notes)})")
     echo("  namespaces:")
     echo(
-        f"    {layout.fabric_ns:<14} VPC router: {t.FABRIC_VPC_ADDR}/24 (VPC subnet), "
-        f"{t.FABRIC_SORACOM_ADDR}/24 (toward the VPG), API {t.API_ADDR}, "
-        f"internet host {t.INTERNET_ADDR}"
+        f"    {layout.fabric_ns:<14} VPC router: {FABRIC_VPC_ADDR}/24 (VPC subnet), "
+        f"{FABRIC_SORACOM_ADDR}/24 (toward the VPG), API {API_ADDR}, "
+        f"internet host {INTERNET_ADDR}"
     )
-    echo(
-        f"    {layout.peer_ns:<14} gate peer: eth0 {t.PEER_ADDR}/24, "
-        f"default via {t.FABRIC_VPC_ADDR}"
-    )
+    echo(f"    {layout.peer_ns:<14} gate peer: eth0 {PEER_ADDR}/24, default via {FABRIC_VPC_ADDR}")
     for second in layout.gate_peers[1:]:
         echo(
             f"    {second.ns:<14} gate peer {second.index} (HA pair): eth0 {second.address}/24, "
-            f"default via {t.FABRIC_VPC_ADDR}"
+            f"default via {FABRIC_VPC_ADDR}"
         )
     echo(
-        f"    {layout.vpc_ns:<14} VPC host: eth0 {t.VPC_HOST_ADDR}/24, "
-        f"{layout.device_subnet} via {t.PEER_ADDR}"
+        f"    {layout.vpc_ns:<14} VPC host: eth0 {VPC_HOST_ADDR}/24, "
+        f"{layout.device_subnet} via {PEER_ADDR}"
     )
     for ep in layout.endpoints:
         echo(

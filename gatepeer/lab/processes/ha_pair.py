@@ -7,21 +7,20 @@ still runs the command we started (pids are reused).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from gatepeer.lab import netns
-from gatepeer.lab.gate_peer import agent_command
-from gatepeer.lab.layout import GatePeer, Layout, Paths
-from gatepeer.lab.netns import LabError
-from gatepeer.lab.processes import pid_alive, proc_cmdline
+from gatepeer.lab.network import netns
+from gatepeer.lab.network.layout import GatePeer, Layout
+from gatepeer.lab.network.netns import LabError
+from gatepeer.lab.processes.gate_peer import agent_command
+from gatepeer.lab.processes.pids import read_pid, runs, stop_pid
+from gatepeer.lab.record import Paths
 
 # The first reconcile registers through the emulator; on a loaded host that takes seconds.
 AGENT_READY_S = 60.0
@@ -34,35 +33,6 @@ def keepalived_binary() -> str:
     if not Path(found).exists():
         raise LabError("keepalived is not installed (Debian: keepalived)")
     return found
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _ours(pid: int | None, *needles: str) -> bool:
-    """`pid` is alive and its command line still holds every needle (our program, our file)."""
-    if pid is None or not pid_alive(pid):
-        return False
-    cmdline = " ".join(proc_cmdline(pid))
-    return all(n in cmdline for n in needles)
-
-
-def _stop(pid: int, timeout: float) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if pid_alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 2.0
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
 
 
 def agent_state(paths: Paths, index: int) -> dict[str, Any] | None:
@@ -131,7 +101,7 @@ def start_keepalived(paths: Paths, peer: GatePeer) -> int:
         )  # fmt: skip
     paths.peer_file(i, "keepalived.pid").write_text(f"{proc.pid}\n")
     deadline = time.monotonic() + KEEPALIVED_START_S
-    while _read_pid(paths.peer_file(i, "keepalived-vrrp.pid")) is None:
+    while read_pid(paths.peer_file(i, "keepalived-vrrp.pid")) is None:
         if proc.poll() is not None or time.monotonic() > deadline:
             log = paths.peer_file(i, "keepalived.log").read_text(errors="replace")[-2000:]
             raise LabError(f"keepalived in {peer.ns} did not start its VRRP process:\n{log}")
@@ -143,16 +113,16 @@ def stop_keepalived(paths: Paths, index: int) -> int | None:
     """SIGTERM to the keepalived we recorded (it sends a priority-0 advert and drops its
     addresses); its VRRP child is killed too if it outlives the parent. Returns the pid."""
     conf = str(paths.peer_file(index, "keepalived.conf"))
-    pid = _read_pid(paths.peer_file(index, "keepalived.pid"))
-    child = _read_pid(paths.peer_file(index, "keepalived-vrrp.pid"))
+    pid = read_pid(paths.peer_file(index, "keepalived.pid"))
+    child = read_pid(paths.peer_file(index, "keepalived-vrrp.pid"))
     stopped = None
-    if _ours(pid, "keepalived", conf):
+    if runs(pid, "keepalived", conf):
         assert pid is not None
-        _stop(pid, STOP_WAIT_S)
+        stop_pid(pid, STOP_WAIT_S)
         stopped = pid
-    if _ours(child, "keepalived", conf):
+    if runs(child, "keepalived", conf):
         assert child is not None
-        _stop(child, 2.0)
+        stop_pid(child, 2.0)
     for name in ("keepalived.pid", "keepalived-vrrp.pid", "keepalived-main.pid"):
         paths.peer_file(index, name).unlink(missing_ok=True)
     return stopped
@@ -160,11 +130,11 @@ def stop_keepalived(paths: Paths, index: int) -> int | None:
 
 def stop_agent(paths: Paths, index: int) -> int | None:
     """SIGTERM to the `gatepeer run` we recorded (the data path stays, as on a real host)."""
-    pid = _read_pid(paths.peer_file(index, "gatepeer.pid"))
+    pid = read_pid(paths.peer_file(index, "gatepeer.pid"))
     stopped = None
-    if _ours(pid, "gatepeer", str(paths.peer_config(index))):
+    if runs(pid, "gatepeer", str(paths.peer_config(index))):
         assert pid is not None
-        _stop(pid, STOP_WAIT_S)
+        stop_pid(pid, STOP_WAIT_S)
         stopped = pid
     paths.peer_file(index, "gatepeer.pid").unlink(missing_ok=True)
     return stopped

@@ -1,5 +1,6 @@
 """The emulator's HTTP shell: a threading server on a socket it is handed, and a handler that
-reads one request and passes it to `Emulator.handle`.
+reads one request and passes it to whatever answers requests (`service.Emulator.handle`). It
+knows that only as a `RequestAnswerer`, so the shell never imports the service that uses it.
 """
 
 from __future__ import annotations
@@ -10,26 +11,25 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
-from gatepeer.lab.emulator_model import (
-    E_BAD_REQUEST,
-    E_TOO_LARGE,
-    MAX_BODY_BYTES,
-    Response,
-)
-
-if TYPE_CHECKING:
-    from gatepeer.lab.emulator import Emulator
+from gatepeer.lab.emulator.model import E_BAD_REQUEST, E_TOO_LARGE, MAX_BODY_BYTES, Response
 
 log = logging.getLogger("gatepeer.lab.emulator")  # one logger for the whole emulator
+
+
+class RequestAnswerer(Protocol):
+    def handle(
+        self, method: str, target: str, headers: Mapping[str, str], body: bytes = b""
+    ) -> Response: ...
 
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # a hung client must not keep the process alive
 
-    def __init__(self, sock: socket.socket, emulator: Emulator) -> None:
+    def __init__(self, sock: socket.socket, emulator: RequestAnswerer) -> None:
         super().__init__(sock.getsockname()[:2], _RequestHandler, bind_and_activate=False)
         # Replace the socket the base class made with the one we were handed.
         self.socket.close()

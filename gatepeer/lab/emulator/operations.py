@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, cast
 
-from gatepeer.lab.emulator_model import (
+from gatepeer.lab.emulator.model import (
     E_AUTH_FAILED,
     E_BAD_REQUEST,
     E_NO_FREE_ADDRESS,
@@ -35,7 +35,7 @@ from gatepeer.lab.emulator_model import (
     require_int,
     require_ipv4,
 )
-from gatepeer.lab.emulator_requests import bad_request_on_value_error
+from gatepeer.lab.emulator.requests import bad_request_on_value_error
 
 log = logging.getLogger("gatepeer.lab.emulator")  # one logger for the whole emulator
 

@@ -3,78 +3,40 @@ file (checked against the command line), stop by pid."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from gatepeer.lab import netns
-from gatepeer.lab.layout import Paths
-from gatepeer.lab.netns import LabError
+from gatepeer.lab.network import netns
+from gatepeer.lab.network.netns import LabError
+from gatepeer.lab.processes.pids import pid_alive, proc_cmdline, read_pid, stop_pid
+from gatepeer.lab.record import Paths
 
-
-def proc_cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
-def pid_alive(pid: int) -> bool:
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)  # reap it if it happens to be our child
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
+# The emulator's process entry; also how its command line is recognised.
+EMULATOR_MODULE = "gatepeer.lab.emulator"
 
 
 def emulator_pid(paths: Paths) -> int | None:
     """The emulator's pid if its pid file names a live process that is this lab's emulator
     (a stale pid file, or a pid reused by something else, gives None)."""
-    pid = _read_pid(paths.emulator_pid)
+    pid = read_pid(paths.emulator_pid)
     if pid is None or not pid_alive(pid):
         return None
     cmdline = proc_cmdline(pid)
-    if "gatepeer.lab.run_emulator" in cmdline and str(paths.dir) in cmdline:
+    if EMULATOR_MODULE in cmdline and "--lab-dir" in cmdline and str(paths.dir) in cmdline:
         return pid
     return None
-
-
-def _stop_pid(pid: int, timeout: float = 5.0) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 2.0
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def stop_emulator(paths: Paths) -> int | None:
     """Stop this lab's emulator (by the pid in its pid file, after checking its cmdline)."""
     pid = emulator_pid(paths)
     if pid is not None:
-        _stop_pid(pid)
+        stop_pid(pid)
     for stale in (paths.emulator_pid, paths.emulator_json):
         stale.unlink(missing_ok=True)
     return pid
@@ -90,7 +52,7 @@ def _netns_inode(name: str) -> int | None:
 def stop_recorded_iperf(paths: Paths, layout_prefix: str) -> int | None:
     """The demo's iperf3 server, if a crashed demo left it: only when the pid is an iperf3
     running in this lab's devices namespace."""
-    pid = _read_pid(paths.iperf_pid)
+    pid = read_pid(paths.iperf_pid)
     if pid is None or not pid_alive(pid):
         return None
     cmdline = proc_cmdline(pid)
@@ -100,7 +62,7 @@ def stop_recorded_iperf(paths: Paths, layout_prefix: str) -> int | None:
     except OSError:
         return None
     if cmdline and Path(cmdline[0]).name == "iperf3" and dev_ino == pid_ino:
-        _stop_pid(pid, timeout=2.0)
+        stop_pid(pid, timeout=2.0)
         return pid
     return None
 
@@ -110,7 +72,7 @@ def start_emulator(paths: Paths, timeout: float = 20.0) -> dict[str, Any]:
     paths.emulator_json.unlink(missing_ok=True)
     with open(paths.emulator_log, "ab") as log:
         launcher = subprocess.Popen(
-            [sys.executable, "-m", "gatepeer.lab.run_emulator", "--lab-dir", str(paths.dir)],
+            [sys.executable, "-m", EMULATOR_MODULE, "--lab-dir", str(paths.dir)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -131,7 +93,7 @@ def start_emulator(paths: Paths, timeout: float = 20.0) -> dict[str, Any]:
         info = read_emulator_json(paths)
         if info is not None and emulator_pid(paths) == info.get("pid"):
             return info
-        pid = _read_pid(paths.emulator_pid)
+        pid = read_pid(paths.emulator_pid)
         if pid is not None and not pid_alive(pid):
             break
         time.sleep(0.05)

@@ -1,5 +1,10 @@
-"""The emulator's command line: `python -m gatepeer.lab.emulator --listen HOST:PORT ...` (see
-`gatepeer.lab.emulator` for the options).
+"""The emulator's one process entry, `python -m gatepeer.lab.emulator`, in two modes:
+
+- `--listen HOST:PORT [--vni N ...]`: a standalone emulator (tests, manual use; the options are
+  listed in `gatepeer.lab.emulator`'s docstring);
+- `--lab-dir DIR [--foreground]`: the lab's emulator, as `gatepeer lab up` starts it: settings
+  from the lab's record, served inside the fabric namespace and on 127.0.0.1, with the VPG
+  endpoints following the API (`lab_process`).
 """
 
 from __future__ import annotations
@@ -12,13 +17,11 @@ import signal
 import tempfile
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from gatepeer.lab.emulator import Emulator
-from gatepeer.lab.emulator_model import (
-    EmulatorSettings,
-    default_auth_key,
-)
+from gatepeer.lab.emulator.model import EmulatorSettings, default_auth_key
+from gatepeer.lab.emulator.service import Emulator
 
 log = logging.getLogger("gatepeer.lab.emulator")  # one logger for the whole emulator
 
@@ -46,6 +49,22 @@ def _read_or_create_key(path: str) -> str:
     return key
 
 
+# The options of a standalone emulator; the lab's emulator refuses them (--listen has a default,
+# so it cannot be told apart from an explicit one and is not listed).
+STANDALONE_OPTIONS = (
+    "vni",
+    "device_subnet",
+    "endpoint",
+    "operator_id",
+    "auth_key_id",
+    "auth_key_file",
+    "vpg_id",
+    "token_lifetime",
+    "wrapped_errors",
+    "gate_closed",
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gatepeer.lab.emulator", description="SORACOM API emulator for the lab."
@@ -71,7 +90,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--wrapped-errors", action="store_true")
     parser.add_argument("--gate-closed", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    lab = parser.add_argument_group("the lab's emulator (settings from the lab's record)")
+    lab.add_argument("--lab-dir", type=Path, help="the lab's folder, as `gatepeer lab up` wrote it")
+    lab.add_argument("--foreground", action="store_true", help="with --lab-dir: do not fork")
     args = parser.parse_args(argv)
+    if args.lab_dir is not None:
+        standalone = [
+            f"--{name.replace('_', '-')}"
+            for name in STANDALONE_OPTIONS
+            if getattr(args, name) not in (None, False)
+        ]
+        if standalone:
+            parser.error(f"--lab-dir takes its settings from the lab: drop {' '.join(standalone)}")
+        # Imported here: the lab's side (namespaces, VPG endpoints) is not the standalone's.
+        from gatepeer.lab.emulator.lab_process import run
+
+        return run(args.lab_dir.resolve(), foreground=args.foreground)
+    if args.foreground:
+        parser.error("--foreground goes with --lab-dir")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
@@ -125,3 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         emulator.stop()
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

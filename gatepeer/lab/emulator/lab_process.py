@@ -1,4 +1,4 @@
-"""The lab's emulator process: `python -m gatepeer.lab.run_emulator --lab-dir DIR`.
+"""The lab's emulator process: `python -m gatepeer.lab.emulator --lab-dir DIR`.
 
 Reads the lab record (lab.json) and the auth key that `gatepeer lab up` wrote into DIR, then
 serves the SORACOM API emulator on two sockets: 203.0.113.10:8080 inside the fabric namespace
@@ -15,7 +15,6 @@ and URLs) once both sockets listen, and removes both when it stops on SIGTERM.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import json
@@ -29,12 +28,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gatepeer.lab import netns
-from gatepeer.lab.build import ensure_topology
-from gatepeer.lab.layout import API_ADDR, API_PORT, LabRecord, Layout, Paths
-from gatepeer.lab.vpg import customer_peers, redirection_gateway, sync_peers, sync_redirection
+from gatepeer.lab.emulator.model import EmulatorSettings, Peer
+from gatepeer.lab.emulator.service import Emulator
+from gatepeer.lab.network import netns
+from gatepeer.lab.network.build import ensure_topology
+from gatepeer.lab.network.layout import API_ADDR, API_PORT, Layout
+from gatepeer.lab.network.vpg import (
+    customer_peers,
+    redirection_gateway,
+    sync_peers,
+    sync_redirection,
+)
+from gatepeer.lab.record import LabRecord, Paths
 
-log = logging.getLogger("gatepeer.lab.run_emulator")
+log = logging.getLogger("gatepeer.lab.emulator")  # one logger for the whole emulator
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -120,9 +127,7 @@ class PeerHook:
             sync_redirection(self.layout, self.gateway)
 
 
-def build_settings(record: LabRecord, auth_key: str) -> Any:
-    from gatepeer.lab.emulator import EmulatorSettings, Peer
-
+def build_settings(record: LabRecord, auth_key: str) -> EmulatorSettings:
     layout = record.layout
     return EmulatorSettings(
         operator_id=record.credentials.operator_id,
@@ -137,8 +142,6 @@ def build_settings(record: LabRecord, auth_key: str) -> Any:
 
 
 def serve(paths: Paths) -> int:
-    from gatepeer.lab.emulator import Emulator
-
     record = LabRecord.load(paths.lab_json)
     if record is None:
         log.error("%s: no lab record; run `gatepeer lab up`", paths.lab_json)
@@ -177,18 +180,15 @@ def serve(paths: Paths) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gatepeer.lab.run_emulator")
-    parser.add_argument("--lab-dir", required=True, type=Path)
-    parser.add_argument("--foreground", action="store_true", help="do not fork")
-    args = parser.parse_args(argv)
-    paths = Paths(args.lab_dir.resolve())
+def run(lab_dir: Path, *, foreground: bool = False) -> int:
+    """Serve the lab in `lab_dir` until SIGTERM; fork first unless `foreground`."""
+    paths = Paths(lab_dir)
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s emulator[%(process)d] %(levelname)s %(message)s",
         stream=sys.stdout,
     )
-    if not args.foreground:
+    if not foreground:
         if os.fork() != 0:
             os._exit(0)  # the launcher: `lab up` waits for this exit, then for emulator.json
         os.chdir("/")  # a daemon pins no directory (imports use sys.path, fixed at start)
@@ -198,7 +198,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:
         log.exception("emulator failed")
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Building the lab's namespaces and links (see `topology` for the picture): create what is
+"""Building the lab's namespaces and links (see `gatepeer.lab` for the picture): create what is
 missing, repair what differs, leave alone what is right."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gatepeer.lab import netns
-from gatepeer.lab.layout import (
+from gatepeer.lab.network import netns
+from gatepeer.lab.network.layout import (
     API_ADDR,
     DEVICES_LINK,
     FABRIC_SORACOM_ADDR,
@@ -27,7 +27,7 @@ from gatepeer.lab.layout import (
     Endpoint,
     Layout,
 )
-from gatepeer.lab.netns import ip, ip_json
+from gatepeer.lab.network.netns import ip, ip_json
 
 
 @dataclass

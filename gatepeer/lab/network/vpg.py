@@ -9,9 +9,9 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from gatepeer.lab import netns
-from gatepeer.lab.layout import RETURN_TABLE, ZERO_MAC, Layout
-from gatepeer.lab.netns import bridge, bridge_json, ip
+from gatepeer.lab.network import netns
+from gatepeer.lab.network.layout import RETURN_TABLE, ZERO_MAC, Layout
+from gatepeer.lab.network.netns import bridge, bridge_json, ip
 
 
 def _peer_field(peer: Any, *names: str) -> str | None:

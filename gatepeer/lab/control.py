@@ -15,34 +15,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from gatepeer.lab import netns
-from gatepeer.lab.api import lab_api
-from gatepeer.lab.build import BuildReport, ensure_topology
-from gatepeer.lab.layout import (
-    API_ADDR,
-    API_PORT,
+from gatepeer.lab.api_client import lab_api
+from gatepeer.lab.network import netns
+from gatepeer.lab.network.build import BuildReport, ensure_topology
+from gatepeer.lab.network.layout import (
     MAX_PEERS,
     PEER_ADDR,
     PREFIX_RE,
-    RUN_ROOT,
-    Credentials,
-    LabRecord,
     Layout,
-    Paths,
-    default_host_port,
     parse_subnet,
-    render_config,
-    write_private,
 )
-from gatepeer.lab.netns import LabError, ip
-from gatepeer.lab.processes import (
-    emulator_pid,
-    read_emulator_json,
-    start_emulator,
-    stop_emulator,
-    stop_recorded_iperf,
-)
-from gatepeer.lab.vpg import (
+from gatepeer.lab.network.netns import LabError, ip
+from gatepeer.lab.network.vpg import (
     customer_peers,
     endpoint_fdb,
     endpoint_gateway,
@@ -50,21 +34,23 @@ from gatepeer.lab.vpg import (
     sync_peers,
     sync_redirection,
 )
-
-
-@dataclass
-class LabInfo:
-    """A running lab, as `up` leaves it and `status` finds it."""
-
-    layout: Layout
-    paths: Paths
-    credentials: Credentials
-    emulator_pid: int | None
-    host_url: str | None
-    lab_url: str = f"http://{API_ADDR}:{API_PORT}"
-    notes: list[str] = field(default_factory=list)
-    gate_peer: dict[str, Any] | None = None
-
+from gatepeer.lab.processes.emulator_process import (
+    emulator_pid,
+    read_emulator_json,
+    start_emulator,
+    stop_emulator,
+    stop_recorded_iperf,
+)
+from gatepeer.lab.record import (
+    RUN_ROOT,
+    Credentials,
+    LabInfo,
+    LabRecord,
+    Paths,
+    default_host_port,
+    render_config,
+    write_private,
+)
 
 GatePeerBringUp = Callable[[LabInfo], dict[str, Any]]
 
@@ -244,8 +230,10 @@ def down(prefix: str) -> DownReport:
     if iperf is not None:
         report.removed.append(f"iperf3 server (pid {iperf})")
     if paths.dir.exists():
-        from gatepeer.lab import vpc_routes
-        from gatepeer.lab.ha_pair import stop_pair  # the HA pair's processes, by their pids
+        from gatepeer.lab.processes import vpc_routes
+        from gatepeer.lab.processes.ha_pair import (
+            stop_pair,  # the HA pair's processes, by their pids
+        )
 
         report.removed += stop_pair(paths, MAX_PEERS)
         report.removed += vpc_routes.stop(paths)

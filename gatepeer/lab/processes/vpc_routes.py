@@ -17,21 +17,20 @@ Both processes are recorded by pid in the lab's folder and stopped by that pid.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ipaddress
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from gatepeer.lab import netns
-from gatepeer.lab.layout import VPC_NET, Layout, Paths
-from gatepeer.lab.netns import LabError, ip
-from gatepeer.lab.processes import pid_alive, proc_cmdline
+from gatepeer.lab.network import netns
+from gatepeer.lab.network.layout import VPC_NET, Layout
+from gatepeer.lab.network.netns import LabError, ip
+from gatepeer.lab.processes.pids import read_pid, runs, stop_pid
+from gatepeer.lab.record import Paths
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +41,8 @@ EC2_URL = f"http://{EC2_ADDR}:{EC2_PORT}"
 REGION = "us-east-1"
 MOTO_IMAGE = "ami-12c6146b"
 FOLLOW_INTERVAL_S = 0.1
+# The route follower's entry (`python -m`), also how its command line is recognised.
+FOLLOWER_MODULE = "gatepeer.lab.processes.vpc_routes"
 START_TIMEOUT_S = 30.0
 # What a process needs to use the stand-in: its URL, moto's dummy credentials, no IMDS.
 ENV = {
@@ -57,13 +58,6 @@ ENV = {
 class RouteTable:
     table_id: str
     eni_addresses: dict[str, str]  # ENI id -> the gate peer's VPC address
-
-
-def _pid(paths: Paths, name: str) -> int | None:
-    try:
-        return int(paths.dir.joinpath(name).read_text().strip())
-    except (OSError, ValueError):
-        return None
 
 
 def _start(layout: Layout, paths: Paths, name: str, argv: list[str]) -> int:
@@ -102,7 +96,7 @@ def start(layout: Layout, paths: Paths) -> RouteTable:
                                    "-p", str(EC2_PORT)])  # fmt: skip
     table = netns.call_in_netns(layout.fabric_ns, lambda: _make_vpc(layout))
     follower = [
-        sys.executable, "-m", "gatepeer.lab.vpc_routes", "--table", table.table_id,
+        sys.executable, "-m", FOLLOWER_MODULE, "--table", table.table_id,
         "--subnet", str(layout.device_subnet), "--vpc-ns", layout.vpc_ns,
         *(f"--eni={eni}={addr}" for eni, addr in table.eni_addresses.items()),
     ]  # fmt: skip
@@ -155,17 +149,10 @@ def _target(client: Any, table_id: str, subnet: str) -> str | None:
 def stop(paths: Paths) -> list[str]:
     """The follower, then moto, by their recorded pids (checked against their command line)."""
     out = []
-    for name, needle in (("vpc-router", "gatepeer.lab.vpc_routes"), ("moto", "moto.server")):
-        pid = _pid(paths, name + ".pid")
-        if pid is not None and pid_alive(pid) and needle in " ".join(proc_cmdline(pid)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 5
-            while pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            if pid_alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+    for name, needle in (("vpc-router", FOLLOWER_MODULE), ("moto", "moto.server")):
+        pid = read_pid(paths.dir / f"{name}.pid")
+        if pid is not None and runs(pid, needle):
+            stop_pid(pid)
             out.append(f"{name} (pid {pid})")
         paths.dir.joinpath(name + ".pid").unlink(missing_ok=True)
     return out

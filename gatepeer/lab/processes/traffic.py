@@ -8,9 +8,9 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from gatepeer.lab import netns
-from gatepeer.lab.layout import VPC_HOST_ADDR, Layout, Paths
-from gatepeer.lab.lifecycle import LabInfo
+from gatepeer.lab.network import netns
+from gatepeer.lab.network.layout import VPC_HOST_ADDR, Layout
+from gatepeer.lab.record import LabInfo, Paths
 
 
 @dataclass

@@ -7,11 +7,11 @@ import json
 import sys
 from typing import Any
 
-from gatepeer.lab import netns
-from gatepeer.lab.api import lab_api
-from gatepeer.lab.layout import BASELINE_SCRIPT, PEER_ADDR, LabRecord, Paths
-from gatepeer.lab.lifecycle import LabInfo
-from gatepeer.lab.netns import LabError, ip
+from gatepeer.lab.api_client import lab_api
+from gatepeer.lab.network import netns
+from gatepeer.lab.network.layout import PEER_ADDR
+from gatepeer.lab.network.netns import LabError, ip
+from gatepeer.lab.record import BASELINE_SCRIPT, LabInfo, LabRecord, Paths
 
 
 def prefixlen(netmask: Any, fallback: int) -> int:
