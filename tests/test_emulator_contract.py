@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import http.client
+import importlib.util
 import json
 import os
 import re
@@ -68,16 +69,28 @@ UNDECLARED_SUCCESS_SCHEMA = {
 }
 
 
-def _spec_path() -> Path | None:
+REPO = Path(__file__).resolve().parents[1]
+# The full spec sits in a `shared/` folder beside the checkout (or above a worktree); the part
+# the tests need is kept in the repository for a clone without it (scripts/soracom_spec_excerpt.py).
+FULL_SPEC = Path("shared", "soracom-api", "soracom-api.en.yaml")
+KEPT_SPEC = REPO / "tests" / "spec" / "soracom-api" / "soracom-api.excerpt.yaml"
+
+
+def _spec_path(start: Path = REPO) -> Path:
+    """GATEPEER_SORACOM_SPEC when set, else the full spec above `start`, else the kept part."""
     env = os.environ.get("GATEPEER_SORACOM_SPEC")
     if env:
         return Path(env)
-    for parent in Path(__file__).resolve().parents:
-        for rel in ("shared/soracom-api", "soracom-api"):
-            candidate = parent / rel / "soracom-api.en.yaml"
-            if candidate.is_file():
-                return candidate
-    return None
+    for parent in [start, *start.parents]:
+        if (parent / FULL_SPEC).is_file():
+            return parent / FULL_SPEC
+    return KEPT_SPEC
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader is ~10x faster
+    with path.open(encoding="utf-8") as f:
+        return dict(yaml.load(f, Loader=loader))  # noqa: S506 - a safe loader
 
 
 def _strict(schema: Any, in_composition: bool = False) -> None:
@@ -135,15 +148,7 @@ class Contract:
 
 @pytest.fixture(scope="module")
 def contract() -> Contract:
-    path = _spec_path()
-    if path is None:
-        # CI always has shared/ beside the checkout: a missing spec there is a failure.
-        if os.environ.get("CI"):
-            pytest.fail("soracom-api.en.yaml not found beside the checkout (shared/soracom-api/)")
-        pytest.skip("soracom-api.en.yaml not found (set GATEPEER_SORACOM_SPEC)")
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader is ~10x faster
-    with path.open(encoding="utf-8") as f:
-        spec = yaml.load(f, Loader=loader)  # noqa: S506 - a safe loader
+    spec = _load_yaml(_spec_path())
     operations: dict[str, tuple[str, str]] = {}
     for template, item in spec["paths"].items():
         for method, op in item.items():
@@ -536,3 +541,77 @@ def test_spec_and_emulator_agree_on_good_and_bad_bodies(contract: Contract, op: 
         assert not _spec_accepts(contract, ref, bad), (op, bad)
         with pytest.raises(BadRequest):
             parse_request(op, json.dumps(bad).encode())
+
+
+# ----- the spec in use: the full one beside the checkout, or the part kept in the repository -----
+
+
+def _excerpt_script() -> Any:
+    path = REPO / "scripts" / "soracom_spec_excerpt.py"
+    spec = importlib.util.spec_from_file_location("soracom_spec_excerpt", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_spec_is_found_beside_the_checkout_or_kept_in_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GATEPEER_SORACOM_SPEC", raising=False)
+    clone = tmp_path / "work" / "gatepeer"
+    clone.mkdir(parents=True)
+    assert _spec_path(clone) == KEPT_SPEC  # a clone alone: the kept part
+    full = tmp_path / "work" / FULL_SPEC
+    full.parent.mkdir(parents=True)
+    full.write_text("openapi: 3.0.0\n")
+    assert _spec_path(clone) == full  # ../shared beside it: the full spec
+    monkeypatch.setenv("GATEPEER_SORACOM_SPEC", str(tmp_path / "named.yaml"))
+    assert _spec_path(clone) == tmp_path / "named.yaml"
+
+
+def test_the_kept_excerpt_is_the_scripts_cut() -> None:
+    """The kept part is what the script cuts from the spec in use: from the full spec, it is up
+    to date; from itself (a clone alone), it is closed (every $ref resolves) and holds nothing
+    the emulator's operations do not reach."""
+    script = _excerpt_script()
+    source = _spec_path()
+    text = script.render(_load_yaml(source), OPERATION_STATUSES)
+    kept = KEPT_SPEC.read_text(encoding="utf-8")
+    assert text == kept, f"{KEPT_SPEC} is not the cut of {source}: run {script.__file__}"
+    assert (KEPT_SPEC.parent / "LICENSE").read_text().startswith("The MIT License")
+
+
+def test_the_excerpt_drops_what_no_operation_reaches() -> None:
+    """The cut can fail: an unreferenced schema and an operation not asked for are left out,
+    a referenced one is kept, and an operation the spec lacks is refused."""
+    script = _excerpt_script()
+    spec = {
+        "openapi": "3.0.0",
+        "info": {"version": "t"},
+        "paths": {
+            "/a": {
+                "get": {
+                    "operationId": "a",
+                    "responses": {"200": {"$ref": "#/components/responses/R"}},
+                }
+            },
+            "/b": {"get": {"operationId": "b"}},
+        },
+        "components": {
+            "responses": {
+                "R": {
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/S"}}}
+                }
+            },
+            "schemas": {"S": {"type": "object"}, "Unused": {"type": "object"}},
+        },
+    }
+    cut = script.excerpt(spec, ["a"])
+    assert list(cut["paths"]) == ["/a"]
+    assert cut["components"] == {
+        "responses": spec["components"]["responses"],
+        "schemas": {"S": {"type": "object"}},
+    }
+    with pytest.raises(SystemExit, match="not in the spec: c"):
+        script.excerpt(spec, ["a", "c"])
