@@ -379,3 +379,11 @@ def moto() -> Iterator[Any]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def contract() -> Any:
+    """SORACOM's API spec as a validating contract (helpers/soracom_spec.py)."""
+    from helpers.soracom_spec import load_contract
+
+    return load_contract()

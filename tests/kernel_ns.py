@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from conftest import new_prefix
-from test_plan import GATE
+from helpers.plan_inputs import GATE
 
 from gatepeer.agent import Agent
 from gatepeer.config import AgentConfig, Config, TunnelConfig

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_plan import FACTS, GATE, converged, make_config
+from helpers.fake_kernel import FakeKernel
+from helpers.plan_inputs import FACTS, GATE, converged, make_config
 
 from gatepeer import redirection, ruleset, statefile
 from gatepeer.agent import Agent
@@ -24,52 +25,11 @@ from gatepeer.state import (
     DesiredState,
     IPv4Address,
     IPv4Interface,
-    ObservedState,
     Redirection,
     desired_state,
 )
 
 CONNTRACK_MAX = "net/netfilter/nf_conntrack_max"
-
-
-class FakeKernel:
-    """Observes what it was told; conntrack's keys appear once a ruleset has loaded, as on a
-    fresh instance where the first `ct state` rule loads nf_conntrack."""
-
-    def __init__(self, desired: DesiredState) -> None:
-        self.desired = desired
-        self.applied: list[Action] = []
-        self.conntrack_loaded = False
-        self.sysctls: dict[str, int] = {}
-
-    def host_facts(self, *_: Any) -> Any:
-        return FACTS
-
-    def observe(self, name: str, sysctls: Any) -> ObservedState:
-        if not self.applied:
-            return ObservedState(
-                link=None,
-                addresses=frozenset(),
-                fdb=frozenset(),
-                sysctls=tuple(
-                    (s.path, None if "netfilter" in s.path else 0) for s in self.desired.sysctls
-                ),
-            )
-        values = []
-        for s in self.desired.sysctls:
-            if "netfilter" in s.path and not self.conntrack_loaded:
-                values.append((s.path, None))
-            else:
-                values.append((s.path, self.sysctls.get(s.path, s.value)))
-        return dataclasses.replace(converged(self.desired), sysctls=tuple(values))
-
-    def apply(self, action: Action) -> None:
-        self.applied.append(action)
-        if isinstance(action, SetSysctl):
-            self.sysctls[action.setting.path] = action.setting.value
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture

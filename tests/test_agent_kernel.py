@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.plan_inputs import GATE
 from kernel_ns import LOCAL, UNDERLAY, Namespace, namespace
-from test_plan import GATE
 
 from gatepeer.agent import Agent
 from gatepeer.config import PacketPathConfig

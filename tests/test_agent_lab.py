@@ -20,12 +20,20 @@ from typing import Any
 
 import pytest
 from conftest import AgentDaemon, LabHandle
+from helpers.lab_checks import (
+    ZERO_MAC,
+    api_calls,
+    customer_peers,
+    flood_entries,
+    inner_address,
+    vxlan,
+    wait_for,
+)
 
 from gatepeer.lab.network import netns
 
 pytestmark = pytest.mark.netns
 
-ZERO_MAC = "00:00:00:00:00:00"
 PEER_OUTER = "198.18.0.10"
 # A VPG endpoint address the API starts announcing in place of an old one (nothing answers it).
 NEW_ENDPOINT = "198.18.1.99"
@@ -84,28 +92,6 @@ class PingStream:
         return int(match.group(1)), int(match.group(2))
 
 
-def vxlan(h: LabHandle) -> dict[str, Any] | None:
-    """`ip -d link show vxlan0` in the peer namespace, decoded; None when absent."""
-    return netns.link_details(h.ns("peer"), "vxlan0")
-
-
-def flood_entries(h: LabHandle) -> set[str]:
-    """Destinations of the all-zero-MAC entries on the peer's vxlan0."""
-    if vxlan(h) is None:
-        return set()
-    rows = netns.bridge_json(h.ns("peer"), "fdb", "show", "dev", "vxlan0")
-    return {str(r["dst"]) for r in rows if r.get("mac") == ZERO_MAC and r.get("dst")}
-
-
-def inner_address(h: LabHandle) -> ipaddress.IPv4Interface | None:
-    if vxlan(h) is None:
-        return None
-    for entry in netns.ip_json(h.ns("peer"), "-4", "addr", "show", "dev", "vxlan0"):
-        for info in entry.get("addr_info", []):
-            return ipaddress.IPv4Interface(f"{info['local']}/{info['prefixlen']}")
-    return None
-
-
 def nft_table(h: LabHandle) -> str | None:
     """The agent's nftables table in the peer namespace, as `nft list` prints it; None if absent."""
     proc = h.run("peer", "nft", "list", "table", "inet", "gatepeer", check=False)
@@ -121,25 +107,6 @@ def nft_endpoints(h: LabHandle) -> set[str]:
 
 def sysctl(h: LabHandle, dotted: str) -> str:
     return h.run("peer", "sysctl", "-n", dotted).stdout.strip()
-
-
-def customer_peers(h: LabHandle) -> list[dict[str, Any]]:
-    return list(h.state()["peers"])
-
-
-def api_calls(h: LabHandle, operation: str) -> int:
-    return int(h.state()["counts"].get(operation, 0))
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, step: float = 0.01) -> float | None:
-    """Seconds until `condition()` held, or None if it did not within `timeout`."""
-    started = time.monotonic()
-    while True:
-        if condition():
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            return None
-        time.sleep(step)
 
 
 def converged(h: LabHandle) -> bool:

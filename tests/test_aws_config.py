@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_config import SECRET, soracom_section, write_config, write_key
+from helpers.config_files import SECRET, soracom_section, write_config, write_key
 
 from gatepeer.config import DEFAULT_IMDS_ENDPOINT, ConfigError, load
 

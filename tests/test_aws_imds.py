@@ -247,7 +247,7 @@ class RecordingNetlink:
 
 
 def agent_with(tmp_path: Path, url: str, netlink: RecordingNetlink, **tunnel: Any) -> Any:
-    from test_plan import make_config
+    from helpers.plan_inputs import make_config
 
     from gatepeer.agent import Agent
     from gatepeer.config import AgentConfig

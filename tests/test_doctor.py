@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aws_fakes import closed_port_url
 from click.testing import CliRunner
+from helpers import readings
 
 from gatepeer import statefile
 from gatepeer.cli import main
@@ -44,7 +45,7 @@ from gatepeer.doctor_checks import (
     judge_underlay_mtu,
 )
 from gatepeer.kernel.pmtu import PathProbe, parse_frag_needed
-from gatepeer.kernel.rtnl import IFF_LOWER_UP, IFF_UP, LinkReading
+from gatepeer.kernel.rtnl import LinkReading
 from gatepeer.lab.emulator.model import EmulatorSettings
 from gatepeer.lab.emulator.service import Emulator
 from gatepeer.ruleset import PacketPathSpec
@@ -181,12 +182,8 @@ def test_ip_forward() -> None:
 
 
 def link(**changes: Any) -> LinkReading:
-    values: dict[str, Any] = dict(
-        index=7, name="vxlan0", kind="vxlan", flags=IFF_UP | IFF_LOWER_UP, mtu=1500,
-        oper_state="unknown", stats=None, vni=10, local=OUTER, dst_port=4789, underlay_index=2,
-    )  # fmt: skip
-    values.update(changes)
-    return LinkReading(**values)
+    """vxlan0 as the doctor reads it: no traffic counters, local address OUTER."""
+    return readings.link(**{"stats": None, "local": OUTER, **changes})
 
 
 WANT = TunnelExpectation("vxlan0", vni=10, local=OUTER, dst_port=4789, underlay_index=2, mtu=1500)

@@ -15,11 +15,9 @@ the rules are written out below, each with its reason.
 
 from __future__ import annotations
 
-import copy
 import http.client
 import importlib.util
 import json
-import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,17 +26,21 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import yaml
-from openapi_schema_validator import OAS30Validator
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT4
+from helpers.soracom_spec import (
+    FULL_SPEC,
+    KEPT_SPEC,
+    REPO,
+    SPEC_URI,
+    Contract,
+    load_yaml,
+    spec_path,
+)
 
 from gatepeer.lab.emulator.model import BadRequest, EmulatorSettings
 from gatepeer.lab.emulator.operations import OPERATION_STATUSES
 from gatepeer.lab.emulator.requests import REQUEST_BODIES, parse_request
 from gatepeer.lab.emulator.service import Emulator
 
-SPEC_URI = "urn:soracom-api"
 VPG_ID = "0f3c2b1a-9e8d-4c7b-a6f5-e4d3c2b1a098"
 OPERATOR_ID = "OP0098765432"
 AUTH_KEY_ID = "keyId-contract0000000000000000000000"
@@ -67,107 +69,6 @@ UNDECLARED_SUCCESS_SCHEMA = {
     "setRedirectionConfiguration": "VirtualPrivateGateway",
     "unsetRedirectionConfiguration": "VirtualPrivateGateway",
 }
-
-
-REPO = Path(__file__).resolve().parents[1]
-# The full spec sits in a `shared/` folder beside the checkout (or above a worktree); the part
-# the tests need is kept in the repository for a clone without it (scripts/soracom_spec_excerpt.py).
-FULL_SPEC = Path("shared", "soracom-api", "soracom-api.en.yaml")
-KEPT_SPEC = REPO / "tests" / "spec" / "soracom-api" / "soracom-api.excerpt.yaml"
-
-
-def _spec_path(start: Path = REPO) -> Path:
-    """GATEPEER_SORACOM_SPEC when set, else the full spec above `start`, else the kept part."""
-    env = os.environ.get("GATEPEER_SORACOM_SPEC")
-    if env:
-        return Path(env)
-    for parent in [start, *start.parents]:
-        if (parent / FULL_SPEC).is_file():
-            return parent / FULL_SPEC
-    return KEPT_SPEC
-
-
-def _load_yaml(path: Path) -> dict[str, Any]:
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader is ~10x faster
-    with path.open(encoding="utf-8") as f:
-        return dict(yaml.load(f, Loader=loader))  # noqa: S506 - a safe loader
-
-
-def _strict(schema: Any, in_composition: bool = False) -> None:
-    """Forbid undeclared properties in place; walks schema keywords, not arbitrary keys."""
-    if not isinstance(schema, dict) or "$ref" in schema:
-        return
-    props = schema.get("properties")
-    if isinstance(props, dict):
-        # Inside allOf/anyOf/oneOf a branch sees only its own properties: leave those open.
-        if not in_composition and "additionalProperties" not in schema:
-            schema["additionalProperties"] = False
-        for sub in props.values():
-            _strict(sub)
-    for key in ("items", "not"):
-        _strict(schema.get(key))
-    if isinstance(schema.get("additionalProperties"), dict):
-        _strict(schema["additionalProperties"])
-    for key in ("allOf", "anyOf", "oneOf"):
-        for sub in schema.get(key) or ():
-            _strict(sub, in_composition=True)
-
-
-def _pointer(*parts: str) -> str:
-    return "/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
-
-
-@dataclass
-class Contract:
-    spec: dict[str, Any]
-    operations: dict[str, tuple[str, str]]  # operationId -> (method, path template)
-    registry: Registry[Any]
-
-    def responses(self, op: str) -> dict[str, Any]:
-        method, path = self.operations[op]
-        return dict(self.spec["paths"][path][method.lower()]["responses"])
-
-    def declared(self, op: str, status: int) -> tuple[str, Any] | None:
-        """(ref to the declared JSON schema, the schema itself), or None when none."""
-        method, path = self.operations[op]
-        response = self.responses(op).get(str(status)) or {}
-        schema = response.get("content", {}).get("application/json", {}).get("schema")
-        if schema is None:
-            return None
-        ref = _pointer("paths", path, method.lower(), "responses", str(status))
-        return f"{SPEC_URI}#{ref}/content/application~1json/schema", schema
-
-    def validate(self, ref: str, instance: Any) -> None:
-        validator = OAS30Validator({"$ref": ref}, registry=self.registry)
-        errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(instance)]
-        assert not errors, f"{ref}: {errors} in {instance!r}"
-
-    def validate_component(self, name: str, instance: Any) -> None:
-        self.validate(f"{SPEC_URI}#/components/schemas/{name}", instance)
-
-
-@pytest.fixture(scope="module")
-def contract() -> Contract:
-    spec = _load_yaml(_spec_path())
-    operations: dict[str, tuple[str, str]] = {}
-    for template, item in spec["paths"].items():
-        for method, op in item.items():
-            if isinstance(op, dict) and "operationId" in op:
-                operations[op["operationId"]] = (method.upper(), template)
-    schemas = copy.deepcopy(spec["components"]["schemas"])
-    for schema in schemas.values():
-        _strict(schema)
-    # Documented quirk the spec misses: registerGatePeer answers the new peer with
-    # "netmask": null, and GatePeer.netmask is a plain (non-nullable) string. Only this answer
-    # is validated against a copy with that one field nullable.
-    as_registered = copy.deepcopy(schemas["GatePeer"])
-    as_registered["properties"]["netmask"]["nullable"] = True
-    schemas["GatePeerAsRegistered"] = as_registered
-    doc = {"paths": spec["paths"], "components": {"schemas": schemas}}
-    registry: Registry[Any] = Registry().with_resource(
-        SPEC_URI, Resource.from_contents(doc, default_specification=DRAFT4)
-    )
-    return Contract(spec, operations, registry)
 
 
 # ----- the emulator and a bare HTTP client -----------------------------------------------
@@ -561,13 +462,13 @@ def test_the_spec_is_found_beside_the_checkout_or_kept_in_it(
     monkeypatch.delenv("GATEPEER_SORACOM_SPEC", raising=False)
     clone = tmp_path / "work" / "gatepeer"
     clone.mkdir(parents=True)
-    assert _spec_path(clone) == KEPT_SPEC  # a clone alone: the kept part
+    assert spec_path(clone) == KEPT_SPEC  # a clone alone: the kept part
     full = tmp_path / "work" / FULL_SPEC
     full.parent.mkdir(parents=True)
     full.write_text("openapi: 3.0.0\n")
-    assert _spec_path(clone) == full  # ../shared beside it: the full spec
+    assert spec_path(clone) == full  # ../shared beside it: the full spec
     monkeypatch.setenv("GATEPEER_SORACOM_SPEC", str(tmp_path / "named.yaml"))
-    assert _spec_path(clone) == tmp_path / "named.yaml"
+    assert spec_path(clone) == tmp_path / "named.yaml"
 
 
 def test_the_kept_excerpt_is_the_scripts_cut() -> None:
@@ -575,8 +476,8 @@ def test_the_kept_excerpt_is_the_scripts_cut() -> None:
     to date; from itself (a clone alone), it is closed (every $ref resolves) and holds nothing
     the emulator's operations do not reach."""
     script = _excerpt_script()
-    source = _spec_path()
-    text = script.render(_load_yaml(source), OPERATION_STATUSES)
+    source = spec_path()
+    text = script.render(load_yaml(source), OPERATION_STATUSES)
     kept = KEPT_SPEC.read_text(encoding="utf-8")
     assert text == kept, f"{KEPT_SPEC} is not the cut of {source}: run {script.__file__}"
     assert (KEPT_SPEC.parent / "LICENSE").read_text().startswith("The MIT License")

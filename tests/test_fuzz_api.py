@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.fake_kernel import FakeKernel
+from helpers.plan_inputs import FACTS, make_config
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from test_agent import FakeKernel
-from test_plan import FACTS, make_config
 
 from gatepeer import ruleset
 from gatepeer.agent import Agent

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import readings
 
 from gatepeer import statefile
 from gatepeer.config import load
@@ -55,18 +56,9 @@ def state_doc(**changes: Any) -> dict[str, Any]:
 
 
 def link(**changes: Any) -> LinkReading:
-    values: dict[str, Any] = {
-        "index": 7,
-        "name": "vxlan0",
-        "kind": "vxlan",
-        "flags": 0x1 | 0x10000,
-        "mtu": 1500,
-        "oper_state": "unknown",
-        "stats": None,
-        "vni": 10,
-    }
-    values.update(changes)
-    return LinkReading(**values)
+    """vxlan0 as the HA check sees it: no traffic counters, no underlay attributes."""
+    unset = {"stats": None, "local": None, "dst_port": None, "underlay_index": None}
+    return readings.link(**{**unset, **changes})
 
 
 TUNNEL = TunnelReading(link(), (ipaddress.IPv4Interface("198.19.0.3/16"),), frozenset())

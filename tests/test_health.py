@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.readings import link
 from prometheus_client import CollectorRegistry, generate_latest
 
 from gatepeer import statefile
@@ -27,7 +28,7 @@ from gatepeer.health import (
     evaluate,
 )
 from gatepeer.health_inputs import running_verdict
-from gatepeer.kernel.rtnl import InterfaceStats, LinkReading
+from gatepeer.kernel.rtnl import LinkReading
 from gatepeer.metrics.collectors import HealthCollector
 from gatepeer.probes import ProbeResult, with_probes
 from gatepeer.soracom import ApiStats
@@ -176,24 +177,6 @@ def test_an_unconfigured_machine_says_only_that() -> None:
 
 
 # ---- one verdict everywhere: status, metrics, STATUS= and state.json -------------------------
-
-
-def link(**changes: Any) -> LinkReading:
-    values: dict[str, Any] = {
-        "index": 7,
-        "name": "vxlan0",
-        "kind": "vxlan",
-        "flags": 0x1 | 0x10000,
-        "mtu": 1500,
-        "oper_state": "unknown",
-        "stats": InterfaceStats(10, 20, 1500, 3000, 0, 0, 0, 1),
-        "vni": 10,
-        "local": A("172.31.5.10"),
-        "dst_port": 4789,
-        "underlay_index": 2,
-    }
-    values.update(changes)
-    return LinkReading(**values)
 
 
 @dataclass(frozen=True)

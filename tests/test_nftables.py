@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_ruleset import ALLOW, CASES, EP1, EP3, PLAIN, VNI, WITH_FLOWTABLE, spec
+from helpers.ruleset_specs import ALLOW, CASES, EP1, EP3, PLAIN, VNI, WITH_FLOWTABLE, spec
 
 from gatepeer import ruleset as rs
 from gatepeer.kernel import nftables as nf

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import AgentDaemon, LabHandle, new_prefix
-from test_agent_lab import (
+from helpers.lab_checks import (
     api_calls,
     customer_peers,
     flood_entries,
@@ -31,7 +31,7 @@ from test_agent_lab import (
     vxlan,
     wait_for,
 )
-from test_packet_path_lab import (
+from helpers.packet_path import (
     DEVICE,
     PEER,
     PORT,

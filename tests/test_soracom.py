@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_emulator_contract import SPEC_URI, _pointer, contract  # noqa: F401 - a fixture
+from helpers.soracom_spec import SPEC_URI, pointer
 
 from gatepeer import soracom
 from gatepeer.lab.emulator.model import EmulatorSettings
@@ -717,7 +717,7 @@ def test_every_request_body_the_client_sends_matches_the_spec(
         if request is None:
             assert body is None, f"{operation} sends a body the spec does not define"
             continue
-        ref = f"{SPEC_URI}#{_pointer('paths', template, method.lower(), 'requestBody')}"
+        ref = f"{SPEC_URI}#{pointer('paths', template, method.lower(), 'requestBody')}"
         spec.validate(f"{ref}/content/application~1json/schema", body)
         if request.get("required"):
             assert body is not None, operation
@@ -728,7 +728,7 @@ def test_strict_request_schemas_catch_a_field_the_spec_lacks(
 ) -> None:
     spec = request.getfixturevalue("contract")
     _, template = spec.operations["setRedirectionConfiguration"]
-    ref = f"{SPEC_URI}#{_pointer('paths', template, 'post', 'requestBody')}"
+    ref = f"{SPEC_URI}#{pointer('paths', template, 'post', 'requestBody')}"
     with pytest.raises(AssertionError):
         spec.validate(f"{ref}/content/application~1json/schema", {"gatewayAddress": "x"})
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from helpers.readings import link
 
 from gatepeer import statefile
 from gatepeer.cli import main
-from gatepeer.kernel.rtnl import InterfaceStats, LinkReading
 from gatepeer.status import (
     StateSummary,
     Status,
@@ -87,24 +87,6 @@ def state_doc(**changes: Any) -> dict[str, Any]:
     }
     doc.update(changes)
     return doc
-
-
-def link(**changes: Any) -> LinkReading:
-    values: dict[str, Any] = {
-        "index": 7,
-        "name": "vxlan0",
-        "kind": "vxlan",
-        "flags": 0x1 | 0x10000,
-        "mtu": 1500,
-        "oper_state": "unknown",
-        "stats": InterfaceStats(10, 20, 1500, 3000, 0, 0, 0, 1),
-        "vni": 10,
-        "local": A("172.31.5.10"),
-        "dst_port": 4789,
-        "underlay_index": 2,
-    }
-    values.update(changes)
-    return LinkReading(**values)
 
 
 HEALTHY_TUNNEL = TunnelReading(

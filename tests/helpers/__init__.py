@@ -1,0 +1,10 @@
+"""Builders and fakes the tests share. Tests import from here, never from one another.
+
+- `plan_inputs`: host facts, a gate view, configs, desired and converged observed states;
+- `fake_kernel`: a kernel the agent reconciles against without netlink;
+- `config_files`: a valid `[soracom]` section, a key file, a written config;
+- `ruleset_specs`: the packet-path specs the golden files are rendered from;
+- `readings`: a healthy vxlan0 as the kernel reads it (`link()`);
+- `soracom_spec`: SORACOM's API spec as a validating contract;
+- `lab_checks`, `packet_path`: looking at a running lab's peer, and traffic through it.
+"""
