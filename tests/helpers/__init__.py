@@ -5,6 +5,7 @@
 - `config_files`: a valid `[soracom]` section, a key file, a written config;
 - `ruleset_specs`: the packet-path specs the golden files are rendered from;
 - `readings`: a healthy vxlan0 as the kernel reads it (`link()`);
+- `metrics_sources`: the metrics collectors' sources, faked (the golden files' inputs);
 - `soracom_spec`: SORACOM's API spec as a validating contract;
 - `lab_checks`, `packet_path`: looking at a running lab's peer, and traffic through it.
 """
