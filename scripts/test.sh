@@ -8,3 +8,5 @@ echo "== ruff check";  .venv/bin/ruff check gatepeer tests bench
 echo "== ruff format"; .venv/bin/ruff format --check gatepeer tests bench
 echo "== mypy";        .venv/bin/mypy
 echo "== pytest";      .venv/bin/pytest -q "$@"
+# The in-process benchmarks, each once as a plain test (timing is bench/README.md's business).
+echo "== bench";       .venv/bin/pytest -q bench/bench_inprocess.py
