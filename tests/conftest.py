@@ -371,8 +371,8 @@ def agent_daemon(tmp_path: Path) -> Iterator[Callable[..., AgentDaemon]]:
 
 @pytest.fixture(scope="module")
 def moto() -> Iterator[Any]:
-    """moto's server (tests/aws_fakes.Moto) on 127.0.0.1, one per test module."""
-    from aws_fakes import Moto
+    """moto's server (helpers/aws_fakes.Moto) on 127.0.0.1, one per test module."""
+    from helpers.aws_fakes import Moto
 
     server = Moto()
     try:

@@ -1,5 +1,9 @@
 """Builders and fakes the tests share. Tests import from here, never from one another.
 
+The tests sit by what they need: tests/unit/ runs anywhere, tests/lab/ needs root and network
+namespaces, tests/delivery/ checks the image, the unit file, Packer, cloud-init and the
+monitoring files; golden files are under tests/golden/, SORACOM's spec excerpt under tests/spec/.
+
 - `plan_inputs`: host facts, a gate view, configs, desired and converged observed states;
 - `fake_kernel`: a kernel the agent reconciles against without netlink;
 - `config_files`: a valid `[soracom]` section, a key file, a written config;
@@ -7,5 +11,7 @@
 - `readings`: a healthy vxlan0 as the kernel reads it (`link()`);
 - `metrics_sources`: the metrics collectors' sources, faked (the golden files' inputs);
 - `soracom_spec`: SORACOM's API spec as a validating contract;
-- `lab_checks`, `packet_path`: looking at a running lab's peer, and traffic through it.
+- `lab_checks`, `packet_path`: looking at a running lab's peer, and traffic through it;
+- `lab_agent`: the agent run in a lab's peer namespace; `kernel_ns`: the agent against a
+  namespace's real kernel; `aws_fakes`: moto's server and botocore stubs for the AWS calls.
 """

@@ -2,7 +2,7 @@
 
 The emulator runs where only the standard library is installed, so it cannot read the YAML
 spec: each implemented operation's ``requestBody`` is written out by hand in ``REQUEST_BODIES``
-(field -> JSON type and whether it is required). tests/test_emulator_contract.py proves the
+(field -> JSON type and whether it is required). tests/unit/test_emulator_contract.py proves the
 table equals the spec's schemas. A body the table refuses (not JSON, not an object, an unknown
 or misspelled field, a field of the wrong type, a required one missing) is a 400 in SORACOM's
 error shape, so a client's typo fails here as it would against the real API.

@@ -25,7 +25,7 @@ from helpers.ruleset_specs import (
 
 from gatepeer import ruleset as rs
 
-GOLDEN = Path(__file__).parent / "golden" / "nftables"
+GOLDEN = Path(__file__).parents[1] / "golden" / "nftables"
 UPDATE = os.environ.get("GATEPEER_UPDATE_GOLDEN") == "1"
 
 

@@ -20,7 +20,7 @@ from gatepeer.config import Config, parse
 from gatepeer.ha import install
 from gatepeer.ha.keepalived import ADVERT_MARKER, HaFacts, RenderError, check_command, render
 
-GOLDEN = Path(__file__).parent / "golden" / "ha"
+GOLDEN = Path(__file__).parents[1] / "golden" / "ha"
 SORACOM = {"auth_key_id": "keyId-testtesttest", "vpg_id": "vpg-0123abcd"}
 LOCAL = ipaddress.IPv4Address("198.18.0.10")
 CHECK = check_command("/usr/bin/gatepeer", "/etc/gatepeer/gatepeer.toml")

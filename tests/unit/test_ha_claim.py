@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aws_fakes import Moto, offline_aws_env
+from helpers.aws_fakes import Moto, offline_aws_env
 
 from gatepeer import redirection
 from gatepeer.config import Config, HaConfig, SoracomConfig

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from conftest import new_prefix
-from helpers.plan_inputs import GATE
 
 from gatepeer.agent import Agent
 from gatepeer.config import AgentConfig, Config, TunnelConfig
 from gatepeer.lab.network import netns
 from gatepeer.state import GateView, IPv4Address
+from helpers.plan_inputs import GATE
 
 T = TypeVar("T")
 UNDERLAY = "gpu0"

@@ -19,7 +19,7 @@ from gatepeer.ha.metrics import HaCollector
 from gatepeer.ha.report import claims, line, reasons, summary
 from gatepeer.ha.role import Coordinator, RoleView
 
-GOLDEN = Path(__file__).parent / "golden" / "ha" / "ha.prom"
+GOLDEN = Path(__file__).parents[1] / "golden" / "ha" / "ha.prom"
 NOW = 1_760_000_000.0
 HA = HaConfig(
     peer_address=ipaddress.IPv4Address("198.18.0.11"),

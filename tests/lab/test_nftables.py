@@ -19,7 +19,7 @@ from gatepeer import ruleset as rs
 from gatepeer.kernel import nftables as nf
 from gatepeer.state import conntrack_sysctls
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 needs_nft = pytest.mark.skipif(
     shutil.which("nft") is None, reason="needs nftables (`nft` not found)"

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from gatepeer.config import ConfigError, load
 
 SECRET = "gpfuzzsecret-1d2c3b4a5f6e7d8c9b0a1f2e3d4c5b6a"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 SECTIONS: dict[str, list[str]] = {
     "soracom": ["endpoint", "auth_key_id", "auth_key_file", "vpg_id", "open_gate", "auth_key"],

@@ -47,7 +47,7 @@ from gatepeer.state import (
 )
 from gatepeer.status import EndpointSummary, StateSummary
 
-GOLDEN = Path(__file__).parent / "golden" / "metrics"
+GOLDEN = Path(__file__).parents[1] / "golden" / "metrics"
 A = IPv4Address
 
 
@@ -380,7 +380,7 @@ def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
 def test_live_scrape_passes_promtool_and_a_real_prometheus_sees_both_endpoints_up(
     make_lab: Callable[..., Any], tmp_path: Path
 ) -> None:
-    from lab_agent import METRICS_URL, running_agent
+    from helpers.lab_agent import METRICS_URL, running_agent
 
     promtool, prometheus = shutil.which("promtool"), shutil.which("prometheus")
     if promtool is None or prometheus is None:
@@ -410,7 +410,7 @@ def test_live_scrape_passes_promtool_and_a_real_prometheus_sees_both_endpoints_u
         config.write_text(
             "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
             "rule_files: ["
-            + json.dumps(str(Path(__file__).parents[1] / "monitoring" / "alerts.yml"))
+            + json.dumps(str(Path(__file__).parents[2] / "monitoring" / "alerts.yml"))
             + "]\n"
             "scrape_configs:\n"
             "  - job_name: gatepeer\n"
@@ -470,7 +470,7 @@ def test_live_scrape_passes_promtool_and_a_real_prometheus_sees_both_endpoints_u
 
 @pytest.mark.netns
 def test_sighup_moves_the_metrics_listener(make_lab: Callable[..., Any]) -> None:
-    from lab_agent import METRICS_URL, running_agent
+    from helpers.lab_agent import METRICS_URL, running_agent
 
     lab = make_lab()
     moved = METRICS_URL.replace(":8479/", ":8480/")

@@ -22,7 +22,7 @@ from helpers.config_files import KEY_ID, SECRET, VPG_ID, soracom_section, write_
 from gatepeer import config as cfgmod
 from gatepeer.config import ConfigError, load, parse
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # An underlay that exists on every Linux host, for the valid configurations.
 UNDERLAY = "lo"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aws_fakes import ENI, INSTANCE, FakeImds, Moto, offline_aws_env, running_imds
+from helpers.aws_fakes import ENI, INSTANCE, FakeImds, Moto, offline_aws_env, running_imds
 
 from gatepeer.agent import Agent
 from gatepeer.aws import integration as integration_module

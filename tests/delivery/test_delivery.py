@@ -23,7 +23,7 @@ import yaml
 from gatepeer import config as cfg
 from gatepeer.state import neighbour_thresholds
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "gatepeer.service"
 AMI = REPO / "ami"
 CLOUD_INIT = REPO / "cloud-init"

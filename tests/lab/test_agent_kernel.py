@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.kernel_ns import LOCAL, UNDERLAY, Namespace, namespace
 from helpers.plan_inputs import GATE
-from kernel_ns import LOCAL, UNDERLAY, Namespace, namespace
 
 from gatepeer.agent import Agent
 from gatepeer.config import PacketPathConfig

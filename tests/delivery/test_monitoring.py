@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "monitoring"
 RULES = MONITORING / "alerts.yml"
 RULE_TESTS = sorted((MONITORING / "tests").glob("*.yml"))
 DASHBOARD = MONITORING / "grafana-dashboard.json"
-GOLDEN = Path(__file__).parent / "golden" / "metrics"
+GOLDEN = Path(__file__).parents[1] / "golden" / "metrics"
 # Series Prometheus makes itself, not the agent.
 PROMETHEUS_OWN = {"up", "ALERTS", "ALERTS_FOR_STATE", "scrape_duration_seconds"}
 

@@ -193,7 +193,7 @@ def daemon_waiting_on_the_api(
     and a 0.6 s watchdog faked. `prepare(namespace)` runs before the daemon starts. The daemon
     is stopped by its pid at the end."""
     from conftest import gatepeer_command
-    from kernel_ns import LOCAL, UNDERLAY, namespace
+    from helpers.kernel_ns import LOCAL, UNDERLAY, namespace
 
     from gatepeer.lab.emulator.model import EmulatorSettings
     from gatepeer.lab.emulator.service import Emulator

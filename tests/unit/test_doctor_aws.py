@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aws_fakes import ENI, FakeImds, Moto, offline_aws_env, running_imds
+from helpers.aws_fakes import ENI, FakeImds, Moto, offline_aws_env, running_imds
 
 from gatepeer.aws import checks
 from gatepeer.aws.clients import AwsTarget, client
@@ -310,7 +310,7 @@ def test_off_ec2_every_aws_check_is_skipped_without_a_request(
 
 
 def test_imds_unreachable_on_ec2_is_a_warning(tmp_path: Path) -> None:
-    from aws_fakes import closed_port_url
+    from helpers.aws_fakes import closed_port_url
 
     source = InstanceFactsSource(
         AwsConfig(imds_endpoint=closed_port_url(), imds_timeout=0.2), sys_root=ec2_root(tmp_path)

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aws_fakes import closed_port_url
 from click.testing import CliRunner
 from helpers import readings
+from helpers.aws_fakes import closed_port_url
 
 from gatepeer import statefile
 from gatepeer.cli import main

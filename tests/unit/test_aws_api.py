@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aws_fakes import Moto, offline_aws_env
+from helpers.aws_fakes import Moto, offline_aws_env
 
 from gatepeer.agent import make_client
 from gatepeer.aws.clients import AwsTarget, client

@@ -36,7 +36,7 @@ from conftest import LabHandle
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path(os.environ.get("GATEPEER_CI_CACHE", "/var/cache/gatepeer-ci"))
 MIRROR = os.environ.get("GATEPEER_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 # What the AMI's base image has that minbase lacks, and what provision.sh would install anyway.

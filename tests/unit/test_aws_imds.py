@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aws_fakes import ENI, INSTANCE, MAC, TOKEN, FakeImds, closed_port_url, running_imds
+from helpers.aws_fakes import ENI, INSTANCE, MAC, TOKEN, FakeImds, closed_port_url, running_imds
 
 from gatepeer.aws import integration
 from gatepeer.aws.detect import ec2_evidence, on_ec2

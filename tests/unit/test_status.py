@@ -464,7 +464,7 @@ print(json.dumps({
 
 @pytest.mark.netns
 def test_rtnl_reads_what_iproute2_shows(make_lab: Callable[..., Any]) -> None:
-    from lab_agent import GATEPEER
+    from helpers.lab_agent import GATEPEER
 
     lab = make_lab()
     config = str(lab.paths.config)
@@ -497,7 +497,7 @@ def test_rtnl_reads_what_iproute2_shows(make_lab: Callable[..., Any]) -> None:
 
 
 def _scrape(lab: Any) -> str:
-    from lab_agent import METRICS_URL
+    from helpers.lab_agent import METRICS_URL
 
     code = f"import urllib.request; print(urllib.request.urlopen({METRICS_URL!r}).read().decode())"
     return str(lab.run("peer", sys.executable, "-c", code).stdout)
@@ -517,7 +517,7 @@ def _until(check: Callable[[], bool], timeout: float, what: str) -> float:
 def test_status_and_metrics_follow_the_gate_peer_through_its_life(
     make_lab: Callable[..., Any],
 ) -> None:
-    from lab_agent import GATEPEER, PROBE_INTERVAL, running_agent
+    from helpers.lab_agent import GATEPEER, PROBE_INTERVAL, running_agent
 
     lab = make_lab()
     config = str(lab.paths.config)
