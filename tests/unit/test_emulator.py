@@ -1110,3 +1110,36 @@ def test_command_line_refuses_bad_settings() -> None:
     )
     assert proc.returncode == 2
     assert "vxlan_id" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--lab-dir", "/nonexistent", "--vni", "20"],
+            "--lab-dir takes its settings from the lab: drop --vni",
+        ),
+        (["--lab-dir", "/nonexistent", "--gate-closed"], "drop --gate-closed"),
+        (["--foreground"], "--foreground goes with --lab-dir"),
+    ],
+)
+def test_one_entry_keeps_the_lab_and_standalone_modes_apart(
+    args: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`python -m gatepeer.lab.emulator` serves a lab (--lab-dir) or stands alone; mixing them is
+    refused before anything starts."""
+    from gatepeer.lab.emulator import lab_process
+    from gatepeer.lab.emulator.__main__ import main
+
+    def must_not_start(*_: object, **__: object) -> int:
+        raise AssertionError("the lab's emulator started")  # it would fork this process
+
+    monkeypatch.setattr(lab_process, "run", must_not_start)
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
