@@ -10,7 +10,7 @@ monitoring files; golden files are under tests/golden/, SORACOM's spec excerpt u
 - `ruleset_specs`: the packet-path specs the golden files are rendered from;
 - `readings`: a healthy vxlan0 as the kernel reads it (`link()`);
 - `metrics_sources`: the metrics collectors' sources, faked (the golden files' inputs);
-- `soracom_spec`: SORACOM's API spec as a validating contract;
+- `soracom_spec`: SORACOM's API spec as a validating contract; `http_client`: one raw request;
 - `lab_checks`, `packet_path`: looking at a running lab's peer, and traffic through it;
 - `lab_agent`: the agent run in a lab's peer namespace; `kernel_ns`: the agent against a
   namespace's real kernel; `aws_fakes`: moto's server and botocore stubs for the AWS calls.

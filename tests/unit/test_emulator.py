@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from helpers.http_client import Reply, send
 
 from gatepeer.lab.emulator.model import EmulatorSettings, Peer
 from gatepeer.lab.emulator.service import Emulator
@@ -44,36 +45,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: http.client.HTTPMessage
-    raw: bytes
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.raw)
-
-
-def send(
-    base_url: str,
-    method: str,
-    path: str,
-    body: Any = None,
-    headers: Any = None,
-    timeout: float = 10.0,
-) -> Reply:
-    url = urlsplit(base_url)
-    conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=timeout)
-    try:
-        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers=dict(headers or {}))
-        resp = conn.getresponse()
-        return Reply(resp.status, resp.headers, resp.read())
-    finally:
-        conn.close()
 
 
 @dataclass

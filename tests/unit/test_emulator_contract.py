@@ -15,7 +15,6 @@ the rules are written out below, each with its reason.
 
 from __future__ import annotations
 
-import http.client
 import importlib.util
 import json
 import re
@@ -23,9 +22,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
+from helpers import http_client
+from helpers.http_client import Reply
 from helpers.soracom_spec import (
     FULL_SPEC,
     KEPT_SPEC,
@@ -74,28 +74,11 @@ UNDECLARED_SUCCESS_SCHEMA = {
 # ----- the emulator and a bare HTTP client -----------------------------------------------
 
 
-@dataclass
-class Reply:
-    status: int
-    headers: http.client.HTTPMessage
-    raw: bytes
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.raw)
-
-
 def send(base_url: str, method: str, path: str, body: Any = None, headers: Any = None) -> Reply:
-    url = urlsplit(base_url)
-    conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=10)
-    try:
-        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        hdrs = {"Content-Type": "application/json", **(headers or {})}
-        conn.request(method, path, body=data, headers=hdrs)
-        resp = conn.getresponse()
-        return Reply(resp.status, resp.headers, resp.read())
-    finally:
-        conn.close()
+    """One request, declared as JSON as SORACOM's clients send it."""
+    return http_client.send(
+        base_url, method, path, body, {"Content-Type": "application/json", **(headers or {})}
+    )
 
 
 @dataclass
