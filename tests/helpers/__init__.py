@@ -1,4 +1,5 @@
-"""Builders and fakes the tests share. Tests import from here, never from one another.
+"""Builders and fakes the tests share. Tests import from here, never from one another
+(tests/helpers/ is on sys.path through pyproject's `pythonpath`).
 
 The tests sit by what they need: tests/unit/ runs anywhere, tests/lab/ needs root and network
 namespaces, tests/delivery/ checks the image, the unit file, Packer, cloud-init and the
@@ -11,6 +12,7 @@ monitoring files; golden files are under tests/golden/, SORACOM's spec excerpt u
 - `readings`: a healthy vxlan0 as the kernel reads it (`link()`);
 - `metrics_sources`: the metrics collectors' sources, faked (the golden files' inputs);
 - `soracom_spec`: SORACOM's API spec as a validating contract; `http_client`: one raw request;
+- `monitoring_files`: the alert rules, the dashboard and the metric names they use;
 - `lab_checks`, `packet_path`: looking at a running lab's peer, and traffic through it;
 - `lab_agent`: the agent run in a lab's peer namespace; `kernel_ns`: the agent against a
   namespace's real kernel; `aws_fakes`: moto's server and botocore stubs for the AWS calls.

@@ -400,7 +400,7 @@ def test_live_scrape_passes_promtool_and_a_real_prometheus_sees_both_endpoints_u
         assert secret and secret not in text
         # Every metric the rules and the dashboard use is in the live exposition too (the
         # golden-file check in test_monitoring covers the ones a lab cannot produce).
-        from test_monitoring import rule_expressions, used_metric_names
+        from helpers.monitoring_files import rule_expressions, used_metric_names
 
         live = sample_names(text)
         lab_cannot = {"gatepeer_neighbour_table_limit"}  # not in a non-initial namespace
