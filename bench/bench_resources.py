@@ -34,7 +34,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
-import psutil  # noqa: E402
+
+try:
+    import psutil
+except ImportError:  # the [bench] extra
+    sys.exit("bench_resources.py needs psutil: .venv/bin/pip install -e '.[bench]'")
 
 DEVICES = 20_000
 METRICS_LISTEN = "198.18.0.10:8479"

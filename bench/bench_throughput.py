@@ -58,7 +58,7 @@ def gatepeer(*args: str, ns: str | None = None, env: dict[str, str] | None = Non
 
 def config_path(prefix: str) -> Path:
     sys.path.insert(0, str(ROOT))
-    from gatepeer.lab.topology import Paths
+    from gatepeer.lab.record import Paths
 
     return Path(Paths.for_prefix(prefix).config)
 

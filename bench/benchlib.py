@@ -30,7 +30,12 @@ ZERO_MAC = "00:00:00:00:00:00"
 if str(ROOT) not in sys.path:  # `python bench/x.py` from a checkout without an install
     sys.path.insert(0, str(ROOT))
 
-from gatepeer.lab import netns, topology  # noqa: E402
+from gatepeer.lab import control  # noqa: E402
+from gatepeer.lab.api_client import LabApi, lab_api  # noqa: E402
+from gatepeer.lab.network import netns  # noqa: E402
+from gatepeer.lab.network.layout import PEER_ADDR, Layout  # noqa: E402
+from gatepeer.lab.processes.gate_peer import prefixlen  # noqa: E402
+from gatepeer.lab.record import LabInfo, LabRecord, Paths  # noqa: E402
 
 
 def gatepeer_command() -> list[str]:
@@ -43,24 +48,24 @@ def gatepeer_command() -> list[str]:
 class Lab:
     """A lab built for one benchmark run."""
 
-    info: topology.LabInfo
+    info: LabInfo
 
     @property
-    def layout(self) -> topology.Layout:
+    def layout(self) -> Layout:
         return self.info.layout
 
     @property
-    def paths(self) -> topology.Paths:
+    def paths(self) -> Paths:
         return self.info.paths
 
     @property
     def peer_ns(self) -> str:
         return self.layout.peer_ns
 
-    def api(self) -> topology.LabApi:
-        record = topology.LabRecord(self.layout, self.info.credentials, 0)
+    def api(self) -> LabApi:
+        record = LabRecord(self.layout, self.info.credentials, 0)
         assert self.info.host_url is not None
-        return topology.lab_api(self.paths, record, self.info.host_url)
+        return lab_api(self.paths, record, self.info.host_url)
 
     def emulator_state(self) -> dict[str, Any]:
         import urllib.request
@@ -80,12 +85,12 @@ class Lab:
         """The hand-made script with this lab's registration (the peer must be registered)."""
         api = self.api()
         peers = api.list_gate_peers()
-        me = next(p for p in peers if p.get("outerIpAddress") == str(topology.PEER_ADDR))
-        plen = topology._prefixlen(me.get("netmask"), self.layout.device_subnet.prefixlen)
+        me = next(p for p in peers if p.get("outerIpAddress") == str(PEER_ADDR))
+        plen = prefixlen(me.get("netmask"), self.layout.device_subnet.prefixlen)
         endpoints = [str(p["outerIpAddress"]) for p in peers if p.get("ownedByCustomer") is False]
         vni = int(api.get_vpg().get("gateVxlanId") or self.layout.vni)
         return self.in_peer(
-            "bash", str(HANDMADE), "eth0", str(topology.PEER_ADDR),
+            "bash", str(HANDMADE), "eth0", str(PEER_ADDR),
             f"{me['innerIpAddress']}/{plen}", str(vni), *endpoints,
         )  # fmt: skip
 
@@ -106,10 +111,8 @@ class Lab:
         )
         if unregister:
             api = self.api()
-            if any(
-                p.get("outerIpAddress") == str(topology.PEER_ADDR) for p in api.list_gate_peers()
-            ):
-                api.unregister_gate_peer(str(topology.PEER_ADDR))
+            if any(p.get("outerIpAddress") == str(PEER_ADDR) for p in api.list_gate_peers()):
+                api.unregister_gate_peer(str(PEER_ADDR))
 
 
 @contextlib.contextmanager
@@ -120,10 +123,10 @@ def lab(**options: Any) -> Iterator[Lab]:
     prefix = f"bn{secrets.token_hex(2)}"
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        layout = topology.resolve_layout(prefix, **options)
-        yield Lab(topology.up(layout))
+        layout = control.resolve_layout(prefix, **options)
+        yield Lab(control.up(layout))
     finally:
-        topology.down(prefix)
+        control.down(prefix)
         signal.signal(signal.SIGTERM, previous)
 
 

@@ -335,7 +335,7 @@ def aws_policy(
 
 
 def _register_lab() -> None:
-    from gatepeer.lab.commands import lab
+    from gatepeer.lab.cli import lab
 
     main.add_command(lab)
 

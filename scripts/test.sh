@@ -8,4 +8,6 @@ echo "== ruff check";  .venv/bin/ruff check gatepeer tests bench
 echo "== ruff format"; .venv/bin/ruff format --check gatepeer tests bench
 echo "== mypy";        .venv/bin/mypy
 echo "== mkdocs";      .venv/bin/mkdocs build --strict --quiet  # a broken link fails
+# The in-process benchmarks, each once as a plain test (timing is bench/README.md's business).
+echo "== bench";       .venv/bin/pytest -q bench/bench_inprocess.py
 echo "== pytest";      .venv/bin/pytest -q "$@"

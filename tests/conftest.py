@@ -61,13 +61,13 @@ class LabHandle:
 
     @property
     def paths(self) -> Any:
-        from gatepeer.lab.topology import Paths
+        from gatepeer.lab.record import Paths
 
         return Paths.for_prefix(self.prefix)
 
     @property
     def layout(self) -> Any:
-        from gatepeer.lab.topology import LabRecord
+        from gatepeer.lab.record import LabRecord
 
         record = LabRecord.load(self.paths.lab_json)
         assert record is not None, f"lab {self.prefix} has no lab.json"
@@ -89,7 +89,8 @@ class LabHandle:
 
     def api(self) -> Any:
         """An authenticated SORACOM API client for this lab's emulator."""
-        from gatepeer.lab.topology import LabRecord, lab_api
+        from gatepeer.lab.api_client import lab_api
+        from gatepeer.lab.record import LabRecord
 
         record = LabRecord.load(self.paths.lab_json)
         assert record is not None
@@ -111,26 +112,25 @@ class LabHandle:
         """`gatepeer lab ARGS... --prefix PREFIX` in process; returns click's Result."""
         from click.testing import CliRunner
 
-        from gatepeer.lab.commands import lab
+        from gatepeer.lab.cli import lab
 
         return CliRunner().invoke(lab, [*args, "--prefix", self.prefix], catch_exceptions=False)
 
     def leftovers(self) -> list[str]:
         """What of this lab still exists: namespaces, folder, a live emulator."""
-        from gatepeer.lab import processes, topology
+        from gatepeer.lab import control
+        from gatepeer.lab.processes.pids import runs
 
-        left = list(topology.lab_namespaces(self.prefix))
+        left = list(control.lab_namespaces(self.prefix))
         if self.paths.dir.exists():
             left.append(str(self.paths.dir))
         for pid in self.emulator_pids_seen:
-            if processes.pid_alive(pid) and "gatepeer.lab.run_emulator" in " ".join(
-                processes.proc_cmdline(pid)
-            ):
+            if runs(pid, "gatepeer.lab.emulator --lab-dir"):
                 left.append(f"emulator pid {pid}")
         return left
 
     def remember_emulator(self) -> None:
-        from gatepeer.lab.topology import emulator_pid
+        from gatepeer.lab.processes.emulator_process import emulator_pid
 
         pid = emulator_pid(self.paths)
         if pid is not None and pid not in self.emulator_pids_seen:
@@ -170,9 +170,9 @@ class LabHandle:
         agent manages it: devices' traffic leaving the device subnet goes over the tunnel to
         `gateway` ("peer": the lab gate peer's registered inner address); None unsets it (the
         VPG's own NATed way out). The lab's routing has followed when this returns."""
-        from gatepeer.lab import topology
+        from gatepeer.lab import control
 
-        return dict(topology.redirect(self.prefix, gateway))
+        return dict(control.redirect(self.prefix, gateway))
 
     def agent_state(self) -> dict[str, Any] | None:
         """The agent's state.json ([agent] state_file of the lab's config), or None."""
@@ -248,12 +248,12 @@ def make_lab() -> Iterator[Callable[..., LabHandle]]:
 
     yield make
 
-    from gatepeer.lab import topology
+    from gatepeer.lab import control
 
     problems = []
     for handle in handles:
         handle.remember_emulator()
-        topology.down(handle.prefix)
+        control.down(handle.prefix)
         left = handle.leftovers()
         if left:
             problems.append(f"{handle.prefix}: {left}")
@@ -371,11 +371,19 @@ def agent_daemon(tmp_path: Path) -> Iterator[Callable[..., AgentDaemon]]:
 
 @pytest.fixture(scope="module")
 def moto() -> Iterator[Any]:
-    """moto's server (tests/aws_fakes.Moto) on 127.0.0.1, one per test module."""
-    from aws_fakes import Moto
+    """moto's server (helpers/aws_fakes.Moto) on 127.0.0.1, one per test module."""
+    from helpers.aws_fakes import Moto
 
     server = Moto()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def contract() -> Any:
+    """SORACOM's API spec as a validating contract (helpers/soracom_spec.py)."""
+    from helpers.soracom_spec import load_contract
+
+    return load_contract()

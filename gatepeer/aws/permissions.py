@@ -89,8 +89,8 @@ _ROUTES = (
 _LIFECYCLE = tuple((action, "LifecycleHooks") for action in LIFECYCLE_ACTIONS)
 
 # The one list of what gatepeer calls in AWS, by setting: `needed()`, `gatepeer aws policy`,
-# the CloudFormation stack's role (checked by tests/test_stack.py) and the README's IAM table
-# all come from here.
+# the CloudFormation stack's role (checked by tests/delivery/test_stack.py) and the IAM table in
+# docs/deploy.md all come from here.
 FEATURES: tuple[Feature, ...] = (
     Feature(
         "the source/destination check",

@@ -1,0 +1,395 @@
+"""The nftables I/O: loading, reading back and counting with the real `nft`, in network
+namespaces this test creates and always removes; conntrack's sizing and where it can be set.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers.ruleset_specs import ALLOW, CASES, EP1, EP3, PLAIN, VNI, WITH_FLOWTABLE, spec
+
+from gatepeer import ruleset as rs
+from gatepeer.desired_state import conntrack_sysctls
+from gatepeer.kernel import nftables as nf
+
+ROOT = Path(__file__).resolve().parents[2]
+
+needs_nft = pytest.mark.skipif(
+    shutil.which("nft") is None, reason="needs nftables (`nft` not found)"
+)
+
+
+# ---- conntrack sizing --------------------------------------------------------------------------
+
+
+def test_conntrack_sizing() -> None:
+    got = dict(conntrack_sysctls(50_000, 8))
+    # 50,000 x 8 x 1.25 = 500,000 -> 2^19
+    assert got["net/netfilter/nf_conntrack_max"] == 524_288
+    assert got["net/netfilter/nf_conntrack_buckets"] == 524_288
+    assert got["net/netfilter/nf_conntrack_tcp_timeout_established"] == 7440
+    assert dict(conntrack_sysctls(50_000, 4))["net/netfilter/nf_conntrack_max"] == 262_144
+    assert dict(conntrack_sysctls(10, 2))["net/netfilter/nf_conntrack_max"] == 65_536
+    assert dict(conntrack_sysctls(100_000, 10))["net/netfilter/nf_conntrack_max"] == 2_097_152
+    for path, value in conntrack_sysctls(1, 1):
+        assert path.startswith("net/netfilter/nf_conntrack_") and value > 0
+    with pytest.raises(ValueError):
+        conntrack_sysctls(0, 8)
+
+
+def test_unwritable_reports_absent_keys(tmp_path: Path) -> None:
+    problems = nf.unwritable([("net/netfilter/nf_conntrack_max", 1)], root=tmp_path)
+    assert problems == ["net/netfilter/nf_conntrack_max: absent (no conntrack in this kernel?)"]
+
+
+# ---- the kernel ------------------------------------------------------------------------------
+
+
+def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=check)
+
+
+def _new_netns() -> str:
+    name = f"gtnf{secrets.token_hex(4)}"
+    _run("ip", "netns", "add", name)
+    _run("ip", "-n", name, "link", "set", "lo", "up")
+    # No IPv6 chatter (router solicitations, MLD) to muddle the counters.
+    _run(
+        "ip",
+        "netns",
+        "exec",
+        name,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.default.disable_ipv6=1",
+    )
+    return name
+
+
+def _stand_ins(ns: str) -> None:
+    """vxlan0 and eth0 as a veth pair: what the flowtable names must exist on most kernels."""
+    _run("ip", "-n", ns, "link", "add", "vxlan0", "type", "veth", "peer", "name", "eth0")
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    name = _new_netns()
+    try:
+        yield name
+    finally:
+        _run("ip", "netns", "delete", name, check=False)
+
+
+@pytest.fixture(scope="module")
+def check_ns() -> Iterator[str]:
+    name = _new_netns()
+    try:
+        _stand_ins(name)
+        yield name
+    finally:
+        _run("ip", "netns", "delete", name, check=False)
+
+
+def _nft(ns: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", *args], input=stdin, capture_output=True, text=True
+    )
+
+
+@pytest.mark.netns
+@needs_nft
+@pytest.mark.parametrize("name", PLAIN)
+def test_check_mode_accepts_transaction(check_ns: str, name: str) -> None:
+    proc = _nft(check_ns, "-c", "-f", "-", stdin=rs.transaction(CASES[name]))
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.netns
+@needs_nft
+@pytest.mark.parametrize("name", PLAIN)
+def test_kernel_lists_back_what_was_rendered(check_ns: str, name: str) -> None:
+    nf.load(CASES[name], check_ns)
+    try:
+        assert rs.change_needed(CASES[name], nf.current(check_ns)) == "none"
+    finally:
+        nf.remove(check_ns)
+
+
+@pytest.mark.netns
+@needs_nft
+@pytest.mark.parametrize("name", WITH_FLOWTABLE)
+def test_check_mode_flowtable_agrees_with_probe(check_ns: str, name: str) -> None:
+    proc = _nft(check_ns, "-c", "-f", "-", stdin=rs.transaction(CASES[name]))
+    assert (proc.returncode == 0) == nf.flowtable_supported(check_ns), proc.stderr
+
+
+@pytest.mark.netns
+@needs_nft
+def test_flowtable_probe_matches_a_real_load(ns: str) -> None:
+    _stand_ins(ns)
+    _nft(ns, "add", "table", "inet", "other")
+    before = _nft(ns, "list", "ruleset").stdout
+    supported = nf.flowtable_supported.__wrapped__(ns)  # uncached: run the probe here
+    assert _nft(ns, "list", "ruleset").stdout == before, "the probe left something behind"
+
+    base = spec(mode="nat", allowed_destinations=ALLOW)
+    nf.load(base, ns)
+    with_ft = spec(mode="nat", allowed_destinations=ALLOW, flowtable=True)
+    try:
+        nf.load(with_ft, ns)
+        loaded = True
+    except nf.NftError as exc:
+        loaded = False
+        assert "flowtable" in str(exc)
+    assert supported == loaded
+    # Either way the table is exactly one of the two: a failed load changes nothing.
+    assert nf.is_converged(with_ft if loaded else base, ns)
+
+
+@pytest.mark.netns
+@needs_nft
+def test_lifecycle(ns: str) -> None:
+    _nft(
+        ns,
+        "-f",
+        "-",
+        stdin="table inet other {\n\tchain c {\n\t\tip saddr 192.0.2.1 accept\n\t}\n}\n",
+    )
+    other = _nft(ns, "list", "table", "inet", "other").stdout
+    services = (("tcp", 22), ("tcp", 8080), ("udp", 53))
+    want = spec(mode="nat", allowed_destinations=ALLOW, host_services=services)
+
+    assert nf.current(ns) is None
+    assert not nf.is_converged(want, ns)
+    assert nf.counters(ns) == {}
+    nf.remove(ns)  # absent: no error
+
+    nf.load(want, ns)
+    text = nf.current(ns)
+    assert text is not None
+    assert rs.canonical(text) == rs.canonical(rs.render(want))
+    assert nf.is_converged(want, ns)
+    assert rs.loaded_spec_hash(text) == rs.spec_hash(want)
+
+    # Reload: same result, other table untouched, counters carried over when asked.
+    nf.load(want, ns, counters={"vxlan_foreign_dropped": (4, 200)})
+    assert nf.is_converged(want, ns)
+    assert nf.counters(ns)["vxlan_foreign_dropped"] == (4, 200)
+    assert set(nf.counters(ns)) == set(rs.COUNTERS)
+
+    # Endpoints change without a reload: the counters stay.
+    moved = spec(
+        mode="nat", allowed_destinations=ALLOW, host_services=services, endpoints=frozenset({EP3})
+    )
+    assert rs.change_needed(moved, nf.current(ns)) == "endpoints"
+    nf.update_endpoints(moved.endpoints, ns)
+    assert nf.is_converged(moved, ns)
+    assert nf.counters(ns)["vxlan_foreign_dropped"] == (4, 200)
+    nf.update_endpoints([], ns)
+    assert nf.is_converged(
+        spec(mode="nat", allowed_destinations=ALLOW, host_services=services, endpoints=frozenset()),
+        ns,
+    )
+    nf.update_endpoints(want.endpoints, ns)
+    assert nf.is_converged(want, ns)
+
+    # Hand edits are seen.
+    _nft(ns, "add", "element", "inet", "gatepeer", "vpg_endpoints", "{ 198.18.0.99 }")
+    assert rs.change_needed(want, nf.current(ns)) == "endpoints"
+    nf.update_endpoints(want.endpoints, ns)
+    assert nf.is_converged(want, ns)
+    _nft(ns, "flush", "chain", "inet", "gatepeer", "forward")
+    assert rs.change_needed(want, nf.current(ns)) == "reload"
+    assert any(
+        "ct state established,related accept" in ln for ln in rs.describe(want, nf.current(ns))
+    )
+    _nft(ns, "add", "rule", "inet", "gatepeer", "input", "tcp", "dport", "22", "drop")
+    assert not nf.is_converged(want, ns)
+    nf.load(want, ns)
+    assert nf.is_converged(want, ns)
+
+    nf.remove(ns)
+    assert nf.current(ns) is None
+    nf.remove(ns)
+    assert _nft(ns, "list", "table", "inet", "other").stdout == other
+    assert _nft(ns, "list", "tables").stdout.split("\n")[:-1] == ["table inet other"]
+
+
+@pytest.mark.netns
+@needs_nft
+def test_errors_carry_nft_stderr(ns: str) -> None:
+    with pytest.raises(nf.NftError, match="updating set vpg_endpoints failed: .*No such file"):
+        nf.update_endpoints([EP1], ns)
+    # A missing namespace is an error, not "no table".
+    with pytest.raises(nf.NftError, match="Cannot open network namespace"):
+        nf.current(f"{ns}-missing")
+
+
+@pytest.mark.netns
+def test_conntrack_max_is_read_only_outside_the_initial_namespace(ns: str) -> None:
+    code = (
+        "from gatepeer.kernel import nftables as nf; "
+        "from gatepeer.desired_state import conntrack_sysctls; "
+        "print('\\n'.join(nf.unwritable(conntrack_sysctls(50000, 8))))"
+    )
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout.splitlines()
+    if not Path("/proc/sys/net/netfilter/nf_conntrack_max").exists():
+        pytest.skip("needs conntrack (no /proc/sys/net/netfilter/nf_conntrack_max)")
+    assert [ln.split(":")[0] for ln in out] == [
+        "net/netfilter/nf_conntrack_buckets",
+        "net/netfilter/nf_conntrack_max",
+    ]
+    assert all("read-only in this network namespace" in ln for ln in out)
+
+
+# ---- real packets ------------------------------------------------------------------------------
+
+
+def _vxlan_header(vni: int) -> bytes:
+    """Eight bytes, as a VXLAN packet starts: the I flag, then the VNI."""
+    return bytes([0x08, 0, 0, 0]) + (vni << 8).to_bytes(4, "big")
+
+
+def _send_udp(ns: str, src: str, dst: str, port: int, payload: bytes = b"gatepeer") -> None:
+    code = (
+        "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        "s.bind((sys.argv[1], 0)); "
+        "s.sendto(bytes.fromhex(sys.argv[4]), (sys.argv[2], int(sys.argv[3])))"
+    )
+    _run("ip", "netns", "exec", ns, sys.executable, "-c", code, src, dst, str(port), payload.hex())
+
+
+def _wait_for(ns: str, name: str, packets: int) -> tuple[int, int]:
+    deadline = time.monotonic() + 3
+    while True:
+        got = nf.counters(ns)[name]
+        if got[0] >= packets or time.monotonic() > deadline:
+            return got
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[str, str]]:
+    """The gate peer's namespace and a neighbour's, joined as underlay (eth0) and tunnel
+    (vxlan0, a veth stand-in: the checks key on the name, not on decapsulation)."""
+    peer, other = _new_netns(), None
+    try:
+        other = _new_netns()
+        for a, b in (("eth0", "up0"), ("vxlan0", "dev0")):
+            _run(
+                "ip",
+                "-n",
+                peer,
+                "link",
+                "add",
+                a,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                b,
+                "netns",
+                other,
+            )
+            _run("ip", "-n", peer, "link", "set", a, "up")
+            _run("ip", "-n", other, "link", "set", b, "up")
+        _run("ip", "-n", peer, "addr", "add", "198.18.0.1/24", "dev", "eth0")
+        _run("ip", "-n", other, "addr", "add", "198.18.0.2/24", "dev", "up0")
+        _run("ip", "-n", other, "addr", "add", f"{EP1}/32", "dev", "up0")
+        _run("ip", "-n", peer, "addr", "add", "198.19.0.1/16", "dev", "vxlan0")
+        _run("ip", "-n", other, "addr", "add", "198.19.0.2/16", "dev", "dev0")
+        _run("ip", "-n", other, "addr", "add", "203.0.113.9/32", "dev", "dev0")
+        # No ARP for the spoofed source: the gate peer would not answer one (no route back).
+        link = _run("ip", "-n", peer, "-br", "link", "show", "vxlan0").stdout.split()
+        _run("ip", "-n", other, "neigh", "replace", "198.19.0.1", "lladdr", link[2], "dev", "dev0")
+        yield peer, other
+    finally:
+        for name in (peer, other):
+            if name:
+                _run("ip", "netns", "delete", name, check=False)
+
+
+@pytest.mark.netns
+@needs_nft
+def test_packets_are_counted(pair: tuple[str, str]) -> None:
+    peer, other = pair
+    nf.load(spec(endpoints=frozenset({EP1})), peer)
+
+    inner = bytes(14)  # the least a VXLAN packet carries: an inner Ethernet header
+    ours = _vxlan_header(VNI) + inner
+    _send_udp(other, "198.18.0.2", "198.18.0.1", 4789, ours)  # not a VPG endpoint
+    assert _wait_for(peer, "vxlan_foreign_dropped", 1) == (1, 50)  # 20 IP + 8 UDP + 22 payload
+    _send_udp(other, str(EP1), "198.18.0.1", 4789, ours)
+    assert _wait_for(peer, "vxlan_accepted", 1) == (1, 50)
+    assert nf.counters(peer)["vxlan_foreign_dropped"] == (1, 50)
+    # From an endpoint but malformed: no room for an inner frame; flags without the I flag.
+    _send_udp(other, str(EP1), "198.18.0.1", 4789, _vxlan_header(VNI))
+    assert _wait_for(peer, "vxlan_malformed_dropped", 1) == (1, 36)
+    _send_udp(other, str(EP1), "198.18.0.1", 4789, bytes(4) + ours[4:])
+    assert _wait_for(peer, "vxlan_malformed_dropped", 2) == (2, 86)
+    # Another VNI is another VXLAN user's: not ours to accept or drop, only counted.
+    _send_udp(other, "198.18.0.2", "198.18.0.1", 4789, _vxlan_header(VNI + 1) + inner)
+    assert _wait_for(peer, "vxlan_other_vni", 1) == (1, 50)
+
+    _send_udp(other, "198.19.0.2", "198.19.0.1", 9)  # a device, to a port not listed
+    assert _wait_for(peer, "host_service_dropped", 1) == (1, 36)
+    _send_udp(other, "203.0.113.9", "198.19.0.1", 9)  # outside the device subnet
+    assert _wait_for(peer, "spoofed_source_dropped", 1) == (1, 36)
+    assert nf.counters(peer)["host_service_dropped"] == (1, 36)  # spoofed: dropped before
+    assert nf.counters(peer)["vxlan_foreign_dropped"] == (1, 50)
+    assert nf.counters(peer)["vxlan_accepted"] == (1, 50)
+
+
+def _vxlan(ns: str, name: str, vni: int, local: str, remote: str, dev: str, inner: str) -> None:
+    _run("ip", "-n", ns, "link", "add", name, "type", "vxlan", "id", str(vni), "local", local,
+         "remote", remote, "dev", dev, "dstport", "4789")  # fmt: skip
+    _run("ip", "-n", ns, "addr", "add", inner, "dev", name)
+    _run("ip", "-n", ns, "link", "set", name, "up")
+
+
+@pytest.mark.netns
+@needs_nft
+@pytest.mark.parametrize(
+    ("peer_dev", "other_dev", "net"),
+    [("eth0", "up0", "198.18.0"), ("eth1", "up1", "198.18.5")],
+    ids=["underlay-other-address", "other-interface"],
+)
+def test_another_vxlan_user_on_the_same_port_is_untouched(
+    pair: tuple[str, str], peer_dev: str, other_dev: str, net: str
+) -> None:
+    # Issue 9, hole 2: a second VXLAN (another VNI, port 4789 too: Docker overlay, flannel)
+    # on another local address, of the underlay or of another interface.
+    peer, other = pair
+    if peer_dev != "eth0":
+        _run("ip", "-n", peer, "link", "add", peer_dev, "type", "veth", "peer", "name",
+             other_dev, "netns", other)  # fmt: skip
+        _run("ip", "-n", peer, "link", "set", peer_dev, "up")
+        _run("ip", "-n", other, "link", "set", other_dev, "up")
+    here, there = f"{net}.5", f"{net}.6"
+    _run("ip", "-n", peer, "addr", "add", f"{here}/24", "dev", peer_dev)
+    _run("ip", "-n", other, "addr", "add", f"{there}/24", "dev", other_dev)
+    _vxlan(peer, "vxlan9", 99, here, there, peer_dev, "192.0.2.1/30")
+    _vxlan(other, "vxlan9", 99, there, here, other_dev, "192.0.2.2/30")
+    nf.load(spec(endpoints=frozenset({EP1})), peer)
+
+    ping = _run("ip", "netns", "exec", other, "ping", "-n", "-q", "-c", "2", "-i", "0.2",
+                "-W", "2", "192.0.2.1", check=False)  # fmt: skip
+    assert ping.returncode == 0, f"the other VXLAN is cut off:\n{ping.stdout}{ping.stderr}"
+    assert nf.counters(peer)["vxlan_foreign_dropped"] == (0, 0)
+    # Our VNI to that address is still ours: the kernel would hand it to our vxlan link.
+    _send_udp(other, there, here, 4789, _vxlan_header(VNI))
+    assert _wait_for(peer, "vxlan_foreign_dropped", 1) == (1, 36)

@@ -1,0 +1,246 @@
+"""keepalived.conf rendered from [ha]: golden files per mode, `keepalived -t` passes for each,
+the facts it needs come from config or state.json, and `gatepeer ha render` end to end.
+
+GATEPEER_UPDATE_GOLDEN=1 rewrites tests/golden/ha/*.conf from the cases below.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gatepeer.config import Config, parse
+from gatepeer.ha import install
+from gatepeer.ha.keepalived import ADVERT_MARKER, HaFacts, RenderError, check_command, render
+
+GOLDEN = Path(__file__).parents[1] / "golden" / "ha"
+SORACOM = {"auth_key_id": "keyId-testtesttest", "vpg_id": "vpg-0123abcd"}
+LOCAL = ipaddress.IPv4Address("198.18.0.10")
+CHECK = check_command("/usr/bin/gatepeer", "/etc/gatepeer/gatepeer.toml")
+
+# mode name -> [ha] table
+MODES: dict[str, dict[str, Any]] = {
+    # Junction redirection only (the claim through the API): the default shape.
+    "redirection": {"peer_address": "198.18.0.11"},
+    # Fast failover, a virtual inner address keepalived moves, and route tables (the latter
+    # do not change keepalived's file: gatepeer calls ReplaceRoute on MASTER).
+    "vip": {
+        "peer_address": "198.18.0.11",
+        "advert_interval": "100ms",
+        "priority": 150,
+        "virtual_router_id": 7,
+        "virtual_address": "198.19.0.100",
+        "route_tables": ["rtb-0123abcd"],
+        "check_interval": "2s",
+        "check_timeout": "2s",
+        "check_fall": 3,
+        "check_rise": 5,
+    },
+    # Preemption on: the higher priority takes the role back when it returns.
+    "preempt": {"peer_address": "198.18.0.11", "nopreempt": False, "priority": 200},
+}
+
+
+def config_for(mode: str) -> Config:
+    return parse({"soracom": SORACOM, "ha": MODES[mode]})
+
+
+def facts(check: tuple[str, ...] = CHECK) -> HaFacts:
+    return HaFacts(LOCAL, "eth0", "vxlan0", check)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_render_matches_golden_file(mode: str) -> None:
+    cfg = config_for(mode)
+    assert cfg.ha is not None
+    text = render(cfg.ha, facts())
+    path = GOLDEN / f"{mode}.conf"
+    if os.environ.get("GATEPEER_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text()
+
+
+def test_every_golden_file_is_a_mode() -> None:
+    assert {p.stem for p in GOLDEN.glob("*.conf")} == set(MODES)
+
+
+def test_rendered_values_follow_the_config() -> None:
+    """Not only the golden text: the settings that matter, read back from the rendering."""
+    cfg = config_for("vip")
+    assert cfg.ha is not None
+    lines = [ln.strip() for ln in render(cfg.ha, facts()).splitlines()]
+    assert "advert_int 0.1" in lines
+    assert "version 3" in lines
+    assert "priority 150" in lines and "virtual_router_id 7" in lines
+    assert "unicast_src_ip 198.18.0.10" in lines and "198.18.0.11" in lines
+    assert "unicast_fault_no_peer" in lines and "nopreempt" in lines
+    assert "198.19.0.100/32 dev vxlan0" in lines
+    assert "state BACKUP" in lines and "state MASTER" not in lines
+    assert "weight 0" in lines and "fall 3" in lines and "rise 5" in lines
+    redirection = config_for("redirection").ha
+    assert redirection is not None
+    plain = render(redirection, facts())
+    assert "advert_int 1\n" in plain
+    # No virtual address: the advert's mandatory address is the loopback marker, nothing on
+    # the tunnel.
+    assert f"{ADVERT_MARKER}/32 dev lo scope host" in plain and "dev vxlan0" not in plain
+    preempt = config_for("preempt").ha
+    assert preempt is not None
+    assert "nopreempt" not in render(preempt, facts())
+
+
+def keepalived_missing() -> str | None:
+    return None if shutil.which("keepalived") else "keepalived is not installed"
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_keepalived_accepts_each_mode(mode: str) -> None:
+    if keepalived_missing():
+        pytest.skip(keepalived_missing())
+    cfg = config_for(mode)
+    assert cfg.ha is not None
+    # keepalived -t checks that the script exists: use this installation's console script.
+    text = render(cfg.ha, facts(check_command(install.gatepeer_executable(), "/dev/null")))
+    assert install.keepalived_test(text) is None
+
+
+def test_keepalived_test_reports_what_it_refuses() -> None:
+    """The validator must be able to fail: a config keepalived refuses comes back as its text."""
+    if keepalived_missing():
+        pytest.skip(keepalived_missing())
+    cfg = config_for("redirection")
+    assert cfg.ha is not None
+    text = render(cfg.ha, facts(check_command(install.gatepeer_executable(), "/dev/null")))
+    complaint = install.keepalived_test(text.replace("virtual_router_id 51", "virtual_router_id 0"))
+    assert complaint is not None and "0" in complaint
+
+
+def test_render_refuses_our_own_address_as_peer() -> None:
+    cfg = config_for("redirection")
+    assert cfg.ha is not None
+    own = HaFacts(ipaddress.IPv4Address("198.18.0.11"), "eth0", "vxlan0", CHECK)
+    with pytest.raises(RenderError, match=r"^ha\.peer_address: 198\.18\.0\.11 is this host"):
+        render(cfg.ha, own)
+
+
+@pytest.mark.parametrize("word", ["/opt/my gatepeer/bin/gatepeer", '/etc/"q".toml', "a;b"])
+def test_render_refuses_a_command_keepalived_cannot_pass(word: str) -> None:
+    cfg = config_for("redirection")
+    assert cfg.ha is not None
+    with pytest.raises(RenderError, match="health check command"):
+        render(cfg.ha, facts((word, "check")))
+
+
+# ---- the facts: config first, then the state file --------------------------------------------
+
+
+def test_facts_from_config() -> None:
+    cfg = parse(
+        {
+            "soracom": SORACOM,
+            "tunnel": {"local_address": "198.18.0.10", "underlay_interface": "ens5"},
+            "ha": {"peer_address": "198.18.0.11"},
+        }
+    )
+    state = {"host": {"local_address": "198.18.9.9", "underlay": "eth9"}}
+    f = install.facts_for(cfg, state, "/usr/bin/gatepeer")
+    assert (f.local_address, f.vrrp_interface, f.tunnel_interface) == (LOCAL, "ens5", "vxlan0")
+    assert f.check_command == ("/usr/bin/gatepeer", "check")
+
+
+def test_facts_from_state_file_when_config_leaves_them_out(tmp_path: Path) -> None:
+    cfg = parse({"soracom": SORACOM, "ha": {"peer_address": "198.18.0.11", "interface": "ens6"}})
+    from dataclasses import replace
+
+    cfg = replace(cfg, source=tmp_path / "gatepeer.toml")
+    state = {"host": {"local_address": "198.18.0.10", "underlay": "eth9"}}
+    f = install.facts_for(cfg, state, "/usr/bin/gatepeer")
+    assert f.local_address == LOCAL
+    assert f.vrrp_interface == "ens6"  # ha.interface beats the recorded underlay
+    assert f.check_command == (
+        "/usr/bin/gatepeer",
+        "check",
+        "--config",
+        str(tmp_path / "gatepeer.toml"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("ha", "state", "message"),
+    [
+        (None, {}, r"^ha: no \[ha\] section"),
+        ({"peer_address": "198.18.0.11"}, None, r"^tunnel\.local_address: unknown"),
+        (
+            {"peer_address": "198.18.0.11"},
+            {"host": {"local_address": "198.18.0.10"}},
+            r"^ha\.interface: unknown",
+        ),
+    ],
+)
+def test_facts_that_cannot_be_known_name_the_setting(
+    ha: dict[str, Any] | None, state: dict[str, Any] | None, message: str
+) -> None:
+    cfg = parse({"soracom": SORACOM, **({"ha": ha} if ha else {})})
+    with pytest.raises(RenderError, match=message):
+        install.facts_for(cfg, state, "/usr/bin/gatepeer")
+
+
+# ---- the command --------------------------------------------------------------------------
+
+
+def write_config(tmp_path: Path, ha: str) -> Path:
+    key = tmp_path / "auth-key"
+    key.write_text("secret\n")
+    key.chmod(0o600)
+    path = tmp_path / "gatepeer.toml"
+    path.write_text(
+        f'[soracom]\nauth_key_id = "keyId-x"\nauth_key_file = "{key}"\nvpg_id = "vpg-1"\n'
+        f'[tunnel]\nlocal_address = "198.18.0.10"\nunderlay_interface = "lo"\n'
+        f'[agent]\nstate_file = "{tmp_path / "state.json"}"\n[ha]\n{ha}'
+    )
+    return path
+
+
+def gatepeer(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gatepeer", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_ha_render_prints_the_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path, 'peer_address = "198.18.0.11"\ninterface = "eth0"\n')
+    out = gatepeer("ha", "render", "--config", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "unicast_src_ip 198.18.0.10" in out.stdout
+    assert f"check --config {path}" in out.stdout
+
+
+def test_ha_render_output_is_validated_before_writing(tmp_path: Path) -> None:
+    if keepalived_missing():
+        pytest.skip(keepalived_missing())
+    target = tmp_path / "keepalived.conf"
+    # lo cannot carry VRRP: keepalived -t refuses, and nothing is written.
+    bad = write_config(tmp_path, 'peer_address = "198.18.0.11"\ninterface = "lo"\n')
+    out = gatepeer("ha", "render", "--config", str(bad), "-o", str(target))
+    assert out.returncode == 1
+    assert "keepalived -t refused" in out.stderr and len(out.stderr.splitlines()) == 1
+    assert not target.exists()
+    good = write_config(tmp_path, 'peer_address = "198.18.0.11"\ninterface = "eth0"\n')
+    out = gatepeer("ha", "render", "--config", str(good), "-o", str(target))
+    assert out.returncode == 0, out.stderr
+    assert "interface eth0" in target.read_text()
+
+
+def test_ha_render_bad_config_exits_2(tmp_path: Path) -> None:
+    path = write_config(tmp_path, 'peer_address = "198.18.0.10"\n')
+    out = gatepeer("ha", "render", "--config", str(path))
+    assert out.returncode == 2
+    assert out.stderr.startswith("gatepeer: config error: ha.peer_address:")
+    assert len(out.stderr.splitlines()) == 1

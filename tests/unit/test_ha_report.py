@@ -1,0 +1,136 @@
+"""What status and metrics show about HA: the status JSON object and line, the health reasons,
+the other peer's inferred state, and the collector against a golden exposition file
+(GATEPEER_UPDATE_GOLDEN=1 rewrites tests/golden/ha/ha.prom)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from gatepeer.config import HaConfig
+from gatepeer.ha.fifo import Event
+from gatepeer.ha.metrics import HaCollector
+from gatepeer.ha.report import claims, line, reasons, summary
+from gatepeer.ha.role import Coordinator, RoleView
+
+GOLDEN = Path(__file__).parents[1] / "golden" / "ha" / "ha.prom"
+NOW = 1_760_000_000.0
+HA = HaConfig(
+    peer_address=ipaddress.IPv4Address("198.18.0.11"),
+    virtual_address=ipaddress.IPv4Address("198.19.0.100"),
+    route_tables=("rtb-0123abcd",),
+)
+
+
+def recorded(*states: str, claim_fails: bool = False, at: float = NOW - 30) -> dict[str, object]:
+    """The "ha" object the daemon would write after these keepalived events."""
+
+    def claim() -> None:
+        if claim_fails:
+            raise RuntimeError("API answered 503")
+
+    c = Coordinator(claim, clock=lambda: at)
+    c.handle([Event("INSTANCE", "gatepeer", s, 150) for s in states])
+    return c.view().to_json()
+
+
+def test_no_ha_section_shows_nothing() -> None:
+    assert summary(None, recorded("MASTER"), NOW) is None
+    assert reasons(None, None) == []
+
+
+def test_master_summary() -> None:
+    s = summary(HA, recorded("BACKUP", "MASTER"), NOW)
+    assert s == {
+        "role": "master",
+        "since": NOW - 30,
+        "for_s": 30.0,
+        "priority": 150,
+        "transitions": 2,
+        "peer": {"address": "198.18.0.11", "state": "backup or down"},
+        "claims": ["redirection", "virtual_address 198.19.0.100", "route_table rtb-0123abcd"],
+        "claimed_at": NOW - 30,
+        "claim_error": None,
+    }
+    assert reasons(HA, recorded("MASTER")) == []
+    assert line(s) == (
+        "ha            MASTER for 30 s, priority 150; peer 198.18.0.11 backup or down; "
+        "claims redirection, virtual_address 198.19.0.100, route_table rtb-0123abcd"
+    )
+
+
+@pytest.mark.parametrize(
+    ("states", "peer", "reason"),
+    [
+        (("BACKUP",), "master", None),
+        (("MASTER", "FAULT"), "unknown", "ha: keepalived reports FAULT"),
+        (("MASTER", "STOP"), "unknown", "ha: keepalived stopped"),
+        ((), "unknown", "ha: no state from keepalived yet"),
+        (("MASTER", "MASTER_RX_LOWER_PRI"), "master too (split brain, re-asserted)", None),
+    ],
+)
+def test_peer_state_and_reasons(states: tuple[str, ...], peer: str, reason: str | None) -> None:
+    s = summary(HA, recorded(*states), NOW)
+    assert s is not None and s["peer"]["state"] == peer
+    got = reasons(HA, recorded(*states))
+    if reason is None:
+        assert got == []
+    else:
+        assert len(got) == 1 and got[0].startswith(reason)
+
+
+def test_split_brain_is_forgotten_after_a_while() -> None:
+    s = summary(HA, recorded("MASTER", "MASTER_RX_LOWER_PRI", at=NOW - 3600), NOW)
+    assert s is not None and s["peer"]["state"] == "backup or down"
+
+
+def test_a_failing_claim_is_shown_and_degrades() -> None:
+    rec = recorded("MASTER", claim_fails=True)
+    s = summary(HA, rec, NOW)
+    assert s is not None and s["claim_error"] == "API answered 503"
+    assert reasons(HA, rec) == ["ha: master, but claiming the gateway failed: API answered 503"]
+    assert line(s).endswith("; CLAIM FAILING: API answered 503")
+
+
+def test_unreadable_record_is_unknown() -> None:
+    s = summary(HA, "garbage", NOW)
+    assert s is not None and s["role"] == "unknown" and s["for_s"] is None
+    assert line(s).startswith("ha            UNKNOWN; peer 198.18.0.11 unknown")
+
+
+def test_claims_follow_the_config() -> None:
+    assert claims(HaConfig(peer_address=ipaddress.IPv4Address("198.18.0.11"))) == ["redirection"]
+
+
+def expose(view: RoleView | None) -> str:
+    registry = CollectorRegistry()
+    registry.register(HaCollector(lambda: view))
+    return generate_latest(registry).decode()
+
+
+def test_collector_matches_golden_file() -> None:
+    text = expose(RoleView.from_json(recorded("BACKUP", "MASTER", claim_fails=True)))
+    if os.environ.get("GATEPEER_UPDATE_GOLDEN"):
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+
+
+def test_collector_exports_nothing_without_ha() -> None:
+    assert expose(None) == ""
+
+
+def test_collector_output_passes_promtool() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    text = expose(RoleView.from_json(recorded("MASTER")))
+    out = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
