@@ -6,6 +6,7 @@ drops them while the ENI's source/destination check is on.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -97,6 +98,11 @@ _TARGET_KEYS = (
 )
 
 
+def route_target(route: Mapping[str, Any], missing: str = "?") -> str:
+    """The id a route of DescribeRouteTables sends to (ENI, instance, gateway...)."""
+    return next((str(route[k]) for k in _TARGET_KEYS if route.get(k)), missing)
+
+
 def device_subnet_routes(ec2: Any, vpc_id: str, device_subnet: IPv4Network) -> list[VpcRoute]:
     """For each route table of the VPC, the route that carries traffic to the device subnet;
     tables with no such route are left out."""
@@ -127,7 +133,7 @@ def device_subnet_routes(ec2: Any, vpc_id: str, device_subnet: IPv4Network) -> l
                 subnets=tuple(a["SubnetId"] for a in associations if a.get("SubnetId")),
                 main=any(a.get("Main") for a in associations),
                 destination=best[0],
-                target=next((str(best[1][k]) for k in _TARGET_KEYS if best[1].get(k)), "?"),
+                target=route_target(best[1]),
                 state=str(best[1].get("State", "active")),
             )
         )

@@ -22,7 +22,7 @@ from ipaddress import IPv4Network
 from typing import Any, Literal
 
 from gatepeer.aws import AwsError
-from gatepeer.aws.ec2 import Ec2Error, _call
+from gatepeer.aws.ec2 import Ec2Error, _call, route_target
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +80,6 @@ def decide(
     return changes
 
 
-_TARGET_KEYS = (
-    "NetworkInterfaceId",
-    "InstanceId",
-    "GatewayId",
-    "NatGatewayId",
-    "TransitGatewayId",
-    "VpcPeeringConnectionId",
-)
-
-
 def routes_seen(
     ec2: Any, table_ids: tuple[str, ...], destination: IPv4Network
 ) -> dict[str, RouteSeen | None]:
@@ -106,7 +96,7 @@ def routes_seen(
         seen = None
         for route in table.get("Routes", []):
             if route.get("DestinationCidrBlock") == str(destination):
-                target = next((str(route[k]) for k in _TARGET_KEYS if route.get(k)), "")
+                target = route_target(route, "")
                 seen = RouteSeen(target, str(route.get("State", "active")))
         found[str(table["RouteTableId"])] = seen
     missing = [t for t in table_ids if t not in found]

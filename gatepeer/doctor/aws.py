@@ -19,13 +19,13 @@ from typing import Any
 from gatepeer.aws import AwsError, AwsUnavailable, require_boto3
 from gatepeer.aws.clients import AwsTarget, client
 from gatepeer.aws.ec2 import (
-    _TARGET_KEYS,
     Ec2Error,
     VpcRoute,
     _call,
     device_subnet_routes,
     eni_security_groups,
     ingress_rules,
+    route_target,
     source_dest_check,
 )
 from gatepeer.aws.integration import InstanceFactsSource
@@ -180,7 +180,7 @@ def _route_target(table: dict[str, Any], device_subnet: IPv4Network) -> str | No
             continue
         if route.get("State", "active") != "active" or not device_subnet.subnet_of(destination):
             continue
-        target = next((str(route[k]) for k in _TARGET_KEYS if route.get(k)), "?")
+        target = route_target(route)
         if best is None or destination.prefixlen > best[0]:
             best = (destination.prefixlen, target)
     return best[1] if best else None
