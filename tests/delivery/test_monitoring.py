@@ -1,7 +1,7 @@
 """monitoring/: the alert rules pass `promtool check rules`, their unit tests pass
 `promtool test rules` and cover every alert, and every metric name the rules and the Grafana
 dashboard use is one the agent exports (compared with the golden expositions; the lab test in
-test_metrics.py compares with a live scrape as well)."""
+tests/lab/test_metrics_lab.py compares with a live scrape as well)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The endpoint prober: schedule, window, states and health, with a fake clock and transport;
 the ICMP encoding; and the thread's prompt stop. The real socket runs in the lab tests
-(test_status.py: an endpoint cut off and restored)."""
+(tests/lab/test_status_lab.py: an endpoint cut off and restored)."""
 
 from __future__ import annotations
 
