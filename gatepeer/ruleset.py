@@ -486,6 +486,12 @@ def _sort_key(item: str) -> tuple[int, int, str]:
     return (net.version, int(net.network_address), f"{net.prefixlen:03}")
 
 
+# nft prints a protocol by name only where /etc/protocols (Debian's netbase) names it: a
+# minimal image prints `ip protocol 17`. Without this, such a host would reload the table forever.
+_PROTOCOL_NAMES = {"1": "icmp", "6": "tcp", "17": "udp", "58": "ipv6-icmp"}
+_PROTOCOL_NUMBER = re.compile(r"\b(ip protocol|meta l4proto) (1|6|17|58)\b")
+
+
 def canonical(text: str) -> list[str]:
     """`text` (ours or `nft list table`'s) in a form where equal means the same table.
 
@@ -509,6 +515,7 @@ def canonical(text: str) -> list[str]:
         if m:
             items = [i.strip().strip('"') for i in m.group(2).split(",") if i.strip()]
             line = f"{m.group(1)} = {_elements(sorted(items, key=_sort_key))}"
+        line = _PROTOCOL_NUMBER.sub(lambda p: f"{p.group(1)} {_PROTOCOL_NAMES[p.group(2)]}", line)
         lines.append(line)
     if pending:
         lines.append(pending)

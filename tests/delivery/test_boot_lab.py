@@ -501,7 +501,8 @@ def test_provisioned_image_boots_as_gate_peer(
 # The image boots as it boots on EC2. What stands in for AWS, all in the lab's fabric namespace:
 # - moto's server (EC2, SSM, CloudFormation, Auto Scaling) on 0.0.0.0:5000 there: the booted
 #   image reaches it at MOTO_ADDR on the VPC bridge (AWS_ENDPOINT_URL), the lab's VPC router
-#   (gatepeer.lab.vpc_routes) at its own 203.0.113.11, the test through netns.call_in_netns;
+#   (gatepeer.lab.processes.vpc_routes) at its own 203.0.113.11, the test through
+#   netns.call_in_netns;
 # - a fake IMDSv2 (tests/helpers/rehearsal_imds.py) at IMDS_ADDR
 #   (AWS_EC2_METADATA_SERVICE_ENDPOINT);
 # - EC2 detection (gatepeer.aws.detect, from sysfs): this host's kernel has no DMI, and nspawn
@@ -574,12 +575,12 @@ class AwsStandIn:
             )
 
     def in_fabric(self, fn: Callable[[], Any]) -> Any:
-        from gatepeer.lab import netns
+        from gatepeer.lab.network import netns
 
         return netns.call_in_netns(self.fabric, fn)
 
     def start(self) -> None:
-        from gatepeer.lab import vpc_routes
+        from gatepeer.lab.processes import vpc_routes
 
         for address in (f"{MOTO_ADDR}/24", f"{IMDS_ADDR}/24"):
             _run(["ip", "-n", self.fabric, "address", "add", address, "dev", "vpcbr"])
@@ -601,7 +602,7 @@ class AwsStandIn:
                 time.sleep(0.3)
 
     def client(self, service: str) -> Any:
-        from stack_moto import client
+        from helpers.stack_moto import client
 
         return client(self.url, service)
 
@@ -609,14 +610,14 @@ class AwsStandIn:
         """The lab's VPC router: the VPC host's route to the devices follows moto's table."""
         self._start(
             "vpc-router",
-            [sys.executable, "-m", "gatepeer.lab.vpc_routes", "--table", table,
+            [sys.executable, "-m", "gatepeer.lab.processes.vpc_routes", "--table", table,
              "--subnet", str(self.lab.layout.device_subnet), "--vpc-ns", self.lab.ns("vpc"),
              *(f"--eni={eni}={address}" for eni, address in enis.items())],
         )  # fmt: skip
 
     def set_instance(self, instance: Instance, vpc: Any) -> None:
-        from rehearsal_imds import instance_data
-        from stack_moto import REGION, SUBNET_CIDRS, VPC_CIDR
+        from helpers.rehearsal_imds import instance_data
+        from helpers.stack_moto import REGION, SUBNET_CIDRS, VPC_CIDR
 
         data = instance_data(
             instance_id=instance.instance_id, mac=instance.mac, eni_id=instance.eni_id,

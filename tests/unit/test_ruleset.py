@@ -311,6 +311,18 @@ def test_canonical_ignores_listing_quirks() -> None:
     assert rs.canonical(ours)[:3] == ["table inet gatepeer {", '\tcomment "c"', "\tcounter a {"]
 
 
+def test_a_listing_without_protocol_names_is_the_same_table() -> None:
+    """Found by the image's boot: a root without /etc/protocols (no netbase) lists
+    `ip protocol 17`; taken for a difference, the table was reloaded every few seconds."""
+    text = rs.render(spec(mode="nat"))
+    assert "ip protocol udp" in text
+    numbered = text.replace("ip protocol udp", "ip protocol 17")
+    assert rs.change_needed(spec(mode="nat"), numbered) == "none"
+    # A real difference in the protocol is still one.
+    other = text.replace("ip protocol udp", "ip protocol 6")
+    assert rs.change_needed(spec(mode="nat"), other) == "reload"
+
+
 MSS_OUT = '\t\toifname "vxlan0" tcp flags syn tcp option maxseg size set rt mtu'
 
 

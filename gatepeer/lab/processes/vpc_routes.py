@@ -5,9 +5,9 @@ VPC route table, and the lab's VPC router follows it, as a VPC does.
   gate peers reach it as they reach the SORACOM API emulator). The lab creates a VPC, one ENI
   per gate peer holding its VPC address, and a route table whose route for the device subnet
   targets peer 1's ENI.
-- The follower (`python -m gatepeer.lab.vpc_routes`, in the fabric namespace) asks moto for
-  that route every FOLLOW_INTERVAL_S and points the VPC host's route for the device subnet at
-  the address of the ENI the route targets. The VPC host's route is the lab's VPC router.
+- The follower (`python -m gatepeer.lab.processes.vpc_routes`, in the fabric namespace) asks
+  moto for that route every FOLLOW_INTERVAL_S and points the VPC host's route for the device
+  subnet at the address of the ENI the route targets. The VPC host's route is the lab's VPC router.
 - The master's claim (ReplaceRoute) reaches moto through AWS_ENDPOINT_URL_EC2, set in the
   daemons' environment (`ENV`), with moto's dummy credentials.
 
