@@ -2,41 +2,47 @@
 to load, how to compare it with what the kernel lists, and how to describe the change. No I/O
 here: `gatepeer.kernel.nftables` runs `nft`.
 
-Shape of the table (see `render`):
+Shape of the table (see `render`). Every hook's base chain dispatches once (a verdict map on
+the input interface, or one test) into chains per direction, so a packet of an established flow
+crosses a handful of rules; rules put their cheap tests (protocol, port, address) before
+interface names; no hook is registered that the mode does not use.
 
 - `input` (hook input, policy accept: SSH and everything else must keep working for the rest
   of the network): the tunnel's VXLAN (UDP to the tunnel port carrying the tunnel's VNI) is
-  accepted only on the underlay, to the local address, from the VPG endpoints in the named set
-  `vpg_endpoints`, and only when well formed (long enough for the VXLAN header and an inner
-  Ethernet header, flags exactly the I flag); a malformed one sent to the tunnel's address and
-  port is counted (`vxlan_malformed_dropped`) and dropped; ours from any other source, address
-  or interface is counted (`vxlan_foreign_dropped`) and dropped. VXLAN with another VNI (another
-  VXLAN user on this host) is not ours: it is counted (`vxlan_other_vni`) and passes. Packets
-  from the tunnel to this host, whatever address they are for, go to `to_host`: replies to the
-  host's own traffic (probes), ICMP echo requests and the `host_services` ports pass; anything
-  else is counted (`host_service_dropped`) and dropped. With conntrack on (nat mode, route
-  mode masquerading what leaves the VPC, an allow-list or the flowtable) "replies" are judged by
+  accepted by the first rule only on the underlay, to the local address, from the VPG endpoints
+  in the named set `vpg_endpoints`, and only when well formed (long enough for the VXLAN header
+  and an inner Ethernet header, flags exactly the I flag). What else comes to the tunnel port
+  goes to `vxlan_not_accepted`: a malformed one sent to the tunnel's address and port is counted
+  (`vxlan_malformed_dropped`) and dropped; ours from any other source, address or interface is
+  counted (`vxlan_foreign_dropped`) and dropped; VXLAN with another VNI (another VXLAN user on
+  this host) is not ours: it is counted (`vxlan_other_vni`) and passes. Packets from the tunnel
+  to this host, whatever address they are for, go to `to_host`: replies to the host's own
+  traffic (probes), ICMP echo requests and the `host_services` ports pass; anything else is
+  counted (`host_service_dropped`) and dropped. With conntrack on (nat mode, route mode
+  masquerading what leaves the VPC, an allow-list or the flowtable) "replies" are judged by
   connection state; in plain route mode, which renders no `ct` at all, statelessly: ICMP
   replies and errors, TCP segments that open nothing.
 - `prerouting` (priority -450: before the kernel reassembles IPv4 at -400 once conntrack is on,
-  and before conntrack): outer IPv4 fragments on the underlay to the local address are counted
+  and before conntrack): one verdict map on the input interface, into `from_underlay` and
+  `from_tunnel`. `from_underlay`: outer IPv4 fragments to the local address are counted
   (`outer_fragments`, one per fragment, never dropped: the input chain judges the reassembled
-  datagram like any other); packets in from the tunnel whose inner source is outside the device
-  subnet, and any IPv6 from the tunnel (SORACOM Gate is IPv4 only), are counted
-  (`spoofed_source_dropped`) and dropped. Doing it here rather than in `forward` covers traffic
-  to this host too, and a spoofing device cannot fill the conntrack table. With conntrack on,
-  here and in `output` (priority raw) the outer VXLAN packets are exempted from tracking; in
+  datagram like any other). `from_tunnel`: packets whose inner source is outside the device
+  subnet, and any IPv6 (SORACOM Gate is IPv4 only), are counted (`spoofed_source_dropped`) and
+  dropped. Doing it here rather than in `forward` covers traffic to this host too, and a
+  spoofing device cannot fill the conntrack table. With conntrack on, the outer VXLAN packets
+  (and every outer UDP fragment) to the local address are exempted from tracking here
+  (`underlay_to_local`, `outer_fragment`) and in `output` (priority raw) on their way out; in
   route mode masquerading what leaves the VPC (`outside_vpc = "masquerade"`), so is forwarded
   traffic between devices and the VPC (`vpc_networks`): it stays routed and stateless, and
   conntrack engages only for flows to destinations outside the VPC.
 - `forward` (policy accept: this host may route other traffic we know nothing about, and a drop
-  policy in our table would drop it whatever other tables say): PMTU signals (ICMP
-  frag-needed, ICMPv6 packet-too-big) always pass; TCP SYN and SYN-ACK to and from the tunnel get
-  their MSS clamped to the route MTU; established flows are offloaded to the flowtable when it is
-  on; with an allow-list, established/related traffic is accepted and anything else from the
-  tunnel to a destination outside it is counted (`allowlist_dropped`) and dropped. The
-  allow-list therefore limits what devices may *start*; replies to flows started from the
-  underlay (route mode) still pass.
+  policy in our table would drop it whatever other tables say): TCP segments with SYN (SYN and
+  SYN-ACK) go to `clamp_mss`, which clamps the MSS of those to and from the tunnel to the route
+  MTU; established flows are offloaded to the flowtable when it is on; with an allow-list,
+  established/related traffic is accepted and anything else from the tunnel goes to
+  `new_from_tunnel`: PMTU signals (ICMP frag-needed) pass, anything to a destination outside the
+  list is counted (`allowlist_dropped`) and dropped. The allow-list therefore limits what
+  devices may *start*; replies to flows started from the underlay (route mode) still pass.
 - `postrouting` (nat mode; route mode with `outside_vpc = "masquerade"`): traffic from the
   device subnet leaving by the underlay is masqueraded (in route mode only when it goes outside
   `vpc_networks`: the VPC sees devices' own addresses); conntrack maps the replies back, and
@@ -290,45 +296,39 @@ def _render(
     # vxlan link whatever local address or interface it came in on, so that is what the
     # endpoint check covers; VXLAN with any other VNI belongs to another user (flannel,
     # Docker overlay) and passes untouched, even on our port.
-    ours = f"udp dport {spec.vxlan_port} @th,96,24 {spec.vni:#x}"
-    to_port = f"iifname {u} ip daddr {spec.local_address} udp dport {spec.vxlan_port}"
-    to_us = f"iifname {u} ip daddr {spec.local_address} {ours}"
+    # Every rule puts its cheap tests (protocol, port, address) before interface names.
+    port, vni, local = spec.vxlan_port, f"{spec.vni:#x}", spec.local_address
+    ours = f"udp dport {port} @th,96,24 {vni}"
     tracked = spec.tracked
-    # Outer IPv4 fragments on the underlay to the local address are counted before any
-    # reassembly, one per fragment; a non-first fragment has no UDP header to tell its port,
-    # hence every fragment to the local address. They are only counted: a path with a smaller
-    # MTU may fragment the VPG's packets (RFC 7348 lets a VTEP drop them; Linux reassembles
-    # them), and the input chain judges the whole datagram like any other. With conntrack on,
-    # the kernel reassembles at prerouting priority -400, so the prerouting chain below sits at
-    # -450: one hook for this count and the early checks, not a chain of its own for each.
-    count_fragments = (
-        f"iifname {u} ip daddr {spec.local_address} ip frag-off & 16383 != 0"
-        ' counter name "outer_fragments"'
-    )
     # A well-formed VXLAN packet of ours holds the 8-byte header and at least an inner Ethernet
     # header (UDP length 8 + 8 + 14), and its flags are exactly the I flag: our link uses no
     # extension, and the kernel drops any other flags silently. Those checks sit in the accept
-    # rule, so a good packet still costs one rule; what fails them is counted as malformed when
-    # it was sent to the tunnel's own address and port (the kernel would drop it anyway).
-    well_formed = f"udp length >= {_VXLAN_MIN_UDP_LENGTH} @th,64,8 {_VXLAN_FLAGS:#x}"
+    # rule, so a good packet costs one rule; what fails them is counted as malformed when it
+    # was sent to the tunnel's own address and port (the kernel would drop it anyway).
     accept_ours = (
-        f"{to_port} {well_formed} @th,96,24 {spec.vni:#x} ip saddr @{ENDPOINT_SET}"
+        f"udp dport {port} ip daddr {local} iifname {u} udp length >= {_VXLAN_MIN_UDP_LENGTH}"
+        f" @th,64,8 {_VXLAN_FLAGS:#x} @th,96,24 {vni} ip saddr @{ENDPOINT_SET}"
         ' counter name "vxlan_accepted" accept'
     )
+    to_port = f"ip daddr {local} iifname {u}"
     out += [
         "\tchain input {",
         "\t\ttype filter hook input priority filter; policy accept;",
         f"\t\t{accept_ours}",
+        f"\t\tudp dport {port} jump vxlan_not_accepted",
+        f"\t\tiifname {t} jump to_host",
+        "\t}",
+        "",
+        # Only packets to our port that the accept rule refused come here.
+        "\tchain vxlan_not_accepted {",
         # The length first: a shorter packet has no flags byte for the next rule to read.
         f"\t\t{to_port} udp length < {_VXLAN_MIN_UDP_LENGTH}"
         ' counter name "vxlan_malformed_dropped" drop',
         f'\t\t{to_port} @th,64,8 != {_VXLAN_FLAGS:#x} counter name "vxlan_malformed_dropped" drop',
-        f'\t\t{ours} counter name "vxlan_foreign_dropped" drop',
+        f'\t\t@th,96,24 {vni} counter name "vxlan_foreign_dropped" drop',
         # Another VNI belongs to another VXLAN user (Docker overlay, flannel): counted, and
         # left to the kernel, which hands it to that user's link or drops it when there is none.
-        f"\t\tudp dport {spec.vxlan_port} @th,96,24 != {spec.vni:#x}"
-        ' counter name "vxlan_other_vni"',
-        f"\t\tiifname {t} jump to_host",
+        f'\t\t@th,96,24 != {vni} counter name "vxlan_other_vni"',
         "\t}",
         "",
         # Devices reach this host only as far as it lets them: whatever they address (the inner
@@ -359,66 +359,79 @@ def _render(
             out.append(f"\t\t{proto} dport {_ports(ports)} accept")
     if not tracked:
         out.append("\t\ttcp flags != syn / fin,syn,rst,ack accept")
+    # nft lists a verdict map's elements sorted by key.
+    dispatch = (f"{u} : jump from_underlay", f"{t} : jump from_tunnel")
     out += [
         '\t\tcounter name "host_service_dropped" drop',
         "\t}",
         "",
-        # Every packet crosses this hook: interface tests, the checks only for the tunnel's.
+        # Every packet crosses this hook: one lookup of its interface, the checks only for the
+        # tunnel's and the underlay's.
         "\tchain prerouting {",
         f"\t\ttype filter hook prerouting priority {PREROUTING_PRIORITY}; policy accept;",
-        f"\t\t{count_fragments}",
-        f"\t\tiifname {t} jump from_tunnel",
-    ]
-    if tracked:
-        # The outer VXLAN packets are never tracked: that would double the cost for nothing.
-        # A fragmented one's pieces after the first carry no UDP header to match: every UDP
-        # fragment to the local address is exempted too, or conntrack's defragmenter would
-        # hold them waiting for a first piece that bypassed it, and the datagram would never
-        # be delivered. The host reassembles it on input, where `input` judges it whole.
-        out.append(f"\t\t{to_us} notrack")
-        out.append(
-            f"\t\tiifname {u} ip daddr {spec.local_address} ip protocol udp"
-            " ip frag-off & 16383 != 0 notrack"
-        )
-    if spec.stateless_vpc:
-        # Device <-> VPC traffic is routed as in plain route mode: no conntrack entry, no
-        # lookup. Only this host's own address is left tracked, so replies to its own traffic
-        # still pass `to_host` by their state.
-        out += [
-            f"\t\tiifname {t} ip daddr @{VPC_SET} ip daddr != {spec.local_address} notrack",
-            f"\t\tiifname {u} ip saddr @{VPC_SET} ip daddr {spec.device_subnet} notrack",
-        ]
-    out += [
+        f"\t\tiifname vmap {_elements(sorted(dispatch))}",
         "\t}",
         "",
+        "\tchain from_underlay {",
+    ]
+    # Outer IPv4 fragments on the underlay to the local address are counted before any
+    # reassembly, one per fragment; a non-first fragment has no UDP header to tell its port,
+    # hence every fragment to the local address. They are only counted: a path with a smaller
+    # MTU may fragment the VPG's packets (RFC 7348 lets a VTEP drop them; Linux reassembles
+    # them), and the input chain judges the whole datagram like any other. With conntrack on,
+    # the kernel reassembles at prerouting priority -400, so this chain sits at -450.
+    fragment = "ip frag-off & 16383 != 0"
+    if not tracked:
+        out.append(f'\t\tip daddr {local} {fragment} counter name "outer_fragments"')
+    else:
+        out.append(f"\t\tip daddr {local} jump underlay_to_local")
+    if spec.stateless_vpc:
+        # VPC -> device traffic is routed as in plain route mode: no conntrack entry, no lookup.
+        out.append(f"\t\tip daddr {spec.device_subnet} ip saddr @{VPC_SET} notrack")
+    out += ["\t}", ""]
+    if tracked:
+        out += [
+            "\tchain underlay_to_local {",
+            # The outer VXLAN packets are never tracked: that would double the cost for nothing.
+            f"\t\t{ours} notrack",
+            f"\t\t{fragment} jump outer_fragment",
+            "\t}",
+            "",
+            "\tchain outer_fragment {",
+            '\t\tcounter name "outer_fragments"',
+            # A fragmented datagram's pieces after the first carry no UDP header to match:
+            # every UDP fragment to the local address is exempted, or conntrack's defragmenter
+            # would hold them waiting for a first piece that bypassed it. The host reassembles
+            # the datagram on input, where `input` judges it whole.
+            "\t\tip protocol udp notrack",
+            "\t}",
+            "",
+        ]
+    out += [
+        # Doing this here rather than in `forward` covers traffic to this host too, and a
+        # spoofing device cannot fill the conntrack table.
         "\tchain from_tunnel {",
         f'\t\tip saddr != {spec.device_subnet} counter name "spoofed_source_dropped" drop',
         '\t\tmeta nfproto ipv6 counter name "spoofed_source_dropped" drop',
-        "\t}",
-        "",
     ]
+    if spec.stateless_vpc:
+        # Only this host's own address is left tracked, so replies to its own traffic still
+        # pass `to_host` by their state.
+        out.append(f"\t\tip daddr != {local} ip daddr @{VPC_SET} notrack")
+    out += ["\t}", ""]
     if tracked:
         out += [
             "\tchain output {",
             "\t\ttype filter hook output priority raw; policy accept;",
-            f"\t\toifname {u} ip saddr {spec.local_address} {ours} notrack",
+            f"\t\t{ours} ip saddr {local} oifname {u} notrack",
             "\t}",
             "",
         ]
     out += [
         "\tchain forward {",
         "\t\ttype filter hook forward priority filter; policy accept;",
-    ]
-    if spec.allow_list:
-        # The allow-list must never eat path MTU discovery.
-        out += [
-            "\t\ticmp type destination-unreachable icmp code frag-needed accept",
-            "\t\ticmpv6 type packet-too-big accept",
-        ]
-    out += [
         # Before the established accept: a SYN-ACK is already "established" to conntrack.
-        f"\t\tiifname {t} tcp flags syn tcp option maxseg size set rt mtu",
-        f"\t\toifname {t} tcp flags syn tcp option maxseg size set rt mtu",
+        "\t\ttcp flags syn jump clamp_mss",
     ]
     if spec.flowtable:
         # Only flows that already passed every check below get the fast path.
@@ -430,10 +443,24 @@ def _render(
     if spec.allow_list:
         # Established traffic passes before the allow-list (without one, the policy accepts).
         out.append("\t\tct state established,related accept")
-        out.append(
-            f'\t\tiifname {t} ip daddr != @{ALLOW_SET} counter name "allowlist_dropped" drop'
-        )
-    out += ["\t}"]
+        out.append(f"\t\tiifname {t} jump new_from_tunnel")
+    out += [
+        "\t}",
+        "",
+        "\tchain clamp_mss {",
+        f"\t\tiifname {t} tcp option maxseg size set rt mtu",
+        f"\t\toifname {t} tcp option maxseg size set rt mtu",
+        "\t}",
+    ]
+    if spec.allow_list:
+        out += [
+            "",
+            "\tchain new_from_tunnel {",
+            # The allow-list must never eat path MTU discovery.
+            "\t\ticmp type destination-unreachable icmp code frag-needed accept",
+            f'\t\tip daddr != @{ALLOW_SET} counter name "allowlist_dropped" drop',
+            "\t}",
+        ]
     if spec.mode == "nat" or spec.masquerades_outside_vpc:
         # Route mode: only what leaves the VPC (a NAT or internet gateway's path) takes this
         # peer's address; the VPC sees devices' own.
@@ -492,12 +519,18 @@ _PROTOCOL_NAMES = {"1": "icmp", "6": "tcp", "17": "udp", "58": "ipv6-icmp"}
 _PROTOCOL_NUMBER = re.compile(r"\b(ip protocol|meta l4proto) (1|6|17|58)\b")
 
 
+# An inline verdict map; nft lists its elements in the kernel's key order (for interface names
+# not the text's: "zeth0" before "vxlan0"), so their order carries no meaning.
+_VMAP = re.compile(r"vmap \{ ([^{}]*) \}")
+
+
 def canonical(text: str) -> list[str]:
     """`text` (ours or `nft list table`'s) in a form where equal means the same table.
 
     Drops what differs without meaning: indentation, blank lines, line wrapping of element
-    lists, the order of set elements, flowtable devices (and their quotes, which newer nft
-    prints) and of top-level blocks, and counter values (state, not configuration).
+    lists, the order of set and verdict map elements, flowtable devices (and their quotes,
+    which newer nft prints) and of top-level blocks, and counter values (state, not
+    configuration).
     """
     lines: list[str] = []
     pending = ""
@@ -515,6 +548,7 @@ def canonical(text: str) -> list[str]:
         if m:
             items = [i.strip().strip('"') for i in m.group(2).split(",") if i.strip()]
             line = f"{m.group(1)} = {_elements(sorted(items, key=_sort_key))}"
+        line = _VMAP.sub(lambda v: f"vmap {_elements(sorted(v.group(1).split(', ')))}", line)
         line = _PROTOCOL_NUMBER.sub(lambda p: f"{p.group(1)} {_PROTOCOL_NAMES[p.group(2)]}", line)
         lines.append(line)
     if pending:
