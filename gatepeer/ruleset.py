@@ -68,9 +68,11 @@ import ipaddress
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Literal
+
+from gatepeer.device_traffic import DeviceTraffic
 
 FAMILY = "inet"
 TABLE = "gatepeer"
@@ -78,6 +80,14 @@ ENDPOINT_SET = "vpg_endpoints"
 ALLOW_SET = "allowed_destinations"
 VPC_SET = "vpc_networks"
 FLOWTABLE = "ft"
+# Per-device traffic (`device_counters`): dynamic sets whose elements carry a counter and a
+# timeout that every packet refreshes, so an element's expiry tells its last packet's age.
+DEVICES_FROM_SET = "devices_from"
+DEVICES_TO_SET = "devices_to"
+DEVICE_SETS = (DEVICES_FROM_SET, DEVICES_TO_SET)
+# Sized for 100,000 devices (the next power of two); a device silent this long is forgotten.
+DEVICE_SET_SIZE = 131072
+DEVICE_TIMEOUT_S = 3600
 
 # Every named counter, in render order. Metrics can rely on all of them existing.
 COUNTERS = (
@@ -90,6 +100,7 @@ COUNTERS = (
     "vxlan_malformed_dropped",
     "vxlan_other_vni",
     "outer_fragments",
+    "closed_dropped",
 )
 # Counted, never dropped by this table: another VXLAN user's VNI, and outer fragments.
 COUNTED_ONLY = ("vxlan_other_vni", "outer_fragments")
@@ -102,7 +113,8 @@ OutsideVpc = Literal["masquerade", "route"]
 # A port devices may open on this host from the tunnel: ("tcp", 22).
 HostService = tuple[Literal["tcp", "udp"], int]
 # What it takes to bring the kernel's table to the spec.
-Change = Literal["none", "endpoints", "reload"]
+# "sets": only the elements of `vpg_endpoints` and `allowed_destinations` differ.
+Change = Literal["none", "sets", "reload"]
 
 # UDP header (8) + VXLAN header (8) + inner Ethernet header (14): the least a VXLAN packet holds.
 _VXLAN_MIN_UDP_LENGTH = 30
@@ -133,6 +145,15 @@ class PacketPathSpec:
     # Route mode: what happens to device traffic leaving the VPC, and what the VPC is.
     outside_vpc: OutsideVpc = "route"
     vpc_networks: tuple[IPv4Network, ...] = ()
+    # What is masqueraded (nat mode; route mode's outside-VPC traffic) is source-NATed to this
+    # address instead: the VPC sees one address whichever HA peer is master.
+    snat_address: IPv4Address | None = None
+    # Per-device packets and bytes, both directions, counted in the kernel.
+    device_counters: bool = False
+    # Device traffic to destinations outside the allow-list and the VPC is counted and dropped.
+    closed: bool = False
+    # Route mode: device <-> VPC flows stay tracked by conntrack (for the flow log).
+    track_flows: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.device_subnet, IPv4Network):
@@ -181,6 +202,14 @@ class PacketPathSpec:
         if self.masquerades_outside_vpc and not self.vpc_networks:
             # Without it every device flow would be masqueraded, VPC hosts included.
             raise ValueError("vpc_networks: route mode masquerading outside the VPC needs them")
+        if self.snat_address is not None and not isinstance(self.snat_address, IPv4Address):
+            raise TypeError(f"snat_address: want IPv4Address or None, got {self.snat_address!r}")
+        for flag in ("device_counters", "closed", "track_flows"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag}: want a bool, got {getattr(self, flag)!r}")
+        if self.closed and not self.vpc_networks:
+            # Without it every device flow outside the allow-list would be dropped, VPC included.
+            raise ValueError("vpc_networks: a closed network needs them")
 
     @property
     def allow_list(self) -> tuple[IPv4Network, ...]:
@@ -194,6 +223,16 @@ class PacketPathSpec:
         return tuple(sorted(ipaddress.collapse_addresses(self.vpc_networks)))
 
     @property
+    def has_allow_set(self) -> bool:
+        """The `allowed_destinations` set exists: with an allow-list, and in a closed network
+        (where an empty one means "the VPC only")."""
+        return bool(self.allow_list) or self.closed
+
+    @property
+    def has_vpc_set(self) -> bool:
+        return self.masquerades_outside_vpc or self.closed
+
+    @property
     def masquerades_outside_vpc(self) -> bool:
         return self.mode == "route" and self.outside_vpc == "masquerade"
 
@@ -202,7 +241,12 @@ class PacketPathSpec:
         """Route mode masquerading what leaves the VPC: forwarded device <-> VPC traffic is
         exempted from conntrack, so only flows leaving the VPC pay for it. Not with an
         allow-list or the flowtable: those judge or offload every flow by its state."""
-        return self.masquerades_outside_vpc and not self.allow_list and not self.flowtable
+        return (
+            self.masquerades_outside_vpc
+            and not self.allow_list
+            and not self.flowtable
+            and not self.track_flows
+        )
 
     @property
     def tracked(self) -> bool:
@@ -218,6 +262,7 @@ class PacketPathSpec:
             or self.flowtable
             or self.mode == "nat"
             or self.masquerades_outside_vpc
+            or self.track_flows
         )
 
 
@@ -238,9 +283,18 @@ def _prefix(net: IPv4Network) -> str:
     return str(net.network_address) if net.prefixlen == 32 else str(net)
 
 
+def _duration(seconds: int) -> str:
+    """A duration as nft lists it: 1h, 30m, 1h30m, 45s."""
+    h, rest = divmod(seconds, 3600)
+    m, sec = divmod(rest, 60)
+    text = (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{sec}s" if sec else "")
+    return text or "0s"
+
+
 def spec_hash(spec: PacketPathSpec) -> str:
-    """A short hash of everything in the spec but its endpoints (those change without reload)."""
-    body = _render(replace(spec, endpoints=frozenset()), comment="", counters=None)
+    """A short hash of everything in the spec but the elements of the sets that change without
+    a reload (endpoints, allowed destinations)."""
+    body = _render(spec, comment="", counters=None, set_elements=False)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
@@ -258,7 +312,10 @@ def render(spec: PacketPathSpec, counters: Mapping[str, tuple[int, int]] | None 
 
 
 def _render(
-    spec: PacketPathSpec, comment: str, counters: Mapping[str, tuple[int, int]] | None
+    spec: PacketPathSpec,
+    comment: str,
+    counters: Mapping[str, tuple[int, int]] | None,
+    set_elements: bool = True,
 ) -> str:
     t, u = f'"{spec.tunnel}"', f'"{spec.underlay}"'
     out = [f"table {FAMILY} {TABLE} {{"]
@@ -269,17 +326,31 @@ def _render(
         out += [f"\tcounter {name} {{", f"\t\tpackets {packets} bytes {nbytes}", "\t}", ""]
 
     out += [f"\tset {ENDPOINT_SET} {{", "\t\ttype ipv4_addr"]
-    if spec.endpoints:
+    if spec.endpoints and set_elements:
         out.append(f"\t\telements = {_elements(str(a) for a in sorted(spec.endpoints))}")
     out += ["\t}", ""]
-    if spec.allow_list:
+    if spec.has_allow_set:
         out += [f"\tset {ALLOW_SET} {{", "\t\ttype ipv4_addr", "\t\tflags interval"]
-        out.append(f"\t\telements = {_elements(_prefix(n) for n in spec.allow_list)}")
+        if spec.allow_list and set_elements:
+            out.append(f"\t\telements = {_elements(_prefix(n) for n in spec.allow_list)}")
         out += ["\t}", ""]
-    if spec.masquerades_outside_vpc:
+    if spec.has_vpc_set:
         out += [f"\tset {VPC_SET} {{", "\t\ttype ipv4_addr", "\t\tflags interval"]
         out.append(f"\t\telements = {_elements(_prefix(n) for n in spec.vpc_list)}")
         out += ["\t}", ""]
+    if spec.device_counters:
+        for name in DEVICE_SETS:
+            # In the order nft 1.0.6 lists a set's properties; the kernel's elements are state.
+            out += [
+                f"\tset {name} {{",
+                "\t\ttype ipv4_addr",
+                f"\t\tsize {DEVICE_SET_SIZE}",
+                "\t\tflags dynamic,timeout",
+                "\t\tcounter",
+                f"\t\ttimeout {_duration(DEVICE_TIMEOUT_S)}",
+                "\t}",
+                "",
+            ]
     if spec.flowtable:
         devices = _elements(sorted((spec.tunnel, spec.underlay)))
         out += [
@@ -418,6 +489,9 @@ def _render(
         # Only this host's own address is left tracked, so replies to its own traffic still
         # pass `to_host` by their state.
         out.append(f"\t\tip daddr != {local} ip daddr @{VPC_SET} notrack")
+    if spec.device_counters:
+        # Every packet a device sends (spoofed ones are gone by now), whatever its destination.
+        out.append(f"\t\tupdate @{DEVICES_FROM_SET} {{ ip saddr }}")
     out += ["\t}", ""]
     if tracked:
         out += [
@@ -433,6 +507,17 @@ def _render(
         # Before the established accept: a SYN-ACK is already "established" to conntrack.
         "\t\ttcp flags syn jump clamp_mss",
     ]
+    if spec.device_counters:
+        # Every packet routed to a device (in nat mode the replies, once conntrack has mapped
+        # them back to the device's address).
+        out.append(f"\t\toifname {t} update @{DEVICES_TO_SET} {{ ip daddr }}")
+    if spec.closed:
+        # Stateless, before any established accept: a destination taken out of the list is
+        # closed for flows already open too.
+        out.append(
+            f"\t\tiifname {t} ip daddr != @{VPC_SET} ip daddr != @{ALLOW_SET}"
+            ' counter name "closed_dropped" drop'
+        )
     if spec.flowtable:
         # Only flows that already passed every check below get the fast path.
         for a, b in ((t, u), (u, t)):
@@ -465,12 +550,14 @@ def _render(
         # Route mode: only what leaves the VPC (a NAT or internet gateway's path) takes this
         # peer's address; the VPC sees devices' own.
         outside = f" ip daddr != @{VPC_SET}" if spec.masquerades_outside_vpc else ""
+        # With an address of its own (HA), the one that moves to the master, not this host's.
+        nat = f"snat ip to {spec.snat_address}" if spec.snat_address else "masquerade"
         out += [
             "",
             "\tchain postrouting {",
             "\t\ttype nat hook postrouting priority srcnat; policy accept;",
             f"\t\toifname {u} ip saddr {spec.device_subnet}{outside}"
-            ' counter name "masqueraded_flows" masquerade',
+            f' counter name "masqueraded_flows" {nat}',
             "\t}",
         ]
     out.append("}")
@@ -488,10 +575,23 @@ def transaction(spec: PacketPathSpec, counters: Mapping[str, tuple[int, int]] | 
 
 def endpoints_transaction(endpoints: Iterable[IPv4Address]) -> str:
     """Replace the set's elements in one transaction: packets never see it empty or half done."""
-    text = f"flush set {FAMILY} {TABLE} {ENDPOINT_SET}\n"
-    addrs = sorted(endpoints)
-    if addrs:
-        text += f"add element {FAMILY} {TABLE} {ENDPOINT_SET} {_elements(map(str, addrs))}\n"
+    return _refill(ENDPOINT_SET, [str(a) for a in sorted(endpoints)])
+
+
+def _refill(name: str, elements: Sequence[str]) -> str:
+    text = f"flush set {FAMILY} {TABLE} {name}\n"
+    if elements:
+        text += f"add element {FAMILY} {TABLE} {name} {_elements(elements)}\n"
+    return text
+
+
+def sets_transaction(spec: PacketPathSpec) -> str:
+    """Refill `vpg_endpoints` and, where the table has it, `allowed_destinations`, in one
+    transaction: a packet sees the old elements or the new, never an empty or half-filled set
+    (the kernel commits the whole batch at once). Counters and everything else stay."""
+    text = endpoints_transaction(spec.endpoints)
+    if spec.has_allow_set:
+        text += _refill(ALLOW_SET, [_prefix(n) for n in spec.allow_list])
     return text
 
 
@@ -534,6 +634,7 @@ def canonical(text: str) -> list[str]:
     """
     lines: list[str] = []
     pending = ""
+    in_device_set = False
     for raw in text.splitlines():
         line = raw.strip()
         if pending:
@@ -544,6 +645,12 @@ def canonical(text: str) -> list[str]:
             continue
         if not line or _COUNTER_VALUES.match(line):
             continue
+        if line.startswith("set ") and line.endswith("{"):
+            in_device_set = line.split()[1] in DEVICE_SETS
+        elif line == "}":
+            in_device_set = False
+        elif in_device_set and line.startswith("elements = "):
+            continue  # devices seen: state, not configuration
         m = _LIST_LINE.match(line)
         if m:
             items = [i.strip().strip('"') for i in m.group(2).split(",") if i.strip()]
@@ -594,12 +701,16 @@ def _block_key(block: list[str]) -> tuple[int, str]:
     return (_KINDS.index(kind) if kind in _KINDS else len(_KINDS), block[0])
 
 
-def _without_endpoints(lines: list[str]) -> list[str]:
+# The sets whose elements change without a reload.
+UPDATABLE_SETS = (ENDPOINT_SET, ALLOW_SET)
+
+
+def _without_set_elements(lines: list[str]) -> list[str]:
     out: list[str] = []
     in_set = False
     for line in lines:
         stripped = line.strip()
-        if stripped == f"set {ENDPOINT_SET} {{":
+        if stripped in (f"set {name} {{" for name in UPDATABLE_SETS):
             in_set = True
         elif in_set and stripped == "}":
             in_set = False
@@ -610,31 +721,40 @@ def _without_endpoints(lines: list[str]) -> list[str]:
 
 
 def change_needed(spec: PacketPathSpec, current_text: str | None) -> Change:
-    """What it takes to converge: nothing, an endpoint-set update, or a reload (pure)."""
+    """What it takes to converge: nothing, a refill of the updatable sets, or a reload (pure)."""
     if current_text is None:
         return "reload"
     have, want = canonical(current_text), canonical(render(spec))
     if have == want:
         return "none"
-    if _without_endpoints(have) == _without_endpoints(want):
-        return "endpoints"
+    if _without_set_elements(have) == _without_set_elements(want):
+        return "sets"
     return "reload"
 
 
-def loaded_endpoints(current_text: str) -> frozenset[IPv4Address]:
-    """The `vpg_endpoints` elements in a listing."""
+def _loaded_elements(current_text: str, name: str) -> list[str]:
     in_set = False
     for line in canonical(current_text):
         stripped = line.strip()
-        if stripped == f"set {ENDPOINT_SET} {{":
+        if stripped == f"set {name} {{":
             in_set = True
         elif in_set and stripped == "}":
             break
         elif in_set:
             m = _LIST_LINE.match(stripped)
             if m:
-                return frozenset(IPv4Address(i) for i in m.group(2).split(", "))
-    return frozenset()
+                return m.group(2).split(", ")
+    return []
+
+
+def loaded_endpoints(current_text: str) -> frozenset[IPv4Address]:
+    """The `vpg_endpoints` elements in a listing."""
+    return frozenset(IPv4Address(i) for i in _loaded_elements(current_text, ENDPOINT_SET))
+
+
+def loaded_allowed(current_text: str) -> frozenset[IPv4Network]:
+    """The `allowed_destinations` elements in a listing (a bare address is a /32)."""
+    return frozenset(IPv4Network(i) for i in _loaded_elements(current_text, ALLOW_SET))
 
 
 def loaded_spec_hash(current_text: str) -> str | None:
@@ -659,21 +779,55 @@ def counters_from_json(text: str) -> dict[str, tuple[int, int]]:
     return result
 
 
+def device_traffic_from_json(text: str, timeout_s: float) -> dict[IPv4Address, DeviceTraffic]:
+    """Per-device traffic from `nft -j list ...` output holding our device sets, by address.
+
+    Each element carries its counter and `expires` (whole seconds left of `timeout_s`, which
+    every packet restarts), so the last packet's age is `timeout_s - expires`; a device in both
+    sets takes the younger. Elements without a counter count as zero.
+    """
+    counts: dict[IPv4Address, list[int]] = {}
+    ages: dict[IPv4Address, float] = {}
+    for item in json.loads(text).get("nftables", []):
+        s = item.get("set")
+        if not s or s.get("family") != FAMILY or s.get("table") != TABLE:
+            continue
+        if s.get("name") not in DEVICE_SETS:
+            continue
+        offset = 0 if s["name"] == DEVICES_FROM_SET else 2
+        for raw in s.get("elem", []):
+            elem = raw.get("elem", {"val": raw}) if isinstance(raw, dict) else {"val": raw}
+            address = IPv4Address(str(elem["val"]))
+            row = counts.setdefault(address, [0, 0, 0, 0])
+            counter = elem.get("counter") or {}
+            row[offset] += int(counter.get("packets", 0))
+            row[offset + 1] += int(counter.get("bytes", 0))
+            if "expires" in elem:
+                age = max(0.0, float(timeout_s) - float(elem["expires"]))
+                ages[address] = min(age, ages.get(address, age))
+    return {
+        a: DeviceTraffic(a, row[0], row[1], row[2], row[3], ages.get(a))
+        for a, row in sorted(counts.items())
+    }
+
+
 def describe(spec: PacketPathSpec, current_text: str | None) -> list[str]:
     """What loading `spec` would change, as lines for `gatepeer apply --dry-run`; [] if nothing."""
     change = change_needed(spec, current_text)
     if change == "none":
         return []
-    if change == "endpoints":
+    if change == "sets":
         assert current_text is not None
-        have = loaded_endpoints(current_text)
-        added = " ".join(f"+{a}" for a in sorted(spec.endpoints - have))
-        gone = " ".join(f"-{a}" for a in sorted(have - spec.endpoints))
-        changes = " ".join(x for x in (added, gone) if x)
-        return [
-            f"# set {ENDPOINT_SET}: {changes}",
-            *_heredoc(endpoints_transaction(spec.endpoints)),
-        ]
+        header = []
+        for name, have, want in (
+            (ENDPOINT_SET, set(loaded_endpoints(current_text)), set(spec.endpoints)),
+            (ALLOW_SET, set(loaded_allowed(current_text)), set(spec.allow_list)),
+        ):
+            added = " ".join(f"+{a}" for a in sorted(want - have))
+            gone = " ".join(f"-{a}" for a in sorted(have - want))
+            if added or gone:
+                header.append(f"# set {name}: {' '.join(x for x in (added, gone) if x)}")
+        return header + _heredoc(sets_transaction(spec))
     header: list[str]
     if current_text is None:
         header = [f"# create table {FAMILY} {TABLE}"]

@@ -183,7 +183,7 @@ def test_lifecycle(ns: str) -> None:
     moved = spec(
         mode="nat", allowed_destinations=ALLOW, host_services=services, endpoints=frozenset({EP3})
     )
-    assert rs.change_needed(moved, nf.current(ns)) == "endpoints"
+    assert rs.change_needed(moved, nf.current(ns)) == "sets"
     nf.update_endpoints(moved.endpoints, ns)
     assert nf.is_converged(moved, ns)
     assert nf.counters(ns)["vxlan_foreign_dropped"] == (4, 200)
@@ -197,7 +197,7 @@ def test_lifecycle(ns: str) -> None:
 
     # Hand edits are seen.
     _nft(ns, "add", "element", "inet", "gatepeer", "vpg_endpoints", "{ 198.18.0.99 }")
-    assert rs.change_needed(want, nf.current(ns)) == "endpoints"
+    assert rs.change_needed(want, nf.current(ns)) == "sets"
     nf.update_endpoints(want.endpoints, ns)
     assert nf.is_converged(want, ns)
     _nft(ns, "flush", "chain", "inet", "gatepeer", "forward")

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -20,11 +21,13 @@ from helpers.ruleset_specs import (
     EP1,
     EP2,
     EP3,
+    SNAT,
     VPC,
     spec,
 )
 
 from gatepeer import ruleset as rs
+from gatepeer.device_traffic import DeviceTraffic
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "nftables"
 UPDATE = os.environ.get("GATEPEER_UPDATE_GOLDEN") == "1"
@@ -362,8 +365,8 @@ def test_change_needed() -> None:
     assert rs.change_needed(want, None) == "reload"
     assert rs.change_needed(want, rs.render(want)) == "none"
     assert rs.change_needed(want, rs.render(want, counters={"vxlan_accepted": (9, 9)})) == "none"
-    assert rs.change_needed(want, rs.render(spec(endpoints=frozenset({EP3})))) == "endpoints"
-    assert rs.change_needed(want, rs.render(spec(endpoints=frozenset()))) == "endpoints"
+    assert rs.change_needed(want, rs.render(spec(endpoints=frozenset({EP3})))) == "sets"
+    assert rs.change_needed(want, rs.render(spec(endpoints=frozenset()))) == "sets"
     assert rs.change_needed(want, rs.render(spec(mode="nat"))) == "reload"
     assert rs.change_needed(want, rs.render(spec(vxlan_port=8472))) == "reload"
     hand_edit = rs.render(want).replace(MSS_OUT + "\n", "")
@@ -423,3 +426,139 @@ def test_pure_modules_import_no_kernel_code() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+# ---- issue 18-20 features ----------------------------------------------------------------------
+
+
+def test_snat_address_replaces_masquerade() -> None:
+    for s in (spec(mode="nat"), spec(outside_vpc="masquerade", vpc_networks=VPC)):
+        moved = replace(s, snat_address=SNAT)
+        rule = chain(rs.render(moved), "postrouting")[0]
+        assert rule.endswith('counter name "masqueraded_flows" snat ip to 198.18.0.50'), rule
+        assert not rule.endswith(" masquerade")
+        assert chain(rs.render(s), "postrouting")[0].endswith(" masquerade")
+    # Route mode without masquerading has no NAT to give an address to.
+    assert "postrouting" not in rs.render(spec(snat_address=SNAT))
+    with pytest.raises(TypeError, match="snat_address"):
+        spec(snat_address="198.18.0.50")
+
+
+def test_device_counters_count_both_directions_in_every_mode() -> None:
+    for s in (spec(), spec(mode="nat"), spec(outside_vpc="masquerade", vpc_networks=VPC)):
+        off = rs.render(s)
+        assert "devices_" not in off
+        text = rs.render(replace(s, device_counters=True))
+        # Every packet from a device that passed the spoof check, and every one routed to it.
+        assert chain(text, "from_tunnel")[-1] == "update @devices_from { ip saddr }"
+        assert 'oifname "vxlan0" update @devices_to { ip daddr }' in chain(text, "forward")
+        for name in rs.DEVICE_SETS:
+            assert (
+                f"\tset {name} {{\n\t\ttype ipv4_addr\n\t\tsize 131072\n"
+                "\t\tflags dynamic,timeout\n\t\tcounter\n\t\ttimeout 1h\n\t}"
+            ) in text
+    assert rs.DEVICE_SET_SIZE >= 100_000
+
+
+def test_listed_device_elements_are_state_not_configuration() -> None:
+    want = spec(device_counters=True)
+    listed = rs.render(want).replace(
+        "\t\ttimeout 1h\n\t}\n\n\tset devices_to",
+        "\t\ttimeout 1h\n\t\telements = { 198.19.0.5 counter packets 3 bytes 252"
+        " expires 59m58s12ms,\n\t\t\t     198.19.0.6 counter packets 1 bytes 84"
+        " expires 1m2s }\n\t}\n\n\tset devices_to",
+    )
+    assert listed != rs.render(want)
+    assert rs.change_needed(want, listed) == "none"
+    assert rs.change_needed(spec(), listed) == "reload"
+
+
+def test_closed_network_drops_what_is_neither_allowed_nor_vpc() -> None:
+    with pytest.raises(ValueError, match="vpc_networks"):
+        spec(closed=True)
+    for s in (
+        spec(closed=True, vpc_networks=VPC),
+        spec(mode="nat", closed=True, vpc_networks=VPC, allowed_destinations=ALLOW),
+    ):
+        text = rs.render(s)
+        forward = chain(text, "forward")
+        rule = (
+            'iifname "vxlan0" ip daddr != @vpc_networks ip daddr != @allowed_destinations'
+            ' counter name "closed_dropped" drop'
+        )
+        # Stateless and before any established accept: flows already open close too.
+        assert rule in forward
+        assert forward.index(rule) < len(forward) - (2 if s.allow_list else 0)
+        assert "set vpc_networks {" in text and "set allowed_destinations {" in text
+    # The VPC only: an empty allow-list set, refilled later without a reload.
+    assert "\tset allowed_destinations {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t}" in (
+        rs.render(spec(closed=True, vpc_networks=VPC))
+    )
+    assert 'closed_dropped" drop' not in rs.render(spec(vpc_networks=VPC))
+    # Every counter in every mode, closed or not: one metrics schema.
+    for s in CASES.values():
+        text = rs.render(s)
+        assert [c for c in rs.COUNTERS if f"counter {c} {{" in text] == list(rs.COUNTERS)
+
+
+def test_track_flows_keeps_device_vpc_flows_in_conntrack() -> None:
+    base = spec(outside_vpc="masquerade", vpc_networks=VPC)
+    assert "notrack" in "".join(chain(rs.render(base), "from_tunnel"))
+    tracked_text = rs.render(replace(base, track_flows=True))
+    assert "notrack" not in "".join(chain(tracked_text, "from_tunnel"))
+    assert "notrack" not in "".join(chain(tracked_text, "from_underlay"))
+    # Plain route mode: conntrack engages (the flow log needs entries), the outer packets
+    # stay exempt.
+    plain = replace(spec(), track_flows=True)
+    assert plain.tracked and uses_conntrack(rs.render(plain))
+    assert "udp dport 4789 @th,96,24 0xa notrack" in chain(rs.render(plain), "underlay_to_local")
+
+
+def test_allowed_destinations_change_without_reload() -> None:
+    want = spec(mode="nat", allowed_destinations=ALLOW, closed=True, vpc_networks=VPC)
+    old = replace(want, allowed_destinations=(IPv4Network("192.0.2.0/24"),), endpoints=frozenset())
+    assert rs.change_needed(want, rs.render(old)) == "sets"
+    assert rs.spec_hash(old) == rs.spec_hash(want)
+    # One transaction refills both sets; nothing else is touched.
+    assert rs.sets_transaction(want) == (
+        "flush set inet gatepeer vpg_endpoints\n"
+        "add element inet gatepeer vpg_endpoints { 198.18.0.11, 198.18.0.12 }\n"
+        "flush set inet gatepeer allowed_destinations\n"
+        "add element inet gatepeer allowed_destinations"
+        " { 192.0.2.0/24, 198.51.100.7, 203.0.113.0/24 }\n"
+    )
+    lines = rs.describe(want, rs.render(old))
+    assert lines[:2] == [
+        "# set vpg_endpoints: +198.18.0.11 +198.18.0.12",
+        "# set allowed_destinations: +198.51.100.7/32 +203.0.113.0/24",
+    ]
+    # An allow-list appearing where there was none changes rules: a reload.
+    assert rs.change_needed(spec(allowed_destinations=ALLOW), rs.render(spec())) == "reload"
+    # Closed with the VPC only: the empty set is refilled.
+    assert rs.sets_transaction(spec(closed=True, vpc_networks=VPC, endpoints=frozenset())) == (
+        "flush set inet gatepeer vpg_endpoints\nflush set inet gatepeer allowed_destinations\n"
+    )
+
+
+DEVICE_JSON = """{"nftables": [{"metainfo": {"version": "1.0.6"}},
+{"set": {"family": "inet", "name": "devices_from", "table": "gatepeer", "type": "ipv4_addr",
+ "handle": 3, "size": 131072, "flags": ["timeout"], "timeout": 3600, "elem": [
+ {"elem": {"val": "198.19.0.5", "expires": 3590, "counter": {"packets": 3, "bytes": 252}}},
+ {"elem": {"val": "198.19.0.7", "expires": 100, "counter": {"packets": 1, "bytes": 60}}}],
+ "stmt": [{"counter": null}]}},
+{"set": {"family": "inet", "name": "devices_to", "table": "gatepeer", "type": "ipv4_addr",
+ "handle": 4, "size": 131072, "flags": ["timeout"], "timeout": 3600, "elem": [
+ {"elem": {"val": "198.19.0.5", "expires": 3599, "counter": {"packets": 2, "bytes": 168}}},
+ {"elem": {"val": "198.19.0.9", "counter": {"packets": 4, "bytes": 400}}}]}},
+{"set": {"family": "inet", "name": "devices_to", "table": "other", "type": "ipv4_addr",
+ "elem": [{"elem": {"val": "198.19.0.99", "counter": {"packets": 9, "bytes": 9}}}]}}]}"""
+
+
+def test_device_traffic_from_json() -> None:
+    got = rs.device_traffic_from_json(DEVICE_JSON, 3600)
+    a5, a7, a9 = (IPv4Address(f"198.19.0.{n}") for n in (5, 7, 9))
+    assert list(got) == [a5, a7, a9]  # another table's set is not ours
+    assert got[a5] == DeviceTraffic(a5, 3, 252, 2, 168, 1.0)  # the younger of the two ages
+    assert got[a7] == DeviceTraffic(a7, 1, 60, 0, 0, 3500.0)
+    assert got[a9] == DeviceTraffic(a9, 0, 0, 4, 400, None)
+    assert rs.device_traffic_from_json('{"nftables": []}', 3600) == {}
