@@ -561,12 +561,14 @@ def test_allowed_destinations_change_without_reload() -> None:
 
 
 DEVICE_JSON = """{"nftables": [{"metainfo": {"version": "1.0.6"}},
-{"set": {"family": "inet", "name": "devices_from", "table": "gatepeer_dev_0123456789ab", "type": "ipv4_addr",
+{"set": {"family": "inet", "name": "devices_from", "table": "gatepeer_dev_0123456789ab",
+ "type": "ipv4_addr",
  "handle": 3, "size": 131072, "flags": ["timeout"], "timeout": 3600, "elem": [
  {"elem": {"val": "198.19.0.5", "expires": 3590, "counter": {"packets": 3, "bytes": 252}}},
  {"elem": {"val": "198.19.0.7", "expires": 100, "counter": {"packets": 1, "bytes": 60}}}],
  "stmt": [{"counter": null}]}},
-{"set": {"family": "inet", "name": "devices_to", "table": "gatepeer_dev_0123456789ab", "type": "ipv4_addr",
+{"set": {"family": "inet", "name": "devices_to", "table": "gatepeer_dev_0123456789ab",
+ "type": "ipv4_addr",
  "handle": 4, "size": 131072, "flags": ["timeout"], "timeout": 3600, "elem": [
  {"elem": {"val": "198.19.0.5", "expires": 3599, "counter": {"packets": 2, "bytes": 168}}},
  {"elem": {"val": "198.19.0.9", "counter": {"packets": 4, "bytes": 400}}}]}},
