@@ -10,8 +10,9 @@ The shape, and why:
 - UDP unicast between the two peers' VPC addresses, port `ha.sync_port` (3780, as in
   conntrack-tools' examples): a VPC carries no multicast.
 - Only the device subnet's flows (`Address Accept`): those are the ones a failover must keep.
-  The filter runs in user space: on kernel 6.18 the kernel-space (BSF) filter with an address
-  list let no event through at all (recorded in tests/lab/test_ha_conntrackd_netns.py).
+  The filter runs in user space: on kernel 6.18 the kernel-space (BSF) filter with this address
+  list let no event through at all (conntrackd's "events received" stayed 0 while `conntrack
+  -E` saw them), in the namespace pair tests/lab/test_ha_conntrackd_netns.py builds.
 - `HashLimit` twice the kernel's conntrack_max, as conntrackd.conf(5) advises (the daemon may
   keep dead entries cached for a while).
 
