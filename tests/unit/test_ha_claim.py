@@ -259,7 +259,12 @@ def ha_daemon_config(tmp_path: Path, fifo: Path) -> Config:
                 "reconcile_interval": "1h",
             },
             "metrics": {"listen": ""},
-            "ha": {"peer_address": "198.18.0.11", "notify_fifo": str(fifo)},
+            "ha": {
+                "peer_address": "198.18.0.11",
+                "notify_fifo": str(fifo),
+                # A conntrackd config nobody wrote: every conntrackd command fails, harmlessly.
+                "conntrackd_config": str(tmp_path / "no-conntrackd.conf"),
+            },
         }
     )
 
@@ -289,8 +294,9 @@ def test_the_daemon_reads_the_fifo_and_records_the_role_in_its_state(tmp_path: P
                 state = json.loads((tmp_path / "state.json").read_text())
             except FileNotFoundError:
                 state = {}
-            if (state.get("ha") or {}).get("claim_error"):
-                seen.append(state["ha"])
+            ha = state.get("ha") or {}
+            if ha.get("claim_error") and ha.get("sync"):
+                seen.append(ha)
                 break
             time.sleep(0.05)
         daemon.stopping = True
@@ -302,6 +308,10 @@ def test_the_daemon_reads_the_fifo_and_records_the_role_in_its_state(tmp_path: P
     # Master, and the claim failed for want of a gate view: said, and retried while master.
     assert seen and seen[0]["role"] == "master" and seen[0]["priority"] == 150
     assert "no gate view yet" in seen[0]["claim_error"]
+    # conntrackd's handover ran on becoming master (it failed: no conntrackd here), and its
+    # sync is read and recorded.
+    assert seen[0]["handover_error"].startswith("conntrackd -c (commit the external cache")
+    assert seen[0]["sync"]["error"].startswith("conntrackd -s")
     assert fifo.exists()  # the FIFO stays for keepalived; only our reader closed
 
 
