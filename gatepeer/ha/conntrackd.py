@@ -20,6 +20,8 @@ The handover follows conntrack-tools' `primary-backup.sh` (doc/sync/primary-back
 master: commit the external cache (-c), flush the caches (-f), resync the internal cache with
 the kernel (-R), send a bulk update to the backup (-B); backup: shorten the kernel's timers of
 the flows we forwarded (-t), ask the master for a resync (-n); fault: shorten the timers (-t).
+(-t in conntrackd 1.4.7 schedules a flush of the whole kernel table after PurgeTimeout, 60 s by
+default, and a later commit cancels it: seen in a namespace.)
 gatepeer runs these from the notify FIFO's events, in order, before the claim.
 """
 
@@ -170,7 +172,11 @@ HANDOVER: dict[str, tuple[tuple[str, str], ...]] = {
         ("-n", "ask the master for a resync"),
     ),
     "fault": (("-t", "shorten the kernel's timers of the flows this peer forwarded"),),
-    "stopped": (("-t", "shorten the kernel's timers of the flows this peer forwarded"),),
+    # Not in primary-backup.sh: keepalived stopping (a graceful stop, a shutdown) leaves the
+    # table alone, since this peer forwards until the VPG has moved; it runs -t when it comes
+    # back as backup. (-t schedules a flush of the whole kernel table after PurgeTimeout, 60 s
+    # by default; a commit as master cancels it.)
+    "stopped": (),
 }
 
 Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]

@@ -172,7 +172,12 @@ def test_handover_runs_primary_backup_steps_in_order() -> None:
     assert ctl.handover("master") == []
     assert runner.flags() == ["-c", "-f", "-R", "-B"]
     assert all(c[1:3] == ["-C", "/etc/conntrackd/conntrackd.conf"] for c in runner.calls)
-    for role, flags in (("backup", ["-t", "-n"]), ("fault", ["-t"]), ("unknown", [])):
+    for role, flags in (
+        ("backup", ["-t", "-n"]),
+        ("fault", ["-t"]),
+        ("stopped", []),  # a gracefully stopping master forwards until the VPG moves
+        ("unknown", []),
+    ):
         runner.calls.clear()
         ctl.handover(role)
         assert runner.flags() == flags
