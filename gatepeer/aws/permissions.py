@@ -5,7 +5,8 @@ How each is asked, without changing anything:
   call and UnauthorizedOperation when not. moto honours DryRun behind its IAM enforcement the
   same way, so the tests see both answers.
 - `ssm:GetParameter`: proven by the doctor's secret check, which reads the key.
-- Auto Scaling has no dry run: the lifecycle actions are asked through
+- Auto Scaling has no dry run, nor has EC2's AssignPrivateIpAddresses (`NO_DRY_RUN`): those
+  actions are asked through
   `iam:SimulatePrincipalPolicy` for the role behind the instance's credentials. That needs the
   permission itself (instance roles rarely have it) and moto does not implement it, so when no
   simulation can be made those actions are reported as not verified, never as missing.
@@ -24,6 +25,8 @@ from gatepeer.config import Config
 DENIED_CODES = frozenset(
     {"UnauthorizedOperation", "AccessDenied", "AccessDeniedException", "AuthFailure"}
 )
+# EC2 actions whose API takes no DryRun: asked by simulation, as Auto Scaling's are.
+NO_DRY_RUN = frozenset({"ec2:AssignPrivateIpAddresses"})
 LIFECYCLE_ACTIONS = (
     "autoscaling:CompleteLifecycleAction",
     "autoscaling:RecordLifecycleActionHeartbeat",
@@ -138,6 +141,12 @@ FEATURES: tuple[Feature, ...] = (
         "ha.route_tables",
         _ROUTES,
         lambda c: c.ha is not None and bool(c.ha.route_tables),
+    ),
+    Feature(
+        "ha.snat_address",
+        (("ec2:AssignPrivateIpAddresses", "NetworkInterface"),),
+        lambda c: c.ha is not None and c.ha.snat_address is not None,
+        "`ha.snat_address` (the master's claim moves it to its ENI)",
     ),
     Feature(
         "aws.remove_stale_registrations",
@@ -378,10 +387,12 @@ def verify(
     verdict = Verdict()
     wanted = needed(config)
     ec2 = make_client("ec2") if any(p.action.startswith("ec2:") for p in wanted) else None
-    to_simulate = [p for p in wanted if p.action.startswith("autoscaling:")]
+    to_simulate = [
+        p for p in wanted if p.action.startswith("autoscaling:") or p.action in NO_DRY_RUN
+    ]
     simulated = simulate(make_client, [p.action for p in to_simulate]) if to_simulate else {}
     for p in wanted:
-        if p.action.startswith("ec2:"):
+        if p.action.startswith("ec2:") and p.action not in NO_DRY_RUN:
             ok, why = _ec2_call(ec2, p.action, subject, config)
         elif p.action == "ssm:GetParameter":
             ok, why = ssm_read, "the key was not read (see the secret check)"

@@ -187,6 +187,63 @@ def test_a_missing_route_table_names_the_call_and_the_table(vpc: TwoInstances) -
         claim()
 
 
+def secondary_addresses(ec2: Any, eni: str) -> list[str]:
+    answer = ec2.describe_network_interfaces(NetworkInterfaceIds=[eni])["NetworkInterfaces"][0]
+    return [a["PrivateIpAddress"] for a in answer["PrivateIpAddresses"] if not a.get("Primary")]
+
+
+def test_snat_address_moves_to_this_eni_before_the_redirection(vpc: TwoInstances) -> None:
+    """On EC2 the master takes the NAT address from the other peer's ENI (AllowReassignment),
+    first: the VPC must deliver replies here before the devices' traffic arrives."""
+    snat = IPv4Address("198.18.0.200")
+    vpc.ec2.assign_private_ip_addresses(
+        NetworkInterfaceId=vpc.enis[1], PrivateIpAddresses=[str(snat)]
+    )
+    cfg = dataclasses.replace(
+        config(),
+        ha=dataclasses.replace(config().ha, snat_address=snat),  # type: ignore[arg-type]
+    )
+    api = FakeApi()
+    calls: list[dict[str, Any]] = []
+
+    class Recording:
+        """The moto client, recording the assignment's arguments (moto assigns the address
+        but does not take it off the other ENI, which EC2 does with AllowReassignment)."""
+
+        def assign_private_ip_addresses(self, **kwargs: Any) -> Any:
+            calls.append(kwargs)
+            return vpc.ec2.assign_private_ip_addresses(**kwargs)
+
+    claim = GatewayClaim(
+        lambda: cfg, gate, api, address_target=lambda: RouteTarget(Recording(), vpc.enis[0])
+    )
+    claim()
+    assert secondary_addresses(vpc.ec2, vpc.enis[0]) == [str(snat)]
+    assert calls == [
+        {
+            "NetworkInterfaceId": vpc.enis[0],
+            "PrivateIpAddresses": [str(snat)],
+            "AllowReassignment": True,
+        }
+    ]
+    assert claim.done[0] == f"snat_address {snat} -> {vpc.enis[0]}"
+    assert claim.done[1].startswith("redirection gateway")
+    claim()  # a re-assertion: the ENI already holds it, and that is fine
+    assert secondary_addresses(vpc.ec2, vpc.enis[0]) == [str(snat)]
+
+
+def test_off_ec2_the_snat_address_is_keepalived_s_alone() -> None:
+    cfg = dataclasses.replace(
+        config(),
+        ha=dataclasses.replace(config().ha, snat_address=IPv4Address("198.18.0.200")),  # type: ignore[arg-type]
+    )
+    api = FakeApi()
+    claim = GatewayClaim(lambda: cfg, gate, api, address_target=lambda: None)
+    claim()
+    assert [d.split()[0] for d in claim.done] == ["redirection"]
+    assert api.posts == [(VPG, str(INNER.ip))]
+
+
 # ---- the daemon's wiring ------------------------------------------------------------------
 
 
@@ -202,7 +259,12 @@ def ha_daemon_config(tmp_path: Path, fifo: Path) -> Config:
                 "reconcile_interval": "1h",
             },
             "metrics": {"listen": ""},
-            "ha": {"peer_address": "198.18.0.11", "notify_fifo": str(fifo)},
+            "ha": {
+                "peer_address": "198.18.0.11",
+                "notify_fifo": str(fifo),
+                # A conntrackd config nobody wrote: every conntrackd command fails, harmlessly.
+                "conntrackd_config": str(tmp_path / "no-conntrackd.conf"),
+            },
         }
     )
 
@@ -232,8 +294,9 @@ def test_the_daemon_reads_the_fifo_and_records_the_role_in_its_state(tmp_path: P
                 state = json.loads((tmp_path / "state.json").read_text())
             except FileNotFoundError:
                 state = {}
-            if (state.get("ha") or {}).get("claim_error"):
-                seen.append(state["ha"])
+            ha = state.get("ha") or {}
+            if ha.get("claim_error") and ha.get("sync"):
+                seen.append(ha)
                 break
             time.sleep(0.05)
         daemon.stopping = True
@@ -245,6 +308,10 @@ def test_the_daemon_reads_the_fifo_and_records_the_role_in_its_state(tmp_path: P
     # Master, and the claim failed for want of a gate view: said, and retried while master.
     assert seen and seen[0]["role"] == "master" and seen[0]["priority"] == 150
     assert "no gate view yet" in seen[0]["claim_error"]
+    # conntrackd's handover ran on becoming master (it failed: no conntrackd here), and its
+    # sync is read and recorded.
+    assert seen[0]["handover_error"].startswith("conntrackd -c (commit the external cache")
+    assert seen[0]["sync"]["error"].startswith("conntrackd -s")
     assert fifo.exists()  # the FIFO stays for keepalived; only our reader closed
 
 
@@ -304,3 +371,33 @@ def test_the_eni_is_found_by_its_vpc_address_in_the_route_tables_vpc(vpc: TwoIns
         assert eni_of_address(vpc.ec2, vpc.tables[0], address) == eni
     with pytest.raises(Ec2Error, match="0 network interfaces hold this address"):
         eni_of_address(vpc.ec2, vpc.tables[0], "198.18.0.250")
+
+
+def test_the_daemon_moves_snat_address_through_ec2_only_on_ec2(tmp_path: Path) -> None:
+    from gatepeer.daemon import Daemon
+
+    config = ha_daemon_config(tmp_path, tmp_path / "keepalived.fifo")
+    daemon = Daemon(config, lambda: config)
+
+    class Instance:
+        def __init__(self, on_ec2: bool, facts: object | None) -> None:
+            self._on_ec2, self._facts = on_ec2, facts
+
+        def on_ec2(self) -> bool:
+            return self._on_ec2
+
+        def get(self) -> object | None:
+            return self._facts
+
+        def why_missing(self) -> str:
+            return "IMDS timed out"
+
+    target = RouteTarget(object(), "eni-0123")
+    daemon._route_target = lambda: target  # type: ignore[method-assign]
+    daemon.agent.instance = Instance(False, None)  # type: ignore[assignment]
+    assert daemon._address_target() is None  # the lab, a host with L2: keepalived's alone
+    daemon.agent.instance = Instance(True, None)  # type: ignore[assignment]
+    with pytest.raises(ClaimError, match=r"^ha\.snat_address: .*unknown \(IMDS timed out\)"):
+        daemon._address_target()
+    daemon.agent.instance = Instance(True, object())  # type: ignore[assignment]
+    assert daemon._address_target() is target
