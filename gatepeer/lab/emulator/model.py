@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import ipaddress
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -190,6 +191,56 @@ def check_inner(net: ipaddress.IPv4Network, inner_ip: str) -> None:
     addr = ipaddress.IPv4Address(inner_ip)
     if addr not in net or addr in (net.network_address, net.broadcast_address):
         raise ValueError(f"inner address {inner_ip} is not a host address of {net}")
+
+
+# listSims and the IP address map answer at most this many rows per page when no limit is asked.
+DEFAULT_PAGE_SIZE = 10
+IMSI_RE = re.compile(r"^[0-9]{15}$")
+
+
+@dataclass(frozen=True)
+class Sim:
+    """One emulated IoT SIM. `vpg_id` and `address` describe its session (None: no session,
+    or a session outside any VPG); `static_address` is its entry in this VPG's IP address map."""
+
+    sim_id: str
+    imsi: str
+    name: str | None = None
+    group_id: str | None = None
+    online: bool = True
+    vpg_id: str | None = None
+    address: str | None = None
+    static_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sim_id, str) or not self.sim_id:
+            raise ValueError("sim_id must be a non-empty string")
+        if not isinstance(self.imsi, str) or not IMSI_RE.match(self.imsi):
+            raise ValueError(f"imsi must be 15 digits, got {self.imsi!r}")
+        for name in ("name", "group_id", "vpg_id"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string or absent")
+        require_bool("online", self.online)
+        for name in ("address", "static_address"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, str(require_ipv4(name, value)))
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Sim:
+        """From the control endpoint's body; ValueError names what is wrong."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(doc) - known
+        if unknown:
+            raise ValueError(f"unknown SIM field {sorted(unknown)[0]!r}")
+        missing = {"sim_id", "imsi"} - set(doc)
+        if missing:
+            raise ValueError(f"a SIM needs {sorted(missing)[0]}")
+        return cls(**doc)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 # Settings fields the unauthenticated control endpoint may change: all but the secret.
