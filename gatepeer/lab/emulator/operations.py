@@ -463,7 +463,7 @@ def _sim_json(sim: Sim, operator_id: str, created_ms: int) -> dict[str, Any]:
 def _ip_address_map(
     settings: EmulatorSettings, sims: Iterable[Sim], peer_inners: Iterable[str], updated_ms: int
 ) -> list[dict[str, Any]]:
-    """The VPG's IP address map: SIMs' static entries, the addresses it gave SIMs in session
+    """The VPG's IP address map: SIMs' static entries, the addresses it gave SIMs now in session
     (dynamic), customer gate peers and its own endpoints, as the spec's warning describes."""
 
     def entry(address: str, key: str, kind: str) -> dict[str, Any]:
@@ -479,7 +479,7 @@ def _ip_address_map(
     for sim in sims:
         if sim.static_address is not None:
             entries.append(entry(sim.static_address, sim.imsi, "static"))
-        elif sim.vpg_id == settings.vpg_id and sim.address is not None:
+        elif sim.online and sim.vpg_id == settings.vpg_id and sim.address is not None:
             entries.append(entry(sim.address, sim.imsi, "dynamic"))
     entries += [entry(inner, inner, "customerGatePeer") for inner in peer_inners]
     entries += [entry(e.inner_ip, e.inner_ip, "gatePeer") for e in settings.endpoints]
