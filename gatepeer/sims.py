@@ -134,25 +134,25 @@ def build(
         if session.get("online") is not True:
             continue  # an offline session's address may be another SIM's by now
         address = _address(session.get("ueIpAddress"))
-        imsi = session.get("imsi")
-        if address is None or not isinstance(imsi, str):
+        session_imsi = session.get("imsi")
+        if address is None or not isinstance(session_imsi, str):
             continue
-        records[address] = _record(address, imsi, sim, online=True, source="session")
+        records[address] = _record(address, session_imsi, sim, online=True, source="session")
     for entry in ip_map:
         if entry.get("type") not in SIM_ENTRY_TYPES:
             continue
         address = _address(entry.get("ipAddress"))
-        imsi = entry.get("key")
-        if address is None or not isinstance(imsi, str) or address in records:
+        key = entry.get("key")  # the IMSI, for a SIM's entry
+        if address is None or not isinstance(key, str) or address in records:
             continue
-        sim = by_imsi.get(imsi, {})
+        sim = by_imsi.get(key, {})
         session = sim.get("sessionStatus")
         online = (
             isinstance(session, Mapping)
             and session.get("online") is True
             and session.get("vpgId") == vpg_id
         )
-        records[address] = _record(address, imsi, sim, online=online, source="ip_map")
+        records[address] = _record(address, key, sim, online=online, source="ip_map")
     return SimMap(records=records, fetched_at=fetched_at)
 
 

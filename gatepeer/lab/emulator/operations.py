@@ -14,12 +14,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, cast
 
 from gatepeer.lab.emulator.model import (
+    DEFAULT_PAGE_SIZE,
     E_AUTH_FAILED,
     E_BAD_REQUEST,
     E_NO_FREE_ADDRESS,
     E_NO_SUCH_PEER,
     E_PEER_EXISTS,
-    DEFAULT_PAGE_SIZE,
     MAX_TOKEN_TIMEOUT_S,
     MAX_VNI,
     BadRequest,
