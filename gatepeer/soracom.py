@@ -408,7 +408,6 @@ class SoracomClient:
         path = self._vpg_path(vpg_id, "/junction/unset_redirection")
         self._call("unsetRedirectionConfiguration", "POST", path, ok=(200, 204))
 
-
     def list_sims(self, page_size: int = SIM_PAGE_SIZE) -> list[dict[str, Any]]:
         """Every SIM of the operator (listSims), page by page through `x-soracom-next-key`."""
         return self._paginated("listSims", "/v1/sims", page_size)

@@ -375,7 +375,6 @@ class Operations:
 
         return cast(Response, self._mutate(change))
 
-
     def _op_list_sims(
         self, params: dict[str, str], headers: Mapping[str, str], req: dict[str, Any]
     ) -> Response:
