@@ -4,6 +4,7 @@ emulator on 127.0.0.1, kept on disk, and kept when a refresh fails."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -16,6 +17,7 @@ from gatepeer import sims
 from gatepeer.config import ConfigError, load
 from gatepeer.lab.emulator.model import EmulatorSettings, Sim
 from gatepeer.lab.emulator.service import Emulator
+from gatepeer.sim_refresh import SimRefresher
 from gatepeer.soracom import SoracomClient, SoracomError
 
 AUTH_KEY = "secret-sims-test-3b9f0e2a7c5d4e1f"
@@ -311,3 +313,49 @@ def test_the_devices_section_is_in_the_effective_config(tmp_path: Path) -> None:
         "sim_refresh_seconds": 900,
         "sim_cache": "/var/lib/gatepeer/sims.json",
     }
+
+
+# ----- the daemon's refresher ------------------------------------------------------------
+
+
+def test_the_refresher_starts_from_the_kept_map_and_keeps_it_through_failures(
+    emulator: Emulator, client: SoracomClient, tmp_path: Path
+) -> None:
+    path = tmp_path / "sims.json"
+    sims.keep(path, sims.build(VPG_ID, [], [], fetched_at=10.0))
+    changes: list[int] = []
+    refresher = SimRefresher(
+        client, VPG_ID, path, 3600, on_change=lambda: changes.append(1), clock=lambda: 50.0
+    )
+    assert refresher.current.fetched_at == 10.0  # before any fetch: what was kept
+    emulator.set_sims([sim(1)])
+    refresher.refresh_once()
+    assert refresher.to_json() == {
+        "sims": 1,
+        "fetched_at": 50.0,
+        "error": None,
+        "path": str(path),
+    }
+    emulator.set_faults(fail_next=10, fail_status=403)
+    refresher.refresh_once()
+    assert refresher.to_json()["sims"] == 1
+    assert "HTTP 403" in str(refresher.to_json()["error"])
+    assert changes == [1, 1]  # each refresh rewrites the state document
+
+
+def test_the_refresher_thread_fetches_at_start_and_stops(
+    emulator: Emulator, client: SoracomClient, tmp_path: Path
+) -> None:
+    emulator.set_sims([sim(1), sim(2)])
+    done = threading.Event()
+    refresher = SimRefresher(client, VPG_ID, tmp_path / "sims.json", 3600, on_change=done.set)
+    refresher.start()
+    try:
+        assert done.wait(10)
+        assert len(refresher.current.records) == 2
+    finally:
+        refresher.stop()
+        refresher.join(5)
+    assert not refresher.is_alive()
+    assert emulator.counts()["listSims"] == 1  # once at start; the next is an hour away
+    assert len(sims.load(tmp_path / "sims.json").records) == 2
