@@ -408,19 +408,26 @@ class SoracomClient:
         path = self._vpg_path(vpg_id, "/junction/unset_redirection")
         self._call("unsetRedirectionConfiguration", "POST", path, ok=(200, 204))
 
-    def list_sims(self, page_size: int = SIM_PAGE_SIZE) -> list[dict[str, Any]]:
-        """Every SIM of the operator (listSims), page by page through `x-soracom-next-key`."""
-        return self._paginated("listSims", "/v1/sims", page_size)
+    def list_sims(
+        self, page_size: int = SIM_PAGE_SIZE, *, first_page_only: bool = False
+    ) -> list[dict[str, Any]]:
+        """Every SIM of the operator (listSims), page by page through `x-soracom-next-key`;
+        only the first page with `first_page_only` (doctor: may the key call it at all)."""
+        return self._paginated("listSims", "/v1/sims", page_size, first_page_only)
 
     def list_ip_address_map(
-        self, vpg_id: str, page_size: int = SIM_PAGE_SIZE
+        self, vpg_id: str, page_size: int = SIM_PAGE_SIZE, *, first_page_only: bool = False
     ) -> list[dict[str, Any]]:
         """The VPG's IP address map (listVirtualPrivateGatewayIpAddressMapEntries), every page:
         SIMs' static and dynamic addresses, and the gate peers' and the VPG's own."""
         path = self._vpg_path(vpg_id, "/ip_address_map")
-        return self._paginated("listVirtualPrivateGatewayIpAddressMapEntries", path, page_size)
+        return self._paginated(
+            "listVirtualPrivateGatewayIpAddressMapEntries", path, page_size, first_page_only
+        )
 
-    def _paginated(self, operation: str, path: str, page_size: int) -> list[dict[str, Any]]:
+    def _paginated(
+        self, operation: str, path: str, page_size: int, first_page_only: bool = False
+    ) -> list[dict[str, Any]]:
         """All pages of a list: each answer's `x-soracom-next-key` is the next request's
         `last_evaluated_key`, until an answer has none. Each page is one call, so 429s and
         retries are handled per page, and the rate-limit wait spans the pages."""
@@ -438,7 +445,7 @@ class SoracomClient:
                 raise SoracomError(operation, 200, "unexpected answer: not a list of objects")
             rows.extend(data)
             key = headers.get("x-soracom-next-key") or None
-            if key is None:
+            if key is None or first_page_only:
                 return rows
             if key in seen:
                 # An API that hands back a key it gave before would page forever.

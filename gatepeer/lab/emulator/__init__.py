@@ -53,7 +53,9 @@ Control endpoints (no authentication, never subject to faults)
                                   faults, redirection, overrides
 ``POST /_emulator/faults``        merge, e.g. ``{"latency_ms": 200, "fail_next": 3,
                                   "fail_status": 503, "rate_limit_next": 2,
-                                  "rate_limit_seconds": 1, "drop_next": 1}``
+                                  "rate_limit_seconds": 1, "drop_next": 1, "deny":
+                                  ["listSims"]}`` (``deny``: those operations answer 403, as
+                                  for a key without the permission, until reset)
 ``POST /_emulator/reset_faults``  all faults and overrides off
 ``POST /_emulator/overrides``     replace the answer overrides (the API lies; the state and the
                                   lab stay true), e.g. ``{"vpg": {"gateVxlanId": 99},

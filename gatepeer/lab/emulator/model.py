@@ -38,6 +38,7 @@ E_TOO_LARGE = "EMU0010"
 E_RATE_LIMITED = "EMU0011"
 E_INJECTED = "EMU0012"
 E_INTERNAL = "EMU0013"
+E_FORBIDDEN = "EMU0014"
 
 
 class Peer(NamedTuple):
@@ -257,6 +258,8 @@ class Faults:
     rate_limit_next: int = 0
     rate_limit_seconds: int = 1
     drop_next: int = 0
+    # Operations answered 403, as for an auth key whose permissions leave them out (until reset).
+    deny: tuple[str, ...] = ()
 
     def update(self, changes: Mapping[str, object]) -> None:
         """Validate every change first, then apply them all (no half-applied update)."""
@@ -268,6 +271,12 @@ class Faults:
                 valid[name] = require_int(name, value, 400, 599)
             elif name in ("fail_next", "rate_limit_next", "rate_limit_seconds", "drop_next"):
                 valid[name] = require_int(name, value, 0)
+            elif name == "deny":
+                if not isinstance(value, list | tuple) or not all(
+                    isinstance(v, str) for v in value
+                ):
+                    raise ValueError("deny must be a list of operationIds")
+                valid[name] = tuple(value)
             else:
                 raise ValueError(f"unknown fault {name!r}")
         for name, value in valid.items():

@@ -20,6 +20,7 @@ from gatepeer.lab.emulator.model import (
     API_PREFIX,
     CONTROL_PREFIX,
     E_BAD_REQUEST,
+    E_FORBIDDEN,
     E_INJECTED,
     E_INTERNAL,
     E_NO_SUCH_VPG,
@@ -362,6 +363,12 @@ class Emulator(Operations):
             denied = self._check_token(settings, operation, params, headers)
             if denied is not None:
                 return denied
+        with self._lock:
+            denied_ops = self._faults.deny
+        if operation in denied_ops:
+            return self._error(
+                settings, 403, E_FORBIDDEN, f"You do not have permission to call {operation}"
+            )
         if "vpg_id" in params and params["vpg_id"] != settings.vpg_id:
             return self._error(settings, 404, E_NO_SUCH_VPG, "No such VPG found")
         return self._handlers[operation](params, headers, parse_request(operation, body))
