@@ -11,7 +11,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -133,7 +133,7 @@ class Emulator(Operations):
 
         return self._mutate(change)
 
-    def set_sims(self, sims: list[Sim | Mapping[str, Any]]) -> list[Sim]:
+    def set_sims(self, sims: Sequence[Sim | Mapping[str, Any]]) -> list[Sim]:
         """Replace the operator's SIMs (Sim or its JSON); ValueError (nothing changed) on a bad
         SIM or a SIM id or IMSI given twice."""
         parsed = [s if isinstance(s, Sim) else Sim.from_json(s) for s in sims]
