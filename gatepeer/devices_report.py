@@ -17,30 +17,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
-from typing import Any, Protocol
+from typing import Any
 
 from gatepeer import sims
 from gatepeer.config import Config
+from gatepeer.device_traffic import DeviceTraffic
 
-
-class Traffic(Protocol):
-    """What the packet path counts per device (gatepeer.device_traffic.DeviceTraffic)."""
-
-    @property
-    def address(self) -> IPv4Address: ...
-    @property
-    def packets_from_device(self) -> int: ...
-    @property
-    def bytes_from_device(self) -> int: ...
-    @property
-    def packets_to_device(self) -> int: ...
-    @property
-    def bytes_to_device(self) -> int: ...
-    @property
-    def last_packet_age_s(self) -> float | None: ...
-
-
-TrafficReader = Callable[[], Mapping[IPv4Address, Traffic]]
+TrafficReader = Callable[[], Mapping[IPv4Address, DeviceTraffic]]
 ConnectionsReader = Callable[[], str]
 
 
@@ -48,7 +31,7 @@ ConnectionsReader = Callable[[], str]
 class DeviceRow:
     address: IPv4Address
     sim: sims.SimRecord | None  # None: traffic from an address the SIM map does not name
-    traffic: Traffic | None  # None: no counters for it (or none readable)
+    traffic: DeviceTraffic | None  # None: no counters for it (or none readable)
     connections: int | None  # None: conntrack could not be read
 
     def to_json(self) -> dict[str, Any]:
@@ -93,7 +76,7 @@ class DevicesReport:
 
 def rows(
     sim_map: sims.SimMap,
-    traffic: Mapping[IPv4Address, Traffic] | None,
+    traffic: Mapping[IPv4Address, DeviceTraffic] | None,
     connections: Mapping[IPv4Address, int] | None,
 ) -> list[DeviceRow]:
     """Pure: one row per address in the SIM map or the traffic counters, by address."""
@@ -109,15 +92,11 @@ def rows(
     ]
 
 
-def read_traffic() -> Mapping[IPv4Address, Traffic]:
-    """The packet path's per-device counters (gatepeer.kernel.nftables.device_traffic)."""
-    from gatepeer.kernel import nftables
+def read_traffic() -> Mapping[IPv4Address, DeviceTraffic]:
+    """The packet path's per-device counters (empty when its device sets are absent)."""
+    from gatepeer.kernel.nftables import device_traffic
 
-    reader = getattr(nftables, "device_traffic", None)
-    if reader is None:
-        raise LookupError("this gatepeer has no per-device counters")
-    result: Mapping[IPv4Address, Traffic] = reader()
-    return result
+    return device_traffic()
 
 
 def read_connections() -> str:
@@ -147,12 +126,16 @@ def gather(
         notes.append(
             f"SIM map: none kept in {config.devices.sim_map_path} yet (the daemon fetches it)"
         )
-    traffic: Mapping[IPv4Address, Traffic] | None
-    try:
-        traffic = traffic_reader()
-    except Exception as exc:  # noqa: BLE001 - nft missing, table absent, set absent: said
+    traffic: Mapping[IPv4Address, DeviceTraffic] | None
+    if not config.packet_path.device_counters:
         traffic = None
-        notes.append(f"traffic: cannot read the per-device counters: {_one_line(exc)}")
+        notes.append("traffic: not counted (packet_path.device_counters = false)")
+    else:
+        try:
+            traffic = traffic_reader()
+        except Exception as exc:  # noqa: BLE001 - nft missing or refusing: said, not fatal
+            traffic = None
+            notes.append(f"traffic: cannot read the per-device counters: {_one_line(exc)}")
     seen = set(sim_map.records) | set(traffic or ())
     connections: dict[IPv4Address, int] | None
     try:

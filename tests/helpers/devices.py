@@ -1,24 +1,11 @@
-"""Builders for the devices report: per-device traffic as the packet path reads it
-(gatepeer.device_traffic.DeviceTraffic's fields) and SIM maps."""
+"""Builders for the devices report: SIM maps, per-device traffic, conntrack dumps."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from gatepeer import sims
-
-
-@dataclass(frozen=True)
-class Traffic:
-    """DeviceTraffic's fields, for tests written before (and independent of) that class."""
-
-    address: IPv4Address
-    packets_from_device: int
-    bytes_from_device: int
-    packets_to_device: int
-    bytes_to_device: int
-    last_packet_age_s: float | None
+from gatepeer.device_traffic import DeviceTraffic
 
 
 def device_address(n: int) -> IPv4Address:
@@ -42,9 +29,9 @@ def sim_map(count: int, *, fetched_at: float = 1000.0, named: bool = True) -> si
     return sims.SimMap(records=records, fetched_at=fetched_at)
 
 
-def traffic(count: int) -> dict[IPv4Address, Traffic]:
+def traffic(count: int) -> dict[IPv4Address, DeviceTraffic]:
     return {
-        device_address(n): Traffic(device_address(n), n + 1, 100 * (n + 1), n, 90 * n, 1.5)
+        device_address(n): DeviceTraffic(device_address(n), n + 1, 100 * (n + 1), n, 90 * n, 1.5)
         for n in range(count)
     }
 

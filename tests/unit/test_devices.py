@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from helpers.config_files import soracom_section, write_config, write_key
-from helpers.devices import Traffic, conntrack_dump, device_address, sim_map
+from helpers.devices import conntrack_dump, device_address, sim_map
 
 from gatepeer import devices_report, sims
 from gatepeer.cli import main
 from gatepeer.config import load
+from gatepeer.device_traffic import DeviceTraffic
 from gatepeer.kernel.conntrack import count_by_address
 
 STRANGER = IPv4Address("198.19.200.77")  # traffic from an address no SIM names
@@ -25,7 +26,10 @@ def _config(tmp_path: Path, devices: str = "") -> Path:
     key = write_key(tmp_path / "key")
     cache = tmp_path / "sims.json"
     return write_config(
-        tmp_path, soracom_section(key) + f'[devices]\nsim_cache = "{cache}"\n{devices}'
+        tmp_path,
+        soracom_section(key)
+        + "[packet_path]\ndevice_counters = true\n"
+        + f'[devices]\nsim_cache = "{cache}"\n{devices}',
     )
 
 
@@ -54,8 +58,8 @@ def test_devices_seen_are_the_union_of_sims_and_traffic(
 ) -> None:
     a, b = device_address(0), device_address(1)
     traffic = {
-        a: Traffic(a, 3, 300, 2, 200, 4.0),
-        STRANGER: Traffic(STRANGER, 1, 60, 0, 0, 12.0),
+        a: DeviceTraffic(a, 3, 300, 2, 200, 4.0),
+        STRANGER: DeviceTraffic(STRANGER, 1, 60, 0, 0, 12.0),
     }
     dump = conntrack_dump([(a, "203.0.113.5"), (a, "203.0.113.6"), (STRANGER, "203.0.113.5")])
     readers(monkeypatch, traffic, dump)
@@ -88,7 +92,7 @@ def test_devices_seen_are_the_union_of_sims_and_traffic(
 
 def test_text_output_names_each_device(kept: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     a = device_address(0)
-    readers(monkeypatch, {a: Traffic(a, 5, 2048, 4, 100, 3.0)}, conntrack_dump([]))
+    readers(monkeypatch, {a: DeviceTraffic(a, 5, 2048, 4, 100, 3.0)}, conntrack_dump([]))
     result = CliRunner().invoke(main, ["devices", "--config", str(kept)])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
@@ -175,3 +179,13 @@ def test_connections_count_both_directions_once_per_entry() -> None:
     )
     counts = count_by_address(dump, [a, b, STRANGER])
     assert counts == {a: 2, b: 2, STRANGER: 0}
+
+
+def test_counters_off_is_said_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = write_key(tmp_path / "key")
+    path = write_config(
+        tmp_path, soracom_section(key) + f'[devices]\nsim_cache = "{tmp_path / "s.json"}"\n'
+    )
+    readers(monkeypatch, AssertionError("must not be read"), "")
+    report = devices_report.gather(load(path, check_system=False))
+    assert "traffic: not counted (packet_path.device_counters = false)" in report.notes
