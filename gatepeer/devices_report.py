@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
 
-from gatepeer import sims
+from gatepeer import atomic_json, sims
 from gatepeer.config import Config
 from gatepeer.device_traffic import DeviceTraffic
 
@@ -78,9 +78,12 @@ def rows(
     sim_map: sims.SimMap,
     traffic: Mapping[IPv4Address, DeviceTraffic] | None,
     connections: Mapping[IPv4Address, int] | None,
+    not_devices: frozenset[IPv4Address] = frozenset(),
 ) -> list[DeviceRow]:
-    """Pure: one row per address in the SIM map or the traffic counters, by address."""
-    seen = set(sim_map.records) | set(traffic or ())
+    """Pure: one row per address in the SIM map or the traffic counters, by address. The
+    `not_devices` (the VPG's endpoints and the gate peers: the probes' answers are counted
+    too) are left out."""
+    seen = (set(sim_map.records) | set(traffic or ())) - not_devices
     return [
         DeviceRow(
             address=address,
@@ -136,7 +139,8 @@ def gather(
         except Exception as exc:  # noqa: BLE001 - nft missing or refusing: said, not fatal
             traffic = None
             notes.append(f"traffic: cannot read the per-device counters: {_one_line(exc)}")
-    seen = set(sim_map.records) | set(traffic or ())
+    not_devices = gate_addresses(config)
+    seen = (set(sim_map.records) | set(traffic or ())) - not_devices
     connections: dict[IPv4Address, int] | None
     try:
         connections = count_by_address(connections_reader(), seen)
@@ -144,11 +148,27 @@ def gather(
         connections = None
         notes.append(f"connections: {_one_line(exc)}")
     return DevicesReport(
-        rows=rows(sim_map, traffic, connections),
+        rows=rows(sim_map, traffic, connections, not_devices),
         sim_map=sim_map,
         now=time.time() if now is None else now,
         notes=notes,
     )
+
+
+def gate_addresses(config: Config) -> frozenset[IPv4Address]:
+    """The inner addresses of the VPG's endpoints and of this peer, from the daemon's last gate
+    view (state.json): they answer in the tunnel but are no devices. Empty when unknown."""
+    from gatepeer.desired_state import GateView
+
+    doc = atomic_json.read(config.agent.state_file) or {}
+    try:
+        gate = GateView.from_json(doc["gate"]) if doc.get("gate") else None
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return frozenset()
+    if gate is None:
+        return frozenset()
+    inners = {e.inner for e in gate.endpoints if e.inner is not None}
+    return frozenset({gate.inner.ip, *inners})
 
 
 def render(report: DevicesReport) -> str:

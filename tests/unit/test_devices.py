@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from helpers.config_files import soracom_section, write_config, write_key
 from helpers.devices import conntrack_dump, device_address, sim_map
 
-from gatepeer import devices_report, sims
+from gatepeer import atomic_json, devices_report, sims
 from gatepeer.cli import main
 from gatepeer.config import load
 from gatepeer.device_traffic import DeviceTraffic
@@ -189,3 +189,34 @@ def test_counters_off_is_said_not_read(tmp_path: Path, monkeypatch: pytest.Monke
     readers(monkeypatch, AssertionError("must not be read"), "")
     report = devices_report.gather(load(path, check_system=False))
     assert "traffic: not counted (packet_path.device_counters = false)" in report.notes
+
+
+def test_the_vpg_endpoints_and_this_peer_are_no_devices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probes' echo replies from the VPG's inner addresses are counted by the kernel; the
+    report leaves those addresses (and this peer's own) out."""
+    path = _config(tmp_path)
+    state = tmp_path / "state.json"
+    path.write_text(path.read_text() + f'[agent]\nstate_file = "{state}"\n')
+    gate = {
+        "vpg_id": "vpg-0123abcd",
+        "vni": 10,
+        "device_subnet": "198.19.0.0/16",
+        "gate_opened": True,
+        "inner": "198.19.0.3/16",
+        "outer": "198.18.0.10",
+        "endpoints": [
+            {"outer": "198.18.1.11", "inner": "198.19.0.1"},
+            {"outer": "198.18.1.12", "inner": "198.19.0.2"},
+        ],
+    }
+    atomic_json.write(state, {"gate": gate})
+    a = device_address(0)
+    seen = {
+        address: DeviceTraffic(address, 1, 84, 1, 84, 1.0)
+        for address in (a, IPv4Address("198.19.0.1"), IPv4Address("198.19.0.3"))
+    }
+    readers(monkeypatch, seen, "")
+    report = devices_report.gather(load(path, check_system=False))
+    assert [row.address for row in report.rows] == [a]
