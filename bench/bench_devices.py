@@ -36,6 +36,7 @@ from benchlib import ms, summary, timed  # noqa: E402
 FIRST_DEVICE = IPv4Address("198.19.128.1")  # the lab's device half starts here
 VPC_HOST = "198.18.0.20"  # a destination for the conntrack entries (the lab's VPC side)
 NFT_BATCH = 2_000  # elements per `nft add element` command
+SIMS_PER_POST = 2_000
 
 
 def post(url: str, doc: object) -> None:
@@ -59,7 +60,9 @@ def load_sims(lab: benchlib.Lab, count: int) -> None:
         }
         for n in range(count)
     ]
-    post(f"{lab.info.host_url}/_emulator/sims", {"sims": sims})
+    for start in range(0, count, SIMS_PER_POST):  # a control request holds at most 1 MiB
+        batch = sims[start : start + SIMS_PER_POST]
+        post(f"{lab.info.host_url}/_emulator/sims", {"sims": batch, "append": start > 0})
 
 
 def fill_device_sets(lab: benchlib.Lab, count: int) -> None:

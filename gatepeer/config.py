@@ -170,13 +170,9 @@ class DevicesConfig:
 
     # Seconds between refreshes of the SIM map from the API (at start, then this often); 0 off.
     sim_refresh_seconds: int = DEFAULT_SIM_REFRESH_S
-    # Where the map is kept, on disk like the gate view.
-    sim_cache: Path = Path("/var/lib/gatepeer/sims.json")
-
-    @property
-    def sim_map_path(self) -> Path | None:
-        """The map's file, or None when the map is off."""
-        return self.sim_cache if self.sim_refresh_seconds else None
+    # Where the map is kept; None: sims.json beside agent.gate_cache (on disk, like the gate
+    # view), or beside agent.state_file when the gate cache is off (gatepeer.sims.cache_path).
+    sim_cache: Path | None = None
 
 
 # [ha]: a pair of gate peers; keepalived elects the master (see gatepeer/ha/).
@@ -722,10 +718,10 @@ def _parse_devices(s: _Section) -> DevicesConfig:
             f"{s.key('sim_refresh_seconds')}: must be 0 (off) or at least {MIN_SIM_REFRESH_S}, "
             f"got {refresh}: each refresh pages through every SIM, within the API's rate limit"
         )
-    cache = s.string("sim_cache", str(DevicesConfig.sim_cache))
-    if not cache.startswith("/"):
+    cache = s.string("sim_cache", "")
+    if cache and not cache.startswith("/"):
         raise ConfigError(f"{s.key('sim_cache')}: must be an absolute path, got {cache!r}")
-    cfg = DevicesConfig(sim_refresh_seconds=refresh, sim_cache=Path(cache))
+    cfg = DevicesConfig(sim_refresh_seconds=refresh, sim_cache=Path(cache) if cache else None)
     s.finish()
     return cfg
 

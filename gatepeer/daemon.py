@@ -23,7 +23,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK, RTMGRP_NEIGH
 
-from gatepeer import health, state_document, systemd
+from gatepeer import health, sims, state_document, systemd
 from gatepeer.agent import Agent, ReconcileResult, make_client
 from gatepeer.aws.integration import AwsIntegration, TerminationWatcher
 from gatepeer.config import Config, ConfigError
@@ -297,7 +297,7 @@ class Daemon:
             running.stop()
             self.sim_refresher = None
         self._sim_settings = wanted
-        path = devices.sim_map_path
+        path = sims.cache_path(self.config)
         if path is None:
             return
         refresher = SimRefresher(

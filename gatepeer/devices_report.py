@@ -121,14 +121,13 @@ def gather(
     traffic_reader = traffic_reader or read_traffic
     connections_reader = connections_reader or read_connections
 
-    sim_map = sims.load(config.devices.sim_map_path)
+    cache = sims.cache_path(config)
+    sim_map = sims.load(cache)
     notes: list[str] = []
     if sim_map.error:
         notes.append(f"SIM map: {sim_map.error}")
-    elif sim_map.fetched_at is None and config.devices.sim_map_path is not None:
-        notes.append(
-            f"SIM map: none kept in {config.devices.sim_map_path} yet (the daemon fetches it)"
-        )
+    elif sim_map.fetched_at is None and cache is not None:
+        notes.append(f"SIM map: none kept in {cache} yet (the daemon fetches it)")
     traffic: Mapping[IPv4Address, DeviceTraffic] | None
     if not config.packet_path.device_counters:
         traffic = None

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from gatepeer import atomic_json
 
 if TYPE_CHECKING:
+    from gatepeer.config import Config
     from gatepeer.soracom import SoracomClient
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,21 @@ def fetch(client: SoracomClient, vpg_id: str, now: float) -> SimMap:
     sims = client.list_sims()
     ip_map = client.list_ip_address_map(vpg_id)
     return build(vpg_id, sims, ip_map, now)
+
+
+CACHE_NAME = "sims.json"
+
+
+def cache_path(config: Config) -> Path | None:
+    """Where the map is kept: `devices.sim_cache`, else beside the gate cache (on disk), else
+    beside the state file; None when the map is off (`devices.sim_refresh_seconds = 0`)."""
+    devices = config.devices
+    if not devices.sim_refresh_seconds:
+        return None
+    if devices.sim_cache is not None:
+        return devices.sim_cache
+    beside = config.agent.gate_cache or config.agent.state_file
+    return beside.parent / CACHE_NAME
 
 
 def load(path: Path | None) -> SimMap:

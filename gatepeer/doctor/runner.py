@@ -21,7 +21,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from gatepeer import atomic_json
+from gatepeer import atomic_json, sims
 from gatepeer.config import VXLAN_OVERHEAD, Config, ConfigError, check_against_system, load
 from gatepeer.desired_state import GateView, conntrack_sysctls, neighbour_thresholds
 from gatepeer.doctor.judgments import (
@@ -324,7 +324,7 @@ class Doctor:
         """One page of each SIM map call: enough to learn whether the key may call them."""
         from gatepeer.soracom import SoracomError
 
-        enabled = self.config.devices.sim_map_path is not None
+        enabled = sims.cache_path(self.config) is not None
         refused: dict[str, tuple[int, str]] = {}
         if enabled:
             calls = {

@@ -283,12 +283,19 @@ def _config(tmp_path: Path, devices: str) -> Path:
 def test_devices_config_defaults_and_values(tmp_path: Path) -> None:
     cfg = load(_config(tmp_path, ""), check_system=False)
     assert cfg.devices.sim_refresh_seconds == 900
-    assert cfg.devices.sim_map_path == Path("/var/lib/gatepeer/sims.json")
+    assert sims.cache_path(cfg) == Path("/var/lib/gatepeer/sims.json")  # beside gate.json
+    no_gate_cache = _config(tmp_path, "").read_text() + (
+        f'[agent]\ngate_cache = ""\nstate_file = "{tmp_path / "run" / "state.json"}"\n'
+    )
+    cfg = load(write_config(tmp_path, no_gate_cache), check_system=False)
+    assert sims.cache_path(cfg) == tmp_path / "run" / "sims.json"  # beside the state file
+    cfg = load(_config(tmp_path, 'sim_cache = "/srv/x.json"\n'), check_system=False)
+    assert sims.cache_path(cfg) == Path("/srv/x.json")
     cfg = load(
         _config(tmp_path, 'sim_refresh_seconds = 0\nsim_cache = "/tmp/x.json"\n'),
         check_system=False,
     )
-    assert cfg.devices.sim_map_path is None  # off
+    assert sims.cache_path(cfg) is None  # off
 
 
 @pytest.mark.parametrize(
@@ -309,10 +316,7 @@ def test_bad_devices_keys_are_named(tmp_path: Path, text: str, named: str) -> No
 
 def test_the_devices_section_is_in_the_effective_config(tmp_path: Path) -> None:
     cfg = load(_config(tmp_path, ""), check_system=False)
-    assert cfg.masked()["devices"] == {
-        "sim_refresh_seconds": 900,
-        "sim_cache": "/var/lib/gatepeer/sims.json",
-    }
+    assert cfg.masked()["devices"] == {"sim_refresh_seconds": 900, "sim_cache": "(default)"}
 
 
 # ----- the daemon's refresher ------------------------------------------------------------

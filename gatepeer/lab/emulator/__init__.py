@@ -75,7 +75,8 @@ Control endpoints (no authentication, never subject to faults)
                                   map), e.g. ``{"sims": [{"sim_id": "8942...", "imsi":
                                   "440103...", "name": "pump-1", "group_id": "...", "online":
                                   true, "vpg_id": "<this VPG>", "address": "198.19.128.5",
-                                  "static_address": null}]}``
+                                  "static_address": null}]}``; with ``"append": true``
+                                  added to the SIMs there (a body holds at most 1 MiB)
 ``POST /_emulator/expire_tokens`` every issued token expires now
 ``POST /_emulator/reset_counts``  request counts and recent requests cleared
 

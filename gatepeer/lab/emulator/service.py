@@ -416,10 +416,13 @@ class Emulator(Operations):
                     raise ValueError(f"not settable: {', '.join(sorted(refused))}")
                 self.update_settings(**changes)
             elif method == "POST" and name == "sims":
-                sims = json_object(body, required=True).get("sims")
+                doc = json_object(body, required=True)
+                sims = doc.get("sims")
                 if not isinstance(sims, list) or not all(isinstance(x, dict) for x in sims):
                     raise ValueError('sims: give {"sims": [{"sim_id", "imsi", ...}, ...]}')
-                self.set_sims(sims)
+                # "append": true adds to the SIMs there (a body holds at most 1 MiB of them).
+                kept = self.sims() if doc.get("append") is True else []
+                self.set_sims([*kept, *sims])
             elif method == "POST" and name == "expire_tokens":
                 self.expire_tokens()
             elif method == "POST" and name == "reset_counts":
