@@ -13,6 +13,8 @@ variant once as a fresh process in the peer namespace, the order alternating bet
 - devices         `gatepeer devices`
 - devices-json    `gatepeer devices --json`
 - status          `gatepeer status` (the baseline)
+- nft-list-sets, conntrack-L, python: the two nft listings `devices` makes, its conntrack
+  dump and the interpreter's start-up, alone (where the time goes; not in the ratio)
 
 Prints medians and quartiles and the ratios devices / status; --json FILE keeps every sample.
 """
@@ -113,7 +115,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every sample here")
     args = parser.parse_args()
 
-    samples: dict[str, list[float]] = {k: [] for k in ("devices", "devices-json", "status")}
+    names = ("devices", "devices-json", "status", "nft-list-sets", "conntrack-L", "python")
+    samples: dict[str, list[float]] = {k: [] for k in names}
     with benchlib.lab() as lab:
         config = lab.paths.config
         config.write_text(config.read_text() + "\n[packet_path]\ndevice_counters = true\n")
@@ -124,10 +127,18 @@ def main() -> None:
             fetch_s = wait_for_map(lab, args.devices)
             fill_device_sets(lab, args.devices)
             fill_conntrack(lab, args.connections)
+            list_sets = "; ".join(
+                f"nft -j list set inet gatepeer {name} >/dev/null"
+                for name in ("devices_from", "devices_to")
+            )
             commands = {
                 "devices": lab.gatepeer("devices"),
                 "devices-json": lab.gatepeer("devices", "--json"),
                 "status": lab.gatepeer("status"),
+                # Parts of `devices`, for where its time goes (not in the ratio):
+                "nft-list-sets": lab.in_peer("sh", "-c", list_sets),
+                "conntrack-L": lab.in_peer("sh", "-c", "conntrack -L -f ipv4 >/dev/null 2>&1"),
+                "python": lab.in_peer(sys.executable, "-c", "pass"),
             }
             for command in commands.values():  # warm the page cache; not counted
                 timed(command)

@@ -27,7 +27,7 @@ TrafficReader = Callable[[], Mapping[IPv4Address, DeviceTraffic]]
 ConnectionsReader = Callable[[], str]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeviceRow:
     address: IPv4Address
     sim: sims.SimRecord | None  # None: traffic from an address the SIM map does not name
@@ -84,14 +84,19 @@ def rows(
     `not_devices` (the VPG's endpoints and the gate peers: the probes' answers are counted
     too) are left out."""
     seen = (set(sim_map.records) | set(traffic or ())) - not_devices
+    records = sim_map.records
+    counted = traffic or {}
+    conns = connections or {}
+    unknown = connections is None
+    # Sorted by the address's integer: IPv4Address's own comparisons cost 10x more.
     return [
         DeviceRow(
-            address=address,
-            sim=sim_map.records.get(address),
-            traffic=traffic.get(address) if traffic is not None else None,
-            connections=connections.get(address) if connections is not None else None,
+            address,
+            records.get(address),
+            counted.get(address),
+            None if unknown else conns.get(address),
         )
-        for address in sorted(seen)
+        for address in sorted(seen, key=int)
     ]
 
 
