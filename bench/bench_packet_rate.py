@@ -20,6 +20,9 @@ addresses), so "VPC host -> device" is the reply half of a flow the device opene
 from the device, the VPC host sending. Every one of those packets is de-NATed by conntrack,
 which is the job a NAT does in that direction.
 
+`--counters` adds, per mode and direction, gatepeer with `packet_path.device_counters = true`
+(`*_counters`, compared with gatepeer without them in the same round: the counters' cost).
+
 `--ablation` adds, per mode and direction, the gatepeer lab with its nftables table deleted and
 its sysctls kept (nat: plus the one masquerade rule, or nothing would be translated): what the
 table itself costs (`*_notable`, compared with the same hand-made baseline).
@@ -33,7 +36,7 @@ from the VPG stand-ins of all labs (the device <-> VPC path does not use it); `-
 keeps it, to reproduce the earlier figures.
 
     sudo .venv/bin/python bench/bench_packet_rate.py [--rounds 7] [--seconds 3] [--ablation]
-        [--only route|nat] [--json out.json]
+        [--counters] [--only route|nat] [--json out.json]
 
 Builds three labs under fresh prefixes and removes them at the end (also on failure/Ctrl-C).
 """
@@ -55,7 +58,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
-from bench_throughput import DEVICE, VPC_HOST, lab, set_mode  # noqa: E402
+from bench_throughput import DEVICE, VPC_HOST, config_path, gatepeer, lab, set_mode  # noqa: E402
 
 from gatepeer.lab.network.layout import VPG_NAT_TABLE  # noqa: E402
 
@@ -67,6 +70,7 @@ PAIRS = {
     "nat_down": "hand_nat_down",
 }
 ABLATION = {f"{case}_notable": base for case, base in PAIRS.items()}
+COUNTERS = {f"{case}_counters": case for case in PAIRS}
 TARGET = 0.95
 MASQUERADE = """
 table ip fcknat {
@@ -107,6 +111,30 @@ def without_table(ns: str, nat: bool) -> Iterator[None]:
             yield
     finally:
         nft(ns, "-f", "-", stdin=listed)
+
+
+def table_variants(prefix: str) -> tuple[str, str]:
+    """This lab's table as gatepeer loads it without and with `device_counters`."""
+    path = config_path(prefix)
+    plain = path.read_text()
+    env = {"GATEPEER_CONFIG": str(path)}
+    path.write_text(plain.replace("[packet_path]\n", "[packet_path]\ndevice_counters = true\n"))
+    gatepeer("apply", ns=f"{prefix}-peer", env=env)
+    counted = nft(f"{prefix}-peer", "list", "table", "inet", "gatepeer")
+    assert "devices_from" in counted, counted
+    path.write_text(plain)
+    gatepeer("apply", ns=f"{prefix}-peer", env=env)
+    return nft(f"{prefix}-peer", "list", "table", "inet", "gatepeer"), counted
+
+
+@contextmanager
+def table_swapped(ns: str, table: str, back: str) -> Iterator[None]:
+    replace = "add table inet gatepeer\ndelete table inet gatepeer\n"
+    nft(ns, "-f", "-", stdin=replace + table)
+    try:
+        yield
+    finally:
+        nft(ns, "-f", "-", stdin=replace + back)
 
 
 @contextmanager
@@ -168,6 +196,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=3)
     ap.add_argument("--only", choices=("route", "nat"), help="this mode and its baselines only")
     ap.add_argument("--ablation", action="store_true", help="also each mode without its table")
+    ap.add_argument("--counters", action="store_true", help="also with device_counters on")
     ap.add_argument("--keep-vpg-nat", action="store_true", help="leave the VPG stand-in's table")
     ap.add_argument("--json", type=Path)
     opts = ap.parse_args()
@@ -181,6 +210,9 @@ def main() -> int:
         if not opts.keep_vpg_nat:
             for prefix in (hand, gpr, gpn):
                 lean_vpg(prefix)
+        variants = {}
+        if opts.counters:
+            variants = {"route": table_variants(gpr), "nat": table_variants(gpn)}
         rulesets["route"] = nft(f"{gpr}-peer", "list", "ruleset")
         rulesets["nat"] = nft(f"{gpn}-peer", "list", "ruleset")
         peer = {"hand": f"{hand}-peer", "route": f"{gpr}-peer", "nat": f"{gpn}-peer"}
@@ -203,10 +235,16 @@ def main() -> int:
                 if case.endswith("_notable"):
                     with without_table(peer[lab_of], nat=kind == "nat"):
                         return udp64(client, server, bind, opts.seconds, reverse)
+                if case.endswith("_counters"):
+                    plain, counted = variants[kind]
+                    with table_swapped(peer[lab_of], counted, plain):
+                        return udp64(client, server, bind, opts.seconds, reverse)
                 return udp64(client, server, bind, opts.seconds, reverse)
 
         groups = [
-            [base, case] + ([f"{case}_notable"] if opts.ablation else [])
+            [base, case]
+            + ([f"{case}_counters"] if opts.counters else [])
+            + ([f"{case}_notable"] if opts.ablation else [])
             for case, base in PAIRS.items()
             if not opts.only or case.startswith(opts.only)
         ]
@@ -229,7 +267,7 @@ def main() -> int:
     print("|---|---:|---:|---|---:|---:|")
     ratios: dict[str, float] = {}
     for case, values in results.items():
-        base = {**PAIRS, **ABLATION}.get(case)
+        base = {**PAIRS, **ABLATION, **COUNTERS}.get(case)
         cells = ["", "", ""]
         if base and base in results:
             per_round = [a / b for a, b in zip(values, results[base], strict=True)]

@@ -720,6 +720,16 @@ def _without_set_elements(lines: list[str]) -> list[str]:
     return out
 
 
+def with_set_listing(table_text: str, name: str, set_text: str) -> str:
+    """`table_text` (a terse listing, `nft -t`) with set `name`'s block replaced by the one in
+    `set_text` (that set's own listing, elements included)."""
+    block = re.compile(rf"^\tset {re.escape(name)} {{\n.*?^\t}}", re.M | re.S)
+    found = block.search(set_text)
+    if found is None:
+        return table_text
+    return block.sub(lambda _: found.group(0), table_text, count=1)
+
+
 def change_needed(spec: PacketPathSpec, current_text: str | None) -> Change:
     """What it takes to converge: nothing, a refill of the updatable sets, or a reload (pure)."""
     if current_text is None:
@@ -818,16 +828,24 @@ def describe(spec: PacketPathSpec, current_text: str | None) -> list[str]:
         return []
     if change == "sets":
         assert current_text is not None
-        header = []
+        changes: list[str] = []
         for name, have, want in (
-            (ENDPOINT_SET, set(loaded_endpoints(current_text)), set(spec.endpoints)),
-            (ALLOW_SET, set(loaded_allowed(current_text)), set(spec.allow_list)),
+            (
+                ENDPOINT_SET,
+                set(map(str, loaded_endpoints(current_text))),
+                set(map(str, spec.endpoints)),
+            ),
+            (
+                ALLOW_SET,
+                set(map(str, loaded_allowed(current_text))),
+                set(map(str, spec.allow_list)),
+            ),
         ):
-            added = " ".join(f"+{a}" for a in sorted(want - have))
-            gone = " ".join(f"-{a}" for a in sorted(have - want))
+            added = " ".join(f"+{a}" for a in sorted(want - have, key=_sort_key))
+            gone = " ".join(f"-{a}" for a in sorted(have - want, key=_sort_key))
             if added or gone:
-                header.append(f"# set {name}: {' '.join(x for x in (added, gone) if x)}")
-        return header + _heredoc(sets_transaction(spec))
+                changes.append(f"# set {name}: {' '.join(x for x in (added, gone) if x)}")
+        return changes + _heredoc(sets_transaction(spec))
     header: list[str]
     if current_text is None:
         header = [f"# create table {FAMILY} {TABLE}"]

@@ -562,3 +562,50 @@ def test_device_traffic_from_json() -> None:
     assert got[a7] == DeviceTraffic(a7, 1, 60, 0, 0, 3500.0)
     assert got[a9] == DeviceTraffic(a9, 0, 0, 4, 400, None)
     assert rs.device_traffic_from_json('{"nftables": []}', 3600) == {}
+
+
+def test_device_counters_come_from_the_config(tmp_path: Path) -> None:
+    from helpers.config_files import soracom_section, write_config, write_key
+    from helpers.plan_inputs import FACTS, GATE, make_config
+
+    from gatepeer.config import ConfigError, PacketPathConfig, load
+    from gatepeer.desired_state import desired_state
+
+    key = write_key(tmp_path / "key")
+    on = load(
+        write_config(tmp_path, soracom_section(key) + "\n[packet_path]\ndevice_counters = true\n"),
+        check_system=False,
+    )
+    assert on.packet_path.device_counters is True
+    assert PacketPathConfig().device_counters is False  # the default: see bench/README.md
+    with pytest.raises(ConfigError, match="device_counters"):
+        load(
+            write_config(
+                tmp_path, soracom_section(key) + '\n[packet_path]\ndevice_counters = "on"\n'
+            ),
+            check_system=False,
+        )
+    spec_on = desired_state(
+        replace(make_config(), packet_path=on.packet_path), FACTS, GATE
+    ).packet_path
+    assert spec_on is not None and spec_on.device_counters
+    spec_off = desired_state(make_config(), FACTS, GATE).packet_path
+    assert spec_off is not None and not spec_off.device_counters
+    assert not spec_off.closed and not spec_off.track_flows and spec_off.snat_address is None
+
+
+def test_a_terse_listing_gets_its_configuration_sets_back() -> None:
+    want = spec(mode="nat", device_counters=True, allowed_destinations=ALLOW)
+    full = rs.render(want)
+    # What `nft -t list table` prints: no named set's elements.
+    terse = "\n".join(ln for ln in full.splitlines() if not ln.startswith("\t\telements = "))
+    assert rs.change_needed(want, terse) == "sets"
+    set_listing = (
+        "table inet gatepeer {\n\tset vpg_endpoints {\n\t\ttype ipv4_addr\n"
+        "\t\telements = { 198.18.0.11, 198.18.0.12 }\n\t}\n}\n"
+    )
+    text = rs.with_set_listing(terse, "vpg_endpoints", set_listing)
+    allowed = rs.render(spec(allowed_destinations=ALLOW))
+    text = rs.with_set_listing(text, "allowed_destinations", allowed)
+    assert rs.change_needed(want, text) == "none"
+    assert rs.with_set_listing(terse, "vpg_endpoints", "table inet gatepeer {\n}\n") == terse
