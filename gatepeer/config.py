@@ -158,6 +158,23 @@ class AgentConfig:
     gate_cache: Path | None = Path("/var/lib/gatepeer/gate.json")
 
 
+# The SIM map's default cadence: slow, since SIM names and static addresses change rarely and
+# each refresh pages through every SIM of the operator (one call per 100 SIMs).
+DEFAULT_SIM_REFRESH_S = 900
+MIN_SIM_REFRESH_S = 60
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    """The SIM map behind `gatepeer devices` (gatepeer/sims.py)."""
+
+    # Seconds between refreshes of the SIM map from the API (at start, then this often); 0 off.
+    sim_refresh_seconds: int = DEFAULT_SIM_REFRESH_S
+    # Where the map is kept; None: sims.json beside agent.gate_cache (on disk, like the gate
+    # view), or beside agent.state_file when the gate cache is off (gatepeer.sims.cache_path).
+    sim_cache: Path | None = None
+
+
 # [ha]: a pair of gate peers; keepalived elects the master (see gatepeer/ha/).
 HA_NOTIFY_FIFO = Path("/run/gatepeer/keepalived.fifo")
 # VRRPv3 counts the advert interval in centiseconds, in 12 bits (RFC 5798 5.2.7).
@@ -259,6 +276,7 @@ class Config:
     probes: ProbesConfig = field(default_factory=ProbesConfig)
     ha: HaConfig | None = None  # None: a single peer, no keepalived
     aws: AwsConfig = field(default_factory=AwsConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
     source: Path | None = None
 
     def masked(self) -> dict[str, dict[str, Any]]:
@@ -273,6 +291,7 @@ class Config:
             "metrics": self.metrics,
             "probes": self.probes,
             "aws": self.aws,
+            "devices": self.devices,
         }
         if self.ha is not None:
             sections["ha"] = self.ha
@@ -332,6 +351,7 @@ _SECTIONS = (
     "probes",
     "aws",
     "ha",
+    "devices",
 )
 
 
@@ -365,6 +385,7 @@ def parse(data: Mapping[str, Any]) -> Config:
         else None
     )
     aws = section("aws", lambda s: _parse_aws(s, packet_path or PacketPathConfig(), ha))
+    devices = section("devices", _parse_devices)
     if kernel is not None and packet_path is not None:
         # conntrack is sized for devices x flows; past this the kernel refuses the table size
         # (it must fit a signed int, and each entry costs ~256 bytes of memory).
@@ -383,6 +404,7 @@ def parse(data: Mapping[str, Any]) -> Config:
         raise ConfigErrors(errors)
     # No error: every section parsed (only a refused key stops one, and it is reported).
     assert soracom and tunnel and kernel and agent and packet_path and metrics and probes and aws
+    assert devices
     return Config(
         soracom=soracom,
         tunnel=tunnel,
@@ -393,6 +415,7 @@ def parse(data: Mapping[str, Any]) -> Config:
         probes=probes,
         ha=ha,
         aws=aws,
+        devices=devices,
     )
 
 
@@ -704,6 +727,21 @@ def _parse_agent(s: _Section) -> AgentConfig:
         state_file=Path(state_file),
         gate_cache=Path(cache) if cache else None,
     )
+    s.finish()
+    return cfg
+
+
+def _parse_devices(s: _Section) -> DevicesConfig:
+    refresh = s.integer("sim_refresh_seconds", DEFAULT_SIM_REFRESH_S, 0, 86_400)
+    if 0 < refresh < MIN_SIM_REFRESH_S:
+        raise ConfigError(
+            f"{s.key('sim_refresh_seconds')}: must be 0 (off) or at least {MIN_SIM_REFRESH_S}, "
+            f"got {refresh}: each refresh pages through every SIM, within the API's rate limit"
+        )
+    cache = s.string("sim_cache", "")
+    if cache and not cache.startswith("/"):
+        raise ConfigError(f"{s.key('sim_cache')}: must be an absolute path, got {cache!r}")
+    cfg = DevicesConfig(sim_refresh_seconds=refresh, sim_cache=Path(cache) if cache else None)
     s.finish()
     return cfg
 
