@@ -347,6 +347,7 @@ class Daemon:
         def refresh() -> None:
             try:
                 agent.refresh_gate(facts=agent.facts)
+                agent.refresh_destinations()
             except Exception as exc:  # noqa: BLE001 - must not die silently with health "ok"
                 log.exception("refreshing the gate view failed")
                 agent.gate_error = f"refreshing the gate view failed: {exc}"

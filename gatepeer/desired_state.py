@@ -248,7 +248,14 @@ def tunnel_mtu(config: Config, facts: HostFacts) -> int:
     return config.tunnel.mtu
 
 
-def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredState:
+def desired_state(
+    config: Config,
+    facts: HostFacts,
+    gate: GateView,
+    resolved_destinations: tuple[IPv4Network, ...] = (),
+) -> DesiredState:
+    """`resolved_destinations`: what packet_path.allowed_destinations' AWS names stand for
+    (gatepeer.aws.destinations), added to its prefixes."""
     t = config.tunnel
     link = VxlanSpec(
         name=t.interface,
@@ -271,6 +278,7 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
             "packet_path.vpc_cidrs: not set, and neither IMDS nor the underlay told the VPC's "
             'CIDRs; list them, or set packet_path.outside_vpc = "route"'
         )
+    allowed = pp.allowed_destinations + resolved_destinations
     packet_path = PacketPathSpec(
         device_subnet=gate.device_subnet,
         vni=gate.vni,
@@ -280,7 +288,7 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         tunnel=t.interface,
         underlay=facts.underlay,
         vxlan_port=t.destination_port,
-        allowed_destinations=pp.allowed_destinations,
+        allowed_destinations=allowed,
         flowtable=facts.flowtable_supported and pp.flowtable is not False,
         host_services=pp.host_services,
         outside_vpc=pp.outside_vpc,

@@ -244,39 +244,45 @@ class DestinationResolver:
         before = self.prefixes()
         now = self.clock()
         self.refreshed_at = now
+        # Built aside and swapped in whole: the reconcile reads `state` from another thread.
+        state = ResolvedDestinations(
+            dict(self.state.by_entry), dict(self.state.resolved_at), dict(self.state.errors)
+        )
         try:
             ec2 = self.ec2()
         except AwsError as exc:
             for entry in self.entries:
-                self.state.errors[entry] = f"{entry}: {exc}"
+                state.errors[entry] = f"{entry}: {exc}"
             log.warning("packet_path.allowed_destinations: %s", exc)
+            self.state = state
             return False
         changed_entries = False
         for entry in self.entries:
             try:
                 nets = resolve_entry(ec2, entry)
             except DestinationError as exc:
-                if self.state.errors.get(entry) != str(exc):
+                if state.errors.get(entry) != str(exc):
                     log.warning(
                         "packet_path.allowed_destinations: %s%s",
                         exc,
-                        " (its last good prefixes stay)" if entry in self.state.by_entry else "",
+                        " (its last good prefixes stay)" if entry in state.by_entry else "",
                     )
-                self.state.errors[entry] = str(exc)
+                state.errors[entry] = str(exc)
                 continue
-            self.state.errors.pop(entry, None)
-            if self.state.by_entry.get(entry) != nets:
+            state.errors.pop(entry, None)
+            if state.by_entry.get(entry) != nets:
                 changed_entries = True
                 log.info(
                     "packet_path.allowed_destinations: %s is %s",
                     entry,
                     ", ".join(str(n) for n in nets),
                 )
-            self.state.by_entry[entry] = nets
-            self.state.resolved_at[entry] = now
+            state.by_entry[entry] = nets
+            state.resolved_at[entry] = now
+        self.state = state
         if self.cache is not None and (changed_entries or not self.cache.exists()):
             try:
-                atomic_json.write(self.cache, self.state.to_json())
+                atomic_json.write(self.cache, state.to_json())
             except OSError as exc:
                 log.warning("packet_path.destinations_cache: %s: %s", self.cache, exc)
         return self.prefixes() != before

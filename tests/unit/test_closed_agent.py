@@ -1,0 +1,104 @@
+"""The allow-list's AWS names in a reconcile: the resolved prefixes join the literal ones in
+the packet path, a list of names nothing resolved yet never becomes "admit everything", and a
+kept set (destinations_cache) builds the path at a boot without EC2."""
+
+from __future__ import annotations
+
+import dataclasses
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers.fake_kernel import FakeKernel
+from helpers.plan_inputs import FACTS, GATE, make_config
+
+from gatepeer import atomic_json
+from gatepeer.agent import Agent
+from gatepeer.aws.destinations import ResolvedDestinations
+from gatepeer.config import AgentConfig, Config, PacketPathConfig
+from gatepeer.desired_state import desired_state
+from gatepeer.kernel_reconcile import ReconcileError
+
+LIST = "pl-0123456789abcdef0"
+CLOUD = IPv4Network("203.0.113.0/24")
+
+
+def config_with(tmp_path: Path, **packet_path: Any) -> Config:
+    config = make_config()
+    return dataclasses.replace(
+        config,
+        packet_path=PacketPathConfig(
+            allowed_names=(LIST,), destinations_cache=tmp_path / "destinations.json", **packet_path
+        ),
+        agent=AgentConfig(state_file=tmp_path / "state.json", gate_cache=tmp_path / "gate.json"),
+    )
+
+
+def agent_for(config: Config) -> Agent:
+    kernel = FakeKernel(desired_state(make_config(), FACTS, GATE))
+    agent = Agent(config, netlink=kernel)  # type: ignore[arg-type]
+    agent.gate = GATE
+    agent.facts = FACTS
+    return agent
+
+
+class FakeEc2:
+    """Answers GetManagedPrefixListEntries for LIST; counts the calls."""
+
+    def __init__(self, cidrs: list[str]) -> None:
+        self.cidrs = cidrs
+        self.calls = 0
+
+    def get_managed_prefix_list_entries(self, **kwargs: Any) -> dict[str, Any]:
+        assert kwargs["PrefixListId"] == LIST
+        self.calls += 1
+        return {"Entries": [{"Cidr": c} for c in self.cidrs]}
+
+
+def test_resolved_prefixes_join_the_literal_ones(tmp_path: Path) -> None:
+    literal = IPv4Network("198.51.100.0/24")
+    agent = agent_for(config_with(tmp_path, allowed_destinations=(literal,)))
+    assert agent.destinations is not None
+    ec2 = FakeEc2([str(CLOUD)])
+    agent.destinations.ec2 = lambda: ec2
+    assert agent.refresh_destinations() is True
+    assert set(agent.desired().packet_path.allowed_destinations) == {literal, CLOUD}
+    # On its cadence only, unless forced (apply forces it).
+    assert agent.refresh_destinations() is False and ec2.calls == 1
+    agent.refresh_destinations(force=True)
+    assert ec2.calls == 2
+
+
+def test_names_not_resolved_never_admit_everything(tmp_path: Path) -> None:
+    agent = agent_for(config_with(tmp_path))
+    assert agent.destinations is not None
+
+    def unreachable() -> Any:
+        from gatepeer.aws import AwsError
+
+        raise AwsError("EC2 did not answer")
+
+    agent.destinations.ec2 = unreachable
+    agent.refresh_destinations()
+    with pytest.raises(ReconcileError) as err:
+        agent.desired()
+    assert LIST in str(err.value) and "EC2 did not answer" in str(err.value)
+    result = agent.reconcile(refresh=False)
+    assert result.health == "failed" and not result.actions
+
+
+def test_a_boot_without_ec2_uses_the_kept_set(tmp_path: Path) -> None:
+    config = config_with(tmp_path)
+    assert config.packet_path.destinations_cache is not None
+    kept = ResolvedDestinations({LIST: (CLOUD,)}, {LIST: 1.0})
+    atomic_json.write(config.packet_path.destinations_cache, kept.to_json())
+    agent = agent_for(config)
+    assert agent.desired().packet_path.allowed_destinations == (CLOUD,)
+
+
+def test_without_names_there_is_no_resolver(tmp_path: Path) -> None:
+    config = dataclasses.replace(config_with(tmp_path), packet_path=PacketPathConfig())
+    agent = agent_for(config)
+    assert agent.destinations is None and agent.refresh_destinations() is False
+    assert agent.desired().packet_path.allowed_destinations == ()
