@@ -18,8 +18,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
-from gatepeer.aws.destinations import is_aws_name
-
 T = TypeVar("T")
 DEFAULT_PATH = Path("/etc/gatepeer/gatepeer.toml")
 ENV_VAR = "GATEPEER_CONFIG"
@@ -741,6 +739,19 @@ def _parse_packet_path(s: _Section) -> PacketPathConfig:
     )
     s.finish()
     return cfg
+
+
+# packet_path.allowed_destinations' AWS names (gatepeer.aws.destinations resolves them): a
+# managed prefix list's id, an AWS-managed prefix list's name (com.amazonaws.<region>.<service>,
+# or a global one such as com.amazonaws.global.cloudfront.origin-facing), a VPC endpoint's id.
+PREFIX_LIST_ID = re.compile(r"pl-[0-9a-f]{8,17}")
+ENDPOINT_ID = re.compile(r"vpce-[0-9a-f]{8,17}")
+PREFIX_LIST_NAME = re.compile(r"com\.amazonaws\.[a-z0-9-]+\.[a-z0-9][a-z0-9.-]*")
+
+
+def is_aws_name(entry: str) -> bool:
+    """Whether an allowed_destinations entry names something in EC2 (else it is a prefix)."""
+    return any(p.fullmatch(entry) for p in (PREFIX_LIST_ID, ENDPOINT_ID, PREFIX_LIST_NAME))
 
 
 def _destinations(s: _Section) -> tuple[tuple[ipaddress.IPv4Network, ...], tuple[str, ...]]:
