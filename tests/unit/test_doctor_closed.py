@@ -7,7 +7,6 @@ private DNS, and SSM's Route 53 inbound resolver. Nothing reaches AWS."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -26,13 +25,6 @@ REGION = "ap-northeast-1"
 S3 = f"com.amazonaws.{REGION}.s3"
 VPC_CIDR = "198.18.0.0/16"
 DEVICES = IPv4Network("198.19.0.0/16")
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[Moto]:
-    server = Moto()
-    yield server
-    server.stop()
 
 
 @dataclasses.dataclass
