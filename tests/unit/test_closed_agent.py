@@ -171,3 +171,29 @@ def test_the_daemons_refresher_resolves_when_due(tmp_path: Path) -> None:
     assert daemon.start_refresh()
     daemon._refresher.join(5)
     assert ec2.calls == 1
+
+
+def test_status_names_what_the_names_resolved_to_and_what_failed(tmp_path: Path) -> None:
+    from gatepeer.aws import report
+    from gatepeer.daemon import Daemon
+
+    config = dataclasses.replace(
+        config_with(tmp_path), metrics=dataclasses.replace(make_config().metrics, listen="")
+    )
+    daemon = Daemon(config, lambda: config)
+    assert daemon.agent.destinations is not None
+    daemon.agent.destinations.ec2 = lambda: FakeEc2([str(CLOUD)])
+    daemon.agent.refresh_destinations()
+    view = daemon._aws_view()
+    assert view is not None
+    line = report.line(view)
+    assert line is not None and "1 name(s) resolved to 1 prefix(es)" in line
+    assert "FAILING" not in line
+
+    def unreachable() -> Any:
+        raise AwsError("EC2 did not answer")
+
+    daemon.agent.destinations.ec2 = unreachable
+    daemon.agent.refresh_destinations(force=True)
+    line = report.line(daemon._aws_view() or {})
+    assert line is not None and f"FAILING: {LIST}: EC2 did not answer" in line
