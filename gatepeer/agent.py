@@ -29,7 +29,7 @@ from gatepeer import (
     teardown,
 )
 from gatepeer.api_actions import ApiAction
-from gatepeer.aws.integration import InstanceFactsSource, key_reader
+from gatepeer.aws.integration import InstanceFactsSource, destination_resolver, key_reader
 from gatepeer.config import Config
 from gatepeer.desired_state import (
     DesiredState,
@@ -38,6 +38,7 @@ from gatepeer.desired_state import (
     HostFacts,
     IPv4Address,
     IPv4Interface,
+    IPv4Network,
     ObservedState,
     desired_state,
     tunnel_mtu,
@@ -109,6 +110,9 @@ class Agent:
         # EC2 only (DMI decides, locally): IMDS facts stand in for unset tunnel settings.
         self.instance = InstanceFactsSource(config.aws)
         self.client = client or make_client(config, self.api_stats, self.instance)
+        # packet_path.allowed_destinations' AWS names: the last good set from disk until EC2
+        # answers; refreshed with the gate view, on its own cadence.
+        self.destinations = destination_resolver(config, self.instance)
         self.netlink = netlink or Netlink()
         self.clock = clock
         self.record = AgentRecord()
@@ -229,6 +233,12 @@ class Agent:
         self.gate_fetched_at = self.clock()
         return True
 
+    def refresh_destinations(self, *, force: bool = False) -> bool:
+        """Resolve the allow-list's AWS names when due; True when the prefixes changed."""
+        if self.destinations is None or not (force or self.destinations.due()):
+            return False
+        return self.destinations.refresh()
+
     # ---- reconcile ---------------------------------------------------------------------
 
     def desired(self) -> DesiredState:
@@ -239,7 +249,7 @@ class Agent:
             )
         facts = self.facts or self.host_facts()
         try:
-            return desired_state(self.config, facts, self.gate)
+            return desired_state(self.config, facts, self.gate, self._resolved_destinations())
         except (ValueError, TypeError) as exc:
             if isinstance(exc, DesiredStateError):
                 raise
@@ -249,6 +259,11 @@ class Agent:
                 f"tunnel.underlay_interface: cannot build the packet path for {facts.underlay}: "
                 f"{exc}"
             ) from None
+
+    def _resolved_destinations(self) -> tuple[IPv4Network, ...]:
+        """What the allow-list's AWS names stand for: the last good set (none resolved yet:
+        desired_state closes the path to the VPC only until they are)."""
+        return self.destinations.prefixes() if self.destinations else ()
 
     def observe(self, desired: DesiredState) -> ObservedState:
         return kernel_reconcile.observe(self.netlink, desired)
@@ -270,6 +285,7 @@ class Agent:
             self.api_actions = []
             if refresh:
                 self.refresh_gate(dry_run=dry_run)
+                self.refresh_destinations(force=True)
             # A dry run with "self" previews the post that would fix the gateway instead.
             previewed = dry_run and self.config.soracom.redirection == "self"
             if self.gate is not None and not previewed:

@@ -117,6 +117,15 @@ class PacketPathConfig:
     mode: PacketPathMode = "route"
     # Destinations devices may reach through this peer; empty allows every destination.
     allowed_destinations: tuple[ipaddress.IPv4Network, ...] = ()
+    # The list's AWS names (pl-..., com.amazonaws.<region>.<service>, vpce-...), resolved
+    # through EC2 by gatepeer.aws.destinations, every destinations_refresh seconds, the last
+    # good set kept in destinations_cache (None: not kept).
+    allowed_names: tuple[str, ...] = ()
+    destinations_refresh: float = 300.0
+    destinations_cache: Path | None = Path("/var/lib/gatepeer/destinations.json")
+    # Device traffic to anything outside the allowed destinations and the VPC is dropped and
+    # counted (closed_dropped).
+    closed: bool = False
     # "auto": use the nftables flowtable fast path when the kernel offers one.
     flowtable: bool | Literal["auto"] = "auto"
     # nat mode: conntrack sized for neighbour_table_devices devices with this many flows each.
@@ -750,7 +759,14 @@ def _parse_packet_path(s: _Section) -> PacketPathConfig:
     mode = s.get("mode", "route")
     if mode not in ("route", "nat"):
         raise ConfigError(f'{s.key("mode")}: must be "route" or "nat", got {_show(mode)}')
-    allowed = _prefixes(s, "allowed_destinations")
+    allowed, names = _destinations(s)
+    closed = s.boolean("closed", False)
+    refresh = s.duration("destinations_refresh", 300.0, 30.0, 86_400.0)
+    cache_raw = s.string("destinations_cache", str(PacketPathConfig.destinations_cache))
+    if cache_raw and not cache_raw.startswith("/"):
+        raise ConfigError(
+            f'{s.key("destinations_cache")}: must be an absolute path or "", got {cache_raw!r}'
+        )
     outside_vpc = s.get("outside_vpc", "masquerade")
     if outside_vpc not in ("masquerade", "route"):
         raise ConfigError(
@@ -771,6 +787,10 @@ def _parse_packet_path(s: _Section) -> PacketPathConfig:
     cfg = PacketPathConfig(
         mode=mode,
         allowed_destinations=tuple(allowed),
+        allowed_names=names,
+        destinations_refresh=refresh,
+        destinations_cache=Path(cache_raw) if cache_raw else None,
+        closed=closed,
         flowtable=flowtable,
         flows_per_device=flows,
         host_services=_host_services(s),
@@ -782,9 +802,49 @@ def _parse_packet_path(s: _Section) -> PacketPathConfig:
     return cfg
 
 
-def _prefixes(s: _Section, key: str) -> tuple[ipaddress.IPv4Network, ...]:
-    """A list of IPv4 prefix strings, ["198.18.0.0/16", ...]."""
+# packet_path.allowed_destinations' AWS names (gatepeer.aws.destinations resolves them): a
+# managed prefix list's id, an AWS-managed prefix list's name (com.amazonaws.<region>.<service>,
+# or a global one such as com.amazonaws.global.cloudfront.origin-facing), a VPC endpoint's id.
+PREFIX_LIST_ID = re.compile(r"pl-[0-9a-f]{8,17}")
+ENDPOINT_ID = re.compile(r"vpce-[0-9a-f]{8,17}")
+PREFIX_LIST_NAME = re.compile(r"com\.amazonaws\.[a-z0-9-]+\.[a-z0-9][a-z0-9.-]*")
+
+
+def is_aws_name(entry: str) -> bool:
+    """Whether an allowed_destinations entry names something in EC2 (else it is a prefix)."""
+    return any(p.fullmatch(entry) for p in (PREFIX_LIST_ID, ENDPOINT_ID, PREFIX_LIST_NAME))
+
+
+def _destinations(s: _Section) -> tuple[tuple[ipaddress.IPv4Network, ...], tuple[str, ...]]:
+    """allowed_destinations: IPv4 prefixes, and AWS names resolved later through EC2
+    (`pl-...`, `com.amazonaws.<region>.<service>`, `vpce-...`)."""
+    key = "allowed_destinations"
     raw = s.get(key, [])
+    if not isinstance(raw, list):
+        raise ConfigError(
+            f"{s.key(key)}: must be a list of IPv4 prefixes or AWS names, got {_show(raw)}"
+        )
+    prefixes: list[str] = []
+    names: list[str] = []
+    for item in raw:
+        if isinstance(item, str) and is_aws_name(item):
+            if item not in names:
+                names.append(item)
+        elif isinstance(item, str) and "/" not in item and item[:3] in ("pl-", "vpc", "com"):
+            raise ConfigError(
+                f"{s.key(key)}: not an IPv4 prefix, prefix list (pl-..., "
+                f"com.amazonaws.REGION.SERVICE) or VPC endpoint id (vpce-...), got {_show(item)}"
+            )
+        else:
+            prefixes.append(item)
+    return _prefixes(s, key, prefixes), tuple(names)
+
+
+def _prefixes(
+    s: _Section, key: str, given: list[Any] | None = None
+) -> tuple[ipaddress.IPv4Network, ...]:
+    """A list of IPv4 prefix strings, ["198.18.0.0/16", ...]."""
+    raw = s.get(key, []) if given is None else given
     if not isinstance(raw, list):
         raise ConfigError(f"{s.key(key)}: must be a list of IPv4 prefixes, got {_show(raw)}")
     found = []

@@ -277,7 +277,12 @@ class Daemon:
 
     def _aws_view(self) -> dict[str, Any] | None:
         aws: AwsIntegration | None = getattr(self, "aws", None)  # made after the first agent
-        return aws.to_json() if aws is not None else None
+        view = aws.to_json() if aws is not None else None
+        agent = getattr(self, "agent", None)
+        if agent is not None and agent.destinations is not None:
+            # The allow-list's AWS names: what each stands for, and what failed.
+            view = {**(view or {}), "destinations": agent.destinations.to_json()}
+        return view
 
     def _sim_view(self) -> dict[str, Any] | None:
         refresher: SimRefresher | None = getattr(self, "sim_refresher", None)
@@ -413,6 +418,7 @@ class Daemon:
         def refresh() -> None:
             try:
                 agent.refresh_gate(facts=agent.facts)
+                agent.refresh_destinations()
             except Exception as exc:  # noqa: BLE001 - must not die silently with health "ok"
                 log.exception("refreshing the gate view failed")
                 agent.gate_error = f"refreshing the gate view failed: {exc}"

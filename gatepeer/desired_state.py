@@ -268,7 +268,14 @@ def snat_address(config: Config, facts: HostFacts) -> IPv4Address | None:
     return snat
 
 
-def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredState:
+def desired_state(
+    config: Config,
+    facts: HostFacts,
+    gate: GateView,
+    resolved_destinations: tuple[IPv4Network, ...] = (),
+) -> DesiredState:
+    """`resolved_destinations`: what packet_path.allowed_destinations' AWS names stand for
+    (gatepeer.aws.destinations), added to its prefixes."""
     t = config.tunnel
     link = VxlanSpec(
         name=t.interface,
@@ -292,6 +299,15 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
             'CIDRs; list them, or set packet_path.outside_vpc = "route"'
         )
     snat = snat_address(config, facts)
+    allowed = pp.allowed_destinations + resolved_destinations
+    # An empty allow-list admits everything: AWS names not resolved yet (EC2 silent, nothing
+    # kept on disk) must never mean that, so until they resolve devices reach only the VPC.
+    closed = pp.closed or (bool(pp.allowed_names) and not allowed)
+    if closed and not facts.vpc_networks:
+        raise DesiredStateError(
+            "packet_path.closed: the VPC's CIDRs are not known (nor learned from IMDS or the "
+            "underlay); list them in packet_path.vpc_cidrs"
+        )
     packet_path = PacketPathSpec(
         device_subnet=gate.device_subnet,
         vni=gate.vni,
@@ -301,16 +317,14 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         tunnel=t.interface,
         underlay=facts.underlay,
         vxlan_port=t.destination_port,
-        allowed_destinations=pp.allowed_destinations,
+        allowed_destinations=allowed,
         flowtable=facts.flowtable_supported and pp.flowtable is not False,
         host_services=pp.host_services,
         outside_vpc=pp.outside_vpc,
         vpc_networks=facts.vpc_networks,
         device_counters=pp.device_counters,
         snat_address=snat,
-        # Their config keys belong to other parts (the closed network, the flow log): read
-        # where they exist, today's table where they do not.
-        closed=bool(getattr(pp, "closed", False)),
+        closed=closed,
         track_flows=bool(getattr(pp, "track_flows", False)),
     )
     g1, g2, g3 = neighbour_thresholds(config.kernel.neighbour_table_devices)

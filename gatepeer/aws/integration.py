@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from gatepeer.aws import AwsError
 from gatepeer.aws.clients import AwsTarget, client
+from gatepeer.aws.destinations import DestinationResolver
 from gatepeer.aws.detect import SYS_ROOT, ec2_evidence
 from gatepeer.aws.ec2 import disable_source_dest_check
 from gatepeer.aws.imds import Imds, InstanceFacts, resolve_endpoint
@@ -121,6 +122,20 @@ def ssm_key_reader(config: Config, source: InstanceFactsSource) -> Callable[[], 
     name = config.soracom.auth_key_ssm_parameter
     assert name is not None
     return auth_key_reader(name, lambda: AwsTarget(source.region()))
+
+
+def destination_resolver(config: Config, source: InstanceFactsSource) -> DestinationResolver | None:
+    """The AWS names of packet_path.allowed_destinations, resolved in aws.region (else the
+    instance's region); None when the list names none."""
+    pp = config.packet_path
+    if not pp.allowed_names:
+        return None
+    return DestinationResolver(
+        pp.allowed_names,
+        lambda: client("ec2", AwsTarget(source.region())),
+        cache=pp.destinations_cache,
+        interval_s=pp.destinations_refresh,
+    )
 
 
 def key_reader(config: Config, source: InstanceFactsSource | None = None) -> Callable[[], str]:
