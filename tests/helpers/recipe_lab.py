@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import subprocess
 import sys
 import time
@@ -60,22 +59,35 @@ MOTO_SCRIPT = Path(__file__).with_name("moto_lab_server.py")
 
 
 @contextlib.contextmanager
-def started(ns: str, argv: list[str], env: dict[str, str] | None = None) -> Iterator[Any]:
-    """A process in namespace `ns`, started directly and stopped by its pid on the way out."""
-    proc = subprocess.Popen(
-        netns.exec_in(ns, argv),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
+def started(ns: str, argv: list[str], log: Path | None = None) -> Iterator[Any]:
+    """A process in namespace `ns`, started directly and stopped by its pid on the way out. Its
+    output goes to `log` (a chatty server must never fill a pipe nobody reads), else to a
+    pipe the caller reads."""
+    out = open(log, "ab") if log is not None else None  # noqa: SIM115 - closed below
+    try:
+        proc = subprocess.Popen(
+            netns.exec_in(ns, argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out if out is not None else subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    finally:
+        if out is not None:
+            out.close()  # the child holds its own copy
     try:
         yield proc
     finally:
         if proc.poll() is None:
             stop_pid(proc.pid)
         proc.wait(timeout=10)
+
+
+def log_tail(log: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
 
 
 # ----------------------------------------------------------------------------- moto
@@ -103,7 +115,8 @@ def moto_ec2(lab: LabHandle) -> Iterator[None]:
     netns.ip(fabric, "addr", "replace", f"{vpc_routes.EC2_ADDR}/32", "dev", "lo")
     argv = [sys.executable, str(MOTO_SCRIPT), "--host", str(vpc_routes.EC2_ADDR),
             "--port", str(vpc_routes.EC2_PORT), "--s3-cidr", str(S3_RANGE)]  # fmt: skip
-    with started(fabric, argv) as proc:
+    log = lab.paths.dir / "recipe-moto.log"
+    with started(fabric, argv, log) as proc:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             try:
@@ -111,8 +124,7 @@ def moto_ec2(lab: LabHandle) -> Iterator[None]:
                 break
             except Exception as exc:  # noqa: BLE001 - still starting
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    out = proc.stdout.read() if proc.poll() is not None and proc.stdout else ""
-                    raise AssertionError(f"moto did not answer: {exc}\n{out}") from None
+                    raise AssertionError(f"moto did not answer: {exc}\n{log_tail(log)}") from None
                 time.sleep(0.2)
         yield
 
@@ -252,13 +264,12 @@ def dns_stand_in(lab: LabHandle, records: dict[str, str]) -> Iterator[subprocess
         "--pid-file=", "--log-facility=-", "--log-queries", "--user=root",
         *(f"--address=/{name}/{address}" for name, address in records.items()),
     ]  # fmt: skip
-    with started(lab.ns("vpc"), argv) as proc:
+    log = lab.paths.dir / "recipe-dnsmasq.log"
+    with started(lab.ns("vpc"), argv, log) as proc:
         deadline = time.monotonic() + START_TIMEOUT_S
         name = next(iter(records))
         while resolve(lab, "vpc", name) != records[name]:
-            assert proc.poll() is None, "dnsmasq exited: " + (
-                proc.stdout.read() if proc.stdout else ""
-            )
+            assert proc.poll() is None, "dnsmasq exited: " + log_tail(log)
             assert time.monotonic() < deadline, f"dnsmasq on {RESOLVER} does not answer {name}"
             time.sleep(0.1)
         yield proc
