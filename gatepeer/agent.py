@@ -261,19 +261,9 @@ class Agent:
             ) from None
 
     def _resolved_destinations(self) -> tuple[IPv4Network, ...]:
-        if self.destinations is None:
-            return ()
-        resolved = self.destinations.prefixes()
-        if not resolved and not self.config.packet_path.allowed_destinations:
-            # An empty allow-list admits everything: names not resolved yet must never mean it.
-            errors = "; ".join(self.destinations.state.errors.values())
-            raise ReconcileError(
-                "packet_path.allowed_destinations: none of "
-                + ", ".join(self.destinations.entries)
-                + " is resolved yet, and none is kept on disk: the packet path waits rather "
-                "than admit every destination" + (f" ({errors})" if errors else "")
-            )
-        return resolved
+        """What the allow-list's AWS names stand for: the last good set (none resolved yet:
+        desired_state closes the path to the VPC only until they are)."""
+        return self.destinations.prefixes() if self.destinations else ()
 
     def observe(self, desired: DesiredState) -> ObservedState:
         return kernel_reconcile.observe(self.netlink, desired)

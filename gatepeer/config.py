@@ -18,8 +18,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
-from gatepeer.aws.destinations import is_aws_name
-
 T = TypeVar("T")
 DEFAULT_PATH = Path("/etc/gatepeer/gatepeer.toml")
 ENV_VAR = "GATEPEER_CONFIG"
@@ -140,6 +138,8 @@ class PacketPathConfig:
     outside_vpc: OutsideVpc = "masquerade"
     # What "inside the VPC" means; empty: learned (IMDS's VPC CIDRs, else the underlay's prefix).
     vpc_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
+    # Per-device packets and bytes each way, counted in the kernel (dynamic nftables sets).
+    device_counters: bool = False
 
 
 # Outside 9100-9999 (allocated to other exporters).
@@ -738,9 +738,23 @@ def _parse_packet_path(s: _Section) -> PacketPathConfig:
         host_services=_host_services(s),
         outside_vpc=outside_vpc,
         vpc_cidrs=vpc_cidrs,
+        device_counters=s.boolean("device_counters", False),
     )
     s.finish()
     return cfg
+
+
+# packet_path.allowed_destinations' AWS names (gatepeer.aws.destinations resolves them): a
+# managed prefix list's id, an AWS-managed prefix list's name (com.amazonaws.<region>.<service>,
+# or a global one such as com.amazonaws.global.cloudfront.origin-facing), a VPC endpoint's id.
+PREFIX_LIST_ID = re.compile(r"pl-[0-9a-f]{8,17}")
+ENDPOINT_ID = re.compile(r"vpce-[0-9a-f]{8,17}")
+PREFIX_LIST_NAME = re.compile(r"com\.amazonaws\.[a-z0-9-]+\.[a-z0-9][a-z0-9.-]*")
+
+
+def is_aws_name(entry: str) -> bool:
+    """Whether an allowed_destinations entry names something in EC2 (else it is a prefix)."""
+    return any(p.fullmatch(entry) for p in (PREFIX_LIST_ID, ENDPOINT_ID, PREFIX_LIST_NAME))
 
 
 def _destinations(s: _Section) -> tuple[tuple[ipaddress.IPv4Network, ...], tuple[str, ...]]:

@@ -279,6 +279,14 @@ def desired_state(
             'CIDRs; list them, or set packet_path.outside_vpc = "route"'
         )
     allowed = pp.allowed_destinations + resolved_destinations
+    # An empty allow-list admits everything: AWS names not resolved yet (EC2 silent, nothing
+    # kept on disk) must never mean that, so until they resolve devices reach only the VPC.
+    closed = pp.closed or (bool(pp.allowed_names) and not allowed)
+    if closed and not facts.vpc_networks:
+        raise DesiredStateError(
+            "packet_path.closed: the VPC's CIDRs are not known (nor learned from IMDS or the "
+            "underlay); list them in packet_path.vpc_cidrs"
+        )
     packet_path = PacketPathSpec(
         device_subnet=gate.device_subnet,
         vni=gate.vni,
@@ -293,6 +301,12 @@ def desired_state(
         host_services=pp.host_services,
         outside_vpc=pp.outside_vpc,
         vpc_networks=facts.vpc_networks,
+        device_counters=pp.device_counters,
+        # Their config keys belong to other parts ([ha], the flow log):
+        # read where they exist, today's table where they do not.
+        snat_address=getattr(config.ha, "snat_address", None),
+        closed=closed,
+        track_flows=bool(getattr(pp, "track_flows", False)),
     )
     g1, g2, g3 = neighbour_thresholds(config.kernel.neighbour_table_devices)
     sysctls: tuple[Sysctl, ...] = (

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,23 +28,20 @@ from typing import Any
 
 from gatepeer import atomic_json
 from gatepeer.aws import AwsError
+from gatepeer.config import ENDPOINT_ID, PREFIX_LIST_ID, PREFIX_LIST_NAME, is_aws_name
+
+__all__ = ["DestinationError", "DestinationResolver", "is_aws_name", "resolve_entry"]
 
 log = logging.getLogger(__name__)
 
-PREFIX_LIST_ID = re.compile(r"pl-[0-9a-f]{8,17}")
-ENDPOINT_ID = re.compile(r"vpce-[0-9a-f]{8,17}")
-# AWS-managed prefix lists: com.amazonaws.<region>.<service>, and the global ones
-# (com.amazonaws.global.cloudfront.origin-facing).
-PREFIX_LIST_NAME = re.compile(r"com\.amazonaws\.[a-z0-9-]+\.[a-z0-9][a-z0-9.-]*")
-
-
-def is_aws_name(entry: str) -> bool:
-    """Whether an allowed_destinations entry names something in EC2 (else it is a prefix)."""
-    return any(p.fullmatch(entry) for p in (PREFIX_LIST_ID, ENDPOINT_ID, PREFIX_LIST_NAME))
-
 
 class DestinationError(AwsError):
-    """One entry could not be resolved; the message starts with the entry."""
+    """One entry could not be resolved; the message starts with the entry. `missing`: EC2
+    says it does not exist (as opposed to not answering or refusing)."""
+
+    def __init__(self, message: str, *, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 def _aws_call(entry: str, what: str, call: Callable[[], Any]) -> Any:
@@ -56,8 +52,10 @@ def _aws_call(entry: str, what: str, call: Callable[[], Any]) -> Any:
     try:
         return call()
     except ClientError as exc:
+        code = error_code(exc)
         raise DestinationError(
-            f"{entry}: {what}: {error_code(exc) or 'error'}: {error_message(exc)}"
+            f"{entry}: {what}: {code or 'error'}: {error_message(exc)}",
+            missing=code.endswith("NotFound") or code.endswith(".Malformed"),
         ) from None
     except transport_errors() as exc:
         raise DestinationError(f"{entry}: {what}: {' '.join(str(exc).split())}") from None
@@ -75,7 +73,7 @@ def _ipv4(entry: str, cidrs: Iterable[str]) -> tuple[IPv4Network, ...]:
         if isinstance(net, IPv4Network):  # the packet path is IPv4; IPv6 entries do not apply
             found.append(net)
     if not found:
-        raise DestinationError(f"{entry}: resolves to no IPv4 prefix")
+        raise DestinationError(f"{entry}: resolves to no IPv4 prefix", missing=True)
     return tuple(sorted(set(found)))
 
 
@@ -108,7 +106,8 @@ def prefix_list_id_by_name(ec2: Any, entry: str, name: str) -> str:
     if not found:
         raise DestinationError(
             f"{entry}: no managed prefix list has this name in this region (an AWS-managed "
-            "list exists only in its own region: S3 endpoints are same-region only)"
+            "list exists only in its own region: S3 endpoints are same-region only)",
+            missing=True,
         )
     return str(found[0]["PrefixListId"])
 
@@ -120,7 +119,7 @@ def _endpoint(ec2: Any, entry: str) -> tuple[IPv4Network, ...]:
         lambda: ec2.describe_vpc_endpoints(VpcEndpointIds=[entry]),
     ).get("VpcEndpoints", [])
     if not endpoints:
-        raise DestinationError(f"{entry}: no such VPC endpoint")
+        raise DestinationError(f"{entry}: no such VPC endpoint", missing=True)
     endpoint = endpoints[0]
     kind = endpoint.get("VpcEndpointType")
     if kind == "Gateway":

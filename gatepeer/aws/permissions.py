@@ -5,7 +5,7 @@ How each is asked, without changing anything:
   call and UnauthorizedOperation when not. moto honours DryRun behind its IAM enforcement the
   same way, so the tests see both answers.
 - `ssm:GetParameter`: proven by the doctor's secret check, which reads the key.
-- Auto Scaling has no dry run: the lifecycle actions are asked through
+- Auto Scaling and Route 53 Resolver have no dry run: their actions are asked through
   `iam:SimulatePrincipalPolicy` for the role behind the instance's credentials. That needs the
   permission itself (instance roles rarely have it) and moto does not implement it, so when no
   simulation can be made those actions are reported as not verified, never as missing.
@@ -123,6 +123,30 @@ FEATURES: tuple[Feature, ...] = (
         ),
         '`packet_path.outside_vpc = "route"` with `soracom.redirection = "self"` '
         "(doctor's return-path check)",
+    ),
+    Feature(
+        "packet_path.allowed_destinations",
+        (
+            ("ec2:DescribeManagedPrefixLists", "Describe"),
+            ("ec2:GetManagedPrefixListEntries", "Describe"),
+            ("ec2:DescribeVpcEndpoints", "Describe"),
+            ("ec2:DescribeNetworkInterfaces", "Describe"),
+        ),
+        lambda c: bool(c.packet_path.allowed_names),
+        "`packet_path.allowed_destinations` naming `pl-…`, `com.amazonaws.…` or `vpce-…`",
+    ),
+    Feature(
+        "the closed-network check",
+        (
+            ("ec2:DescribeRouteTables", "Describe"),
+            ("ec2:DescribeVpcEndpoints", "Describe"),
+            ("ec2:DescribeManagedPrefixLists", "Describe"),
+            ("ec2:DescribeSecurityGroups", "Describe"),
+            ("ec2:DescribeVpcAttribute", "Describe"),
+            ("route53resolver:ListResolverEndpoints", "Describe"),
+        ),
+        lambda c: c.packet_path.closed,
+        "`packet_path.closed = true` (doctor's closed-network check)",
     ),
     Feature(
         "aws.disable_source_dest_check",
@@ -299,6 +323,17 @@ def _ec2_call(ec2: Any, action: str, s: Subject, config: Config) -> tuple[bool |
         return dry_run(
             ec2.describe_route_tables, Filters=[{"Name": "vpc-id", "Values": [s.vpc_id]}]
         )
+    if action == "ec2:DescribeManagedPrefixLists":
+        return dry_run(ec2.describe_managed_prefix_lists)
+    if action == "ec2:GetManagedPrefixListEntries":
+        lists = [n for n in config.packet_path.allowed_names if n.startswith("pl-")]
+        if not lists:
+            return None, "no pl-... entry to ask about (DescribeManagedPrefixLists is asked)"
+        return dry_run(ec2.get_managed_prefix_list_entries, PrefixListId=lists[0])
+    if action == "ec2:DescribeVpcEndpoints":
+        return dry_run(ec2.describe_vpc_endpoints)
+    if action == "ec2:DescribeVpcAttribute":
+        return dry_run(ec2.describe_vpc_attribute, VpcId=s.vpc_id, Attribute="enableDnsSupport")
     if action == "ec2:ModifyNetworkInterfaceAttribute":
         return dry_run(
             ec2.modify_network_interface_attribute,
@@ -378,7 +413,10 @@ def verify(
     verdict = Verdict()
     wanted = needed(config)
     ec2 = make_client("ec2") if any(p.action.startswith("ec2:") for p in wanted) else None
-    to_simulate = [p for p in wanted if p.action.startswith("autoscaling:")]
+    # Auto Scaling and Route 53 Resolver have no dry run.
+    to_simulate = [
+        p for p in wanted if p.action.split(":")[0] in ("autoscaling", "route53resolver")
+    ]
     simulated = simulate(make_client, [p.action for p in to_simulate]) if to_simulate else {}
     for p in wanted:
         if p.action.startswith("ec2:"):

@@ -1,7 +1,7 @@
 """The doctor's EC2 checks: the source/destination check, the security groups (UDP 4789 from
 the VPG, and in route mode the VPC's traffic forwarded to devices), the VPC route toward the
-device subnet, the NAT gateways' return path for devices' own addresses, and the IAM
-permissions.
+device subnet, the NAT gateways' return path for devices' own addresses, with
+packet_path.closed the closed network (`closed_aws`), and the IAM permissions.
 
 `run` reads (the calls in `gatepeer.aws.ec2` and `gatepeer.aws.permissions`) and asks the pure
 judgments in `gatepeer.doctor.judgments`. Off EC2 (DMI decides, no network call) every
@@ -31,6 +31,7 @@ from gatepeer.aws.ec2 import (
 from gatepeer.aws.integration import InstanceFactsSource
 from gatepeer.aws.permissions import Subject, verify
 from gatepeer.config import Config
+from gatepeer.doctor import closed, closed_aws
 from gatepeer.doctor.judgments import (
     IAM,
     NAMES,
@@ -52,8 +53,9 @@ from gatepeer.doctor.judgments import (
 __all__ = ["IAM", "NAMES", "RETURN_PATH", "ROUTE", "SECURITY_GROUP", "SOURCE_DEST", "run"]
 
 
-def _all(status: Status, detail: str) -> list[Check]:
-    return [Check(status, name, detail) for name in NAMES]
+def _all(status: Status, detail: str, config: Config | None = None) -> list[Check]:
+    closed_names = closed.NAMES if config is not None and config.packet_path.closed else ()
+    return [Check(status, name, detail) for name in (*NAMES, *closed_names)]
 
 
 def run(
@@ -67,14 +69,14 @@ def run(
 ) -> list[Check]:
     """Every EC2 check; `skip` off EC2 without a single network call."""
     if not source.on_ec2():
-        return _all("skip", "not an EC2 instance (DMI): the AWS checks do not apply")
+        return _all("skip", "not an EC2 instance (DMI): the AWS checks do not apply", config)
     try:
         require_boto3()
     except AwsUnavailable as exc:
-        return _all("warn", f"cannot run the AWS checks: {exc}")
+        return _all("warn", f"cannot run the AWS checks: {exc}", config)
     facts = source.get()
     if facts is None:
-        return _all("warn", f"no instance facts from IMDS: {source.why_missing()}")
+        return _all("warn", f"no instance facts from IMDS: {source.why_missing()}", config)
     if make_client is None:
         region = config.aws.region or facts.region
 
@@ -124,6 +126,7 @@ def run(
             out.append(Check("warn", RETURN_PATH, f"cannot read the NAT gateways: {exc}"))
     if not any(name == RETURN_PATH for _, name, _ in out):
         out.append(judge_return_path(config, paths, facts, device_subnet))
+    out += closed_aws.run(config, facts, cached, device_subnet=device_subnet)
     subject = Subject(facts.eni_id, facts.vpc_id, device_subnet)
     try:
         out.append(judge_permissions(verify(config, subject, cached, ssm_read=ssm_read)))

@@ -44,6 +44,8 @@ DROP_REASONS = {
     "allowlist_dropped": "destination_not_allowed",
     "host_service_dropped": "host_service_not_allowed",
     "vxlan_malformed_dropped": "vxlan_malformed",
+    # packet_path.closed: a destination outside the allowed set and the VPC.
+    "closed_dropped": "destination_outside_closed_network",
 }
 # nftables counter name -> class label, for what the packet path counts but lets through
 # (the kernel may still drop it: another VNI with no link of its own, an incomplete fragment).

@@ -176,4 +176,5 @@ FULL_COUNTERS = {
     "vxlan_malformed_dropped": (4, 160),
     "vxlan_other_vni": (9, 450),
     "outer_fragments": (6, 3000),
+    "closed_dropped": (11, 660),
 }

@@ -260,3 +260,27 @@ def test_one_failing_entry_keeps_its_prefixes_the_others_move_on(ec2: Any, tmp_p
     assert resolver.state.by_entry[endpoint] == before
     assert endpoint in resolver.state.errors
     assert IPv4Network("198.51.100.0/24") in resolver.prefixes()
+
+
+# ---- IAM: the single source ------------------------------------------------------------------
+
+
+def test_names_and_closed_need_their_describe_actions(tmp_path: Path) -> None:
+    from gatepeer.aws.permissions import Account, needed, policy
+
+    plain = {p.action for p in needed(packet_path(tmp_path, ""))}
+    named = packet_path(tmp_path, f'allowed_destinations = ["{S3_LIST}"]\n')
+    closed = packet_path(tmp_path, "closed = true\n")
+    for_names = {p.action for p in needed(named)} - plain
+    assert for_names == {
+        "ec2:DescribeManagedPrefixLists",
+        "ec2:GetManagedPrefixListEntries",
+        "ec2:DescribeVpcEndpoints",
+    }
+    for_closed = {p.action for p in needed(closed)} - plain
+    assert "route53resolver:ListResolverEndpoints" in for_closed
+    assert "ec2:DescribeVpcEndpoints" in for_closed and "ec2:DescribeVpcAttribute" in for_closed
+    # Describe-only: every new action lands in the Describe statement, on "*".
+    statements = policy([named, closed], Account())["Statement"]
+    describe = next(s for s in statements if s["Sid"] == "Describe")
+    assert (for_names | for_closed) <= set(describe["Action"]) and describe["Resource"] == "*"

@@ -15,10 +15,10 @@ from helpers.plan_inputs import FACTS, GATE, make_config
 
 from gatepeer import atomic_json
 from gatepeer.agent import Agent
+from gatepeer.aws import AwsError
 from gatepeer.aws.destinations import ResolvedDestinations
 from gatepeer.config import AgentConfig, Config, PacketPathConfig
-from gatepeer.desired_state import desired_state
-from gatepeer.kernel_reconcile import ReconcileError
+from gatepeer.desired_state import DesiredStateError, desired_state
 
 LIST = "pl-0123456789abcdef0"
 CLOUD = IPv4Network("203.0.113.0/24")
@@ -71,21 +71,36 @@ def test_resolved_prefixes_join_the_literal_ones(tmp_path: Path) -> None:
 
 
 def test_names_not_resolved_never_admit_everything(tmp_path: Path) -> None:
+    """EC2 silent and nothing kept: devices reach only the VPC (closed), never everything."""
     agent = agent_for(config_with(tmp_path))
     assert agent.destinations is not None
 
     def unreachable() -> Any:
-        from gatepeer.aws import AwsError
-
         raise AwsError("EC2 did not answer")
 
     agent.destinations.ec2 = unreachable
     agent.refresh_destinations()
-    with pytest.raises(ReconcileError) as err:
-        agent.desired()
-    assert LIST in str(err.value) and "EC2 did not answer" in str(err.value)
-    result = agent.reconcile(refresh=False)
-    assert result.health == "failed" and not result.actions
+    assert agent.destinations.state.errors[LIST].startswith(f"{LIST}: ")
+    spec = agent.desired().packet_path
+    assert spec.closed is True and spec.allowed_destinations == ()
+    assert spec.vpc_networks == FACTS.vpc_networks
+    # Once resolved, the list alone decides again (closed stays off).
+    agent.destinations.ec2 = lambda: FakeEc2([str(CLOUD)])
+    agent.refresh_destinations(force=True)
+    spec = agent.desired().packet_path
+    assert spec.closed is False and spec.allowed_destinations == (CLOUD,)
+
+
+def test_closed_maps_to_the_spec(tmp_path: Path) -> None:
+    config = dataclasses.replace(
+        config_with(tmp_path), packet_path=PacketPathConfig(closed=True, outside_vpc="route")
+    )
+    spec = agent_for(config).desired().packet_path
+    assert spec.closed is True and spec.allowed_destinations == ()
+    no_vpc = dataclasses.replace(FACTS, vpc_networks=())
+    with pytest.raises(DesiredStateError) as err:
+        desired_state(config, no_vpc, GATE)
+    assert str(err.value).startswith("packet_path.closed: ")
 
 
 def test_a_boot_without_ec2_uses_the_kept_set(tmp_path: Path) -> None:
@@ -102,3 +117,15 @@ def test_without_names_there_is_no_resolver(tmp_path: Path) -> None:
     agent = agent_for(config)
     assert agent.destinations is None and agent.refresh_destinations() is False
     assert agent.desired().packet_path.allowed_destinations == ()
+
+
+def test_every_drop_counter_of_the_table_is_a_metric_reason() -> None:
+    """closed_dropped (and any later *_dropped counter) reaches
+    gatepeer_packet_path_dropped_packets_total through the counters collector."""
+    from gatepeer.metrics.collectors import DROP_REASONS
+    from gatepeer.ruleset import COUNTERS
+
+    dropped = {c for c in COUNTERS if c.endswith("_dropped")}
+    assert "closed_dropped" in dropped
+    assert dropped <= set(DROP_REASONS), sorted(dropped - set(DROP_REASONS))
+    assert DROP_REASONS["closed_dropped"] == "destination_outside_closed_network"
