@@ -36,10 +36,12 @@ HTTPS = 443
 MQTT_TLS = 8883
 # What the closed network must refuse: the lab's internet stand-in, on the fabric router.
 OUTSIDE = str(INTERNET_ADDR)
-# The counter of device traffic the allow-list refuses.
-REFUSED_COUNTER = "allowlist_dropped"
-# The recipe's Route 53 inbound resolver sits in the VPC: the peer's own subnet in the lab.
-RESOLVER_SUBNET = str(VPC_NET)
+# What a closed peer counts when it refuses device traffic.
+REFUSED_COUNTER = "closed_dropped"
+# The VPC as the lab's peer knows it (its underlay's prefix). The recipes' Route 53 inbound
+# resolver (the lab's VPC host) sits in it; an allow-list limits VPC destinations too, so the
+# recipes list the resolver's subnet.
+VPC = str(VPC_NET)
 
 
 @pytest.fixture
@@ -105,7 +107,7 @@ def test_s3_through_the_gateway_endpoint_only(lab: LabHandle) -> None:
         recipe_lab.tcp_servers(svc, [f"{S3_HOST}:{HTTPS}"]) as s3,
         recipe_lab.dns_stand_in(lab, {bucket: str(S3_HOST)}),
     ):
-        closed_nat(lab, [pieces.s3_prefix_list_name, RESOLVER_SUBNET])
+        closed_nat(lab, [pieces.s3_prefix_list_name, VPC])
         # The S3 list's entries (the lab's S3 range), resolved by the peer, are in its set.
         assert set(pieces.s3_cidrs) <= allowed_set(lab), allowed_set(lab)
         resolved, outcome = recipe_lab.device_connects(lab, DEVICE, bucket, HTTPS)
@@ -129,7 +131,7 @@ def test_ssm_through_interface_endpoints_and_the_inbound_resolver(lab: LabHandle
         recipe_lab.dns_stand_in(lab, {names[s]: addresses[s] for s in SSM_SERVICES}),
     ):
         endpoint_ids = [pieces.endpoints[s][0] for s in SSM_SERVICES]
-        closed_nat(lab, [*endpoint_ids, pieces.s3_prefix_list_name, RESOLVER_SUBNET])
+        closed_nat(lab, [*endpoint_ids, pieces.s3_prefix_list_name, VPC])
         for service in SSM_SERVICES:
             resolved, outcome = recipe_lab.device_connects(lab, DEVICE, names[service], HTTPS)
             assert resolved == addresses[service], service
@@ -151,7 +153,7 @@ def test_iot_core_mqtt_and_websocket_through_the_iot_data_endpoint(lab: LabHandl
         recipe_lab.tcp_servers(svc_ns, [f"{address}:{MQTT_TLS}", f"{address}:{HTTPS}"]) as iot,
         recipe_lab.dns_stand_in(lab, {name: address}),
     ):
-        closed_nat(lab, [vpce, RESOLVER_SUBNET])
+        closed_nat(lab, [vpce, VPC])
         for port in (MQTT_TLS, HTTPS):  # MQTT over TLS; MQTT over WebSocket
             resolved, outcome = recipe_lab.device_connects(lab, DEVICE, name, port)
             assert (resolved, outcome) == (address, f"connected seen {PEER}"), port
@@ -176,8 +178,8 @@ def test_a_peer_outside_aws_from_the_non_ec2_example(lab: LabHandle) -> None:
     lab.set_config("tunnel", "mtu", json.dumps(non_ec2_example()["tunnel"]["mtu"]))
     lab.set_config("packet_path", "mode", json.dumps("nat"))
     lab.set_config("packet_path", "closed", "true")
-    lab.set_config("packet_path", "vpc_cidrs", json.dumps([RESOLVER_SUBNET]))
-    allowed = [RESOLVER_SUBNET, str(recipe_lab.ENDPOINT_SUBNET)]
+    lab.set_config("packet_path", "vpc_cidrs", json.dumps([VPC]))
+    allowed = [str(recipe_lab.ENDPOINT_SUBNET), VPC]
     lab.set_config("packet_path", "allowed_destinations", json.dumps(allowed))
     name = "gatepeerlab.blob.core.windows.net"
     with (
