@@ -16,6 +16,7 @@ Every lab is make_lab's (removed even on failure); every process is stopped by i
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,3 +195,7 @@ def test_a_peer_outside_aws_from_the_non_ec2_example(lab: LabHandle) -> None:
         assert (resolved, outcome) == (private_endpoint, f"connected seen {PEER}")
         assert accepted(blob) == [f"{private_endpoint}:{HTTPS}", PEER]
         assert_refused_and_counted(lab)
+    # Off EC2 doctor makes no AWS call: its closed-network checks are skipped, as the page says.
+    doctor = recipe_lab.gatepeer(lab, "doctor").stdout
+    for check in ("closed-route", "closed-endpoint-sg", "closed-endpoint-dns", "closed-resolver"):
+        assert re.search(rf"^skip\s+{check}\s+not an EC2 instance", doctor, re.M), doctor
