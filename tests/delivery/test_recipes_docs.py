@@ -18,7 +18,7 @@ from gatepeer import config as cfg
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "docs" / "recipes"
 LAB_TESTS = REPO / "tests" / "lab" / "test_recipes_lab.py"
-FENCE = re.compile(r"^```(\w+)\n(.*?)^```$", re.M | re.S)
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
 PLACEHOLDER = "REPLACE"
 
 # page -> (the AWS names its allow-list must hold, the lab test that proves its data path)
@@ -122,3 +122,143 @@ def test_outside_aws_recipe_is_the_non_ec2_example_with_a_closed_packet_path() -
     assert recipe["packet_path"]["vpc_cidrs"] == example["packet_path"]["vpc_cidrs"]
     assert "aws" not in recipe, "off EC2 there is no [aws] to configure"
     assert "non-ec2.yaml" in (RECIPES / "outside-aws.md").read_text()
+
+
+# ---- doctor's lines as the pages quote them ---------------------------------------------------
+
+DOCTOR_LINE = re.compile(r"^(ok|warn|fail|skip)\s+(\S+)\s+(.+)$")
+
+
+def quoted_doctor_lines() -> list[tuple[str, str, str, str]]:
+    """(page, status, check, detail) of every doctor line in the pages' plain code blocks."""
+    found = []
+    for page in sorted(PAGES):
+        for lang, body in fences(page):
+            if lang:
+                continue
+            for line in body.splitlines():
+                m = DOCTOR_LINE.match(line)
+                if m:
+                    found.append((page, m.group(1), m.group(2), m.group(3)))
+    return found
+
+
+def doctor_checks_behind_the_pages() -> set[tuple[str, str, str]]:
+    """What doctor's judgments say for the situations the pages describe (their example ids
+    and addresses), as (status, check, detail)."""
+    from ipaddress import IPv4Address, IPv4Network
+
+    from gatepeer.aws.ec2 import IngressRule
+    from gatepeer.doctor import closed as c
+    from gatepeer.doctor.aws import run as aws_checks
+    from gatepeer.doctor.judgments import judge_path_mtu, judge_underlay_mtu
+    from gatepeer.kernel.pmtu import PathProbe
+
+    net = IPv4Network
+    table_id, peer = "rtb-0cccccccccccccccc", IPv4Address("10.0.1.10")
+    s3_name = "com.amazonaws.ap-northeast-1.s3"
+    s3_list = "pl-61a54008"
+    # S3's ranges in the region: the first as the page names it, and eleven more.
+    s3 = (net("52.219.0.0/16"), *(net(f"3.5.{i * 16}.0/20") for i in range(11)))
+    local = c.TableRoute("local", destination=net("10.0.0.0/16"))
+    nat = c.TableRoute("nat-0bbbbbbbbbbbbbbbb", destination=net("0.0.0.0/0"))
+    gateway = c.TableRoute("vpce-0aaaaaaaaaaaaaaaa", prefix_list_id=s3_list)
+    with_endpoint = c.RouteTable(table_id, (local, gateway, nat), {s3_list: s3})
+    without = c.RouteTable(table_id, (local, nat))
+    other_region = "com.amazonaws.us-west-2.s3"
+    gone = "vpce-0d4d4d4d4d4d4d4d4"
+    destinations = [
+        (with_endpoint, c.Destination(s3_name, s3)),
+        (without, c.Destination(s3_name, s3)),
+        (
+            with_endpoint,
+            c.Destination(
+                other_region,
+                error=f"{other_region}: no managed prefix list has this name in this region (an "
+                "AWS-managed list exists only in its own region: S3 endpoints are same-region "
+                "only)",
+                missing=True,
+            ),
+        ),
+        (with_endpoint, c.Destination("vpce-0a1a1a1a1a1a1a1a1", (net("10.0.1.20/32"),))),
+        (with_endpoint, c.Destination(gone, (net("10.0.1.30/32"),))),
+        (
+            with_endpoint,
+            c.Destination(
+                gone,
+                error=f"{gone}: DescribeVpcEndpoints: InvalidVpcEndpointId.NotFound: The "
+                f"VpcEndpoint Id '{gone}' does not exist",
+                missing=True,
+            ),
+        ),
+    ]
+    checks = [c.judge_destination(t, d) for t, d in destinations]
+
+    def endpoint(vpce: str, service: str, group: str, dns: bool = True) -> c.Endpoint:
+        name = f"com.amazonaws.ap-northeast-1.{service}"
+        return c.Endpoint(vpce, "Interface", name, "available", dns, (group,))
+
+    ssm = [
+        endpoint("vpce-0a1a1a1a1a1a1a1a1", "ssm", "sg-0aaaaaaaaaaaaaaa"),
+        endpoint("vpce-0b2b2b2b2b2b2b2b2", "ssmmessages", "sg-0ddddddddddddddd"),
+        endpoint("vpce-0c3c3c3c3c3c3c3c3", "ec2messages", "sg-0aaaaaaaaaaaaaaa"),
+    ]
+    iot = [endpoint(gone, "iot.data", "sg-0eeeeeeeeeeeeeeee")]
+    admits = IngressRule("sg-0aaaaaaaaaaaaaaa", "tcp", 443, 443, (net("10.0.1.10/32"),))
+    everyone = [admits, *(IngressRule(g, "tcp", 443, 443, (net("10.0.0.0/16"),))
+                          for g in ("sg-0ddddddddddddddd", "sg-0eeeeeeeeeeeeeeee"))]  # fmt: skip
+
+    def groups(endpoints: list[c.Endpoint], rules: list[IngressRule]) -> c.Check:
+        return c.judge_endpoint_groups(
+            endpoints, rules, mode="nat", peer=peer, peer_groups=(), device_subnet=None
+        )
+
+    resolver = c.Resolver("rslvr-in-0123456789abcdef0", "INBOUND", "OPERATIONAL", "vpc-0")
+    off = [endpoint("vpce-0a1a1a1a1a1a1a1a1", "ssm", "sg-0aaaaaaaaaaaaaaa", dns=False)]
+    checks += [
+        groups([], everyone),
+        groups(ssm, everyone),
+        groups(ssm, [admits]),
+        groups(iot, everyone),
+        groups(iot, [admits]),
+        c.judge_endpoint_dns(ssm, True, True),
+        c.judge_endpoint_dns(off, True, True),
+        c.judge_resolver(ssm, [resolver]),
+        c.judge_resolver(ssm, []),
+        c.judge_resolver(ssm[:2], [resolver]),
+        c.judge_resolver(iot, []),
+    ]
+    # Off EC2 (outside-aws.md): the MTU checks, and the AWS ones skipped.
+    door = IPv4Address("100.64.10.1")
+    checks += [
+        judge_underlay_mtu("eth0", 1500, 1350),
+        judge_underlay_mtu("eth0", 1500, "auto"),
+        judge_path_mtu(PathProbe(door, 1400, answered=True), 1350),
+        judge_path_mtu(PathProbe(door, 1500, reported_mtu=1400), 1450),
+    ]
+
+    class NotEc2:
+        def on_ec2(self) -> bool:
+            return False
+
+    closed_config = cfg.parse(
+        tomllib.loads(filled(recipe_toml("outside-aws.md")))
+    )  # closed = true: the closed-network checks are listed, skipped
+    checks += aws_checks(
+        closed_config,
+        NotEc2(),
+        endpoints=(),
+        device_subnet=None,
+        ssm_read=None,  # type: ignore[arg-type]
+    )
+    return {(ch.status, ch.name, ch.detail) for ch in checks}
+
+
+def test_the_pages_quote_doctor_as_it_speaks() -> None:
+    quoted = quoted_doctor_lines()
+    assert {page for page, *_ in quoted} == set(PAGES), "a recipe page quotes no doctor line"
+    said = doctor_checks_behind_the_pages()
+    wrong = [line for line in quoted if line[1:] not in said]
+    assert not wrong, "doctor does not say these lines as the pages quote them:\n" + "\n".join(
+        " ".join(line) for line in wrong
+    )
