@@ -267,7 +267,12 @@ class Daemon:
 
     def _aws_view(self) -> dict[str, Any] | None:
         aws: AwsIntegration | None = getattr(self, "aws", None)  # made after the first agent
-        return aws.to_json() if aws is not None else None
+        view = aws.to_json() if aws is not None else None
+        agent = getattr(self, "agent", None)
+        if agent is not None and agent.destinations is not None:
+            # The allow-list's AWS names: what each stands for, and what failed.
+            view = {**(view or {}), "destinations": agent.destinations.to_json()}
+        return view
 
     # ---- HA: keepalived's notify FIFO and the claim on MASTER ------------------------
 

@@ -6,8 +6,8 @@ from typing import Any
 
 
 def line(aws: dict[str, Any]) -> str | None:
-    """One line for `gatepeer status`: where aws.route_tables points and what the stale sweep
-    removed; None when neither feature is on."""
+    """One line for `gatepeer status`: where aws.route_tables points, what the stale sweep
+    removed, what the allow-list's AWS names resolved to; None when no feature is on."""
     parts = []
     routes = aws.get("route_tables")
     if isinstance(routes, dict):
@@ -28,4 +28,15 @@ def line(aws: dict[str, Any]) -> str | None:
         else:
             removed = ", ".join(stale.get("removed") or []) or "none"
             parts.append(f"stale registrations removed: {removed}")
+    destinations = aws.get("destinations")
+    if isinstance(destinations, dict):
+        entries = destinations.get("entries") or {}
+        errors = destinations.get("errors") or {}
+        count = sum(len(e.get("prefixes") or []) for e in entries.values() if isinstance(e, dict))
+        part = f"destinations {len(entries)} name(s) resolved to {count} prefix(es)"
+        if destinations.get("unresolved"):
+            part += f", unresolved: {', '.join(destinations['unresolved'])}"
+        if errors:
+            part += f"; FAILING: {next(iter(errors.values()))}"
+        parts.append(part)
     return "aws           " + "; ".join(parts) if parts else None

@@ -5,7 +5,6 @@ EC2 cannot be reached. Nothing reaches AWS."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
@@ -84,13 +83,6 @@ def test_is_aws_name() -> None:
 
 
 # ---- resolution on moto ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[Moto]:
-    server = Moto()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -129,3 +129,71 @@ def test_every_drop_counter_of_the_table_is_a_metric_reason() -> None:
     assert "closed_dropped" in dropped
     assert dropped <= set(DROP_REASONS), sorted(dropped - set(DROP_REASONS))
     assert DROP_REASONS["closed_dropped"] == "destination_outside_closed_network"
+
+
+def test_a_new_resolution_refills_the_set_without_a_reload(tmp_path: Path) -> None:
+    """closed = true: a prefix list that changes is a set refill (kernel/nftables.update_sets,
+    one transaction), never a reload of the table."""
+    from gatepeer import ruleset
+
+    agent = agent_for(config_with(tmp_path, closed=True, outside_vpc="route"))
+    assert agent.destinations is not None
+    ec2 = FakeEc2([str(CLOUD)])
+    agent.destinations.ec2 = lambda: ec2
+    agent.refresh_destinations()
+    before = agent.desired().packet_path
+    ec2.cidrs = [str(CLOUD), "198.51.100.0/24"]
+    assert agent.refresh_destinations(force=True) is True
+    after = agent.desired().packet_path
+    assert after.allowed_destinations != before.allowed_destinations
+    assert ruleset.change_needed(after, ruleset.render(before)) == "sets"
+
+
+def test_the_daemons_refresher_resolves_when_due(tmp_path: Path) -> None:
+    from gatepeer.daemon import Daemon
+
+    config = dataclasses.replace(
+        config_with(tmp_path), metrics=dataclasses.replace(make_config().metrics, listen="")
+    )
+    daemon = Daemon(config, lambda: config)
+    agent = daemon.agent
+    assert agent.destinations is not None
+    ec2 = FakeEc2([str(CLOUD)])
+    agent.destinations.ec2 = lambda: ec2
+    agent.facts = FACTS
+    agent.refresh_gate = lambda **_: True  # type: ignore[method-assign]
+    assert daemon.start_refresh()
+    assert daemon._refresher is not None
+    daemon._refresher.join(5)
+    assert ec2.calls == 1 and agent.destinations.prefixes() == (CLOUD,)
+    assert daemon.wake.is_set()  # the loop reconciles against the new set
+    # Not due again before destinations_refresh.
+    assert daemon.start_refresh()
+    daemon._refresher.join(5)
+    assert ec2.calls == 1
+
+
+def test_status_names_what_the_names_resolved_to_and_what_failed(tmp_path: Path) -> None:
+    from gatepeer.aws import report
+    from gatepeer.daemon import Daemon
+
+    config = dataclasses.replace(
+        config_with(tmp_path), metrics=dataclasses.replace(make_config().metrics, listen="")
+    )
+    daemon = Daemon(config, lambda: config)
+    assert daemon.agent.destinations is not None
+    daemon.agent.destinations.ec2 = lambda: FakeEc2([str(CLOUD)])
+    daemon.agent.refresh_destinations()
+    view = daemon._aws_view()
+    assert view is not None
+    line = report.line(view)
+    assert line is not None and "1 name(s) resolved to 1 prefix(es)" in line
+    assert "FAILING" not in line
+
+    def unreachable() -> Any:
+        raise AwsError("EC2 did not answer")
+
+    daemon.agent.destinations.ec2 = unreachable
+    daemon.agent.refresh_destinations(force=True)
+    line = report.line(daemon._aws_view() or {})
+    assert line is not None and f"FAILING: {LIST}: EC2 did not answer" in line

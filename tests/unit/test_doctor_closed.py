@@ -7,7 +7,6 @@ private DNS, and SSM's Route 53 inbound resolver. Nothing reaches AWS."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -26,13 +25,6 @@ REGION = "ap-northeast-1"
 S3 = f"com.amazonaws.{REGION}.s3"
 VPC_CIDR = "198.18.0.0/16"
 DEVICES = IPv4Network("198.19.0.0/16")
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[Moto]:
-    server = Moto()
-    yield server
-    server.stop()
 
 
 @dataclasses.dataclass
@@ -266,3 +258,16 @@ def test_endpoint_group_by_cidr() -> None:
         [endpoint], [udp], mode="nat", peer=peer, peer_groups=(), device_subnet=None
     )
     assert refused.status == "fail"
+
+
+def test_off_ec2_the_closed_checks_are_skipped_and_absent_when_not_closed(tmp_path: Path) -> None:
+    from gatepeer.aws.integration import InstanceFactsSource
+    from gatepeer.config import AwsConfig
+    from gatepeer.doctor import aws as checks
+
+    source = InstanceFactsSource(AwsConfig(), sys_root=tmp_path)  # no DMI: not EC2
+    config = Config(packet_path=PacketPathConfig(closed=True))
+    out = checks.run(config, source, endpoints=(), device_subnet=None, ssm_read=None)
+    assert {c.name for c in out if c.status == "skip"} >= set(closed.NAMES)
+    plain = checks.run(Config(), source, endpoints=(), device_subnet=None, ssm_read=None)
+    assert not {c.name for c in plain} & set(closed.NAMES)
