@@ -262,3 +262,17 @@ def test_the_pages_quote_doctor_as_it_speaks() -> None:
     assert not wrong, "doctor does not say these lines as the pages quote them:\n" + "\n".join(
         " ".join(line) for line in wrong
     )
+
+
+def test_the_stack_parameters_the_pages_name_exist() -> None:
+    template = (REPO / "deploy" / "cloudformation" / "gatepeer.yaml").read_text()
+    # From "Parameters:" to the next top-level key.
+    block = re.split(r"^\S", template.split("\nParameters:\n", 1)[1], maxsplit=1, flags=re.M)[0]
+    parameters = set(re.findall(r"^  ([A-Za-z0-9]+):$", block, re.M))
+    assert {"S3GatewayEndpoint", "SsmEndpoints", "InboundResolver"} <= parameters
+    for page in PAGES:
+        named = set(re.findall(r"\b([A-Z][A-Za-z0-9]+)=", (RECIPES / page).read_text()))
+        named -= {"Name", "Values"}  # the AWS CLI's --filters, not the stack's
+        assert named <= parameters, (
+            f"{page} names stack parameters the stack lacks: {named - parameters}"
+        )
