@@ -720,6 +720,16 @@ def _without_set_elements(lines: list[str]) -> list[str]:
     return out
 
 
+def with_set_listing(table_text: str, name: str, set_text: str) -> str:
+    """`table_text` (a terse listing, `nft -t`) with set `name`'s block replaced by the one in
+    `set_text` (that set's own listing, elements included)."""
+    block = re.compile(rf"^\tset {re.escape(name)} {{\n.*?^\t}}", re.M | re.S)
+    found = block.search(set_text)
+    if found is None:
+        return table_text
+    return block.sub(lambda _: found.group(0), table_text, count=1)
+
+
 def change_needed(spec: PacketPathSpec, current_text: str | None) -> Change:
     """What it takes to converge: nothing, a refill of the updatable sets, or a reload (pure)."""
     if current_text is None:

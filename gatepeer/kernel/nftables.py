@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,6 +31,7 @@ from gatepeer.ruleset import (
     endpoints_transaction,
     sets_transaction,
     transaction,
+    with_set_listing,
 )
 
 __all__ = [
@@ -119,15 +121,32 @@ def remove(netns: str | None = None) -> None:
 
 
 def current(netns: str | None = None) -> str | None:
-    """Our table as the kernel has it (`nft list table`), or None when there is none."""
-    proc = _run(["list", "table", FAMILY, TABLE], netns)
+    """Our table as the kernel has it (`nft list table`), or None when there is none.
+
+    Listed terse (`nft -t`: no named set's elements), so device sets holding 100,000 devices
+    (state, not configuration) cost nothing here; the elements of the sets that carry
+    configuration are listed set by set and put back in their place.
+    """
+    proc = _run(["-t", "list", "table", FAMILY, TABLE], netns)
     if _absent(proc):
         return None
     if proc.returncode != 0:
         raise NftError(
             f"listing table {FAMILY} {TABLE} failed", proc.args, proc.returncode, proc.stderr
         )
-    return proc.stdout
+    text = proc.stdout
+    for name in re.findall(r"^\tset (\w+) \{", text, re.M):
+        if name in DEVICE_SETS:
+            continue
+        listed = _run(["list", "set", FAMILY, TABLE, name], netns)
+        if _absent(listed):
+            return None  # the table went away in between
+        if listed.returncode != 0:
+            raise NftError(
+                f"listing set {name} failed", listed.args, listed.returncode, listed.stderr
+            )
+        text = with_set_listing(text, name, listed.stdout)
+    return text
 
 
 def is_converged(spec: PacketPathSpec, netns: str | None = None) -> bool:

@@ -592,3 +592,20 @@ def test_device_counters_come_from_the_config(tmp_path: Path) -> None:
     spec_off = desired_state(make_config(), FACTS, GATE).packet_path
     assert spec_off is not None and not spec_off.device_counters
     assert not spec_off.closed and not spec_off.track_flows and spec_off.snat_address is None
+
+
+def test_a_terse_listing_gets_its_configuration_sets_back() -> None:
+    want = spec(mode="nat", device_counters=True, allowed_destinations=ALLOW)
+    full = rs.render(want)
+    # What `nft -t list table` prints: no named set's elements.
+    terse = "\n".join(ln for ln in full.splitlines() if not ln.startswith("\t\telements = "))
+    assert rs.change_needed(want, terse) == "sets"
+    set_listing = (
+        "table inet gatepeer {\n\tset vpg_endpoints {\n\t\ttype ipv4_addr\n"
+        "\t\telements = { 198.18.0.11, 198.18.0.12 }\n\t}\n}\n"
+    )
+    text = rs.with_set_listing(terse, "vpg_endpoints", set_listing)
+    allowed = rs.render(spec(allowed_destinations=ALLOW))
+    text = rs.with_set_listing(text, "allowed_destinations", allowed)
+    assert rs.change_needed(want, text) == "none"
+    assert rs.with_set_listing(terse, "vpg_endpoints", "table inet gatepeer {\n}\n") == terse
