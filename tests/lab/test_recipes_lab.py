@@ -19,6 +19,7 @@ import json
 import re
 import tomllib
 from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
@@ -71,17 +72,31 @@ def apply(lab: LabHandle) -> None:
     lab.set_redirection("peer")  # the recipes' Junction redirection to the NATing peer
 
 
-def allowed_set(lab: LabHandle) -> set[str]:
-    """The prefixes in the peer's nftables set of allowed destinations."""
+def allowed_ranges(lab: LabHandle) -> list[tuple[IPv4Address, IPv4Address]]:
+    """The peer's nftables set of allowed destinations, as (first, last) address ranges (an
+    interval set lists a prefix, a range of merged neighbours, or one address)."""
     out = lab.run("peer", "nft", "-j", "list", "set", "inet", "gatepeer", "allowed_destinations")
-    found = set()
+    found = []
     for item in json.loads(out.stdout)["nftables"]:
         for elem in item.get("set", {}).get("elem", []):
             if isinstance(elem, dict) and "prefix" in elem:
-                found.add(f"{elem['prefix']['addr']}/{elem['prefix']['len']}")
-            elif isinstance(elem, str):
-                found.add(f"{elem}/32")
+                net = IPv4Network(f"{elem['prefix']['addr']}/{elem['prefix']['len']}")
+                found.append((net.network_address, net.broadcast_address))
+            elif isinstance(elem, dict) and "range" in elem:
+                first, last = elem["range"]
+                found.append((IPv4Address(first), IPv4Address(last)))
+            else:
+                found.append((IPv4Address(elem), IPv4Address(elem)))
     return found
+
+
+def admitted(lab: LabHandle, *destinations: str) -> bool:
+    """Every destination (an address or a prefix) lies inside the peer's allowed set."""
+    ranges = allowed_ranges(lab)
+    nets = [IPv4Network(d) for d in destinations]
+    return all(
+        any(a <= n.network_address and n.broadcast_address <= b for a, b in ranges) for n in nets
+    )
 
 
 def accepted(server) -> list[str]:  # type: ignore[no-untyped-def]
@@ -110,7 +125,7 @@ def test_s3_through_the_gateway_endpoint_only(lab: LabHandle) -> None:
     ):
         closed_nat(lab, [pieces.s3_prefix_list_name, VPC])
         # The S3 list's entries (the lab's S3 range), resolved by the peer, are in its set.
-        assert set(pieces.s3_cidrs) <= allowed_set(lab), allowed_set(lab)
+        assert admitted(lab, *pieces.s3_cidrs), allowed_ranges(lab)
         resolved, outcome = recipe_lab.device_connects(lab, DEVICE, bucket, HTTPS)
         assert resolved == str(S3_HOST)
         assert outcome == f"connected seen {PEER}", "S3 must see the peer (a VPC source)"
@@ -133,6 +148,7 @@ def test_ssm_through_interface_endpoints_and_the_inbound_resolver(lab: LabHandle
     ):
         endpoint_ids = [pieces.endpoints[s][0] for s in SSM_SERVICES]
         closed_nat(lab, [*endpoint_ids, pieces.s3_prefix_list_name, VPC])
+        assert admitted(lab, *addresses.values(), *pieces.s3_cidrs), allowed_ranges(lab)
         for service in SSM_SERVICES:
             resolved, outcome = recipe_lab.device_connects(lab, DEVICE, names[service], HTTPS)
             assert resolved == addresses[service], service
@@ -155,6 +171,13 @@ def test_iot_core_mqtt_and_websocket_through_the_iot_data_endpoint(lab: LabHandl
         recipe_lab.dns_stand_in(lab, {name: address}),
     ):
         closed_nat(lab, [vpce, VPC])
+        # The endpoint stands for its interfaces' addresses, nothing more of its subnet.
+        assert admitted(lab, address), allowed_ranges(lab)
+        neighbour = str(recipe_lab.ENDPOINT_SUBNET.broadcast_address - 1)
+        before = peer_counters(lab)[REFUSED_COUNTER]
+        outcome = recipe_lab.device_connects_to(lab, DEVICE, neighbour, MQTT_TLS)
+        assert outcome.startswith("no reply"), outcome
+        assert peer_counters(lab)[REFUSED_COUNTER] > before
         for port in (MQTT_TLS, HTTPS):  # MQTT over TLS; MQTT over WebSocket
             resolved, outcome = recipe_lab.device_connects(lab, DEVICE, name, port)
             assert (resolved, outcome) == (address, f"connected seen {PEER}"), port
