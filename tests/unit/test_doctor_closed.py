@@ -271,3 +271,24 @@ def test_off_ec2_the_closed_checks_are_skipped_and_absent_when_not_closed(tmp_pa
     assert {c.name for c in out if c.status == "skip"} >= set(closed.NAMES)
     plain = checks.run(Config(), source, endpoints=(), device_subnet=None, ssm_read=None)
     assert not {c.name for c in plain} & set(closed.NAMES)
+
+
+def test_the_iam_check_asks_for_the_closed_network_calls(vpc: Vpc) -> None:
+    """EC2's by DryRun (moto answers DryRunOperation); Route 53 Resolver's by simulation,
+    which moto does not offer: reported as not verified, never as missing."""
+    from gatepeer.aws.permissions import Subject, verify
+
+    config = Config(
+        packet_path=PacketPathConfig(closed=True, allowed_names=("pl-0123456789abcdef0",))
+    )
+    subject = Subject(vpc.facts.eni_id, vpc.facts.vpc_id, DEVICES)
+    verdict = verify(config, subject, vpc.make_client, ssm_read=None)
+    for action in (
+        "ec2:DescribeVpcEndpoints",
+        "ec2:DescribeManagedPrefixLists",
+        "ec2:GetManagedPrefixListEntries",
+        "ec2:DescribeVpcAttribute",
+    ):
+        assert action in verdict.allowed, (action, verdict)
+    assert "route53resolver:ListResolverEndpoints" in dict(verdict.unverified)
+    assert not verdict.denied
