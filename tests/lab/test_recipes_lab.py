@@ -41,8 +41,7 @@ OUTSIDE = str(INTERNET_ADDR)
 # What a closed peer counts when it refuses device traffic.
 REFUSED_COUNTER = "closed_dropped"
 # The VPC as the lab's peer knows it (its underlay's prefix). The recipes' Route 53 inbound
-# resolver (the lab's VPC host) sits in it; an allow-list limits VPC destinations too, so the
-# recipes list the resolver's subnet.
+# resolver (the lab's VPC host) sits in it: a closed peer admits it without a listing.
 VPC = str(VPC_NET)
 
 
@@ -123,7 +122,7 @@ def test_s3_through_the_gateway_endpoint_only(lab: LabHandle) -> None:
         recipe_lab.tcp_servers(svc, [f"{S3_HOST}:{HTTPS}"]) as s3,
         recipe_lab.dns_stand_in(lab, {bucket: str(S3_HOST)}),
     ):
-        closed_nat(lab, [pieces.s3_prefix_list_name, VPC])
+        closed_nat(lab, [pieces.s3_prefix_list_name])
         # The S3 list's entries (the lab's S3 range), resolved by the peer, are in its set.
         assert admitted(lab, *pieces.s3_cidrs), allowed_ranges(lab)
         resolved, outcome = recipe_lab.device_connects(lab, DEVICE, bucket, HTTPS)
@@ -147,7 +146,7 @@ def test_ssm_through_interface_endpoints_and_the_inbound_resolver(lab: LabHandle
         recipe_lab.dns_stand_in(lab, {names[s]: addresses[s] for s in SSM_SERVICES}),
     ):
         endpoint_ids = [pieces.endpoints[s][0] for s in SSM_SERVICES]
-        closed_nat(lab, [*endpoint_ids, pieces.s3_prefix_list_name, VPC])
+        closed_nat(lab, [*endpoint_ids, pieces.s3_prefix_list_name])
         assert admitted(lab, *addresses.values(), *pieces.s3_cidrs), allowed_ranges(lab)
         for service in SSM_SERVICES:
             resolved, outcome = recipe_lab.device_connects(lab, DEVICE, names[service], HTTPS)
@@ -170,7 +169,7 @@ def test_iot_core_mqtt_and_websocket_through_the_iot_data_endpoint(lab: LabHandl
         recipe_lab.tcp_servers(svc_ns, [f"{address}:{MQTT_TLS}", f"{address}:{HTTPS}"]) as iot,
         recipe_lab.dns_stand_in(lab, {name: address}),
     ):
-        closed_nat(lab, [vpce, VPC])
+        closed_nat(lab, [vpce])
         # The endpoint stands for its interfaces' addresses, nothing more of its subnet.
         assert admitted(lab, address), allowed_ranges(lab)
         neighbour = str(recipe_lab.ENDPOINT_SUBNET.broadcast_address - 1)
@@ -203,7 +202,7 @@ def test_a_peer_outside_aws_from_the_non_ec2_example(lab: LabHandle) -> None:
     lab.set_config("packet_path", "mode", json.dumps("nat"))
     lab.set_config("packet_path", "closed", "true")
     lab.set_config("packet_path", "vpc_cidrs", json.dumps([VPC]))
-    allowed = [str(recipe_lab.ENDPOINT_SUBNET), VPC]
+    allowed = [str(recipe_lab.ENDPOINT_SUBNET)]  # the VNet is admitted as the VPC is
     lab.set_config("packet_path", "allowed_destinations", json.dumps(allowed))
     name = "gatepeerlab.blob.core.windows.net"
     with (
