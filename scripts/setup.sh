@@ -10,6 +10,7 @@ packages=(
     nftables conntrack                # the packet path
     iperf3 iputils-ping tcpdump       # traffic in the lab and the benchmarks
     keepalived                        # high availability: the VRRP election (gatepeer/ha/)
+    dnsmasq-base                      # the recipe labs' DNS stand-in (tests/helpers/recipe_lab.py)
     prometheus                        # promtool and the server for the metrics tests
     procps kmod ca-certificates
     systemd systemd-container         # systemd-analyze (unit checks), systemd-nspawn (boot test)

@@ -15,5 +15,7 @@ monitoring files; golden files are under tests/golden/, SORACOM's spec excerpt u
 - `monitoring_files`: the alert rules, the dashboard and the metric names they use;
 - `lab_checks`, `packet_path`: looking at a running lab's peer, and traffic through it;
 - `lab_agent`: the agent run in a lab's peer namespace; `kernel_ns`: the agent against a
-  namespace's real kernel; `aws_fakes`: moto's server and botocore stubs for the AWS calls.
+  namespace's real kernel; `aws_fakes`: moto's server and botocore stubs for the AWS calls;
+- `recipe_lab`: the closed-network recipes' AWS side beside a lab (moto's EC2 through
+  `moto_lab_server`, a services host, a dnsmasq resolver) and a device resolving through it.
 """
