@@ -90,7 +90,7 @@ def for_agent(listen: str | None, agent: Callable[[], Agent]) -> MetricsServer:
     up per scrape: a reload replaces it), the kernel and the packet path."""
     from gatepeer import __version__
     from gatepeer.metrics.collectors import build_registry
-    from gatepeer.metrics.sources import LiveAgent, LiveKernel, LivePacketPath
+    from gatepeer.metrics.sources import LiveAgent, LiveDevices, LiveKernel, LivePacketPath
 
     registry = build_registry(
         LiveAgent(agent),
@@ -100,6 +100,14 @@ def for_agent(listen: str | None, agent: Callable[[], Agent]) -> MetricsServer:
         # Read per scrape: a reload may change either.
         reconcile_interval=lambda: agent().config.agent.reconcile_interval,
         ha=lambda: agent().config.ha,
+        # packet_path.device_counters and the agent's SIM map come with the path and sims
+        # work (issue 19); until both are there the device metrics stay absent.
+        devices=LiveDevices(
+            lambda: bool(getattr(agent().config.packet_path, "device_counters", False)),
+            lambda: getattr(agent(), "sim_map", None),
+        ),
+        device_top_n=lambda: agent().config.devices.metrics_top_n,
+        underlay=lambda: _underlay(agent()),
     )
 
     def local_address() -> ipaddress.IPv4Address | None:
@@ -107,3 +115,8 @@ def for_agent(listen: str | None, agent: Callable[[], Agent]) -> MetricsServer:
         return facts.local_address if facts is not None else None
 
     return MetricsServer(listen, registry, local_address)
+
+
+def _underlay(agent: Agent) -> str | None:
+    """The interface whose ENA allowances are read: the tunnel's underlay, once known."""
+    return agent.facts.underlay if agent.facts is not None else None

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.device_fakes import READING, SIMS, FakeDevices, recorded_ena_allowances
 from helpers.exposition import sample_names
 from helpers.metrics_sources import (
     FULL_COUNTERS,
@@ -61,6 +62,10 @@ def all_collectors(
         kernel or FakeKernel(),
         packet_path or FakePacketPath(FULL_COUNTERS),
         "0.1.0",
+        devices=FakeDevices(READING, SIMS),
+        device_top_n=lambda: 2,
+        underlay=lambda: "eth0",
+        ena_read=recorded_ena_allowances,
     )
 
 
