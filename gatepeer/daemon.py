@@ -35,6 +35,9 @@ from gatepeer.kernel.rtnl import TunnelReading
 from gatepeer.probes import IcmpTransport, Prober
 
 if TYPE_CHECKING:
+    from ipaddress import IPv4Address, IPv4Network
+
+    from gatepeer.flow_logger import FlowLogger
     from gatepeer.ha.claim import RouteTarget
     from gatepeer.ha.role import RoleView
     from gatepeer.ha.watcher import HaWatcher
@@ -256,6 +259,7 @@ class Daemon:
         self.event_reasons: list[str] = []
         self.lock = threading.Lock()
         self._route_target_cache: RouteTarget | None = None
+        self.flow_logger: FlowLogger | None = None
 
     def _new_agent(self, config: Config) -> ProbedAgent:
         agent = ProbedAgent(config)
@@ -479,6 +483,29 @@ class Daemon:
             self.aws.on_termination(self.agent)
         self.stopping = True
 
+    def _flow_log(self) -> None:
+        """Run the flow log while [flow_log] enabled says so, as the current config says;
+        called after every reconcile (it restarts conntrack -E if that ended)."""
+        cfg = self.config.flow_log
+        if self.flow_logger is not None and self.flow_logger.cfg != cfg:
+            self.flow_logger.stop()
+            self.flow_logger = None
+        if not cfg.enabled:
+            return
+        if self.flow_logger is None:
+            from gatepeer.flow_logger import FlowLogger
+
+            def device_subnet() -> IPv4Network | None:
+                gate = self.agent.gate
+                return gate.device_subnet if gate is not None else None
+
+            def sim_name(address: IPv4Address) -> str | None:
+                sims = getattr(self.agent, "sim_map", None)  # the SIM map (issue 19's sims)
+                return sims.name_for(address) if sims is not None else None
+
+            self.flow_logger = FlowLogger(cfg, device_subnet, sim_name)
+        self.flow_logger.ensure_running()
+
     def _metrics_server(self) -> MetricsServer | None:
         """The /metrics listener for the current config; None when `listen = ""` turns it off.
         It binds after a reconcile, once the default (local) address is known."""
@@ -486,7 +513,11 @@ class Daemon:
             return None
         from gatepeer.metrics.server import for_agent
 
-        return for_agent(self.config.metrics.listen, lambda: self.agent)
+        return for_agent(
+            self.config.metrics.listen,
+            lambda: self.agent,
+            lambda: self.flow_logger.stats if self.flow_logger is not None else None,
+        )
 
     def _live_verdict(self) -> health.Verdict:
         """The verdict of the document just written, with the live tunnel and this daemon
@@ -578,6 +609,7 @@ class Daemon:
                         trigger = "kernel event: " + ", ".join(late)
                 if metrics is not None:
                     metrics.ensure_started()  # the default address is known after a reconcile
+                self._flow_log()
                 if result is None:
                     if self.aws is not None:  # the launch deadline runs on without a view
                         self.aws.after_reconcile(False)
@@ -631,6 +663,8 @@ class Daemon:
                 self.ha.stop()
             if metrics is not None:
                 metrics.stop()
+            if self.flow_logger is not None:
+                self.flow_logger.stop()
             self.agent.close()
         log.info("stopped; the data path stays up")
         return exit_code

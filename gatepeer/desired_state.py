@@ -318,6 +318,9 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
                 if global_size
                 else Sysctl(path, value),
             )
+    if config.flow_log.enabled:
+        # The flow log's byte counts on "destroy" (per network namespace; off by default).
+        sysctls += (Sysctl("net/netfilter/nf_conntrack_acct", 1),)
     return DesiredState(
         link=link,
         address=gate.inner,

@@ -23,6 +23,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from gatepeer.config import AgentConfig, HaConfig
+from gatepeer.flow_logger import FlowLogStats
 from gatepeer.ha.metrics import HaCollector
 from gatepeer.ha.role import RoleView
 from gatepeer.health import HEALTHS
@@ -30,6 +31,7 @@ from gatepeer.health_signals import running_verdict
 from gatepeer.kernel.rtnl import OPER_STATES, TunnelReading
 from gatepeer.metrics.devices import DEFAULT_TOP_N, DeviceCollector, DeviceSource
 from gatepeer.metrics.ena import EnaCollector
+from gatepeer.metrics.flow_log import FlowLogCollector
 from gatepeer.metrics.sources import (
     CONNTRACK_COUNT,
     CONNTRACK_MAX,
@@ -510,11 +512,13 @@ def collectors(
     device_top_n: Callable[[], int] = lambda: DEFAULT_TOP_N,
     underlay: Callable[[], str | None] | None = None,
     ena_read: Callable[[str], Mapping[str, int]] | None = None,
+    flow_log: Callable[[], FlowLogStats | None] | None = None,
 ) -> dict[str, Collector]:
     """Every collector by a short name (the golden files are named after them). `ha`: the
     current [ha] (None inside: not configured); without it there is no HA collector.
     `devices`: the per-device counters and SIM map (no device collector without);
-    `underlay`: the ENA interface's name, read with `ena_read` (no ENA collector without)."""
+    `underlay`: the ENA interface's name, read with `ena_read` (no ENA collector without);
+    `flow_log`: the flow log's counters (None inside: the flow log is off)."""
     found: dict[str, Collector] = {
         "build": BuildCollector(version),
         "registration": RegistrationCollector(agent),
@@ -542,6 +546,8 @@ def collectors(
         from gatepeer.aws import ena
 
         found["ena"] = EnaCollector(underlay, ena_read or ena.read)
+    if flow_log is not None:
+        found["flow_log"] = FlowLogCollector(flow_log)
     return found
 
 
@@ -562,6 +568,7 @@ def build_registry(
     devices: DeviceSource | None = None,
     device_top_n: Callable[[], int] = lambda: DEFAULT_TOP_N,
     underlay: Callable[[], str | None] | None = None,
+    flow_log: Callable[[], FlowLogStats | None] | None = None,
 ) -> CollectorRegistry:
     """A fresh registry (never the global one: nothing else in the process leaks in)."""
     from prometheus_client import ProcessCollector
@@ -577,6 +584,7 @@ def build_registry(
         devices=devices,
         device_top_n=device_top_n,
         underlay=underlay,
+        flow_log=flow_log,
     )
     for collector in found.values():
         registry.register(collector)

@@ -23,6 +23,7 @@ from gatepeer.config import DEFAULT_METRICS_PORT
 
 if TYPE_CHECKING:
     from gatepeer.agent import Agent
+    from gatepeer.flow_logger import FlowLogStats
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,11 @@ class MetricsServer:
         self._server = self._thread = None
 
 
-def for_agent(listen: str | None, agent: Callable[[], Agent]) -> MetricsServer:
+def for_agent(
+    listen: str | None,
+    agent: Callable[[], Agent],
+    flow_log: Callable[[], FlowLogStats | None] | None = None,
+) -> MetricsServer:
     """The daemon's server: every collector on a fresh registry, reading the live agent (looked
     up per scrape: a reload replaces it), the kernel and the packet path."""
     from gatepeer import __version__
@@ -108,6 +113,7 @@ def for_agent(listen: str | None, agent: Callable[[], Agent]) -> MetricsServer:
         ),
         device_top_n=lambda: agent().config.devices.metrics_top_n,
         underlay=lambda: _underlay(agent()),
+        flow_log=flow_log,
     )
 
     def local_address() -> ipaddress.IPv4Address | None:

@@ -36,6 +36,7 @@ from gatepeer.desired_state import (
     IPv4Address,
     Redirection,
 )
+from gatepeer.flow_logger import FlowLogStats
 from gatepeer.metrics.collectors import ReconcileCollector, build_registry, collectors
 from gatepeer.metrics.server import MetricsServer, listen_address
 from gatepeer.metrics.sources import CONNTRACK_COUNT, CONNTRACK_MAX
@@ -66,6 +67,7 @@ def all_collectors(
         device_top_n=lambda: 2,
         underlay=lambda: "eth0",
         ena_read=recorded_ena_allowances,
+        flow_log=lambda: FlowLogStats(written=1234, dropped_rate_limit=56, overflows=2, starts=1),
     )
 
 
