@@ -35,7 +35,7 @@ from gatepeer.kernel.rtnl import TunnelReading
 from gatepeer.probes import IcmpTransport, Prober
 
 if TYPE_CHECKING:
-    from ipaddress import IPv4Address, IPv4Network
+    from ipaddress import IPv4Address
 
     from gatepeer.flow_logger import FlowLogger
     from gatepeer.ha.claim import RouteTarget
@@ -493,17 +493,21 @@ class Daemon:
         if not cfg.enabled:
             return
         if self.flow_logger is None:
+            from gatepeer.flow_log import DeviceScope
             from gatepeer.flow_logger import FlowLogger
 
-            def device_subnet() -> IPv4Network | None:
+            def devices() -> DeviceScope | None:
                 gate = self.agent.gate
-                return gate.device_subnet if gate is not None else None
+                if gate is None:
+                    return None
+                inner = {e.inner for e in gate.endpoints if e.inner is not None}
+                return DeviceScope(gate.device_subnet, frozenset({gate.inner.ip, *inner}))
 
             def sim_name(address: IPv4Address) -> str | None:
                 sims = getattr(self.agent, "sim_map", None)  # the SIM map (issue 19's sims)
                 return sims.name_for(address) if sims is not None else None
 
-            self.flow_logger = FlowLogger(cfg, device_subnet, sim_name)
+            self.flow_logger = FlowLogger(cfg, devices, sim_name)
         self.flow_logger.ensure_running()
 
     def _metrics_server(self) -> MetricsServer | None:

@@ -39,6 +39,22 @@ _LINE_RE = re.compile(r"^\[(?P<time>\d+\.\d+)\]\s+\[(?P<event>[A-Z]+)\]\s+(?P<pr
 
 
 @dataclass(frozen=True)
+class DeviceScope:
+    """Who is a device: an address in the device subnet other than the peer's own inner
+    address and the VPG endpoints' inner addresses (the probes' pings are the peer's own)."""
+
+    subnet: ipaddress.IPv4Network
+    not_devices: frozenset[ipaddress.IPv4Address] = frozenset()
+
+    def __contains__(self, address: object) -> bool:
+        return address in self.subnet and address not in self.not_devices
+
+    def touches_own(self, event: ConnectionEvent) -> bool:
+        o = event.original
+        return o.source in self.not_devices or o.destination in self.not_devices
+
+
+@dataclass(frozen=True)
 class Tuple:
     """One direction of a connection as conntrack shows it."""
 
@@ -100,18 +116,21 @@ def _tuple(fields: dict[str, str]) -> Tuple:
 
 def record(
     event: ConnectionEvent,
-    device_subnet: ipaddress.IPv4Network,
+    devices: DeviceScope,
     sim_name: Callable[[ipaddress.IPv4Address], str | None],
 ) -> dict[str, object] | None:
-    """The flow log's record of one event; None when no end is a device."""
+    """The flow log's record of one event; None when no end is a device, or one end is the
+    peer's or the VPG's own inner address."""
     o, r = event.original, event.reply
-    if o.source in device_subnet:
+    if devices.touches_own(event):
+        return None
+    if o.source in devices:
         direction, device, peer = "from_device", o.source, o.destination
         device_port, peer_port = o.source_port, o.destination_port
         sent, received = o, r
         # Source NAT shows as a reply addressed to another address than the original source.
         nat = (r.destination, r.destination_port) if r.destination != o.source else None
-    elif o.destination in device_subnet:
+    elif o.destination in devices:
         direction, device, peer = "to_device", o.destination, o.source
         device_port, peer_port = o.destination_port, o.source_port
         sent, received = r, o

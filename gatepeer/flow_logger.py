@@ -42,14 +42,14 @@ class FlowLogger:
     def __init__(
         self,
         cfg: FlowLogConfig,
-        device_subnet: Callable[[], ipaddress.IPv4Network | None],
+        devices: Callable[[], flow_log.DeviceScope | None],
         sim_name: Callable[[ipaddress.IPv4Address], str | None] = lambda _: None,
         *,
         clock: Callable[[], float] = time.monotonic,
         events: Callable[..., ConntrackEvents] = ConntrackEvents,
     ) -> None:
         self.cfg = cfg
-        self.device_subnet = device_subnet
+        self.devices = devices
         self.sim_name = sim_name
         self.stats = FlowLogStats()
         self._lock = threading.Lock()
@@ -65,11 +65,11 @@ class FlowLogger:
 
     def handle(self, text: str) -> None:
         """One line from conntrack: a record written, dropped by the limit, or not ours."""
-        subnet = self.device_subnet()
+        scope = self.devices()
         event = flow_log.parse_event(text)
-        if subnet is None or event is None:
+        if scope is None or event is None:
             return
-        fields = flow_log.record(event, subnet, self.sim_name)
+        fields = flow_log.record(event, scope, self.sim_name)
         if fields is None:
             return
         with self._lock:

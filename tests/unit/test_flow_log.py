@@ -1,6 +1,7 @@
 """The flow log: conntrack's event lines parsed, made into records (direction, NAT, bytes on
-destroy), the peer's own connections left out, the rate limit counting what it drops, the
-records written as JSON lines to a rotated file, nothing else in them; the daemon's sysctl."""
+destroy), the peer's own connections (its probes too) left out, the rate limit counting what
+it drops, the records written as JSON lines to a rotated file, nothing else in them; the
+daemon's sysctl."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from gatepeer.config import FlowLogConfig
 from gatepeer.desired_state import desired_state
 from gatepeer.flow_logger import FlowLogger
 
-SUBNET = IPv4Network("10.128.0.0/9")
+# The peer's inner address and a VPG endpoint's: in the subnet, never devices.
+SCOPE = flow_log.DeviceScope(
+    IPv4Network("10.128.0.0/9"), frozenset({IPv4Address("10.128.0.3"), IPv4Address("10.128.0.1")})
+)
 NAMES = {IPv4Address("10.128.0.5"): "meter-005"}
 
 NEW_TCP_NAT = (
@@ -49,7 +53,7 @@ NOT_A_DEVICE = (
 def make(text: str) -> dict[str, object] | None:
     event = flow_log.parse_event(text)
     assert event is not None
-    return flow_log.record(event, SUBNET, NAMES.get)
+    return flow_log.record(event, SCOPE, NAMES.get)
 
 
 def test_a_device_connection_through_nat_new_then_destroyed_with_bytes() -> None:
@@ -94,8 +98,15 @@ def test_icmp_has_no_ports_and_no_nat() -> None:
     assert "device_port" not in fields and "nat_address" not in fields
 
 
+PROBE = (
+    "[1796593116.000000]\t    [NEW] icmp     1 30 src=10.128.0.3 dst=10.128.0.1 type=8 "
+    "code=0 id=7 [UNREPLIED] src=10.128.0.1 dst=10.128.0.3 type=0 code=0 id=7\n"
+)
+
+
 def test_the_peers_own_connections_and_other_lines_are_not_logged() -> None:
     assert make(NOT_A_DEVICE) is None
+    assert make(PROBE) is None  # the peer's probe of a VPG endpoint's inner address
     assert flow_log.parse_event("conntrack v1.4.7 (conntrack-tools): 3 flow events\n") is None
     assert flow_log.parse_event("[1.0]\t[UPDATE] tcp 6 src=10.128.0.5 dst=1 \n") is None
     v6 = (
@@ -137,7 +148,7 @@ def test_records_go_to_a_rotated_file_rate_limited_with_a_count_of_the_dropped(
         file_backups=2,
         rate_per_second=20,
     )
-    logger = FlowLogger(cfg, lambda: SUBNET, NAMES.get, clock=lambda: 0.0, events=NoEvents)
+    logger = FlowLogger(cfg, lambda: SCOPE, NAMES.get, clock=lambda: 0.0, events=NoEvents)
     try:
         logger.ensure_running()
         for _ in range(30):
