@@ -29,6 +29,7 @@ from gatepeer.ha.role import RoleView
 from gatepeer.health import HEALTHS
 from gatepeer.health_signals import running_verdict
 from gatepeer.kernel.rtnl import OPER_STATES, TunnelReading
+from gatepeer.metrics.device_activity import DeviceActivity
 from gatepeer.metrics.devices import DEFAULT_TOP_N, DeviceCollector, DeviceSource
 from gatepeer.metrics.ena import EnaCollector
 from gatepeer.metrics.flow_log import FlowLogCollector
@@ -513,6 +514,7 @@ def collectors(
     underlay: Callable[[], str | None] | None = None,
     ena_read: Callable[[str], Mapping[str, int]] | None = None,
     flow_log: Callable[[], FlowLogStats | None] | None = None,
+    device_activity: DeviceActivity | None = None,
 ) -> dict[str, Collector]:
     """Every collector by a short name (the golden files are named after them). `ha`: the
     current [ha] (None inside: not configured); without it there is no HA collector.
@@ -541,7 +543,9 @@ def collectors(
     if ha is not None:
         found["ha"] = HaCollector(lambda: _role_view(agent, ha))
     if devices is not None:
-        found["devices"] = DeviceCollector(devices, top_n=device_top_n, clock=clock)
+        found["devices"] = DeviceCollector(
+            devices, top_n=device_top_n, clock=clock, activity=device_activity
+        )
     if underlay is not None:
         from gatepeer.aws import ena
 

@@ -71,11 +71,13 @@ class DeviceCollector:
         *,
         top_n: Callable[[], int] = lambda: DEFAULT_TOP_N,
         clock: Callable[[], float] = time.time,
+        activity: DeviceActivity | None = None,
     ) -> None:
         self.source = source
         self.top_n = top_n
         self.clock = clock
-        self.activity = DeviceActivity()
+        # Passed in to outlive this collector (a new metrics listener keeps what was learned).
+        self.activity = activity if activity is not None else DeviceActivity()
         self._lock = threading.Lock()  # two scrapes at once must not both feed the tracker
 
     def collect(self) -> Iterator[Metric]:

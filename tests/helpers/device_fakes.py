@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 from pathlib import Path
 
 from gatepeer.aws import ena
+from gatepeer.metrics.device_activity import NO_GROUP, UNKNOWN_SIM, DeviceActivity
 
 ENA_STATS = Path(__file__).parents[1] / "golden" / "ena" / "ethtool_stats.txt"
 
@@ -114,3 +115,34 @@ READING = set_traffic(
 def recorded_ena_allowances(_interface: str) -> dict[str, int]:
     recorded = recorded_ena_statistics()
     return ena.allowances([n for n, _ in recorded], [v for _, v in recorded])
+
+
+def trained_activity(now: float) -> DeviceActivity:
+    """A tracker with history up to `now`: 10.128.0.1 and .3 send every 60 s and did so 1 s
+    ago; 10.128.0.2 sent every 60 s until 1,000 s ago (silent); 10.128.9.9 is new."""
+
+    def group_of(address: IPv4Address) -> str:
+        record = SIMS.records.get(address)
+        if record is None:
+            return UNKNOWN_SIM
+        return record.group_id or NO_GROUP
+
+    activity = DeviceActivity()
+    start = now - 1200
+    for step in range(0, 1200, 30):
+        t = start + step
+        reading = {
+            a: replace(r, last_packet_age_s=(t - start) % 60)
+            for a, r in READING.items()
+            if a != A("10.128.9.9") and (a != A("10.128.0.2") or t < now - 1000)
+        }
+        activity.observe(reading, group_of, t)
+    return activity
+
+
+# What the kernel shows after trained_activity: 10.128.0.2's element still there, its last
+# packet 1,000 s ago (silent); the others active a second ago.
+TRAINED_READING = {
+    a: replace(r, last_packet_age_s=1000.0) if a == A("10.128.0.2") else r
+    for a, r in READING.items()
+}
