@@ -515,6 +515,7 @@ def collectors(
     ena_read: Callable[[str], Mapping[str, int]] | None = None,
     flow_log: Callable[[], FlowLogStats | None] | None = None,
     device_activity: DeviceActivity | None = None,
+    devices_in_background: bool = False,
 ) -> dict[str, Collector]:
     """Every collector by a short name (the golden files are named after them). `ha`: the
     current [ha] (None inside: not configured); without it there is no HA collector.
@@ -544,7 +545,11 @@ def collectors(
         found["ha"] = HaCollector(lambda: _role_view(agent, ha))
     if devices is not None:
         found["devices"] = DeviceCollector(
-            devices, top_n=device_top_n, clock=clock, activity=device_activity
+            devices,
+            top_n=device_top_n,
+            clock=clock,
+            activity=device_activity,
+            background=devices_in_background,
         )
     if underlay is not None:
         from gatepeer.aws import ena
@@ -589,6 +594,7 @@ def build_registry(
         device_top_n=device_top_n,
         underlay=underlay,
         flow_log=flow_log,
+        devices_in_background=True,  # a reading of 100,000 devices must not be a scrape's
     )
     for collector in found.values():
         registry.register(collector)

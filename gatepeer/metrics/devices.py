@@ -14,9 +14,11 @@ map does not know is in group "unknown". No secret is ever a label.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -29,6 +31,8 @@ from gatepeer.metrics.device_activity import (
     DeviceView,
     GroupTotals,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TOP_N = 10
 
@@ -60,10 +64,28 @@ class DeviceSource(Protocol):
 DEVICE_LABELS = ["address", "name", "imsi", "group"]
 
 
+# In the daemon, the tracker reads the kernel at most this often, on a thread of its own: with
+# 100,000 devices one reading costs about a second of Python (bench/bench_device_metrics.py),
+# which must not be a scrape's. Prometheus scrapes every 15 to 60 s.
+MIN_READ_INTERVAL_S = 15.0
+
+
+@dataclass(frozen=True)
+class DeviceSnapshot:
+    """What one reading concluded, exported by every scrape until the next reading."""
+
+    at: float
+    devices: int
+    silent: int
+    top: list[tuple[list[str], DeviceView]]  # labels, view
+    groups: dict[str, GroupTotals]
+
+
 class DeviceCollector:
-    """Top talkers, groups, silent devices. Stateful: each scrape is a reading the tracker
-    learns from (Prometheus scrapes every 15 to 60 s: finer than any usual interval worth
-    alerting on)."""
+    """Top talkers, groups, silent devices. Each reading of the kernel's counters is a lesson
+    for the tracker. `background`: read on a thread when the last reading is older than
+    `min_interval_s` and export the last conclusions meanwhile (the daemon); else read at
+    every scrape (tests)."""
 
     def __init__(
         self,
@@ -72,51 +94,100 @@ class DeviceCollector:
         top_n: Callable[[], int] = lambda: DEFAULT_TOP_N,
         clock: Callable[[], float] = time.time,
         activity: DeviceActivity | None = None,
+        background: bool = False,
+        min_interval_s: float = MIN_READ_INTERVAL_S,
     ) -> None:
         self.source = source
         self.top_n = top_n
         self.clock = clock
         # Passed in to outlive this collector (a new metrics listener keeps what was learned).
         self.activity = activity if activity is not None else DeviceActivity()
-        self._lock = threading.Lock()  # two scrapes at once must not both feed the tracker
+        self.background = background
+        self.min_interval_s = min_interval_s
+        self.snapshot: DeviceSnapshot | None = None
+        self._lock = threading.Lock()  # one reading at a time feeds the tracker
+        self._reading: threading.Thread | None = None
+
+    def refresh(self) -> None:
+        """Read the counters and the SIM map once, teach the tracker, keep its conclusions."""
+        with self._lock:
+            traffic = self.source.traffic()
+            if traffic is None:
+                self.snapshot = None
+                return
+            sims = self.source.sims()
+            records: Mapping[ipaddress.IPv4Address, SimRecordFields] = (
+                sims.records if sims is not None else {}
+            )
+
+            def group_of(address: ipaddress.IPv4Address) -> str:
+                record = records.get(address)
+                if record is None:
+                    return UNKNOWN_SIM
+                return record.group_id or NO_GROUP
+
+            now = self.clock()
+            self.activity.observe(traffic, group_of, now)
+            top = [(_labels(v, records), v) for v in self.activity.top(self.top_n(), now)]
+            groups = {g: replace(t) for g, t in sorted(self.activity.groups.items())}
+            self.snapshot = DeviceSnapshot(
+                now,
+                sum(t.devices for t in groups.values()),
+                sum(t.silent for t in groups.values()),
+                top,
+                groups,
+            )
+
+    def _refresh_logged(self) -> None:
+        try:
+            self.refresh()
+        except Exception:  # noqa: BLE001 - the next scrape tries again
+            log.exception("device metrics: reading the per-device counters failed")
+
+    def _current(self) -> DeviceSnapshot | None:
+        """The conclusions this scrape exports; starts a reading when they are stale."""
+        if not self.background or self.snapshot is None:
+            self.refresh()  # the first scrape waits for the first reading
+            return self.snapshot
+        snap = self.snapshot
+        stale = self.clock() - snap.at >= self.min_interval_s
+        if stale and (self._reading is None or not self._reading.is_alive()):
+            self._reading = threading.Thread(
+                target=self._refresh_logged, name="device-metrics", daemon=True
+            )
+            self._reading.start()
+        return snap
 
     def collect(self) -> Iterator[Metric]:
-        traffic = self.source.traffic()
-        if traffic is None:
+        snap = self._current()
+        if snap is None:
             return
-        sims = self.source.sims()
-        records: Mapping[ipaddress.IPv4Address, SimRecordFields] = (
-            sims.records if sims is not None else {}
-        )
-
-        def group_of(address: ipaddress.IPv4Address) -> str:
-            record = records.get(address)
-            if record is None:
-                return UNKNOWN_SIM
-            return record.group_id or NO_GROUP
-
-        now = self.clock()
-        with self._lock:
-            self.activity.observe(traffic, group_of, now)
-            top = self.activity.top(self.top_n(), now)
-            groups = {g: t for g, t in sorted(self.activity.groups.items())}
-            devices = sum(t.devices for t in groups.values())
-            silent = sum(t.silent for t in groups.values())
         yield GaugeMetricFamily(
-            "gatepeer_devices", "Devices whose traffic the kernel counts now.", value=devices
+            "gatepeer_devices", "Devices whose traffic the kernel counts now.", value=snap.devices
         )
         yield GaugeMetricFamily(
             "gatepeer_devices_silent",
             "Devices quiet for longer than twice their learned usual interval.",
-            value=silent,
+            value=snap.silent,
         )
-        yield from _top_families(top, records)
-        yield from _group_families(groups)
+        yield from _top_families(snap.top, max(0.0, self.clock() - snap.at))
+        yield from _group_families(snap.groups)
 
 
-def _top_families(
-    top: list[DeviceView], records: Mapping[ipaddress.IPv4Address, SimRecordFields]
-) -> Iterator[Metric]:
+def _labels(
+    view: DeviceView, records: Mapping[ipaddress.IPv4Address, SimRecordFields]
+) -> list[str]:
+    record = records.get(view.address)
+    return [
+        str(view.address),
+        (record.name or "") if record else "",
+        record.imsi if record else "",
+        view.group,
+    ]
+
+
+def _top_families(top: list[tuple[list[str], DeviceView]], since: float) -> Iterator[Metric]:
+    """`since`: seconds since the reading, added to each device's age at it."""
     doc = " (the top devices by traffic only; every device counts in its group's)"
     families = {
         "sent_bytes": CounterMetricFamily(
@@ -146,19 +217,12 @@ def _top_families(
         "The device's learned usual interval between bursts; absent until learned" + doc,
         labels=DEVICE_LABELS,
     )
-    for view in top:
-        record = records.get(view.address)
-        labels = [
-            str(view.address),
-            (record.name or "") if record else "",
-            record.imsi if record else "",
-            view.group,
-        ]
+    for labels, view in top:
         families["sent_bytes"].add_metric(labels, view.bytes_from_device)
         families["received_bytes"].add_metric(labels, view.bytes_to_device)
         families["sent_packets"].add_metric(labels, view.packets_from_device)
         families["received_packets"].add_metric(labels, view.packets_to_device)
-        age.add_metric(labels, round(view.last_seen_age_s, 3))
+        age.add_metric(labels, round(view.last_seen_age_s + since, 3))
         if view.usual_interval_s is not None:
             usual.add_metric(labels, round(view.usual_interval_s, 3))
     yield from families.values()

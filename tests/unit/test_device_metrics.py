@@ -227,3 +227,23 @@ def test_bad_device_and_flow_log_keys_are_named(tmp_path: Path, extra: str, mess
         _load(tmp_path, "\n" + extra)
     assert str(info.value).startswith(message), str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_in_the_daemon_a_scrape_exports_the_last_reading_and_reads_on_a_thread() -> None:
+    now = [100.0]
+    source = FakeDevices(set_traffic(traffic("10.128.0.1", 10, 10)), SIMS)
+    collector = DeviceCollector(source, clock=lambda: now[0], background=True, min_interval_s=15.0)
+    first = samples(expose(collector))  # the first scrape waits for the first reading
+    assert first[("gatepeer_devices", ())] == 1
+    source.readings = set_traffic(traffic("10.128.0.1", 10, 10), traffic("10.128.0.2", 5, 5))
+    now[0] += 5
+    assert samples(expose(collector))[("gatepeer_devices", ())] == 1  # fresh enough: no read
+    assert collector._reading is None
+    now[0] += 15
+    stale = samples(expose(collector))  # stale: a read starts; this scrape has the last one
+    assert stale[("gatepeer_devices", ())] == 1
+    age_key = next(k for k in stale if k[0] == "gatepeer_device_last_seen_age_seconds")
+    assert stale[age_key] == 1.0 + 20  # the age at the reading, plus the time since
+    assert collector._reading is not None
+    collector._reading.join(5)
+    assert samples(expose(collector))[("gatepeer_devices", ())] == 2
