@@ -290,7 +290,8 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         # read where they exist, today's table where they do not.
         snat_address=getattr(config.ha, "snat_address", None),
         closed=bool(getattr(pp, "closed", False)),
-        track_flows=bool(getattr(pp, "track_flows", False)),
+        # The flow log sees only what conntrack tracks: in route mode it asks for device flows.
+        track_flows=config.flow_log.enabled,
     )
     g1, g2, g3 = neighbour_thresholds(config.kernel.neighbour_table_devices)
     sysctls: tuple[Sysctl, ...] = (

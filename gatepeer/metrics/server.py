@@ -105,10 +105,10 @@ def for_agent(
         # Read per scrape: a reload may change either.
         reconcile_interval=lambda: agent().config.agent.reconcile_interval,
         ha=lambda: agent().config.ha,
-        # packet_path.device_counters and the agent's SIM map come with the path and sims
-        # work (issue 19); until both are there the device metrics stay absent.
+        # The agent's SIM map comes with the sims work (issue 19); until it is there every
+        # device is in group "unknown".
         devices=LiveDevices(
-            lambda: bool(getattr(agent().config.packet_path, "device_counters", False)),
+            lambda: agent().config.packet_path.device_counters,
             lambda: getattr(agent(), "sim_map", None),
         ),
         device_top_n=lambda: agent().config.devices.metrics_top_n,

@@ -1,6 +1,6 @@
-"""Builders for the device metrics' inputs: `DeviceTraffic` and `SimRecord`/`SimMap` with the
-fields CONTRACT.md gives them (gatepeer.device_traffic and gatepeer.sims come with other
-branches; these stand in with the same fields), a fake device source, and an ENA ethtool answer
+"""Builders for the device metrics' inputs: the kernel's `DeviceTraffic` and `SimRecord`/
+`SimMap` with the fields CONTRACT.md gives them (gatepeer.sims comes with another branch;
+these stand in with the same fields), a fake device source, and an ENA ethtool answer
 encoded as the kernel returns it."""
 
 from __future__ import annotations
@@ -12,19 +12,10 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from gatepeer.aws import ena
+from gatepeer.device_traffic import DeviceTraffic
 from gatepeer.metrics.device_activity import NO_GROUP, UNKNOWN_SIM, DeviceActivity
 
 ENA_STATS = Path(__file__).parents[1] / "golden" / "ena" / "ethtool_stats.txt"
-
-
-@dataclass(frozen=True)
-class DeviceTraffic:
-    address: IPv4Address
-    packets_from_device: int
-    bytes_from_device: int
-    packets_to_device: int
-    bytes_to_device: int
-    last_packet_age_s: float | None
 
 
 @dataclass(frozen=True)

@@ -191,7 +191,12 @@ def test_nothing_is_logged_before_the_device_subnet_is_known(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_the_flow_log_turns_conntrack_accounting_on(enabled: bool) -> None:
+def test_the_flow_log_turns_conntrack_accounting_and_route_mode_tracking_on(enabled: bool) -> None:
     config = replace(make_config(), flow_log=FlowLogConfig(enabled=enabled))
-    wanted = {s.path: s.value for s in desired_state(config, FACTS, GATE).sysctls}
+    desired = desired_state(config, FACTS, GATE)
+    wanted = {s.path: s.value for s in desired.sysctls}
     assert wanted.get("net/netfilter/nf_conntrack_acct") == (1 if enabled else None)
+    # Route mode (the default) then tracks device flows, so the flow log sees them.
+    assert desired.packet_path is not None
+    assert desired.packet_path.track_flows is enabled
+    assert desired.packet_path.tracked is True or not enabled
