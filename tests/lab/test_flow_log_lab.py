@@ -1,10 +1,11 @@
-"""The flow log on the real kernel (issue 19): the lab's gate peer in nat mode runs `gatepeer
-run` with [flow_log] on; a device opens one TCP connection and one UDP exchange to the VPC
+"""The flow log on the real kernel (issue 19): the lab's gate peer in nat mode, and in route
+mode (where the flow log makes the packet path track device flows), runs `gatepeer run` with
+[flow_log] on; a device opens one TCP connection and one UDP exchange to the VPC
 host; their conntrack entries are then deleted (what their timeouts would do later), and the
 log holds exactly four records, not the peer's own probes of the VPG endpoints: each
 connection's "new" and "destroy", with the device, the VPC host, the ports, the peer's
-address as the NAT address and, on destroy, the bytes each way (exact for UDP: 28 bytes of
-headers plus the payload)."""
+address as the NAT address (nat mode; none in route mode) and, on destroy, the bytes each
+way (exact for UDP: 28 bytes of headers plus the payload)."""
 
 from __future__ import annotations
 
@@ -76,10 +77,11 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_known_connections_make_exactly_their_records(make_lab) -> None:
+@pytest.mark.parametrize("mode", ["nat", "route"])
+def test_known_connections_make_exactly_their_records(make_lab, mode: str) -> None:
     lab = make_lab()
     flows = Path(lab.paths.dir) / "flows.jsonl"
-    lab.set_config("packet_path", "mode", json.dumps("nat"))
+    lab.set_config("packet_path", "mode", json.dumps(mode))
     lab.set_config("flow_log", "enabled", "true")
     lab.set_config("flow_log", "file", json.dumps(str(flows)))
     with running_agent(lab) as agent:
@@ -92,7 +94,7 @@ def test_known_connections_make_exactly_their_records(make_lab) -> None:
         )
         time.sleep(0.5)  # conntrack -E subscribed
         seen, _reply = connect_and_see(lab, "vpc", VPC_HOST, "dev", DEVICE)
-        assert seen == PEER
+        assert seen == (PEER if mode == "nat" else DEVICE)
         with popen(lab, "vpc", sys.executable, "-c", UDP_SERVER, VPC_HOST) as server:
             assert server.stdout is not None and server.stdout.readline().strip() == "ready"
             client = lab.run("dev", sys.executable, "-c", UDP_CLIENT, VPC_HOST, DEVICE)
@@ -114,7 +116,10 @@ def test_known_connections_make_exactly_their_records(make_lab) -> None:
         ("new", "tcp", DEVICE, "from_device", VPC_HOST, PORT),
         ("new", "udp", DEVICE, "from_device", VPC_HOST, UDP_PORT),
     ], records
-    assert all(r["nat_address"] == PEER for r in records)
+    if mode == "nat":
+        assert all(r["nat_address"] == PEER for r in records)
+    else:  # route mode keeps the device's address: tracked (track_flows), not NATed
+        assert all("nat_address" not in r for r in records)
     udp = next(r for r in records if r["protocol"] == "udp" and r["event"] == "destroy")
     assert udp["device_port"] == udp_port
     assert (udp["packets_from_device"], udp["bytes_from_device"]) == (1, 28 + len(QUERY))
