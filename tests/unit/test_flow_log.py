@@ -200,3 +200,39 @@ def test_the_flow_log_turns_conntrack_accounting_and_route_mode_tracking_on(enab
     assert desired.packet_path is not None
     assert desired.packet_path.track_flows is enabled
     assert desired.packet_path.tracked is True or not enabled
+
+
+def test_the_daemon_runs_the_flow_log_as_its_config_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gatepeer import flow_logger
+    from gatepeer.config import parse
+    from gatepeer.daemon import Daemon
+
+    monkeypatch.setattr(flow_logger, "ConntrackEvents", NoEvents)
+    flows = tmp_path / "flows.jsonl"
+    config = parse(
+        {
+            "soracom": {"auth_key_id": "keyId-test", "vpg_id": "vpg-test"},
+            "agent": {"state_file": str(tmp_path / "state.json"), "gate_cache": ""},
+            "metrics": {"listen": ""},
+            "flow_log": {"enabled": True, "file": str(flows)},
+        }
+    )
+    daemon = Daemon(config, lambda: config)
+    daemon.agent.gate = GATE  # the helpers' gate view: devices in 198.19.0.0/16
+    daemon._flow_log()
+    logger = daemon.flow_logger
+    assert logger is not None and logger.stats.starts == 1
+    device = "[1796593110.9]\t    [NEW] udp 17 30 src=198.19.0.50 dst=198.51.100.7 sport=1 dport=2 "
+    logger.handle(device + "[UNREPLIED] src=198.51.100.7 dst=198.19.0.50 sport=2 dport=1\n")
+    probe = "[1796593111.0]\t    [NEW] icmp 1 30 src=198.19.0.3 dst=198.19.0.1 type=8 code=0 id=1 "
+    logger.handle(probe + "[UNREPLIED] src=198.19.0.1 dst=198.19.0.3 type=0 code=0 id=1\n")
+    daemon._flow_log()  # running: nothing to do
+    assert logger.stats.starts == 1
+    daemon.config = replace(config, flow_log=FlowLogConfig(enabled=False))
+    daemon._flow_log()  # turned off by a reload
+    assert daemon.flow_logger is None
+    (record,) = [json.loads(x) for x in flows.read_text().splitlines()]
+    assert (record["device"], record["peer"]) == ("198.19.0.50", "198.51.100.7")
+    daemon.agent.close()
