@@ -52,7 +52,8 @@ now = [1_800_000_000.0]
 base = int(IPv4Address("10.128.0.0"))
 addresses = [IPv4Address(base + 10 + i) for i in range(n)]
 sims = SimMap({
-    a: SimRecord(a, f"4401032{i:08d}", f"sim-{i:06d}", f"device-{i:06d}", f"group-{i % 20:02d}")
+    a: SimRecord(a, f"4401032{i:08d}", f"sim-{i:06d}", f"device-{i:06d}", f"group-{i % 20:02d}",
+                 True, "session")
     for i, a in enumerate(addresses)
 })
 

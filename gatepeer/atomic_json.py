@@ -17,10 +17,11 @@ from typing import Any
 FORMAT_VERSION = 1
 
 
-def write(path: Path, data: dict[str, Any]) -> None:
-    """Write-then-rename in the same directory: readers see the old file or the new, whole."""
+def write(path: Path, data: dict[str, Any], *, indent: int | None = 2) -> None:
+    """Write-then-rename in the same directory: readers see the old file or the new, whole.
+    `indent=None` writes one line: for large documents read often (the SIM map)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    payload = json.dumps({"format": FORMAT_VERSION, **data}, indent=2, sort_keys=True)
+    payload = json.dumps({"format": FORMAT_VERSION, **data}, indent=indent, sort_keys=True)
     _remove_leftovers(path)
     # The writer's pid in the name: a writer killed before its rename is recognised later.
     fd, tmp = tempfile.mkstemp(

@@ -209,6 +209,26 @@ def status(config_file: str | None, as_json: bool) -> None:
 
 @main.command()
 @config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the devices as JSON.")
+def devices(config_file: str | None, as_json: bool) -> None:
+    """Each device seen: address, SIM name and IMSI, online, last packet, traffic, connections.
+
+    Devices are the SIMs of this VPG (the map the daemon keeps in devices.sim_cache) and the
+    addresses the packet path counted traffic for. Exit 0, 2 bad config.
+    """
+    from gatepeer.devices_report import gather, render
+
+    try:
+        cfg = load(config_path(config_file), check_system=False)  # reads no secret
+    except ConfigError as exc:
+        fail("\ngatepeer: ".join(f"config error: {line}" for line in exc.lines), EXIT_USAGE)
+    report = gather(cfg)
+    # --json on one line: with 10,000 devices an indented document takes 4x longer to write.
+    click.echo(json.dumps(report.to_json()) if as_json else render(report))
+
+
+@main.command()
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 def doctor(config_file: str | None, as_json: bool) -> None:
     """Pre-flight and live checks: what keeps this host from being a working gate peer.

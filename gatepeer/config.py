@@ -144,12 +144,6 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
-class DevicesConfig:
-    # Devices with series of their own (the most traffic); the rest count in their SIM group.
-    metrics_top_n: int = 10
-
-
-@dataclass(frozen=True)
 class FlowLogConfig:
     # Connection events (new; destroyed, with bytes) as JSON lines; route mode then tracks
     # device flows in conntrack (packet_path track_flows), which costs (docs/devices.md).
@@ -175,6 +169,26 @@ class AgentConfig:
     # The last gate view the API gave, kept across reboots (state_file lives on tmpfs) so the
     # tunnel comes up at boot even while the API is unreachable; None turns it off.
     gate_cache: Path | None = Path("/var/lib/gatepeer/gate.json")
+
+
+# The SIM map's default cadence: slow, since SIM names and static addresses change rarely and
+# each refresh pages through every SIM of the operator (one call per 100 SIMs).
+DEFAULT_SIM_REFRESH_S = 900
+MIN_SIM_REFRESH_S = 60
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    """The SIM map behind `gatepeer devices` (gatepeer/sims.py)."""
+
+    # Seconds between refreshes of the SIM map from the API (at start, then this often); 0 off.
+    sim_refresh_seconds: int = DEFAULT_SIM_REFRESH_S
+    # Where the map is kept; None: sims.json beside agent.gate_cache (on disk, like the gate
+    # view), or beside agent.state_file when the gate cache is off (gatepeer.sims.cache_path).
+    sim_cache: Path | None = None
+    # Devices with metrics series of their own (the most traffic); every device counts in its
+    # SIM group's (gatepeer/metrics/devices.py).
+    metrics_top_n: int = 10
 
 
 # [ha]: a pair of gate peers; keepalived elects the master (see gatepeer/ha/).
@@ -260,10 +274,10 @@ class Config:
     packet_path: PacketPathConfig = field(default_factory=PacketPathConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     probes: ProbesConfig = field(default_factory=ProbesConfig)
-    devices: DevicesConfig = field(default_factory=DevicesConfig)
     flow_log: FlowLogConfig = field(default_factory=FlowLogConfig)
     ha: HaConfig | None = None  # None: a single peer, no keepalived
     aws: AwsConfig = field(default_factory=AwsConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
     source: Path | None = None
 
     def masked(self) -> dict[str, dict[str, Any]]:
@@ -277,9 +291,9 @@ class Config:
             "packet_path": self.packet_path,
             "metrics": self.metrics,
             "probes": self.probes,
-            "devices": self.devices,
             "flow_log": self.flow_log,
             "aws": self.aws,
+            "devices": self.devices,
         }
         if self.ha is not None:
             sections["ha"] = self.ha
@@ -337,10 +351,10 @@ _SECTIONS = (
     "packet_path",
     "metrics",
     "probes",
-    "devices",
     "flow_log",
     "aws",
     "ha",
+    "devices",
 )
 
 
@@ -368,10 +382,10 @@ def parse(data: Mapping[str, Any]) -> Config:
     packet_path = section("packet_path", _parse_packet_path)
     metrics = section("metrics", _parse_metrics)
     probes = section("probes", _parse_probes)
-    devices = section("devices", _parse_devices)
     flow_log = section("flow_log", _parse_flow_log)
     ha = section("ha", lambda s: _parse_ha(s, tunnel or TunnelConfig())) if "ha" in tables else None
     aws = section("aws", lambda s: _parse_aws(s, packet_path or PacketPathConfig(), ha))
+    devices = section("devices", _parse_devices)
     if kernel is not None and packet_path is not None:
         # conntrack is sized for devices x flows; past this the kernel refuses the table size
         # (it must fit a signed int, and each entry costs ~256 bytes of memory).
@@ -399,10 +413,10 @@ def parse(data: Mapping[str, Any]) -> Config:
         packet_path=packet_path,
         metrics=metrics,
         probes=probes,
-        devices=devices,
         flow_log=flow_log,
         ha=ha,
         aws=aws,
+        devices=devices,
     )
 
 
@@ -718,6 +732,25 @@ def _parse_agent(s: _Section) -> AgentConfig:
     return cfg
 
 
+def _parse_devices(s: _Section) -> DevicesConfig:
+    refresh = s.integer("sim_refresh_seconds", DEFAULT_SIM_REFRESH_S, 0, 86_400)
+    if 0 < refresh < MIN_SIM_REFRESH_S:
+        raise ConfigError(
+            f"{s.key('sim_refresh_seconds')}: must be 0 (off) or at least {MIN_SIM_REFRESH_S}, "
+            f"got {refresh}: each refresh pages through every SIM, within the API's rate limit"
+        )
+    cache = s.string("sim_cache", "")
+    if cache and not cache.startswith("/"):
+        raise ConfigError(f"{s.key('sim_cache')}: must be an absolute path, got {cache!r}")
+    cfg = DevicesConfig(
+        sim_refresh_seconds=refresh,
+        sim_cache=Path(cache) if cache else None,
+        metrics_top_n=s.integer("metrics_top_n", 10, 0, 1000),
+    )
+    s.finish()
+    return cfg
+
+
 def _parse_packet_path(s: _Section) -> PacketPathConfig:
     mode = s.get("mode", "route")
     if mode not in ("route", "nat"):
@@ -825,12 +858,6 @@ def _parse_probes(s: _Section) -> ProbesConfig:
     )
     if cfg.timeout >= cfg.interval:
         raise ConfigError(f"{s.key('timeout')}: must be shorter than probes.interval")
-    s.finish()
-    return cfg
-
-
-def _parse_devices(s: _Section) -> DevicesConfig:
-    cfg = DevicesConfig(metrics_top_n=s.integer("metrics_top_n", 10, 0, 1000))
     s.finish()
     return cfg
 

@@ -23,7 +23,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK, RTMGRP_NEIGH
 
-from gatepeer import health, state_document, systemd
+from gatepeer import health, sims, state_document, systemd
 from gatepeer.agent import Agent, ReconcileResult, make_client
 from gatepeer.aws.integration import AwsIntegration, TerminationWatcher
 from gatepeer.config import Config, ConfigError
@@ -33,6 +33,7 @@ from gatepeer.kernel import nftables, rtnl
 from gatepeer.kernel.netlink import KernelError
 from gatepeer.kernel.rtnl import TunnelReading
 from gatepeer.probes import IcmpTransport, Prober
+from gatepeer.sim_refresh import SimRefresher
 
 if TYPE_CHECKING:
     from ipaddress import IPv4Address
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from gatepeer.ha.role import RoleView
     from gatepeer.ha.watcher import HaWatcher
     from gatepeer.metrics.server import MetricsServer
+    from gatepeer.sims import SimMap
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +214,7 @@ class ProbedAgent(Agent):
     prober: Prober | None = None
     ha_view: Callable[[], RoleView] | None = None  # with [ha]: the role keepalived gave us
     aws_view: Callable[[], dict[str, Any] | None] | None = None  # [aws] routes, stale sweep
+    sim_view: Callable[[], dict[str, Any] | None] | None = None  # the SIM map's last refresh
     _write_lock = threading.Lock()
 
     def document(self) -> state_document.StateDocument:
@@ -222,8 +225,13 @@ class ProbedAgent(Agent):
             flood = None  # reported as missing; the state must still be written
         ha = self.ha_view().to_json() if self.ha_view is not None else None
         aws = self.aws_view() if self.aws_view is not None else None
+        sim_map = self.sim_view() if self.sim_view is not None else None
         return state_document.build(
-            self.snapshot(), probes=state_document.Probes(results, flood), ha=ha, aws=aws
+            self.snapshot(),
+            probes=state_document.Probes(results, flood),
+            ha=ha,
+            aws=aws,
+            sim_map=sim_map,
         )
 
     def write_state(self) -> None:
@@ -259,12 +267,15 @@ class Daemon:
         self.event_reasons: list[str] = []
         self.lock = threading.Lock()
         self._route_target_cache: RouteTarget | None = None
+        self.sim_refresher: SimRefresher | None = None
+        self._sim_settings: tuple[object, ...] | None = None  # what the refresher runs with
         self.flow_logger: FlowLogger | None = None
 
     def _new_agent(self, config: Config) -> ProbedAgent:
         agent = ProbedAgent(config)
         agent.prober = self.prober
         agent.aws_view = self._aws_view
+        agent.sim_view = self._sim_view
         if self.ha is not None:
             agent.ha_view = self.ha.view
         return agent
@@ -272,6 +283,37 @@ class Daemon:
     def _aws_view(self) -> dict[str, Any] | None:
         aws: AwsIntegration | None = getattr(self, "aws", None)  # made after the first agent
         return aws.to_json() if aws is not None else None
+
+    def _sim_view(self) -> dict[str, Any] | None:
+        refresher: SimRefresher | None = getattr(self, "sim_refresher", None)
+        return refresher.to_json() if refresher is not None else None
+
+    # ---- the SIM map: fetched at start, then on its own slow cadence ----------------
+
+    def _start_sim_refresher(self) -> None:
+        """With the SIM map on: a thread that fetches it now and every sim_refresh_seconds.
+        A refresher already running for other settings is stopped first."""
+        devices, soracom = self.config.devices, self.config.soracom
+        running = self.sim_refresher
+        wanted = (devices, soracom)
+        if running is not None and self._sim_settings == wanted:
+            return
+        if running is not None:
+            running.stop()
+            self.sim_refresher = None
+        self._sim_settings = wanted
+        path = sims.cache_path(self.config)
+        if path is None:
+            return
+        refresher = SimRefresher(
+            make_client(self.config),
+            soracom.vpg_id,
+            path,
+            devices.sim_refresh_seconds,
+            on_change=lambda: self.agent.write_state(),
+        )
+        self.sim_refresher = refresher
+        refresher.start()
 
     # ---- HA: keepalived's notify FIFO and the claim on MASTER ------------------------
 
@@ -504,11 +546,16 @@ class Daemon:
                 return DeviceScope(gate.device_subnet, frozenset({gate.inner.ip, *inner}))
 
             def sim_name(address: IPv4Address) -> str | None:
-                sims = getattr(self.agent, "sim_map", None)  # the SIM map (issue 19's sims)
+                sims = self._sim_map()
                 return sims.name_for(address) if sims is not None else None
 
             self.flow_logger = FlowLogger(cfg, devices, sim_name)
         self.flow_logger.ensure_running()
+
+    def _sim_map(self) -> SimMap | None:
+        """The SIM map the refresher holds (None while the map is off)."""
+        refresher = self.sim_refresher
+        return refresher.current if refresher is not None else None
 
     def _metrics_server(self) -> MetricsServer | None:
         """The /metrics listener for the current config; None when `listen = ""` turns it off.
@@ -521,6 +568,7 @@ class Daemon:
             self.config.metrics.listen,
             lambda: self.agent,
             lambda: self.flow_logger.stats if self.flow_logger is not None else None,
+            self._sim_map,
         )
 
     def _live_verdict(self) -> health.Verdict:
@@ -571,6 +619,7 @@ class Daemon:
         nft_watcher.start()
         self.prober.start()
         termination = self._termination_watcher()
+        self._start_sim_refresher()
         metrics_listen = self.config.metrics.listen
         metrics = self._metrics_server()
         interval = self.config.agent.reconcile_interval
@@ -587,6 +636,7 @@ class Daemon:
                 if self.reload_requested:
                     self.reload_requested = False
                     self.reload()
+                    self._start_sim_refresher()
                     watcher.interface = self.config.tunnel.interface
                     interval = self.config.agent.reconcile_interval
                     next_refresh = 0.0
@@ -663,6 +713,8 @@ class Daemon:
             if termination is not None:
                 termination.stop()
             self.prober.stop()
+            if self.sim_refresher is not None:
+                self.sim_refresher.stop()
             if self.ha is not None:
                 self.ha.stop()
             if metrics is not None:

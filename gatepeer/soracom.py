@@ -30,6 +30,10 @@ TOKEN_LIFETIME_S = 86_400
 REFRESH_MARGIN = 0.1
 RATE_LIMIT_WAIT_MAX_S = 60.0
 RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+# Rows asked per page of listSims and the IP address map, and a bound on the pages: 1,000 pages
+# of 100 is 100,000 SIMs, far past one VPG's devices; past it the answer is not to be trusted.
+SIM_PAGE_SIZE = 100
+MAX_PAGES = 1_000
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -217,6 +221,22 @@ class SoracomClient:
         authenticated: bool = True,
         ok: tuple[int, ...] = (200,),
     ) -> tuple[int, Any]:
+        status, data, _ = self._exchange(
+            operation, method, path, body, authenticated=authenticated, ok=ok
+        )
+        return status, data
+
+    def _exchange(
+        self,
+        operation: str,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        authenticated: bool = True,
+        ok: tuple[int, ...] = (200,),
+    ) -> tuple[int, Any, dict[str, str]]:
+        """One call with its retries: (status, JSON body, headers with lower-case names)."""
         reauthed = False
         attempt = 0
         while True:
@@ -225,9 +245,9 @@ class SoracomClient:
             status, payload, got = self._send(operation, method, path, body, headers)
             if status in ok:
                 if not payload.strip():
-                    return status, None
+                    return status, None, got
                 try:
-                    return status, _json(payload)
+                    return status, _json(payload), got
                 except ValueError:
                     # A proxy or captive portal answering in our place: not the SORACOM API.
                     raise SoracomError(
@@ -387,6 +407,51 @@ class SoracomClient:
     def unset_redirection(self, vpg_id: str) -> None:
         path = self._vpg_path(vpg_id, "/junction/unset_redirection")
         self._call("unsetRedirectionConfiguration", "POST", path, ok=(200, 204))
+
+    def list_sims(
+        self, page_size: int = SIM_PAGE_SIZE, *, first_page_only: bool = False
+    ) -> list[dict[str, Any]]:
+        """Every SIM of the operator (listSims), page by page through `x-soracom-next-key`;
+        only the first page with `first_page_only` (doctor: may the key call it at all)."""
+        return self._paginated("listSims", "/v1/sims", page_size, first_page_only)
+
+    def list_ip_address_map(
+        self, vpg_id: str, page_size: int = SIM_PAGE_SIZE, *, first_page_only: bool = False
+    ) -> list[dict[str, Any]]:
+        """The VPG's IP address map (listVirtualPrivateGatewayIpAddressMapEntries), every page:
+        SIMs' static and dynamic addresses, and the gate peers' and the VPG's own."""
+        path = self._vpg_path(vpg_id, "/ip_address_map")
+        return self._paginated(
+            "listVirtualPrivateGatewayIpAddressMapEntries", path, page_size, first_page_only
+        )
+
+    def _paginated(
+        self, operation: str, path: str, page_size: int, first_page_only: bool = False
+    ) -> list[dict[str, Any]]:
+        """All pages of a list: each answer's `x-soracom-next-key` is the next request's
+        `last_evaluated_key`, until an answer has none. Each page is one call, so 429s and
+        retries are handled per page, and the rate-limit wait spans the pages."""
+        rows: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        key: str | None = None
+        for _ in range(MAX_PAGES):
+            query = {"limit": str(page_size)}
+            if key is not None:
+                query["last_evaluated_key"] = key
+            _, data, headers = self._exchange(
+                operation, "GET", f"{path}?{urllib.parse.urlencode(query)}"
+            )
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+                raise SoracomError(operation, 200, "unexpected answer: not a list of objects")
+            rows.extend(data)
+            key = headers.get("x-soracom-next-key") or None
+            if key is None or first_page_only:
+                return rows
+            if key in seen:
+                # An API that hands back a key it gave before would page forever.
+                raise SoracomError(operation, 200, "unexpected answer: a next key repeated")
+            seen.add(key)
+        raise SoracomError(operation, 200, f"unexpected answer: more than {MAX_PAGES} pages")
 
 
 def _expect_object(operation: str, data: Any) -> dict[str, Any]:

@@ -86,6 +86,7 @@ class StateSummary:
     reconcile_failure: str | None = None
     ha: Any = None  # the HA role the daemon recorded (RoleView.to_json()); None: none
     aws: Any = None  # [aws] route_tables and the stale sweep (AwsIntegration.to_json())
+    sim_map: Any = None  # the SIM map's last refresh (SimRefresher.to_json()); None: off
 
     @property
     def redirection_is_self(self) -> bool | None:
@@ -185,6 +186,7 @@ class StateSummary:
             reconcile_failure=failure,
             ha=data.get("ha"),
             aws=data.get("aws") if isinstance(data.get("aws"), dict) else None,
+            sim_map=data.get("sim_map") if isinstance(data.get("sim_map"), dict) else None,
             damaged=tuple(r.damaged),
         )
 
@@ -343,6 +345,7 @@ def build(
     probes: Probes | None = None,
     ha: Mapping[str, Any] | None = None,
     aws: Mapping[str, Any] | None = None,
+    sim_map: Mapping[str, Any] | None = None,
 ) -> StateDocument:
     """The document for `snapshot`. Without probes (`gatepeer apply`) its health is the
     reconcile's own verdict; with them (the daemon) it is judged here, once, by the evaluator
@@ -404,6 +407,8 @@ def build(
         data["ha"] = dict(ha)
     if aws:
         data["aws"] = dict(aws)  # [aws] route_tables and the stale sweep, for status
+    if sim_map is not None:
+        data["sim_map"] = dict(sim_map)  # the SIM map's last refresh, for status
     if probes is not None:
         data["endpoints"] = endpoint_report(endpoints, probes.results, probes.fdb)
     summary = _summary(r, data, probed=probes is not None)
@@ -455,6 +460,7 @@ def _summary(r: AgentSnapshot, data: Mapping[str, Any], *, probed: bool) -> Stat
         reconcile_failure=last.failure if last else None,
         ha=data.get("ha"),
         aws=data.get("aws"),
+        sim_map=data.get("sim_map"),
     )
 
 

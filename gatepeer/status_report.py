@@ -254,7 +254,18 @@ def to_json(s: Status) -> dict[str, Any]:
         report["ha"] = ha
     if st is not None and st.aws:
         report["aws"] = st.aws
+    if st is not None and st.sim_map:
+        report["sim_map"] = st.sim_map  # the daemon's last SIM map refresh (gatepeer devices)
     return report
+
+
+def _sim_map_line(sim_map: dict[str, Any], now: float) -> str:
+    """The SIM map's line: how many SIMs, how old; a failed refresh said, with the last map."""
+    fetched = sim_map.get("fetched_at")
+    line = f"sim map       {sim_map.get('sims')} SIMs, fetched {_ago(now, fetched)}"
+    if sim_map.get("error"):
+        line += f"; last refresh failed, keeping the last map: {sim_map['error']}"
+    return line
 
 
 def _ago(now: float, then: float | None) -> str:
@@ -358,6 +369,8 @@ def render(s: Status) -> str:
     aws_line = aws_report.line(j["aws"]) if "aws" in j else None
     if aws_line:
         lines.append(aws_line)
+    if "sim_map" in j:
+        lines.append(_sim_map_line(j["sim_map"], s.now))
     lr = j["last_reconcile"]
     if lr:
         took = f" in {lr['duration_s'] * 1000:.1f} ms" if lr["duration_s"] is not None else ""

@@ -628,6 +628,33 @@ def judge_permissions(verdict: Verdict) -> Check:
     return Check("ok", IAM, detail)
 
 
+# The SORACOM permissions (SAM policy "api" entries) the SIM map needs.
+SIM_MAP_PERMISSIONS = (
+    "Sim:listSims",
+    "VirtualPrivateGateway:listVirtualPrivateGatewayIpAddressMapEntries",
+)
+
+
+def judge_sim_map(refused: dict[str, tuple[int, str]], *, enabled: bool) -> Check:
+    """May the auth key read the SIM map? `refused`: operationId -> (HTTP status, error) of
+    the calls that failed. Never a failure: the data path works without names."""
+    if not enabled:
+        return Check("skip", "sim-map", "devices.sim_refresh_seconds = 0: the SIM map is off")
+    if not refused:
+        return Check("ok", "sim-map", "the auth key may call listSims and the VPG's IP address map")
+    denied = [op for op, (status, _) in refused.items() if status in (401, 403)]
+    if denied:
+        return Check(
+            "warn",
+            "sim-map",
+            f"the auth key may not call {', '.join(denied)}: `gatepeer devices` shows no SIM "
+            "names; give the key's SAM user (or role) the permissions "
+            + ", ".join(SIM_MAP_PERMISSIONS),
+        )
+    op, (_, error) = next(iter(refused.items()))
+    return Check("warn", "sim-map", f"cannot read the SIM map ({op}): {error}")
+
+
 def judge_allowances(interface: str, allowances: Mapping[str, int]) -> Check:
     """The ENA allowance counters (`gatepeer.aws.ena`; empty off ENA). They count from the
     driver's start, so any above zero means the instance hit an EC2 limit since then."""

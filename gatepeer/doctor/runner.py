@@ -21,7 +21,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from gatepeer import atomic_json
+from gatepeer import atomic_json, sims
 from gatepeer.config import VXLAN_OVERHEAD, Config, ConfigError, check_against_system, load
 from gatepeer.desired_state import GateView, conntrack_sysctls, neighbour_thresholds
 from gatepeer.doctor.judgments import (
@@ -38,6 +38,7 @@ from gatepeer.doctor.judgments import (
     judge_path_mtu,
     judge_redirection,
     judge_registration,
+    judge_sim_map,
     judge_tunnel,
     judge_underlay_mtu,
 )
@@ -288,6 +289,7 @@ class Doctor:
                 )
             )
         out.append(judge_gate(s.vpg_id, vpg.gate_opened, s.open_gate))
+        out.append(self._sim_map_check(client))
         self.gathered = Gathered(vpg.vni, vpg.device_subnet, tuple(e.outer for e in endpoints))
         if self.outer is None:
             return out + self._skipped(("registration", "redirection"), "underlay")
@@ -319,6 +321,26 @@ class Doctor:
         )
         out.append(judge_redirection(self.config, gate))
         return out
+
+    def _sim_map_check(self, client: Any) -> Check:
+        """One page of each SIM map call: enough to learn whether the key may call them."""
+        from gatepeer.soracom import SoracomError
+
+        enabled = sims.cache_path(self.config) is not None
+        refused: dict[str, tuple[int, str]] = {}
+        if enabled:
+            calls = {
+                "listSims": lambda: client.list_sims(page_size=1, first_page_only=True),
+                "listVirtualPrivateGatewayIpAddressMapEntries": lambda: client.list_ip_address_map(
+                    self.config.soracom.vpg_id, page_size=1, first_page_only=True
+                ),
+            }
+            for operation, call in calls.items():
+                try:
+                    call()
+                except SoracomError as exc:
+                    refused[operation] = (exc.status, str(exc))
+        return judge_sim_map(refused, enabled=enabled)
 
     @staticmethod
     def _skipped(names: Sequence[str], because: str) -> list[Check]:

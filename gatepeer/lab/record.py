@@ -87,6 +87,9 @@ class Paths:
     def peer_gate_cache(self, index: int) -> Path:
         return self.gate_cache if index == 1 else self.dir / f"gate-peer{index}.json"
 
+    def peer_sim_cache(self, index: int) -> Path:
+        return self.dir / ("sims.json" if index == 1 else f"sims-peer{index}.json")
+
     def peer_file(self, index: int, name: str) -> Path:
         """The HA pair's files: keepalived.conf, its FIFO, pid files and logs."""
         return self.dir / f"peer{index}-{name}"
@@ -186,6 +189,10 @@ def render_config(
         f'reconcile_interval = "{"10s" if pair else "30s"}"\n'
         f'state_file = "{paths.peer_state_file(index)}"\n'
         f'gate_cache = "{paths.peer_gate_cache(index)}"\n'
+        "\n"
+        "[devices]\n"
+        "# The lab's SIMs (one per device, named lab-device-N) by address, for gatepeer devices.\n"
+        f'sim_cache = "{paths.peer_sim_cache(index)}"\n'
     )
     if pair:
         text += render_ha_settings(paths, index)

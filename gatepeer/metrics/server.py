@@ -24,6 +24,7 @@ from gatepeer.config import DEFAULT_METRICS_PORT
 if TYPE_CHECKING:
     from gatepeer.agent import Agent
     from gatepeer.flow_logger import FlowLogStats
+    from gatepeer.sims import SimMap
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ def for_agent(
     listen: str | None,
     agent: Callable[[], Agent],
     flow_log: Callable[[], FlowLogStats | None] | None = None,
+    sim_map: Callable[[], SimMap | None] = lambda: None,
 ) -> MetricsServer:
     """The daemon's server: every collector on a fresh registry, reading the live agent (looked
     up per scrape: a reload replaces it), the kernel and the packet path."""
@@ -105,12 +107,7 @@ def for_agent(
         # Read per scrape: a reload may change either.
         reconcile_interval=lambda: agent().config.agent.reconcile_interval,
         ha=lambda: agent().config.ha,
-        # The agent's SIM map comes with the sims work (issue 19); until it is there every
-        # device is in group "unknown".
-        devices=LiveDevices(
-            lambda: agent().config.packet_path.device_counters,
-            lambda: getattr(agent(), "sim_map", None),
-        ),
+        devices=LiveDevices(lambda: agent().config.packet_path.device_counters, sim_map),
         device_top_n=lambda: agent().config.devices.metrics_top_n,
         underlay=lambda: _underlay(agent()),
         flow_log=flow_log,

@@ -1,6 +1,5 @@
-"""Builders for the device metrics' inputs: the kernel's `DeviceTraffic` and `SimRecord`/
-`SimMap` with the fields CONTRACT.md gives them (gatepeer.sims comes with another branch;
-these stand in with the same fields), a fake device source, and an ENA ethtool answer
+"""Builders for the device metrics' inputs: the kernel's `DeviceTraffic`, the SIM map's
+`SimRecord`, a fake device source, and an ENA ethtool answer
 encoded as the kernel returns it."""
 
 from __future__ import annotations
@@ -14,30 +13,9 @@ from pathlib import Path
 from gatepeer.aws import ena
 from gatepeer.device_traffic import DeviceTraffic
 from gatepeer.metrics.device_activity import NO_GROUP, UNKNOWN_SIM, DeviceActivity
+from gatepeer.sims import SimMap, SimRecord
 
 ENA_STATS = Path(__file__).parents[1] / "golden" / "ena" / "ethtool_stats.txt"
-
-
-@dataclass(frozen=True)
-class SimRecord:
-    address: IPv4Address
-    imsi: str
-    sim_id: str
-    name: str | None
-    group_id: str | None
-    online: bool = True
-    source: str = "session"
-
-
-@dataclass(frozen=True)
-class SimMap:
-    records: dict[IPv4Address, SimRecord]
-    fetched_at: float | None = None
-    error: str | None = None
-
-    def name_for(self, address: IPv4Address) -> str | None:
-        record = self.records.get(address)
-        return record.name if record else None
 
 
 def traffic(address: str, sent: int, received: int, age: float | None = 1.0) -> DeviceTraffic:
@@ -48,7 +26,7 @@ def traffic(address: str, sent: int, received: int, age: float | None = 1.0) -> 
 
 
 def sim(address: str, imsi: str, name: str | None, group: str | None) -> SimRecord:
-    return SimRecord(IPv4Address(address), imsi, f"sim-{imsi[-4:]}", name, group)
+    return SimRecord(IPv4Address(address), imsi, f"sim-{imsi[-4:]}", name, group, True, "session")
 
 
 @dataclass

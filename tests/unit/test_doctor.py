@@ -43,6 +43,7 @@ from gatepeer.doctor.judgments import (
     judge_path_mtu,
     judge_redirection,
     judge_registration,
+    judge_sim_map,
     judge_tunnel,
     judge_underlay_mtu,
 )
@@ -335,7 +336,7 @@ def test_healthy_api_side_passes_and_shows_no_secret(emulator: Emulator, tmp_pat
     inner = register(emulator, base)
     doctor = api_doctor(tmp_path, base)
     checks = by_name(doctor)
-    for name in ("secret", "api", "clock", "vpg", "gate", "registration", "redirection"):
+    for name in ("secret", "api", "clock", "vpg", "gate", "sim-map", "registration", "redirection"):
         assert checks[name].status == "ok", checks[name]
     assert "198.18.1.11, 198.18.1.12" in checks["vpg"].detail
     assert inner in checks["registration"].detail
@@ -444,3 +445,32 @@ def test_the_judgments_import_no_kernel_or_aws_code() -> None:
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_key_without_the_sim_map_permissions_is_a_named_warning(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    base = emulator.start()
+    register(emulator, base)
+    emulator.set_faults(deny=["listSims"])
+    doctor = api_doctor(tmp_path, base)
+    check = by_name(doctor)["sim-map"]
+    assert check.status == "warn"
+    assert check.detail == (
+        "the auth key may not call listSims: `gatepeer devices` shows no SIM names; give the "
+        "key's SAM user (or role) the permissions Sim:listSims, "
+        "VirtualPrivateGateway:listVirtualPrivateGatewayIpAddressMapEntries"
+    )
+    assert doctor.report.exit_code == 0  # a warning: the data path works without names
+    # One page each, never the whole list: the doctor stays quick on a big operator.
+    assert emulator.counts().get("listVirtualPrivateGatewayIpAddressMapEntries") == 1
+
+
+def test_the_sim_map_judgment() -> None:
+    assert judge_sim_map({}, enabled=False).status == "skip"
+    assert judge_sim_map({}, enabled=True).status == "ok"
+    other = judge_sim_map({"listSims": (503, "SORACOM API listSims failed")}, enabled=True)
+    assert (other.status, other.detail) == (
+        "warn",
+        "cannot read the SIM map (listSims): SORACOM API listSims failed",
+    )

@@ -1114,3 +1114,26 @@ def test_one_entry_keeps_the_lab_and_standalone_modes_apart(
         main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_sims_control_endpoint_replaces_or_appends() -> None:
+    from gatepeer.lab.emulator.service import Emulator
+
+    emu = Emulator()
+    one = {"sim_id": "8900100000000000001", "imsi": "001010000000001"}
+    two = {"sim_id": "8900100000000000002", "imsi": "001010000000002"}
+    assert (
+        emu.handle("POST", "/_emulator/sims", {}, json.dumps({"sims": [one]}).encode()).status
+        == 200
+    )
+    body = json.dumps({"sims": [two], "append": True}).encode()
+    assert emu.handle("POST", "/_emulator/sims", {}, body).status == 200
+    assert [s.sim_id for s in emu.sims()] == [one["sim_id"], two["sim_id"]]
+    again = json.dumps({"sims": [two], "append": True}).encode()
+    refused = emu.handle("POST", "/_emulator/sims", {}, again)
+    assert refused.status == 400 and "two SIMs share a sim_id" in refused.body["message"]
+    assert (
+        emu.handle("POST", "/_emulator/sims", {}, json.dumps({"sims": [one]}).encode()).status
+        == 200
+    )
+    assert [s.sim_id for s in emu.sims()] == [one["sim_id"]]

@@ -48,6 +48,31 @@ AUTH_KEY = "secret-contract-test-key"
 VPG = f"/v1/virtual_private_gateways/{VPG_ID}"
 OTHER_VPG = "/v1/virtual_private_gateways/00000000-0000-4000-8000-000000000000"
 PEER = "198.18.2.9"  # a customer peer every case starts with
+# SIMs every case starts with: one in session on this VPG, one with a static address and no
+# session, one on another VPG.
+SIMS = [
+    {
+        "sim_id": "8942310000000000011",
+        "imsi": "440103000000011",
+        "name": "pump-11",
+        "group_id": "grp-a",
+        "vpg_id": VPG_ID,
+        "address": "198.19.128.11",
+    },
+    {
+        "sim_id": "8942310000000000012",
+        "imsi": "440103000000012",
+        "online": False,
+        "static_address": "198.19.128.12",
+    },
+    {
+        "sim_id": "8942310000000000013",
+        "imsi": "440103000000013",
+        "name": "elsewhere",
+        "vpg_id": "00000000-0000-4000-8000-000000000000",
+        "address": "198.19.128.13",
+    },
+]
 
 # Statuses the emulator sends that the spec does not list for the operation, and why.
 UNDOCUMENTED_STATUSES: dict[str, set[int]] = {
@@ -57,6 +82,8 @@ UNDOCUMENTED_STATUSES: dict[str, set[int]] = {
     "setRedirectionConfiguration": {400},
     # generateAuthToken's spec lists only 200 and 400; an unknown key/token is 401 everywhere.
     "generateAuthToken": {401},
+    # A bad limit or page key: the spec lists no 400 for listSims.
+    "listSims": {400},
 }
 # Every authenticated call can answer 401 (security schemes api_key + api_token), and any call
 # 429 (rate limit) or an injected failure: the spec lists none of these per operation.
@@ -111,6 +138,7 @@ def ctx(request: pytest.FixtureRequest) -> Iterator[Ctx]:
         )
         redirect = {"enabled": True, "gateway": "198.19.0.3"}
         assert send(url, "POST", f"{VPG}/junction/set_redirection", redirect, c.auth).status == 200
+        emu.set_sims(SIMS)
         emu.reset_counts()
         yield c
     finally:
@@ -160,6 +188,8 @@ SUCCESS: dict[str, tuple[int, str, str, Any]] = {
         {"enabled": True, "gateway": "198.19.0.3", "description": "lab"},
     ),
     "unsetRedirectionConfiguration": (200, "POST", f"{VPG}/junction/unset_redirection", None),
+    "listSims": (200, "GET", "/v1/sims", None),
+    "listVirtualPrivateGatewayIpAddressMapEntries": (200, "GET", f"{VPG}/ip_address_map", None),
 }
 
 
@@ -236,6 +266,15 @@ def _cases() -> list[Case]:
             f"{VPG}/junction/set_redirection",
             {"gateway": "not-an-address"},
             why="gateway",
+        ),
+        Case("listSims", 400, "GET", "/v1/sims?limit=0", why="limit"),
+        Case("listSims", 400, "GET", "/v1/sims?last_evaluated_key=nope", why="page-key"),
+        Case(
+            "listVirtualPrivateGatewayIpAddressMapEntries",
+            400,
+            "GET",
+            f"{VPG}/ip_address_map?limit=x",
+            why="limit",
         ),
     ]
     return cases
@@ -325,6 +364,46 @@ def test_operations_and_paths_are_the_specs(contract: Contract) -> None:
         pattern = "/v1" + re.sub(r"\{[a-z_]+\}", "[^/]+", template) + r"\Z"
         assert re.match(pattern, path), (op, template, path)
     assert set(SUCCESS) == set(OPERATION_STATUSES)
+
+
+@pytest.mark.parametrize(
+    ("op", "path", "key"),
+    [
+        ("listSims", "/v1/sims", "simId"),
+        ("listVirtualPrivateGatewayIpAddressMapEntries", f"{VPG}/ip_address_map", "ipAddress"),
+    ],
+)
+def test_pages_follow_the_next_key_and_each_matches_the_spec(
+    contract: Contract, ctx: Ctx, op: str, path: str, key: str
+) -> None:
+    """One row a page: each page is valid, carries `x-soracom-next-key` while rows remain
+    (the last row's key, which the next request names), and together they hold every row once."""
+    seen: list[str] = []
+    query = "?limit=1"
+    for _ in range(20):
+        reply = send(ctx.url, "GET", path + query, None, ctx.auth)
+        assert reply.status == 200, reply.raw
+        check_response(contract, op, reply, wrapped=False)
+        assert len(reply.json) == 1
+        seen.append(reply.json[0][key])
+        next_key = reply.headers.get("x-soracom-next-key")
+        if next_key is None:
+            break
+        assert next_key == seen[-1]
+        query = f"?limit=1&last_evaluated_key={next_key}"
+    whole = send(ctx.url, "GET", path + "?limit=100", None, ctx.auth)
+    assert whole.headers.get("x-soracom-next-key") is None
+    assert seen == [row[key] for row in whole.json]
+    assert len(seen) == len(set(seen)) >= 3
+
+
+def test_the_ip_address_map_holds_sims_peers_and_the_vpg(ctx: Ctx) -> None:
+    reply = send(ctx.url, "GET", f"{VPG}/ip_address_map?limit=100", None, ctx.auth)
+    kinds = {(e["key"], e["type"]) for e in reply.json}
+    assert ("440103000000011", "dynamic") in kinds  # in session on this VPG
+    assert ("440103000000012", "static") in kinds
+    assert not any(k == "440103000000013" for k, _ in kinds)  # on another VPG
+    assert {t for _, t in kinds} == {"dynamic", "static", "customerGatePeer", "gatePeer"}
 
 
 def test_unknown_path_answers_an_error_body(contract: Contract, ctx: Ctx) -> None:

@@ -551,3 +551,19 @@ def test_status_shows_the_route_claim_and_the_sweep(tmp_path: Path) -> None:
     # A single peer without these features: no aws key, no line.
     plain = run_status(tmp_path, state_doc())
     assert "aws" not in to_json(plain) and "aws     " not in render(plain)
+
+
+def test_the_sim_map_line_says_a_failed_refresh_kept_the_last_map(tmp_path: Path) -> None:
+    sim_map = {"sims": 12, "fetched_at": NOW - 300, "error": None, "path": "/x/sims.json"}
+    status = run_status(tmp_path, state_doc(sim_map=sim_map))
+    assert to_json(status)["sim_map"] == sim_map
+    assert "sim map       12 SIMs, fetched 5 min ago" in render(status).splitlines()
+    failed = {**sim_map, "error": "SORACOM API listSims failed with HTTP 403: no permission"}
+    status = run_status(tmp_path, state_doc(sim_map=failed))
+    assert (
+        "sim map       12 SIMs, fetched 5 min ago; last refresh failed, keeping the last map: "
+        "SORACOM API listSims failed with HTTP 403: no permission"
+    ) in render(status).splitlines()
+    assert status.health == "ok"  # the data path does not depend on the SIM map
+    plain = run_status(tmp_path, state_doc())
+    assert "sim_map" not in to_json(plain) and "sim map" not in render(plain)

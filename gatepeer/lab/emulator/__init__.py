@@ -34,7 +34,8 @@ on_redirection_changed=None, clock=time.monotonic)``
     ``settings``, ``peers()``, ``endpoints()``, ``update_settings(**changes)``,
     ``set_faults(**faults)``, ``reset_faults()``, ``faults()``, ``set_overrides(vpg=...,
     vpg_remove=..., peers=...)``, ``overrides()``, ``redirection()``, ``expire_tokens()``,
-    ``counts()``, ``reset_counts()``, ``state()``, ``handle(...)`` (one request without HTTP).
+    ``counts()``, ``reset_counts()``, ``state()``, ``handle(...)`` (one request without HTTP),
+    ``set_sims([Sim | dict])``, ``sims()`` (the operator's SIMs: ``model.Sim``).
 
 ``base_url`` is ``http://HOST:PORT`` without ``/v1``; the API lives under ``/v1``.
 
@@ -52,7 +53,9 @@ Control endpoints (no authentication, never subject to faults)
                                   faults, redirection, overrides
 ``POST /_emulator/faults``        merge, e.g. ``{"latency_ms": 200, "fail_next": 3,
                                   "fail_status": 503, "rate_limit_next": 2,
-                                  "rate_limit_seconds": 1, "drop_next": 1}``
+                                  "rate_limit_seconds": 1, "drop_next": 1, "deny":
+                                  ["listSims"]}`` (``deny``: those operations answer 403, as
+                                  for a key without the permission, until reset)
 ``POST /_emulator/reset_faults``  all faults and overrides off
 ``POST /_emulator/overrides``     replace the answer overrides (the API lies; the state and the
                                   lab stay true), e.g. ``{"vpg": {"gateVxlanId": 99},
@@ -68,6 +71,12 @@ Control endpoints (no authentication, never subject to faults)
                                   [{"outer_ip": "198.18.1.21", "inner_ip": "198.19.0.1"}],
                                   "gate_opened": false, "token_lifetime_s": 1,
                                   "wrapped_errors": true}``
+``POST /_emulator/sims``          replace the operator's SIMs (listSims, the VPG's IP address
+                                  map), e.g. ``{"sims": [{"sim_id": "8942...", "imsi":
+                                  "440103...", "name": "pump-1", "group_id": "...", "online":
+                                  true, "vpg_id": "<this VPG>", "address": "198.19.128.5",
+                                  "static_address": null}]}``; with ``"append": true``
+                                  added to the SIMs there (a body holds at most 1 MiB)
 ``POST /_emulator/expire_tokens`` every issued token expires now
 ``POST /_emulator/reset_counts``  request counts and recent requests cleared
 
@@ -85,6 +94,11 @@ Where the spec is silent, the emulator chooses (each choice is tested):
   cap when it does, so shortening it in a test also shortens tokens a client asks to be long;
 - registering an outer (or inner) address already taken is 400; nothing is ever duplicated;
 - openGate, closeGate and set/unset_redirection answer 200 with the VPG (the spec gives no body);
+- listSims and the IP address map page by ``limit`` (10 when not given) and
+  ``last_evaluated_key``; ``X-Soracom-Next-Key`` is the last row's key (the SIM id, the
+  address) while rows remain; a key no page ended with, or a bad limit, is 400. The map holds
+  static entries, the addresses of SIMs in session on this VPG (dynamic), customer gate peers
+  and the VPG's own endpoints, as the spec warns it does;
 - error codes look like SORACOM's (``SEM0016``) but are the emulator's own (``EMU0001``...).
 - a request body is checked against the operation's request schema (``requests``):
   not JSON, not an object, an unknown or misspelled field, a wrong type or a missing required

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gatepeer.lab.emulator.model import EmulatorSettings, Peer
+from gatepeer.lab.emulator.model import EmulatorSettings, Peer, Sim
 from gatepeer.lab.emulator.service import Emulator
 from gatepeer.lab.network import netns
 from gatepeer.lab.network.build import ensure_topology
@@ -141,6 +141,39 @@ def build_settings(record: LabRecord, auth_key: str) -> EmulatorSettings:
     )
 
 
+# A VPG that is not the lab's: a SIM in session there is no device of the lab's gate peer.
+OTHER_VPG_ID = "00000000-0000-4000-8000-0000000000aa"
+
+
+def lab_sims(record: LabRecord) -> list[Sim]:
+    """The lab's SIMs: one named SIM in session on the lab's VPG per device address (test
+    network IMSIs, MCC 001), and one on another VPG, whose address no lab device holds."""
+    layout, vpg_id = record.layout, record.credentials.vpg_id
+    out = [
+        Sim(
+            sim_id=f"8900100000000000{i:03d}",
+            imsi=f"00101000000{i:04d}",
+            name=f"lab-device-{i}",
+            group_id="lab-devices",
+            vpg_id=vpg_id,
+            address=str(address),
+        )
+        for i, address in enumerate(layout.devices, start=1)
+    ]
+    elsewhere = layout.device_half.broadcast_address - 1
+    if elsewhere not in layout.devices:  # a full /29 of devices leaves no room for it
+        out.append(
+            Sim(
+                sim_id="8900100000000000999",
+                imsi="001010000009999",
+                name="on-another-vpg",
+                vpg_id=OTHER_VPG_ID,
+                address=str(elsewhere),
+            )
+        )
+    return out
+
+
 def serve(paths: Paths) -> int:
     record = LabRecord.load(paths.lab_json)
     if record is None:
@@ -154,6 +187,7 @@ def serve(paths: Paths) -> int:
         on_vpg_changed=hook.on_vpg_changed,
         on_redirection_changed=hook.on_redirection_changed,
     )
+    emulator.set_sims(lab_sims(record))
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import ipaddress
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,6 +38,7 @@ E_TOO_LARGE = "EMU0010"
 E_RATE_LIMITED = "EMU0011"
 E_INJECTED = "EMU0012"
 E_INTERNAL = "EMU0013"
+E_FORBIDDEN = "EMU0014"
 
 
 class Peer(NamedTuple):
@@ -192,6 +194,56 @@ def check_inner(net: ipaddress.IPv4Network, inner_ip: str) -> None:
         raise ValueError(f"inner address {inner_ip} is not a host address of {net}")
 
 
+# listSims and the IP address map answer at most this many rows per page when no limit is asked.
+DEFAULT_PAGE_SIZE = 10
+IMSI_RE = re.compile(r"^[0-9]{15}$")
+
+
+@dataclass(frozen=True)
+class Sim:
+    """One emulated IoT SIM. `vpg_id` and `address` describe its session (None: no session,
+    or a session outside any VPG); `static_address` is its entry in this VPG's IP address map."""
+
+    sim_id: str
+    imsi: str
+    name: str | None = None
+    group_id: str | None = None
+    online: bool = True
+    vpg_id: str | None = None
+    address: str | None = None
+    static_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sim_id, str) or not self.sim_id:
+            raise ValueError("sim_id must be a non-empty string")
+        if not isinstance(self.imsi, str) or not IMSI_RE.match(self.imsi):
+            raise ValueError(f"imsi must be 15 digits, got {self.imsi!r}")
+        for name in ("name", "group_id", "vpg_id"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string or absent")
+        require_bool("online", self.online)
+        for name in ("address", "static_address"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, str(require_ipv4(name, value)))
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Sim:
+        """From the control endpoint's body; ValueError names what is wrong."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(doc) - known
+        if unknown:
+            raise ValueError(f"unknown SIM field {sorted(unknown)[0]!r}")
+        missing = {"sim_id", "imsi"} - set(doc)
+        if missing:
+            raise ValueError(f"a SIM needs {sorted(missing)[0]}")
+        return cls(**doc)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 # Settings fields the unauthenticated control endpoint may change: all but the secret.
 HTTP_SETTABLE = frozenset(f.name for f in dataclasses.fields(EmulatorSettings)) - {"auth_key"}
 
@@ -206,6 +258,8 @@ class Faults:
     rate_limit_next: int = 0
     rate_limit_seconds: int = 1
     drop_next: int = 0
+    # Operations answered 403, as for an auth key whose permissions leave them out (until reset).
+    deny: tuple[str, ...] = ()
 
     def update(self, changes: Mapping[str, object]) -> None:
         """Validate every change first, then apply them all (no half-applied update)."""
@@ -217,6 +271,12 @@ class Faults:
                 valid[name] = require_int(name, value, 400, 599)
             elif name in ("fail_next", "rate_limit_next", "rate_limit_seconds", "drop_next"):
                 valid[name] = require_int(name, value, 0)
+            elif name == "deny":
+                if not isinstance(value, list | tuple) or not all(
+                    isinstance(v, str) for v in value
+                ):
+                    raise ValueError("deny must be a list of operationIds")
+                valid[name] = tuple(value)
             else:
                 raise ValueError(f"unknown fault {name!r}")
         for name, value in valid.items():

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, cast
 
 from gatepeer.lab.emulator.model import (
+    DEFAULT_PAGE_SIZE,
     E_AUTH_FAILED,
     E_BAD_REQUEST,
     E_NO_FREE_ADDRESS,
@@ -28,6 +29,7 @@ from gatepeer.lab.emulator.model import (
     PeersCallback,
     RedirectionCallback,
     Response,
+    Sim,
     Token,
     VpgCallback,
     check_inner,
@@ -61,6 +63,8 @@ ROUTES = tuple(
         ("POST", _VPG + r"/gate/set_vxlan_id", "setVirtualPrivateGatewayVxLanId"),
         ("POST", _VPG + r"/junction/set_redirection", "setRedirectionConfiguration"),
         ("POST", _VPG + r"/junction/unset_redirection", "unsetRedirectionConfiguration"),
+        ("GET", r"/v1/sims", "listSims"),
+        ("GET", _VPG + r"/ip_address_map", "listVirtualPrivateGatewayIpAddressMapEntries"),
     )
 )
 
@@ -78,6 +82,9 @@ OPERATION_STATUSES: dict[str, frozenset[int]] = {
     "setVirtualPrivateGatewayVxLanId": frozenset({204, 400, 404}),
     "setRedirectionConfiguration": frozenset({200, 400, 404}),
     "unsetRedirectionConfiguration": frozenset({200, 404}),
+    # 400: a limit that is not a positive integer, or a last_evaluated_key no page ended with.
+    "listSims": frozenset({200, 400}),
+    "listVirtualPrivateGatewayIpAddressMapEntries": frozenset({200, 400, 404}),
 }
 
 Handler = Callable[[dict[str, str], Mapping[str, str], dict[str, Any]], Response]
@@ -93,6 +100,7 @@ class Operations:
     _clock: Callable[[], float]
     _peers: dict[str, str]  # outer -> inner, in registration order
     _redirection: dict[str, Any] | None
+    _sims: dict[str, Sim]  # sim_id -> SIM
     _tokens: dict[str, Token]
     _created_ms: int
     _modified_ms: int
@@ -366,6 +374,115 @@ class Operations:
             return Response(200, self._vpg_answer())
 
         return cast(Response, self._mutate(change))
+
+    def _op_list_sims(
+        self, params: dict[str, str], headers: Mapping[str, str], req: dict[str, Any]
+    ) -> Response:
+        with self._lock:
+            s = self._settings
+            sims = sorted(self._sims.values(), key=lambda sim: sim.sim_id)
+            rows = [(sim.sim_id, _sim_json(sim, s.operator_id, self._created_ms)) for sim in sims]
+        return _page(rows, params)
+
+    def _op_list_ip_address_map(
+        self, params: dict[str, str], headers: Mapping[str, str], req: dict[str, Any]
+    ) -> Response:
+        with self._lock:
+            s = self._settings
+            entries = _ip_address_map(
+                s, self._sims.values(), self._peers.values(), self._modified_ms
+            )
+        # Ordered by address, as the key of the next page is "the last IP address retrieved".
+        rows = sorted(
+            ((e["ipAddress"], e) for e in entries), key=lambda r: ipaddress.IPv4Address(r[0])
+        )
+        return _page(rows, params)
+
+
+def _page(rows: list[tuple[str, dict[str, Any]]], params: Mapping[str, str]) -> Response:
+    """One page of `rows` (key, row), sorted by key: the rows after `last_evaluated_key`, at
+    most `limit`, and `x-soracom-next-key` (the last row's key) when more remain."""
+    limit_text = params.get("limit")
+    limit = DEFAULT_PAGE_SIZE
+    if limit_text is not None:
+        if not limit_text.isascii() or not limit_text.isdigit() or int(limit_text) < 1:
+            raise BadRequest(f"limit must be a positive integer, got {limit_text!r}")
+        limit = int(limit_text)
+    after = params.get("last_evaluated_key")
+    start = 0
+    if after is not None:
+        keys = [key for key, _ in rows]
+        if after not in keys:
+            raise BadRequest(f"last_evaluated_key {after!r} ends no page")
+        start = keys.index(after) + 1
+    page = rows[start : start + limit]
+    headers: dict[str, str] = {}
+    if start + limit < len(rows):
+        headers["X-Soracom-Next-Key"] = page[-1][0]
+    return Response(200, [row for _, row in page], headers)
+
+
+def _sim_json(sim: Sim, operator_id: str, created_ms: int) -> dict[str, Any]:
+    """The Sim document as listSims answers it: the SIM id doubles as the ICCID."""
+    doc: dict[str, Any] = {
+        "simId": sim.sim_id,
+        "operatorId": operator_id,
+        "status": "active",
+        "type": "uicc",
+        "speedClass": "s1.standard",
+        "tags": {"name": sim.name} if sim.name is not None else {},
+        "createdTime": created_ms,
+        "lastModifiedTime": created_ms,
+        "activeProfileId": sim.sim_id,
+        "profiles": {
+            sim.sim_id: {
+                "iccid": sim.sim_id,
+                "primaryImsi": sim.imsi,
+                "subscribers": {
+                    sim.imsi: {"imsi": sim.imsi, "status": "active", "subscription": "plan01s"}
+                },
+            }
+        },
+        "sessionStatus": {
+            "online": sim.online,
+            "imsi": sim.imsi,
+            "subscription": "plan01s",
+            "lastUpdatedAt": created_ms,
+        },
+    }
+    if sim.group_id is not None:
+        doc["groupId"] = sim.group_id
+    if sim.address is not None:
+        doc["sessionStatus"]["ueIpAddress"] = sim.address
+    if sim.vpg_id is not None:
+        doc["sessionStatus"]["vpgId"] = sim.vpg_id
+    return doc
+
+
+def _ip_address_map(
+    settings: EmulatorSettings, sims: Iterable[Sim], peer_inners: Iterable[str], updated_ms: int
+) -> list[dict[str, Any]]:
+    """The VPG's IP address map: SIMs' static entries, the addresses it gave SIMs now in session
+    (dynamic), customer gate peers and its own endpoints, as the spec's warning describes."""
+
+    def entry(address: str, key: str, kind: str) -> dict[str, Any]:
+        return {
+            "ipAddress": address,
+            "key": key,
+            "hostId": key,
+            "type": kind,
+            "lastUpdatedAt": updated_ms,
+        }
+
+    entries = []
+    for sim in sims:
+        if sim.static_address is not None:
+            entries.append(entry(sim.static_address, sim.imsi, "static"))
+        elif sim.online and sim.vpg_id == settings.vpg_id and sim.address is not None:
+            entries.append(entry(sim.address, sim.imsi, "dynamic"))
+    entries += [entry(inner, inner, "customerGatePeer") for inner in peer_inners]
+    entries += [entry(e.inner_ip, e.inner_ip, "gatePeer") for e in settings.endpoints]
+    return entries
 
 
 def _peer_json(peer: Peer, netmask: str, *, customer: bool) -> dict[str, Any]:

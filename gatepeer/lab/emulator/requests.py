@@ -77,6 +77,8 @@ REQUEST_BODIES: dict[str, RequestBody | None] = {
         },
     ),
     "unsetRedirectionConfiguration": None,
+    "listSims": None,
+    "listVirtualPrivateGatewayIpAddressMapEntries": None,
 }
 
 

@@ -11,15 +11,16 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from gatepeer.lab.emulator.http_server import Server
 from gatepeer.lab.emulator.model import (
     API_PREFIX,
     CONTROL_PREFIX,
     E_BAD_REQUEST,
+    E_FORBIDDEN,
     E_INJECTED,
     E_INTERNAL,
     E_NO_SUCH_VPG,
@@ -37,6 +38,7 @@ from gatepeer.lab.emulator.model import (
     PeersCallback,
     RedirectionCallback,
     Response,
+    Sim,
     Token,
     VpgCallback,
     now_ms,
@@ -70,6 +72,7 @@ class Emulator(Operations):
         self._notify_lock = threading.RLock()
         self._peers: dict[str, str] = {}  # outer -> inner, in registration order
         self._redirection: dict[str, Any] | None = None
+        self._sims: dict[str, Sim] = {}
         self._tokens: dict[str, Token] = {}
         self._faults = Faults()
         self._overrides = Overrides()
@@ -92,6 +95,8 @@ class Emulator(Operations):
             "setVirtualPrivateGatewayVxLanId": self._op_set_vxlan_id,
             "setRedirectionConfiguration": self._op_set_redirection,
             "unsetRedirectionConfiguration": self._op_unset_redirection,
+            "listSims": self._op_list_sims,
+            "listVirtualPrivateGatewayIpAddressMapEntries": self._op_list_ip_address_map,
         }
 
     # ----- state, in process -------------------------------------------------------------
@@ -127,6 +132,23 @@ class Emulator(Operations):
             return new
 
         return self._mutate(change)
+
+    def set_sims(self, sims: Sequence[Sim | Mapping[str, Any]]) -> list[Sim]:
+        """Replace the operator's SIMs (Sim or its JSON); ValueError (nothing changed) on a bad
+        SIM or a SIM id or IMSI given twice."""
+        parsed = [s if isinstance(s, Sim) else Sim.from_json(s) for s in sims]
+        for field_name in ("sim_id", "imsi"):
+            values = [getattr(s, field_name) for s in parsed]
+            if len(set(values)) != len(values):
+                raise ValueError(f"two SIMs share a {field_name}")
+        with self._lock:
+            self._sims = {s.sim_id: s for s in parsed}
+            self._modified_ms = now_ms()
+        return parsed
+
+    def sims(self) -> list[Sim]:
+        with self._lock:
+            return list(self._sims.values())
 
     def set_faults(self, **faults: Any) -> dict[str, Any]:
         """Merge faults (see Faults); raises ValueError on an unknown name or bad value."""
@@ -187,6 +209,7 @@ class Emulator(Operations):
                 "endpoints": [e._asdict() for e in self._settings.endpoints],
                 "peers": [p._asdict() for p in self._peer_list()],
                 "redirection": self._redirection,
+                "sims": [s.to_json() for s in self._sims.values()],
                 "faults": dataclasses.asdict(self._faults),
                 "overrides": self._overrides.to_json(),
                 "counts": dict(self._counts),
@@ -240,7 +263,11 @@ class Emulator(Operations):
         self, method: str, target: str, headers: Mapping[str, str], body: bytes = b""
     ) -> Response:
         """Answer one request (target: path and query). The HTTP layer is a thin shell."""
-        path = urlsplit(target).path
+        split = urlsplit(target)
+        path = split.path
+        # Query parameters (listSims' limit, last_evaluated_key) reach the handler beside the
+        # path's; the names never collide. Each is taken once: a repeated one is its last value.
+        query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
         if path.startswith(CONTROL_PREFIX):
             return self._handle_control(method, path, body)
         is_api = path == API_PREFIX or path.startswith(API_PREFIX + "/")
@@ -267,7 +294,7 @@ class Emulator(Operations):
             resp = self._error(settings, 404, E_NOT_FOUND, f"No such API: {method} {path}")
         else:
             try:
-                resp = self._call(operation, params, lowered, body)
+                resp = self._call(operation, {**query, **params}, lowered, body)
             except BadRequest as exc:
                 resp = self._error(self.settings, 400, E_BAD_REQUEST, str(exc))
             except Exception:
@@ -336,6 +363,12 @@ class Emulator(Operations):
             denied = self._check_token(settings, operation, params, headers)
             if denied is not None:
                 return denied
+        with self._lock:
+            denied_ops = self._faults.deny
+        if operation in denied_ops:
+            return self._error(
+                settings, 403, E_FORBIDDEN, f"You do not have permission to call {operation}"
+            )
         if "vpg_id" in params and params["vpg_id"] != settings.vpg_id:
             return self._error(settings, 404, E_NO_SUCH_VPG, "No such VPG found")
         return self._handlers[operation](params, headers, parse_request(operation, body))
@@ -382,6 +415,14 @@ class Emulator(Operations):
                 if refused:
                     raise ValueError(f"not settable: {', '.join(sorted(refused))}")
                 self.update_settings(**changes)
+            elif method == "POST" and name == "sims":
+                doc = json_object(body, required=True)
+                sims = doc.get("sims")
+                if not isinstance(sims, list) or not all(isinstance(x, dict) for x in sims):
+                    raise ValueError('sims: give {"sims": [{"sim_id", "imsi", ...}, ...]}')
+                # "append": true adds to the SIMs there (a body holds at most 1 MiB of them).
+                kept = self.sims() if doc.get("append") is True else []
+                self.set_sims([*kept, *sims])
             elif method == "POST" and name == "expire_tokens":
                 self.expire_tokens()
             elif method == "POST" and name == "reset_counts":

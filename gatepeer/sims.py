@@ -1,0 +1,268 @@
+"""Which SIM is behind a device address: the SIM map, built from the SORACOM API, kept on disk.
+
+This peer's devices are the SIMs whose session is on this VPG (listSims: `sessionStatus.vpgId`
+and `ueIpAddress`, online) and the SIMs the VPG's IP address map gives an address (static or
+dynamic entries; the map's entries for gate peers and the VPG itself are no devices). A SIM in
+session on another VPG is not ours, whatever its address. The daemon fetches the map at start
+and then on a slow cadence (`devices.sim_refresh_seconds`); a failed refresh keeps the last map
+and records why, so `gatepeer devices` and `gatepeer status` say it. The map lives in
+`devices.sim_cache` (on disk, like the gate view) and is read from there by everyone else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+from gatepeer import atomic_json
+
+if TYPE_CHECKING:
+    from gatepeer.config import Config
+    from gatepeer.soracom import SoracomClient
+
+log = logging.getLogger(__name__)
+
+Source = Literal["session", "ip_map"]
+SOURCES = ("session", "ip_map")
+# IP address map entries that are SIMs; the others are gate peers and the VPG's own addresses.
+SIM_ENTRY_TYPES = frozenset({"static", "dynamic"})
+CACHE_VERSION = 1
+
+
+class SimRecord(NamedTuple):
+    """One device address and the SIM behind it. A named tuple, not a frozen dataclass: the
+    cache makes 10,000 of them per `gatepeer devices`, five times faster this way."""
+
+    address: IPv4Address
+    imsi: str
+    sim_id: str | None
+    name: str | None
+    group_id: str | None
+    online: bool
+    source: Source
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "address": str(self.address),
+            "imsi": self.imsi,
+            "sim_id": self.sim_id,
+            "name": self.name,
+            "group_id": self.group_id,
+            "online": self.online,
+            "source": self.source,
+        }
+
+    def to_row(self) -> list[Any]:
+        """The cache's compact form, in the order of `ROW_FIELDS`."""
+        return [
+            int(self.address),  # an integer: parsing 10,000 dotted quads costs ~90 ms
+            self.imsi,
+            self.sim_id,
+            self.name,
+            self.group_id,
+            self.online,
+            self.source,
+        ]
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> SimRecord:
+        """From `to_row`'s list; ValueError or TypeError when it is not one."""
+        address, imsi, sim_id, name, group_id, online, source = row
+        if source not in SOURCES or online not in (True, False) or type(address) is not int:
+            raise ValueError(f"not a SIM map row: {row!r}"[:200])
+        if not (type(imsi) is str and imsi) or not all(
+            v is None or (type(v) is str and v) for v in (sim_id, name, group_id)
+        ):
+            raise ValueError(f"not a SIM map row: {row!r}"[:200])
+        return cls(IPv4Address(address), imsi, sim_id, name, group_id, online, source)
+
+
+# The cache holds one list per SIM, not one object: 10,000 SIMs load in a third of the time.
+ROW_FIELDS = ("address", "imsi", "sim_id", "name", "group_id", "online", "source")
+
+
+@dataclass(frozen=True)
+class SimMap:
+    """The device addresses this peer's VPG serves, by address. `fetched_at` is the wall-clock
+    time of the last good fetch (None: never); `error` why the last refresh failed (None: it
+    worked), the records then being the last good ones."""
+
+    records: dict[IPv4Address, SimRecord] = field(default_factory=dict)
+    fetched_at: float | None = None
+    error: str | None = None
+
+    def name_for(self, address: IPv4Address) -> str | None:
+        record = self.records.get(address)
+        return record.name if record is not None else None
+
+    def failed(self, error: str) -> SimMap:
+        """This map kept after a refresh that failed with `error`."""
+        return replace(self, error=error)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": CACHE_VERSION,
+            "fetched_at": self.fetched_at,
+            "error": self.error,
+            "fields": list(ROW_FIELDS),
+            "sims": [r.to_row() for r in self.records.values()],
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> SimMap:
+        if doc.get("version") != CACHE_VERSION or doc.get("fields") != list(ROW_FIELDS):
+            raise ValueError(f"not a version {CACHE_VERSION} SIM map")
+        records = [SimRecord.from_row(r) for r in doc.get("sims") or ()]
+        fetched_at = doc.get("fetched_at")
+        if fetched_at is not None and not isinstance(fetched_at, int | float):
+            raise ValueError("fetched_at must be a number")
+        error = doc.get("error")
+        return cls(
+            records={r.address: r for r in records},
+            fetched_at=None if fetched_at is None else float(fetched_at),
+            error=None if error is None else str(error),
+        )
+
+
+def build(
+    vpg_id: str,
+    sims: Iterable[Mapping[str, Any]],
+    ip_map: Iterable[Mapping[str, Any]],
+    fetched_at: float,
+) -> SimMap:
+    """Pure: the map from listSims' rows and the VPG's IP address map. A session on this VPG
+    names its address; an IP map entry adds the SIMs the sessions did not (a static address
+    of a SIM that is offline now). A row missing what is needed is skipped, not fatal: one odd
+    SIM must not hide the others."""
+    by_imsi: dict[str, Mapping[str, Any]] = {}
+    records: dict[IPv4Address, SimRecord] = {}
+    for sim in sims:
+        for imsi in _imsis(sim):
+            by_imsi.setdefault(imsi, sim)
+        session = sim.get("sessionStatus")
+        if not isinstance(session, Mapping) or session.get("vpgId") != vpg_id:
+            continue
+        if session.get("online") is not True:
+            continue  # an offline session's address may be another SIM's by now
+        address = _address(session.get("ueIpAddress"))
+        session_imsi = session.get("imsi")
+        if address is None or not isinstance(session_imsi, str):
+            continue
+        records[address] = _record(address, session_imsi, sim, online=True, source="session")
+    for entry in ip_map:
+        if entry.get("type") not in SIM_ENTRY_TYPES:
+            continue
+        address = _address(entry.get("ipAddress"))
+        key = entry.get("key")  # the IMSI, for a SIM's entry
+        if address is None or not isinstance(key, str) or address in records:
+            continue
+        sim = by_imsi.get(key, {})
+        session = sim.get("sessionStatus")
+        online = (
+            isinstance(session, Mapping)
+            and session.get("online") is True
+            and session.get("vpgId") == vpg_id
+        )
+        records[address] = _record(address, key, sim, online=online, source="ip_map")
+    return SimMap(records=records, fetched_at=fetched_at)
+
+
+def fetch(client: SoracomClient, vpg_id: str, now: float) -> SimMap:
+    """The map from the API: listSims and the IP address map, every page of each."""
+    sims = client.list_sims()
+    ip_map = client.list_ip_address_map(vpg_id)
+    return build(vpg_id, sims, ip_map, now)
+
+
+CACHE_NAME = "sims.json"
+
+
+def cache_path(config: Config) -> Path | None:
+    """Where the map is kept: `devices.sim_cache`, else beside the gate cache (on disk), else
+    beside the state file; None when the map is off (`devices.sim_refresh_seconds = 0`)."""
+    devices = config.devices
+    if not devices.sim_refresh_seconds:
+        return None
+    if devices.sim_cache is not None:
+        return devices.sim_cache
+    beside = config.agent.gate_cache or config.agent.state_file
+    return beside.parent / CACHE_NAME
+
+
+def load(path: Path | None) -> SimMap:
+    """The kept map; an empty one when there is none, or it cannot be read (said in error)."""
+    if path is None:
+        return SimMap(error="the SIM map is off (devices.sim_refresh_seconds = 0)")
+    doc = atomic_json.read(path)
+    if doc is None:
+        return SimMap()
+    try:
+        return SimMap.from_json(doc)
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        log.warning("ignoring an unreadable SIM map in %s: %s", path, exc)
+        return SimMap(error=f"the SIM map in {path} is unreadable: {exc}")
+
+
+def keep(path: Path, sim_map: SimMap) -> None:
+    """Write the map; a failure is said, not raised (the daemon keeps it in memory)."""
+    try:
+        atomic_json.write(path, sim_map.to_json(), indent=None)
+    except OSError as exc:
+        log.warning("cannot keep the SIM map in %s: %s", path, exc.strerror or exc)
+
+
+def refresh(client: SoracomClient, vpg_id: str, path: Path, last: SimMap, now: float) -> SimMap:
+    """One refresh: the new map, kept; on failure the last map with the error, kept too, so
+    every reader says the map is stale and why."""
+    from gatepeer.soracom import SoracomError
+
+    try:
+        new = fetch(client, vpg_id, now)
+    except SoracomError as exc:
+        log.warning("SIM map refresh failed, keeping the last one: %s", exc)
+        new = last.failed(str(exc))
+    keep(path, new)
+    return new
+
+
+def _record(
+    address: IPv4Address, imsi: str, sim: Mapping[str, Any], *, online: bool, source: Source
+) -> SimRecord:
+    tags = sim.get("tags")
+    name = tags.get("name") if isinstance(tags, Mapping) else None
+    sim_id, group_id = sim.get("simId"), sim.get("groupId")
+    return SimRecord(
+        address=address,
+        imsi=imsi,
+        sim_id=sim_id if isinstance(sim_id, str) and sim_id else None,
+        name=name if isinstance(name, str) and name else None,
+        group_id=group_id if isinstance(group_id, str) and group_id else None,
+        online=online,
+        source=source,
+    )
+
+
+def _imsis(sim: Mapping[str, Any]) -> list[str]:
+    """Every IMSI a SIM holds: its session's and each profile's subscribers'."""
+    found: list[str] = []
+    session = sim.get("sessionStatus")
+    if isinstance(session, Mapping) and isinstance(session.get("imsi"), str):
+        found.append(session["imsi"])
+    profiles = sim.get("profiles")
+    if isinstance(profiles, Mapping):
+        for profile in profiles.values():
+            subscribers = profile.get("subscribers") if isinstance(profile, Mapping) else None
+            if isinstance(subscribers, Mapping):
+                found += [i for i in subscribers if isinstance(i, str)]
+    return found
+
+
+def _address(value: Any) -> IPv4Address | None:
+    try:
+        return IPv4Address(value) if isinstance(value, str) else None
+    except ValueError:
+        return None

@@ -1,0 +1,222 @@
+"""`gatepeer devices`: the SIM map and the per-device counters joined by address, the
+connection counts from one conntrack dump, text and JSON; what cannot be read is said."""
+
+from __future__ import annotations
+
+import json
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from helpers.config_files import soracom_section, write_config, write_key
+from helpers.devices import conntrack_dump, device_address, sim_map
+
+from gatepeer import atomic_json, devices_report, sims
+from gatepeer.cli import main
+from gatepeer.config import load
+from gatepeer.device_traffic import DeviceTraffic
+from gatepeer.kernel.conntrack import count_by_address
+
+STRANGER = IPv4Address("198.19.200.77")  # traffic from an address no SIM names
+
+
+def _config(tmp_path: Path, devices: str = "") -> Path:
+    key = write_key(tmp_path / "key")
+    cache = tmp_path / "sims.json"
+    return write_config(
+        tmp_path,
+        soracom_section(key)
+        + "[packet_path]\ndevice_counters = true\n"
+        + f'[devices]\nsim_cache = "{cache}"\n{devices}',
+    )
+
+
+@pytest.fixture
+def kept(tmp_path: Path) -> Path:
+    """A config whose SIM cache holds two named SIMs, fetched at 1000 and kept since."""
+    path = _config(tmp_path)
+    sims.keep(tmp_path / "sims.json", sim_map(2, fetched_at=1000.0))
+    return path
+
+
+def readers(monkeypatch: pytest.MonkeyPatch, traffic: Any, dump: Any) -> None:
+    """The kernel's readers replaced: `traffic` and `dump` are values or exceptions."""
+
+    def answer(value: Any) -> Any:
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    monkeypatch.setattr(devices_report, "read_traffic", lambda: answer(traffic))
+    monkeypatch.setattr(devices_report, "read_connections", lambda: answer(dump))
+
+
+def test_devices_seen_are_the_union_of_sims_and_traffic(
+    kept: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = device_address(0), device_address(1)
+    traffic = {
+        a: DeviceTraffic(a, 3, 300, 2, 200, 4.0),
+        STRANGER: DeviceTraffic(STRANGER, 1, 60, 0, 0, 12.0),
+    }
+    dump = conntrack_dump([(a, "203.0.113.5"), (a, "203.0.113.6"), (STRANGER, "203.0.113.5")])
+    readers(monkeypatch, traffic, dump)
+    result = CliRunner().invoke(main, ["devices", "--json", "--config", str(kept)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    rows = {r["address"]: r for r in doc["devices"]}
+    assert list(rows) == [str(a), str(b), str(STRANGER)]  # by address
+    assert rows[str(a)] == {
+        "address": str(a),
+        "name": "sensor-0",
+        "imsi": "440100000000000",
+        "sim_id": "8942310000000000000",
+        "group_id": "grp-sensors",
+        "online": True,
+        "source": "session",
+        "last_packet_age_s": 4.0,
+        "packets_from_device": 3,
+        "bytes_from_device": 300,
+        "packets_to_device": 2,
+        "bytes_to_device": 200,
+        "connections": 2,
+    }
+    # A SIM without traffic: its counters unknown (not zero); no connection open.
+    assert rows[str(b)]["packets_from_device"] is None and rows[str(b)]["connections"] == 0
+    assert rows[str(STRANGER)]["name"] is None and rows[str(STRANGER)]["connections"] == 1
+    assert doc["sim_map"]["sims"] == 2 and doc["sim_map"]["fetched_at"] == 1000.0
+    assert doc["notes"] == []
+
+
+def test_text_output_names_each_device(kept: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = device_address(0)
+    readers(monkeypatch, {a: DeviceTraffic(a, 5, 2048, 4, 100, 3.0)}, conntrack_dump([]))
+    result = CliRunner().invoke(main, ["devices", "--config", str(kept)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("devices: 2 seen; SIM map: 2 SIMs, fetched ")
+    assert lines[1].split() == [
+        "ADDRESS",
+        "SIM",
+        "IMSI",
+        "ONLINE",
+        "LAST",
+        "PACKET",
+        "FROM",
+        "DEVICE",
+        "TO",
+        "DEVICE",
+        "CONNS",
+    ]
+    assert lines[2].split() == [
+        str(a),
+        "sensor-0",
+        "440100000000000",
+        "yes",
+        "3s",
+        "ago",
+        "5",
+        "pkt",
+        "/",
+        "2.0",
+        "KiB",
+        "4",
+        "pkt",
+        "/",
+        "100",
+        "B",
+        "0",
+    ]
+    assert lines[3].split()[:4] == [str(device_address(1)), "sensor-1", "440100000000001", "yes"]
+    assert lines[3].split()[4:] == ["-", "-", "-", "0"]
+
+
+def test_what_cannot_be_read_is_said_and_left_blank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _config(tmp_path)
+    kept = sim_map(1).failed("SORACOM API listSims failed with HTTP 403: forbidden")
+    sims.keep(tmp_path / "sims.json", kept)
+    readers(monkeypatch, LookupError("no per-device counters"), OSError("conntrack: not found"))
+    result = CliRunner().invoke(main, ["devices", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "note: SIM map: SORACOM API listSims failed with HTTP 403: forbidden" in result.output
+    assert "note: traffic: cannot read the per-device counters: no per-device counters" in (
+        result.output
+    )
+    assert "note: connections: conntrack: not found" in result.output
+    row = result.output.splitlines()[-1].split()
+    assert row[1] == "sensor-0" and row[-1] == "-"  # the last map, kept; connections unknown
+
+
+def test_no_map_yet_is_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readers(monkeypatch, {}, "")
+    report = devices_report.gather(load(_config(tmp_path), check_system=False), now=5.0)
+    assert report.rows == []
+    assert report.notes == [
+        f"SIM map: none kept in {tmp_path / 'sims.json'} yet (the daemon fetches it)"
+    ]
+
+
+def test_a_bad_devices_key_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = _config(tmp_path, "sim_refresh_seconds = 10\n")
+    result = CliRunner().invoke(main, ["devices", "--config", str(path)])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith(
+        "gatepeer: config error: devices.sim_refresh_seconds: must be 0 (off) or at least 60"
+    )
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_connections_count_both_directions_once_per_entry() -> None:
+    a, b = device_address(0), device_address(1)
+    dump = conntrack_dump([(a, "203.0.113.1"), (a, str(b))])  # a to b: both are devices
+    dump += (
+        f"udp      17 29 src=192.0.2.10 dst={b} sport=5000 dport=53 "
+        f"[UNREPLIED] src={b} dst=192.0.2.10 sport=53 dport=5000 mark=0 use=1\n"
+    )
+    counts = count_by_address(dump, [a, b, STRANGER])
+    assert counts == {a: 2, b: 2, STRANGER: 0}
+
+
+def test_counters_off_is_said_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = write_key(tmp_path / "key")
+    path = write_config(
+        tmp_path, soracom_section(key) + f'[devices]\nsim_cache = "{tmp_path / "s.json"}"\n'
+    )
+    readers(monkeypatch, AssertionError("must not be read"), "")
+    report = devices_report.gather(load(path, check_system=False))
+    assert "traffic: not counted (packet_path.device_counters = false)" in report.notes
+
+
+def test_the_vpg_endpoints_and_this_peer_are_no_devices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probes' echo replies from the VPG's inner addresses are counted by the kernel; the
+    report leaves those addresses (and this peer's own) out."""
+    path = _config(tmp_path)
+    state = tmp_path / "state.json"
+    path.write_text(path.read_text() + f'[agent]\nstate_file = "{state}"\n')
+    gate = {
+        "vpg_id": "vpg-0123abcd",
+        "vni": 10,
+        "device_subnet": "198.19.0.0/16",
+        "gate_opened": True,
+        "inner": "198.19.0.3/16",
+        "outer": "198.18.0.10",
+        "endpoints": [
+            {"outer": "198.18.1.11", "inner": "198.19.0.1"},
+            {"outer": "198.18.1.12", "inner": "198.19.0.2"},
+        ],
+    }
+    atomic_json.write(state, {"gate": gate})
+    a = device_address(0)
+    seen = {
+        address: DeviceTraffic(address, 1, 84, 1, 84, 1.0)
+        for address in (a, IPv4Address("198.19.0.1"), IPv4Address("198.19.0.3"))
+    }
+    readers(monkeypatch, seen, "")
+    report = devices_report.gather(load(path, check_system=False))
+    assert [row.address for row in report.rows] == [a]
