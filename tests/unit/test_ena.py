@@ -113,3 +113,16 @@ def test_doctor_warns_when_an_allowance_was_exceeded() -> None:
     check = judge_allowances("eth0", {**quiet, "pps_allowance_exceeded": 3407})
     assert check.status == "warn"
     assert "pps_allowance_exceeded 3407" in check.detail and "eth0" in check.detail
+
+
+def test_doctor_reads_the_underlays_allowances(tmp_path: Path) -> None:
+    from gatepeer.config import AgentConfig, Config
+    from gatepeer.doctor.runner import Doctor
+
+    cfg = Config(agent=AgentConfig(state_file=tmp_path / "state.json", gate_cache=None))
+    doctor = Doctor(cfg, sys_root=tmp_path)
+    (before,) = doctor.check_allowances()
+    assert (before.status, before.detail) == ("skip", "needs the underlay check to pass")
+    doctor.underlay = ("gp-nosuch0", 99, 1500)  # what check_host found: not ENA (no such link)
+    (check,) = doctor.check_allowances()
+    assert check.status == "skip" and "gp-nosuch0 is not an ENA interface" in check.detail
