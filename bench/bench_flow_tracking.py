@@ -6,7 +6,7 @@ directions, interleaved round by round in one lab (issue 19).
     sudo .venv/bin/python bench/bench_flow_tracking.py --rounds 5 --seconds 3
 
 The two tables are loaded by `gatepeer apply` with and without `[flow_log]` and swapped in one
-nft transaction before each sample (bench_packet_rate.py's method for the device counters).
+nft transaction before each sample (the method bench_packet_rate.py used for the device counters).
 One UDP flow per sample (iperf3 -u -l 64 -b 0), so this is the per-packet cost of tracking,
 not of logging: a flow's two records cost microseconds each, bounded by the rate limit.
 `net.netfilter.nf_conntrack_acct` stays 1 for both (apply sets it, only `down` restores it).
@@ -18,13 +18,26 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
-from bench_packet_rate import iperf_server, lean_vpg, nft, table_swapped, udp64  # noqa: E402
+from bench_packet_rate import iperf_server, lean_vpg, nft, udp64  # noqa: E402
 from bench_throughput import DEVICE, VPC_HOST, config_path, gatepeer, lab, set_mode  # noqa: E402
+
+
+@contextmanager
+def table_swapped(ns: str, table: str, back: str) -> Iterator[None]:
+    """`table` loaded in place of gatepeer's (one transaction), `back` put back after."""
+    replace = "add table inet gatepeer\ndelete table inet gatepeer\n"
+    nft(ns, "-f", "-", stdin=replace + table)
+    try:
+        yield
+    finally:
+        nft(ns, "-f", "-", stdin=replace + back)
 
 
 def table_variants(prefix: str) -> tuple[str, str]:

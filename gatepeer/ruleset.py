@@ -55,13 +55,27 @@ interface names; no hook is registered that the mode does not use.
 
 Every named counter is declared in every mode so the metrics keep one schema.
 
+With `snat_address` (HA), what is masqueraded above is source-NATed to that address instead,
+the one that moves with the master. With `track_flows`, route mode leaves device <-> VPC flows
+tracked (no `notrack`) so the flow log sees them. With `device_counters`, a second table,
+`inet gatepeer_dev_<hash>` (`render_devices`), counts each device's packets and bytes in two
+dynamic sets with a timeout every packet refreshes (`devices_from`, `devices_to`), in a forward
+chain after ours (what this table drops is not counted). It is a table of its own so that a
+reload of this one keeps the counts; `load` creates it in the same transaction when missing,
+keeps it when present, and deletes any other, and its name (a hash of its definition) is how
+convergence checks it without listing it. Note: nft 1.0.6 fetches every set element in the
+namespace to list anything, so with 100,000 devices every `nft list` here costs seconds
+(bench/README.md).
+
 Convergence (see `change_needed`): `nft list table` prints a canonical text. Both it and our
 rendered text are normalised the same way (whitespace, wrapped element lists, the order of set
-elements, flowtable devices and top-level blocks, counter values dropped) and compared. Equal
-means converged; equal apart from the `vpg_endpoints` elements means only the set needs updating
-(no reload, counters kept); anything else, including a hand edit, means reload. The table comment
-carries a hash of the spec without its endpoints, so `nft list` shows which spec is loaded, and
-an endpoint update does not make it stale.
+and verdict map elements, flowtable devices and top-level blocks, counter values dropped) and
+compared, with a last line naming the device table loaded, if any. Equal means converged;
+equal apart from the `vpg_endpoints` and `allowed_destinations` elements means only those sets
+need refilling (`sets_transaction`: one transaction, no reload, counters kept); anything else,
+including a hand edit, means reload. The table comment carries a hash of the spec without
+those sets' elements, so `nft list` shows which spec is loaded, and a set update does not make
+it stale.
 """
 
 from __future__ import annotations
