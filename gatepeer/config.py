@@ -153,6 +153,19 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class FlowLogConfig:
+    # Connection events (new; destroyed, with bytes) as JSON lines; route mode then tracks
+    # device flows in conntrack (packet_path track_flows), which costs (docs/devices.md).
+    enabled: bool = False
+    # None: the unit's stdout (the journal); else a file, rotated at file_max_bytes.
+    file: Path | None = None
+    file_max_bytes: int = 50_000_000
+    file_backups: int = 5
+    # Records written per second at most (a burst of as many); the rest are counted, not written.
+    rate_per_second: int = 200
+
+
+@dataclass(frozen=True)
 class ProbesConfig:
     interval: float = 5.0
     timeout: float = 1.0
@@ -182,6 +195,9 @@ class DevicesConfig:
     # Where the map is kept; None: sims.json beside agent.gate_cache (on disk, like the gate
     # view), or beside agent.state_file when the gate cache is off (gatepeer.sims.cache_path).
     sim_cache: Path | None = None
+    # Devices with metrics series of their own (the most traffic); every device counts in its
+    # SIM group's (gatepeer/metrics/devices.py).
+    metrics_top_n: int = 10
 
 
 # [ha]: a pair of gate peers; keepalived elects the master (see gatepeer/ha/).
@@ -283,6 +299,7 @@ class Config:
     packet_path: PacketPathConfig = field(default_factory=PacketPathConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     probes: ProbesConfig = field(default_factory=ProbesConfig)
+    flow_log: FlowLogConfig = field(default_factory=FlowLogConfig)
     ha: HaConfig | None = None  # None: a single peer, no keepalived
     aws: AwsConfig = field(default_factory=AwsConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
@@ -299,6 +316,7 @@ class Config:
             "packet_path": self.packet_path,
             "metrics": self.metrics,
             "probes": self.probes,
+            "flow_log": self.flow_log,
             "aws": self.aws,
             "devices": self.devices,
         }
@@ -358,6 +376,7 @@ _SECTIONS = (
     "packet_path",
     "metrics",
     "probes",
+    "flow_log",
     "aws",
     "ha",
     "devices",
@@ -388,6 +407,7 @@ def parse(data: Mapping[str, Any]) -> Config:
     packet_path = section("packet_path", _parse_packet_path)
     metrics = section("metrics", _parse_metrics)
     probes = section("probes", _parse_probes)
+    flow_log = section("flow_log", _parse_flow_log)
     ha = (
         section("ha", lambda s: _parse_ha(s, tunnel or TunnelConfig(), packet_path))
         if "ha" in tables
@@ -413,7 +433,7 @@ def parse(data: Mapping[str, Any]) -> Config:
         raise ConfigErrors(errors)
     # No error: every section parsed (only a refused key stops one, and it is reported).
     assert soracom and tunnel and kernel and agent and packet_path and metrics and probes and aws
-    assert devices
+    assert devices and flow_log
     return Config(
         soracom=soracom,
         tunnel=tunnel,
@@ -422,6 +442,7 @@ def parse(data: Mapping[str, Any]) -> Config:
         packet_path=packet_path,
         metrics=metrics,
         probes=probes,
+        flow_log=flow_log,
         ha=ha,
         aws=aws,
         devices=devices,
@@ -750,7 +771,11 @@ def _parse_devices(s: _Section) -> DevicesConfig:
     cache = s.string("sim_cache", "")
     if cache and not cache.startswith("/"):
         raise ConfigError(f"{s.key('sim_cache')}: must be an absolute path, got {cache!r}")
-    cfg = DevicesConfig(sim_refresh_seconds=refresh, sim_cache=Path(cache) if cache else None)
+    cfg = DevicesConfig(
+        sim_refresh_seconds=refresh,
+        sim_cache=Path(cache) if cache else None,
+        metrics_top_n=s.integer("metrics_top_n", 10, 0, 1000),
+    )
     s.finish()
     return cfg
 
@@ -913,6 +938,21 @@ def _parse_probes(s: _Section) -> ProbesConfig:
     )
     if cfg.timeout >= cfg.interval:
         raise ConfigError(f"{s.key('timeout')}: must be shorter than probes.interval")
+    s.finish()
+    return cfg
+
+
+def _parse_flow_log(s: _Section) -> FlowLogConfig:
+    file = s.get("file")
+    if file is not None and (not isinstance(file, str) or not file.startswith("/")):
+        raise ConfigError(f"{s.key('file')}: must be an absolute path, got {_show(file)}")
+    cfg = FlowLogConfig(
+        enabled=s.boolean("enabled", False),
+        file=Path(file) if file is not None else None,
+        file_max_bytes=s.integer("file_max_bytes", 50_000_000, 100_000, 10_000_000_000),
+        file_backups=s.integer("file_backups", 5, 0, 100),
+        rate_per_second=s.integer("rate_per_second", 200, 1, 100_000),
+    )
     s.finish()
     return cfg
 

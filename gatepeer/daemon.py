@@ -36,10 +36,14 @@ from gatepeer.probes import IcmpTransport, Prober
 from gatepeer.sim_refresh import SimRefresher
 
 if TYPE_CHECKING:
+    from ipaddress import IPv4Address
+
+    from gatepeer.flow_logger import FlowLogger
     from gatepeer.ha.claim import RouteTarget
     from gatepeer.ha.role import RoleView
     from gatepeer.ha.watcher import HaWatcher
     from gatepeer.metrics.server import MetricsServer
+    from gatepeer.sims import SimMap
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +269,7 @@ class Daemon:
         self._route_target_cache: RouteTarget | None = None
         self.sim_refresher: SimRefresher | None = None
         self._sim_settings: tuple[object, ...] | None = None  # what the refresher runs with
+        self.flow_logger: FlowLogger | None = None
 
     def _new_agent(self, config: Config) -> ProbedAgent:
         agent = ProbedAgent(config)
@@ -551,6 +556,38 @@ class Daemon:
             self.aws.on_termination(self.agent)
         self.stopping = True
 
+    def _flow_log(self) -> None:
+        """Run the flow log while [flow_log] enabled says so, as the current config says;
+        called after every reconcile (it restarts conntrack -E if that ended)."""
+        cfg = self.config.flow_log
+        if self.flow_logger is not None and self.flow_logger.cfg != cfg:
+            self.flow_logger.stop()
+            self.flow_logger = None
+        if not cfg.enabled:
+            return
+        if self.flow_logger is None:
+            from gatepeer.flow_log import DeviceScope
+            from gatepeer.flow_logger import FlowLogger
+
+            def devices() -> DeviceScope | None:
+                gate = self.agent.gate
+                if gate is None:
+                    return None
+                inner = {e.inner for e in gate.endpoints if e.inner is not None}
+                return DeviceScope(gate.device_subnet, frozenset({gate.inner.ip, *inner}))
+
+            def sim_name(address: IPv4Address) -> str | None:
+                sims = self._sim_map()
+                return sims.name_for(address) if sims is not None else None
+
+            self.flow_logger = FlowLogger(cfg, devices, sim_name)
+        self.flow_logger.ensure_running()
+
+    def _sim_map(self) -> SimMap | None:
+        """The SIM map the refresher holds (None while the map is off)."""
+        refresher = self.sim_refresher
+        return refresher.current if refresher is not None else None
+
     def _metrics_server(self) -> MetricsServer | None:
         """The /metrics listener for the current config; None when `listen = ""` turns it off.
         It binds after a reconcile, once the default (local) address is known."""
@@ -558,7 +595,12 @@ class Daemon:
             return None
         from gatepeer.metrics.server import for_agent
 
-        return for_agent(self.config.metrics.listen, lambda: self.agent)
+        return for_agent(
+            self.config.metrics.listen,
+            lambda: self.agent,
+            lambda: self.flow_logger.stats if self.flow_logger is not None else None,
+            self._sim_map,
+        )
 
     def _live_verdict(self) -> health.Verdict:
         """The verdict of the document just written, with the live tunnel and this daemon
@@ -652,6 +694,7 @@ class Daemon:
                         trigger = "kernel event: " + ", ".join(late)
                 if metrics is not None:
                     metrics.ensure_started()  # the default address is known after a reconcile
+                self._flow_log()
                 if result is None:
                     if self.aws is not None:  # the launch deadline runs on without a view
                         self.aws.after_reconcile(False)
@@ -707,6 +750,8 @@ class Daemon:
                 self.ha.stop()
             if metrics is not None:
                 metrics.stop()
+            if self.flow_logger is not None:
+                self.flow_logger.stop()
             self.agent.close()
         log.info("stopped; the data path stays up")
         return exit_code

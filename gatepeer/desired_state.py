@@ -325,7 +325,8 @@ def desired_state(
         device_counters=pp.device_counters,
         snat_address=snat,
         closed=closed,
-        track_flows=bool(getattr(pp, "track_flows", False)),
+        # The flow log sees only what conntrack tracks: in route mode it asks for device flows.
+        track_flows=config.flow_log.enabled,
     )
     g1, g2, g3 = neighbour_thresholds(config.kernel.neighbour_table_devices)
     sysctls: tuple[Sysctl, ...] = (
@@ -359,6 +360,9 @@ def desired_state(
                 if global_size
                 else Sysctl(path, value),
             )
+    if config.flow_log.enabled:
+        # The flow log's byte counts on "destroy" (per network namespace; off by default).
+        sysctls += (Sysctl("net/netfilter/nf_conntrack_acct", 1),)
     return DesiredState(
         link=link,
         address=gate.inner,

@@ -9,7 +9,7 @@ only, so this module pulls in no kernel or AWS code.
 from __future__ import annotations
 
 import email.utils
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import TYPE_CHECKING, Literal, NamedTuple
@@ -653,3 +653,20 @@ def judge_sim_map(refused: dict[str, tuple[int, str]], *, enabled: bool) -> Chec
         )
     op, (_, error) = next(iter(refused.items()))
     return Check("warn", "sim-map", f"cannot read the SIM map ({op}): {error}")
+
+
+def judge_allowances(interface: str, allowances: Mapping[str, int]) -> Check:
+    """The ENA allowance counters (`gatepeer.aws.ena`; empty off ENA). They count from the
+    driver's start, so any above zero means the instance hit an EC2 limit since then."""
+    if not allowances:
+        return Check("skip", "ena-allowances", f"{interface} is not an ENA interface")
+    exceeded = {n: v for n, v in allowances.items() if n.endswith("_exceeded") and v > 0}
+    if not exceeded:
+        return Check("ok", "ena-allowances", f"{interface}: no EC2 network allowance exceeded")
+    counts = ", ".join(f"{n} {v}" for n, v in sorted(exceeded.items()))
+    return Check(
+        "warn",
+        "ena-allowances",
+        f"{interface}: EC2 shaped traffic since the driver started ({counts}): a larger "
+        "instance type, or fewer connections or packets per second (docs/devices.md)",
+    )

@@ -27,6 +27,7 @@ from gatepeer.desired_state import GateView, conntrack_sysctls, neighbour_thresh
 from gatepeer.doctor.judgments import (
     Check,
     TunnelExpectation,
+    judge_allowances,
     judge_clock,
     judge_conntrack,
     judge_fdb,
@@ -147,6 +148,7 @@ class Doctor:
         self.add(*_guarded("nftables", self.check_nftables))
         self.add(*_guarded("conntrack", self.check_conntrack))
         self.add(*_guarded("neighbours", self.check_neighbours))
+        self.add(*_guarded("ena-allowances", self.check_allowances))
         self.add(*_guarded("aws", self.check_aws))
         return self.report
 
@@ -431,6 +433,13 @@ class Doctor:
         wanted = neighbour_thresholds(self.config.kernel.neighbour_table_devices)[2]
         gc3 = sysctl.read("net/ipv4/neigh/default/gc_thresh3")
         return [judge_neighbours(count, gc3, wanted)]
+
+    def check_allowances(self) -> list[Check]:
+        from gatepeer.aws import ena
+
+        if self.underlay is None:
+            return [Check("skip", "ena-allowances", "needs the underlay check to pass")]
+        return [judge_allowances(self.underlay[0], ena.read(self.underlay[0]))]
 
     # ---- EC2 ----------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -23,11 +23,16 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from gatepeer.config import AgentConfig, HaConfig
+from gatepeer.flow_logger import FlowLogStats
 from gatepeer.ha.metrics import HaCollector
 from gatepeer.ha.role import RoleView
 from gatepeer.health import HEALTHS
 from gatepeer.health_signals import running_verdict
 from gatepeer.kernel.rtnl import OPER_STATES, TunnelReading
+from gatepeer.metrics.device_activity import DeviceActivity
+from gatepeer.metrics.devices import DEFAULT_TOP_N, DeviceCollector, DeviceSource
+from gatepeer.metrics.ena import EnaCollector
+from gatepeer.metrics.flow_log import FlowLogCollector
 from gatepeer.metrics.sources import (
     CONNTRACK_COUNT,
     CONNTRACK_MAX,
@@ -506,9 +511,19 @@ def collectors(
     reconcile_interval: Callable[[], float] = lambda: AgentConfig.reconcile_interval,
     ha: Callable[[], HaConfig | None] | None = None,
     clock: Callable[[], float] = time.time,
+    devices: DeviceSource | None = None,
+    device_top_n: Callable[[], int] = lambda: DEFAULT_TOP_N,
+    underlay: Callable[[], str | None] | None = None,
+    ena_read: Callable[[str], Mapping[str, int]] | None = None,
+    flow_log: Callable[[], FlowLogStats | None] | None = None,
+    device_activity: DeviceActivity | None = None,
+    devices_in_background: bool = False,
 ) -> dict[str, Collector]:
     """Every collector by a short name (the golden files are named after them). `ha`: the
-    current [ha] (None inside: not configured); without it there is no HA collector."""
+    current [ha] (None inside: not configured); without it there is no HA collector.
+    `devices`: the per-device counters and SIM map (no device collector without);
+    `underlay`: the ENA interface's name, read with `ena_read` (no ENA collector without);
+    `flow_log`: the flow log's counters (None inside: the flow log is off)."""
     found: dict[str, Collector] = {
         "build": BuildCollector(version),
         "registration": RegistrationCollector(agent),
@@ -530,6 +545,20 @@ def collectors(
     }
     if ha is not None:
         found["ha"] = HaCollector(lambda: _role_view(agent, ha))
+    if devices is not None:
+        found["devices"] = DeviceCollector(
+            devices,
+            top_n=device_top_n,
+            clock=clock,
+            activity=device_activity,
+            background=devices_in_background,
+        )
+    if underlay is not None:
+        from gatepeer.aws import ena
+
+        found["ena"] = EnaCollector(underlay, ena_read or ena.read)
+    if flow_log is not None:
+        found["flow_log"] = FlowLogCollector(flow_log)
     return found
 
 
@@ -547,13 +576,27 @@ def build_registry(
     process: bool = True,
     reconcile_interval: Callable[[], float] = lambda: AgentConfig.reconcile_interval,
     ha: Callable[[], HaConfig | None] | None = None,
+    devices: DeviceSource | None = None,
+    device_top_n: Callable[[], int] = lambda: DEFAULT_TOP_N,
+    underlay: Callable[[], str | None] | None = None,
+    flow_log: Callable[[], FlowLogStats | None] | None = None,
 ) -> CollectorRegistry:
     """A fresh registry (never the global one: nothing else in the process leaks in)."""
     from prometheus_client import ProcessCollector
 
     registry = CollectorRegistry(auto_describe=False)
     found = collectors(
-        agent, kernel, packet_path, version, reconcile_interval=reconcile_interval, ha=ha
+        agent,
+        kernel,
+        packet_path,
+        version,
+        reconcile_interval=reconcile_interval,
+        ha=ha,
+        devices=devices,
+        device_top_n=device_top_n,
+        underlay=underlay,
+        flow_log=flow_log,
+        devices_in_background=True,  # a reading of 100,000 devices must not be a scrape's
     )
     for collector in found.values():
         registry.register(collector)

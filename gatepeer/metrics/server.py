@@ -23,6 +23,8 @@ from gatepeer.config import DEFAULT_METRICS_PORT
 
 if TYPE_CHECKING:
     from gatepeer.agent import Agent
+    from gatepeer.flow_logger import FlowLogStats
+    from gatepeer.sims import SimMap
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +87,17 @@ class MetricsServer:
         self._server = self._thread = None
 
 
-def for_agent(listen: str | None, agent: Callable[[], Agent]) -> MetricsServer:
+def for_agent(
+    listen: str | None,
+    agent: Callable[[], Agent],
+    flow_log: Callable[[], FlowLogStats | None] | None = None,
+    sim_map: Callable[[], SimMap | None] = lambda: None,
+) -> MetricsServer:
     """The daemon's server: every collector on a fresh registry, reading the live agent (looked
     up per scrape: a reload replaces it), the kernel and the packet path."""
     from gatepeer import __version__
     from gatepeer.metrics.collectors import build_registry
-    from gatepeer.metrics.sources import LiveAgent, LiveKernel, LivePacketPath
+    from gatepeer.metrics.sources import LiveAgent, LiveDevices, LiveKernel, LivePacketPath
 
     registry = build_registry(
         LiveAgent(agent),
@@ -100,6 +107,10 @@ def for_agent(listen: str | None, agent: Callable[[], Agent]) -> MetricsServer:
         # Read per scrape: a reload may change either.
         reconcile_interval=lambda: agent().config.agent.reconcile_interval,
         ha=lambda: agent().config.ha,
+        devices=LiveDevices(lambda: agent().config.packet_path.device_counters, sim_map),
+        device_top_n=lambda: agent().config.devices.metrics_top_n,
+        underlay=lambda: _underlay(agent()),
+        flow_log=flow_log,
     )
 
     def local_address() -> ipaddress.IPv4Address | None:
@@ -107,3 +118,8 @@ def for_agent(listen: str | None, agent: Callable[[], Agent]) -> MetricsServer:
         return facts.local_address if facts is not None else None
 
     return MetricsServer(listen, registry, local_address)
+
+
+def _underlay(agent: Agent) -> str | None:
+    """The interface whose ENA allowances are read: the tunnel's underlay, once known."""
+    return agent.facts.underlay if agent.facts is not None else None

@@ -14,11 +14,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from gatepeer.kernel import rtnl, sysctl
+from gatepeer.metrics.device_activity import DeviceCounters
 from gatepeer.soracom import ApiStats
 from gatepeer.state_document import StateSummary
 
 if TYPE_CHECKING:
     from gatepeer.agent import Agent
+    from gatepeer.metrics.devices import SimMapFields
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +121,32 @@ class LivePacketPath:
             log.debug("nftables counters unavailable: %s", exc)
             return None
         return found or None  # empty: our table is not loaded
+
+
+class LiveDevices:
+    """The kernel's per-device counters (`nftables.device_traffic`, from the packet path) and
+    the daemon's SIM map. Either may be missing from this build or this configuration: then
+    the device metrics are absent, never zeros."""
+
+    def __init__(
+        self, counting: Callable[[], bool], sim_map: Callable[[], SimMapFields | None]
+    ) -> None:
+        self._counting = counting
+        self._sim_map = sim_map
+
+    def traffic(self) -> Mapping[ipaddress.IPv4Address, DeviceCounters] | None:
+        if not self._counting():
+            return None
+        from gatepeer.kernel import nftables
+
+        read = getattr(nftables, "device_traffic", None)
+        if read is None:
+            return None  # this build's packet path does not count per device
+        try:
+            return dict(read())
+        except Exception as exc:  # noqa: BLE001 - a scrape must not fail on a missing table
+            log.debug("per-device counters unavailable: %s", exc)
+            return None
+
+    def sims(self) -> SimMapFields | None:
+        return self._sim_map()

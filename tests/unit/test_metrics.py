@@ -18,6 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.device_fakes import (
+    SIMS,
+    TRAINED_READING,
+    FakeDevices,
+    recorded_ena_allowances,
+    trained_activity,
+)
 from helpers.exposition import sample_names
 from helpers.metrics_sources import (
     FULL_COUNTERS,
@@ -35,6 +42,7 @@ from gatepeer.desired_state import (
     IPv4Address,
     Redirection,
 )
+from gatepeer.flow_logger import FlowLogStats
 from gatepeer.metrics.collectors import ReconcileCollector, build_registry, collectors
 from gatepeer.metrics.server import MetricsServer, listen_address
 from gatepeer.metrics.sources import CONNTRACK_COUNT, CONNTRACK_MAX
@@ -42,6 +50,7 @@ from gatepeer.soracom import ApiStats
 from gatepeer.state_document import EndpointSummary, ProbeResult, StateSummary
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "metrics"
+GOLDEN_NOW = 1_800_000_000.0  # the clock of the collectors that read one (devices, health)
 A = IPv4Address
 
 
@@ -61,6 +70,13 @@ def all_collectors(
         kernel or FakeKernel(),
         packet_path or FakePacketPath(FULL_COUNTERS),
         "0.1.0",
+        devices=FakeDevices(TRAINED_READING, SIMS),
+        device_activity=trained_activity(GOLDEN_NOW),
+        device_top_n=lambda: 2,
+        underlay=lambda: "eth0",
+        ena_read=recorded_ena_allowances,
+        flow_log=lambda: FlowLogStats(written=1234, dropped_rate_limit=56, overflows=2, starts=1),
+        clock=lambda: GOLDEN_NOW,
     )
 
 

@@ -317,7 +317,11 @@ def test_bad_devices_keys_are_named(tmp_path: Path, text: str, named: str) -> No
 
 def test_the_devices_section_is_in_the_effective_config(tmp_path: Path) -> None:
     cfg = load(_config(tmp_path, ""), check_system=False)
-    assert cfg.masked()["devices"] == {"sim_refresh_seconds": 900, "sim_cache": "(default)"}
+    assert cfg.masked()["devices"] == {
+        "sim_refresh_seconds": 900,
+        "sim_cache": "(default)",
+        "metrics_top_n": 10,
+    }
 
 
 # ----- the daemon's refresher ------------------------------------------------------------
