@@ -15,5 +15,7 @@ monitoring files; golden files are under tests/golden/, SORACOM's spec excerpt u
 - `monitoring_files`: the alert rules, the dashboard and the metric names they use;
 - `lab_checks`, `packet_path`: looking at a running lab's peer, and traffic through it;
 - `lab_agent`: the agent run in a lab's peer namespace; `kernel_ns`: the agent against a
-  namespace's real kernel; `aws_fakes`: moto's server and botocore stubs for the AWS calls.
+  namespace's real kernel; `aws_fakes`: moto's server and botocore stubs for the AWS calls;
+- `flow_probe` (a program run by path in a lab namespace) and `failover_traffic` (starts it by
+  pid): TCP echo connections and a UDP flow through a failover, their stalls, resets and losses.
 """
