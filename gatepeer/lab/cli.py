@@ -142,14 +142,16 @@ def down(prefix: str) -> None:
 
 @lab.group("ha")
 def ha_group() -> None:
-    """The HA pair of a `lab up --peers 2` lab: gatepeer and keepalived in both peers."""
+    """The HA pair of a `lab up --peers 2` lab: gatepeer, conntrackd and keepalived in both
+    peers."""
 
 
 @ha_group.command("start")
 @prefix_option
 def ha_start(prefix: str) -> None:
-    """Start `gatepeer run`, then keepalived (config from `gatepeer ha render`), in each gate
-    peer namespace; pids recorded in the lab's folder (`lab ha stop` and `lab down` use them)."""
+    """Start `gatepeer run`, conntrackd (config from `gatepeer ha render --conntrackd`), then
+    keepalived (config from `gatepeer ha render`), in each gate peer namespace; pids recorded in
+    the lab's folder (`lab ha stop` and `lab down` use them)."""
     _require_root()
     from gatepeer.lab.network.netns import LabError
     from gatepeer.lab.processes import ha_pair
@@ -164,14 +166,14 @@ def ha_start(prefix: str) -> None:
     except LabError as exc:
         _fail("ha start", exc)
     for ns, pids in started.items():
-        agent, keepalived = pids["gatepeer"], pids["keepalived"]
-        click.echo(f"{ns}: gatepeer run pid {agent}, keepalived pid {keepalived}")
+        click.echo(f"{ns}: " + ", ".join(f"{name} pid {pid}" for name, pid in pids.items()))
 
 
 @ha_group.command("stop")
 @prefix_option
 def ha_stop(prefix: str) -> None:
-    """Stop keepalived, then gatepeer, in each gate peer namespace (by the recorded pids)."""
+    """Stop keepalived, gatepeer, then conntrackd, in each gate peer namespace (by the recorded
+    pids)."""
     _require_root()
     from gatepeer.lab.network.layout import MAX_PEERS
     from gatepeer.lab.processes import ha_pair
