@@ -168,6 +168,12 @@ def start_conntrackd(paths: Paths, peer: GatePeer) -> int:
         time.sleep(0.05)
 
 
+def runs_conntrackd(paths: Paths, index: int) -> bool:
+    """The conntrackd we recorded for this peer is alive."""
+    pid = read_pid(paths.peer_file(index, "conntrackd.pid"))
+    return runs(pid, "conntrackd", str(paths.peer_file(index, "conntrackd.conf")))
+
+
 def stop_conntrackd(paths: Paths, index: int) -> int | None:
     """SIGTERM to the conntrackd we recorded (it removes its socket and lock file)."""
     pid = read_pid(paths.peer_file(index, "conntrackd.pid"))
