@@ -129,6 +129,8 @@ class PacketPathConfig:
     outside_vpc: OutsideVpc = "masquerade"
     # What "inside the VPC" means; empty: learned (IMDS's VPC CIDRs, else the underlay's prefix).
     vpc_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
+    # Per-device packets and bytes each way, counted in the kernel (dynamic nftables sets).
+    device_counters: bool = False
 
 
 # Outside 9100-9999 (allocated to other exporters).
@@ -716,6 +718,7 @@ def _parse_packet_path(s: _Section) -> PacketPathConfig:
         host_services=_host_services(s),
         outside_vpc=outside_vpc,
         vpc_cidrs=vpc_cidrs,
+        device_counters=s.boolean("device_counters", False),
     )
     s.finish()
     return cfg

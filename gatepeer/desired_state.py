@@ -285,6 +285,12 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         host_services=pp.host_services,
         outside_vpc=pp.outside_vpc,
         vpc_networks=facts.vpc_networks,
+        device_counters=pp.device_counters,
+        # Their config keys belong to other parts ([ha], the closed network, the flow log):
+        # read where they exist, today's table where they do not.
+        snat_address=getattr(config.ha, "snat_address", None),
+        closed=bool(getattr(pp, "closed", False)),
+        track_flows=bool(getattr(pp, "track_flows", False)),
     )
     g1, g2, g3 = neighbour_thresholds(config.kernel.neighbour_table_devices)
     sysctls: tuple[Sysctl, ...] = (

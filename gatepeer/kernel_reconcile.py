@@ -60,7 +60,7 @@ def apply_action(config: Config, netlink: Netlink, action: Action) -> None:
             kept = nftables.counters_from_listing(action.current) if action.current else None
             nftables.load(action.spec, counters=kept)
         elif isinstance(action, UpdateEndpointSet):
-            nftables.update_endpoints(action.spec.endpoints)
+            nftables.update_sets(action.spec)
         else:
             if isinstance(action, SetSysctl):
                 _record_original(config, action)

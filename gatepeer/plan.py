@@ -233,7 +233,7 @@ def plan(
         change = ruleset.change_needed(desired.packet_path, observed.nft_table)
         if change == "reload":
             actions.append(LoadRuleset(desired.packet_path, observed.nft_table))
-        elif change == "endpoints" and observed.nft_table is not None:
+        elif change == "sets" and observed.nft_table is not None:
             actions.append(UpdateEndpointSet(desired.packet_path, observed.nft_table))
     if fresh or (link is not None and not link.admin_up):
         actions.append(SetUp(spec.name))

@@ -2,41 +2,47 @@
 to load, how to compare it with what the kernel lists, and how to describe the change. No I/O
 here: `gatepeer.kernel.nftables` runs `nft`.
 
-Shape of the table (see `render`):
+Shape of the table (see `render`). Every hook's base chain dispatches once (a verdict map on
+the input interface, or one test) into chains per direction, so a packet of an established flow
+crosses a handful of rules; rules put their cheap tests (protocol, port, address) before
+interface names; no hook is registered that the mode does not use.
 
 - `input` (hook input, policy accept: SSH and everything else must keep working for the rest
   of the network): the tunnel's VXLAN (UDP to the tunnel port carrying the tunnel's VNI) is
-  accepted only on the underlay, to the local address, from the VPG endpoints in the named set
-  `vpg_endpoints`, and only when well formed (long enough for the VXLAN header and an inner
-  Ethernet header, flags exactly the I flag); a malformed one sent to the tunnel's address and
-  port is counted (`vxlan_malformed_dropped`) and dropped; ours from any other source, address
-  or interface is counted (`vxlan_foreign_dropped`) and dropped. VXLAN with another VNI (another
-  VXLAN user on this host) is not ours: it is counted (`vxlan_other_vni`) and passes. Packets
-  from the tunnel to this host, whatever address they are for, go to `to_host`: replies to the
-  host's own traffic (probes), ICMP echo requests and the `host_services` ports pass; anything
-  else is counted (`host_service_dropped`) and dropped. With conntrack on (nat mode, route
-  mode masquerading what leaves the VPC, an allow-list or the flowtable) "replies" are judged by
+  accepted by the first rule only on the underlay, to the local address, from the VPG endpoints
+  in the named set `vpg_endpoints`, and only when well formed (long enough for the VXLAN header
+  and an inner Ethernet header, flags exactly the I flag). What else comes to the tunnel port
+  goes to `vxlan_not_accepted`: a malformed one sent to the tunnel's address and port is counted
+  (`vxlan_malformed_dropped`) and dropped; ours from any other source, address or interface is
+  counted (`vxlan_foreign_dropped`) and dropped; VXLAN with another VNI (another VXLAN user on
+  this host) is not ours: it is counted (`vxlan_other_vni`) and passes. Packets from the tunnel
+  to this host, whatever address they are for, go to `to_host`: replies to the host's own
+  traffic (probes), ICMP echo requests and the `host_services` ports pass; anything else is
+  counted (`host_service_dropped`) and dropped. With conntrack on (nat mode, route mode
+  masquerading what leaves the VPC, an allow-list or the flowtable) "replies" are judged by
   connection state; in plain route mode, which renders no `ct` at all, statelessly: ICMP
   replies and errors, TCP segments that open nothing.
 - `prerouting` (priority -450: before the kernel reassembles IPv4 at -400 once conntrack is on,
-  and before conntrack): outer IPv4 fragments on the underlay to the local address are counted
+  and before conntrack): one verdict map on the input interface, into `from_underlay` and
+  `from_tunnel`. `from_underlay`: outer IPv4 fragments to the local address are counted
   (`outer_fragments`, one per fragment, never dropped: the input chain judges the reassembled
-  datagram like any other); packets in from the tunnel whose inner source is outside the device
-  subnet, and any IPv6 from the tunnel (SORACOM Gate is IPv4 only), are counted
-  (`spoofed_source_dropped`) and dropped. Doing it here rather than in `forward` covers traffic
-  to this host too, and a spoofing device cannot fill the conntrack table. With conntrack on,
-  here and in `output` (priority raw) the outer VXLAN packets are exempted from tracking; in
+  datagram like any other). `from_tunnel`: packets whose inner source is outside the device
+  subnet, and any IPv6 (SORACOM Gate is IPv4 only), are counted (`spoofed_source_dropped`) and
+  dropped. Doing it here rather than in `forward` covers traffic to this host too, and a
+  spoofing device cannot fill the conntrack table. With conntrack on, the outer VXLAN packets
+  (and every outer UDP fragment) to the local address are exempted from tracking here
+  (`underlay_to_local`, `outer_fragment`) and in `output` (priority raw) on their way out; in
   route mode masquerading what leaves the VPC (`outside_vpc = "masquerade"`), so is forwarded
   traffic between devices and the VPC (`vpc_networks`): it stays routed and stateless, and
   conntrack engages only for flows to destinations outside the VPC.
 - `forward` (policy accept: this host may route other traffic we know nothing about, and a drop
-  policy in our table would drop it whatever other tables say): PMTU signals (ICMP
-  frag-needed, ICMPv6 packet-too-big) always pass; TCP SYN and SYN-ACK to and from the tunnel get
-  their MSS clamped to the route MTU; established flows are offloaded to the flowtable when it is
-  on; with an allow-list, established/related traffic is accepted and anything else from the
-  tunnel to a destination outside it is counted (`allowlist_dropped`) and dropped. The
-  allow-list therefore limits what devices may *start*; replies to flows started from the
-  underlay (route mode) still pass.
+  policy in our table would drop it whatever other tables say): TCP segments with SYN (SYN and
+  SYN-ACK) go to `clamp_mss`, which clamps the MSS of those to and from the tunnel to the route
+  MTU; established flows are offloaded to the flowtable when it is on; with an allow-list,
+  established/related traffic is accepted and anything else from the tunnel goes to
+  `new_from_tunnel`: PMTU signals (ICMP frag-needed) pass, anything to a destination outside the
+  list is counted (`allowlist_dropped`) and dropped. The allow-list therefore limits what
+  devices may *start*; replies to flows started from the underlay (route mode) still pass.
 - `postrouting` (nat mode; route mode with `outside_vpc = "masquerade"`): traffic from the
   device subnet leaving by the underlay is masqueraded (in route mode only when it goes outside
   `vpc_networks`: the VPC sees devices' own addresses); conntrack maps the replies back, and
@@ -62,9 +68,11 @@ import ipaddress
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Literal
+
+from gatepeer.device_traffic import DeviceTraffic
 
 FAMILY = "inet"
 TABLE = "gatepeer"
@@ -72,6 +80,14 @@ ENDPOINT_SET = "vpg_endpoints"
 ALLOW_SET = "allowed_destinations"
 VPC_SET = "vpc_networks"
 FLOWTABLE = "ft"
+# Per-device traffic (`device_counters`): dynamic sets whose elements carry a counter and a
+# timeout that every packet refreshes, so an element's expiry tells its last packet's age.
+DEVICES_FROM_SET = "devices_from"
+DEVICES_TO_SET = "devices_to"
+DEVICE_SETS = (DEVICES_FROM_SET, DEVICES_TO_SET)
+# Sized for 100,000 devices (the next power of two); a device silent this long is forgotten.
+DEVICE_SET_SIZE = 131072
+DEVICE_TIMEOUT_S = 3600
 
 # Every named counter, in render order. Metrics can rely on all of them existing.
 COUNTERS = (
@@ -84,6 +100,7 @@ COUNTERS = (
     "vxlan_malformed_dropped",
     "vxlan_other_vni",
     "outer_fragments",
+    "closed_dropped",
 )
 # Counted, never dropped by this table: another VXLAN user's VNI, and outer fragments.
 COUNTED_ONLY = ("vxlan_other_vni", "outer_fragments")
@@ -96,7 +113,8 @@ OutsideVpc = Literal["masquerade", "route"]
 # A port devices may open on this host from the tunnel: ("tcp", 22).
 HostService = tuple[Literal["tcp", "udp"], int]
 # What it takes to bring the kernel's table to the spec.
-Change = Literal["none", "endpoints", "reload"]
+# "sets": only the elements of `vpg_endpoints` and `allowed_destinations` differ.
+Change = Literal["none", "sets", "reload"]
 
 # UDP header (8) + VXLAN header (8) + inner Ethernet header (14): the least a VXLAN packet holds.
 _VXLAN_MIN_UDP_LENGTH = 30
@@ -127,6 +145,15 @@ class PacketPathSpec:
     # Route mode: what happens to device traffic leaving the VPC, and what the VPC is.
     outside_vpc: OutsideVpc = "route"
     vpc_networks: tuple[IPv4Network, ...] = ()
+    # What is masqueraded (nat mode; route mode's outside-VPC traffic) is source-NATed to this
+    # address instead: the VPC sees one address whichever HA peer is master.
+    snat_address: IPv4Address | None = None
+    # Per-device packets and bytes, both directions, counted in the kernel.
+    device_counters: bool = False
+    # Device traffic to destinations outside the allow-list and the VPC is counted and dropped.
+    closed: bool = False
+    # Route mode: device <-> VPC flows stay tracked by conntrack (for the flow log).
+    track_flows: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.device_subnet, IPv4Network):
@@ -175,6 +202,14 @@ class PacketPathSpec:
         if self.masquerades_outside_vpc and not self.vpc_networks:
             # Without it every device flow would be masqueraded, VPC hosts included.
             raise ValueError("vpc_networks: route mode masquerading outside the VPC needs them")
+        if self.snat_address is not None and not isinstance(self.snat_address, IPv4Address):
+            raise TypeError(f"snat_address: want IPv4Address or None, got {self.snat_address!r}")
+        for flag in ("device_counters", "closed", "track_flows"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag}: want a bool, got {getattr(self, flag)!r}")
+        if self.closed and not self.vpc_networks:
+            # Without it every device flow outside the allow-list would be dropped, VPC included.
+            raise ValueError("vpc_networks: a closed network needs them")
 
     @property
     def allow_list(self) -> tuple[IPv4Network, ...]:
@@ -188,6 +223,16 @@ class PacketPathSpec:
         return tuple(sorted(ipaddress.collapse_addresses(self.vpc_networks)))
 
     @property
+    def has_allow_set(self) -> bool:
+        """The `allowed_destinations` set exists: with an allow-list, and in a closed network
+        (where an empty one means "the VPC only")."""
+        return bool(self.allow_list) or self.closed
+
+    @property
+    def has_vpc_set(self) -> bool:
+        return self.masquerades_outside_vpc or self.closed
+
+    @property
     def masquerades_outside_vpc(self) -> bool:
         return self.mode == "route" and self.outside_vpc == "masquerade"
 
@@ -196,7 +241,12 @@ class PacketPathSpec:
         """Route mode masquerading what leaves the VPC: forwarded device <-> VPC traffic is
         exempted from conntrack, so only flows leaving the VPC pay for it. Not with an
         allow-list or the flowtable: those judge or offload every flow by its state."""
-        return self.masquerades_outside_vpc and not self.allow_list and not self.flowtable
+        return (
+            self.masquerades_outside_vpc
+            and not self.allow_list
+            and not self.flowtable
+            and not self.track_flows
+        )
 
     @property
     def tracked(self) -> bool:
@@ -212,6 +262,7 @@ class PacketPathSpec:
             or self.flowtable
             or self.mode == "nat"
             or self.masquerades_outside_vpc
+            or self.track_flows
         )
 
 
@@ -232,9 +283,18 @@ def _prefix(net: IPv4Network) -> str:
     return str(net.network_address) if net.prefixlen == 32 else str(net)
 
 
+def _duration(seconds: int) -> str:
+    """A duration as nft lists it: 1h, 30m, 1h30m, 45s."""
+    h, rest = divmod(seconds, 3600)
+    m, sec = divmod(rest, 60)
+    text = (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{sec}s" if sec else "")
+    return text or "0s"
+
+
 def spec_hash(spec: PacketPathSpec) -> str:
-    """A short hash of everything in the spec but its endpoints (those change without reload)."""
-    body = _render(replace(spec, endpoints=frozenset()), comment="", counters=None)
+    """A short hash of everything in the spec but the elements of the sets that change without
+    a reload (endpoints, allowed destinations)."""
+    body = _render(spec, comment="", counters=None, set_elements=False)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
@@ -252,7 +312,10 @@ def render(spec: PacketPathSpec, counters: Mapping[str, tuple[int, int]] | None 
 
 
 def _render(
-    spec: PacketPathSpec, comment: str, counters: Mapping[str, tuple[int, int]] | None
+    spec: PacketPathSpec,
+    comment: str,
+    counters: Mapping[str, tuple[int, int]] | None,
+    set_elements: bool = True,
 ) -> str:
     t, u = f'"{spec.tunnel}"', f'"{spec.underlay}"'
     out = [f"table {FAMILY} {TABLE} {{"]
@@ -263,17 +326,31 @@ def _render(
         out += [f"\tcounter {name} {{", f"\t\tpackets {packets} bytes {nbytes}", "\t}", ""]
 
     out += [f"\tset {ENDPOINT_SET} {{", "\t\ttype ipv4_addr"]
-    if spec.endpoints:
+    if spec.endpoints and set_elements:
         out.append(f"\t\telements = {_elements(str(a) for a in sorted(spec.endpoints))}")
     out += ["\t}", ""]
-    if spec.allow_list:
+    if spec.has_allow_set:
         out += [f"\tset {ALLOW_SET} {{", "\t\ttype ipv4_addr", "\t\tflags interval"]
-        out.append(f"\t\telements = {_elements(_prefix(n) for n in spec.allow_list)}")
+        if spec.allow_list and set_elements:
+            out.append(f"\t\telements = {_elements(_prefix(n) for n in spec.allow_list)}")
         out += ["\t}", ""]
-    if spec.masquerades_outside_vpc:
+    if spec.has_vpc_set:
         out += [f"\tset {VPC_SET} {{", "\t\ttype ipv4_addr", "\t\tflags interval"]
         out.append(f"\t\telements = {_elements(_prefix(n) for n in spec.vpc_list)}")
         out += ["\t}", ""]
+    if spec.device_counters:
+        for name in DEVICE_SETS:
+            # In the order nft 1.0.6 lists a set's properties; the kernel's elements are state.
+            out += [
+                f"\tset {name} {{",
+                "\t\ttype ipv4_addr",
+                f"\t\tsize {DEVICE_SET_SIZE}",
+                "\t\tflags dynamic,timeout",
+                "\t\tcounter",
+                f"\t\ttimeout {_duration(DEVICE_TIMEOUT_S)}",
+                "\t}",
+                "",
+            ]
     if spec.flowtable:
         devices = _elements(sorted((spec.tunnel, spec.underlay)))
         out += [
@@ -290,45 +367,39 @@ def _render(
     # vxlan link whatever local address or interface it came in on, so that is what the
     # endpoint check covers; VXLAN with any other VNI belongs to another user (flannel,
     # Docker overlay) and passes untouched, even on our port.
-    ours = f"udp dport {spec.vxlan_port} @th,96,24 {spec.vni:#x}"
-    to_port = f"iifname {u} ip daddr {spec.local_address} udp dport {spec.vxlan_port}"
-    to_us = f"iifname {u} ip daddr {spec.local_address} {ours}"
+    # Every rule puts its cheap tests (protocol, port, address) before interface names.
+    port, vni, local = spec.vxlan_port, f"{spec.vni:#x}", spec.local_address
+    ours = f"udp dport {port} @th,96,24 {vni}"
     tracked = spec.tracked
-    # Outer IPv4 fragments on the underlay to the local address are counted before any
-    # reassembly, one per fragment; a non-first fragment has no UDP header to tell its port,
-    # hence every fragment to the local address. They are only counted: a path with a smaller
-    # MTU may fragment the VPG's packets (RFC 7348 lets a VTEP drop them; Linux reassembles
-    # them), and the input chain judges the whole datagram like any other. With conntrack on,
-    # the kernel reassembles at prerouting priority -400, so the prerouting chain below sits at
-    # -450: one hook for this count and the early checks, not a chain of its own for each.
-    count_fragments = (
-        f"iifname {u} ip daddr {spec.local_address} ip frag-off & 16383 != 0"
-        ' counter name "outer_fragments"'
-    )
     # A well-formed VXLAN packet of ours holds the 8-byte header and at least an inner Ethernet
     # header (UDP length 8 + 8 + 14), and its flags are exactly the I flag: our link uses no
     # extension, and the kernel drops any other flags silently. Those checks sit in the accept
-    # rule, so a good packet still costs one rule; what fails them is counted as malformed when
-    # it was sent to the tunnel's own address and port (the kernel would drop it anyway).
-    well_formed = f"udp length >= {_VXLAN_MIN_UDP_LENGTH} @th,64,8 {_VXLAN_FLAGS:#x}"
+    # rule, so a good packet costs one rule; what fails them is counted as malformed when it
+    # was sent to the tunnel's own address and port (the kernel would drop it anyway).
     accept_ours = (
-        f"{to_port} {well_formed} @th,96,24 {spec.vni:#x} ip saddr @{ENDPOINT_SET}"
+        f"udp dport {port} ip daddr {local} iifname {u} udp length >= {_VXLAN_MIN_UDP_LENGTH}"
+        f" @th,64,8 {_VXLAN_FLAGS:#x} @th,96,24 {vni} ip saddr @{ENDPOINT_SET}"
         ' counter name "vxlan_accepted" accept'
     )
+    to_port = f"ip daddr {local} iifname {u}"
     out += [
         "\tchain input {",
         "\t\ttype filter hook input priority filter; policy accept;",
         f"\t\t{accept_ours}",
+        f"\t\tudp dport {port} jump vxlan_not_accepted",
+        f"\t\tiifname {t} jump to_host",
+        "\t}",
+        "",
+        # Only packets to our port that the accept rule refused come here.
+        "\tchain vxlan_not_accepted {",
         # The length first: a shorter packet has no flags byte for the next rule to read.
         f"\t\t{to_port} udp length < {_VXLAN_MIN_UDP_LENGTH}"
         ' counter name "vxlan_malformed_dropped" drop',
         f'\t\t{to_port} @th,64,8 != {_VXLAN_FLAGS:#x} counter name "vxlan_malformed_dropped" drop',
-        f'\t\t{ours} counter name "vxlan_foreign_dropped" drop',
+        f'\t\t@th,96,24 {vni} counter name "vxlan_foreign_dropped" drop',
         # Another VNI belongs to another VXLAN user (Docker overlay, flannel): counted, and
         # left to the kernel, which hands it to that user's link or drops it when there is none.
-        f"\t\tudp dport {spec.vxlan_port} @th,96,24 != {spec.vni:#x}"
-        ' counter name "vxlan_other_vni"',
-        f"\t\tiifname {t} jump to_host",
+        f'\t\t@th,96,24 != {vni} counter name "vxlan_other_vni"',
         "\t}",
         "",
         # Devices reach this host only as far as it lets them: whatever they address (the inner
@@ -359,67 +430,94 @@ def _render(
             out.append(f"\t\t{proto} dport {_ports(ports)} accept")
     if not tracked:
         out.append("\t\ttcp flags != syn / fin,syn,rst,ack accept")
+    # nft lists a verdict map's elements sorted by key.
+    dispatch = (f"{u} : jump from_underlay", f"{t} : jump from_tunnel")
     out += [
         '\t\tcounter name "host_service_dropped" drop',
         "\t}",
         "",
-        # Every packet crosses this hook: interface tests, the checks only for the tunnel's.
+        # Every packet crosses this hook: one lookup of its interface, the checks only for the
+        # tunnel's and the underlay's.
         "\tchain prerouting {",
         f"\t\ttype filter hook prerouting priority {PREROUTING_PRIORITY}; policy accept;",
-        f"\t\t{count_fragments}",
-        f"\t\tiifname {t} jump from_tunnel",
-    ]
-    if tracked:
-        # The outer VXLAN packets are never tracked: that would double the cost for nothing.
-        # A fragmented one's pieces after the first carry no UDP header to match: every UDP
-        # fragment to the local address is exempted too, or conntrack's defragmenter would
-        # hold them waiting for a first piece that bypassed it, and the datagram would never
-        # be delivered. The host reassembles it on input, where `input` judges it whole.
-        out.append(f"\t\t{to_us} notrack")
-        out.append(
-            f"\t\tiifname {u} ip daddr {spec.local_address} ip protocol udp"
-            " ip frag-off & 16383 != 0 notrack"
-        )
-    if spec.stateless_vpc:
-        # Device <-> VPC traffic is routed as in plain route mode: no conntrack entry, no
-        # lookup. Only this host's own address is left tracked, so replies to its own traffic
-        # still pass `to_host` by their state.
-        out += [
-            f"\t\tiifname {t} ip daddr @{VPC_SET} ip daddr != {spec.local_address} notrack",
-            f"\t\tiifname {u} ip saddr @{VPC_SET} ip daddr {spec.device_subnet} notrack",
-        ]
-    out += [
+        f"\t\tiifname vmap {_elements(sorted(dispatch))}",
         "\t}",
         "",
+        "\tchain from_underlay {",
+    ]
+    # Outer IPv4 fragments on the underlay to the local address are counted before any
+    # reassembly, one per fragment; a non-first fragment has no UDP header to tell its port,
+    # hence every fragment to the local address. They are only counted: a path with a smaller
+    # MTU may fragment the VPG's packets (RFC 7348 lets a VTEP drop them; Linux reassembles
+    # them), and the input chain judges the whole datagram like any other. With conntrack on,
+    # the kernel reassembles at prerouting priority -400, so this chain sits at -450.
+    fragment = "ip frag-off & 16383 != 0"
+    if not tracked:
+        out.append(f'\t\tip daddr {local} {fragment} counter name "outer_fragments"')
+    else:
+        out.append(f"\t\tip daddr {local} jump underlay_to_local")
+    if spec.stateless_vpc:
+        # VPC -> device traffic is routed as in plain route mode: no conntrack entry, no lookup.
+        out.append(f"\t\tip daddr {spec.device_subnet} ip saddr @{VPC_SET} notrack")
+    out += ["\t}", ""]
+    if tracked:
+        out += [
+            "\tchain underlay_to_local {",
+            # The outer VXLAN packets are never tracked: that would double the cost for nothing.
+            f"\t\t{ours} notrack",
+            f"\t\t{fragment} jump outer_fragment",
+            "\t}",
+            "",
+            "\tchain outer_fragment {",
+            '\t\tcounter name "outer_fragments"',
+            # A fragmented datagram's pieces after the first carry no UDP header to match:
+            # every UDP fragment to the local address is exempted, or conntrack's defragmenter
+            # would hold them waiting for a first piece that bypassed it. The host reassembles
+            # the datagram on input, where `input` judges it whole.
+            "\t\tip protocol udp notrack",
+            "\t}",
+            "",
+        ]
+    out += [
+        # Doing this here rather than in `forward` covers traffic to this host too, and a
+        # spoofing device cannot fill the conntrack table.
         "\tchain from_tunnel {",
         f'\t\tip saddr != {spec.device_subnet} counter name "spoofed_source_dropped" drop',
         '\t\tmeta nfproto ipv6 counter name "spoofed_source_dropped" drop',
-        "\t}",
-        "",
     ]
+    if spec.stateless_vpc:
+        # Only this host's own address is left tracked, so replies to its own traffic still
+        # pass `to_host` by their state.
+        out.append(f"\t\tip daddr != {local} ip daddr @{VPC_SET} notrack")
+    if spec.device_counters:
+        # Every packet a device sends (spoofed ones are gone by now), whatever its destination.
+        out.append(f"\t\tupdate @{DEVICES_FROM_SET} {{ ip saddr }}")
+    out += ["\t}", ""]
     if tracked:
         out += [
             "\tchain output {",
             "\t\ttype filter hook output priority raw; policy accept;",
-            f"\t\toifname {u} ip saddr {spec.local_address} {ours} notrack",
+            f"\t\t{ours} ip saddr {local} oifname {u} notrack",
             "\t}",
             "",
         ]
     out += [
         "\tchain forward {",
         "\t\ttype filter hook forward priority filter; policy accept;",
-    ]
-    if spec.allow_list:
-        # The allow-list must never eat path MTU discovery.
-        out += [
-            "\t\ticmp type destination-unreachable icmp code frag-needed accept",
-            "\t\ticmpv6 type packet-too-big accept",
-        ]
-    out += [
         # Before the established accept: a SYN-ACK is already "established" to conntrack.
-        f"\t\tiifname {t} tcp flags syn tcp option maxseg size set rt mtu",
-        f"\t\toifname {t} tcp flags syn tcp option maxseg size set rt mtu",
+        "\t\ttcp flags syn jump clamp_mss",
     ]
+    if spec.device_counters:
+        # Every packet routed to a device (in nat mode the replies, once conntrack has mapped
+        # them back to the device's address).
+        out.append(f"\t\toifname {t} update @{DEVICES_TO_SET} {{ ip daddr }}")
+    if spec.closed:
+        # Stateless, before any established accept: a destination taken out of the list is
+        # closed for flows already open too.
+        out.append(
+            f"\t\tiifname {t} ip daddr != @{VPC_SET} ip daddr != @{ALLOW_SET}"
+            ' counter name "closed_dropped" drop'
+        )
     if spec.flowtable:
         # Only flows that already passed every check below get the fast path.
         for a, b in ((t, u), (u, t)):
@@ -430,20 +528,36 @@ def _render(
     if spec.allow_list:
         # Established traffic passes before the allow-list (without one, the policy accepts).
         out.append("\t\tct state established,related accept")
-        out.append(
-            f'\t\tiifname {t} ip daddr != @{ALLOW_SET} counter name "allowlist_dropped" drop'
-        )
-    out += ["\t}"]
+        out.append(f"\t\tiifname {t} jump new_from_tunnel")
+    out += [
+        "\t}",
+        "",
+        "\tchain clamp_mss {",
+        f"\t\tiifname {t} tcp option maxseg size set rt mtu",
+        f"\t\toifname {t} tcp option maxseg size set rt mtu",
+        "\t}",
+    ]
+    if spec.allow_list:
+        out += [
+            "",
+            "\tchain new_from_tunnel {",
+            # The allow-list must never eat path MTU discovery.
+            "\t\ticmp type destination-unreachable icmp code frag-needed accept",
+            f'\t\tip daddr != @{ALLOW_SET} counter name "allowlist_dropped" drop',
+            "\t}",
+        ]
     if spec.mode == "nat" or spec.masquerades_outside_vpc:
         # Route mode: only what leaves the VPC (a NAT or internet gateway's path) takes this
         # peer's address; the VPC sees devices' own.
         outside = f" ip daddr != @{VPC_SET}" if spec.masquerades_outside_vpc else ""
+        # With an address of its own (HA), the one that moves to the master, not this host's.
+        nat = f"snat ip to {spec.snat_address}" if spec.snat_address else "masquerade"
         out += [
             "",
             "\tchain postrouting {",
             "\t\ttype nat hook postrouting priority srcnat; policy accept;",
             f"\t\toifname {u} ip saddr {spec.device_subnet}{outside}"
-            ' counter name "masqueraded_flows" masquerade',
+            f' counter name "masqueraded_flows" {nat}',
             "\t}",
         ]
     out.append("}")
@@ -461,10 +575,23 @@ def transaction(spec: PacketPathSpec, counters: Mapping[str, tuple[int, int]] | 
 
 def endpoints_transaction(endpoints: Iterable[IPv4Address]) -> str:
     """Replace the set's elements in one transaction: packets never see it empty or half done."""
-    text = f"flush set {FAMILY} {TABLE} {ENDPOINT_SET}\n"
-    addrs = sorted(endpoints)
-    if addrs:
-        text += f"add element {FAMILY} {TABLE} {ENDPOINT_SET} {_elements(map(str, addrs))}\n"
+    return _refill(ENDPOINT_SET, [str(a) for a in sorted(endpoints)])
+
+
+def _refill(name: str, elements: Sequence[str]) -> str:
+    text = f"flush set {FAMILY} {TABLE} {name}\n"
+    if elements:
+        text += f"add element {FAMILY} {TABLE} {name} {_elements(elements)}\n"
+    return text
+
+
+def sets_transaction(spec: PacketPathSpec) -> str:
+    """Refill `vpg_endpoints` and, where the table has it, `allowed_destinations`, in one
+    transaction: a packet sees the old elements or the new, never an empty or half-filled set
+    (the kernel commits the whole batch at once). Counters and everything else stay."""
+    text = endpoints_transaction(spec.endpoints)
+    if spec.has_allow_set:
+        text += _refill(ALLOW_SET, [_prefix(n) for n in spec.allow_list])
     return text
 
 
@@ -492,15 +619,22 @@ _PROTOCOL_NAMES = {"1": "icmp", "6": "tcp", "17": "udp", "58": "ipv6-icmp"}
 _PROTOCOL_NUMBER = re.compile(r"\b(ip protocol|meta l4proto) (1|6|17|58)\b")
 
 
+# An inline verdict map; nft lists its elements in the kernel's key order (for interface names
+# not the text's: "zeth0" before "vxlan0"), so their order carries no meaning.
+_VMAP = re.compile(r"vmap \{ ([^{}]*) \}")
+
+
 def canonical(text: str) -> list[str]:
     """`text` (ours or `nft list table`'s) in a form where equal means the same table.
 
     Drops what differs without meaning: indentation, blank lines, line wrapping of element
-    lists, the order of set elements, flowtable devices (and their quotes, which newer nft
-    prints) and of top-level blocks, and counter values (state, not configuration).
+    lists, the order of set and verdict map elements, flowtable devices (and their quotes,
+    which newer nft prints) and of top-level blocks, and counter values (state, not
+    configuration).
     """
     lines: list[str] = []
     pending = ""
+    in_device_set = False
     for raw in text.splitlines():
         line = raw.strip()
         if pending:
@@ -511,10 +645,17 @@ def canonical(text: str) -> list[str]:
             continue
         if not line or _COUNTER_VALUES.match(line):
             continue
+        if line.startswith("set ") and line.endswith("{"):
+            in_device_set = line.split()[1] in DEVICE_SETS
+        elif line == "}":
+            in_device_set = False
+        elif in_device_set and line.startswith("elements = "):
+            continue  # devices seen: state, not configuration
         m = _LIST_LINE.match(line)
         if m:
             items = [i.strip().strip('"') for i in m.group(2).split(",") if i.strip()]
             line = f"{m.group(1)} = {_elements(sorted(items, key=_sort_key))}"
+        line = _VMAP.sub(lambda v: f"vmap {_elements(sorted(v.group(1).split(', ')))}", line)
         line = _PROTOCOL_NUMBER.sub(lambda p: f"{p.group(1)} {_PROTOCOL_NAMES[p.group(2)]}", line)
         lines.append(line)
     if pending:
@@ -560,12 +701,16 @@ def _block_key(block: list[str]) -> tuple[int, str]:
     return (_KINDS.index(kind) if kind in _KINDS else len(_KINDS), block[0])
 
 
-def _without_endpoints(lines: list[str]) -> list[str]:
+# The sets whose elements change without a reload.
+UPDATABLE_SETS = (ENDPOINT_SET, ALLOW_SET)
+
+
+def _without_set_elements(lines: list[str]) -> list[str]:
     out: list[str] = []
     in_set = False
     for line in lines:
         stripped = line.strip()
-        if stripped == f"set {ENDPOINT_SET} {{":
+        if stripped in (f"set {name} {{" for name in UPDATABLE_SETS):
             in_set = True
         elif in_set and stripped == "}":
             in_set = False
@@ -576,31 +721,40 @@ def _without_endpoints(lines: list[str]) -> list[str]:
 
 
 def change_needed(spec: PacketPathSpec, current_text: str | None) -> Change:
-    """What it takes to converge: nothing, an endpoint-set update, or a reload (pure)."""
+    """What it takes to converge: nothing, a refill of the updatable sets, or a reload (pure)."""
     if current_text is None:
         return "reload"
     have, want = canonical(current_text), canonical(render(spec))
     if have == want:
         return "none"
-    if _without_endpoints(have) == _without_endpoints(want):
-        return "endpoints"
+    if _without_set_elements(have) == _without_set_elements(want):
+        return "sets"
     return "reload"
 
 
-def loaded_endpoints(current_text: str) -> frozenset[IPv4Address]:
-    """The `vpg_endpoints` elements in a listing."""
+def _loaded_elements(current_text: str, name: str) -> list[str]:
     in_set = False
     for line in canonical(current_text):
         stripped = line.strip()
-        if stripped == f"set {ENDPOINT_SET} {{":
+        if stripped == f"set {name} {{":
             in_set = True
         elif in_set and stripped == "}":
             break
         elif in_set:
             m = _LIST_LINE.match(stripped)
             if m:
-                return frozenset(IPv4Address(i) for i in m.group(2).split(", "))
-    return frozenset()
+                return m.group(2).split(", ")
+    return []
+
+
+def loaded_endpoints(current_text: str) -> frozenset[IPv4Address]:
+    """The `vpg_endpoints` elements in a listing."""
+    return frozenset(IPv4Address(i) for i in _loaded_elements(current_text, ENDPOINT_SET))
+
+
+def loaded_allowed(current_text: str) -> frozenset[IPv4Network]:
+    """The `allowed_destinations` elements in a listing (a bare address is a /32)."""
+    return frozenset(IPv4Network(i) for i in _loaded_elements(current_text, ALLOW_SET))
 
 
 def loaded_spec_hash(current_text: str) -> str | None:
@@ -625,21 +779,55 @@ def counters_from_json(text: str) -> dict[str, tuple[int, int]]:
     return result
 
 
+def device_traffic_from_json(text: str, timeout_s: float) -> dict[IPv4Address, DeviceTraffic]:
+    """Per-device traffic from `nft -j list ...` output holding our device sets, by address.
+
+    Each element carries its counter and `expires` (whole seconds left of `timeout_s`, which
+    every packet restarts), so the last packet's age is `timeout_s - expires`; a device in both
+    sets takes the younger. Elements without a counter count as zero.
+    """
+    counts: dict[IPv4Address, list[int]] = {}
+    ages: dict[IPv4Address, float] = {}
+    for item in json.loads(text).get("nftables", []):
+        s = item.get("set")
+        if not s or s.get("family") != FAMILY or s.get("table") != TABLE:
+            continue
+        if s.get("name") not in DEVICE_SETS:
+            continue
+        offset = 0 if s["name"] == DEVICES_FROM_SET else 2
+        for raw in s.get("elem", []):
+            elem = raw.get("elem", {"val": raw}) if isinstance(raw, dict) else {"val": raw}
+            address = IPv4Address(str(elem["val"]))
+            row = counts.setdefault(address, [0, 0, 0, 0])
+            counter = elem.get("counter") or {}
+            row[offset] += int(counter.get("packets", 0))
+            row[offset + 1] += int(counter.get("bytes", 0))
+            if "expires" in elem:
+                age = max(0.0, float(timeout_s) - float(elem["expires"]))
+                ages[address] = min(age, ages.get(address, age))
+    return {
+        a: DeviceTraffic(a, row[0], row[1], row[2], row[3], ages.get(a))
+        for a, row in sorted(counts.items())
+    }
+
+
 def describe(spec: PacketPathSpec, current_text: str | None) -> list[str]:
     """What loading `spec` would change, as lines for `gatepeer apply --dry-run`; [] if nothing."""
     change = change_needed(spec, current_text)
     if change == "none":
         return []
-    if change == "endpoints":
+    if change == "sets":
         assert current_text is not None
-        have = loaded_endpoints(current_text)
-        added = " ".join(f"+{a}" for a in sorted(spec.endpoints - have))
-        gone = " ".join(f"-{a}" for a in sorted(have - spec.endpoints))
-        changes = " ".join(x for x in (added, gone) if x)
-        return [
-            f"# set {ENDPOINT_SET}: {changes}",
-            *_heredoc(endpoints_transaction(spec.endpoints)),
-        ]
+        header = []
+        for name, have, want in (
+            (ENDPOINT_SET, set(loaded_endpoints(current_text)), set(spec.endpoints)),
+            (ALLOW_SET, set(loaded_allowed(current_text)), set(spec.allow_list)),
+        ):
+            added = " ".join(f"+{a}" for a in sorted(want - have))
+            gone = " ".join(f"-{a}" for a in sorted(have - want))
+            if added or gone:
+                header.append(f"# set {name}: {' '.join(x for x in (added, gone) if x)}")
+        return header + _heredoc(sets_transaction(spec))
     header: list[str]
     if current_text is None:
         header = [f"# create table {FAMILY} {TABLE}"]

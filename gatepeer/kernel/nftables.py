@@ -13,7 +13,10 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 # FAMILY, TABLE and counters_from_listing are named through this module by its callers too.
+from gatepeer.device_traffic import DeviceTraffic
 from gatepeer.ruleset import (
+    DEVICE_SETS,
+    DEVICE_TIMEOUT_S,
     ENDPOINT_SET,
     FAMILY,
     FLOWTABLE,
@@ -23,7 +26,9 @@ from gatepeer.ruleset import (
     change_needed,
     counters_from_json,
     counters_from_listing,
+    device_traffic_from_json,
     endpoints_transaction,
+    sets_transaction,
     transaction,
 )
 
@@ -35,6 +40,7 @@ __all__ = [
     "counters",
     "counters_from_listing",
     "current",
+    "device_traffic",
     "flowtable_supported",
     "is_converged",
     "load",
@@ -42,6 +48,7 @@ __all__ = [
     "remove",
     "unwritable",
     "update_endpoints",
+    "update_sets",
 ]
 
 _TIMEOUT = 30.0
@@ -131,6 +138,42 @@ def is_converged(spec: PacketPathSpec, netns: str | None = None) -> bool:
 def update_endpoints(endpoints: Iterable[IPv4Address], netns: str | None = None) -> None:
     """Set `vpg_endpoints` to exactly `endpoints`, atomically, without reloading the table."""
     _apply(endpoints_transaction(endpoints), f"updating set {ENDPOINT_SET} failed", netns)
+
+
+def update_sets(spec: PacketPathSpec, netns: str | None = None) -> None:
+    """Refill `vpg_endpoints` and `allowed_destinations` from `spec` in one transaction, without
+    reloading the table (counters and device sets kept). A packet sees the old elements or the
+    new ones, never an empty set: a flow to an address in both loses nothing."""
+    _apply(sets_transaction(spec), f"updating the sets of table {FAMILY} {TABLE} failed", netns)
+
+
+def device_traffic(netns: str | None = None) -> dict[IPv4Address, DeviceTraffic]:
+    """Per-device traffic counted by the kernel (`device_counters`), by device address; empty
+    when the table or its device sets are absent."""
+    found: dict[IPv4Address, DeviceTraffic] = {}
+    for name in DEVICE_SETS:
+        proc = _run(["-j", "list", "set", FAMILY, TABLE, name], netns)
+        if _absent(proc):
+            return {}
+        if proc.returncode != 0:
+            raise NftError(f"listing set {name} failed", proc.args, proc.returncode, proc.stderr)
+        for address, seen in device_traffic_from_json(proc.stdout, DEVICE_TIMEOUT_S).items():
+            found[address] = _merge(found.get(address), seen)
+    return dict(sorted(found.items()))
+
+
+def _merge(a: DeviceTraffic | None, b: DeviceTraffic) -> DeviceTraffic:
+    if a is None:
+        return b
+    ages = [x for x in (a.last_packet_age_s, b.last_packet_age_s) if x is not None]
+    return DeviceTraffic(
+        a.address,
+        a.packets_from_device + b.packets_from_device,
+        a.bytes_from_device + b.bytes_from_device,
+        a.packets_to_device + b.packets_to_device,
+        a.bytes_to_device + b.bytes_to_device,
+        min(ages) if ages else None,
+    )
 
 
 def counters(netns: str | None = None) -> dict[str, tuple[int, int]]:

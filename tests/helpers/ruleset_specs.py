@@ -30,6 +30,10 @@ ALLOW = (
 VPC = (IPv4Network("198.18.0.0/16"), IPv4Network("203.0.113.0/24"), IPv4Network("198.18.1.0/25"))
 
 
+# The NAT address that moves with the HA master.
+SNAT = IPv4Address("198.18.0.50")
+
+
 def spec(**kw: object) -> PacketPathSpec:
     base: dict[str, object] = {
         "device_subnet": SUBNET,
@@ -57,6 +61,20 @@ CASES = {
     "route_masquerade_2ep": spec(outside_vpc="masquerade", vpc_networks=VPC),
     "route_masquerade_allowlist": spec(
         outside_vpc="masquerade", vpc_networks=VPC, allowed_destinations=ALLOW
+    ),
+    # Issue 18-20's features: HA's own NAT address, per-device counters, a closed network with
+    # an allow-list, route mode keeping flows tracked for the flow log.
+    "nat_snat_counters_closed": spec(
+        mode="nat",
+        snat_address=SNAT,
+        device_counters=True,
+        closed=True,
+        vpc_networks=VPC,
+        allowed_destinations=ALLOW,
+    ),
+    "route_closed_vpc_only": spec(closed=True, vpc_networks=VPC),
+    "route_masquerade_tracked_counters": spec(
+        outside_vpc="masquerade", vpc_networks=VPC, track_flows=True, device_counters=True
     ),
 }
 

@@ -572,7 +572,7 @@ def test_daemon_restores_a_hand_edited_ruleset_on_the_nftables_event(
 
     def restored() -> bool:
         chain = lab.run("peer", "nft", "list", "chain", "inet", "gatepeer", "input").stdout
-        return "vxlan_foreign_dropped" in chain
+        return "vxlan_accepted" in chain
 
     assert wait_for(restored, timeout=5) is not None, daemon.log()
 

@@ -217,11 +217,12 @@ def test_mss_is_clamped_so_a_9001_mtu_host_reaches_a_1500_path_without_pmtud(
     proc = lab.gatepeer("apply")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert transfer(lab, timeout=20), "no transfer through a clamped 1400-byte tunnel"
-    listing = lab.run("peer", "nft", "-a", "list", "chain", "inet", "gatepeer", "forward").stdout
+    # The clamp's own chain (the forward chain sends SYNs there).
+    listing = lab.run("peer", "nft", "-a", "list", "chain", "inet", "gatepeer", "clamp_mss").stdout
     handles = re.findall(r"maxseg size set rt mtu # handle (\d+)", listing)
     assert len(handles) == 2, listing
     for handle in handles:
-        lab.run("peer", "nft", "delete", "rule", "inet", "gatepeer", "forward", "handle", handle)
+        lab.run("peer", "nft", "delete", "rule", "inet", "gatepeer", "clamp_mss", "handle", handle)
     assert not transfer(lab, timeout=8), (
         "the transfer worked without the clamp: test proves nothing"
     )

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -20,11 +21,13 @@ from helpers.ruleset_specs import (
     EP1,
     EP2,
     EP3,
+    SNAT,
     VPC,
     spec,
 )
 
 from gatepeer import ruleset as rs
+from gatepeer.device_traffic import DeviceTraffic
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "nftables"
 UPDATE = os.environ.get("GATEPEER_UPDATE_GOLDEN") == "1"
@@ -92,10 +95,10 @@ def test_modes_differ_by_masquerade_and_connection_tracking() -> None:
     ]
     assert "postrouting" not in route
     # With conntrack on, the outer VXLAN packets are never tracked: a second lookup per packet.
-    outer = 'iifname "eth0" ip daddr 198.18.0.1 udp dport 4789 @th,96,24 0xa notrack'
-    assert outer in chain(nat, "prerouting")
+    assert chain(nat, "from_underlay") == ["ip daddr 198.18.0.1 jump underlay_to_local"]
+    assert chain(nat, "underlay_to_local")[0] == "udp dport 4789 @th,96,24 0xa notrack"
     assert chain(nat, "output") == [
-        'oifname "eth0" ip saddr 198.18.0.1 udp dport 4789 @th,96,24 0xa notrack'
+        'udp dport 4789 @th,96,24 0xa ip saddr 198.18.0.1 oifname "eth0" notrack'
     ]
     for text in (route, nat):
         # Every counter exists in every mode: the metrics keep one schema.
@@ -118,10 +121,12 @@ def test_route_mode_masquerades_only_what_leaves_the_vpc() -> None:
     # Conntrack engages only for flows leaving the VPC: device <-> VPC traffic is exempted
     # before conntrack's hook (-200), this host's own address excepted (to_host judges its
     # replies by state).
-    assert chain(text, "prerouting")[-2:] == [
-        'iifname "vxlan0" ip daddr @vpc_networks ip daddr != 198.18.0.1 notrack',
-        'iifname "eth0" ip saddr @vpc_networks ip daddr 198.19.0.0/16 notrack',
-    ]
+    assert chain(text, "from_tunnel")[-1] == (
+        "ip daddr != 198.18.0.1 ip daddr @vpc_networks notrack"
+    )
+    assert chain(text, "from_underlay")[-1] == (
+        "ip daddr 198.19.0.0/16 ip saddr @vpc_networks notrack"
+    )
     assert rs.PREROUTING_PRIORITY < -200
     # Without masquerading, route mode stays as it was: no conntrack, no VPC set.
     plain = rs.render(spec(vpc_networks=VPC))
@@ -134,8 +139,14 @@ def test_tracked_tables_exempt_every_outer_udp_fragment(name: str) -> None:
     # Pieces after the first have no UDP header: left to conntrack's defragmenter they would
     # wait for a first piece that `notrack` sent past it, and the datagram would be lost.
     text = rs.render(CASES[name])
-    rule = 'iifname "eth0" ip daddr 198.18.0.1 ip protocol udp ip frag-off & 16383 != 0 notrack'
-    assert (rule in chain(text, "prerouting")) == tracked(CASES[name]), name
+    if tracked(CASES[name]):
+        assert "ip frag-off & 16383 != 0 jump outer_fragment" in chain(text, "underlay_to_local")
+        assert chain(text, "outer_fragment") == [
+            'counter name "outer_fragments"',
+            "ip protocol udp notrack",
+        ]
+    else:
+        assert "notrack" not in text
 
 
 def test_allow_list_keeps_every_flow_tracked() -> None:
@@ -187,17 +198,21 @@ def test_vxlan_filter_covers_only_our_vni(name: str) -> None:
     # Issue 9, hole 2: other VXLAN users on this host (other VNIs, on any port, interface or
     # address) pass untouched; ours is accepted only on the underlay, to the local address,
     # from a VPG endpoint.
-    input_rules = chain(rs.render(CASES[name]), "input")
-    vxlan = [r for r in input_rules if "udp dport" in r]
-    to_port = 'iifname "eth0" ip daddr 198.18.0.1 udp dport 4789'
-    assert vxlan == [
-        f"{to_port} udp length >= 30 @th,64,8 0x8 @th,96,24 0xa"
-        ' ip saddr @vpg_endpoints counter name "vxlan_accepted" accept',
+    text = rs.render(CASES[name])
+    # A good packet of ours costs one rule; only what that rule refuses is looked at further.
+    assert chain(text, "input") == [
+        'udp dport 4789 ip daddr 198.18.0.1 iifname "eth0" udp length >= 30 @th,64,8 0x8'
+        ' @th,96,24 0xa ip saddr @vpg_endpoints counter name "vxlan_accepted" accept',
+        "udp dport 4789 jump vxlan_not_accepted",
+        'iifname "vxlan0" jump to_host',
+    ]
+    to_port = 'ip daddr 198.18.0.1 iifname "eth0"'
+    assert chain(text, "vxlan_not_accepted") == [
         f'{to_port} udp length < 30 counter name "vxlan_malformed_dropped" drop',
         f'{to_port} @th,64,8 != 0x8 counter name "vxlan_malformed_dropped" drop',
-        'udp dport 4789 @th,96,24 0xa counter name "vxlan_foreign_dropped" drop',
+        '@th,96,24 0xa counter name "vxlan_foreign_dropped" drop',
         # Counted, no verdict: other VNIs pass on to whoever owns them.
-        'udp dport 4789 @th,96,24 != 0xa counter name "vxlan_other_vni"',
+        '@th,96,24 != 0xa counter name "vxlan_other_vni"',
     ]
 
 
@@ -208,10 +223,21 @@ def test_outer_fragments_are_counted_before_reassembly(name: str) -> None:
     # and never drops them.
     text = rs.render(CASES[name])
     assert "\t\ttype filter hook prerouting priority -450; policy accept;" in text
-    assert chain(text, "prerouting")[0] == (
-        'iifname "eth0" ip daddr 198.18.0.1 ip frag-off & 16383 != 0 counter name "outer_fragments"'
-    )
-    assert "chain fragments" not in text  # one hook for every packet, not two
+    # One dispatch per packet on its interface; the underlay's to the local address first.
+    assert chain(text, "prerouting") == [
+        'iifname vmap { "eth0" : jump from_underlay, "vxlan0" : jump from_tunnel }'
+    ]
+    if tracked(CASES[name]):
+        assert chain(text, "from_underlay")[0] == "ip daddr 198.18.0.1 jump underlay_to_local"
+        assert chain(text, "underlay_to_local")[-1] == (
+            "ip frag-off & 16383 != 0 jump outer_fragment"
+        )
+        assert chain(text, "outer_fragment")[0] == 'counter name "outer_fragments"'
+    else:
+        assert chain(text, "from_underlay") == [
+            'ip daddr 198.18.0.1 ip frag-off & 16383 != 0 counter name "outer_fragments"'
+        ]
+    assert text.count("hook prerouting") == 1  # one hook for every packet, not two
     for counted in rs.COUNTED_ONLY:
         rules = [r for r in text.splitlines() if f'counter name "{counted}"' in r]
         assert rules and not [r for r in rules if r.rstrip().endswith(("drop", "accept"))]
@@ -219,7 +245,7 @@ def test_outer_fragments_are_counted_before_reassembly(name: str) -> None:
 
 def test_vni_and_local_address_are_part_of_the_spec() -> None:
     text = rs.render(spec(vni=0xABCDEF, local_address=IPv4Address("198.18.3.4"), vxlan_port=8472))
-    assert "udp dport 8472 @th,96,24 0xabcdef" in text and "198.18.3.4" in text
+    assert "@th,96,24 0xabcdef" in text and "udp dport 8472" in text and "198.18.3.4" in text
     assert rs.change_needed(spec(), rs.render(spec(vni=11))) == "reload"
     assert rs.change_needed(spec(), rs.render(spec(local_address=EP3))) == "reload"
 
@@ -323,13 +349,13 @@ def test_a_listing_without_protocol_names_is_the_same_table() -> None:
     assert rs.change_needed(spec(mode="nat"), other) == "reload"
 
 
-MSS_OUT = '\t\toifname "vxlan0" tcp flags syn tcp option maxseg size set rt mtu'
+MSS_OUT = '\t\toifname "vxlan0" tcp option maxseg size set rt mtu'
 
 
 def test_canonical_keeps_rule_order() -> None:
     text = rs.render(spec())
     lines = text.splitlines()
-    a = lines.index('\t\toifname "vxlan0" tcp flags syn tcp option maxseg size set rt mtu')
+    a = lines.index(MSS_OUT)
     lines[a], lines[a - 1] = lines[a - 1], lines[a]
     assert rs.canonical("\n".join(lines)) != rs.canonical(text)
 
@@ -339,8 +365,8 @@ def test_change_needed() -> None:
     assert rs.change_needed(want, None) == "reload"
     assert rs.change_needed(want, rs.render(want)) == "none"
     assert rs.change_needed(want, rs.render(want, counters={"vxlan_accepted": (9, 9)})) == "none"
-    assert rs.change_needed(want, rs.render(spec(endpoints=frozenset({EP3})))) == "endpoints"
-    assert rs.change_needed(want, rs.render(spec(endpoints=frozenset()))) == "endpoints"
+    assert rs.change_needed(want, rs.render(spec(endpoints=frozenset({EP3})))) == "sets"
+    assert rs.change_needed(want, rs.render(spec(endpoints=frozenset()))) == "sets"
     assert rs.change_needed(want, rs.render(spec(mode="nat"))) == "reload"
     assert rs.change_needed(want, rs.render(spec(vxlan_port=8472))) == "reload"
     hand_edit = rs.render(want).replace(MSS_OUT + "\n", "")
@@ -400,3 +426,139 @@ def test_pure_modules_import_no_kernel_code() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+# ---- issue 18-20 features ----------------------------------------------------------------------
+
+
+def test_snat_address_replaces_masquerade() -> None:
+    for s in (spec(mode="nat"), spec(outside_vpc="masquerade", vpc_networks=VPC)):
+        moved = replace(s, snat_address=SNAT)
+        rule = chain(rs.render(moved), "postrouting")[0]
+        assert rule.endswith('counter name "masqueraded_flows" snat ip to 198.18.0.50'), rule
+        assert not rule.endswith(" masquerade")
+        assert chain(rs.render(s), "postrouting")[0].endswith(" masquerade")
+    # Route mode without masquerading has no NAT to give an address to.
+    assert "postrouting" not in rs.render(spec(snat_address=SNAT))
+    with pytest.raises(TypeError, match="snat_address"):
+        spec(snat_address="198.18.0.50")
+
+
+def test_device_counters_count_both_directions_in_every_mode() -> None:
+    for s in (spec(), spec(mode="nat"), spec(outside_vpc="masquerade", vpc_networks=VPC)):
+        off = rs.render(s)
+        assert "devices_" not in off
+        text = rs.render(replace(s, device_counters=True))
+        # Every packet from a device that passed the spoof check, and every one routed to it.
+        assert chain(text, "from_tunnel")[-1] == "update @devices_from { ip saddr }"
+        assert 'oifname "vxlan0" update @devices_to { ip daddr }' in chain(text, "forward")
+        for name in rs.DEVICE_SETS:
+            assert (
+                f"\tset {name} {{\n\t\ttype ipv4_addr\n\t\tsize 131072\n"
+                "\t\tflags dynamic,timeout\n\t\tcounter\n\t\ttimeout 1h\n\t}"
+            ) in text
+    assert rs.DEVICE_SET_SIZE >= 100_000
+
+
+def test_listed_device_elements_are_state_not_configuration() -> None:
+    want = spec(device_counters=True)
+    listed = rs.render(want).replace(
+        "\t\ttimeout 1h\n\t}\n\n\tset devices_to",
+        "\t\ttimeout 1h\n\t\telements = { 198.19.0.5 counter packets 3 bytes 252"
+        " expires 59m58s12ms,\n\t\t\t     198.19.0.6 counter packets 1 bytes 84"
+        " expires 1m2s }\n\t}\n\n\tset devices_to",
+    )
+    assert listed != rs.render(want)
+    assert rs.change_needed(want, listed) == "none"
+    assert rs.change_needed(spec(), listed) == "reload"
+
+
+def test_closed_network_drops_what_is_neither_allowed_nor_vpc() -> None:
+    with pytest.raises(ValueError, match="vpc_networks"):
+        spec(closed=True)
+    for s in (
+        spec(closed=True, vpc_networks=VPC),
+        spec(mode="nat", closed=True, vpc_networks=VPC, allowed_destinations=ALLOW),
+    ):
+        text = rs.render(s)
+        forward = chain(text, "forward")
+        rule = (
+            'iifname "vxlan0" ip daddr != @vpc_networks ip daddr != @allowed_destinations'
+            ' counter name "closed_dropped" drop'
+        )
+        # Stateless and before any established accept: flows already open close too.
+        assert rule in forward
+        assert forward.index(rule) < len(forward) - (2 if s.allow_list else 0)
+        assert "set vpc_networks {" in text and "set allowed_destinations {" in text
+    # The VPC only: an empty allow-list set, refilled later without a reload.
+    assert "\tset allowed_destinations {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t}" in (
+        rs.render(spec(closed=True, vpc_networks=VPC))
+    )
+    assert 'closed_dropped" drop' not in rs.render(spec(vpc_networks=VPC))
+    # Every counter in every mode, closed or not: one metrics schema.
+    for s in CASES.values():
+        text = rs.render(s)
+        assert [c for c in rs.COUNTERS if f"counter {c} {{" in text] == list(rs.COUNTERS)
+
+
+def test_track_flows_keeps_device_vpc_flows_in_conntrack() -> None:
+    base = spec(outside_vpc="masquerade", vpc_networks=VPC)
+    assert "notrack" in "".join(chain(rs.render(base), "from_tunnel"))
+    tracked_text = rs.render(replace(base, track_flows=True))
+    assert "notrack" not in "".join(chain(tracked_text, "from_tunnel"))
+    assert "notrack" not in "".join(chain(tracked_text, "from_underlay"))
+    # Plain route mode: conntrack engages (the flow log needs entries), the outer packets
+    # stay exempt.
+    plain = replace(spec(), track_flows=True)
+    assert plain.tracked and uses_conntrack(rs.render(plain))
+    assert "udp dport 4789 @th,96,24 0xa notrack" in chain(rs.render(plain), "underlay_to_local")
+
+
+def test_allowed_destinations_change_without_reload() -> None:
+    want = spec(mode="nat", allowed_destinations=ALLOW, closed=True, vpc_networks=VPC)
+    old = replace(want, allowed_destinations=(IPv4Network("192.0.2.0/24"),), endpoints=frozenset())
+    assert rs.change_needed(want, rs.render(old)) == "sets"
+    assert rs.spec_hash(old) == rs.spec_hash(want)
+    # One transaction refills both sets; nothing else is touched.
+    assert rs.sets_transaction(want) == (
+        "flush set inet gatepeer vpg_endpoints\n"
+        "add element inet gatepeer vpg_endpoints { 198.18.0.11, 198.18.0.12 }\n"
+        "flush set inet gatepeer allowed_destinations\n"
+        "add element inet gatepeer allowed_destinations"
+        " { 192.0.2.0/24, 198.51.100.7, 203.0.113.0/24 }\n"
+    )
+    lines = rs.describe(want, rs.render(old))
+    assert lines[:2] == [
+        "# set vpg_endpoints: +198.18.0.11 +198.18.0.12",
+        "# set allowed_destinations: +198.51.100.7/32 +203.0.113.0/24",
+    ]
+    # An allow-list appearing where there was none changes rules: a reload.
+    assert rs.change_needed(spec(allowed_destinations=ALLOW), rs.render(spec())) == "reload"
+    # Closed with the VPC only: the empty set is refilled.
+    assert rs.sets_transaction(spec(closed=True, vpc_networks=VPC, endpoints=frozenset())) == (
+        "flush set inet gatepeer vpg_endpoints\nflush set inet gatepeer allowed_destinations\n"
+    )
+
+
+DEVICE_JSON = """{"nftables": [{"metainfo": {"version": "1.0.6"}},
+{"set": {"family": "inet", "name": "devices_from", "table": "gatepeer", "type": "ipv4_addr",
+ "handle": 3, "size": 131072, "flags": ["timeout"], "timeout": 3600, "elem": [
+ {"elem": {"val": "198.19.0.5", "expires": 3590, "counter": {"packets": 3, "bytes": 252}}},
+ {"elem": {"val": "198.19.0.7", "expires": 100, "counter": {"packets": 1, "bytes": 60}}}],
+ "stmt": [{"counter": null}]}},
+{"set": {"family": "inet", "name": "devices_to", "table": "gatepeer", "type": "ipv4_addr",
+ "handle": 4, "size": 131072, "flags": ["timeout"], "timeout": 3600, "elem": [
+ {"elem": {"val": "198.19.0.5", "expires": 3599, "counter": {"packets": 2, "bytes": 168}}},
+ {"elem": {"val": "198.19.0.9", "counter": {"packets": 4, "bytes": 400}}}]}},
+{"set": {"family": "inet", "name": "devices_to", "table": "other", "type": "ipv4_addr",
+ "elem": [{"elem": {"val": "198.19.0.99", "counter": {"packets": 9, "bytes": 9}}}]}}]}"""
+
+
+def test_device_traffic_from_json() -> None:
+    got = rs.device_traffic_from_json(DEVICE_JSON, 3600)
+    a5, a7, a9 = (IPv4Address(f"198.19.0.{n}") for n in (5, 7, 9))
+    assert list(got) == [a5, a7, a9]  # another table's set is not ours
+    assert got[a5] == DeviceTraffic(a5, 3, 252, 2, 168, 1.0)  # the younger of the two ages
+    assert got[a7] == DeviceTraffic(a7, 1, 60, 0, 0, 3500.0)
+    assert got[a9] == DeviceTraffic(a9, 0, 0, 4, 400, None)
+    assert rs.device_traffic_from_json('{"nftables": []}', 3600) == {}
