@@ -11,6 +11,8 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -227,15 +229,23 @@ def doctor(config_file: str | None, as_json: bool) -> None:
 
 @main.command()
 @config_option
-def check(config_file: str | None) -> None:
+@click.option(
+    "--sync",
+    "sync",
+    is_flag=True,
+    help="Check conntrackd's sync instead (the second vrrp_script, which lowers the priority).",
+)
+def check(config_file: str | None, sync: bool) -> None:
     """Health check for keepalived (vrrp_script): may this peer hold the gateway?
 
     Tunnel up with its inner address, nftables table loaded, registered, daemon running, a VPG
-    endpoint answering. Exit 0 healthy, 1 not, 2 bad config.
+    endpoint answering. With --sync: conntrackd answers, the other peer's sync messages arrive,
+    no recent errors. Exit 0 healthy, 1 not, 2 bad config.
     """
     from gatepeer.ha.check import run as run_check
+    from gatepeer.ha.check import run_sync
 
-    code, line = run_check(config_path(config_file))
+    code, line = (run_sync if sync else run_check)(config_path(config_file))
     click.echo(line, err=code != 0)
     sys.exit(code)
 
@@ -251,43 +261,115 @@ def ha_group() -> None:
     "-o",
     "--output",
     metavar="PATH",
-    help="Write the file here (after `keepalived -t` passes) instead of printing it.",
+    help="Write the file here (after the tool's own check passes) instead of printing it.",
 )
-def ha_render(config_file: str | None, output: str | None) -> None:
-    """Print (or write) keepalived.conf rendered from [ha]."""
-    import subprocess
-    from pathlib import Path
-
-    from gatepeer import atomic_json
-    from gatepeer.ha import install
-    from gatepeer.ha.keepalived import RenderError, render
-
+@click.option(
+    "--conntrackd",
+    "for_conntrackd",
+    is_flag=True,
+    help="Render conntrackd.conf (the connection sync) instead of keepalived.conf.",
+)
+def ha_render(config_file: str | None, output: str | None, for_conntrackd: bool) -> None:
+    """Print (or write) keepalived.conf, or conntrackd.conf, rendered from [ha]."""
     cfg = load_config(config_file)
     if cfg.ha is None:
         fail("config error: ha: no [ha] section in the config: nothing to render", EXIT_USAGE)
-    try:
-        facts = install.facts_for(
-            cfg, atomic_json.read(cfg.agent.state_file), install.gatepeer_executable()
-        )
-        text = render(cfg.ha, facts)
-    except RenderError as exc:
-        fail(f"config error: {exc}", EXIT_USAGE)
+    rendered = _ha_file(cfg, "conntrackd" if for_conntrackd else "keepalived")
     if output is None:
-        click.echo(text, nl=False)
+        click.echo(rendered.text, nl=False)
         return
+    _ha_write(rendered, Path(output))
+
+
+@ha_group.command("install")
+@config_option
+@click.option(
+    "--keepalived",
+    "keepalived_path",
+    metavar="PATH",
+    default="/etc/keepalived/keepalived.conf",
+    show_default=True,
+)
+@click.option(
+    "--conntrackd",
+    "conntrackd_path",
+    metavar="PATH",
+    default=None,
+    help="Where conntrackd.conf goes  [default: ha.conntrackd_config]",
+)
+def ha_install(config_file: str | None, keepalived_path: str, conntrackd_path: str | None) -> None:
+    """Write keepalived.conf and (with ha.conntrack_sync) conntrackd.conf from [ha].
+
+    Both are rendered and checked by their tool first; nothing is written unless both pass.
+    """
+    cfg = load_config(config_file)
+    if cfg.ha is None:
+        fail("config error: ha: no [ha] section in the config: nothing to install", EXIT_USAGE)
+    files = [(_ha_file(cfg, "keepalived"), Path(keepalived_path))]
+    if cfg.ha.conntrack_sync:
+        files.append(
+            (_ha_file(cfg, "conntrackd"), Path(conntrackd_path or cfg.ha.conntrackd_config))
+        )
+    for rendered, _ in files:
+        _ha_validate(rendered)
+    for rendered, path in files:
+        _ha_write(rendered, path, validated=True)
+
+
+@dataclass(frozen=True)
+class _HaFile:
+    tool: str  # "keepalived" or "conntrackd"
+    text: str
+
+
+def _ha_file(cfg: Config, tool: str) -> _HaFile:
+    from gatepeer import atomic_json
+    from gatepeer.ha import conntrackd, install, keepalived
+
+    state = atomic_json.read(cfg.agent.state_file)
+    assert cfg.ha is not None
     try:
-        complaint = install.keepalived_test(text)
+        if tool == "conntrackd":
+            text = conntrackd.render(cfg.ha, install.sync_facts_for(cfg, state))
+        else:
+            facts = install.facts_for(cfg, state, install.gatepeer_executable())
+            text = keepalived.render(cfg.ha, facts)
+    except (keepalived.RenderError, conntrackd.SyncConfigError) as exc:
+        fail(f"config error: {exc}", EXIT_USAGE)
+    return _HaFile(tool, text)
+
+
+def _ha_validate(rendered: _HaFile) -> None:
+    import subprocess
+
+    from gatepeer.ha import conntrackd, install
+
+    test = install.keepalived_test if rendered.tool == "keepalived" else conntrackd.conntrackd_test
+    try:
+        complaint = test(rendered.text)
     except FileNotFoundError:
-        fail("keepalived is not installed: cannot validate the file (apt-get install keepalived)")
+        fail(
+            f"{rendered.tool} is not installed: cannot validate the file "
+            f"(apt-get install {rendered.tool})"
+        )
     except subprocess.TimeoutExpired:
-        fail("keepalived -t did not answer in time: the file was not written")
+        fail(f"{rendered.tool} did not answer in time: the file was not written")
     if complaint is not None:
-        fail(f"keepalived -t refused the rendered config: {complaint}")
+        judge = "keepalived -t" if rendered.tool == "keepalived" else "conntrackd"
+        fail(f"{judge} refused the rendered config: {complaint}")
+
+
+def _ha_write(rendered: _HaFile, path: Path, *, validated: bool = False) -> None:
+    from gatepeer.ha import install
+
+    if not validated:
+        _ha_validate(rendered)
     try:
-        install.write(Path(output), text)
+        install.write(path, rendered.text)
     except OSError as exc:
-        fail(f"cannot write {output}: {exc.strerror or exc}")
-    click.echo(f"wrote {output} (keepalived -t passed)")
+        fail(f"cannot write {path}: {exc.strerror or exc}")
+    how = "keepalived -t" if rendered.tool == "keepalived" else "conntrackd's parse"
+    click.echo(f"wrote {path} ({how} passed)")
 
 
 @main.group("aws")

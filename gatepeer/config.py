@@ -162,6 +162,11 @@ class AgentConfig:
 HA_NOTIFY_FIFO = Path("/run/gatepeer/keepalived.fifo")
 # VRRPv3 counts the advert interval in centiseconds, in 12 bits (RFC 5798 5.2.7).
 HA_ADVERT_MIN, HA_ADVERT_MAX = 0.01, 40.95
+# conntrackd (conntrack-tools): its config file and control socket, and the UDP port of its sync
+# messages (the port conntrack-tools' examples use).
+HA_CONNTRACKD_CONFIG = Path("/etc/conntrackd/conntrackd.conf")
+HA_CONNTRACKD_SOCKET = Path("/run/conntrackd.ctl")
+HA_SYNC_PORT = 3780
 ROUTE_TABLE_RE = re.compile(r"^rtb-[0-9a-f]{8}([0-9a-f]{9})?$")
 
 
@@ -185,6 +190,17 @@ class HaConfig:
     check_fall: int = 2  # failures in a row before the peer hands the role over
     check_rise: int = 2  # successes in a row before it may take the role
     notify_fifo: Path = HA_NOTIFY_FIFO
+    # The address nat mode masquerades to, in the peers' VPC subnet; only the master holds it
+    # (keepalived's virtual address on the underlay; on EC2 the claim also moves it to this
+    # ENI as a secondary private address). None: each peer masquerades to its own address, and
+    # connections do not survive a failover.
+    snat_address: ipaddress.IPv4Address | None = None
+    # conntrackd (FTFW, unicast between the two VPC addresses) keeps the backup's copy of the
+    # master's connections; keepalived's transitions commit it on the new master.
+    conntrack_sync: bool = True
+    sync_port: int = HA_SYNC_PORT
+    conntrackd_config: Path = HA_CONNTRACKD_CONFIG
+    conntrackd_socket: Path = HA_CONNTRACKD_SOCKET
 
 
 # The instance metadata service; contacted only when DMI says this host is an EC2 instance.
@@ -343,7 +359,11 @@ def parse(data: Mapping[str, Any]) -> Config:
     packet_path = section("packet_path", _parse_packet_path)
     metrics = section("metrics", _parse_metrics)
     probes = section("probes", _parse_probes)
-    ha = section("ha", lambda s: _parse_ha(s, tunnel or TunnelConfig())) if "ha" in tables else None
+    ha = (
+        section("ha", lambda s: _parse_ha(s, tunnel or TunnelConfig(), packet_path))
+        if "ha" in tables
+        else None
+    )
     aws = section("aws", lambda s: _parse_aws(s, packet_path or PacketPathConfig(), ha))
     if kernel is not None and packet_path is not None:
         # conntrack is sized for devices x flows; past this the kernel refuses the table size
@@ -919,7 +939,7 @@ def _check_key_file(key_file: Path) -> None:
         raise ConfigError(f"soracom.auth_key_file: {key_file}: not readable by this user")
 
 
-def _parse_ha(s: _Section, tunnel: TunnelConfig) -> HaConfig:
+def _parse_ha(s: _Section, tunnel: TunnelConfig, packet_path: PacketPathConfig | None) -> HaConfig:
     peer = _ha_address(s, "peer_address", required=True)
     assert peer is not None
     if peer == tunnel.local_address:
@@ -947,6 +967,16 @@ def _parse_ha(s: _Section, tunnel: TunnelConfig) -> HaConfig:
     fifo = s.string("notify_fifo", str(HA_NOTIFY_FIFO))
     if not fifo.startswith("/"):
         raise ConfigError(f"{s.key('notify_fifo')}: must be an absolute path, got {fifo!r}")
+    snat = _snat_address(s, peer, tunnel, vip, packet_path)
+    sync = s.boolean("conntrack_sync", True)
+    sync_port = s.integer("sync_port", HA_SYNC_PORT, 1, 65535)
+    if sync_port in (tunnel.destination_port, *range(*_inclusive(tunnel.source_port_range))):
+        raise ConfigError(
+            f"{s.key('sync_port')}: {sync_port} is the tunnel's VXLAN port; pick another "
+            f"(default {HA_SYNC_PORT})"
+        )
+    conntrackd_config = _absolute_path(s, "conntrackd_config", HA_CONNTRACKD_CONFIG)
+    conntrackd_socket = _absolute_path(s, "conntrackd_socket", HA_CONNTRACKD_SOCKET)
     cfg = HaConfig(
         peer_address=peer,
         # 255 is reserved for the address owner and 0 for "leaving" (RFC 5798 5.2.4).
@@ -962,12 +992,64 @@ def _parse_ha(s: _Section, tunnel: TunnelConfig) -> HaConfig:
         check_fall=s.integer("check_fall", 2, 1, 100),
         check_rise=s.integer("check_rise", 2, 1, 100),
         notify_fifo=Path(fifo),
+        snat_address=snat,
+        conntrack_sync=sync,
+        sync_port=sync_port,
+        conntrackd_config=conntrackd_config,
+        conntrackd_socket=conntrackd_socket,
     )
     if cfg.check_timeout > cfg.check_interval:
         # A verdict that may arrive after the next run was due is already stale.
         raise ConfigError(f"{s.key('check_timeout')}: must not exceed ha.check_interval")
     s.finish()
     return cfg
+
+
+def _snat_address(
+    s: _Section,
+    peer: ipaddress.IPv4Address,
+    tunnel: TunnelConfig,
+    vip: ipaddress.IPv4Address | None,
+    packet_path: PacketPathConfig | None,
+) -> ipaddress.IPv4Address | None:
+    """The moving NAT address: a VPC address of its own. Whether it lies in the underlay's
+    subnet is checked where the subnet is known (`desired_state`, from the host)."""
+    snat = _ha_address(s, "snat_address", required=False)
+    if snat is None:
+        return None
+    if snat == peer:
+        raise ConfigError(
+            f"{s.key('snat_address')}: {snat} is ha.peer_address; the NAT address is a third "
+            "address in the peers' VPC subnet"
+        )
+    if snat == tunnel.local_address:
+        raise ConfigError(
+            f"{s.key('snat_address')}: {snat} is this host's tunnel.local_address; the NAT "
+            "address is a third address in the peers' VPC subnet"
+        )
+    if snat == vip:
+        raise ConfigError(
+            f"{s.key('snat_address')}: {snat} is ha.virtual_address (an inner address on the "
+            "tunnel); the NAT address is a VPC address"
+        )
+    cidrs = packet_path.vpc_cidrs if packet_path is not None else ()
+    if cidrs and not any(snat in net for net in cidrs):
+        raise ConfigError(
+            f"{s.key('snat_address')}: {snat} is outside packet_path.vpc_cidrs "
+            f"({', '.join(map(str, cidrs))}); it must be in the peers' VPC subnet"
+        )
+    return snat
+
+
+def _inclusive(port_range: tuple[int, int]) -> tuple[int, int]:
+    return port_range[0], port_range[1] + 1
+
+
+def _absolute_path(s: _Section, key: str, default: Path) -> Path:
+    value = s.string(key, str(default))
+    if not value.startswith("/") or any(c.isspace() for c in value):
+        raise ConfigError(f"{s.key(key)}: must be an absolute path without spaces, got {value!r}")
+    return Path(value)
 
 
 def _ha_address(s: _Section, key: str, *, required: bool) -> ipaddress.IPv4Address | None:

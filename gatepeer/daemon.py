@@ -286,10 +286,28 @@ class Daemon:
             # Its own client: the claim runs on the FIFO thread, beside the refresher's.
             api=make_client(config),
             route_target=self._route_target if config.ha.route_tables else None,
+            address_target=self._address_target if config.ha.snat_address else None,
         )
+        handover = sync = None
+        if config.ha.conntrack_sync:
+            from gatepeer.ha.conntrackd import Conntrackd, SyncTracker
+
+            conntrackd = Conntrackd(config.ha.conntrackd_config)
+            handover, sync = conntrackd.handover, SyncTracker(conntrackd.stats)
         return HaWatcher(
-            config.ha.notify_fifo, claim, on_change=lambda _view: self.agent.write_state()
+            config.ha.notify_fifo,
+            claim,
+            on_change=lambda _view: self.agent.write_state(),
+            handover=handover,
+            sync=sync,
         )
+
+    def _address_target(self) -> RouteTarget | None:
+        """Where the claim moves ha.snat_address: this instance's ENI on EC2; None elsewhere
+        (the lab, a host with L2 to its peer), where keepalived's address alone is enough."""
+        if self.agent.instance.get() is None:
+            return None
+        return self._route_target()
 
     def _keep_claim(self) -> None:
         """As master, claim again when a refresh after our claim shows the gateway elsewhere:

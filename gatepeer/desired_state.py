@@ -248,6 +248,26 @@ def tunnel_mtu(config: Config, facts: HostFacts) -> int:
     return config.tunnel.mtu
 
 
+def snat_address(config: Config, facts: HostFacts) -> IPv4Address | None:
+    """`ha.snat_address`, checked against what only this host knows: its own VPC address and
+    the VPC's networks (the config checked the rest)."""
+    snat = config.ha.snat_address if config.ha is not None else None
+    if snat is None:
+        return None
+    if snat == facts.local_address:
+        raise DesiredStateError(
+            f"ha.snat_address: {snat} is this host's own VPC address ({facts.underlay}); the "
+            "NAT address is a third address in the peers' subnet"
+        )
+    if facts.vpc_networks and not any(snat in net for net in facts.vpc_networks):
+        where = ", ".join(map(str, facts.vpc_networks))
+        raise DesiredStateError(
+            f"ha.snat_address: {snat} is outside the VPC networks this host sees ({where}, "
+            f"from {facts.vpc_networks_source}); it must be in the peers' VPC subnet"
+        )
+    return snat
+
+
 def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredState:
     t = config.tunnel
     link = VxlanSpec(
@@ -271,6 +291,7 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
             "packet_path.vpc_cidrs: not set, and neither IMDS nor the underlay told the VPC's "
             'CIDRs; list them, or set packet_path.outside_vpc = "route"'
         )
+    snat = snat_address(config, facts)
     packet_path = PacketPathSpec(
         device_subnet=gate.device_subnet,
         vni=gate.vni,
@@ -286,9 +307,10 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         outside_vpc=pp.outside_vpc,
         vpc_networks=facts.vpc_networks,
         device_counters=pp.device_counters,
-        # Their config keys belong to other parts ([ha], the closed network, the flow log):
-        # read where they exist, today's table where they do not.
-        snat_address=getattr(config.ha, "snat_address", None),
+        # Checked against the underlay's subnet by snat_address() ([ha], branch `ha`).
+        snat_address=snat,
+        # Their config keys belong to other parts (the closed network, the flow log): read
+        # where they exist, today's table where they do not.
         closed=bool(getattr(pp, "closed", False)),
         track_flows=bool(getattr(pp, "track_flows", False)),
     )

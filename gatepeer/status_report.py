@@ -354,7 +354,7 @@ def render(s: Status) -> str:
             + f"; soracom.redirection {rd['mode'] or 'unknown'}"
         )
     if "ha" in j:
-        lines.append(ha_report.line(j["ha"]))
+        lines += ha_report.lines(j["ha"])
     aws_line = aws_report.line(j["aws"]) if "aws" in j else None
     if aws_line:
         lines.append(aws_line)

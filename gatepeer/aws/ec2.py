@@ -250,6 +250,20 @@ def point_route_at(ec2: Any, table_id: str, destination: IPv4Network, eni_id: st
     return "created"
 
 
+def assign_private_address(ec2: Any, eni_id: str, address: IPv4Address) -> None:
+    """Move `address` to `eni_id` as a secondary private address, taking it from whichever ENI
+    in the subnet holds it now (HA's `snat_address`, on MASTER). Idempotent: assigning an
+    address the ENI already holds succeeds."""
+    _call(
+        "AssignPrivateIpAddresses",
+        f"{address} -> {eni_id}",
+        ec2.assign_private_ip_addresses,
+        NetworkInterfaceId=eni_id,
+        PrivateIpAddresses=[str(address)],
+        AllowReassignment=True,
+    )
+
+
 def eni_of_address(ec2: Any, table_id: str, address: str) -> str:
     """The ENI that holds `address` in the VPC of route table `table_id`: how route mode finds
     this instance's ENI without IMDS (private addresses are unique only within a VPC)."""

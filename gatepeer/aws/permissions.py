@@ -140,6 +140,12 @@ FEATURES: tuple[Feature, ...] = (
         lambda c: c.ha is not None and bool(c.ha.route_tables),
     ),
     Feature(
+        "ha.snat_address",
+        (("ec2:AssignPrivateIpAddresses", "NetworkInterface"),),
+        lambda c: c.ha is not None and c.ha.snat_address is not None,
+        "`ha.snat_address` (the master's claim moves it to its ENI)",
+    ),
+    Feature(
         "aws.remove_stale_registrations",
         (("ec2:DescribeNetworkInterfaces", "Describe"),),
         lambda c: c.aws.remove_stale_registrations,
@@ -304,6 +310,16 @@ def _ec2_call(ec2: Any, action: str, s: Subject, config: Config) -> tuple[bool |
             ec2.modify_network_interface_attribute,
             NetworkInterfaceId=s.eni_id,
             SourceDestCheck={"Value": False},
+        )
+    if action == "ec2:AssignPrivateIpAddresses":
+        snat = config.ha.snat_address if config.ha is not None else None
+        if snat is None:
+            return None, "ha.snat_address is not set"
+        return dry_run(
+            ec2.assign_private_ip_addresses,
+            NetworkInterfaceId=s.eni_id,
+            PrivateIpAddresses=[str(snat)],
+            AllowReassignment=True,
         )
     if action in ("ec2:ReplaceRoute", "ec2:CreateRoute"):
         if s.device_subnet is None:

@@ -8,6 +8,10 @@ role to the other peer.
 
 It must be as light as `gatepeer status` (keepalived runs it every second on both peers): the
 same readers (state.json, `kernel.rtnl`), plus one `nft list table`; no pyroute2.
+
+`gatepeer check --sync` is the second script, with a negative weight: is conntrackd's copy of
+the other peer's connections good? It reads what the daemon recorded (state.json's "ha" "sync",
+read from `conntrackd -s` every second) and runs nothing itself.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from pathlib import Path
 
 from gatepeer import atomic_json
 from gatepeer.config import Config, ConfigError, load
+from gatepeer.ha import conntrackd
+from gatepeer.ha.role import RoleView
 from gatepeer.kernel import nftables
 from gatepeer.kernel.rtnl import TunnelReading
 from gatepeer.running_daemon import daemon_pid
@@ -122,3 +128,35 @@ def run(config_file: Path) -> tuple[int, str]:
     if reasons:
         return 1, "unhealthy: " + "; ".join(reasons)
     return 0, "healthy"
+
+
+def evaluate_sync(recorded_ha: object, now: float, fresh_for: float) -> list[str]:
+    """Why this peer's sync is broken; empty when it is good. Pure. The silence of the other
+    peer is measured at the daemon's last reading, whose own age is judged against `fresh_for`
+    (the daemon writes state.json at least every probe round)."""
+    health = RoleView.from_json(recorded_ha).sync
+    if health is None:
+        return ["sync: the daemon recorded no reading of conntrackd (is it running with [ha]?)"]
+    age = now - health.read_at
+    if age > fresh_for:
+        return [f"sync: the daemon's last reading of conntrackd is {age:.0f} s old"]
+    return conntrackd.problems(health, health.read_at)
+
+
+def run_sync(config_file: Path, clock: Callable[[], float] = time.time) -> tuple[int, str]:
+    """`gatepeer check --sync`: exit code and line, as `run`."""
+    try:
+        cfg = load(config_file, check_system=False)
+    except ConfigError as exc:
+        return 2, f"config error: {exc}"
+    if cfg.ha is None or not cfg.ha.conntrack_sync:
+        return 0, "sync not configured (ha.conntrack_sync is off)"
+    raw = atomic_json.read(cfg.agent.state_file)
+    state = StateSummary.from_state(raw) if raw else None
+    if state is None:
+        return 1, f"unhealthy: sync: no state file {cfg.agent.state_file}"
+    fresh_for = PROBE_ROUNDS_FRESH * cfg.probes.interval + cfg.probes.timeout
+    reasons = evaluate_sync(state.ha, clock(), fresh_for)
+    if reasons:
+        return 1, "unhealthy: " + "; ".join(reasons)
+    return 0, "sync healthy"

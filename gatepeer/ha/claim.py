@@ -1,7 +1,11 @@
 """What the HA master claims, as the callable the coordinator runs on MASTER (and again on
-MASTER_RX_LOWER_PRI): the VPG's Junction redirection to `redirection.claim_gateway` (this
-peer's inner address, or the virtual address in vip mode) through the API, then, in route
-mode, each route table in `ha.route_tables` pointed at this instance's ENI (ReplaceRoute).
+MASTER_RX_LOWER_PRI): on EC2 with `ha.snat_address`, that address moved to this instance's ENI
+as a secondary private address (AssignPrivateIpAddresses with AllowReassignment; keepalived has
+already put it on the interface), then the VPG's Junction redirection to
+`redirection.claim_gateway` (this peer's inner address, or the virtual address in vip mode)
+through the API, then, in route mode, each route table in `ha.route_tables` pointed at this
+instance's ENI (ReplaceRoute). The NAT address comes first: the VPC must deliver the replies
+here before the devices' traffic does.
 
 Any failed step raises; the coordinator retries the whole claim with backoff while this peer
 stays master. Every step is idempotent, so a retry repeats the ones that already worked.
@@ -12,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Protocol
 
 from gatepeer import redirection
@@ -48,11 +52,14 @@ class GatewayClaim:
         gate: Callable[[], GateView | None],
         api: RedirectionSetter,
         route_target: Callable[[], RouteTarget] | None = None,
+        address_target: Callable[[], RouteTarget | None] | None = None,
     ) -> None:
         self.config = config
         self.gate = gate
         self.api = api
         self.route_target = route_target
+        # Where ha.snat_address moves on EC2; returns None off EC2 (keepalived alone moves it).
+        self.address_target = address_target
         self.done: list[str] = []  # what the last successful claim did, for the log and tests
 
     def __call__(self) -> None:
@@ -62,6 +69,11 @@ class GatewayClaim:
             raise ClaimError("no gate view yet (the first API refresh has not succeeded)")
         gateway = redirection.claim_gateway(cfg, gate)
         done = []
+        snat = cfg.ha.snat_address if cfg.ha is not None else None
+        if snat is not None and self.address_target is not None:
+            target = self.address_target()
+            if target is not None:
+                done.append(move_address(target, snat))
         self.api.set_redirection(cfg.soracom.vpg_id, str(gateway))
         done.append(f"redirection gateway {gateway}")
         tables = cfg.ha.route_tables if cfg.ha is not None else ()
@@ -82,6 +94,13 @@ def point_routes(target: RouteTarget, tables: tuple[str, ...], subnet: IPv4Netwo
         how = point_route_at(target.ec2, table, subnet, target.eni_id)
         out.append(f"{table} {subnet} -> {target.eni_id} ({how})")
     return out
+
+
+def move_address(target: RouteTarget, address: IPv4Address) -> str:
+    from gatepeer.aws.ec2 import assign_private_address
+
+    assign_private_address(target.ec2, target.eni_id, address)
+    return f"snat_address {address} -> {target.eni_id}"
 
 
 def claim_lost(

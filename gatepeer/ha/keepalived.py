@@ -18,6 +18,13 @@ The shape, and why:
 - vip mode: keepalived owns the virtual address on the tunnel, as a /32 so it adds no second
   connected route beside the inner address's. Without one, VRRPv3 still needs an address in
   its adverts: see ADVERT_MARKER.
+- `ha.snat_address`: keepalived owns the NAT address on the underlay, as a /32 (the source of
+  masqueraded flows, never a route), and announces it with gratuitous ARP where there is L2;
+  on EC2 the daemon's claim also moves it to this ENI.
+- With `ha.conntrack_sync`, a second script (`gatepeer check --sync`) with a negative weight:
+  broken sync lowers the priority below any healthy peer's, so an election prefers the peer
+  whose copy of the connections is good, but never puts the instance into FAULT (a master
+  whose peer is down hears no sync, and must stay master).
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ from gatepeer.config import HaConfig
 
 INSTANCE = "gatepeer"  # the name in the FIFO's lines: INSTANCE "gatepeer" MASTER 100
 SCRIPT = "gatepeer_check"
+SYNC_SCRIPT = "gatepeer_sync"
+# keepalived clamps the effective priority to 1..254: this takes any peer to the bottom.
+SYNC_WEIGHT = -253
 # VRRPv3 adverts must carry at least one address (keepalived refuses a v3 instance without
 # one). Without a virtual address, the advert carries RFC 7600's IPv4 dummy address, which the
 # master holds on its loopback with host scope: it routes nothing and shows who is master.
@@ -50,6 +60,7 @@ class HaFacts:
     vrrp_interface: str  # where adverts go: ha.interface, else the tunnel's underlay
     tunnel_interface: str  # tracked; carries the virtual address in vip mode
     check_command: tuple[str, ...]  # argv of the health check, e.g. gatepeer check --config F
+    snat_interface: str | None = None  # where ha.snat_address goes: the underlay
 
 
 def render(ha: HaConfig, facts: HaFacts) -> str:
@@ -65,10 +76,28 @@ def render(ha: HaConfig, facts: HaFacts) -> str:
                 "(install gatepeer and its config at paths without spaces or quotes)"
             )
     nopreempt = ["    nopreempt"] if ha.nopreempt else []
+    vips = []
     if ha.virtual_address is not None:
-        vip = f"{ha.virtual_address}/32 dev {facts.tunnel_interface}"
-    else:
-        vip = f"{ADVERT_MARKER}/32 dev lo scope host"
+        vips.append(f"{ha.virtual_address}/32 dev {facts.tunnel_interface}")
+    if ha.snat_address is not None:
+        if facts.snat_interface is None:
+            raise RenderError("ha.snat_address: the underlay interface to hold it is unknown")
+        vips.append(f"{ha.snat_address}/32 dev {facts.snat_interface}")
+    if not vips:
+        vips.append(f"{ADVERT_MARKER}/32 dev lo scope host")
+    sync_script: list[str] = []
+    if ha.conntrack_sync:
+        sync_script = [
+            f"vrrp_script {SYNC_SCRIPT} {{",
+            f'    script "{" ".join((*facts.check_command, "--sync"))}"',
+            f"    interval {ha.check_interval}",
+            f"    timeout {ha.check_timeout}",
+            f"    fall {ha.check_fall}",
+            f"    rise {ha.check_rise}",
+            f"    weight {SYNC_WEIGHT}",
+            "}",
+            "",
+        ]
     lines = [
         "# Rendered by gatepeer from [ha] (`gatepeer ha render`); edits here are overwritten.",
         "global_defs {",
@@ -89,6 +118,7 @@ def render(ha: HaConfig, facts: HaFacts) -> str:
         "    init_fail",
         "}",
         "",
+        *sync_script,
         f"vrrp_instance {INSTANCE} {{",
         "    state BACKUP",
         f"    interface {facts.vrrp_interface}",
@@ -108,9 +138,10 @@ def render(ha: HaConfig, facts: HaFacts) -> str:
         "    }",
         "    track_script {",
         f"        {SCRIPT}",
+        *([f"        {SYNC_SCRIPT}"] if ha.conntrack_sync else []),
         "    }",
         "    virtual_ipaddress {",
-        f"        {vip}",
+        *(f"        {vip}" for vip in vips),
         "    }",
         "}",
     ]

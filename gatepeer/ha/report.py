@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from gatepeer.config import HaConfig
+from gatepeer.ha import conntrackd
 from gatepeer.ha.role import RoleView
 
 # A peer heard as master this recently (seconds) is reported as "master too".
@@ -29,6 +30,8 @@ PEER_STATE = {
 def claims(ha: HaConfig) -> list[str]:
     """What this peer claims on MASTER."""
     out = ["redirection"]  # Junction redirection through the API, always
+    if ha.snat_address is not None:
+        out.append(f"snat_address {ha.snat_address}")
     if ha.virtual_address is not None:
         out.append(f"virtual_address {ha.virtual_address}")
     out += [f"route_table {t}" for t in ha.route_tables]
@@ -40,6 +43,44 @@ def peer_state(view: RoleView, now: float) -> str:
     if view.role == "master" and recent is not None and now - recent <= SPLIT_BRAIN_RECENT:
         return "master too (split brain, re-asserted)"
     return PEER_STATE[view.role]
+
+
+def connections_kept(ha: HaConfig) -> tuple[bool, str]:
+    """Whether nat mode's connections (and route mode's masqueraded ones) survive a failover,
+    and why not. Route mode's device <-> VPC traffic holds no state and always survives."""
+    if ha.snat_address is None:
+        return False, (
+            "nat mode's connections will not survive a failover: set ha.snat_address (the new "
+            "master masquerades to its own address, which the VPC hosts have never seen)"
+        )
+    if not ha.conntrack_sync:
+        return False, (
+            "nat mode's connections will not survive a failover: ha.conntrack_sync is off (the "
+            "new master has no conntrack entry for them)"
+        )
+    return True, "conntrack synchronised, NAT address moves with the master"
+
+
+def sync_summary(ha: HaConfig, view: RoleView, now: float) -> dict[str, Any] | None:
+    """The "sync" object of the report; None when sync is off."""
+    if not ha.conntrack_sync:
+        return None
+    health = view.sync
+    if health is None:
+        return {"state": "unknown", "problems": conntrackd.problems(None, now)}
+    found = conntrackd.problems(health, health.read_at)
+    age = health.last_sync_age(health.read_at)
+    return {
+        "state": "broken" if found else "ok",
+        "problems": found,
+        "read_at": health.read_at,
+        "last_sync_age_s": round(age, 3) if age is not None else None,
+        "internal_entries": health.internal_entries,
+        "external_entries": health.external_entries,
+        "errors": health.errors,
+        "lost": health.lost,
+        "port": ha.sync_port,
+    }
 
 
 def summary(ha: HaConfig | None, recorded: Any, now: float) -> dict[str, Any] | None:
@@ -57,6 +98,11 @@ def summary(ha: HaConfig | None, recorded: Any, now: float) -> dict[str, Any] | 
         "claims": claims(ha),
         "claimed_at": view.claimed_at,
         "claim_error": view.claim_error,
+        "handover_error": view.handover_error,
+        "snat_address": str(ha.snat_address) if ha.snat_address is not None else None,
+        "connections_survive_failover": connections_kept(ha)[0],
+        "connections_note": connections_kept(ha)[1],
+        "sync": sync_summary(ha, view, now),
     }
 
 
@@ -71,9 +117,15 @@ def reasons(ha: HaConfig | None, recorded: Any) -> list[str]:
         return ["ha: keepalived reports FAULT: this peer cannot take over"]
     if view.role == "stopped":
         return ["ha: keepalived stopped: this peer cannot take over"]
+    out = []
     if view.role == "master" and view.claim_error:
-        return [f"ha: master, but claiming the gateway failed: {view.claim_error}"]
-    return []
+        out.append(f"ha: master, but claiming the gateway failed: {view.claim_error}")
+    if view.handover_error:
+        out.append(f"ha: conntrackd's handover failed: {view.handover_error}")
+    if ha.conntrack_sync and view.sync is not None:
+        # Judged at the daemon's reading; a missing reading is the check's to report.
+        out += [f"ha: {p}" for p in conntrackd.problems(view.sync, view.sync.read_at)]
+    return out
 
 
 def line(s: dict[str, Any]) -> str:
@@ -86,4 +138,25 @@ def line(s: dict[str, Any]) -> str:
         text += f"; CLAIM FAILING: {s['claim_error']}"
     elif s["role"] == "master":
         text += f"; claims {', '.join(s['claims'])}"
+    return text
+
+
+def lines(s: dict[str, Any]) -> list[str]:
+    """The status screen's HA lines: the role, then what a failover does to connections."""
+    return [line(s), sync_line(s)]
+
+
+def sync_line(s: dict[str, Any]) -> str:
+    """The status screen's second HA line: what a failover does to open connections."""
+    sync = s.get("sync")
+    if not s.get("connections_survive_failover"):
+        return f"ha sync       {s.get('connections_note')}"
+    if sync is None or sync["state"] == "unknown":
+        return "ha sync       no reading of conntrackd yet"
+    entries = f"{sync['internal_entries']} own / {sync['external_entries']} peer's flows"
+    age = sync["last_sync_age_s"]
+    heard = f"peer heard {age:.0f} s ago" if age is not None else "peer never heard"
+    text = f"ha sync       {sync['state'].upper()}: {entries}, {heard}, {sync['errors']} errors"
+    if sync["problems"]:
+        text += "; " + "; ".join(sync["problems"])
     return text

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from gatepeer.ha.conntrackd import SyncHealth
 from gatepeer.ha.fifo import Event
 from gatepeer.ha.keepalived import INSTANCE
 
@@ -53,6 +54,8 @@ class RoleView:
     claims: int = 0  # successful claims since start
     claim_error: str | None = None  # the last failed claim's error, until one succeeds
     peer_lower_priority_at: float | None = None  # last MASTER_RX_LOWER_PRI: the peer was master
+    handover_error: str | None = None  # the last conntrackd handover's failures, if any
+    sync: SyncHealth | None = None  # conntrackd's sync as last read; None: no sync
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,6 +67,8 @@ class RoleView:
             "claims": self.claims,
             "claim_error": self.claim_error,
             "peer_lower_priority_at": self.peer_lower_priority_at,
+            "handover_error": self.handover_error,
+            "sync": self.sync.to_json() if self.sync is not None else None,
         }
 
     @classmethod
@@ -85,6 +90,7 @@ class RoleView:
 
         priority = data.get("priority")
         error = data.get("claim_error")
+        handover = data.get("handover_error")
         return cls(
             role=role if role in ("master", "backup", "fault", "stopped") else "unknown",
             since=number("since"),
@@ -94,12 +100,19 @@ class RoleView:
             claims=count("claims"),
             claim_error=str(error) if error else None,
             peer_lower_priority_at=number("peer_lower_priority_at"),
+            handover_error=str(handover) if handover else None,
+            sync=SyncHealth.from_json(data.get("sync")),
         )
 
 
 class Coordinator:
     """Applies keepalived's events to the role and calls `claim()` when this peer must hold the
-    gateway. Thread-safe: the FIFO reader calls `handle`/`tick`, status readers call `view`."""
+    gateway. Thread-safe: the FIFO reader calls `handle`/`tick`, status readers call `view`.
+
+    `handover(role)`, when given, runs once per role change, after the batch of events and
+    before the claim (conntrackd's primary-backup steps: the new master commits the other's
+    connections before the gateway moves here); it returns its failures, which are shown but
+    never stop the claim."""
 
     def __init__(
         self,
@@ -108,8 +121,10 @@ class Coordinator:
         instance: str = INSTANCE,
         clock: Callable[[], float] = time.time,
         on_change: Callable[[RoleView], None] | None = None,
+        handover: Callable[[Role], list[str]] | None = None,
     ) -> None:
         self._claim = claim
+        self._handover = handover
         self.instance = instance
         self.clock = clock
         self.on_change = on_change
@@ -125,8 +140,15 @@ class Coordinator:
     def handle(self, events: Iterable[Event]) -> None:
         """Apply `events` in order, then claim if the last of them leaves us master."""
         changed = False
+        before = self.view().role
         for event in events:
             changed |= self._apply(event)
+        after = self.view().role
+        if after != before and self._handover is not None:
+            failures = self._handover(after)
+            with self._lock:
+                self._view = replace(self._view, handover_error="; ".join(failures) or None)
+            changed = True
         if changed and self.on_change is not None:
             self.on_change(self.view())
         self.tick()

@@ -112,6 +112,7 @@ def two_peers(
                 advert_interval=advert,
                 check_rise=1,
                 notify_fifo=p.fifo_path,
+                conntrack_sync=False,  # keepalived alone here (no sync script, no conntrackd)
             )
             # The health check: healthy while the peer's flag file exists.
             p.healthy.touch()

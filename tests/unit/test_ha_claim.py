@@ -187,6 +187,63 @@ def test_a_missing_route_table_names_the_call_and_the_table(vpc: TwoInstances) -
         claim()
 
 
+def secondary_addresses(ec2: Any, eni: str) -> list[str]:
+    answer = ec2.describe_network_interfaces(NetworkInterfaceIds=[eni])["NetworkInterfaces"][0]
+    return [a["PrivateIpAddress"] for a in answer["PrivateIpAddresses"] if not a.get("Primary")]
+
+
+def test_snat_address_moves_to_this_eni_before_the_redirection(vpc: TwoInstances) -> None:
+    """On EC2 the master takes the NAT address from the other peer's ENI (AllowReassignment),
+    first: the VPC must deliver replies here before the devices' traffic arrives."""
+    snat = IPv4Address("198.18.0.200")
+    vpc.ec2.assign_private_ip_addresses(
+        NetworkInterfaceId=vpc.enis[1], PrivateIpAddresses=[str(snat)]
+    )
+    cfg = dataclasses.replace(
+        config(),
+        ha=dataclasses.replace(config().ha, snat_address=snat),  # type: ignore[arg-type]
+    )
+    api = FakeApi()
+    calls: list[dict[str, Any]] = []
+
+    class Recording:
+        """The moto client, recording the assignment's arguments (moto assigns the address
+        but does not take it off the other ENI, which EC2 does with AllowReassignment)."""
+
+        def assign_private_ip_addresses(self, **kwargs: Any) -> Any:
+            calls.append(kwargs)
+            return vpc.ec2.assign_private_ip_addresses(**kwargs)
+
+    claim = GatewayClaim(
+        lambda: cfg, gate, api, address_target=lambda: RouteTarget(Recording(), vpc.enis[0])
+    )
+    claim()
+    assert secondary_addresses(vpc.ec2, vpc.enis[0]) == [str(snat)]
+    assert calls == [
+        {
+            "NetworkInterfaceId": vpc.enis[0],
+            "PrivateIpAddresses": [str(snat)],
+            "AllowReassignment": True,
+        }
+    ]
+    assert claim.done[0] == f"snat_address {snat} -> {vpc.enis[0]}"
+    assert claim.done[1].startswith("redirection gateway")
+    claim()  # a re-assertion: the ENI already holds it, and that is fine
+    assert secondary_addresses(vpc.ec2, vpc.enis[0]) == [str(snat)]
+
+
+def test_off_ec2_the_snat_address_is_keepalived_s_alone() -> None:
+    cfg = dataclasses.replace(
+        config(),
+        ha=dataclasses.replace(config().ha, snat_address=IPv4Address("198.18.0.200")),  # type: ignore[arg-type]
+    )
+    api = FakeApi()
+    claim = GatewayClaim(lambda: cfg, gate, api, address_target=lambda: None)
+    claim()
+    assert [d.split()[0] for d in claim.done] == ["redirection"]
+    assert api.posts == [(VPG, str(INNER.ip))]
+
+
 # ---- the daemon's wiring ------------------------------------------------------------------
 
 

@@ -119,6 +119,28 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("rise bool", {"check_rise": True}, "ha.check_rise: must be an integer"),
     ("fifo relative", {"notify_fifo": "ka.fifo"}, "ha.notify_fifo: must be an absolute path"),
     ("unknown key", {"mode": "vip"}, "ha.mode: unknown key"),
+    ("snat bad", {"snat_address": "198.18.0"}, "ha.snat_address: not an IPv4"),
+    ("snat is peer", {"snat_address": PEER}, "ha.snat_address: 198.18.0.11 is ha.peer_address"),
+    ("snat is us", {"snat_address": "198.18.0.10"}, "ha.snat_address: 198.18.0.10 is this host"),
+    ("snat multicast", {"snat_address": "239.1.1.1"}, "ha.snat_address: must be a unicast"),
+    (
+        "snat is vip",
+        {"snat_address": "198.19.0.100", "virtual_address": "198.19.0.100"},
+        "ha.snat_address: 198.19.0.100 is ha.virtual_address",
+    ),
+    ("sync not bool", {"conntrack_sync": "on"}, "ha.conntrack_sync: must be true or false"),
+    ("sync port 0", {"sync_port": 0}, "ha.sync_port: must be between 1 and 65535"),
+    ("sync port vxlan", {"sync_port": 4789}, "ha.sync_port: 4789 is the tunnel's VXLAN port"),
+    (
+        "conntrackd config relative",
+        {"conntrackd_config": "conntrackd.conf"},
+        "ha.conntrackd_config: must be an absolute path",
+    ),
+    (
+        "conntrackd socket spaces",
+        {"conntrackd_socket": "/run/a b.ctl"},
+        "ha.conntrackd_socket: must be an absolute path without spaces",
+    ),
 ]
 
 
@@ -159,3 +181,39 @@ def test_config_check_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     shown = json.loads(good.stdout)["ha"]
     assert shown["peer_address"] == PEER and shown["advert_interval"] == 0.1
     assert shown["virtual_address"] == "(default)"
+
+
+def test_snat_and_sync_defaults_and_values() -> None:
+    ha = parse(with_ha({"peer_address": PEER})).ha
+    assert ha is not None
+    assert ha.snat_address is None  # behaviour as before: each peer masquerades to itself
+    assert ha.conntrack_sync is True and ha.sync_port == 3780
+    assert ha.conntrackd_config == Path("/etc/conntrackd/conntrackd.conf")
+    ha = parse(
+        with_ha(
+            {
+                "peer_address": PEER,
+                "snat_address": "198.18.0.12",
+                "conntrack_sync": False,
+                "sync_port": 3781,
+                "conntrackd_config": "/run/lab/c.conf",
+                "conntrackd_socket": "/run/lab/c.ctl",
+            }
+        )
+    ).ha
+    assert ha is not None
+    assert ha.snat_address == ipaddress.IPv4Address("198.18.0.12")
+    assert (ha.conntrack_sync, ha.sync_port) == (False, 3781)
+    assert (ha.conntrackd_config, ha.conntrackd_socket) == (
+        Path("/run/lab/c.conf"),
+        Path("/run/lab/c.ctl"),
+    )
+
+
+def test_snat_address_outside_the_listed_vpc_cidrs_names_the_key() -> None:
+    doc = with_ha({"peer_address": PEER, "snat_address": "203.0.113.5"})
+    doc["packet_path"] = {"mode": "nat", "vpc_cidrs": ["198.18.0.0/16"]}
+    with pytest.raises(ConfigError, match=r"^ha\.snat_address: 203\.0\.113\.5 is outside "):
+        parse(doc)
+    doc["ha"]["snat_address"] = "198.18.0.12"
+    assert parse(doc).ha is not None

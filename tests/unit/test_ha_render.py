@@ -43,8 +43,16 @@ MODES: dict[str, dict[str, Any]] = {
         "check_fall": 3,
         "check_rise": 5,
     },
-    # Preemption on: the higher priority takes the role back when it returns.
-    "preempt": {"peer_address": "198.18.0.11", "nopreempt": False, "priority": 200},
+    # Preemption on: the higher priority takes the role back when it returns; no conntrackd
+    # (so no sync script).
+    "preempt": {
+        "peer_address": "198.18.0.11",
+        "nopreempt": False,
+        "priority": 200,
+        "conntrack_sync": False,
+    },
+    # Connections that survive: the NAT address keepalived moves on the underlay, the sync.
+    "snat": {"peer_address": "198.18.0.11", "snat_address": "198.18.0.12"},
 }
 
 
@@ -53,7 +61,7 @@ def config_for(mode: str) -> Config:
 
 
 def facts(check: tuple[str, ...] = CHECK) -> HaFacts:
-    return HaFacts(LOCAL, "eth0", "vxlan0", check)
+    return HaFacts(LOCAL, "eth0", "vxlan0", check, snat_interface="eth0")
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))

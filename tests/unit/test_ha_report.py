@@ -4,6 +4,7 @@ the other peer's inferred state, and the collector against a golden exposition f
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import shutil
@@ -14,9 +15,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from gatepeer.config import HaConfig
+from gatepeer.ha.conntrackd import SyncHealth
 from gatepeer.ha.fifo import Event
 from gatepeer.ha.metrics import HaCollector
-from gatepeer.ha.report import claims, line, reasons, summary
+from gatepeer.ha.report import claims, line, lines, reasons, summary
 from gatepeer.ha.role import Coordinator, RoleView
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "ha" / "ha.prom"
@@ -57,6 +59,14 @@ def test_master_summary() -> None:
         "claims": ["redirection", "virtual_address 198.19.0.100", "route_table rtb-0123abcd"],
         "claimed_at": NOW - 30,
         "claim_error": None,
+        "handover_error": None,
+        "snat_address": None,
+        "connections_survive_failover": False,
+        "connections_note": "nat mode's connections will not survive a failover: set "
+        "ha.snat_address (the new master masquerades to its own address, which the VPC hosts "
+        "have never seen)",
+        # Sync is on by default; this record has no reading of conntrackd yet.
+        "sync": {"state": "unknown", "problems": ["sync: no reading of conntrackd yet"]},
     }
     assert reasons(HA, recorded("MASTER")) == []
     assert line(s) == (
@@ -134,3 +144,74 @@ def test_collector_output_passes_promtool() -> None:
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ---- connections across a failover: snat_address and conntrackd's sync ----------------------
+
+SNAT = dataclasses.replace(HA, snat_address=ipaddress.IPv4Address("198.18.0.12"))
+
+
+def with_sync(rec: dict[str, object], health: SyncHealth) -> dict[str, object]:
+    return {**rec, "sync": health.to_json()}
+
+
+def test_without_snat_address_status_says_connections_will_not_survive() -> None:
+    s = summary(HA, recorded("BACKUP"), NOW)
+    assert s is not None and s["connections_survive_failover"] is False
+    assert lines(s)[1].startswith(
+        "ha sync       nat mode's connections will not survive a failover: set ha.snat_address"
+    )
+    off = dataclasses.replace(SNAT, conntrack_sync=False)
+    s = summary(off, recorded("BACKUP"), NOW)
+    assert s is not None and s["connections_survive_failover"] is False
+    assert "ha.conntrack_sync is off" in s["connections_note"] and s["sync"] is None
+
+
+def test_healthy_sync_is_shown_and_does_not_degrade() -> None:
+    health = SyncHealth(NOW - 2, None, 12, 340, 99, 0, 0, NOW - 2.5, None)
+    rec = with_sync(recorded("BACKUP"), health)
+    s = summary(SNAT, rec, NOW)
+    assert s is not None and s["connections_survive_failover"] is True
+    assert s["claims"] == ["redirection", "snat_address 198.18.0.12", "virtual_address "
+                           "198.19.0.100", "route_table rtb-0123abcd"]  # fmt: skip
+    assert s["sync"] == {
+        "state": "ok",
+        "problems": [],
+        "read_at": NOW - 2,
+        "last_sync_age_s": 0.5,
+        "internal_entries": 12,
+        "external_entries": 340,
+        "errors": 0,
+        "lost": 0,
+        "port": 3780,
+    }
+    assert reasons(SNAT, rec) == []
+    assert lines(s)[1] == (
+        "ha sync       OK: 12 own / 340 peer's flows, peer heard 0 s ago, 0 errors"
+    )
+
+
+def test_broken_sync_degrades_and_says_why() -> None:
+    silent = SyncHealth(NOW, None, 12, 340, 99, 0, 0, NOW - 20, None)
+    rec = with_sync(recorded("BACKUP"), silent)
+    assert reasons(SNAT, rec) == ["ha: sync: no message from the other peer's conntrackd for 20 s"]
+    s = summary(SNAT, rec, NOW)
+    assert s is not None and s["sync"]["state"] == "broken"
+    assert lines(s)[1].endswith("; sync: no message from the other peer's conntrackd for 20 s")
+    down = SyncHealth(NOW, "conntrackd -s: can't connect")
+    assert reasons(SNAT, with_sync(recorded("BACKUP"), down)) == [
+        "ha: sync: conntrackd does not answer (conntrackd -s: can't connect)"
+    ]
+
+
+def test_sync_metrics_from_the_view() -> None:
+    health = SyncHealth(NOW, None, 12, 340, 99, 3, 1, NOW - 1, NOW - 10)
+    text = expose(RoleView(role="backup", sync=health))
+    assert 'gatepeer_ha_sync_entries{cache="external"} 340.0' in text
+    assert 'gatepeer_ha_sync_entries{cache="internal"} 12.0' in text
+    assert "gatepeer_ha_sync_errors_total 3.0" in text
+    assert "gatepeer_ha_sync_lost_messages_total 1.0" in text
+    assert "gatepeer_ha_sync_up 1.0" in text
+    assert "gatepeer_ha_sync_broken 1.0" in text  # errors 10 s ago
+    assert f"gatepeer_ha_sync_last_message_timestamp_seconds {NOW - 1:.9e}" in text
+    assert "gatepeer_ha_sync" not in expose(RoleView(role="backup"))

@@ -1,0 +1,68 @@
+"""`ha.snat_address`: what only the host can check (its own address, the VPC's networks) names
+the key; the address reaches the nftables table's spec (PacketPathSpec.snat_address, rendered by
+gatepeer/ruleset.py); without it the spec is today's."""
+
+from __future__ import annotations
+
+import dataclasses
+from ipaddress import IPv4Address
+from typing import Any
+
+import pytest
+from helpers.plan_inputs import FACTS, GATE
+
+from gatepeer import desired_state as desired_module
+from gatepeer.config import Config, HaConfig, PacketPathConfig
+from gatepeer.desired_state import DesiredStateError, desired_state, snat_address
+
+SNAT = IPv4Address("198.18.0.12")
+
+
+def config(snat: IPv4Address | None) -> Config:
+    return Config(
+        packet_path=PacketPathConfig(mode="nat"),
+        ha=HaConfig(peer_address=IPv4Address("198.18.0.11"), snat_address=snat),
+    )
+
+
+def test_snat_address_passes_the_host_checks() -> None:
+    assert snat_address(config(SNAT), FACTS) == SNAT
+    assert snat_address(config(None), FACTS) is None
+    assert snat_address(Config(), FACTS) is None  # no [ha] at all
+
+
+def test_snat_address_that_is_this_host_names_the_key() -> None:
+    with pytest.raises(DesiredStateError, match=r"^ha\.snat_address: 198\.18\.0\.10 is this host"):
+        snat_address(config(FACTS.local_address), FACTS)
+
+
+def test_snat_address_outside_the_vpc_names_the_key_and_where_the_networks_came_from() -> None:
+    with pytest.raises(DesiredStateError) as info:
+        desired_state(config(IPv4Address("203.0.113.5")), FACTS, GATE)
+    assert str(info.value) == (
+        "ha.snat_address: 203.0.113.5 is outside the VPC networks this host sees "
+        "(198.18.0.0/16, from underlay); it must be in the peers' VPC subnet"
+    )
+    unknown = dataclasses.replace(FACTS, vpc_networks=(), vpc_networks_source=None)
+    assert snat_address(config(IPv4Address("203.0.113.5")), unknown) == IPv4Address("203.0.113.5")
+
+
+def test_the_table_spec_gets_snat_address_only_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spec's constructor as desired_state calls it: snat_address only when configured, so
+    a table without it is exactly today's."""
+    seen: list[dict[str, Any]] = []
+    real = desired_module.PacketPathSpec
+
+    def recording(**kwargs: Any) -> Any:
+        seen.append(kwargs)
+        fields = {f.name for f in dataclasses.fields(real)}
+        return real(**{k: v for k, v in kwargs.items() if k in fields})
+
+    monkeypatch.setattr(desired_module, "PacketPathSpec", recording)
+    desired_state(config(SNAT), FACTS, GATE)
+    desired_state(config(None), FACTS, GATE)
+    assert seen[0]["snat_address"] == SNAT
+    assert "snat_address" not in seen[1]
+    if "snat_address" in {f.name for f in dataclasses.fields(real)}:
+        spec = desired_state(config(SNAT), FACTS, GATE).packet_path
+        assert vars(spec)["snat_address"] == SNAT
