@@ -307,8 +307,9 @@ def desired_state(config: Config, facts: HostFacts, gate: GateView) -> DesiredSt
         outside_vpc=pp.outside_vpc,
         vpc_networks=facts.vpc_networks,
         device_counters=pp.device_counters,
-        # Checked against the underlay's subnet by snat_address() ([ha], branch `ha`).
-        snat_address=snat,
+        # Checked against the underlay's subnet by snat_address(); passed only when set, as
+        # branch `ha`'s tests expect (the field's default is None).
+        **({"snat_address": snat} if snat is not None else {}),
         # Their config keys belong to other parts (the closed network, the flow log): read
         # where they exist, today's table where they do not.
         closed=bool(getattr(pp, "closed", False)),
