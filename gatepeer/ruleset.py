@@ -818,16 +818,24 @@ def describe(spec: PacketPathSpec, current_text: str | None) -> list[str]:
         return []
     if change == "sets":
         assert current_text is not None
-        header = []
+        changes: list[str] = []
         for name, have, want in (
-            (ENDPOINT_SET, set(loaded_endpoints(current_text)), set(spec.endpoints)),
-            (ALLOW_SET, set(loaded_allowed(current_text)), set(spec.allow_list)),
+            (
+                ENDPOINT_SET,
+                set(map(str, loaded_endpoints(current_text))),
+                set(map(str, spec.endpoints)),
+            ),
+            (
+                ALLOW_SET,
+                set(map(str, loaded_allowed(current_text))),
+                set(map(str, spec.allow_list)),
+            ),
         ):
-            added = " ".join(f"+{a}" for a in sorted(want - have))
-            gone = " ".join(f"-{a}" for a in sorted(have - want))
+            added = " ".join(f"+{a}" for a in sorted(want - have, key=_sort_key))
+            gone = " ".join(f"-{a}" for a in sorted(have - want, key=_sort_key))
             if added or gone:
-                header.append(f"# set {name}: {' '.join(x for x in (added, gone) if x)}")
-        return header + _heredoc(sets_transaction(spec))
+                changes.append(f"# set {name}: {' '.join(x for x in (added, gone) if x)}")
+        return changes + _heredoc(sets_transaction(spec))
     header: list[str]
     if current_text is None:
         header = [f"# create table {FAMILY} {TABLE}"]

@@ -4,12 +4,15 @@ namespaces this test creates and always removes; where conntrack's sizing can be
 
 from __future__ import annotations
 
+import re
 import secrets
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
@@ -387,3 +390,125 @@ def test_another_vxlan_user_on_the_same_port_is_untouched(
     # Our VNI to that address is still ours: the kernel would hand it to our vxlan link.
     _send_udp(other, there, here, 4789, _vxlan_header(VNI))
     assert _wait_for(peer, "vxlan_foreign_dropped", 1) == (1, 36)
+
+
+# ---- per-device traffic and set updates, through a routing peer ---------------------------------
+
+DEVICE_ADDR, VPC_HOST_ADDR, OUTSIDE = "198.19.0.5", "198.18.0.20", "203.0.113.9"
+
+
+@pytest.fixture
+def router() -> Iterator[tuple[str, str, str]]:
+    """A device, the gate peer and a VPC host, each in a namespace: device -- vxlan0 (a veth
+    stand-in) -- peer -- eth0 -- VPC host, which also holds an address outside the VPC."""
+    made: list[str] = []
+    try:
+        dev, peer, vpc = (_new_netns() for _ in range(3))
+        made += [dev, peer, vpc]
+        for here, there, a, b in ((peer, dev, "vxlan0", "dev0"), (peer, vpc, "eth0", "up0")):
+            _run("ip", "-n", here, "link", "add", a, "type", "veth", "peer", "name", b,
+                 "netns", there)  # fmt: skip
+            _run("ip", "-n", here, "link", "set", a, "up")
+            _run("ip", "-n", there, "link", "set", b, "up")
+        _run("ip", "-n", peer, "addr", "add", "198.19.0.1/16", "dev", "vxlan0")
+        _run("ip", "-n", peer, "addr", "add", "198.18.0.1/24", "dev", "eth0")
+        _run("ip", "-n", peer, "route", "add", "203.0.113.0/24", "via", VPC_HOST_ADDR)
+        _run("ip", "netns", "exec", peer, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        _run("ip", "-n", dev, "addr", "add", f"{DEVICE_ADDR}/16", "dev", "dev0")
+        _run("ip", "-n", dev, "route", "add", "default", "via", "198.19.0.1")
+        _run("ip", "-n", vpc, "addr", "add", f"{VPC_HOST_ADDR}/24", "dev", "up0")
+        _run("ip", "-n", vpc, "addr", "add", f"{OUTSIDE}/32", "dev", "up0")
+        _run("ip", "-n", vpc, "route", "add", "198.19.0.0/16", "via", "198.18.0.1")
+        yield dev, peer, vpc
+    finally:
+        for name in made:
+            _run("ip", "netns", "delete", name, check=False)
+
+
+def _ping(ns: str, target: str, count: int, interval: str = "0.05") -> tuple[int, int]:
+    """(sent, received) of `ping -c count`; 84-byte IP packets each way."""
+    proc = _run("ip", "netns", "exec", ns, "ping", "-n", "-q", "-c", str(count), "-i", interval,
+                "-W", "1", target, check=False)  # fmt: skip
+    found = re.search(r"(\d+) packets transmitted, (\d+) received", proc.stdout)
+    assert found, proc.stdout + proc.stderr
+    return int(found.group(1)), int(found.group(2))
+
+
+VPC_ONLY = (IPv4Network("198.18.0.0/24"),)
+
+
+@pytest.mark.netns
+@needs_nft
+@pytest.mark.parametrize("mode", ["route", "nat"])
+def test_device_traffic_counts_known_packets_each_way(
+    router: tuple[str, str, str], mode: str
+) -> None:
+    dev, peer, vpc = router
+    assert nf.device_traffic(peer) == {}  # no table yet
+    nf.load(spec(mode=mode, device_counters=True, vpc_networks=VPC_ONLY), peer)
+    assert nf.device_traffic(peer) == {}  # nobody seen yet
+    assert _ping(dev, VPC_HOST_ADDR, 3) == (3, 3)  # 3 requests out, 3 replies back
+    expected = 3
+    if mode == "route":  # the VPC host can open flows to a device; in nat mode it cannot
+        assert _ping(vpc, DEVICE_ADDR, 2) == (2, 2)
+        expected += 2
+    time.sleep(2.2)
+    traffic = nf.device_traffic(peer)
+    device = IPv4Address(DEVICE_ADDR)
+    assert list(traffic) == [device]
+    seen = traffic[device]
+    assert (seen.packets_from_device, seen.bytes_from_device) == (expected, expected * 84)
+    assert (seen.packets_to_device, seen.bytes_to_device) == (expected, expected * 84)
+    # The kernel says whole seconds left of the timeout: 2.2 s ago reads as 2 or 3.
+    assert seen.last_packet_age_s is not None and 1 <= seen.last_packet_age_s <= 4
+    # The counts are kernel state, not configuration: the table is still converged.
+    assert nf.is_converged(spec(mode=mode, device_counters=True, vpc_networks=VPC_ONLY), peer)
+
+
+@pytest.mark.netns
+@needs_nft
+def test_allowed_destinations_swap_loses_nothing_for_a_flow_in_both(
+    router: tuple[str, str, str],
+) -> None:
+    dev, peer, _vpc = router
+    old = spec(
+        closed=True,
+        vpc_networks=VPC_ONLY,
+        allowed_destinations=(IPv4Network(f"{OUTSIDE}/32"), IPv4Network("203.0.113.64/26")),
+    )
+    new = replace(
+        old, allowed_destinations=(IPv4Network(f"{OUTSIDE}/32"), IPv4Network("192.0.2.0/24"))
+    )
+    nf.load(old, peer)
+    assert _ping(dev, OUTSIDE, 2) == (2, 2)
+    # A stream to the address in both sets (closed: every packet is judged by the set, not
+    # only a flow's first) while the elements are swapped back and forth.
+    stream = subprocess.Popen(
+        ["ip", "netns", "exec", dev, "ping", "-n", "-q", "-c", "1500", "-i", "0.002", "-W", "1",
+         OUTSIDE],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    swaps = 0
+    try:
+        while stream.poll() is None and swaps < 200:
+            target = new if swaps % 2 == 0 else old
+            assert rs.change_needed(target, nf.current(peer)) == "sets"
+            nf.update_sets(target, peer)
+            swaps += 1
+        out, _ = stream.communicate(timeout=30)
+    finally:
+        if stream.poll() is None:
+            stream.kill()  # ours, by its handle
+            stream.wait()
+    found = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    assert found, out
+    assert swaps >= 10, f"only {swaps} swaps during the stream"
+    assert (int(found.group(1)), int(found.group(2))) == (1500, 1500), out
+    assert nf.counters(peer)["closed_dropped"] == (0, 0)
+    # The test can fail: with the address in neither set, the same stream is dropped, counted.
+    gone = replace(old, allowed_destinations=(IPv4Network("192.0.2.0/24"),))
+    nf.update_sets(gone, peer)
+    assert nf.is_converged(gone, peer)
+    assert _ping(dev, OUTSIDE, 3, "0.2") == (3, 0)
+    assert nf.counters(peer)["closed_dropped"] == (3, 252)
+    assert _ping(dev, VPC_HOST_ADDR, 1) == (1, 1)  # the VPC stays open

@@ -562,3 +562,33 @@ def test_device_traffic_from_json() -> None:
     assert got[a7] == DeviceTraffic(a7, 1, 60, 0, 0, 3500.0)
     assert got[a9] == DeviceTraffic(a9, 0, 0, 4, 400, None)
     assert rs.device_traffic_from_json('{"nftables": []}', 3600) == {}
+
+
+def test_device_counters_come_from_the_config(tmp_path: Path) -> None:
+    from helpers.config_files import soracom_section, write_config, write_key
+    from helpers.plan_inputs import FACTS, GATE, make_config
+
+    from gatepeer.config import ConfigError, PacketPathConfig, load
+    from gatepeer.desired_state import desired_state
+
+    key = write_key(tmp_path / "key")
+    on = load(
+        write_config(tmp_path, soracom_section(key) + "\n[packet_path]\ndevice_counters = true\n"),
+        check_system=False,
+    )
+    assert on.packet_path.device_counters is True
+    assert PacketPathConfig().device_counters is False  # the default: see bench/README.md
+    with pytest.raises(ConfigError, match="device_counters"):
+        load(
+            write_config(
+                tmp_path, soracom_section(key) + '\n[packet_path]\ndevice_counters = "on"\n'
+            ),
+            check_system=False,
+        )
+    spec_on = desired_state(
+        replace(make_config(), packet_path=on.packet_path), FACTS, GATE
+    ).packet_path
+    assert spec_on is not None and spec_on.device_counters
+    spec_off = desired_state(make_config(), FACTS, GATE).packet_path
+    assert spec_off is not None and not spec_off.device_counters
+    assert not spec_off.closed and not spec_off.track_flows and spec_off.snat_address is None
