@@ -146,6 +146,7 @@ class Flow:
         self.longest_stall = 0.0
         self.stall_began = 0.0  # wall clock of the echo before the longest stall
         self.error: str | None = None
+        self.error_at: float | None = None  # wall clock
 
     def echo(self, n: int, now: float, wall: float) -> None:
         gap = now - self.last_echo
@@ -182,6 +183,7 @@ def run_client(args: argparse.Namespace) -> int:
     udp_sent = udp_received = 0
     udp_seen: set[int] = set()
     udp_last = udp_longest = 0.0
+    udp_after = 0  # datagrams answered since the longest gap ended (the flow resumed)
     if args.udp_interval > 0:
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         if args.bind:
@@ -235,7 +237,9 @@ def run_client(args: argparse.Namespace) -> int:
                     if seq not in udp_seen:
                         udp_seen.add(seq)
                         udp_received += 1
-                        udp_longest = max(udp_longest, now - udp_last)
+                        if now - udp_last > udp_longest:
+                            udp_longest, udp_after = now - udp_last, 0
+                        udp_after += 1
                         udp_last = now
                 continue
             i = key.data
@@ -254,7 +258,7 @@ def run_client(args: argparse.Namespace) -> int:
                     continue
             if mask & selectors.EVENT_WRITE:
                 push(flow, sel, i)
-    result = summary(flows, udp, udp_sent, udp_received, udp_longest)
+    result = summary(flows, udp, udp_sent, udp_received, udp_longest, udp_after)
     Path(args.out).write_text(json.dumps(result))
     return 0
 
@@ -279,12 +283,18 @@ def push(flow: Flow, sel: selectors.BaseSelector, i: int) -> None:
 
 def fail(flow: Flow, sel: selectors.BaseSelector, why: str) -> None:
     flow.error = why
+    flow.error_at = time.time()
     sel.unregister(flow.sock)
     flow.sock.close()
 
 
 def summary(
-    flows: list[Flow], udp: socket.socket | None, sent: int, received: int, longest: float
+    flows: list[Flow],
+    udp: socket.socket | None,
+    sent: int,
+    received: int,
+    longest: float,
+    after_longest: int,
 ) -> dict[str, Any]:
     stalls = [f.longest_stall for f in flows]
     worst = max(flows, key=lambda f: f.longest_stall, default=None)
@@ -303,6 +313,7 @@ def summary(
             "longest_stall_began": worst.stall_began if worst else None,
             "bytes_sent": sum(f.sent for f in flows),
             "bytes_echoed": sum(f.echoed for f in flows),
+            "first_error_at": min((f.error_at for f in flows if f.error_at), default=None),
         },
         "udp": None
         if udp is None
@@ -311,6 +322,7 @@ def summary(
             "received": received,
             "lost": sent - received,
             "longest_gap_s": longest,
+            "received_after_longest_gap": after_longest,
         },
     }
 
