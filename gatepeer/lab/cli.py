@@ -68,7 +68,8 @@ def lab() -> None:
     "--peers",
     type=click.IntRange(1, 2),
     help="Gate peer namespaces; 2 makes an HA pair (PREFIX-peer2 at 198.18.0.11, [ha] in both "
-    "configs; `lab ha start` runs gatepeer and keepalived in each).  [default: 1]",
+    "configs with the NAT address 198.18.0.12 and conntrackd's sync; `lab ha start` runs "
+    "gatepeer, conntrackd and keepalived in each).  [default: 1]",
 )
 @click.option(
     "--host-port",
@@ -350,6 +351,7 @@ def _print_summary(info: LabInfo) -> None:
         FABRIC_SORACOM_ADDR,
         FABRIC_VPC_ADDR,
         INTERNET_ADDR,
+        PAIR_SNAT_ADDR,
         PEER_ADDR,
         VPC_HOST_ADDR,
     )
@@ -397,8 +399,9 @@ def _print_summary(info: LabInfo) -> None:
     if layout.peer_count > 1:
         configs = ", ".join(str(paths.peer_config(p.index)) for p in layout.gate_peers)
         echo(
-            f"  HA pair: configs {configs} ([ha], nat mode); start gatepeer and keepalived "
-            f"in both with `gatepeer lab ha start --prefix {layout.prefix}`"
+            f"  HA pair: configs {configs} ([ha], nat mode, NAT address {PAIR_SNAT_ADDR}, "
+            f"conntrackd sync); start gatepeer, conntrackd and keepalived in both with "
+            f"`gatepeer lab ha start --prefix {layout.prefix}`"
         )
     if info.gate_peer:
         gp = info.gate_peer
