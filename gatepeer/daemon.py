@@ -305,8 +305,15 @@ class Daemon:
     def _address_target(self) -> RouteTarget | None:
         """Where the claim moves ha.snat_address: this instance's ENI on EC2; None elsewhere
         (the lab, a host with L2 to its peer), where keepalived's address alone is enough."""
-        if self.agent.instance.get() is None:
+        from gatepeer.ha.claim import ClaimError
+
+        instance = self.agent.instance
+        if not instance.on_ec2():
             return None
+        if instance.get() is None:  # on EC2, but IMDS did not answer: retried with the claim
+            raise ClaimError(
+                f"ha.snat_address: this instance's ENI is unknown ({instance.why_missing()})"
+            )
         return self._route_target()
 
     def _keep_claim(self) -> None:

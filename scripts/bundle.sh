@@ -22,6 +22,6 @@ else
     "$python" -m pip wheel -q --disable-pip-version-check --no-deps --wheel-dir "$out/wheels" .
 fi
 cp systemd/gatepeer.service systemd/gatepeer.sysusers systemd/gatepeer.sysctl.conf \
-    systemd/keepalived-gatepeer.conf "$out/systemd/"
+    systemd/keepalived-gatepeer.conf systemd/conntrackd-gatepeer.conf "$out/systemd/"
 cp scripts/provision.sh README.md "$out/"
 echo "bundle: $out ($(cd "$out/wheels" && echo *.whl))"

@@ -17,6 +17,10 @@
 #   /usr/lib/systemd/system/keepalived.service.d/gatepeer.conf
 #                                          for an HA pair: keepalived after gatepeer, its config
 #                                          rendered from [ha] (inert until keepalived is installed)
+#   /usr/lib/systemd/system/conntrackd.service.d/gatepeer.conf
+#                                          for an HA pair: conntrackd (installed, disabled) after
+#                                          gatepeer and before keepalived, its config rendered
+#                                          from [ha]; the pair's user-data enables it
 #   the system user gatepeer, /etc/gatepeer, and enables gatepeer.service.
 # It writes no config: cloud-init user-data (or whoever launches the machine) does. Running it
 # again upgrades in place.
@@ -31,7 +35,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 2
 fi
 for f in systemd/gatepeer.service systemd/gatepeer.sysusers systemd/gatepeer.sysctl.conf \
-    systemd/keepalived-gatepeer.conf; do
+    systemd/keepalived-gatepeer.conf systemd/conntrackd-gatepeer.conf; do
     if [ ! -f "$bundle/$f" ]; then
         echo "provision: $bundle/$f missing: not a bundle from scripts/bundle.sh" >&2
         exit 2
@@ -46,8 +50,9 @@ if ((${#wheels[@]} != 1)); then
 fi
 
 # The same Debian packages as CI: the interpreter, nft for the packet path, ip for operators;
-# cloud-init writes the config from user-data at first boot (Debian's AMIs carry it already).
-packages=(python3 python3-venv nftables iproute2 ca-certificates cloud-init)
+# cloud-init writes the config from user-data at first boot (Debian's AMIs carry it already);
+# conntrackd keeps an HA pair's connections across a failover (docs/ha.md).
+packages=(python3 python3-venv nftables iproute2 ca-certificates cloud-init conntrackd)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -86,6 +91,11 @@ install -D -m 0644 "$bundle/systemd/gatepeer.sysctl.conf" /usr/lib/sysctl.d/60-g
 # and renders its config from [ha] (docs/ha.md "Running it").
 install -D -m 0644 "$bundle/systemd/keepalived-gatepeer.conf" \
     /usr/lib/systemd/system/keepalived.service.d/gatepeer.conf
+# conntrackd syncs a pair's connections. Debian enables it at install with a multicast example
+# config; a single peer has no use for it, so it stays off until a pair's user-data enables it.
+install -D -m 0644 "$bundle/systemd/conntrackd-gatepeer.conf" \
+    /usr/lib/systemd/system/conntrackd.service.d/gatepeer.conf
+systemctl disable conntrackd.service
 # The config (no secret in it) is world-readable; the key file the user-data writes next to it
 # belongs to gatepeer with mode 0600.
 install -d -m 0755 /etc/gatepeer

@@ -5,7 +5,8 @@ How each is asked, without changing anything:
   call and UnauthorizedOperation when not. moto honours DryRun behind its IAM enforcement the
   same way, so the tests see both answers.
 - `ssm:GetParameter`: proven by the doctor's secret check, which reads the key.
-- Auto Scaling has no dry run: the lifecycle actions are asked through
+- Auto Scaling has no dry run, nor has EC2's AssignPrivateIpAddresses (`NO_DRY_RUN`): those
+  actions are asked through
   `iam:SimulatePrincipalPolicy` for the role behind the instance's credentials. That needs the
   permission itself (instance roles rarely have it) and moto does not implement it, so when no
   simulation can be made those actions are reported as not verified, never as missing.
@@ -24,6 +25,8 @@ from gatepeer.config import Config
 DENIED_CODES = frozenset(
     {"UnauthorizedOperation", "AccessDenied", "AccessDeniedException", "AuthFailure"}
 )
+# EC2 actions whose API takes no DryRun: asked by simulation, as Auto Scaling's are.
+NO_DRY_RUN = frozenset({"ec2:AssignPrivateIpAddresses"})
 LIFECYCLE_ACTIONS = (
     "autoscaling:CompleteLifecycleAction",
     "autoscaling:RecordLifecycleActionHeartbeat",
@@ -311,16 +314,6 @@ def _ec2_call(ec2: Any, action: str, s: Subject, config: Config) -> tuple[bool |
             NetworkInterfaceId=s.eni_id,
             SourceDestCheck={"Value": False},
         )
-    if action == "ec2:AssignPrivateIpAddresses":
-        snat = config.ha.snat_address if config.ha is not None else None
-        if snat is None:
-            return None, "ha.snat_address is not set"
-        return dry_run(
-            ec2.assign_private_ip_addresses,
-            NetworkInterfaceId=s.eni_id,
-            PrivateIpAddresses=[str(snat)],
-            AllowReassignment=True,
-        )
     if action in ("ec2:ReplaceRoute", "ec2:CreateRoute"):
         if s.device_subnet is None:
             return None, "the device subnet is not known (the API was not reached)"
@@ -394,10 +387,12 @@ def verify(
     verdict = Verdict()
     wanted = needed(config)
     ec2 = make_client("ec2") if any(p.action.startswith("ec2:") for p in wanted) else None
-    to_simulate = [p for p in wanted if p.action.startswith("autoscaling:")]
+    to_simulate = [
+        p for p in wanted if p.action.startswith("autoscaling:") or p.action in NO_DRY_RUN
+    ]
     simulated = simulate(make_client, [p.action for p in to_simulate]) if to_simulate else {}
     for p in wanted:
-        if p.action.startswith("ec2:"):
+        if p.action.startswith("ec2:") and p.action not in NO_DRY_RUN:
             ok, why = _ec2_call(ec2, p.action, subject, config)
         elif p.action == "ssm:GetParameter":
             ok, why = ssm_read, "the key was not read (see the secret check)"

@@ -10,8 +10,9 @@ The shape, and why:
 - UDP unicast between the two peers' VPC addresses, port `ha.sync_port` (3780, as in
   conntrack-tools' examples): a VPC carries no multicast.
 - Only the device subnet's flows (`Address Accept`): those are the ones a failover must keep.
-  The filter runs in user space: on kernel 6.18 the kernel-space (BSF) filter with an address
-  list let no event through at all (recorded in tests/lab/test_ha_conntrackd_netns.py).
+  The filter runs in user space: on kernel 6.18 the kernel-space (BSF) filter with this address
+  list let no event through at all (conntrackd's "events received" stayed 0 while `conntrack
+  -E` saw them), in the namespace pair tests/lab/test_ha_conntrackd_netns.py builds.
 - `HashLimit` twice the kernel's conntrack_max, as conntrackd.conf(5) advises (the daemon may
   keep dead entries cached for a while).
 
@@ -19,6 +20,8 @@ The handover follows conntrack-tools' `primary-backup.sh` (doc/sync/primary-back
 master: commit the external cache (-c), flush the caches (-f), resync the internal cache with
 the kernel (-R), send a bulk update to the backup (-B); backup: shorten the kernel's timers of
 the flows we forwarded (-t), ask the master for a resync (-n); fault: shorten the timers (-t).
+(-t in conntrackd 1.4.7 schedules a flush of the whole kernel table after PurgeTimeout, 60 s by
+default, and a later commit cancels it: seen in a namespace.)
 gatepeer runs these from the notify FIFO's events, in order, before the claim.
 """
 
@@ -169,7 +172,11 @@ HANDOVER: dict[str, tuple[tuple[str, str], ...]] = {
         ("-n", "ask the master for a resync"),
     ),
     "fault": (("-t", "shorten the kernel's timers of the flows this peer forwarded"),),
-    "stopped": (("-t", "shorten the kernel's timers of the flows this peer forwarded"),),
+    # Not in primary-backup.sh: keepalived stopping (a graceful stop, a shutdown) leaves the
+    # table alone, since this peer forwards until the VPG has moved; it runs -t when it comes
+    # back as backup. (-t schedules a flush of the whole kernel table after PurgeTimeout, 60 s
+    # by default; a commit as master cancels it.)
+    "stopped": (),
 }
 
 Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]

@@ -59,6 +59,8 @@ ROOTFS_PACKAGES = (
     "ca-certificates",
     # Debian's AMIs carry cloud-init: at first boot it writes the config from user-data.
     "cloud-init",
+    # An HA pair's connection sync (provision.sh installs it; the boot has no package mirror).
+    "conntrackd",
     # debootstrap resolves no virtual packages: python3-cryptography (cloud-init's, through
     # oauthlib) needs python3-cffi-backend-api-*, which this one provides.
     "python3-cffi-backend",

@@ -186,6 +186,8 @@ def test_security_group_admits_exactly_what_the_mode_needs(
         want.add(("-1", None, None, VPC_CIDR))
     if peers == "pair":
         want.add(("112", -1, -1, group_id))
+        # conntrackd's sync (UDP, ha.sync_port's default) from the other peer only.
+        want.add(("udp", 3780, 3780, group_id))
     assert rules == want
 
 
@@ -273,6 +275,9 @@ def test_user_data_writes_the_config_the_parameters_choose(
     for template_id, user_data in stack.user_data_by_template.items():
         doc = cloud_config(user_data)
         assert ["systemctl", "enable", "--now", "--no-block", "gatepeer.service"] in doc["runcmd"]
+        # A pair syncs its connections with the image's conntrackd; a single peer leaves it off.
+        sync = ["systemctl", "enable", "--now", "--no-block", "conntrackd.service"]
+        assert (sync in doc["runcmd"]) == (peers == "pair")
         # The secret is never in the user-data: only the SSM parameter's name.
         assert [f["path"] for f in doc["write_files"]] == [CONFIG_PATH]
         config = tomllib.loads(written_toml(user_data))

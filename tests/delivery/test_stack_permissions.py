@@ -118,3 +118,27 @@ def test_stack_config_policy_grants_every_call_doctor_asks_for(
     verdict = verify(config, subject, as_user(actions_only(document)), ssm_read=True)
     assert verdict.denied == []
     assert "ec2:ModifyNetworkInterfaceAttribute" in verdict.allowed
+
+
+def test_snat_address_needs_assign_private_ip_addresses(
+    network: MotoNetwork, subject: Subject, as_user: Any
+) -> None:
+    """The printed policy has the master's move of ha.snat_address. EC2's
+    AssignPrivateIpAddresses takes no DryRun, so the check asks IAM's simulation, which moto
+    lacks: not verified, never taken for missing (tests/unit/test_ha_snat.py simulates both
+    answers)."""
+    import dataclasses
+    from ipaddress import IPv4Address
+
+    base = pair_config(network.route_table_id)
+    config = dataclasses.replace(
+        base, ha=dataclasses.replace(base.ha, snat_address=IPv4Address("198.18.0.200"))
+    )
+    document = policy([config], Account(partition="aws", region=REGION, account=MOTO_ACCOUNT))
+    (interface,) = [s for s in document["Statement"] if s["Sid"] == "NetworkInterface"]
+    actions = interface["Action"]
+    assert "ec2:AssignPrivateIpAddresses" in ([actions] if isinstance(actions, str) else actions)
+    verdict = verify(config, subject, as_user(actions_only(document)), ssm_read=True)
+    assert verdict.denied == []
+    unverified = dict(verdict.unverified)
+    assert unverified["ec2:AssignPrivateIpAddresses"].startswith("iam:SimulatePrincipalPolicy")

@@ -259,7 +259,12 @@ def ha_daemon_config(tmp_path: Path, fifo: Path) -> Config:
                 "reconcile_interval": "1h",
             },
             "metrics": {"listen": ""},
-            "ha": {"peer_address": "198.18.0.11", "notify_fifo": str(fifo)},
+            "ha": {
+                "peer_address": "198.18.0.11",
+                "notify_fifo": str(fifo),
+                # A conntrackd config nobody wrote: every conntrackd command fails, harmlessly.
+                "conntrackd_config": str(tmp_path / "no-conntrackd.conf"),
+            },
         }
     )
 
@@ -289,8 +294,9 @@ def test_the_daemon_reads_the_fifo_and_records_the_role_in_its_state(tmp_path: P
                 state = json.loads((tmp_path / "state.json").read_text())
             except FileNotFoundError:
                 state = {}
-            if (state.get("ha") or {}).get("claim_error"):
-                seen.append(state["ha"])
+            ha = state.get("ha") or {}
+            if ha.get("claim_error") and ha.get("sync"):
+                seen.append(ha)
                 break
             time.sleep(0.05)
         daemon.stopping = True
@@ -302,6 +308,10 @@ def test_the_daemon_reads_the_fifo_and_records_the_role_in_its_state(tmp_path: P
     # Master, and the claim failed for want of a gate view: said, and retried while master.
     assert seen and seen[0]["role"] == "master" and seen[0]["priority"] == 150
     assert "no gate view yet" in seen[0]["claim_error"]
+    # conntrackd's handover ran on becoming master (it failed: no conntrackd here), and its
+    # sync is read and recorded.
+    assert seen[0]["handover_error"].startswith("conntrackd -c (commit the external cache")
+    assert seen[0]["sync"]["error"].startswith("conntrackd -s")
     assert fifo.exists()  # the FIFO stays for keepalived; only our reader closed
 
 
@@ -361,3 +371,33 @@ def test_the_eni_is_found_by_its_vpc_address_in_the_route_tables_vpc(vpc: TwoIns
         assert eni_of_address(vpc.ec2, vpc.tables[0], address) == eni
     with pytest.raises(Ec2Error, match="0 network interfaces hold this address"):
         eni_of_address(vpc.ec2, vpc.tables[0], "198.18.0.250")
+
+
+def test_the_daemon_moves_snat_address_through_ec2_only_on_ec2(tmp_path: Path) -> None:
+    from gatepeer.daemon import Daemon
+
+    config = ha_daemon_config(tmp_path, tmp_path / "keepalived.fifo")
+    daemon = Daemon(config, lambda: config)
+
+    class Instance:
+        def __init__(self, on_ec2: bool, facts: object | None) -> None:
+            self._on_ec2, self._facts = on_ec2, facts
+
+        def on_ec2(self) -> bool:
+            return self._on_ec2
+
+        def get(self) -> object | None:
+            return self._facts
+
+        def why_missing(self) -> str:
+            return "IMDS timed out"
+
+    target = RouteTarget(object(), "eni-0123")
+    daemon._route_target = lambda: target  # type: ignore[method-assign]
+    daemon.agent.instance = Instance(False, None)  # type: ignore[assignment]
+    assert daemon._address_target() is None  # the lab, a host with L2: keepalived's alone
+    daemon.agent.instance = Instance(True, None)  # type: ignore[assignment]
+    with pytest.raises(ClaimError, match=r"^ha\.snat_address: .*unknown \(IMDS timed out\)"):
+        daemon._address_target()
+    daemon.agent.instance = Instance(True, object())  # type: ignore[assignment]
+    assert daemon._address_target() is target

@@ -172,7 +172,12 @@ def test_handover_runs_primary_backup_steps_in_order() -> None:
     assert ctl.handover("master") == []
     assert runner.flags() == ["-c", "-f", "-R", "-B"]
     assert all(c[1:3] == ["-C", "/etc/conntrackd/conntrackd.conf"] for c in runner.calls)
-    for role, flags in (("backup", ["-t", "-n"]), ("fault", ["-t"]), ("unknown", [])):
+    for role, flags in (
+        ("backup", ["-t", "-n"]),
+        ("fault", ["-t"]),
+        ("stopped", []),  # a gracefully stopping master forwards until the VPG moves
+        ("unknown", []),
+    ):
         runner.calls.clear()
         ctl.handover(role)
         assert runner.flags() == flags
@@ -396,3 +401,59 @@ def test_ha_install_writes_both_files_only_when_both_pass(tmp_path: Path) -> Non
     ]
     assert "198.18.0.12/32 dev eth0" in k.read_text() and "gatepeer_sync" in k.read_text()
     assert "Mode FTFW" in c.read_text()
+
+
+def write_sync_state(tmp_path: Path, health: SyncHealth) -> None:
+    import json
+
+    state = {"format": 1, **state_with_gate(), "ha": RoleView(role="backup", sync=health).to_json()}
+    (tmp_path / "state.json").write_text(json.dumps(state))
+
+
+def test_check_sync_exit_codes(tmp_path: Path) -> None:
+    import time
+
+    from gatepeer.ha.check import run_sync
+
+    path = write_config(tmp_path, "")
+    now = time.time()
+    write_sync_state(tmp_path, SyncHealth(now - 1, None, 3, 4, 10, 0, 0, now - 1.5, None))
+    out = gatepeer("check", "--sync", "--config", str(path))
+    assert (out.returncode, out.stdout.strip()) == (0, "sync healthy"), out.stderr
+    write_sync_state(tmp_path, SyncHealth(now - 1, None, 3, 4, 10, 0, 0, now - 30, None))
+    out = gatepeer("check", "--sync", "--config", str(path))
+    assert out.returncode == 1
+    assert out.stderr.strip() == (
+        "unhealthy: sync: no message from the other peer's conntrackd for 29 s"
+    )
+    # The same judgment in process, and a daemon that stopped reading: its reading ages.
+    assert run_sync(path, clock=lambda: now + 60)[1].startswith(
+        "unhealthy: sync: the daemon's last reading of conntrackd is 61 s old"
+    )
+    off = write_config(tmp_path, "conntrack_sync = false\n")
+    assert run_sync(off) == (0, "sync not configured (ha.conntrack_sync is off)")
+
+
+def test_watcher_reads_sync_once_a_second_and_shows_it_in_its_view(tmp_path: Path) -> None:
+    from gatepeer.ha.watcher import HaWatcher
+
+    reads: list[float] = []
+    clock = Clock(0.0)
+
+    def read() -> str:
+        reads.append(clock.now)
+        return stats_text(len(reads))
+
+    watcher = HaWatcher(
+        tmp_path / "ka.fifo", lambda: None, sync=SyncTracker(read, Clock(5000.0)), clock=clock
+    )
+    assert watcher.view().sync is None  # nothing read yet
+    for t in (0.0, 0.5, 0.9, 1.0, 1.4, 2.1):
+        clock.now = t
+        watcher.read_sync()
+    assert reads == [0.0, 1.0, 2.1]
+    sync = watcher.view().sync
+    assert sync is not None and sync.messages_received == 3 and sync.external_entries == 2
+    plain = HaWatcher(tmp_path / "kb.fifo", lambda: None)
+    plain.read_sync()
+    assert plain.view().sync is None

@@ -139,7 +139,9 @@ def test_collector_output_passes_promtool() -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed (Debian package prometheus)")
-    text = expose(RoleView.from_json(recorded("MASTER")))
+    health = SyncHealth(NOW, None, 12, 340, 99, 3, 1, NOW - 1, NOW - 10)
+    text = expose(RoleView.from_json({**recorded("MASTER"), "sync": health.to_json()}))
+    assert "gatepeer_ha_sync_entries" in text
     out = subprocess.run(
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
     )

@@ -66,3 +66,45 @@ def test_the_table_spec_gets_snat_address_only_when_set(monkeypatch: pytest.Monk
     if "snat_address" in {f.name for f in dataclasses.fields(real)}:
         spec = desired_state(config(SNAT), FACTS, GATE).packet_path
         assert vars(spec)["snat_address"] == SNAT
+
+
+def test_the_permission_check_simulates_assign_private_ip_addresses() -> None:
+    """EC2's AssignPrivateIpAddresses takes no DryRun: the check asks IAM's simulation for it
+    and reports its answer, allowed or denied."""
+    from ipaddress import IPv4Network
+
+    from gatepeer.aws.permissions import Subject, verify
+
+    asked: list[list[str]] = []
+
+    def make_client(decision: str) -> Any:
+        class Fake:
+            def get_caller_identity(self) -> dict[str, str]:
+                return {"Arn": "arn:aws:sts::123456789012:assumed-role/peer/i-1"}
+
+            def simulate_principal_policy(self, **kwargs: Any) -> dict[str, Any]:
+                asked.append(kwargs["ActionNames"])
+                return {
+                    "EvaluationResults": [
+                        {"EvalActionName": a, "EvalDecision": decision}
+                        for a in kwargs["ActionNames"]
+                    ]
+                }
+
+            def __getattr__(self, name: str) -> Any:
+                def dry_run(**kwargs: Any) -> None:  # EC2 dry runs answer "allowed"
+                    return None
+
+                return dry_run
+
+        return lambda service: Fake()
+
+    cfg = config(SNAT)
+    subject = Subject("eni-0123", "vpc-0123", IPv4Network("198.19.0.0/16"))
+    allowed = verify(cfg, subject, make_client("allowed"), ssm_read=None)
+    assert "ec2:AssignPrivateIpAddresses" in allowed.allowed
+    assert asked[-1] == ["ec2:AssignPrivateIpAddresses"]
+    denied = verify(cfg, subject, make_client("implicitDeny"), ssm_read=None)
+    assert [(p.action, p.why) for p in denied.denied] == [
+        ("ec2:AssignPrivateIpAddresses", "ha.snat_address")
+    ]
