@@ -113,28 +113,30 @@ def without_table(ns: str, nat: bool) -> Iterator[None]:
         nft(ns, "-f", "-", stdin=listed)
 
 
-def table_variants(prefix: str) -> tuple[str, str]:
-    """This lab's table as gatepeer loads it without and with `device_counters`."""
+def device_table(prefix: str) -> tuple[str, str]:
+    """(name, definition) of the device counters' table gatepeer loads with
+    `device_counters = true` (a table of its own); the lab is put back without it."""
     path = config_path(prefix)
     plain = path.read_text()
     env = {"GATEPEER_CONFIG": str(path)}
     path.write_text(plain.replace("[packet_path]\n", "[packet_path]\ndevice_counters = true\n"))
     gatepeer("apply", ns=f"{prefix}-peer", env=env)
-    counted = nft(f"{prefix}-peer", "list", "table", "inet", "gatepeer")
-    assert "devices_from" in counted, counted
+    tables = nft(f"{prefix}-peer", "list", "tables").split()
+    name = next(t for t in tables if t.startswith("gatepeer_dev_"))
+    definition = nft(f"{prefix}-peer", "list", "table", "inet", name)
     path.write_text(plain)
     gatepeer("apply", ns=f"{prefix}-peer", env=env)
-    return nft(f"{prefix}-peer", "list", "table", "inet", "gatepeer"), counted
+    assert name not in nft(f"{prefix}-peer", "list", "tables")
+    return name, definition
 
 
 @contextmanager
-def table_swapped(ns: str, table: str, back: str) -> Iterator[None]:
-    replace = "add table inet gatepeer\ndelete table inet gatepeer\n"
-    nft(ns, "-f", "-", stdin=replace + table)
+def with_device_table(ns: str, name: str, definition: str) -> Iterator[None]:
+    nft(ns, "-f", "-", stdin=definition)
     try:
         yield
     finally:
-        nft(ns, "-f", "-", stdin=replace + back)
+        nft(ns, "delete", "table", "inet", name)
 
 
 @contextmanager
@@ -212,7 +214,7 @@ def main() -> int:
                 lean_vpg(prefix)
         variants = {}
         if opts.counters:
-            variants = {"route": table_variants(gpr), "nat": table_variants(gpn)}
+            variants = {"route": device_table(gpr), "nat": device_table(gpn)}
         rulesets["route"] = nft(f"{gpr}-peer", "list", "ruleset")
         rulesets["nat"] = nft(f"{gpn}-peer", "list", "ruleset")
         peer = {"hand": f"{hand}-peer", "route": f"{gpr}-peer", "nat": f"{gpn}-peer"}
@@ -236,8 +238,7 @@ def main() -> int:
                     with without_table(peer[lab_of], nat=kind == "nat"):
                         return udp64(client, server, bind, opts.seconds, reverse)
                 if case.endswith("_counters"):
-                    plain, counted = variants[kind]
-                    with table_swapped(peer[lab_of], counted, plain):
+                    with with_device_table(peer[lab_of], *variants[kind]):
                         return udp64(client, server, bind, opts.seconds, reverse)
                 return udp64(client, server, bind, opts.seconds, reverse)
 

@@ -43,6 +43,10 @@ interface names; no hook is registered that the mode does not use.
   `new_from_tunnel`: PMTU signals (ICMP frag-needed) pass, anything to a destination outside the
   list is counted (`allowlist_dropped`) and dropped. The allow-list therefore limits what
   devices may *start*; replies to flows started from the underlay (route mode) still pass.
+  In a closed network (`closed`) every packet from the tunnel to a destination neither in
+  `allowed_destinations` nor in `vpc_networks` is counted (`closed_dropped`) and dropped,
+  statelessly and before any established accept (a destination taken off the list is closed
+  for open flows too); the stateful allow-list is then not rendered.
 - `postrouting` (nat mode; route mode with `outside_vpc = "masquerade"`): traffic from the
   device subnet leaving by the underlay is masqueraded (in route mode only when it goes outside
   `vpc_networks`: the VPC sees devices' own addresses); conntrack maps the replies back, and
@@ -51,13 +55,27 @@ interface names; no hook is registered that the mode does not use.
 
 Every named counter is declared in every mode so the metrics keep one schema.
 
+With `snat_address` (HA), what is masqueraded above is source-NATed to that address instead,
+the one that moves with the master. With `track_flows`, route mode leaves device <-> VPC flows
+tracked (no `notrack`) so the flow log sees them. With `device_counters`, a second table,
+`inet gatepeer_dev_<hash>` (`render_devices`), counts each device's packets and bytes in two
+dynamic sets with a timeout every packet refreshes (`devices_from`, `devices_to`), in a forward
+chain after ours (what this table drops is not counted). It is a table of its own so that a
+reload of this one keeps the counts; `load` creates it in the same transaction when missing,
+keeps it when present, and deletes any other, and its name (a hash of its definition) is how
+convergence checks it without listing it. Note: nft 1.0.6 fetches every set element in the
+namespace to list anything, so with 100,000 devices every `nft list` here costs seconds
+(bench/README.md).
+
 Convergence (see `change_needed`): `nft list table` prints a canonical text. Both it and our
 rendered text are normalised the same way (whitespace, wrapped element lists, the order of set
-elements, flowtable devices and top-level blocks, counter values dropped) and compared. Equal
-means converged; equal apart from the `vpg_endpoints` elements means only the set needs updating
-(no reload, counters kept); anything else, including a hand edit, means reload. The table comment
-carries a hash of the spec without its endpoints, so `nft list` shows which spec is loaded, and
-an endpoint update does not make it stale.
+and verdict map elements, flowtable devices and top-level blocks, counter values dropped) and
+compared, with a last line naming the device table loaded, if any. Equal means converged;
+equal apart from the `vpg_endpoints` and `allowed_destinations` elements means only those sets
+need refilling (`sets_transaction`: one transaction, no reload, counters kept); anything else,
+including a hand edit, means reload. The table comment carries a hash of the spec without
+those sets' elements, so `nft list` shows which spec is loaded, and a set update does not make
+it stale.
 """
 
 from __future__ import annotations
@@ -81,7 +99,12 @@ ALLOW_SET = "allowed_destinations"
 VPC_SET = "vpc_networks"
 FLOWTABLE = "ft"
 # Per-device traffic (`device_counters`): dynamic sets whose elements carry a counter and a
-# timeout that every packet refreshes, so an element's expiry tells its last packet's age.
+# timeout that every packet refreshes, so an element's expiry tells its last packet's age. They
+# live in a table of their own: nft 1.0.6 fetches every element of every set in a table to list
+# anything of it (its chains, its counters), which with 100,000 devices takes seconds. The
+# table's name carries a hash of its definition, so `nft list tables` (cheap) tells whether the
+# right one is loaded.
+DEVICE_TABLE_PREFIX = f"{TABLE}_dev_"
 DEVICES_FROM_SET = "devices_from"
 DEVICES_TO_SET = "devices_to"
 DEVICE_SETS = (DEVICES_FROM_SET, DEVICES_TO_SET)
@@ -338,19 +361,6 @@ def _render(
         out += [f"\tset {VPC_SET} {{", "\t\ttype ipv4_addr", "\t\tflags interval"]
         out.append(f"\t\telements = {_elements(_prefix(n) for n in spec.vpc_list)}")
         out += ["\t}", ""]
-    if spec.device_counters:
-        for name in DEVICE_SETS:
-            # In the order nft 1.0.6 lists a set's properties; the kernel's elements are state.
-            out += [
-                f"\tset {name} {{",
-                "\t\ttype ipv4_addr",
-                f"\t\tsize {DEVICE_SET_SIZE}",
-                "\t\tflags dynamic,timeout",
-                "\t\tcounter",
-                f"\t\ttimeout {_duration(DEVICE_TIMEOUT_S)}",
-                "\t}",
-                "",
-            ]
     if spec.flowtable:
         devices = _elements(sorted((spec.tunnel, spec.underlay)))
         out += [
@@ -489,9 +499,6 @@ def _render(
         # Only this host's own address is left tracked, so replies to its own traffic still
         # pass `to_host` by their state.
         out.append(f"\t\tip daddr != {local} ip daddr @{VPC_SET} notrack")
-    if spec.device_counters:
-        # Every packet a device sends (spoofed ones are gone by now), whatever its destination.
-        out.append(f"\t\tupdate @{DEVICES_FROM_SET} {{ ip saddr }}")
     out += ["\t}", ""]
     if tracked:
         out += [
@@ -507,10 +514,6 @@ def _render(
         # Before the established accept: a SYN-ACK is already "established" to conntrack.
         "\t\ttcp flags syn jump clamp_mss",
     ]
-    if spec.device_counters:
-        # Every packet routed to a device (in nat mode the replies, once conntrack has mapped
-        # them back to the device's address).
-        out.append(f"\t\toifname {t} update @{DEVICES_TO_SET} {{ ip daddr }}")
     if spec.closed:
         # Stateless, before any established accept: a destination taken out of the list is
         # closed for flows already open too.
@@ -525,8 +528,9 @@ def _render(
                 f"\t\tiifname {a} oifname {b} meta l4proto {{ tcp, udp }}"
                 f" ct state established flow add @{FLOWTABLE}"
             )
-    if spec.allow_list:
+    if spec.allow_list and not spec.closed:
         # Established traffic passes before the allow-list (without one, the policy accepts).
+        # A closed network judges every packet above instead, and lets the VPC in too.
         out.append("\t\tct state established,related accept")
         out.append(f"\t\tiifname {t} jump new_from_tunnel")
     out += [
@@ -537,7 +541,7 @@ def _render(
         f"\t\toifname {t} tcp option maxseg size set rt mtu",
         "\t}",
     ]
-    if spec.allow_list:
+    if spec.allow_list and not spec.closed:
         out += [
             "",
             "\tchain new_from_tunnel {",
@@ -562,6 +566,69 @@ def _render(
         ]
     out.append("}")
     return "\n".join(out) + "\n"
+
+
+def _device_body(spec: PacketPathSpec) -> list[str]:
+    t = f'"{spec.tunnel}"'
+    out = []
+    for name in DEVICE_SETS:
+        # In the order nft 1.0.6 lists a set's properties.
+        out += [
+            f"\tset {name} {{",
+            "\t\ttype ipv4_addr",
+            f"\t\tsize {DEVICE_SET_SIZE}",
+            "\t\tflags dynamic,timeout",
+            "\t\tcounter",
+            f"\t\ttimeout {_duration(DEVICE_TIMEOUT_S)}",
+            "\t}",
+            "",
+        ]
+    return out + [
+        "\tchain forward {",
+        # After gatepeer's own forward chain: what it drops (closed, allow-list) is not counted.
+        "\t\ttype filter hook forward priority filter + 10; policy accept;",
+        # Every packet a device sends through this peer, and every one routed to it (in nat
+        # mode the replies, once conntrack has mapped them back to the device's address).
+        f"\t\tiifname {t} update @{DEVICES_FROM_SET} {{ ip saddr }}",
+        f"\t\toifname {t} update @{DEVICES_TO_SET} {{ ip daddr }}",
+        "\t}",
+    ]
+
+
+def device_table(spec: PacketPathSpec) -> str:
+    """The name of the device counters' table for `spec` (a hash of its definition in it)."""
+    digest = hashlib.sha256("\n".join(_device_body(spec)).encode()).hexdigest()[:12]
+    return f"{DEVICE_TABLE_PREFIX}{digest}"
+
+
+def render_devices(spec: PacketPathSpec) -> str:
+    """The device counters' table (`device_counters`)."""
+    body = _device_body(spec)
+    return "\n".join([f"table {FAMILY} {device_table(spec)} {{", *body, "}"]) + "\n"
+
+
+def device_tables_line(names: Iterable[str]) -> str:
+    """How a listing notes the device tables loaded (their contents are never listed)."""
+    return f"device tables: {' '.join(sorted(names)) or '-'}\n"
+
+
+def comparable(spec: PacketPathSpec) -> str:
+    """What `current()` should read when the kernel holds `spec`: our table, then the line
+    naming the device table."""
+    return render(spec) + device_tables_line([device_table(spec)] if spec.device_counters else [])
+
+
+def devices_transaction(spec: PacketPathSpec | None, loaded: Iterable[str]) -> str:
+    """Bring the device tables to `spec` (None: none wanted): the wanted one created if it is
+    not among `loaded` (kept if it is: its counts survive), every other one deleted."""
+    want = device_table(spec) if spec is not None and spec.device_counters else None
+    text = ""
+    for name in sorted(set(loaded)):
+        if name != want:
+            text += f"delete table {FAMILY} {name}\n"
+    if spec is not None and want is not None and want not in set(loaded):
+        text += render_devices(spec)
+    return text
 
 
 def transaction(spec: PacketPathSpec, counters: Mapping[str, tuple[int, int]] | None = None) -> str:
@@ -634,7 +701,6 @@ def canonical(text: str) -> list[str]:
     """
     lines: list[str] = []
     pending = ""
-    in_device_set = False
     for raw in text.splitlines():
         line = raw.strip()
         if pending:
@@ -645,12 +711,6 @@ def canonical(text: str) -> list[str]:
             continue
         if not line or _COUNTER_VALUES.match(line):
             continue
-        if line.startswith("set ") and line.endswith("{"):
-            in_device_set = line.split()[1] in DEVICE_SETS
-        elif line == "}":
-            in_device_set = False
-        elif in_device_set and line.startswith("elements = "):
-            continue  # devices seen: state, not configuration
         m = _LIST_LINE.match(line)
         if m:
             items = [i.strip().strip('"') for i in m.group(2).split(",") if i.strip()]
@@ -720,11 +780,16 @@ def _without_set_elements(lines: list[str]) -> list[str]:
     return out
 
 
+def _with_device_line(text: str) -> str:
+    # A bare `nft list table` (no device tables line): read as "no device table".
+    return text if "\ndevice tables: " in f"\n{text}" else text + device_tables_line([])
+
+
 def change_needed(spec: PacketPathSpec, current_text: str | None) -> Change:
     """What it takes to converge: nothing, a refill of the updatable sets, or a reload (pure)."""
     if current_text is None:
         return "reload"
-    have, want = canonical(current_text), canonical(render(spec))
+    have, want = canonical(_with_device_line(current_text)), canonical(comparable(spec))
     if have == want:
         return "none"
     if _without_set_elements(have) == _without_set_elements(want):
@@ -790,7 +855,9 @@ def device_traffic_from_json(text: str, timeout_s: float) -> dict[IPv4Address, D
     ages: dict[IPv4Address, float] = {}
     for item in json.loads(text).get("nftables", []):
         s = item.get("set")
-        if not s or s.get("family") != FAMILY or s.get("table") != TABLE:
+        if not s or s.get("family") != FAMILY:
+            continue
+        if not str(s.get("table", "")).startswith(DEVICE_TABLE_PREFIX):
             continue
         if s.get("name") not in DEVICE_SETS:
             continue
@@ -841,8 +908,8 @@ def describe(spec: PacketPathSpec, current_text: str | None) -> list[str]:
         header = [f"# create table {FAMILY} {TABLE}"]
     else:
         diff = difflib.unified_diff(
-            canonical(current_text),
-            canonical(render(spec)),
+            canonical(_with_device_line(current_text)),
+            canonical(comparable(spec)),
             fromfile="kernel",
             tofile="wanted",
             lineterm="",
