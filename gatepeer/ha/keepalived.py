@@ -20,7 +20,13 @@ The shape, and why:
   its adverts: see ADVERT_MARKER.
 - `ha.snat_address`: keepalived owns the NAT address on the underlay, as a /32 (the source of
   masqueraded flows, never a route), and announces it with gratuitous ARP where there is L2;
-  on EC2 the daemon's claim also moves it to this ENI.
+  on EC2 the daemon's claim also moves it to this ENI. With it, `no_accept`: keepalived's own
+  nftables table drops what arrives addressed to its addresses (input hook) and what leaves
+  from them (output hook). NATed replies are unaffected (conntrack has rewritten their
+  destination in prerouting, and they are forwarded); a packet for the NAT address that no
+  connection knows, such as a VPC host's retransmission that reaches a new master before
+  conntrackd's commit, is dropped instead of answered with a reset, and leaves no conntrack
+  entry that would clash with the committed one.
 - With `ha.conntrack_sync`, a second script (`gatepeer check --sync`) with a negative weight:
   broken sync lowers the priority below any healthy peer's, so an election prefers the peer
   whose copy of the connections is good, but never puts the instance into FAULT (a master
@@ -127,6 +133,7 @@ def render(ha: HaConfig, facts: HaFacts) -> str:
         f"    advert_int {_seconds(ha.advert_interval)}",
         "    version 3",
         *nopreempt,
+        *(["    no_accept"] if ha.snat_address is not None else []),
         f"    unicast_src_ip {facts.local_address}",
         "    unicast_peer {",
         f"        {ha.peer_address}",

@@ -102,6 +102,18 @@ def test_rendered_values_follow_the_config() -> None:
     preempt = config_for("preempt").ha
     assert preempt is not None
     assert "nopreempt" not in render(preempt, facts())
+    assert "no_accept" not in plain  # the default: accept mode, as before
+
+
+def test_snat_address_is_keepalived_s_on_the_underlay_in_no_accept_mode() -> None:
+    snat = config_for("snat").ha
+    assert snat is not None
+    lines = [ln.strip() for ln in render(snat, facts()).splitlines()]
+    assert "198.18.0.12/32 dev eth0" in lines  # the underlay, a /32
+    assert f"{ADVERT_MARKER}/32 dev lo scope host" not in lines  # the advert carries it
+    # Nothing is accepted for the NAT address itself: no reset before conntrackd's commit.
+    assert "no_accept" in lines
+    assert "weight -253" in lines and "gatepeer_sync" in lines
 
 
 def keepalived_missing() -> str | None:
