@@ -68,7 +68,8 @@ def lab() -> None:
     "--peers",
     type=click.IntRange(1, 2),
     help="Gate peer namespaces; 2 makes an HA pair (PREFIX-peer2 at 198.18.0.11, [ha] in both "
-    "configs; `lab ha start` runs gatepeer and keepalived in each).  [default: 1]",
+    "configs with the NAT address 198.18.0.12 and conntrackd's sync; `lab ha start` runs "
+    "gatepeer, conntrackd and keepalived in each).  [default: 1]",
 )
 @click.option(
     "--host-port",
@@ -142,14 +143,16 @@ def down(prefix: str) -> None:
 
 @lab.group("ha")
 def ha_group() -> None:
-    """The HA pair of a `lab up --peers 2` lab: gatepeer and keepalived in both peers."""
+    """The HA pair of a `lab up --peers 2` lab: gatepeer, conntrackd and keepalived in both
+    peers."""
 
 
 @ha_group.command("start")
 @prefix_option
 def ha_start(prefix: str) -> None:
-    """Start `gatepeer run`, then keepalived (config from `gatepeer ha render`), in each gate
-    peer namespace; pids recorded in the lab's folder (`lab ha stop` and `lab down` use them)."""
+    """Start `gatepeer run`, conntrackd (config from `gatepeer ha render --conntrackd`), then
+    keepalived (config from `gatepeer ha render`), in each gate peer namespace; pids recorded in
+    the lab's folder (`lab ha stop` and `lab down` use them)."""
     _require_root()
     from gatepeer.lab.network.netns import LabError
     from gatepeer.lab.processes import ha_pair
@@ -164,14 +167,14 @@ def ha_start(prefix: str) -> None:
     except LabError as exc:
         _fail("ha start", exc)
     for ns, pids in started.items():
-        agent, keepalived = pids["gatepeer"], pids["keepalived"]
-        click.echo(f"{ns}: gatepeer run pid {agent}, keepalived pid {keepalived}")
+        click.echo(f"{ns}: " + ", ".join(f"{name} pid {pid}" for name, pid in pids.items()))
 
 
 @ha_group.command("stop")
 @prefix_option
 def ha_stop(prefix: str) -> None:
-    """Stop keepalived, then gatepeer, in each gate peer namespace (by the recorded pids)."""
+    """Stop keepalived, gatepeer, then conntrackd, in each gate peer namespace (by the recorded
+    pids)."""
     _require_root()
     from gatepeer.lab.network.layout import MAX_PEERS
     from gatepeer.lab.processes import ha_pair
@@ -348,6 +351,7 @@ def _print_summary(info: LabInfo) -> None:
         FABRIC_SORACOM_ADDR,
         FABRIC_VPC_ADDR,
         INTERNET_ADDR,
+        PAIR_SNAT_ADDR,
         PEER_ADDR,
         VPC_HOST_ADDR,
     )
@@ -395,8 +399,9 @@ def _print_summary(info: LabInfo) -> None:
     if layout.peer_count > 1:
         configs = ", ".join(str(paths.peer_config(p.index)) for p in layout.gate_peers)
         echo(
-            f"  HA pair: configs {configs} ([ha], nat mode); start gatepeer and keepalived "
-            f"in both with `gatepeer lab ha start --prefix {layout.prefix}`"
+            f"  HA pair: configs {configs} ([ha], nat mode, NAT address {PAIR_SNAT_ADDR}, "
+            f"conntrackd sync); start gatepeer, conntrackd and keepalived in both with "
+            f"`gatepeer lab ha start --prefix {layout.prefix}`"
         )
     if info.gate_peer:
         gp = info.gate_peer

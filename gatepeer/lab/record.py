@@ -19,6 +19,7 @@ from gatepeer.lab.network.layout import (
     API_PORT,
     DEFAULT_HOST_PORT,
     DEFAULT_PREFIX,
+    PAIR_SNAT_ADDR,
     PEER2_ADDR,
     PEER_ADDR,
     GatePeer,
@@ -202,7 +203,9 @@ def render_config(
 def render_ha_settings(paths: Paths, index: int) -> str:
     """The HA pair's sections: nat mode (the lab's VPC host routes the device subnet to peer
     1 only, so route mode would need its route to move too), 1 s probes (`gatepeer check`
-    wants a recent answer from the VPG), and [ha] pointing at the other peer."""
+    wants a recent answer from the VPG), and [ha] pointing at the other peer, with the moving
+    NAT address and conntrackd's sync (its config and control socket in the lab's folder, one
+    per peer), so connections survive a failover without extra steps."""
     other = PEER2_ADDR if index == 1 else PEER_ADDR
     return (
         "\n"
@@ -219,6 +222,11 @@ def render_ha_settings(paths: Paths, index: int) -> str:
         f"priority = {150 if index == 1 else 100}\n"
         'advert_interval = "1s"\n'
         f'notify_fifo = "{paths.peer_file(index, "keepalived.fifo")}"\n'
+        "# The address the VPC host sees for the devices, held by the master only.\n"
+        f'snat_address = "{PAIR_SNAT_ADDR}"\n'
+        "conntrack_sync = true\n"
+        f'conntrackd_config = "{paths.peer_file(index, "conntrackd.conf")}"\n'
+        f'conntrackd_socket = "{paths.peer_file(index, "conntrackd.ctl")}"\n'
     )
 
 

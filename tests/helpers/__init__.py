@@ -18,4 +18,6 @@ monitoring files; golden files are under tests/golden/, SORACOM's spec excerpt u
   namespace's real kernel; `aws_fakes`: moto's server and botocore stubs for the AWS calls;
 - `recipe_lab`: the closed-network recipes' AWS side beside a lab (moto's EC2 through
   `moto_lab_server`, a services host, a dnsmasq resolver) and a device resolving through it.
+- `flow_probe` (a program run by path in a lab namespace) and `failover_traffic` (starts it by
+  pid): TCP echo connections and a UDP flow through a failover, their stalls, resets and losses.
 """

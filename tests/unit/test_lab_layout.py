@@ -146,6 +146,12 @@ def test_the_ha_pair_configs_point_at_each_other(tmp_path: Any) -> None:
     assert first.ha.notify_fifo != second.ha.notify_fifo
     assert first.agent.state_file != second.agent.state_file
     assert first.packet_path.mode == second.packet_path.mode == "nat"
+    # Connections survive a failover without extra steps: one moving NAT address, the sync on,
+    # each peer's conntrackd with its own config and control socket.
+    assert str(first.ha.snat_address) == str(second.ha.snat_address) == "198.18.0.12"
+    assert first.ha.conntrack_sync and second.ha.conntrack_sync
+    assert first.ha.conntrackd_socket != second.ha.conntrackd_socket
+    assert first.ha.conntrackd_config != second.ha.conntrackd_config
     # A lab.json from before the pair existed reads as one peer.
     record = Layout().to_dict()
     del record["peer_count"]

@@ -1,8 +1,11 @@
-"""The HA pair of a two-peer lab (`lab up --peers 2`): `gatepeer run` and keepalived in each gate
-peer namespace, as the unit files order them on a real host (gatepeer first: it makes the
-notify FIFO; keepalived after, with the config `gatepeer ha render` wrote). Every process is
-recorded by pid in the lab's folder and stopped by that pid only, after checking that the pid
-still runs the command we started (pids are reused).
+"""The HA pair of a two-peer lab (`lab up --peers 2`): `gatepeer run`, conntrackd and keepalived
+in each gate peer namespace, as the unit files order them on a real host (gatepeer first: it
+makes the notify FIFO and knows the device subnet; conntrackd next, with the config `gatepeer
+ha render --conntrackd` wrote, so that the connections sync before any role is taken;
+keepalived last, with the config `gatepeer ha render` wrote). conntrackd runs only when the
+peer's config says `ha.conntrack_sync` (the lab's configs do). Every process is recorded by pid
+in the lab's folder and stopped by that pid only, after checking that the pid still runs the
+command we started (pids are reused).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from gatepeer.lab.record import Paths
 # The first reconcile registers through the emulator; on a loaded host that takes seconds.
 AGENT_READY_S = 60.0
 KEEPALIVED_START_S = 10.0
+CONNTRACKD_START_S = 10.0
 STOP_WAIT_S = 15.0
 
 
@@ -33,6 +37,21 @@ def keepalived_binary() -> str:
     if not Path(found).exists():
         raise LabError("keepalived is not installed (Debian: keepalived)")
     return found
+
+
+def conntrackd_binary() -> str:
+    found = shutil.which("conntrackd") or "/usr/sbin/conntrackd"
+    if not Path(found).exists():
+        raise LabError("conntrackd is not installed (Debian: conntrackd)")
+    return found
+
+
+def syncs(paths: Paths, index: int) -> bool:
+    """Whether this peer's config asks for conntrackd (`ha.conntrack_sync`)."""
+    from gatepeer.config import load
+
+    ha = load(paths.peer_config(index)).ha
+    return bool(ha is not None and getattr(ha, "conntrack_sync", False))
 
 
 def agent_state(paths: Paths, index: int) -> dict[str, Any] | None:
@@ -109,6 +128,64 @@ def start_keepalived(paths: Paths, peer: GatePeer) -> int:
     return proc.pid
 
 
+def render_conntrackd(paths: Paths, peer: GatePeer) -> Path:
+    """`gatepeer ha render --conntrackd -o FILE` in the peer's namespace (checked by conntrackd's
+    own parser first). The control socket and lock file it names are the lab's, per peer."""
+    conf = paths.peer_file(peer.index, "conntrackd.conf")
+    cmd = agent_command(paths, "ha", "render", "--conntrackd", "-o", str(conf), index=peer.index)
+    proc = netns.run(netns.exec_in(peer.ns, cmd), check=False, timeout=60)
+    if proc.returncode != 0:
+        raise LabError(
+            f"gatepeer ha render --conntrackd in {peer.ns} failed: {proc.stderr.strip()}"
+        )
+    return conf
+
+
+def start_conntrackd(paths: Paths, peer: GatePeer) -> int:
+    """conntrackd in the foreground of its own session; ready when its control socket answers
+    (`conntrackd -s`)."""
+    conf = render_conntrackd(paths, peer)
+    i = peer.index
+    binary = conntrackd_binary()
+    with open(paths.peer_file(i, "conntrackd.log"), "ab") as out:
+        proc = subprocess.Popen(
+            netns.exec_in(peer.ns, [binary, "-C", str(conf)]),
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    paths.peer_file(i, "conntrackd.pid").write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + CONNTRACKD_START_S
+    while True:
+        answer = netns.run(netns.exec_in(peer.ns, [binary, "-C", str(conf), "-s"]), check=False)
+        if answer.returncode == 0:
+            return proc.pid
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log = paths.peer_file(i, "conntrackd.log").read_text(errors="replace")[-2000:]
+            raise LabError(
+                f"conntrackd in {peer.ns} did not answer on its socket: {answer.stderr.strip()}"
+                f"\n{log}"
+            )
+        time.sleep(0.05)
+
+
+def runs_conntrackd(paths: Paths, index: int) -> bool:
+    """The conntrackd we recorded for this peer is alive."""
+    pid = read_pid(paths.peer_file(index, "conntrackd.pid"))
+    return runs(pid, "conntrackd", str(paths.peer_file(index, "conntrackd.conf")))
+
+
+def stop_conntrackd(paths: Paths, index: int) -> int | None:
+    """SIGTERM to the conntrackd we recorded (it removes its socket and lock file)."""
+    pid = read_pid(paths.peer_file(index, "conntrackd.pid"))
+    stopped = None
+    if runs(pid, "conntrackd", str(paths.peer_file(index, "conntrackd.conf"))):
+        assert pid is not None
+        stop_pid(pid, STOP_WAIT_S)
+        stopped = pid
+    paths.peer_file(index, "conntrackd.pid").unlink(missing_ok=True)
+    return stopped
+
+
 def stop_keepalived(paths: Paths, index: int) -> int | None:
     """SIGTERM to the keepalived we recorded (it sends a priority-0 advert and drops its
     addresses); its VRRP child is killed too if it outlives the parent. Returns the pid."""
@@ -141,14 +218,18 @@ def stop_agent(paths: Paths, index: int) -> int | None:
 
 
 def start_peer(paths: Paths, peer: GatePeer, env: dict[str, str] | None = None) -> dict[str, int]:
-    """gatepeer first (it makes the FIFO keepalived writes to), then keepalived."""
-    agent = start_agent(paths, peer, env=env)
-    return {"gatepeer": agent, "keepalived": start_keepalived(paths, peer)}
+    """gatepeer first (it makes the FIFO keepalived writes to), conntrackd (with the sync on),
+    then keepalived."""
+    started = {"gatepeer": start_agent(paths, peer, env=env)}
+    if syncs(paths, peer.index):
+        started["conntrackd"] = start_conntrackd(paths, peer)
+    started["keepalived"] = start_keepalived(paths, peer)
+    return started
 
 
 def stop_peer(paths: Paths, index: int) -> list[str]:
     """keepalived first (the role goes to the other peer while this one's tunnel is still
-    up), then gatepeer."""
+    up), then gatepeer (which hands its conntrackd the STOP transition), then conntrackd."""
     out = []
     pid = stop_keepalived(paths, index)
     if pid is not None:
@@ -156,6 +237,9 @@ def stop_peer(paths: Paths, index: int) -> list[str]:
     pid = stop_agent(paths, index)
     if pid is not None:
         out.append(f"gatepeer run (pid {pid})")
+    pid = stop_conntrackd(paths, index)
+    if pid is not None:
+        out.append(f"conntrackd (pid {pid})")
     return out
 
 
