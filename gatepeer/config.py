@@ -119,8 +119,11 @@ class PacketPathConfig:
     allowed_destinations: tuple[ipaddress.IPv4Network, ...] = ()
     # The list's AWS names (pl-..., com.amazonaws.<region>.<service>, vpce-...), resolved
     # through EC2 by gatepeer.aws.destinations, every destinations_refresh seconds, the last
-    # good set kept in destinations_cache (None: not kept).
-    allowed_names: tuple[str, ...] = ()
+    # good set kept in destinations_cache (None: not kept). Not a key of its own: the file
+    # writes them in allowed_destinations.
+    allowed_names: tuple[str, ...] = field(
+        default=(), metadata={"from_key": "allowed_destinations"}
+    )
     destinations_refresh: float = 300.0
     destinations_cache: Path | None = Path("/var/lib/gatepeer/destinations.json")
     # Device traffic to anything outside the allowed destinations and the VPC is dropped and

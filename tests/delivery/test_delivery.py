@@ -520,7 +520,12 @@ def config_keys() -> list[str]:
         table = next((k for k in kinds if dataclasses.is_dataclass(k)), None)
         if table is None:
             continue
-        keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(table)]
+        # A field filled from another key (the AWS names of allowed_destinations) is no key.
+        keys += [
+            f"{section.name}.{f.name}"
+            for f in dataclasses.fields(table)
+            if "from_key" not in f.metadata
+        ]
     return keys
 
 
