@@ -5,8 +5,8 @@ How each is asked, without changing anything:
   call and UnauthorizedOperation when not. moto honours DryRun behind its IAM enforcement the
   same way, so the tests see both answers.
 - `ssm:GetParameter`: proven by the doctor's secret check, which reads the key.
-- Auto Scaling and Route 53 Resolver have no dry run, nor has EC2's AssignPrivateIpAddresses
-  (`NO_DRY_RUN`): those actions are asked through
+- Auto Scaling, Route 53 and Route 53 Resolver have no dry run, nor has EC2's
+  AssignPrivateIpAddresses (`NO_DRY_RUN`): those actions are asked through
   `iam:SimulatePrincipalPolicy` for the role behind the instance's credentials. That needs the
   permission itself (instance roles rarely have it) and moto does not implement it, so when no
   simulation can be made those actions are reported as not verified, never as missing.
@@ -147,6 +147,7 @@ FEATURES: tuple[Feature, ...] = (
             ("ec2:DescribeSecurityGroups", "Describe"),
             ("ec2:DescribeVpcAttribute", "Describe"),
             ("route53resolver:ListResolverEndpoints", "Describe"),
+            ("route53:ListHostedZonesByVPC", "Describe"),
         ),
         lambda c: c.packet_path.closed,
         "`packet_path.closed = true` (doctor's closed-network check)",
@@ -426,7 +427,8 @@ def verify(
     to_simulate = [
         p
         for p in wanted
-        if p.action.split(":")[0] in ("autoscaling", "route53resolver") or p.action in NO_DRY_RUN
+        if p.action.split(":")[0] in ("autoscaling", "route53resolver", "route53")
+        or p.action in NO_DRY_RUN
     ]
     simulated = simulate(make_client, [p.action for p in to_simulate]) if to_simulate else {}
     for p in wanted:

@@ -9,7 +9,9 @@
 - `closed-endpoint-sg`: every interface endpoint's security groups admit the peer (nat mode:
   devices' traffic arrives from the peer's address) or the device subnet (route mode).
 - `closed-endpoint-dns`: interface endpoints' private DNS, and the VPC's DNS support and
-  hostnames it needs.
+  hostnames it needs. AWS offers no private DNS for some endpoints (IoT Core's data and
+  credentials endpoints): for those, a Route 53 private hosted zone associated with the VPC must
+  hold the service's names instead.
 - `closed-resolver`: with SSM's endpoints, a Route 53 inbound resolver endpoint in the VPC
   (devices resolve the service's private name through it, via the SIM group's custom DNS).
 
@@ -35,6 +37,9 @@ RESOLVER = "closed-resolver"
 NAMES = (ROUTE, ENDPOINT_SG, ENDPOINT_DNS, RESOLVER)
 # SSM's agent needs these three (and S3 for its own updates and logs).
 SSM_SERVICES = ("ssm", "ssmmessages", "ec2messages")
+# Interface endpoints AWS gives no private DNS: a private hosted zone stands in (AWS IoT Core's
+# developer guide, "Using AWS IoT Core with interface VPC endpoints").
+NO_PRIVATE_DNS = ("iot.data", "iot.credentials")
 
 # Route targets by id prefix: (inside the closed network?, what it is).
 _TARGETS: tuple[tuple[str, bool | None, str], ...] = (
@@ -101,6 +106,15 @@ class Endpoint:
     @property
     def short_service(self) -> str:
         return self.service.rsplit(".", 1)[-1]
+
+    @property
+    def zone_service(self) -> str | None:
+        """For a service AWS gives no private DNS, the DNS domain its names live under
+        (com.amazonaws.<region>.iot.data: iot.<region>.amazonaws.com); else None."""
+        parts = self.service.split(".")
+        if len(parts) < 4 or ".".join(parts[3:]) not in NO_PRIVATE_DNS:
+            return None
+        return f"{parts[3]}.{parts[2]}.amazonaws.com"
 
 
 @dataclass(frozen=True)
@@ -241,13 +255,24 @@ def judge_endpoint_groups(
     return Check("ok", ENDPOINT_SG, f"{len(interface)} interface endpoint(s) admit {who}")
 
 
+def _covers(zone: str, domain: str) -> bool:
+    """A private hosted zone named `zone` can answer names under `domain`."""
+    zone = zone.rstrip(".").lower()
+    return zone == domain or zone.endswith("." + domain) or domain.endswith("." + zone)
+
+
 def judge_endpoint_dns(
-    endpoints: Sequence[Endpoint], dns_support: bool | None, dns_hostnames: bool | None
+    endpoints: Sequence[Endpoint],
+    dns_support: bool | None,
+    dns_hostnames: bool | None,
+    private_zones: Sequence[str] | None = (),
 ) -> Check:
+    """`private_zones`: the names of the private hosted zones associated with the VPC (None:
+    they could not be read)."""
     interface = [e for e in endpoints if e.kind == "Interface"]
     if not interface:
         return Check("ok", ENDPOINT_DNS, "no interface endpoint to judge")
-    off = [e for e in interface if not e.private_dns]
+    off = [e for e in interface if not e.private_dns and e.zone_service is None]
     if off:
         return Check(
             "fail",
@@ -255,6 +280,30 @@ def judge_endpoint_dns(
             f"{off[0].endpoint_id} ({off[0].service}): private DNS is off: the service's "
             "public name resolves to public addresses, outside the closed network; turn on "
             "its private DNS",
+        )
+    zoned = [e for e in interface if e.zone_service is not None]
+    if zoned and private_zones is None:
+        return Check(
+            "warn",
+            ENDPOINT_DNS,
+            f"{zoned[0].endpoint_id} ({zoned[0].service}) has no private DNS from AWS and the "
+            "VPC's private hosted zones could not be read (route53:ListHostedZonesByVPC)",
+        )
+    unzoned = [
+        e
+        for e in zoned
+        if e.zone_service is not None
+        and not any(_covers(z, e.zone_service) for z in private_zones or ())
+    ]
+    if unzoned:
+        e = unzoned[0]
+        return Check(
+            "fail",
+            ENDPOINT_DNS,
+            f"{e.endpoint_id} ({e.service}): AWS gives this endpoint no private DNS and no "
+            f"private hosted zone for {e.zone_service} is associated with the VPC: devices "
+            "resolve the public addresses, outside the closed network; create one with the "
+            "service's name pointing at the endpoint",
         )
     missing = [
         name
@@ -271,7 +320,10 @@ def judge_endpoint_dns(
             f"the VPC's {' and '.join(missing)} is off: the endpoints' private DNS names do not "
             "resolve; turn it on",
         )
-    return Check("ok", ENDPOINT_DNS, f"private DNS on for {len(interface)} interface endpoint(s)")
+    how = f" ({len(zoned)} through a private hosted zone)" if zoned else ""
+    return Check(
+        "ok", ENDPOINT_DNS, f"private DNS on for {len(interface)} interface endpoint(s){how}"
+    )
 
 
 def judge_resolver(endpoints: Sequence[Endpoint], resolvers: Sequence[Resolver] | None) -> Check:

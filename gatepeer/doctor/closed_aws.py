@@ -155,6 +155,22 @@ def resolvers(r53: Any, vpc_id: str) -> list[Resolver]:
     ]
 
 
+def private_zones(r53: Any, vpc_id: str, region: str) -> list[str]:
+    """The names of the Route 53 private hosted zones associated with the VPC."""
+    from botocore.exceptions import ClientError
+
+    try:
+        answer = r53.list_hosted_zones_by_vpc(VPCId=vpc_id, VPCRegion=region)
+    except ClientError as exc:
+        raise AwsError(
+            f"route53:ListHostedZonesByVPC on {vpc_id}: "
+            f"{error_code(exc) or 'error'}: {error_message(exc)}"
+        ) from None
+    except transport_errors() as exc:
+        raise AwsError(f"route53:ListHostedZonesByVPC: {exc}") from None
+    return [z["Name"] for z in answer.get("HostedZoneSummaries", [])]
+
+
 def run(
     config: Config,
     facts: InstanceFacts,
@@ -199,7 +215,13 @@ def run(
         out.append(Check("warn", ENDPOINT_SG, f"cannot read the security groups: {exc}"))
     try:
         support, hostnames = vpc_dns(ec2, facts.vpc_id)
-        out.append(judge_endpoint_dns(endpoints, support, hostnames))
+        zones: list[str] | None = []
+        if any(e.zone_service for e in endpoints if e.kind == "Interface"):
+            try:
+                zones = private_zones(make_client("route53"), facts.vpc_id, facts.region)
+            except AwsError:
+                zones = None
+        out.append(judge_endpoint_dns(endpoints, support, hostnames, zones))
     except AwsError as exc:
         out.append(Check("warn", ENDPOINT_DNS, f"cannot read the VPC's DNS attributes: {exc}"))
     found: list[Resolver] | None

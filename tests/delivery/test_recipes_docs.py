@@ -203,7 +203,7 @@ def doctor_checks_behind_the_pages() -> set[tuple[str, str, str]]:
         endpoint("vpce-0b2b2b2b2b2b2b2b2", "ssmmessages", "sg-0ddddddddddddddd"),
         endpoint("vpce-0c3c3c3c3c3c3c3c3", "ec2messages", "sg-0aaaaaaaaaaaaaaa"),
     ]
-    # IoT Core's data endpoint: AWS gives it no private DNS.
+    # IoT Core's data endpoint: AWS gives it no private DNS (a private hosted zone does).
     iot = [endpoint(gone, "iot.data", "sg-0eeeeeeeeeeeeeeee", dns=False)]
     admits = IngressRule("sg-0aaaaaaaaaaaaaaa", "tcp", 443, 443, (net("10.0.1.10/32"),))
     everyone = [admits, *(IngressRule(g, "tcp", 443, 443, (net("10.0.0.0/16"),))
@@ -225,6 +225,7 @@ def doctor_checks_behind_the_pages() -> set[tuple[str, str, str]]:
         c.judge_endpoint_dns(ssm, True, True),
         c.judge_endpoint_dns(off, True, True),
         c.judge_endpoint_dns(iot, True, True),
+        c.judge_endpoint_dns(iot, True, True, ["iot.ap-northeast-1.amazonaws.com."]),
         c.judge_resolver(ssm, [resolver]),
         c.judge_resolver(ssm, []),
         c.judge_resolver(ssm[:2], [resolver]),

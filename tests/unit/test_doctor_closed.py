@@ -168,6 +168,34 @@ def test_private_dns_off_fails(vpc: Vpc) -> None:
     assert dns.status == "fail" and endpoint in dns.detail
 
 
+def test_iot_data_needs_a_private_hosted_zone_not_private_dns(vpc: Vpc) -> None:
+    """AWS gives IoT Core's data endpoint no private DNS: doctor looks for a private hosted zone
+    for iot.<region>.amazonaws.com associated with the VPC instead of failing a correct setup."""
+    endpoint = vpc.interface_endpoint("iot.data", vpc.group("iot"), private_dns=False)
+    dns = named(vpc.check(), closed.ENDPOINT_DNS)[0]
+    assert dns.status == "fail" and endpoint in dns.detail, dns
+    assert f"iot.{REGION}.amazonaws.com" in dns.detail and "hosted zone" in dns.detail
+    vpc.make_client("route53").create_hosted_zone(
+        Name=f"iot.{REGION}.amazonaws.com",
+        CallerReference="closed-test",
+        HostedZoneConfig={"Comment": "IoT data endpoint", "PrivateZone": True},
+        VPC={"VPCRegion": REGION, "VPCId": vpc.facts.vpc_id},
+    )
+    dns = named(vpc.check(), closed.ENDPOINT_DNS)[0]
+    assert dns.status == "ok" and "private hosted zone" in dns.detail, dns
+
+
+def test_a_hosted_zone_for_another_domain_does_not_count() -> None:
+    iot = closed.Endpoint(
+        "vpce-0", "Interface", f"com.amazonaws.{REGION}.iot.data", "available", False
+    )
+    assert iot.zone_service == f"iot.{REGION}.amazonaws.com"
+    other = closed.judge_endpoint_dns([iot], True, True, ["example.internal."])
+    below = closed.judge_endpoint_dns([iot], True, True, [f"a1b2-ats.iot.{REGION}.amazonaws.com."])
+    unread = closed.judge_endpoint_dns([iot], True, True, None)
+    assert (other.status, below.status, unread.status) == ("fail", "ok", "warn")
+
+
 def test_ssm_needs_an_inbound_resolver(vpc: Vpc) -> None:
     group = vpc.group("endpoints")
     for service in closed.SSM_SERVICES:
