@@ -31,3 +31,18 @@ def test_every_page_is_in_the_site_nav() -> None:
     pages = sorted(p.name for p in (REPO / "docs").glob("*.md"))
     absent = [p for p in pages if f": {p}" not in nav]
     assert not absent, f"mkdocs.yml nav lacks: {absent}"
+
+
+def test_mermaid_diagrams_become_elements_the_site_script_draws() -> None:
+    """The site renders a ```mermaid fence as an element of class "mermaid" (Mermaid's script
+    draws those), not as highlighted code."""
+    import markdown
+    from mkdocs.config import load_config
+
+    config = load_config(str(REPO / "mkdocs.yml"))
+    md = markdown.Markdown(
+        extensions=config["markdown_extensions"], extension_configs=config["mdx_configs"]
+    )
+    html = md.convert((REPO / "docs" / "recipes" / "s3.md").read_text())
+    assert '<pre class="mermaid"><code>' in html and "flowchart" in html.split("mermaid", 1)[1]
+    assert any("mermaid" in str(js) for js in config["extra_javascript"])
