@@ -11,8 +11,8 @@ same readers (state.json, `kernel.rtnl`), plus one `nft list table`; no pyroute2
 
 `gatepeer check --sync` is the second script, with a negative weight: is conntrackd's copy of
 the other peer's connections good? On the master only conntrackd not answering counts: the
-other peer's silence is not the master's fault. It reads what the daemon recorded (state.json's "ha" "sync",
-read from `conntrackd -s` every second) and runs nothing itself.
+other peer's silence is not the master's fault. It reads what the daemon recorded (state.json's
+"ha" "sync", read from `conntrackd -s` every second) and runs nothing itself.
 """
 
 from __future__ import annotations
