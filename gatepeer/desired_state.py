@@ -360,6 +360,14 @@ def desired_state(
                 if global_size
                 else Sysctl(path, value),
             )
+    if snat is not None:
+        # An HA pair moves tracked flows between peers, and during a failover each peer sees
+        # only part of a flow's segments (the VPG and the VPC host switch peers at different
+        # moments). Strict window tracking then marks the rest out of window: INVALID packets
+        # get no NAT, so the old master forwarded a device's ACK with the device's own source
+        # and the VPC host reset the connection (traced in docs/ha.md). conntrack-tools'
+        # manual advises liberal tracking for synced firewalls.
+        sysctls += (Sysctl("net/netfilter/nf_conntrack_tcp_be_liberal", 1),)
     if config.flow_log.enabled:
         # The flow log's byte counts on "destroy" (per network namespace; off by default).
         sysctls += (Sysctl("net/netfilter/nf_conntrack_acct", 1),)

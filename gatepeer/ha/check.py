@@ -10,8 +10,9 @@ It must be as light as `gatepeer status` (keepalived runs it every second on bot
 same readers (state.json, `kernel.rtnl`), plus one `nft list table`; no pyroute2.
 
 `gatepeer check --sync` is the second script, with a negative weight: is conntrackd's copy of
-the other peer's connections good? It reads what the daemon recorded (state.json's "ha" "sync",
-read from `conntrackd -s` every second) and runs nothing itself.
+the other peer's connections good? On the master only conntrackd not answering counts: the
+other peer's silence is not the master's fault. It reads what the daemon recorded (state.json's
+"ha" "sync", read from `conntrackd -s` every second) and runs nothing itself.
 """
 
 from __future__ import annotations
@@ -134,12 +135,19 @@ def evaluate_sync(recorded_ha: object, now: float, fresh_for: float) -> list[str
     """Why this peer's sync is broken; empty when it is good. Pure. The silence of the other
     peer is measured at the daemon's last reading, whose own age is judged against `fresh_for`
     (the daemon writes state.json at least every probe round)."""
-    health = RoleView.from_json(recorded_ha).sync
+    view = RoleView.from_json(recorded_ha)
+    health = view.sync
     if health is None:
         return ["sync: the daemon recorded no reading of conntrackd (is it running with [ha]?)"]
     age = now - health.read_at
     if age > fresh_for:
         return [f"sync: the daemon's last reading of conntrackd is {age:.0f} s old"]
+    if view.role == "master" and health.error is None:
+        # The master's flows are in its own kernel table; a silent peer, or send errors to it,
+        # mean the peer is gone or returning. Lowering the master then would let a returning
+        # peer (its copy not yet good) win the next election: the role went back to the old
+        # master after its port returned, despite nopreempt (test_ha_lab.py, route mode).
+        return []
     return conntrackd.problems(health, health.read_at)
 
 

@@ -30,7 +30,8 @@ The shape, and why:
 - With `ha.conntrack_sync`, a second script (`gatepeer check --sync`) with a negative weight:
   broken sync lowers the priority below any healthy peer's, so an election prefers the peer
   whose copy of the connections is good, but never puts the instance into FAULT (a master
-  whose peer is down hears no sync, and must stay master).
+  whose peer is down hears no sync, and must stay master; the check ignores that silence on
+  the master, so its priority stays above a returning peer's).
 """
 
 from __future__ import annotations

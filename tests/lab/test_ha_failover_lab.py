@@ -233,13 +233,6 @@ def test_graceful_stop_udp_and_the_returning_peer_resyncs(
     lab.settled()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 18, found here: on a graceful stop the old master, still sent the devices' "
-    "traffic until the claim, forwards a segment un-NATed (its conntrack entry is gone), and the "
-    "new master holds the NAT address before its commit, so its own stack can answer the VPC "
-    "host with a reset (docs/ha.md, 'Failover that keeps connections: measured')",
-)
 def test_graceful_stop_keeps_a_tcp_connection(
     lab: HaLab, server: Process, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -341,6 +341,22 @@ def test_check_sync_judges_the_daemons_reading() -> None:
     assert evaluate_sync({"role": "backup"}, 1000.0, 5.0)[0].startswith("sync: the daemon")
 
 
+def test_check_sync_on_the_master_counts_only_a_conntrackd_that_does_not_answer() -> None:
+    """A master whose peer is gone hears no sync and gets send errors; lowering its priority
+    then would hand the role to the returning peer before that one has resynced."""
+    silent = SyncHealth(1000.0, None, 3, 4, 10, 5, 0, 990.0, 999.0)
+    as_master = RoleView(role="master", sync=silent).to_json()
+    assert evaluate_sync(as_master, 1000.0, fresh_for=5.0) == []
+    as_backup = RoleView(role="backup", sync=silent).to_json()
+    assert len(evaluate_sync(as_backup, 1000.0, fresh_for=5.0)) == 2
+    dead = RoleView(role="master", sync=SyncHealth(1000.0, "conntrackd -s: refused")).to_json()
+    assert evaluate_sync(dead, 1000.0, fresh_for=5.0) == [
+        "sync: conntrackd does not answer (conntrackd -s: refused)"
+    ]
+    stale = RoleView(role="master", sync=silent).to_json()
+    assert evaluate_sync(stale, 1010.0, fresh_for=5.0)[0].startswith("sync: the daemon's last")
+
+
 # ---- the commands ------------------------------------------------------------------------
 
 

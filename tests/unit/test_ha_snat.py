@@ -53,6 +53,18 @@ def test_the_table_spec_gets_snat_address_only_when_set() -> None:
     assert desired_state(config(None), FACTS, GATE).packet_path.snat_address is None
 
 
+def test_snat_address_makes_tcp_tracking_liberal() -> None:
+    """With a NAT address that moves, conntrack tracks TCP liberally (a peer sees only part of
+    a flow's segments during a failover); without it the kernel's default stays."""
+
+    def liberal(snat: IPv4Address | None) -> int | None:
+        wanted = {s.path: s.value for s in desired_state(config(snat), FACTS, GATE).sysctls}
+        return wanted.get("net/netfilter/nf_conntrack_tcp_be_liberal")
+
+    assert liberal(SNAT) == 1
+    assert liberal(None) is None
+
+
 def test_the_permission_check_simulates_assign_private_ip_addresses() -> None:
     """EC2's AssignPrivateIpAddresses takes no DryRun: the check asks IAM's simulation for it
     and reports its answer, allowed or denied."""
