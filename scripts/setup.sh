@@ -9,7 +9,8 @@ packages=(
     iproute2                          # ip, bridge: the lab and the baseline script
     nftables conntrack                # the packet path
     iperf3 iputils-ping tcpdump       # traffic in the lab and the benchmarks
-    keepalived                        # high availability: the VRRP election (gatepeer/ha/)
+    keepalived conntrackd             # high availability: the VRRP election, the conntrack sync
+    ethtool                           # the ENA counters' ioctl checked against `ethtool -S`
     dnsmasq-base                      # the recipe labs' DNS stand-in (tests/helpers/recipe_lab.py)
     prometheus                        # promtool and the server for the metrics tests
     procps kmod ca-certificates
