@@ -1,0 +1,120 @@
+"""The daemon's last reading of the kernel's per-device counters, kept on disk for
+`gatepeer devices`.
+
+The daemon reads the counters on a thread for the device metrics (at most every
+`metrics.devices.MIN_READ_INTERVAL_S`); each reading is written here, atomically, with its
+time. `gatepeer devices` then reads one compact file instead of listing both nftables sets
+and parsing their JSON (computed once, stored). A reading older than `MAX_AGE_S` (no daemon,
+or nobody scraping the metrics) is not used: the report reads the kernel itself and says so.
+
+The file lives beside `agent.state_file` (tmpfs: a reading means nothing after a reboot). One
+row per device: the address as an integer and the counts, in the order of `FIELDS`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gatepeer import atomic_json
+from gatepeer.device_traffic import DeviceTraffic
+
+if TYPE_CHECKING:
+    from gatepeer.config import Config
+    from gatepeer.metrics.device_activity import DeviceCounters
+
+log = logging.getLogger(__name__)
+
+FILE_NAME = "device-traffic.json"
+VERSION = 1
+FIELDS = (
+    "address",
+    "packets_from_device",
+    "bytes_from_device",
+    "packets_to_device",
+    "bytes_to_device",
+    "last_packet_age_s",
+)
+# Older than this, a reading is not the daemon's current one: Prometheus scrapes every 15 to
+# 60 s and each scrape older than MIN_READ_INTERVAL_S starts a reading.
+MAX_AGE_S = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One reading as kept: its rows (in the order of `FIELDS`) and the wall-clock time they
+    were read at. The rows become `DeviceTraffic` once, in `traffic`."""
+
+    rows: list[list[Any]]
+    read_at: float
+
+    def traffic(self, now: float | None = None) -> dict[IPv4Address, DeviceTraffic]:
+        """The counters by address, each last packet's age as of `now` (default: as of the
+        reading). ValueError when a row is not one."""
+        since = 0.0 if now is None else max(0.0, now - self.read_at)
+        found: dict[IPv4Address, DeviceTraffic] = {}
+        for row in self.rows:
+            n, pf, bf, pt, bt, age = row
+            if not all(type(v) is int for v in (n, pf, bf, pt, bt)) or not (
+                age is None or type(age) in (int, float)
+            ):
+                raise ValueError(f"not a device reading row: {row!r}"[:200])
+            address = IPv4Address(n)
+            found[address] = DeviceTraffic(
+                address, pf, bf, pt, bt, None if age is None else age + since
+            )
+        return found
+
+
+def path_for(config: Config) -> Path:
+    return config.agent.state_file.parent / FILE_NAME
+
+
+def keep(path: Path, traffic: Mapping[IPv4Address, DeviceCounters], read_at: float) -> None:
+    """Write one reading; a failure is logged, not raised (the metrics go on)."""
+    rows = [
+        [
+            int(address),
+            t.packets_from_device,
+            t.bytes_from_device,
+            t.packets_to_device,
+            t.bytes_to_device,
+            t.last_packet_age_s,
+        ]
+        for address, t in traffic.items()
+    ]
+    doc = {"version": VERSION, "read_at": read_at, "fields": list(FIELDS), "devices": rows}
+    try:
+        atomic_json.write(path, doc, indent=None)
+    except OSError as exc:
+        log.warning("cannot keep the device reading in %s: %s", path, exc.strerror or exc)
+
+
+def load(path: Path) -> Reading | None:
+    """The kept reading; None when there is none or it cannot be read (logged)."""
+    doc = atomic_json.read(path)
+    if doc is None:
+        return None
+    try:
+        return from_json(doc)
+    except (KeyError, ValueError, TypeError) as exc:
+        log.warning("ignoring an unreadable device reading in %s: %s", path, exc)
+        return None
+
+
+def from_json(doc: Mapping[str, Any]) -> Reading:
+    if doc.get("version") != VERSION or doc.get("fields") != list(FIELDS):
+        raise ValueError(f"not a version {VERSION} device reading")
+    read_at = doc["read_at"]
+    if not isinstance(read_at, int | float) or isinstance(read_at, bool):
+        raise ValueError("read_at must be a number")
+    rows = doc["devices"]
+    if not isinstance(rows, list) or not all(
+        isinstance(r, list) and len(r) == len(FIELDS) for r in rows
+    ):
+        raise ValueError("devices must be a list of rows of " + ", ".join(FIELDS))
+    return Reading(rows, float(read_at))
