@@ -40,6 +40,7 @@ import benchlib  # noqa: E402
 from benchlib import ms, summary, timed  # noqa: E402
 
 from gatepeer.lab.network.layout import PEER_ADDR  # noqa: E402
+from gatepeer.ruleset import DEVICE_TABLE_PREFIX  # noqa: E402
 
 METRICS_PORT = 8479
 METRICS_URL = f"http://{PEER_ADDR}:{METRICS_PORT}/metrics"
@@ -75,15 +76,23 @@ def load_sims(lab: benchlib.Lab, count: int) -> None:
         post(f"{lab.info.host_url}/_emulator/sims", {"sims": batch, "append": start > 0})
 
 
+def device_table(lab: benchlib.Lab) -> str:
+    """The device counters' table (`gatepeer_dev_<hash>`: the sets live in a table of their
+    own, kept across reloads of the main one)."""
+    listed = subprocess.run(
+        lab.in_peer("nft", "list", "tables"), check=True, capture_output=True, text=True
+    ).stdout.split()
+    return next(word for word in listed if word.startswith(DEVICE_TABLE_PREFIX))
+
+
 def fill_device_sets(lab: benchlib.Lab, count: int) -> None:
+    table = device_table(lab)
     for name in ("devices_from", "devices_to"):
         for start in range(0, count, NFT_BATCH):
             elements = ", ".join(
                 str(FIRST_DEVICE + n) for n in range(start, min(count, start + NFT_BATCH))
             )
-            cmd = lab.in_peer(
-                "nft", "add", "element", "inet", "gatepeer", name, f"{{ {elements} }}"
-            )
+            cmd = lab.in_peer("nft", "add", "element", "inet", table, name, f"{{ {elements} }}")
             subprocess.run(cmd, check=True, capture_output=True)
 
 
@@ -148,7 +157,7 @@ def main() -> None:
             fill_device_sets(lab, args.devices)
             fill_conntrack(lab, args.connections)
             list_sets = "; ".join(
-                f"nft -j list set inet gatepeer {name} >/dev/null"
+                f"nft -j list set inet {device_table(lab)} {name} >/dev/null"
                 for name in ("devices_from", "devices_to")
             )
             scrape = lab.in_peer(
