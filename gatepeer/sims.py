@@ -136,9 +136,16 @@ class SimRecords(Mapping[IPv4Address, SimRecord]):
             raise KeyError(address)
         return _unpack(address, self._packed[int(address)])
 
-    def get_by_int(self, address: int) -> SimRecord | None:
-        value = self._packed.get(address)
-        return None if value is None else _unpack(IPv4Address(address), value)
+    def group_of(self, address: IPv4Address) -> tuple[bool, str | None]:
+        """(known, group id) without making the record: the device metrics ask it for every
+        device at every reading."""
+        value = self._packed.get(int(address))
+        if value is None:
+            return False, None
+        if type(value) is not str:
+            return True, value.group_id  # type: ignore[union-attr]
+        group = value[value.rindex("\0") + 1 :]
+        return True, sys.intern(group) if group else None
 
     def __contains__(self, address: object) -> bool:
         return isinstance(address, IPv4Address) and int(address) in self._packed

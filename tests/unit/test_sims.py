@@ -373,12 +373,22 @@ def test_the_refresher_thread_fetches_at_start_and_stops(
 def test_packed_records_give_back_every_field() -> None:
     """The map's records are packed one string per SIM; each lookup gives the record back."""
     made = [
-        sims.SimRecord(IPv4Address("198.19.0.2"), "001010000000002", "89", "a", "g", True, "session"),
-        sims.SimRecord(IPv4Address("198.19.0.3"), "001010000000003", None, None, None, False, "session"),
-        sims.SimRecord(IPv4Address("198.19.0.4"), "001010000000004", "s", "n", None, True, "ip_map"),
-        sims.SimRecord(IPv4Address("198.19.0.5"), "001010000000005", None, "x", "g", False, "ip_map"),
-        sims.SimRecord(IPv4Address("198.19.0.6"), "001010000000006", None, "nul\0in", "g", True, "session"),
-    ]  # fmt: skip
+        sims.SimRecord(
+            IPv4Address("198.19.0.2"), "001010000000002", "89", "a", "g", True, "session"
+        ),
+        sims.SimRecord(
+            IPv4Address("198.19.0.3"), "001010000000003", None, None, None, False, "session"
+        ),
+        sims.SimRecord(
+            IPv4Address("198.19.0.4"), "001010000000004", "s", "n", None, True, "ip_map"
+        ),
+        sims.SimRecord(
+            IPv4Address("198.19.0.5"), "001010000000005", None, "x", "g", False, "ip_map"
+        ),
+        sims.SimRecord(
+            IPv4Address("198.19.0.6"), "001010000000006", None, "nul\0in", "g", True, "session"
+        ),
+    ]
     records = sims.SimRecords(made)
     assert len(records) == 5 and list(records) == [r.address for r in made]
     assert [records[r.address] for r in made] == made
