@@ -340,3 +340,27 @@ def test_the_daemons_source_keeps_each_reading(
     path.unlink()
     assert LiveDevices(lambda: False, lambda: None, reading_file=lambda: path).traffic() is None
     assert not path.exists()
+
+
+@pytest.mark.parametrize("count", [0, 1, device_reading.ROWS_PER_WRITE, 2 * 1000 + 1])
+def test_a_reading_is_whole_json_at_any_count(tmp_path: Path, count: int) -> None:
+    """Written in chunks of rows: the document is valid whatever the count's remainder."""
+    first = int(device_address(0))
+    traffic = {
+        (a := IPv4Address(first + i)): DeviceTraffic(a, i, 2 * i, 3 * i, 4 * i, i % 2 or None)
+        for i in range(count)
+    }
+    path = _keep_reading(tmp_path, traffic, 7.0)
+    reading = device_reading.load(path)
+    assert reading is not None and reading.traffic() == traffic
+    assert not (tmp_path / f".{path.name}.tmp").exists()
+
+
+def test_a_reading_that_cannot_be_written_is_logged_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    a = device_address(0)
+    device_reading.keep(blocker / "sub" / "r.json", {a: DeviceTraffic(a, 1, 1, 1, 1, 1.0)}, 1.0)
+    assert "cannot keep the device reading" in caplog.text
