@@ -63,8 +63,13 @@ class Reading:
         found: dict[IPv4Address, DeviceTraffic] = {}
         for row in self.rows:
             n, pf, bf, pt, bt, age = row
-            if not all(type(v) is int for v in (n, pf, bf, pt, bt)) or not (
-                age is None or type(age) in (int, float)
+            if not (
+                type(n) is int
+                and type(pf) is int
+                and type(bf) is int
+                and type(pt) is int
+                and type(bt) is int
+                and (age is None or type(age) is float or type(age) is int)
             ):
                 raise ValueError(f"not a device reading row: {row!r}"[:200])
             address = IPv4Address(n)

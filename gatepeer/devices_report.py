@@ -110,21 +110,43 @@ def rows(
     """Pure: one row per address in the SIM map or the traffic counters, by address. The
     `not_devices` (the VPG's endpoints and the gate peers: the probes' answers are counted
     too) are left out."""
-    seen = (set(sim_map.records) | set(traffic or ())) - not_devices
+    # Joined and sorted by the addresses' integers: IPv4Address hashes and compares in Python
+    # (its hash formats the address in hex), 10x the cost of an int's.
     records = sim_map.records
-    counted = traffic or {}
-    conns = connections or {}
+    counted = {int(a): t for a, t in (traffic or {}).items()}
+    conns = {int(a): n for a, n in (connections or {}).items()}
     unknown = connections is None
-    # Sorted by the address's integer: IPv4Address's own comparisons cost 10x more.
-    return [
-        DeviceRow(
-            address,
-            records.get(address),
-            counted.get(address),
-            None if unknown else conns.get(address),
+    seen = sorted(seen_addresses(sim_map, traffic, not_devices))
+    sim_of: Callable[[int], sims.SimRecord | None] = (
+        records.get_by_int
+        if isinstance(records, sims.SimRecords)
+        else lambda n: records.get(IPv4Address(n))  # a plain mapping (tests)
+    )
+    found = []
+    for n in seen:
+        t = counted.get(n)
+        found.append(
+            DeviceRow(
+                t.address if t is not None else IPv4Address(n),
+                sim_of(n),
+                t,
+                None if unknown else conns.get(n),
+            )
         )
-        for address in sorted(seen, key=int)
-    ]
+    return found
+
+
+def seen_addresses(
+    sim_map: sims.SimMap,
+    traffic: Mapping[IPv4Address, DeviceTraffic] | None,
+    not_devices: frozenset[IPv4Address],
+) -> set[int]:
+    """The integers of the addresses in the SIM map or the traffic, less `not_devices`."""
+    records = sim_map.records
+    known = (
+        set(records.integers()) if isinstance(records, sims.SimRecords) else set(map(int, records))
+    )
+    return (known | set(map(int, traffic or ()))) - set(map(int, not_devices))
 
 
 def read_traffic() -> Mapping[IPv4Address, DeviceTraffic]:
@@ -196,7 +218,7 @@ def gather(
             except Exception as exc:  # noqa: BLE001 - nft missing or refusing: said, not fatal
                 notes.append(f"traffic: cannot read the per-device counters: {_one_line(exc)}")
     not_devices = gate_addresses(config)
-    seen = (set(sim_map.records) | set(traffic or ())) - not_devices
+    seen = map(IPv4Address, seen_addresses(sim_map, traffic, not_devices))
     connections: dict[IPv4Address, int] | None
     try:
         connections = count_by_address(connections_reader(), seen)
@@ -248,9 +270,10 @@ def render(report: DevicesReport) -> str:
         "CONNS",
     )
     table = [header] + [_cells(row) for row in report.rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for r in table:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    # One format string for every line: 10,000 rows of per-cell ljust cost 3x as much.
+    widths = [max(map(len, column)) for column in zip(*table, strict=True)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines += [line.format(*r).rstrip() for r in table]
     return "\n".join(lines)
 
 

@@ -136,6 +136,15 @@ class SimRecords(Mapping[IPv4Address, SimRecord]):
             raise KeyError(address)
         return _unpack(address, self._packed[int(address)])
 
+    def get_by_int(self, address: int) -> SimRecord | None:
+        """The record of the address with this integer, if any (no IPv4Address hashed)."""
+        value = self._packed.get(address)
+        return None if value is None else _unpack(IPv4Address(address), value)
+
+    def integers(self) -> Iterable[int]:
+        """The addresses as integers, without making an IPv4Address each."""
+        return self._packed.keys()
+
     def group_of(self, address: IPv4Address) -> tuple[bool, str | None]:
         """(known, group id) without making the record: the device metrics ask it for every
         device at every reading."""
