@@ -104,34 +104,31 @@ class DevicesReport:
 def rows(
     sim_map: sims.SimMap,
     traffic: Mapping[IPv4Address, DeviceTraffic] | None,
-    connections: Mapping[IPv4Address, int] | None,
+    connections: Mapping[int, int] | None,
     not_devices: frozenset[IPv4Address] = frozenset(),
 ) -> list[DeviceRow]:
     """Pure: one row per address in the SIM map or the traffic counters, by address. The
     `not_devices` (the VPG's endpoints and the gate peers: the probes' answers are counted
-    too) are left out."""
+    too) are left out. `connections`: entries by the address's integer (absent: none); None
+    when conntrack could not be read."""
     # Joined and sorted by the addresses' integers: IPv4Address hashes and compares in Python
     # (its hash formats the address in hex), 10x the cost of an int's.
     records = sim_map.records
     counted = {int(a): t for a, t in (traffic or {}).items()}
-    conns = {int(a): n for a, n in (connections or {}).items()}
+    conns = connections or {}
     unknown = connections is None
     seen = sorted(seen_addresses(sim_map, traffic, not_devices))
-    sim_of: Callable[[int], sims.SimRecord | None] = (
+    sim_of: Callable[[int, IPv4Address], sims.SimRecord | None] = (
         records.get_by_int
         if isinstance(records, sims.SimRecords)
-        else lambda n: records.get(IPv4Address(n))  # a plain mapping (tests)
+        else lambda _, address: records.get(address)  # a plain mapping (tests)
     )
     found = []
     for n in seen:
         t = counted.get(n)
+        address = t.address if t is not None else IPv4Address(n)
         found.append(
-            DeviceRow(
-                t.address if t is not None else IPv4Address(n),
-                sim_of(n),
-                t,
-                None if unknown else conns.get(n),
-            )
+            DeviceRow(address, sim_of(n, address), t, None if unknown else conns.get(n, 0))
         )
     return found
 
@@ -174,7 +171,7 @@ def gather(
     """The report for `config`; the readers default to the kernel's and the daemon's kept
     reading (tests pass their own). `live`: read the kernel even when the daemon's reading
     is recent."""
-    from gatepeer.kernel.conntrack import count_by_address
+    from gatepeer.kernel.conntrack import count_by_integer
 
     traffic_reader = traffic_reader or read_traffic
     connections_reader = connections_reader or read_connections
@@ -218,10 +215,10 @@ def gather(
             except Exception as exc:  # noqa: BLE001 - nft missing or refusing: said, not fatal
                 notes.append(f"traffic: cannot read the per-device counters: {_one_line(exc)}")
     not_devices = gate_addresses(config)
-    seen = map(IPv4Address, seen_addresses(sim_map, traffic, not_devices))
-    connections: dict[IPv4Address, int] | None
+    seen = seen_addresses(sim_map, traffic, not_devices)
+    connections: dict[int, int] | None
     try:
-        connections = count_by_address(connections_reader(), seen)
+        connections = count_by_integer(connections_reader(), seen)
     except Exception as exc:  # noqa: BLE001 - conntrack missing or refused: said
         connections = None
         notes.append(f"connections: {_one_line(exc)}")

@@ -136,10 +136,13 @@ class SimRecords(Mapping[IPv4Address, SimRecord]):
             raise KeyError(address)
         return _unpack(address, self._packed[int(address)])
 
-    def get_by_int(self, address: int) -> SimRecord | None:
-        """The record of the address with this integer, if any (no IPv4Address hashed)."""
-        value = self._packed.get(address)
-        return None if value is None else _unpack(IPv4Address(address), value)
+    def get_by_int(self, n: int, address: IPv4Address | None = None) -> SimRecord | None:
+        """The record of the address with integer `n`, if any (no IPv4Address hashed);
+        `address`: that address, when the caller has it already."""
+        value = self._packed.get(n)
+        if value is None:
+            return None
+        return _unpack(IPv4Address(n) if address is None else address, value)
 
     def integers(self) -> Iterable[int]:
         """The addresses as integers, without making an IPv4Address each."""

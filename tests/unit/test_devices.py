@@ -17,7 +17,7 @@ from gatepeer import atomic_json, device_reading, devices_report, sims
 from gatepeer.cli import main
 from gatepeer.config import load
 from gatepeer.device_traffic import DeviceTraffic
-from gatepeer.kernel.conntrack import count_by_address
+from gatepeer.kernel.conntrack import count_by_address, count_by_integer
 
 STRANGER = IPv4Address("198.19.200.77")  # traffic from an address no SIM names
 
@@ -364,3 +364,12 @@ def test_a_reading_that_cannot_be_written_is_logged_not_raised(
     a = device_address(0)
     device_reading.keep(blocker / "sub" / "r.json", {a: DeviceTraffic(a, 1, 1, 1, 1, 1.0)}, 1.0)
     assert "cannot keep the device reading" in caplog.text
+
+
+def test_connections_by_integer_count_as_by_address() -> None:
+    a, b = device_address(0), device_address(1)
+    dump = conntrack_dump([(a, "203.0.113.1"), (a, str(b)), (STRANGER, "203.0.113.1")])
+    dump += "tcp      6 60 SYN_SENT src=2001:db8::1 dst=2001:db8::2 sport=1 dport=2 mark=0 use=1\n"
+    by_address = count_by_address(dump, [a, b, STRANGER])
+    by_integer = count_by_integer(dump, {int(a), int(b), int(device_address(2))})
+    assert by_integer == {int(a): by_address[a], int(b): by_address[b]} == {int(a): 2, int(b): 1}
