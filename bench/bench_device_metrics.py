@@ -8,7 +8,8 @@
 Each measurement is a fresh interpreter (so memory is one process's, not the sum of earlier
 rounds) that imports what the daemon imports, builds the daemon's registry (every collector,
 the process collector included) over the tests' fake agent and kernel, and, for N > 0, a
-device source with N devices (each with counters and a SIM record in one of 20 groups). It
+device source with N devices (each with counters and a SIM record in one of 20 groups) that,
+as the daemon's, makes a fresh reading per call and keeps none between readings. It
 scrapes once (the tracker meets every device), then advances the clock 30 s with fresh
 counters (about a third of the devices active) and times `--scrapes` scrapes: the median is
 that N's scrape time. Memory: VmRSS after the scrapes and VmHWM (the peak), from
@@ -39,7 +40,8 @@ import gatepeer.daemon  # noqa: F401 - what the daemon has imported before any s
 from ipaddress import IPv4Address
 from prometheus_client import ProcessCollector, generate_latest
 from prometheus_client.registry import CollectorRegistry
-from helpers.device_fakes import DeviceTraffic, FakeDevices, SimMap, SimRecord
+from helpers.device_fakes import DeviceTraffic, SimMap
+from gatepeer.sims import SimRecords
 from helpers.metrics_sources import FULL_COUNTERS, FakeAgent, FakeKernel, FakePacketPath
 from gatepeer.metrics.collectors import collectors
 
@@ -50,22 +52,32 @@ def status(field):
 
 now = [1_800_000_000.0]
 base = int(IPv4Address("10.128.0.0"))
-addresses = [IPv4Address(base + 10 + i) for i in range(n)]
-sims = SimMap({
-    a: SimRecord(a, f"4401032{i:08d}", f"sim-{i:06d}", f"device-{i:06d}", f"group-{i % 20:02d}",
-                 True, "session")
-    for i, a in enumerate(addresses)
-})
+# Nothing of the inputs kept but the SIM map: each reading makes its own addresses, as the
+# daemon's parser does.
+# The map as the daemon loads it from its cache: packed row by row (gatepeer.sims.SimRecords).
+sims = SimMap(SimRecords.from_rows(
+    [base + 10 + i, f"4401032{i:08d}", f"sim-{i:06d}", f"device-{i:06d}",
+     f"group-{i % 20:02d}", True, "session"]
+    for i in range(n)
+))
 
 def reading(round_):
     return {
-        a: DeviceTraffic(a, 10 * i + round_ * (i % 3 == 0), 1000 * i, 5 * i, 500 * i,
-                         0.5 if i % 3 == 0 else 30.0 + round_)
-        for i, a in enumerate(addresses)
+        (a := IPv4Address(base + 10 + i)): DeviceTraffic(
+            a, 10 * i + round_ * (i % 3 == 0), 1000 * i, 5 * i, 500 * i,
+            0.5 if i % 3 == 0 else 30.0 + round_)
+        for i in range(n)
     }
 
-source = FakeDevices(reading(0), sims) if n else None
-inputs_mb = status("VmRSS")  # the SIM map and one reading: the sims and path work's objects
+class Source:  # as the daemon's LiveDevices: a fresh reading per call, none kept
+    round = 0
+    def traffic(self):
+        return reading(self.round)
+    def sims(self):
+        return sims
+
+source = Source() if n else None
+inputs_mb = status("VmRSS")  # the SIM map: what the daemon holds before any reading
 # What build_registry makes (the device collector reading in the background, as in the
 # daemon), on the bench's clock.
 registry = CollectorRegistry(auto_describe=False)
@@ -79,7 +91,7 @@ scrape_ms, read_ms = [], []
 for k in range(scrapes):
     now[0] += 30
     if source is not None:
-        source.readings = reading(k + 1)
+        source.round = k + 1
         start = time.perf_counter()
         found["devices"].refresh()  # what the background thread does every 15 s or more
         read_ms.append((time.perf_counter() - start) * 1000)

@@ -7,13 +7,17 @@ A lab is built with per-device counters on (`packet_path.device_counters`), the 
 and `gatepeer run` started in its namespace. The emulator is given DEVICES named SIMs in session
 on the lab's VPG; the daemon fetches them (100 pages of listSims) and keeps the map. Both device
 sets of the nftables table get DEVICES elements, and conntrack holds --connections entries
-from device addresses, so every part of the report has its full load. Each round runs every
-variant once as a fresh process in the peer namespace, the order alternating between rounds:
+from device addresses, so every part of the report has its full load. The daemon's metrics
+listen on the peer's address; one scrape before the rounds (and an untimed one before each
+round, as Prometheus would) makes it read the counters and keep the reading, which
+`gatepeer devices` shows. Each round runs every variant once as a fresh process in the peer
+namespace, the order alternating between rounds:
 
-- devices         `gatepeer devices`
+- devices         `gatepeer devices` (the daemon's kept reading)
 - devices-json    `gatepeer devices --json`
+- devices-live    `gatepeer devices --live` (lists both nft sets itself, as without a daemon)
 - status          `gatepeer status` (the baseline)
-- nft-list-sets, conntrack-L, python: the two nft listings `devices` makes, its conntrack
+- nft-list-sets, conntrack-L, python: the two nft listings `--live` makes, the conntrack
   dump and the interpreter's start-up, alone (where the time goes; not in the ratio)
 
 Prints medians and quartiles and the ratios devices / status; --json FILE keeps every sample.
@@ -35,6 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 from benchlib import ms, summary, timed  # noqa: E402
 
+from gatepeer.lab.network.layout import PEER_ADDR  # noqa: E402
+from gatepeer.ruleset import DEVICE_TABLE_PREFIX  # noqa: E402
+
+METRICS_PORT = 8479
+METRICS_URL = f"http://{PEER_ADDR}:{METRICS_PORT}/metrics"
 FIRST_DEVICE = IPv4Address("198.19.128.1")  # the lab's device half starts here
 VPC_HOST = "198.18.0.20"  # a destination for the conntrack entries (the lab's VPC side)
 NFT_BATCH = 2_000  # elements per `nft add element` command
@@ -67,15 +76,23 @@ def load_sims(lab: benchlib.Lab, count: int) -> None:
         post(f"{lab.info.host_url}/_emulator/sims", {"sims": batch, "append": start > 0})
 
 
+def device_table(lab: benchlib.Lab) -> str:
+    """The device counters' table (`gatepeer_dev_<hash>`: the sets live in a table of their
+    own, kept across reloads of the main one)."""
+    listed = subprocess.run(
+        lab.in_peer("nft", "list", "tables"), check=True, capture_output=True, text=True
+    ).stdout.split()
+    return next(word for word in listed if word.startswith(DEVICE_TABLE_PREFIX))
+
+
 def fill_device_sets(lab: benchlib.Lab, count: int) -> None:
+    table = device_table(lab)
     for name in ("devices_from", "devices_to"):
         for start in range(0, count, NFT_BATCH):
             elements = ", ".join(
                 str(FIRST_DEVICE + n) for n in range(start, min(count, start + NFT_BATCH))
             )
-            cmd = lab.in_peer(
-                "nft", "add", "element", "inet", "gatepeer", name, f"{{ {elements} }}"
-            )
+            cmd = lab.in_peer("nft", "add", "element", "inet", table, name, f"{{ {elements} }}")
             subprocess.run(cmd, check=True, capture_output=True)
 
 
@@ -115,11 +132,23 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every sample here")
     args = parser.parse_args()
 
-    names = ("devices", "devices-json", "status", "nft-list-sets", "conntrack-L", "python")
+    names = (
+        "devices",
+        "devices-json",
+        "devices-live",
+        "status",
+        "nft-list-sets",
+        "conntrack-L",
+        "python",
+    )
     samples: dict[str, list[float]] = {k: [] for k in names}
     with benchlib.lab() as lab:
         config = lab.paths.config
-        config.write_text(config.read_text() + "\n[packet_path]\ndevice_counters = true\n")
+        config.write_text(
+            config.read_text()
+            + "\n[packet_path]\ndevice_counters = true\n"
+            + f'\n[metrics]\nlisten = "{PEER_ADDR}:{METRICS_PORT}"\n'
+        )
         load_sims(lab, args.devices)
         timed(lab.gatepeer("apply"))
         daemon = benchlib.Daemon(lab, lab.paths.dir / "bench-daemon.log")
@@ -128,12 +157,19 @@ def main() -> None:
             fill_device_sets(lab, args.devices)
             fill_conntrack(lab, args.connections)
             list_sets = "; ".join(
-                f"nft -j list set inet gatepeer {name} >/dev/null"
+                f"nft -j list set inet {device_table(lab)} {name} >/dev/null"
                 for name in ("devices_from", "devices_to")
             )
+            scrape = lab.in_peer(
+                sys.executable,
+                "-c",
+                f"import urllib.request; urllib.request.urlopen('{METRICS_URL}', timeout=60)",
+            )
+            subprocess.run(scrape, check=True)  # the first scrape waits for the first reading
             commands = {
                 "devices": lab.gatepeer("devices"),
                 "devices-json": lab.gatepeer("devices", "--json"),
+                "devices-live": lab.gatepeer("devices", "--live"),
                 "status": lab.gatepeer("status"),
                 # Parts of `devices`, for where its time goes (not in the ratio):
                 "nft-list-sets": lab.in_peer("sh", "-c", list_sets),
@@ -149,8 +185,10 @@ def main() -> None:
                 sum(1 for d in report["devices"] if d["packets_from_device"] is not None),
             )
             connections = sum(d["connections"] or 0 for d in report["devices"])
+            traffic_source = report["traffic"]["source"]
             order = list(commands)
             for round_ in range(args.runs):
+                subprocess.run(scrape, check=True)  # not timed; keeps the reading recent
                 for name in order if round_ % 2 == 0 else reversed(order):
                     samples[name].append(timed(commands[name]))
         finally:
@@ -159,7 +197,7 @@ def main() -> None:
     print(f"# {benchlib.machine()}")
     print(
         f"# {args.devices} SIMs (fetched in {fetch_s:.1f}s), {seen} devices shown, "
-        f"{with_traffic} with counters, {connections} connections counted"
+        f"{with_traffic} with counters ({traffic_source}'s), {connections} connections counted"
     )
     print(f"# {args.runs} runs each, every one a new process in the peer namespace, interleaved")
     print("# medians (p25 - p75)")
@@ -169,6 +207,7 @@ def main() -> None:
     base = stats["status"]["median"]
     print(f"\ndevices / status = {stats['devices']['median'] / base:.2f}")
     print(f"devices --json / status = {stats['devices-json']['median'] / base:.2f}")
+    print(f"devices --live / status = {stats['devices-live']['median'] / base:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"machine": benchlib.machine(), "samples": samples}))
 

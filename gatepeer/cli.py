@@ -212,7 +212,12 @@ def status(config_file: str | None, as_json: bool) -> None:
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the devices as JSON.")
-def devices(config_file: str | None, as_json: bool) -> None:
+@click.option(
+    "--live",
+    is_flag=True,
+    help="Read the kernel's counters now, not the daemon's last reading (up to 2 min old).",
+)
+def devices(config_file: str | None, as_json: bool, live: bool) -> None:
     """Each device seen: address, SIM name and IMSI, online, last packet, traffic, connections.
 
     Devices are the SIMs of this VPG (the map the daemon keeps in devices.sim_cache) and the
@@ -224,7 +229,7 @@ def devices(config_file: str | None, as_json: bool) -> None:
         cfg = load(config_path(config_file), check_system=False)  # reads no secret
     except ConfigError as exc:
         fail("\ngatepeer: ".join(f"config error: {line}" for line in exc.lines), EXIT_USAGE)
-    report = gather(cfg)
+    report = gather(cfg, live=live)
     # --json on one line: with 10,000 devices an indented document takes 4x longer to write.
     click.echo(json.dumps(report.to_json()) if as_json else render(report))
 

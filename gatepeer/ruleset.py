@@ -851,8 +851,11 @@ def device_traffic_from_json(text: str, timeout_s: float) -> dict[IPv4Address, D
     every packet restarts), so the last packet's age is `timeout_s - expires`; a device in both
     sets takes the younger. Elements without a counter count as zero.
     """
-    counts: dict[IPv4Address, list[int]] = {}
-    ages: dict[IPv4Address, float] = {}
+    # Keyed by the address's integer, parsed once per element; IPv4Address objects are made
+    # only for the result, unsorted (hashing and comparing them cost most of the parse).
+    counts: dict[int, list[int]] = {}
+    ages: dict[int, float] = {}
+    timeout = float(timeout_s)
     for item in json.loads(text).get("nftables", []):
         s = item.get("set")
         if not s or s.get("family") != FAMILY:
@@ -864,17 +867,22 @@ def device_traffic_from_json(text: str, timeout_s: float) -> dict[IPv4Address, D
         offset = 0 if s["name"] == DEVICES_FROM_SET else 2
         for raw in s.get("elem", []):
             elem = raw.get("elem", {"val": raw}) if isinstance(raw, dict) else {"val": raw}
-            address = IPv4Address(str(elem["val"]))
-            row = counts.setdefault(address, [0, 0, 0, 0])
-            counter = elem.get("counter") or {}
-            row[offset] += int(counter.get("packets", 0))
-            row[offset + 1] += int(counter.get("bytes", 0))
-            if "expires" in elem:
-                age = max(0.0, float(timeout_s) - float(elem["expires"]))
-                ages[address] = min(age, ages.get(address, age))
+            address = int(IPv4Address(str(elem["val"])))
+            row = counts.get(address)
+            if row is None:
+                row = counts[address] = [0, 0, 0, 0]
+            counter = elem.get("counter")
+            if counter:
+                row[offset] += int(counter.get("packets", 0))
+                row[offset + 1] += int(counter.get("bytes", 0))
+            expires = elem.get("expires")
+            if expires is not None:
+                age = max(0.0, timeout - float(expires))
+                known = ages.get(address)
+                ages[address] = age if known is None or age < known else known
     return {
-        a: DeviceTraffic(a, row[0], row[1], row[2], row[3], ages.get(a))
-        for a, row in sorted(counts.items())
+        (a := IPv4Address(n)): DeviceTraffic(a, row[0], row[1], row[2], row[3], ages.get(n))
+        for n, row in counts.items()
     }
 
 

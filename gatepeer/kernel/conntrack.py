@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import subprocess
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from ipaddress import IPv4Address
 
 CONNTRACK_TIMEOUT_S = 10.0
@@ -53,6 +53,28 @@ def count_by_address(text: str, addresses: Iterable[IPv4Address]) -> dict[IPv4Ad
         if dst in wanted and dst != src:
             counts[dst] += 1
     return {address: counts[text_form] for text_form, address in wanted.items()}
+
+
+def count_by_integer(text: str, integers: Collection[int]) -> dict[int, int]:
+    """As `count_by_address`, by the addresses' integers, and only those with an entry: no
+    IPv4Address made or hashed per address asked for (`gatepeer devices` asks for 10,000)."""
+    counts: dict[int, int] = {}
+    parsed: dict[str, int | None] = {}
+    for line in text.splitlines():
+        src = _field(line, " src=")
+        dst = _field(line, " dst=")
+        for value in (src, dst if dst != src else None):
+            if value is None:
+                continue
+            if value not in parsed:
+                try:
+                    parsed[value] = int(IPv4Address(value))
+                except ValueError:  # an IPv6 entry
+                    parsed[value] = None
+            n = parsed[value]
+            if n is not None and n in integers:
+                counts[n] = counts.get(n, 0) + 1
+    return counts
 
 
 def _field(line: str, marker: str) -> str | None:

@@ -187,7 +187,7 @@ def device_traffic(netns: str | None = None) -> dict[IPv4Address, DeviceTraffic]
                 )
             for address, seen in device_traffic_from_json(proc.stdout, DEVICE_TIMEOUT_S).items():
                 found[address] = _merge(found.get(address), seen)
-    return dict(sorted(found.items()))
+    return found  # unsorted: callers order what they show (by the address's integer)
 
 
 def _merge(a: DeviceTraffic | None, b: DeviceTraffic) -> DeviceTraffic:

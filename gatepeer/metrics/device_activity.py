@@ -7,8 +7,9 @@ interval" between its bursts of activity, so a device that went quiet is still k
 counted as silent) after its element is gone, and the per-group byte counters only ever grow
 (each reading adds what changed since the previous one, a recreated element counting from 0).
 
-Memory is a few hundred bytes per device seen within `FORGET_AFTER_S` (measured in
-bench/bench_device_metrics.py).
+Memory is under 200 bytes per device seen within `FORGET_AFTER_S` (measured in
+bench/bench_device_metrics.py): each is kept by its address's integer, not an `IPv4Address`
+(which would keep a reading's object alive, 88 bytes more), in a slotted record.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class DeviceView:
 class DeviceActivity:
     """The tracker. `observe` after each reading of the kernel's counters; then ask."""
 
-    seen: dict[ipaddress.IPv4Address, _Seen] = field(default_factory=dict)
+    seen: dict[int, _Seen] = field(default_factory=dict)  # by the address's integer
     groups: dict[str, GroupTotals] = field(default_factory=dict)
 
     def observe(
@@ -107,9 +108,12 @@ class DeviceActivity:
     ) -> None:
         for totals in self.groups.values():
             totals.devices = totals.silent = 0
+        counted: set[int] = set()
         for address, t in traffic.items():
             group = group_of(address)
-            entry = self.seen.get(address)
+            key = int(address)
+            counted.add(key)
+            entry = self.seen.get(key)
             if t.last_packet_age_s is not None:
                 last_at = now - t.last_packet_age_s
             elif entry is None or (t.packets_from_device, t.packets_to_device) != (
@@ -120,18 +124,18 @@ class DeviceActivity:
             else:
                 last_at = entry.last_at
             if entry is None:
-                entry = self.seen[address] = _Seen(last_at=last_at, group=group)
+                entry = self.seen[key] = _Seen(last_at=last_at, group=group)
             if last_at - entry.last_at >= MIN_GAP_S:
                 _learn_gap(entry, last_at - entry.last_at)
             entry.last_at = max(entry.last_at, last_at)
             entry.group = group
             self._add(group, t, entry)
             entry.present = True
-        for address, entry in list(self.seen.items()):
-            if address in traffic:
+        for key, entry in list(self.seen.items()):
+            if key in counted:
                 continue
             if now - entry.last_at > FORGET_AFTER_S:
-                del self.seen[address]
+                del self.seen[key]
                 continue
             # Its element expired: a new one starts from zero.
             entry.present = False
@@ -158,12 +162,13 @@ class DeviceActivity:
         most first; ties broken by address so the series do not flap."""
         present = ((a, e) for a, e in self.seen.items() if e.present)
         best = heapq.nlargest(
-            n, present, key=lambda ae: (ae[1].bytes_from + ae[1].bytes_to, -int(ae[0]))
+            n, present, key=lambda ae: (ae[1].bytes_from + ae[1].bytes_to, -ae[0])
         )
-        return [_view(a, e, now) for a, e in best]
+        return [_view(ipaddress.IPv4Address(a), e, now) for a, e in best]
 
     def views(self, addresses: Iterable[ipaddress.IPv4Address], now: float) -> list[DeviceView]:
-        return [_view(a, self.seen[a], now) for a in addresses if a in self.seen]
+        found = ((a, self.seen.get(int(a))) for a in addresses)
+        return [_view(a, e, now) for a, e in found if e is not None]
 
 
 def _grown(now_value: int, before: int) -> int:

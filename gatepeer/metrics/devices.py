@@ -120,7 +120,14 @@ class DeviceCollector:
                 sims.records if sims is not None else {}
             )
 
+            packed_group_of = getattr(records, "group_of", None)  # sims.SimRecords': fast
+
             def group_of(address: ipaddress.IPv4Address) -> str:
+                if packed_group_of is not None:
+                    known, group_id = packed_group_of(address)
+                    if not known:
+                        return UNKNOWN_SIM
+                    return group_id or NO_GROUP
                 record = records.get(address)
                 if record is None:
                     return UNKNOWN_SIM

@@ -95,7 +95,7 @@ def for_agent(
 ) -> MetricsServer:
     """The daemon's server: every collector on a fresh registry, reading the live agent (looked
     up per scrape: a reload replaces it), the kernel and the packet path."""
-    from gatepeer import __version__
+    from gatepeer import __version__, device_reading
     from gatepeer.metrics.collectors import build_registry
     from gatepeer.metrics.sources import LiveAgent, LiveDevices, LiveKernel, LivePacketPath
 
@@ -107,7 +107,11 @@ def for_agent(
         # Read per scrape: a reload may change either.
         reconcile_interval=lambda: agent().config.agent.reconcile_interval,
         ha=lambda: agent().config.ha,
-        devices=LiveDevices(lambda: agent().config.packet_path.device_counters, sim_map),
+        devices=LiveDevices(
+            lambda: agent().config.packet_path.device_counters,
+            sim_map,
+            reading_file=lambda: device_reading.path_for(agent().config),
+        ),
         device_top_n=lambda: agent().config.devices.metrics_top_n,
         underlay=lambda: _underlay(agent()),
         flow_log=flow_log,

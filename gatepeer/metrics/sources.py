@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from gatepeer.kernel import rtnl, sysctl
@@ -129,10 +131,15 @@ class LiveDevices:
     the device metrics are absent, never zeros."""
 
     def __init__(
-        self, counting: Callable[[], bool], sim_map: Callable[[], SimMapFields | None]
+        self,
+        counting: Callable[[], bool],
+        sim_map: Callable[[], SimMapFields | None],
+        reading_file: Callable[[], Path | None] = lambda: None,
     ) -> None:
         self._counting = counting
         self._sim_map = sim_map
+        # Where each reading is kept for `gatepeer devices` (gatepeer.device_reading).
+        self._reading_file = reading_file
 
     def traffic(self) -> Mapping[ipaddress.IPv4Address, DeviceCounters] | None:
         if not self._counting():
@@ -143,10 +150,16 @@ class LiveDevices:
         if read is None:
             return None  # this build's packet path does not count per device
         try:
-            return dict(read())
+            found = dict(read())
         except Exception as exc:  # noqa: BLE001 - a scrape must not fail on a missing table
             log.debug("per-device counters unavailable: %s", exc)
             return None
+        path = self._reading_file()
+        if path is not None:
+            from gatepeer import device_reading
+
+            device_reading.keep(path, found, time.time())
+        return found
 
     def sims(self) -> SimMapFields | None:
         return self._sim_map()

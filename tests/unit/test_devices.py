@@ -13,21 +13,23 @@ from click.testing import CliRunner
 from helpers.config_files import soracom_section, write_config, write_key
 from helpers.devices import conntrack_dump, device_address, sim_map
 
-from gatepeer import atomic_json, devices_report, sims
+from gatepeer import atomic_json, device_reading, devices_report, sims
 from gatepeer.cli import main
 from gatepeer.config import load
 from gatepeer.device_traffic import DeviceTraffic
-from gatepeer.kernel.conntrack import count_by_address
+from gatepeer.kernel.conntrack import count_by_address, count_by_integer
 
 STRANGER = IPv4Address("198.19.200.77")  # traffic from an address no SIM names
 
 
 def _config(tmp_path: Path, devices: str = "") -> Path:
+    """State (and so the daemon's device reading) in tmp_path, never the host's /run."""
     key = write_key(tmp_path / "key")
     cache = tmp_path / "sims.json"
     return write_config(
         tmp_path,
         soracom_section(key)
+        + f'[agent]\nstate_file = "{tmp_path / "state.json"}"\n'
         + "[packet_path]\ndevice_counters = true\n"
         + f'[devices]\nsim_cache = "{cache}"\n{devices}',
     )
@@ -198,7 +200,6 @@ def test_the_vpg_endpoints_and_this_peer_are_no_devices(
     report leaves those addresses (and this peer's own) out."""
     path = _config(tmp_path)
     state = tmp_path / "state.json"
-    path.write_text(path.read_text() + f'[agent]\nstate_file = "{state}"\n')
     gate = {
         "vpg_id": "vpg-0123abcd",
         "vni": 10,
@@ -220,3 +221,155 @@ def test_the_vpg_endpoints_and_this_peer_are_no_devices(
     readers(monkeypatch, seen, "")
     report = devices_report.gather(load(path, check_system=False))
     assert [row.address for row in report.rows] == [a]
+
+
+# The daemon's kept reading (gatepeer.device_reading): used when recent, the kernel else.
+
+
+def _keep_reading(tmp_path: Path, traffic: dict[IPv4Address, DeviceTraffic], at: float) -> Path:
+    path = tmp_path / device_reading.FILE_NAME
+    device_reading.keep(path, traffic, at)
+    return path
+
+
+def test_a_kept_reading_reads_back_as_it_was(tmp_path: Path) -> None:
+    a, b = device_address(0), device_address(1)
+    traffic = {a: DeviceTraffic(a, 3, 300, 2, 200, 4.0), b: DeviceTraffic(b, 1, 60, 0, 0, None)}
+    path = _keep_reading(tmp_path, traffic, 2000.0)
+    reading = device_reading.load(path)
+    assert reading is not None and reading.read_at == 2000.0
+    assert reading.traffic() == traffic
+    # As of a later time, each last packet is that much older; unknown ages stay unknown.
+    later = reading.traffic(now=2010.0)
+    assert later[a].last_packet_age_s == 14.0 and later[b].last_packet_age_s is None
+    assert later[a].bytes_from_device == 300
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"version": 2, "read_at": 1.0, "fields": list(device_reading.FIELDS), "devices": []},
+        {"version": 1, "read_at": "x", "fields": list(device_reading.FIELDS), "devices": []},
+        {"version": 1, "read_at": 1.0, "fields": ["address"], "devices": []},
+        {"version": 1, "read_at": 1.0, "fields": list(device_reading.FIELDS), "devices": [[1]]},
+    ],
+)
+def test_an_unreadable_reading_is_none(tmp_path: Path, doc: dict[str, Any]) -> None:
+    path = tmp_path / device_reading.FILE_NAME
+    atomic_json.write(path, doc)
+    assert device_reading.load(path) is None
+    assert device_reading.load(tmp_path / "absent.json") is None
+
+
+def test_a_recent_daemon_reading_is_shown_with_its_age(
+    kept: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = device_address(0)
+    _keep_reading(tmp_path, {a: DeviceTraffic(a, 5, 2048, 4, 100, 3.0)}, 1990.0)
+    readers(monkeypatch, AssertionError("the kernel must not be read"), conntrack_dump([]))
+    report = devices_report.gather(load(kept, check_system=False), now=2002.0)
+    doc = report.to_json()
+    assert doc["traffic"] == {"source": "daemon", "read_at": 1990.0, "age_s": 12.0, "why": None}
+    row = next(r for r in doc["devices"] if r["address"] == str(a))
+    assert row["last_packet_age_s"] == 15.0 and row["bytes_from_device"] == 2048
+    assert report.notes == []
+    assert "; traffic: the daemon's reading, 12s old" in devices_report.render(report)
+
+
+@pytest.mark.parametrize(
+    ("read_at", "live", "why"),
+    [
+        (None, False, "no daemon reading in {path}"),
+        (2002.0 - 600, False, "the daemon's reading is 10m old"),
+        (2002.0 + 60, False, "the daemon's reading is dated ahead of this clock"),
+        (2000.0, True, "asked to (--live)"),
+    ],
+)
+def test_without_a_recent_reading_the_kernel_is_read_and_why_said(
+    kept: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    read_at: float | None,
+    live: bool,
+    why: str,
+) -> None:
+    a = device_address(0)
+    if read_at is not None:
+        _keep_reading(tmp_path, {a: DeviceTraffic(a, 1, 1, 1, 1, 1.0)}, read_at)
+    readers(monkeypatch, {a: DeviceTraffic(a, 7, 700, 0, 0, 2.0)}, conntrack_dump([]))
+    report = devices_report.gather(load(kept, check_system=False), now=2002.0, live=live)
+    said = why.format(path=tmp_path / device_reading.FILE_NAME)
+    assert report.to_json()["traffic"] == {
+        "source": "kernel",
+        "read_at": 2002.0,
+        "age_s": 0.0,
+        "why": said,
+    }
+    assert report.rows[0].traffic == DeviceTraffic(a, 7, 700, 0, 0, 2.0)
+    assert f"; traffic: read from the kernel now ({said})" in devices_report.render(report)
+
+
+def test_the_cli_reads_the_kernel_when_asked_live(
+    kept: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = device_address(0)
+    _keep_reading(tmp_path, {a: DeviceTraffic(a, 1, 1, 1, 1, 1.0)}, 4e9)  # "recent" forever
+    readers(monkeypatch, {a: DeviceTraffic(a, 9, 900, 0, 0, 2.0)}, conntrack_dump([]))
+    result = CliRunner().invoke(main, ["devices", "--json", "--live", "--config", str(kept)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["traffic"]["source"] == "kernel"
+    assert doc["devices"][0]["packets_from_device"] == 9
+
+
+def test_the_daemons_source_keeps_each_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gatepeer.kernel import nftables
+    from gatepeer.metrics.sources import LiveDevices
+
+    a = device_address(0)
+    counted = {a: DeviceTraffic(a, 2, 200, 1, 100, 5.0)}
+    monkeypatch.setattr(nftables, "device_traffic", lambda: counted)
+    path = tmp_path / device_reading.FILE_NAME
+    source = LiveDevices(lambda: True, lambda: None, reading_file=lambda: path)
+    assert source.traffic() == counted
+    reading = device_reading.load(path)
+    assert reading is not None and reading.traffic() == counted
+    # Not counting: nothing read, nothing kept.
+    path.unlink()
+    assert LiveDevices(lambda: False, lambda: None, reading_file=lambda: path).traffic() is None
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("count", [0, 1, device_reading.ROWS_PER_WRITE, 2 * 1000 + 1])
+def test_a_reading_is_whole_json_at_any_count(tmp_path: Path, count: int) -> None:
+    """Written in chunks of rows: the document is valid whatever the count's remainder."""
+    first = int(device_address(0))
+    traffic = {
+        (a := IPv4Address(first + i)): DeviceTraffic(a, i, 2 * i, 3 * i, 4 * i, i % 2 or None)
+        for i in range(count)
+    }
+    path = _keep_reading(tmp_path, traffic, 7.0)
+    reading = device_reading.load(path)
+    assert reading is not None and reading.traffic() == traffic
+    assert not (tmp_path / f".{path.name}.tmp").exists()
+
+
+def test_a_reading_that_cannot_be_written_is_logged_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    a = device_address(0)
+    device_reading.keep(blocker / "sub" / "r.json", {a: DeviceTraffic(a, 1, 1, 1, 1, 1.0)}, 1.0)
+    assert "cannot keep the device reading" in caplog.text
+
+
+def test_connections_by_integer_count_as_by_address() -> None:
+    a, b = device_address(0), device_address(1)
+    dump = conntrack_dump([(a, "203.0.113.1"), (a, str(b)), (STRANGER, "203.0.113.1")])
+    dump += "tcp      6 60 SYN_SENT src=2001:db8::1 dst=2001:db8::2 sport=1 dport=2 mark=0 use=1\n"
+    by_address = count_by_address(dump, [a, b, STRANGER])
+    by_integer = count_by_integer(dump, {int(a), int(b), int(device_address(2))})
+    assert by_integer == {int(a): by_address[a], int(b): by_address[b]} == {int(a): 2, int(b): 1}

@@ -368,3 +368,34 @@ def test_the_refresher_thread_fetches_at_start_and_stops(
     assert not refresher.is_alive()
     assert emulator.counts()["listSims"] == 1  # once at start; the next is an hour away
     assert len(sims.load(tmp_path / "sims.json").records) == 2
+
+
+def test_packed_records_give_back_every_field() -> None:
+    """The map's records are packed one string per SIM; each lookup gives the record back."""
+    made = [
+        sims.SimRecord(
+            IPv4Address("198.19.0.2"), "001010000000002", "89", "a", "g", True, "session"
+        ),
+        sims.SimRecord(
+            IPv4Address("198.19.0.3"), "001010000000003", None, None, None, False, "session"
+        ),
+        sims.SimRecord(
+            IPv4Address("198.19.0.4"), "001010000000004", "s", "n", None, True, "ip_map"
+        ),
+        sims.SimRecord(
+            IPv4Address("198.19.0.5"), "001010000000005", None, "x", "g", False, "ip_map"
+        ),
+        sims.SimRecord(
+            IPv4Address("198.19.0.6"), "001010000000006", None, "nul\0in", "g", True, "session"
+        ),
+    ]
+    records = sims.SimRecords(made)
+    assert len(records) == 5 and list(records) == [r.address for r in made]
+    assert [records[r.address] for r in made] == made
+    assert records == {r.address: r for r in made}
+    assert IPv4Address("198.19.0.9") not in records and "198.19.0.2" not in records
+    assert records.get(IPv4Address("198.19.0.9")) is None
+    # Through the cache's rows too, and the group is one string for every SIM of it.
+    again = sims.SimMap.from_json(sims.SimMap(records=records, fetched_at=1.0).to_json())
+    assert again.records == records
+    assert again.records[made[0].address].group_id is again.records[made[3].address].group_id
