@@ -143,9 +143,15 @@ def render_conntrackd(paths: Paths, peer: GatePeer) -> Path:
 
 def start_conntrackd(paths: Paths, peer: GatePeer) -> int:
     """conntrackd in the foreground of its own session; ready when its control socket answers
-    (`conntrackd -s`)."""
-    conf = render_conntrackd(paths, peer)
+    (`conntrackd -s`). A peer restarted while its conntrackd kept running (it is a unit of its
+    own on a host) keeps that one: a second would answer through the first one's socket, and
+    the first would outlive the lab."""
     i = peer.index
+    if runs_conntrackd(paths, i):
+        running = read_pid(paths.peer_file(i, "conntrackd.pid"))
+        assert running is not None
+        return running
+    conf = render_conntrackd(paths, peer)
     binary = conntrackd_binary()
     with open(paths.peer_file(i, "conntrackd.log"), "ab") as out:
         proc = subprocess.Popen(
@@ -157,7 +163,7 @@ def start_conntrackd(paths: Paths, peer: GatePeer) -> int:
     deadline = time.monotonic() + CONNTRACKD_START_S
     while True:
         answer = netns.run(netns.exec_in(peer.ns, [binary, "-C", str(conf), "-s"]), check=False)
-        if answer.returncode == 0:
+        if answer.returncode == 0 and proc.poll() is None:
             return proc.pid
         if proc.poll() is not None or time.monotonic() > deadline:
             log = paths.peer_file(i, "conntrackd.log").read_text(errors="replace")[-2000:]
