@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from ipaddress import ip_address, ip_network
+from ipaddress import IPv4Address, ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from helpers.stack_moto import (
 )
 
 from gatepeer import config as cfg
+from gatepeer.aws.ec2 import assign_private_address
 from gatepeer.aws.permissions import Account, iam_table, policy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -139,8 +140,19 @@ def test_rules_refuse_nat_without_redirection_and_a_pair_in_one_subnet() -> None
     assert nat["RuleCondition"] == {"Fn::Equals": [{"Ref": "Mode"}, "nat"]}
     assert nat["Assertions"][0]["Assert"] == {"Fn::Equals": [{"Ref": "Redirection"}, "self"]}
     pair = rules["PairNeedsTwoSubnets"]
-    assert pair["RuleCondition"] == {"Fn::Equals": [{"Ref": "Peers"}, "pair"]}
+    assert {"Fn::Equals": [{"Ref": "Peers"}, "pair"]} in pair["RuleCondition"]["Fn::And"]
     assert "SubnetIds" in json.dumps(pair["Assertions"])
+
+
+def test_rules_keep_the_moving_nat_address_to_a_pair_and_free_it_from_two_subnets() -> None:
+    """SnatAddress needs a pair, and a pair with it may sit in one subnet (the address is a
+    secondary private address of that subnet)."""
+    rules = template()["Rules"]
+    snat = rules["SnatAddressNeedsPair"]
+    assert snat["RuleCondition"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "SnatAddress"}, ""]}]}
+    assert snat["Assertions"][0]["Assert"] == {"Fn::Equals": [{"Ref": "Peers"}, "pair"]}
+    two = rules["PairNeedsTwoSubnets"]["RuleCondition"]
+    assert {"Fn::Equals": [{"Ref": "SnatAddress"}, ""]} in two["Fn::And"]
 
 
 def test_operator_access_attaches_session_manager_policy_only_when_asked() -> None:
@@ -339,6 +351,53 @@ def test_pair_peers_launch_on_the_interfaces_whose_addresses_the_other_names(
         assert "SecurityGroupIds" not in data  # the interface carries the group
         config = tomllib.loads(written_toml(stack.user_data_by_template[template_id]))
         assert config["ha"]["peer_address"] == addresses[1 - index]
+
+
+def test_pair_with_a_nat_address_shares_one_subnet_and_can_move_the_address(
+    moto: Any, network: MotoNetwork, tmp_path: Path
+) -> None:
+    """SnatAddress (ha.snat_address): both peers in the first subnet, both configs name the
+    address, the role may move it (and nothing more than gatepeer asks for), the group admits
+    the VPC hosts' replies at whichever peer holds it, and either ENI can take it."""
+    snat = "198.18.0.200"
+    stack = deploy_stack(moto.url, network.parameters(Mode="nat", Peers="pair", SnatAddress=snat))
+    ec2 = client(moto.url, "ec2")
+    enis = stack.outputs["PeerNetworkInterfaces"].split(",")
+    described = ec2.describe_network_interfaces(NetworkInterfaceIds=enis)["NetworkInterfaces"]
+    assert {e["SubnetId"] for e in described} == {network.subnet_ids[0]}
+    names = stack.outputs["AutoScalingGroupNames"].split(",")
+    groups = client(moto.url, "autoscaling").describe_auto_scaling_groups(
+        AutoScalingGroupNames=names
+    )["AutoScalingGroups"]
+    assert [g["VPCZoneIdentifier"] for g in groups] == [network.subnet_ids[0]] * 2
+
+    texts = list(stack.user_data_by_template.values())
+    assert [tomllib.loads(written_toml(t))["ha"]["snat_address"] for t in texts] == [snat] * 2
+    for text in texts:
+        path = tmp_path / "gatepeer.toml"
+        path.write_text(written_toml(text))
+        proc = gatepeer("config", "check", "--json", "--config", str(path))
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["ha"]["snat_address"] == snat
+
+    iam = client(moto.url, "iam")
+    made = iam.get_role_policy(RoleName=stack.outputs["RoleName"], PolicyName="gatepeer")
+    want = policy(
+        [parsed(written_toml(t)) for t in texts],
+        Account(partition="aws", region=REGION, account=MOTO_ACCOUNT),
+    )
+    assert statements(made["PolicyDocument"]) == statements(want)
+    assert any("ec2:AssignPrivateIpAddresses" in s["Action"] for s in statements(want))
+
+    group_id = stack.outputs["SecurityGroupId"]
+    assert ("-1", None, None, VPC_CIDR) in ingress(moto, group_id)
+
+    # moto ignores AllowReassignment (the old holder keeps the address too) and does not
+    # check the subnet: here only "the ENI now holds it" can be seen.
+    for holder in (enis[0], enis[1]):
+        assign_private_address(ec2, holder, IPv4Address(snat))
+        (eni,) = ec2.describe_network_interfaces(NetworkInterfaceIds=[holder])["NetworkInterfaces"]
+        assert snat in {a["PrivateIpAddress"] for a in eni["PrivateIpAddresses"]}
 
 
 def test_pair_network_interfaces_forward_in_the_peer_group() -> None:
