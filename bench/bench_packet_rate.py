@@ -39,6 +39,9 @@ with gatepeer unchanged in the same round), to find where the points go:
     noforward     the forward chain deleted (MSS clamp, allow-list, closed)
     nooutput      the output chain deleted (the outer packets' `notrack` on their way out)
     nonat         the postrouting (NAT) chain deleted
+    emptychains   every filter base chain kept with no rule, every other chain deleted; nat
+                  mode keeps its masquerade chain, route mode has none (so no conntrack): what
+                  the hooks cost without the rules
     file:PATH     the table in PATH loaded in place of gatepeer's (`table inet gatepeer`), to
                   try a candidate ruleset against the loaded one before rendering it
 
@@ -221,7 +224,28 @@ CHAIN_VARIANTS = {
     "nooutput": "output",
     "nonat": "postrouting",
 }
-VARIANTS = ("aa", "rpf0", "stateless", *CHAIN_VARIANTS)
+VARIANTS = ("aa", "rpf0", "stateless", "emptychains", *CHAIN_VARIANTS)
+
+
+def empty_chains(listed: str, nat: bool) -> str:
+    """The table `listed` with its base chains emptied and its other chains deleted (nat: the
+    postrouting chain kept whole)."""
+
+    def chain(m: re.Match[str]) -> str:
+        name, body = m.group(1), m.group(2)
+        hook = re.search(r"\t\ttype .*\n", body)
+        if name == "postrouting":  # route: no NAT chain, or conntrack would track everything
+            return m.group(0) if nat else "\n"
+        return f"\n\tchain {name} {{\n{hook.group(0)}\t}}\n" if hook else "\n"
+
+    return re.sub(r"\n\tchain (\w+) \{\n(.*?)\n\t\}\n", chain, listed, flags=re.S)
+
+
+@contextmanager
+def emptied(ns: str, nat: bool) -> Iterator[None]:
+    listed = nft(ns, "list", "table", "inet", "gatepeer")
+    with replaced_table(ns, empty_chains(listed, nat)):
+        yield
 
 
 def variant_name(spec: str) -> str:
@@ -242,6 +266,8 @@ def variant(spec: str, ns: str, prefix: str, kind: str, tables: dict[str, str]) 
         return sysctls_set(ns, {f"net.ipv4.conf.{n}.rp_filter": 0 for n in names})
     if spec in CHAIN_VARIANTS:
         return without_chain(ns, CHAIN_VARIANTS[spec])
+    if spec == "emptychains":
+        return emptied(ns, nat=kind == "nat")
     return replaced_table(ns, tables[f"{kind}:{spec}"])
 
 
@@ -487,6 +513,8 @@ def main() -> int:
             ).stdout.strip()
             for k in ("net.ipv4.conf.vxlan0.rp_filter", "net.ipv4.conf.eth0.rp_filter")
         }  # fmt: skip
+
+        print(f"# the hand-made lab's rp_filter: {hand_rp}", flush=True)
 
         @contextmanager
         def hand_in_lab(ns: str, nat: bool) -> Iterator[None]:
