@@ -149,15 +149,35 @@ class SimRecords(Mapping[IPv4Address, SimRecord]):
         return self._packed.keys()
 
     def group_of(self, address: IPv4Address) -> tuple[bool, str | None]:
-        """(known, group id) without making the record: the device metrics ask it for every
-        device at every reading."""
-        value = self._packed.get(int(address))
+        """(known, group id) without making the record."""
+        return self.group_of_int(int(address))
+
+    def group_of_int(self, n: int) -> tuple[bool, str | None]:
+        """(known, group id) of the address with integer `n`, without making the record: the
+        device metrics ask it for every device at every reading."""
+        value = self._packed.get(n)
         if value is None:
             return False, None
         if type(value) is not str:
             return True, value.group_id  # type: ignore[union-attr]
         group = value[value.rindex("\0") + 1 :]
         return True, sys.intern(group) if group else None
+
+    def sorted_fields(
+        self,
+    ) -> Iterator[tuple[int, str | None, str, str | None, str | None, bool, Source]]:
+        """Each SIM as (the address's integer, name, IMSI, SIM id, group id, online, source),
+        by address, without making a record (the daemon joins every SIM with each reading)."""
+        packed = self._packed
+        for n in sorted(packed):
+            value = packed[n]
+            if type(value) is not str:
+                r: SimRecord = value  # type: ignore[assignment]
+                yield n, r.name, r.imsi, r.sim_id, r.group_id, r.online, r.source
+                continue
+            online, source = _UNFLAG[value[0]]
+            imsi, sim_id, name, group_id = value[1:].split("\0")
+            yield n, name or None, imsi, sim_id or None, group_id or None, online, source
 
     def __contains__(self, address: object) -> bool:
         return isinstance(address, IPv4Address) and int(address) in self._packed
@@ -206,6 +226,13 @@ class SimMap:
     def name_for(self, address: IPv4Address) -> str | None:
         record = self.records.get(address)
         return record.name if record is not None else None
+
+    def sorted_fields(
+        self,
+    ) -> Iterator[tuple[int, str | None, str, str | None, str | None, bool, Source]]:
+        """`SimRecords.sorted_fields` of the records (always packed: see __post_init__)."""
+        assert isinstance(self.records, SimRecords)
+        return self.records.sorted_fields()
 
     def failed(self, error: str) -> SimMap:
         """This map kept after a refresh that failed with `error`."""

@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from gatepeer.device_traffic import DeviceReading
 from gatepeer.kernel import rtnl, sysctl
-from gatepeer.metrics.device_activity import DeviceCounters
 from gatepeer.soracom import ApiStats
 from gatepeer.state_document import StateSummary
 
@@ -141,7 +141,9 @@ class LiveDevices:
         # Where each reading is kept for `gatepeer devices` (gatepeer.device_reading).
         self._reading_file = reading_file
 
-    def traffic(self) -> Mapping[ipaddress.IPv4Address, DeviceCounters] | None:
+    def traffic(self) -> DeviceReading | None:
+        """One reading, as columns (the daemon keeps none between readings); kept on disk
+        joined with the SIM map for `gatepeer devices`."""
         if not self._counting():
             return None
         from gatepeer.kernel import nftables
@@ -150,15 +152,18 @@ class LiveDevices:
         if read is None:
             return None  # this build's packet path does not count per device
         try:
-            found = dict(read())
+            found = DeviceReading.from_traffic(read())
         except Exception as exc:  # noqa: BLE001 - a scrape must not fail on a missing table
             log.debug("per-device counters unavailable: %s", exc)
             return None
         path = self._reading_file()
         if path is not None:
             from gatepeer import device_reading
+            from gatepeer.sims import SimMap
 
-            device_reading.keep(path, found, time.time())
+            sim_map = self._sim_map()
+            joined = sim_map if isinstance(sim_map, SimMap) else None
+            device_reading.keep(path, found, time.time(), joined)
         return found
 
     def sims(self) -> SimMapFields | None:
