@@ -24,7 +24,6 @@ from typing import Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from gatepeer.device_traffic import DeviceReading
-
 from gatepeer.metrics.device_activity import (
     NO_GROUP,
     UNKNOWN_SIM,
