@@ -42,6 +42,7 @@ from prometheus_client import ProcessCollector, generate_latest
 from prometheus_client.registry import CollectorRegistry
 from helpers.device_fakes import DeviceTraffic, SimMap
 from gatepeer.sims import SimRecords
+from gatepeer.device_traffic import DeviceReading
 from helpers.metrics_sources import FULL_COUNTERS, FakeAgent, FakeKernel, FakePacketPath
 from gatepeer.metrics.collectors import collectors
 
@@ -72,7 +73,7 @@ def reading(round_):
 class Source:  # as the daemon's LiveDevices: a fresh reading per call, none kept
     round = 0
     def traffic(self):
-        return reading(self.round)
+        return DeviceReading.from_traffic(reading(self.round))  # as LiveDevices hands it on
     def sims(self):
         return sims
 

@@ -31,7 +31,7 @@ from gatepeer.config import Config
 from gatepeer.device_traffic import DeviceReading, DeviceTraffic
 from gatepeer.sims import SimMap
 
-TrafficReader = Callable[[], Mapping[IPv4Address, DeviceTraffic]]
+TrafficReader = Callable[[], DeviceReading | Mapping[IPv4Address, DeviceTraffic]]
 ReadingLoader = Callable[[], device_reading.Reading | None]
 ConnectionsReader = Callable[[], str]
 
@@ -129,11 +129,11 @@ def columns(
     return found
 
 
-def read_traffic() -> Mapping[IPv4Address, DeviceTraffic]:
+def read_traffic() -> DeviceReading:
     """The packet path's per-device counters (empty when its device sets are absent)."""
-    from gatepeer.kernel.nftables import device_traffic
+    from gatepeer.kernel.device_sets import device_reading
 
-    return device_traffic()
+    return device_reading()
 
 
 def read_connections() -> str:
@@ -193,7 +193,12 @@ def gather(
                 traffic = reading.traffic()
         else:
             try:
-                traffic = DeviceReading.from_traffic(traffic_reader())
+                counted = traffic_reader()
+                traffic = (
+                    counted
+                    if isinstance(counted, DeviceReading)
+                    else DeviceReading.from_traffic(counted)
+                )
                 source = TrafficSource("kernel", now, why)
             except Exception as exc:  # noqa: BLE001 - nft missing or refusing: said, not fatal
                 notes.append(f"traffic: cannot read the per-device counters: {_one_line(exc)}")

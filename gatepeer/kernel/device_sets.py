@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import math
 import os
 import socket
 import struct
 import threading
 from array import array
 from collections.abc import Callable, Iterator
+from operator import itemgetter
 from pathlib import Path
 from typing import TypeVar
 
@@ -76,6 +78,7 @@ _BE32 = struct.Struct("!I")
 _BE64 = struct.Struct("!Q")
 
 T = TypeVar("T")
+_from_big = int.from_bytes
 
 
 class DeviceSetsError(RuntimeError):
@@ -125,27 +128,36 @@ def _merged(reading: DeviceReading, found: _SetColumns, *, to_device: bool) -> D
     """`reading` with one set's ordered elements added (both ordered by address): its counts
     each way summed, the younger age kept."""
     out = DeviceReading()
+    if not reading.addresses:  # the first set: its elements as they are, zeros the other way
+        counted = (found.packets, found.counts)
+        zeros = (array(COUNTER_TYPE, bytes(8 * len(found.addresses))) for _ in range(2))
+        out.addresses = found.addresses
+        out.packets_from, out.bytes_from = tuple(zeros) if to_device else counted
+        out.packets_to, out.bytes_to = counted if to_device else tuple(zeros)
+        out.ages = array("d", (math.nan if a < 0 else a for a in found.ages))
+        return out
     i = j = 0
     have, add = reading.addresses, found.addresses
-    while i < len(have) or j < len(add):
-        if j >= len(add) or (i < len(have) and have[i] < add[j]):
-            age = reading.ages[i]
-            out.append(
-                have[i],
-                reading.packets_from[i],
-                reading.bytes_from[i],
-                reading.packets_to[i],
-                reading.bytes_to[i],
-                None if age != age else age,
-            )
+    r_pf, r_bf, r_pt, r_bt, r_age = (
+        reading.packets_from,
+        reading.bytes_from,
+        reading.packets_to,
+        reading.bytes_to,
+        reading.ages,
+    )
+    f_packets, f_counts, f_ages = found.packets, found.counts, found.ages
+    append = out.append
+    n_have, n_add = len(have), len(add)
+    while i < n_have or j < n_add:
+        if j >= n_add or (i < n_have and have[i] < add[j]):
+            age = r_age[i]
+            append(have[i], r_pf[i], r_bf[i], r_pt[i], r_bt[i], None if age != age else age)
             i += 1
             continue
-        n, packets, count, age = add[j], found.packets[j], found.counts[j], found.ages[j]
+        n, packets, count, age = add[j], f_packets[j], f_counts[j], f_ages[j]
         pf = bf = pt = bt = 0
-        if i < len(have) and have[i] == n:
-            pf, bf = reading.packets_from[i], reading.bytes_from[i]
-            pt, bt = reading.packets_to[i], reading.bytes_to[i]
-            known = reading.ages[i]
+        if i < n_have and have[i] == n:
+            pf, bf, pt, bt, known = r_pf[i], r_bf[i], r_pt[i], r_bt[i], r_age[i]
             if known == known and (age < 0 or known < age):
                 age = known
             i += 1
@@ -153,7 +165,7 @@ def _merged(reading: DeviceReading, found: _SetColumns, *, to_device: bool) -> D
             pt, bt = pt + packets, bt + count
         else:
             pf, bf = pf + packets, bf + count
-        out.append(n, pf, bf, pt, bt, None if age < 0 else age)
+        append(n, pf, bf, pt, bt, None if age < 0 else age)
         j += 1
     return out
 
@@ -279,47 +291,137 @@ def _elements(s: _socket, table: str, name: str) -> Iterator[tuple[int, int, int
     attrs = _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0") + _attr(
         NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"
     )
-    default_ms = DEVICE_TIMEOUT_S * 1000
     what = f"listing set inet {table} {name}"
+    shape: _Shape | None = None
     for payload in _dump(s, NFT_MSG_GETSETELEM, attrs, what):
         for kind, start, end in _attrs(payload):
             if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
                 continue
-            for item, elem_start, elem_end in _attrs(payload, start, end):
-                if item != NFTA_LIST_ELEM:
-                    continue
-                address = packets = count = -1
-                timeout_ms, expires_ms = default_ms, -1
-                for field, a, b in _attrs(payload, elem_start, elem_end):
-                    if field == NFTA_SET_ELEM_KEY:
-                        for sub, x, y in _attrs(payload, a, b):
-                            if sub == NFTA_DATA_VALUE and y - x == 4:
-                                (address,) = _BE32.unpack_from(payload, x)
-                    elif field == NFTA_SET_ELEM_EXPIRATION:
-                        (expires_ms,) = _BE64.unpack_from(payload, a)
-                    elif field == NFTA_SET_ELEM_TIMEOUT:
-                        (timeout_ms,) = _BE64.unpack_from(payload, a)
-                    elif field == NFTA_SET_ELEM_EXPR:
-                        packets, count = _counter(payload, a, b, packets, count)
-                    elif field == NFTA_SET_ELEM_EXPRESSIONS:
-                        for _, x, y in _attrs(payload, a, b):
-                            packets, count = _counter(payload, x, y, packets, count)
-                if address < 0:
-                    raise DeviceSetsError(f"{what}: an element without an IPv4 key")
-                age = -1.0 if expires_ms < 0 else max(0.0, (timeout_ms - expires_ms) / 1000)
-                yield address, max(packets, 0), max(count, 0), age
+            at = start
+            while at + 4 <= end:
+                size, item = _ATTR.unpack_from(payload, at)
+                if size < 4:
+                    break
+                if item & NLA_TYPE_MASK == NFTA_LIST_ELEM:
+                    found = shape.read(payload, at, size) if shape is not None else None
+                    if found is None:  # the first element, or one laid out otherwise
+                        shape = _Shape.learn(payload, at, size)
+                        found = shape.read(payload, at, size)
+                    if found is None or found[0] < 0:
+                        raise DeviceSetsError(f"{what}: an element without an IPv4 key")
+                    yield found
+                at += (size + 3) & ~3
 
 
-def _counter(data: memoryview, start: int, end: int, packets: int, count: int) -> tuple[int, int]:
-    """The packets and bytes of a counter expression in data[start:end]; else those given."""
-    name = b""
-    values: tuple[int, int] | None = None
+# What an element's values are, by where they sit: the IPv4 key, the counter's packets and
+# bytes, the element's own timeout, the time left before it expires.
+_KEY, _PACKETS, _BYTES, _TIMEOUT, _EXPIRES = range(5)
+_NESTED = {NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_EXPR, NFTA_SET_ELEM_EXPRESSIONS}
+
+
+class _Shape:
+    """The byte layout of one set element: every attribute header (length and type) and where
+    each value sits. The kernel lays out every element of these sets alike, so an element is
+    read with one `struct` call and checked by comparing its headers with the shape's in one
+    tuple comparison (about 1 us, against 10 us walking its attributes). An element laid out
+    otherwise (another kernel, a per-element timeout) teaches a new shape."""
+
+    def __init__(self, size: int, tokens: list[tuple[str, int | None]]) -> None:
+        # tokens: (struct format, role): role None compared, else the value's index.
+        self.size = size
+        self.struct = struct.Struct("=" + "".join(f for f, _ in tokens))
+        self.compared: list[int] = []
+        self.roles: list[tuple[int, int]] = []  # (field index, value index)
+        index = 0
+        for fmt, role in tokens:
+            count = 0 if fmt.endswith("x") else (2 if fmt == "HH" else 1)
+            for k in range(index, index + count):
+                if role is None:
+                    self.compared.append(k)
+                else:
+                    self.roles.append((k, role))
+            index += count
+        # Every header has two fields: at least two compared, so a tuple.
+        self.pick_compared = itemgetter(*self.compared)
+        self.expected: tuple[object, ...] = ()
+
+    @classmethod
+    def learn(cls, data: memoryview, at: int, size: int) -> _Shape:
+        tokens: list[tuple[str, int | None]] = []
+        _tokens(data, at, at + size, tokens, "list")
+        shape = cls(size, tokens)
+        fields = shape.struct.unpack_from(data, at)
+        shape.expected = shape.pick_compared(fields)
+        return shape
+
+    def read(self, data: memoryview, at: int, size: int) -> tuple[int, int, int, float] | None:
+        """The element's values when it has this shape; None when it does not."""
+        if size != self.size:
+            return None
+        fields = self.struct.unpack_from(data, at)
+        if self.pick_compared(fields) != self.expected:
+            return None
+        values: list[int] = [-1, 0, 0, DEVICE_TIMEOUT_S * 1000, -1]
+        for k, role in self.roles:
+            values[role] = _from_big(fields[k], "big")
+        key, packets, count, timeout_ms, expires_ms = values
+        age = -1.0 if expires_ms < 0 else max(0.0, (timeout_ms - expires_ms) / 1000)
+        return key, packets, count, age
+
+
+def _tokens(
+    data: memoryview, start: int, end: int, out: list[tuple[str, int | None]], within: str
+) -> None:
+    """The struct tokens of the attributes in data[start:end], depth first, `within` naming
+    what holds them: "list" (the list element itself), "element" (its fields), "key",
+    "expressions", "expression", "counter" (a counter's data) or "other"."""
+    at = start
+    while at + 4 <= end:
+        size, kind = _ATTR.unpack_from(data, at)
+        if size < 4 or at + size > end:
+            raise DeviceSetsError("a malformed set element")
+        kind &= NLA_TYPE_MASK
+        out.append(("HH", None))
+        value_start, value_end = at + 4, at + size
+        inner: str | None = None  # what this attribute holds, when nested
+        role: int | None = None
+        compared = False
+        if within == "list":
+            inner = "element"
+        elif within == "element":
+            inner = {
+                NFTA_SET_ELEM_KEY: "key",
+                NFTA_SET_ELEM_EXPR: "expression",
+                NFTA_SET_ELEM_EXPRESSIONS: "expressions",
+            }.get(kind)
+            role = {NFTA_SET_ELEM_TIMEOUT: _TIMEOUT, NFTA_SET_ELEM_EXPIRATION: _EXPIRES}.get(kind)
+        elif within == "key":
+            role = _KEY if kind == NFTA_DATA_VALUE and size - 4 == 4 else None
+        elif within == "expressions":
+            inner = "expression"
+        elif within == "expression":
+            if kind == NFTA_EXPR_DATA:
+                counter = _expression_name(data, start, end) == b"counter"
+                inner = "counter" if counter else "other"
+            compared = kind == NFTA_EXPR_NAME  # the expression's name
+        elif within == "counter" and size - 4 == 8:
+            role = {NFTA_COUNTER_PACKETS: _PACKETS, NFTA_COUNTER_BYTES: _BYTES}.get(kind)
+        if inner is not None:
+            _tokens(data, value_start, value_end, out, inner)
+        elif value_end > value_start:
+            kept = role is not None or compared
+            out.append((f"{value_end - value_start}{'s' if kept else 'x'}", role))
+        at = _pad(out, at, size)
+
+
+def _pad(out: list[tuple[str, int | None]], at: int, size: int) -> int:
+    if size % 4:
+        out.append((f"{-size % 4}x", None))
+    return at + ((size + 3) & ~3)
+
+
+def _expression_name(data: memoryview, start: int, end: int) -> bytes:
     for kind, a, b in _attrs(data, start, end):
         if kind == NFTA_EXPR_NAME:
-            name = bytes(data[a:b]).rstrip(b"\0")
-        elif kind == NFTA_EXPR_DATA:
-            found = {k: _BE64.unpack_from(data, x)[0] for k, x, _ in _attrs(data, a, b)}
-            values = (found.get(NFTA_COUNTER_PACKETS, 0), found.get(NFTA_COUNTER_BYTES, 0))
-    if name == b"counter" and values is not None:
-        return values
-    return packets, count
+            return bytes(data[a:b]).rstrip(b"\0")
+    return b""

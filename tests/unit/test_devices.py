@@ -16,7 +16,7 @@ from helpers.devices import conntrack_dump, device_address, sim_map
 from gatepeer import atomic_json, device_reading, devices_report, sims
 from gatepeer.cli import main
 from gatepeer.config import load
-from gatepeer.device_traffic import DeviceTraffic
+from gatepeer.device_traffic import DeviceReading, DeviceTraffic
 from gatepeer.kernel.conntrack import count_by_address, count_by_integer, count_by_text
 
 STRANGER = IPv4Address("198.19.200.77")  # traffic from an address no SIM names
@@ -371,12 +371,12 @@ def test_the_cli_reads_the_kernel_when_asked_live(
 def test_the_daemons_source_keeps_each_reading(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gatepeer.kernel import nftables
+    from gatepeer.kernel import device_sets
     from gatepeer.metrics.sources import LiveDevices
 
     a = device_address(0)
     counted = {a: DeviceTraffic(a, 2, 200, 1, 100, 5.0)}
-    monkeypatch.setattr(nftables, "device_traffic", lambda: counted)
+    monkeypatch.setattr(device_sets, "device_reading", lambda: DeviceReading.from_traffic(counted))
     path = tmp_path / device_reading.FILE_NAME
     source = LiveDevices(lambda: True, lambda: sim_map(2), reading_file=lambda: path)
     found = source.traffic()
