@@ -16,8 +16,11 @@ that N's scrape time. Memory: VmRSS after the scrapes and VmHWM (the peak), from
 /proc/self/status. Rounds interleave the sizes (baseline first, then rotating) and the report
 gives medians with min-max. No root, no lab.
 
-Not measured here: reading the kernel's counters (`nftables.device_traffic`: `nft -j` and its
-JSON, from the packet path work); the source hands the collector the parsed mapping.
+Not measured here: reading the kernel's counters (`kernel.device_sets`: netlink dumps of the
+two sets, decoded into columns); the source hands the collector the columns such a reading
+makes (`DeviceReading`), built from a generator as the reader builds them from the kernel's
+answer. Writing the reading for `gatepeer devices` (device_reading.keep) is not in the timed
+reading either.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import gatepeer.daemon  # noqa: F401 - what the daemon has imported before any s
 from ipaddress import IPv4Address
 from prometheus_client import ProcessCollector, generate_latest
 from prometheus_client.registry import CollectorRegistry
-from helpers.device_fakes import DeviceTraffic, SimMap
+from helpers.device_fakes import SimMap
 from gatepeer.sims import SimRecords
 from gatepeer.device_traffic import DeviceReading
 from helpers.metrics_sources import FULL_COUNTERS, FakeAgent, FakeKernel, FakePacketPath
@@ -63,17 +66,18 @@ sims = SimMap(SimRecords.from_rows(
 ))
 
 def reading(round_):
-    return {
-        (a := IPv4Address(base + 10 + i)): DeviceTraffic(
-            a, 10 * i + round_ * (i % 3 == 0), 1000 * i, 5 * i, 500 * i,
-            0.5 if i % 3 == 0 else 30.0 + round_)
+    # As kernel.device_sets hands it on: columns made straight from the kernel's answer,
+    # no object per device.
+    return DeviceReading(
+        (base + 10 + i, 10 * i + round_ * (i % 3 == 0), 1000 * i, 5 * i, 500 * i,
+         0.5 if i % 3 == 0 else 30.0 + round_)
         for i in range(n)
-    }
+    )
 
 class Source:  # as the daemon's LiveDevices: a fresh reading per call, none kept
     round = 0
     def traffic(self):
-        return DeviceReading.from_traffic(reading(self.round))  # as LiveDevices hands it on
+        return reading(self.round)
     def sims(self):
         return sims
 

@@ -46,16 +46,33 @@ class DeviceReading:
     __slots__ = ("addresses", "packets_from", "bytes_from", "packets_to", "bytes_to", "ages")
 
     def __init__(self, rows: Iterable[Row] = ()) -> None:
-        """From rows in any order; a later row for the same address replaces the earlier."""
-        by_address = {row[0]: row for row in rows}
+        """From rows in any order (ascending costs least: no reordering); a later row for the
+        same address replaces the earlier."""
         self.addresses = array(ADDRESS_TYPE)
         self.packets_from = array(COUNTER_TYPE)
         self.bytes_from = array(COUNTER_TYPE)
         self.packets_to = array(COUNTER_TYPE)
         self.bytes_to = array(COUNTER_TYPE)
         self.ages = array("d")
-        for n in sorted(by_address):
-            self.append(*by_address[n])
+        ascending, last = True, -1
+        for n, pf, bf, pt, bt, age in rows:
+            ascending = ascending and n > last
+            last = n
+            self.append(n, pf, bf, pt, bt, age)
+        if not ascending:
+            self._reorder()
+
+    def _reorder(self) -> None:
+        """By address, the last row of each address kept (the sort is stable)."""
+        columns = [getattr(self, name) for name in self.__slots__]
+        order = sorted(range(len(self.addresses)), key=self.addresses.__getitem__)
+        keep = [
+            k
+            for at, k in enumerate(order)
+            if at + 1 == len(order) or self.addresses[order[at + 1]] != self.addresses[k]
+        ]
+        for name, column in zip(self.__slots__, columns, strict=True):
+            setattr(self, name, array(column.typecode, (column[k] for k in keep)))
 
     def append(self, n: int, pf: int, bf: int, pt: int, bt: int, age: float | None) -> None:
         """One more device; the caller keeps the addresses ascending."""
