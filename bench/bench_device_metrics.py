@@ -9,7 +9,9 @@ Each measurement is a fresh interpreter (so memory is one process's, not the sum
 rounds) that imports what the daemon imports, builds the daemon's registry (every collector,
 the process collector included) over the tests' fake agent and kernel, and, for N > 0, a
 device source with N devices (each with counters and a SIM record in one of 20 groups) that,
-as the daemon's, makes a fresh reading per call and keeps none between readings. It
+as the daemon's, makes a fresh reading per call, writes it to disk joined with the SIM map
+for `gatepeer devices` (`device_reading.keep`, into a temporary directory; in the timed
+reading) and keeps none in memory between readings. It
 scrapes once (the tracker meets every device), then advances the clock 30 s with fresh
 counters (about a third of the devices active) and times `--scrapes` scrapes: the median is
 that N's scrape time. Memory: VmRSS after the scrapes and VmHWM (the peak), from
@@ -19,8 +21,7 @@ gives medians with min-max. No root, no lab.
 Not measured here: reading the kernel's counters (`kernel.device_sets`: netlink dumps of the
 two sets, decoded into columns); the source hands the collector the columns such a reading
 makes (`DeviceReading`), built from a generator as the reader builds them from the kernel's
-answer. Writing the reading for `gatepeer devices` (device_reading.keep) is not in the timed
-reading either.
+answer (the reader's own time and memory: bench/README.md, measured in a namespace).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
-import json, sys, time
+import json, shutil, sys, tempfile, time
+from pathlib import Path
 sys.path.insert(0, sys.argv[1] + "/tests")
 n, scrapes = int(sys.argv[2]), int(sys.argv[3])
 import gatepeer.daemon  # noqa: F401 - what the daemon has imported before any scrape
@@ -46,6 +48,7 @@ from prometheus_client.registry import CollectorRegistry
 from helpers.device_fakes import SimMap
 from gatepeer.sims import SimRecords
 from gatepeer.device_traffic import DeviceReading
+from gatepeer import device_reading
 from helpers.metrics_sources import FULL_COUNTERS, FakeAgent, FakeKernel, FakePacketPath
 from gatepeer.metrics.collectors import collectors
 
@@ -74,10 +77,14 @@ def reading(round_):
         for i in range(n)
     )
 
-class Source:  # as the daemon's LiveDevices: a fresh reading per call, none kept
+kept = Path(tempfile.mkdtemp(prefix="bench-devices-")) / device_reading.FILE_NAME
+
+class Source:  # as the daemon's LiveDevices: a fresh reading per call, kept joined on disk
     round = 0
     def traffic(self):
-        return reading(self.round)
+        found = reading(self.round)
+        device_reading.keep(kept, found, now[0], sims)
+        return found
     def sims(self):
         return sims
 
@@ -103,6 +110,7 @@ for k in range(scrapes):
     start = time.perf_counter()
     text = generate_latest(registry)
     scrape_ms.append((time.perf_counter() - start) * 1000)
+shutil.rmtree(kept.parent)
 print(json.dumps({"n": n, "scrape_ms": scrape_ms, "read_ms": read_ms or [0.0],
                   "rss_mb": status("VmRSS"), "hwm_mb": status("VmHWM"),
                   "inputs_mb": inputs_mb, "bytes": len(text)}))
