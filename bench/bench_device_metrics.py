@@ -18,7 +18,11 @@ that N's scrape time. Memory: VmRSS after the scrapes and VmHWM (the peak), from
 /proc/self/status. Rounds interleave the sizes (baseline first, then rotating) and the report
 gives medians with min-max. No root, no lab.
 
-Not measured here: reading the kernel's counters (`kernel.device_sets`: netlink dumps of the
+With --kernel (root), each reading is the netlink reader's (`kernel.device_sets`) of N
+addresses in both sets of a namespace the bench fills: the daemon's whole reading path, its
+transient memory included (the counters stay zero: it is the size that costs).
+
+Else not measured here: reading the kernel's counters (`kernel.device_sets`: netlink dumps of the
 two sets, decoded into columns); the source hands the collector the columns such a reading
 makes (`DeviceReading`), built from a generator as the reader builds them from the kernel's
 answer (the reader's own time and memory: bench/README.md, measured in a namespace).
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import statistics
 import subprocess
 import sys
@@ -41,6 +46,7 @@ import json, shutil, sys, tempfile, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1] + "/tests")
 n, scrapes = int(sys.argv[2]), int(sys.argv[3])
+netns = sys.argv[4] if len(sys.argv) > 4 else ""  # --kernel: the sets to read, over netlink
 import gatepeer.daemon  # noqa: F401 - what the daemon has imported before any scrape
 from ipaddress import IPv4Address
 from prometheus_client import ProcessCollector, generate_latest
@@ -82,7 +88,11 @@ kept = Path(tempfile.mkdtemp(prefix="bench-devices-")) / device_reading.FILE_NAM
 class Source:  # as the daemon's LiveDevices: a fresh reading per call, kept joined on disk
     round = 0
     def traffic(self):
-        found = reading(self.round)
+        if netns:
+            from gatepeer.kernel import device_sets
+            found = device_sets.device_reading(netns)
+        else:
+            found = reading(self.round)
         device_reading.keep(kept, found, now[0], sims)
         return found
     def sims(self):
@@ -117,9 +127,9 @@ print(json.dumps({"n": n, "scrape_ms": scrape_ms, "read_ms": read_ms or [0.0],
 """
 
 
-def measure(n: int, scrapes: int) -> dict[str, Any]:
+def measure(n: int, scrapes: int, netns: str | None = None) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(ROOT), str(n), str(scrapes)],
+        [sys.executable, "-c", CHILD, str(ROOT), str(n), str(scrapes), *([netns] if netns else [])],
         capture_output=True,
         text=True,
         check=True,
@@ -139,13 +149,35 @@ def main() -> int:
     parser.add_argument("--scrapes", type=int, default=5, help="timed scrapes per process")
     parser.add_argument("--devices", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--json", type=Path, help="write every sample here")
+    parser.add_argument(
+        "--kernel",
+        action="store_true",
+        help="read N addresses from both device sets in a namespace over netlink, as the "
+        "daemon does, instead of making the columns (root; the counters stay zero)",
+    )
     args = parser.parse_args()
+    namespaces: dict[int, str] = {}
+    try:
+        if args.kernel:
+            from bench_device_sets import fill
+
+            for n in args.devices:
+                namespaces[n] = f"bndm{secrets.token_hex(4)}"
+                subprocess.run(["ip", "netns", "add", namespaces[n]], check=True)
+                fill(namespaces[n], n)
+        return _run(args, namespaces)
+    finally:
+        for ns in namespaces.values():
+            subprocess.run(["ip", "netns", "delete", ns], check=False)
+
+
+def _run(args: argparse.Namespace, namespaces: dict[int, str]) -> int:
     sizes = [0, *args.devices]
     samples: dict[int, list[dict[str, Any]]] = {n: [] for n in sizes}
     for r in range(args.rounds):
         rest = args.devices[r % len(args.devices) :] + args.devices[: r % len(args.devices)]
         for n in [0, *rest]:
-            result = measure(n, args.scrapes)
+            result = measure(n, args.scrapes, namespaces.get(n))
             samples[n].append(result)
             scrape = statistics.median(result["scrape_ms"])
             print(
