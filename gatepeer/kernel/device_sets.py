@@ -91,7 +91,7 @@ def device_reading(netns: str | None = None) -> DeviceReading:
     `devices_from`, to it out of `devices_to`, the younger of the two ages. Empty when no
     device table is loaded."""
     reading = DeviceReading()
-    with _socket(netns) as sock:
+    with _Socket(netns) as sock:
         tables = [t for t in _table_names(sock) if t.startswith(DEVICE_TABLE_PREFIX)]
         for table in tables:
             for name in DEVICE_SETS:
@@ -170,7 +170,7 @@ def _merged(reading: DeviceReading, found: _SetColumns, *, to_device: bool) -> D
     return out
 
 
-class _socket:
+class _Socket:
     """A NETLINK_NETFILTER socket, in `netns` when named (opened there by a short-lived thread:
     setns changes only the calling thread, and a socket stays in the namespace it was made in)."""
 
@@ -185,7 +185,7 @@ class _socket:
         sock.bind((0, 0))
         return sock
 
-    def __enter__(self) -> _socket:
+    def __enter__(self) -> _Socket:
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -226,7 +226,7 @@ def _attr(kind: int, value: bytes) -> bytes:
     return _ATTR.pack(size, kind) + value + b"\0" * (-size % 4)
 
 
-def _dump(s: _socket, message: int, attrs: bytes, what: str) -> Iterator[memoryview]:
+def _dump(s: _Socket, message: int, attrs: bytes, what: str) -> Iterator[memoryview]:
     """Each answer's payload after its nfgenmsg, until the kernel says done."""
     s.sequence += 1
     body = _NFGEN.pack(NFPROTO_INET, 0, 0) + attrs
@@ -277,7 +277,7 @@ def _attrs(
         at += (size + 3) & ~3
 
 
-def _table_names(s: _socket) -> list[str]:
+def _table_names(s: _Socket) -> list[str]:
     names = []
     for payload in _dump(s, NFT_MSG_GETTABLE, b"", "listing nftables tables"):
         for kind, start, end in _attrs(payload):
@@ -286,7 +286,7 @@ def _table_names(s: _socket) -> list[str]:
     return names
 
 
-def _elements(s: _socket, table: str, name: str) -> Iterator[tuple[int, int, int, float]]:
+def _elements(s: _Socket, table: str, name: str) -> Iterator[tuple[int, int, int, float]]:
     """(address's integer, packets, bytes, age in s or -1 when unknown) per element."""
     attrs = _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0") + _attr(
         NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"
@@ -316,7 +316,6 @@ def _elements(s: _socket, table: str, name: str) -> Iterator[tuple[int, int, int
 # What an element's values are, by where they sit: the IPv4 key, the counter's packets and
 # bytes, the element's own timeout, the time left before it expires.
 _KEY, _PACKETS, _BYTES, _TIMEOUT, _EXPIRES = range(5)
-_NESTED = {NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_EXPR, NFTA_SET_ELEM_EXPRESSIONS}
 
 
 class _Shape:

@@ -282,3 +282,11 @@ def test_devices_joining_and_leaving_between_others_keep_their_own_history() -> 
         set_traffic(traffic("10.128.0.2", 200, 20, 0.0)), group_of, FORGET_AFTER_S + 31
     )
     assert A("10.128.0.2") in activity and len(activity) == 1  # .1 and .3 forgotten
+
+
+def test_a_reading_as_columns_is_ordered_by_address_and_keeps_the_last_row() -> None:
+    rows = [(9, 1, 2, 3, 4, None), (3, 5, 6, 7, 8, 1.5), (9, 10, 20, 30, 40, 2.0)]
+    reading = DeviceReading(rows)
+    assert list(reading.rows()) == [(3, 5, 6, 7, 8, 1.5), (9, 10, 20, 30, 40, 2.0)]
+    assert list(DeviceReading(rows[:2]).rows())[1] == (9, 1, 2, 3, 4, None)  # unknown age
+    assert reading.traffic()[A("0.0.0.3")].bytes_to_device == 8
