@@ -120,7 +120,7 @@ def keep(
     first would cost the daemon tens of MB at 100,000 devices. A failure is logged, not raised
     (the metrics go on). One writer (the metrics' reading thread), so one fixed temporary
     name."""
-    reading = traffic if isinstance(traffic, DeviceReading) else _as_reading(traffic)
+    reading = traffic if isinstance(traffic, DeviceReading) else DeviceReading.from_traffic(traffic)
     said = None
     if sim_map is not None:
         said = {"fetched_at": sim_map.fetched_at, "error": sim_map.error,
@@ -153,20 +153,6 @@ def keep(
         with contextlib.suppress(OSError):  # the directory itself may be what failed
             tmp.unlink(missing_ok=True)
         log.warning("cannot keep the device reading in %s: %s", path, exc.strerror or exc)
-
-
-def _as_reading(traffic: Mapping[IPv4Address, DeviceCounters]) -> DeviceReading:
-    return DeviceReading(
-        (
-            int(a),
-            t.packets_from_device,
-            t.bytes_from_device,
-            t.packets_to_device,
-            t.bytes_to_device,
-            t.last_packet_age_s,
-        )
-        for a, t in traffic.items()
-    )
 
 
 def load(path: Path) -> Reading | None:

@@ -14,6 +14,7 @@ from array import array
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from typing import Protocol
 
 # Typecodes: an IPv4 address fits "I" (unsigned 32 bits), a counter "Q" (unsigned 64 bits).
 ADDRESS_TYPE = "I"
@@ -33,6 +34,21 @@ class DeviceTraffic:
     packets_to_device: int
     bytes_to_device: int
     last_packet_age_s: float | None
+
+
+class Counters(Protocol):
+    """What `DeviceReading.from_traffic` reads of each device (`DeviceTraffic`'s fields)."""
+
+    @property
+    def packets_from_device(self) -> int: ...
+    @property
+    def bytes_from_device(self) -> int: ...
+    @property
+    def packets_to_device(self) -> int: ...
+    @property
+    def bytes_to_device(self) -> int: ...
+    @property
+    def last_packet_age_s(self) -> float | None: ...
 
 
 # One row of a reading: the address's integer, the four counters, the age (None: unknown).
@@ -84,8 +100,8 @@ class DeviceReading:
         self.ages.append(math.nan if age is None else age)
 
     @classmethod
-    def from_traffic(cls, traffic: Mapping[IPv4Address, DeviceTraffic]) -> DeviceReading:
-        """From the by-address mapping `nftables.device_traffic` returns."""
+    def from_traffic(cls, traffic: Mapping[IPv4Address, Counters]) -> DeviceReading:
+        """From a by-address mapping of counters (what `nftables.device_traffic` returns)."""
         return cls(
             (
                 int(a),

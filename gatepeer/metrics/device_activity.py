@@ -142,7 +142,9 @@ class DeviceActivity:
 
         One pass over the remembered devices and the reading, both ordered by address,
         building the next columns (a device seen for the first time joins in its place)."""
-        reading = traffic if isinstance(traffic, DeviceReading) else _as_reading(traffic)
+        reading = (
+            traffic if isinstance(traffic, DeviceReading) else DeviceReading.from_traffic(traffic)
+        )
         for totals in self.groups.values():
             totals.devices = totals.silent = 0
         old, new = self._seen, _Columns()
@@ -262,20 +264,6 @@ class DeviceActivity:
             usual_interval_s=usual_interval(mean, deviation, gaps),
             silent=_silent(last_at, mean, deviation, gaps, now),
         )
-
-
-def _as_reading(traffic: Mapping[ipaddress.IPv4Address, DeviceCounters]) -> DeviceReading:
-    return DeviceReading(
-        (
-            int(a),
-            t.packets_from_device,
-            t.bytes_from_device,
-            t.packets_to_device,
-            t.bytes_to_device,
-            t.last_packet_age_s,
-        )
-        for a, t in traffic.items()
-    )
 
 
 def _grown(now_value: int, before: int) -> int:
