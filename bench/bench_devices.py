@@ -15,10 +15,12 @@ namespace, the order alternating between rounds:
 
 - devices         `gatepeer devices` (the daemon's kept reading)
 - devices-json    `gatepeer devices --json`
-- devices-live    `gatepeer devices --live` (lists both nft sets itself, as without a daemon)
+- devices-live    `gatepeer devices --live` (reads both sets itself over netlink, as without a
+                  daemon, and joins them with the SIM map)
 - status          `gatepeer status` (the baseline)
-- nft-list-sets, conntrack-L, python: the two nft listings `--live` makes, the conntrack
-  dump and the interpreter's start-up, alone (where the time goes; not in the ratio)
+- nft-list-sets, conntrack-L, python: the two nft listings `--live` made before it read the
+  sets over netlink (`kernel.device_sets`), the conntrack dump and the interpreter's
+  start-up, alone (where the time goes; not in the ratio)
 
 Prints medians and quartiles and the ratios devices / status; --json FILE keeps every sample.
 """

@@ -8,29 +8,37 @@ open (one conntrack dump, counted per address). What cannot be read is said once
 and left empty in the rows, never shown as zero.
 
 The traffic is the daemon's last reading of the counters (`gatepeer.device_reading`, kept
-beside state.json with its time) when one is at most `device_reading.MAX_AGE_S` old: the
-report says how old. Else (no daemon, nobody scraping its metrics, or `live`) the report
-lists the kernel's sets itself and says so.
+beside state.json with its time, already joined with the SIM map and ordered) when one is at
+most `device_reading.MAX_AGE_S` old: the report says how old, and only adds each device's
+connections. Else (no daemon, nobody scraping its metrics, or `live`) the report lists the
+kernel's sets itself, loads the SIM map and joins them, and says so.
 
-Like `gatepeer status`, it stays light: no pyroute2, no prometheus_client; one subprocess
-(conntrack) with a daemon's reading, three without, whatever the number of devices.
+Like `gatepeer status`, it stays light: no pyroute2, no prometheus_client, no object per
+device (a row is the kept list of values; the text is rendered a column at a time); one
+subprocess (conntrack) with a daemon's reading, three without, whatever the number of devices.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
 
 from gatepeer import atomic_json, device_reading, sims
 from gatepeer.config import Config
-from gatepeer.device_traffic import DeviceTraffic
+from gatepeer.device_traffic import DeviceReading, DeviceTraffic
+from gatepeer.sims import SimMap
 
-TrafficReader = Callable[[], Mapping[IPv4Address, DeviceTraffic]]
+TrafficReader = Callable[[], DeviceReading | Mapping[IPv4Address, DeviceTraffic]]
 ReadingLoader = Callable[[], device_reading.Reading | None]
 ConnectionsReader = Callable[[], str]
+
+# A device's keys in --json, in order; the report's columns.
+KEYS = (*device_reading.FIELDS, "connections")
+_ADDRESS, _NAME, _IMSI, _ONLINE = (KEYS.index(k) for k in ("address", "name", "imsi", "online"))
+_AGE = KEYS.index("last_packet_age_s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,38 +52,33 @@ class TrafficSource:
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceRow:
-    address: IPv4Address
-    sim: sims.SimRecord | None  # None: traffic from an address the SIM map does not name
-    traffic: DeviceTraffic | None  # None: no counters for it (or none readable)
-    connections: int | None  # None: conntrack could not be read
+class SimMapSaid:
+    """What the report says of the SIM map it joined: when fetched, why the last refresh
+    failed, how many SIMs."""
 
-    def to_json(self) -> dict[str, Any]:
-        t = self.traffic
-        return {
-            "address": str(self.address),
-            "name": self.sim.name if self.sim else None,
-            "imsi": self.sim.imsi if self.sim else None,
-            "sim_id": self.sim.sim_id if self.sim else None,
-            "group_id": self.sim.group_id if self.sim else None,
-            "online": self.sim.online if self.sim else None,
-            "source": self.sim.source if self.sim else None,
-            "last_packet_age_s": t.last_packet_age_s if t else None,
-            "packets_from_device": t.packets_from_device if t else None,
-            "bytes_from_device": t.bytes_from_device if t else None,
-            "packets_to_device": t.packets_to_device if t else None,
-            "bytes_to_device": t.bytes_to_device if t else None,
-            "connections": self.connections,
-        }
+    fetched_at: float | None
+    error: str | None
+    sims: int
+
+    @classmethod
+    def of(cls, sim_map: SimMap) -> SimMapSaid:
+        return cls(sim_map.fetched_at, sim_map.error, len(sim_map.records))
 
 
 @dataclass
 class DevicesReport:
-    rows: list[DeviceRow]
-    sim_map: sims.SimMap
+    columns: list[Sequence[Any]]  # one per KEYS, a value per device, by address
+    sim_map: SimMapSaid
     now: float
     notes: list[str] = field(default_factory=list)  # what could not be read, one line each
     traffic_source: TrafficSource = TrafficSource(None)
+
+    def __len__(self) -> int:
+        return len(self.columns[0])
+
+    def devices(self) -> list[dict[str, Any]]:
+        """Each device as --json shows it."""
+        return [dict(zip(KEYS, values, strict=True)) for values in zip(*self.columns, strict=True)]
 
     def to_json(self) -> dict[str, Any]:
         fetched = self.sim_map.fetched_at
@@ -84,7 +87,7 @@ class DevicesReport:
                 "fetched_at": fetched,
                 "age_s": None if fetched is None else round(self.now - fetched, 1),
                 "error": self.sim_map.error,
-                "sims": len(self.sim_map.records),
+                "sims": self.sim_map.sims,
             },
             "traffic": {
                 "source": self.traffic_source.source,
@@ -93,7 +96,7 @@ class DevicesReport:
                 "why": self.traffic_source.why,
             },
             "notes": list(self.notes),
-            "devices": [row.to_json() for row in self.rows],
+            "devices": self.devices(),
         }
 
     def traffic_age_s(self) -> float | None:
@@ -101,56 +104,36 @@ class DevicesReport:
         return None if read_at is None else round(max(0.0, self.now - read_at), 1)
 
 
-def rows(
-    sim_map: sims.SimMap,
-    traffic: Mapping[IPv4Address, DeviceTraffic] | None,
-    connections: Mapping[int, int] | None,
-    not_devices: frozenset[IPv4Address] = frozenset(),
-) -> list[DeviceRow]:
-    """Pure: one row per address in the SIM map or the traffic counters, by address. The
-    `not_devices` (the VPG's endpoints and the gate peers: the probes' answers are counted
-    too) are left out. `connections`: entries by the address's integer (absent: none); None
-    when conntrack could not be read."""
-    # Joined and sorted by the addresses' integers: IPv4Address hashes and compares in Python
-    # (its hash formats the address in hex), 10x the cost of an int's.
-    records = sim_map.records
-    counted = {int(a): t for a, t in (traffic or {}).items()}
-    conns = connections or {}
-    unknown = connections is None
-    seen = sorted(seen_addresses(sim_map, traffic, not_devices))
-    sim_of: Callable[[int, IPv4Address], sims.SimRecord | None] = (
-        records.get_by_int
-        if isinstance(records, sims.SimRecords)
-        else lambda _, address: records.get(address)  # a plain mapping (tests)
-    )
-    found = []
-    for n in seen:
-        t = counted.get(n)
-        address = t.address if t is not None else IPv4Address(n)
-        found.append(
-            DeviceRow(address, sim_of(n, address), t, None if unknown else conns.get(n, 0))
-        )
+def columns(
+    rows: Sequence[Sequence[Any]],
+    connections: Mapping[str, int] | None,
+    *,
+    since: float = 0.0,
+    not_devices: frozenset[str] = frozenset(),
+) -> list[Sequence[Any]]:
+    """Pure: the report's columns from rows of `device_reading.FIELDS` (by address), each age
+    `since` seconds older, a connections column added (`connections` by address text, absent:
+    none; None: conntrack could not be read). The `not_devices` (the VPG's endpoints and the
+    gate peers: the probes' answers are counted too) are left out."""
+    if not_devices:
+        rows = [r for r in rows if r[_ADDRESS] not in not_devices]
+    found: list[Sequence[Any]] = list(zip(*rows, strict=True)) or [
+        () for _ in device_reading.FIELDS
+    ]
+    if since:
+        found[_AGE] = [a if a is None else a + since for a in found[_AGE]]
+    if connections is None:
+        found.append([None] * len(rows))
+    else:
+        found.append([connections.get(a, 0) for a in found[_ADDRESS]])
     return found
 
 
-def seen_addresses(
-    sim_map: sims.SimMap,
-    traffic: Mapping[IPv4Address, DeviceTraffic] | None,
-    not_devices: frozenset[IPv4Address],
-) -> set[int]:
-    """The integers of the addresses in the SIM map or the traffic, less `not_devices`."""
-    records = sim_map.records
-    known = (
-        set(records.integers()) if isinstance(records, sims.SimRecords) else set(map(int, records))
-    )
-    return (known | set(map(int, traffic or ()))) - set(map(int, not_devices))
-
-
-def read_traffic() -> Mapping[IPv4Address, DeviceTraffic]:
+def read_traffic() -> DeviceReading:
     """The packet path's per-device counters (empty when its device sets are absent)."""
-    from gatepeer.kernel.nftables import device_traffic
+    from gatepeer.kernel.device_sets import device_reading
 
-    return device_traffic()
+    return device_reading()
 
 
 def read_connections() -> str:
@@ -171,7 +154,7 @@ def gather(
     """The report for `config`; the readers default to the kernel's and the daemon's kept
     reading (tests pass their own). `live`: read the kernel even when the daemon's reading
     is recent."""
-    from gatepeer.kernel.conntrack import count_by_integer
+    from gatepeer.kernel.conntrack import count_by_text
 
     traffic_reader = traffic_reader or read_traffic
     connections_reader = connections_reader or read_connections
@@ -180,13 +163,11 @@ def gather(
     now = time.time() if now is None else now
 
     cache = sims.cache_path(config)
-    sim_map = sims.load(cache)
     notes: list[str] = []
-    if sim_map.error:
-        notes.append(f"SIM map: {sim_map.error}")
-    elif sim_map.fetched_at is None and cache is not None:
-        notes.append(f"SIM map: none kept in {cache} yet (the daemon fetches it)")
-    traffic: Mapping[IPv4Address, DeviceTraffic] | None = None
+    rows: Sequence[Sequence[Any]] | None = None
+    said: SimMapSaid | None = None
+    traffic: DeviceReading | None = None
+    since = 0.0
     source = TrafficSource(None)
     if not config.packet_path.device_counters:
         notes.append("traffic: not counted (packet_path.device_counters = false)")
@@ -203,28 +184,42 @@ def gather(
         else:
             why = None
         if reading is not None and why is None:
+            source = TrafficSource("daemon", reading.read_at)
+            since = max(0.0, now - reading.read_at)
+            if reading.sim_map is not None:  # joined by the daemon: shown as kept
+                rows = reading.rows
+                said = SimMapSaid(**reading.sim_map)
+            else:
+                traffic = reading.traffic()
+        else:
             try:
-                traffic = reading.traffic(now)
-                source = TrafficSource("daemon", reading.read_at)
-            except ValueError as exc:
-                why = f"the daemon's reading in {reading_path} is unreadable: {exc}"
-        if source.source is None:
-            try:
-                traffic = traffic_reader()
+                counted = traffic_reader()
+                traffic = (
+                    counted
+                    if isinstance(counted, DeviceReading)
+                    else DeviceReading.from_traffic(counted)
+                )
                 source = TrafficSource("kernel", now, why)
             except Exception as exc:  # noqa: BLE001 - nft missing or refusing: said, not fatal
                 notes.append(f"traffic: cannot read the per-device counters: {_one_line(exc)}")
-    not_devices = gate_addresses(config)
-    seen = seen_addresses(sim_map, traffic, not_devices)
-    connections: dict[int, int] | None
+    if rows is None or said is None:
+        sim_map = sims.load(cache)
+        said = SimMapSaid.of(sim_map)
+        rows = list(device_reading.joined_rows(traffic or DeviceReading(), sim_map))
+    if said.error:
+        notes.insert(0, f"SIM map: {said.error}")
+    elif said.fetched_at is None and cache is not None:
+        notes.insert(0, f"SIM map: none kept in {cache} yet (the daemon fetches it)")
+    not_devices = frozenset(map(str, gate_addresses(config)))
+    connections: dict[str, int] | None
     try:
-        connections = count_by_integer(connections_reader(), seen)
+        connections = count_by_text(connections_reader(), {r[_ADDRESS] for r in rows})
     except Exception as exc:  # noqa: BLE001 - conntrack missing or refused: said
         connections = None
         notes.append(f"connections: {_one_line(exc)}")
     return DevicesReport(
-        rows=rows(sim_map, traffic, connections, not_devices),
-        sim_map=sim_map,
+        columns=columns(rows, connections, since=since, not_devices=not_devices),
+        sim_map=said,
         now=now,
         notes=notes,
         traffic_source=source,
@@ -248,30 +243,41 @@ def gate_addresses(config: Config) -> frozenset[IPv4Address]:
 
 
 def render(report: DevicesReport) -> str:
-    """The table an operator reads; blanks ("-") where a value is not known."""
+    """The table an operator reads; blanks ("-") where a value is not known. Built a column at
+    a time and joined with one format string: no object or call per device but the numbers'."""
     fetched = report.sim_map.fetched_at
     age = "never" if fetched is None else f"{_age(report.now - fetched)} ago"
     lines = [
-        f"devices: {len(report.rows)} seen; SIM map: {len(report.sim_map.records)} SIMs, "
+        f"devices: {len(report)} seen; SIM map: {report.sim_map.sims} SIMs, "
         f"fetched {age}{_traffic_said(report)}"
     ]
     lines += [f"note: {note}" for note in report.notes]
-    header = (
-        "ADDRESS",
-        "SIM",
-        "IMSI",
-        "ONLINE",
-        "LAST PACKET",
-        "FROM DEVICE",
-        "TO DEVICE",
-        "CONNS",
-    )
-    table = [header] + [_cells(row) for row in report.rows]
-    # One format string for every line: 10,000 rows of per-cell ljust cost 3x as much.
-    widths = [max(map(len, column)) for column in zip(*table, strict=True)]
+    c = report.columns
+    pf, bf, pt, bt = (c[KEYS.index(k)] for k in device_reading.COUNTER_FIELDS[1:])
+    cells = [
+        ["ADDRESS", *c[_ADDRESS]],
+        ["SIM"] + [
+            "(unknown)" if imsi is None else (name or "(no name)")
+            for name, imsi in zip(c[_NAME], c[_IMSI], strict=True)
+        ],
+        ["IMSI"] + ["-" if imsi is None else imsi for imsi in c[_IMSI]],
+        ["ONLINE"] + ["-" if o is None else ("yes" if o else "no") for o in c[_ONLINE]],
+        ["LAST PACKET"] + ["-" if a is None else f"{_age(a)} ago" for a in c[_AGE]],
+        ["FROM DEVICE"] + _traffic_cells(pf, bf),
+        ["TO DEVICE"] + _traffic_cells(pt, bt),
+        ["CONNS"] + ["-" if n is None else str(n) for n in c[-1]],
+    ]  # fmt: skip
+    widths = [max(map(len, column)) for column in cells]
     line = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines += [line.format(*r).rstrip() for r in table]
+    lines += [line.format(*r).rstrip() for r in zip(*cells, strict=True)]
     return "\n".join(lines)
+
+
+def _traffic_cells(packets: Sequence[int | None], counts: Sequence[int | None]) -> list[str]:
+    return [
+        "-" if p is None or b is None else f"{p} pkt / {_bytes(b)}"
+        for p, b in zip(packets, counts, strict=True)
+    ]
 
 
 def _traffic_said(report: DevicesReport) -> str:
@@ -281,22 +287,6 @@ def _traffic_said(report: DevicesReport) -> str:
     if src.source == "kernel":
         return f"; traffic: read from the kernel now ({src.why})" if src.why else ""
     return ""
-
-
-def _cells(row: DeviceRow) -> tuple[str, ...]:
-    sim, t = row.sim, row.traffic
-    online = "-" if sim is None else ("yes" if sim.online else "no")
-    last = "-" if t is None or t.last_packet_age_s is None else f"{_age(t.last_packet_age_s)} ago"
-    return (
-        str(row.address),
-        (sim.name or "(no name)") if sim else "(unknown)",
-        sim.imsi if sim else "-",
-        online,
-        last,
-        "-" if t is None else f"{t.packets_from_device} pkt / {_bytes(t.bytes_from_device)}",
-        "-" if t is None else f"{t.packets_to_device} pkt / {_bytes(t.bytes_to_device)}",
-        "-" if row.connections is None else str(row.connections),
-    )
 
 
 def _age(seconds: float) -> str:
@@ -311,14 +301,14 @@ def _age(seconds: float) -> str:
 
 
 def _bytes(count: int) -> str:
+    # Compared with the powers of 1024 rather than divided in a loop: 20,000 calls a report.
     if count < 1024:
         return f"{count} B"
-    size = float(count)
-    for unit in ("KiB", "MiB", "GiB"):
-        size /= 1024
-        if size < 1024 or unit == "GiB":
-            break
-    return f"{size:.1f} {unit}"
+    if count < 1 << 20:
+        return f"{count / 1024:.1f} KiB"
+    if count < 1 << 30:
+        return f"{count / (1 << 20):.1f} MiB"
+    return f"{count / (1 << 30):.1f} GiB"
 
 
 def _one_line(exc: BaseException) -> str:

@@ -77,6 +77,20 @@ def count_by_integer(text: str, integers: Collection[int]) -> dict[int, int]:
     return counts
 
 
+def count_by_text(text: str, addresses: Collection[str]) -> dict[str, int]:
+    """As `count_by_address`, by the addresses' dotted quads, and only those with an entry:
+    nothing parsed per address (`gatepeer devices` asks for 10,000, already as text)."""
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        src = _field(line, " src=")
+        dst = _field(line, " dst=")
+        if src is not None and src in addresses:
+            counts[src] = counts.get(src, 0) + 1
+        if dst is not None and dst != src and dst in addresses:
+            counts[dst] = counts.get(dst, 0) + 1
+    return counts
+
+
 def _field(line: str, marker: str) -> str | None:
     """The first `marker`VALUE in the line: the original direction's (the reply's come after)."""
     start = line.find(marker)

@@ -23,6 +23,7 @@ from typing import Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from gatepeer.device_traffic import DeviceReading
 from gatepeer.metrics.device_activity import (
     NO_GROUP,
     UNKNOWN_SIM,
@@ -54,8 +55,9 @@ class SimMapFields(Protocol):
 
 
 class DeviceSource(Protocol):
-    def traffic(self) -> Mapping[ipaddress.IPv4Address, DeviceCounters] | None:
-        """The kernel's per-device counters; None while the kernel does not count them."""
+    def traffic(self) -> DeviceReading | Mapping[ipaddress.IPv4Address, DeviceCounters] | None:
+        """The kernel's per-device counters (the daemon's: a `DeviceReading`, columns); None
+        while the kernel does not count them."""
 
     def sims(self) -> SimMapFields | None:
         """The SIM map (None before the first one is loaded)."""
@@ -120,15 +122,15 @@ class DeviceCollector:
                 sims.records if sims is not None else {}
             )
 
-            packed_group_of = getattr(records, "group_of", None)  # sims.SimRecords': fast
+            packed_group_of = getattr(records, "group_of_int", None)  # sims.SimRecords': fast
 
-            def group_of(address: ipaddress.IPv4Address) -> str:
+            def group_of(n: int) -> str:
                 if packed_group_of is not None:
-                    known, group_id = packed_group_of(address)
+                    known, group_id = packed_group_of(n)
                     if not known:
                         return UNKNOWN_SIM
                     return group_id or NO_GROUP
-                record = records.get(address)
+                record = records.get(ipaddress.IPv4Address(n))
                 if record is None:
                     return UNKNOWN_SIM
                 return record.group_id or NO_GROUP

@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from gatepeer.device_traffic import DeviceReading
 from gatepeer.kernel import rtnl, sysctl
-from gatepeer.metrics.device_activity import DeviceCounters
 from gatepeer.soracom import ApiStats
 from gatepeer.state_document import StateSummary
 
@@ -126,7 +126,7 @@ class LivePacketPath:
 
 
 class LiveDevices:
-    """The kernel's per-device counters (`nftables.device_traffic`, from the packet path) and
+    """The kernel's per-device counters (`kernel.device_sets`, from the packet path) and
     the daemon's SIM map. Either may be missing from this build or this configuration: then
     the device metrics are absent, never zeros."""
 
@@ -141,24 +141,28 @@ class LiveDevices:
         # Where each reading is kept for `gatepeer devices` (gatepeer.device_reading).
         self._reading_file = reading_file
 
-    def traffic(self) -> Mapping[ipaddress.IPv4Address, DeviceCounters] | None:
+    def traffic(self) -> DeviceReading | None:
+        """One reading, as columns (the daemon keeps none between readings); kept on disk
+        joined with the SIM map for `gatepeer devices`."""
         if not self._counting():
             return None
-        from gatepeer.kernel import nftables
+        from gatepeer.kernel import device_sets
 
-        read = getattr(nftables, "device_traffic", None)
-        if read is None:
-            return None  # this build's packet path does not count per device
         try:
-            found = dict(read())
+            # Over netlink, straight into columns: `nftables.device_traffic` (nft -j) makes
+            # over 100 MB of objects at 100,000 devices.
+            found = device_sets.device_reading()
         except Exception as exc:  # noqa: BLE001 - a scrape must not fail on a missing table
             log.debug("per-device counters unavailable: %s", exc)
             return None
         path = self._reading_file()
         if path is not None:
             from gatepeer import device_reading
+            from gatepeer.sims import SimMap
 
-            device_reading.keep(path, found, time.time())
+            sim_map = self._sim_map()
+            joined = sim_map if isinstance(sim_map, SimMap) else None
+            device_reading.keep(path, found, time.time(), joined)
         return found
 
     def sims(self) -> SimMapFields | None:

@@ -90,8 +90,8 @@ def trained_activity(now: float) -> DeviceActivity:
     """A tracker with history up to `now`: 10.128.0.1 and .3 send every 60 s and did so 1 s
     ago; 10.128.0.2 sent every 60 s until 1,000 s ago (silent); 10.128.9.9 is new."""
 
-    def group_of(address: IPv4Address) -> str:
-        record = SIMS.records.get(address)
+    def group_of(n: int) -> str:
+        record = SIMS.records.get(IPv4Address(n))
         if record is None:
             return UNKNOWN_SIM
         return record.group_id or NO_GROUP

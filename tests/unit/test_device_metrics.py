@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from gatepeer import config
+from gatepeer.device_traffic import DeviceReading
 from gatepeer.metrics.device_activity import (
     FORGET_AFTER_S,
     NO_GROUP,
@@ -44,7 +45,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
-def no_group(_: IPv4Address) -> str:
+def no_group(_: int) -> str:
     return UNKNOWN_SIM
 
 
@@ -114,9 +115,9 @@ def test_a_device_unseen_for_a_week_is_forgotten() -> None:
     activity = DeviceActivity()
     activity.observe(set_traffic(traffic("10.128.0.10", 1, 1, 0.0)), no_group, 0.0)
     activity.observe({}, no_group, FORGET_AFTER_S - 1)
-    assert int(A("10.128.0.10")) in activity.seen
+    assert A("10.128.0.10") in activity and len(activity) == 1
     activity.observe({}, no_group, FORGET_AFTER_S + 1)
-    assert activity.seen == {}
+    assert A("10.128.0.10") not in activity and len(activity) == 0
 
 
 def test_top_is_by_bytes_both_ways_ties_by_address() -> None:
@@ -247,3 +248,45 @@ def test_in_the_daemon_a_scrape_exports_the_last_reading_and_reads_on_a_thread()
     assert collector._reading is not None
     collector._reading.join(5)
     assert samples(expose(collector))[("gatepeer_devices", ())] == 2
+
+
+def test_devices_joining_and_leaving_between_others_keep_their_own_history() -> None:
+    """The tracker merges each reading into its columns by address: a new device between two
+    known ones, a known one missing from a reading, and a reading given as columns."""
+    activity = DeviceActivity()
+    groups = {int(A("10.128.0.1")): "g1", int(A("10.128.0.3")): "g3"}
+
+    def group_of(n: int) -> str:
+        return groups.get(n, NO_GROUP)
+
+    first = set_traffic(traffic("10.128.0.1", 100, 10, 0.0), traffic("10.128.0.3", 300, 30, 0.0))
+    activity.observe(first, group_of, 0.0)
+    second = DeviceReading.from_traffic(
+        set_traffic(traffic("10.128.0.1", 150, 10, 0.0), traffic("10.128.0.2", 200, 20, 0.0))
+    )
+    activity.observe(second, group_of, 30.0)  # .2 is new, .3's element expired
+    views = {
+        str(v.address): v for v in activity.views([A(f"10.128.0.{i}") for i in (1, 2, 3)], 30.0)
+    }
+    assert (views["10.128.0.1"].bytes_from_device, views["10.128.0.1"].group) == (150, "g1")
+    assert (views["10.128.0.2"].bytes_from_device, views["10.128.0.2"].group) == (200, NO_GROUP)
+    assert views["10.128.0.3"].bytes_from_device == 0 and views["10.128.0.3"].group == "g3"
+    assert views["10.128.0.3"].last_seen_age_s == 30.0
+    assert [str(v.address) for v in activity.top(5, 30.0)] == ["10.128.0.2", "10.128.0.1"]
+    assert {g: (t.bytes_from_device, t.devices) for g, t in activity.groups.items()} == {
+        "g1": (150, 1),
+        "g3": (300, 0),
+        NO_GROUP: (200, 1),
+    }
+    activity.observe(
+        set_traffic(traffic("10.128.0.2", 200, 20, 0.0)), group_of, FORGET_AFTER_S + 31
+    )
+    assert A("10.128.0.2") in activity and len(activity) == 1  # .1 and .3 forgotten
+
+
+def test_a_reading_as_columns_is_ordered_by_address_and_keeps_the_last_row() -> None:
+    rows = [(9, 1, 2, 3, 4, None), (3, 5, 6, 7, 8, 1.5), (9, 10, 20, 30, 40, 2.0)]
+    reading = DeviceReading(rows)
+    assert list(reading.rows()) == [(3, 5, 6, 7, 8, 1.5), (9, 10, 20, 30, 40, 2.0)]
+    assert list(DeviceReading(rows[:2]).rows())[1] == (9, 1, 2, 3, 4, None)  # unknown age
+    assert reading.traffic()[A("0.0.0.3")].bytes_to_device == 8

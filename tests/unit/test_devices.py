@@ -16,8 +16,8 @@ from helpers.devices import conntrack_dump, device_address, sim_map
 from gatepeer import atomic_json, device_reading, devices_report, sims
 from gatepeer.cli import main
 from gatepeer.config import load
-from gatepeer.device_traffic import DeviceTraffic
-from gatepeer.kernel.conntrack import count_by_address, count_by_integer
+from gatepeer.device_traffic import DeviceReading, DeviceTraffic
+from gatepeer.kernel.conntrack import count_by_address, count_by_integer, count_by_text
 
 STRANGER = IPv4Address("198.19.200.77")  # traffic from an address no SIM names
 
@@ -156,7 +156,7 @@ def test_what_cannot_be_read_is_said_and_left_blank(
 def test_no_map_yet_is_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     readers(monkeypatch, {}, "")
     report = devices_report.gather(load(_config(tmp_path), check_system=False), now=5.0)
-    assert report.rows == []
+    assert len(report) == 0 and report.devices() == []
     assert report.notes == [
         f"SIM map: none kept in {tmp_path / 'sims.json'} yet (the daemon fetches it)"
     ]
@@ -220,15 +220,20 @@ def test_the_vpg_endpoints_and_this_peer_are_no_devices(
     }
     readers(monkeypatch, seen, "")
     report = devices_report.gather(load(path, check_system=False))
-    assert [row.address for row in report.rows] == [a]
+    assert [d["address"] for d in report.devices()] == [str(a)]
 
 
 # The daemon's kept reading (gatepeer.device_reading): used when recent, the kernel else.
 
 
-def _keep_reading(tmp_path: Path, traffic: dict[IPv4Address, DeviceTraffic], at: float) -> Path:
+def _keep_reading(
+    tmp_path: Path,
+    traffic: dict[IPv4Address, DeviceTraffic],
+    at: float,
+    sim_map: sims.SimMap | None = None,
+) -> Path:
     path = tmp_path / device_reading.FILE_NAME
-    device_reading.keep(path, traffic, at)
+    device_reading.keep(path, traffic, at, sim_map)
     return path
 
 
@@ -237,25 +242,64 @@ def test_a_kept_reading_reads_back_as_it_was(tmp_path: Path) -> None:
     traffic = {a: DeviceTraffic(a, 3, 300, 2, 200, 4.0), b: DeviceTraffic(b, 1, 60, 0, 0, None)}
     path = _keep_reading(tmp_path, traffic, 2000.0)
     reading = device_reading.load(path)
-    assert reading is not None and reading.read_at == 2000.0
-    assert reading.traffic() == traffic
-    # As of a later time, each last packet is that much older; unknown ages stay unknown.
-    later = reading.traffic(now=2010.0)
-    assert later[a].last_packet_age_s == 14.0 and later[b].last_packet_age_s is None
-    assert later[a].bytes_from_device == 300
+    assert reading is not None and reading.read_at == 2000.0 and reading.sim_map is None
+    assert reading.traffic().traffic() == traffic
+    assert reading.rows[1] == [str(b), *[None] * 6, None, 1, 60, 0, 0]
+
+
+def test_a_kept_reading_is_joined_with_the_sim_map_by_address(tmp_path: Path) -> None:
+    """Every SIM of the map and every address counted, one row each, by address; the SIM's
+    fields beside the counters, null where either is missing."""
+    kept_map = sim_map(3, fetched_at=1500.0).failed("listSims: HTTP 500")
+    first, third = device_address(0), device_address(2)
+    low = IPv4Address("198.19.0.9")  # counted, named by no SIM, before the map's addresses
+    traffic = {
+        third: DeviceTraffic(third, 1, 2, 3, 4, 5.0),
+        low: DeviceTraffic(low, 6, 7, 8, 9, None),
+        first: DeviceTraffic(first, 10, 11, 12, 13, 14.0),
+    }
+    reading = device_reading.load(_keep_reading(tmp_path, traffic, 2000.0, kept_map))
+    assert reading is not None
+    assert reading.sim_map == {"fetched_at": 1500.0, "error": "listSims: HTTP 500", "sims": 3}
+    sim = ["440100000000000", "8942310000000000000", "grp-sensors", True, "session"]
+    assert reading.rows == [
+        [str(low), None, None, None, None, None, None, None, 6, 7, 8, 9],
+        [str(first), "sensor-0", *sim, 14.0, 10, 11, 12, 13],
+        [str(device_address(1)), "sensor-1", "440100000000001", "8942310000000000001",
+         "grp-sensors", True, "session", None, None, None, None, None],
+        [str(third), "sensor-2", "440100000000002", "8942310000000000002",
+         "grp-sensors", True, "session", 5.0, 1, 2, 3, 4],
+    ]  # fmt: skip
+
+
+def _doc(**changed: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "version": device_reading.VERSION,
+        "read_at": 1.0,
+        "sim_map": None,
+        "fields": list(device_reading.FIELDS),
+        "devices": [["198.19.128.1", *[None] * 7, 1, 2, 3, 4]],
+    }
+    return doc | changed
 
 
 @pytest.mark.parametrize(
     "doc",
     [
-        {"version": 2, "read_at": 1.0, "fields": list(device_reading.FIELDS), "devices": []},
-        {"version": 1, "read_at": "x", "fields": list(device_reading.FIELDS), "devices": []},
-        {"version": 1, "read_at": 1.0, "fields": ["address"], "devices": []},
-        {"version": 1, "read_at": 1.0, "fields": list(device_reading.FIELDS), "devices": [[1]]},
+        _doc(version=1),
+        _doc(read_at="x"),
+        _doc(fields=["address"]),
+        _doc(devices=[[1]]),
+        _doc(devices=[[1, *[None] * 7, 1, 2, 3, 4]]),  # the address not a dotted quad's text
+        _doc(devices=[["198.19.128.1", *[None] * 7, "1", 2, 3, 4]]),
+        _doc(devices=[["198.19.128.1", *[None] * 4, "yes", *[None] * 2, 1, 2, 3, 4]]),
+        _doc(sim_map={"fetched_at": 1.0}),
     ],
 )
 def test_an_unreadable_reading_is_none(tmp_path: Path, doc: dict[str, Any]) -> None:
     path = tmp_path / device_reading.FILE_NAME
+    atomic_json.write(path, _doc())
+    assert device_reading.load(path) is not None  # the well-formed one reads
     atomic_json.write(path, doc)
     assert device_reading.load(path) is None
     assert device_reading.load(tmp_path / "absent.json") is None
@@ -305,7 +349,9 @@ def test_without_a_recent_reading_the_kernel_is_read_and_why_said(
         "age_s": 0.0,
         "why": said,
     }
-    assert report.rows[0].traffic == DeviceTraffic(a, 7, 700, 0, 0, 2.0)
+    row = report.devices()[0]
+    assert row["address"] == str(a) and row["name"] == "sensor-0"
+    assert [row[k] for k in device_reading.COUNTER_FIELDS] == [2.0, 7, 700, 0, 0]
     assert f"; traffic: read from the kernel now ({said})" in devices_report.render(report)
 
 
@@ -325,17 +371,20 @@ def test_the_cli_reads_the_kernel_when_asked_live(
 def test_the_daemons_source_keeps_each_reading(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gatepeer.kernel import nftables
+    from gatepeer.kernel import device_sets
     from gatepeer.metrics.sources import LiveDevices
 
     a = device_address(0)
     counted = {a: DeviceTraffic(a, 2, 200, 1, 100, 5.0)}
-    monkeypatch.setattr(nftables, "device_traffic", lambda: counted)
+    monkeypatch.setattr(device_sets, "device_reading", lambda: DeviceReading.from_traffic(counted))
     path = tmp_path / device_reading.FILE_NAME
-    source = LiveDevices(lambda: True, lambda: None, reading_file=lambda: path)
-    assert source.traffic() == counted
+    source = LiveDevices(lambda: True, lambda: sim_map(2), reading_file=lambda: path)
+    found = source.traffic()
+    assert found is not None and found.traffic() == counted
     reading = device_reading.load(path)
-    assert reading is not None and reading.traffic() == counted
+    assert reading is not None and reading.traffic().traffic() == counted
+    assert reading.sim_map == {"fetched_at": 1000.0, "error": None, "sims": 2}
+    assert [r[1] for r in reading.rows] == ["sensor-0", "sensor-1"]
     # Not counting: nothing read, nothing kept.
     path.unlink()
     assert LiveDevices(lambda: False, lambda: None, reading_file=lambda: path).traffic() is None
@@ -352,7 +401,7 @@ def test_a_reading_is_whole_json_at_any_count(tmp_path: Path, count: int) -> Non
     }
     path = _keep_reading(tmp_path, traffic, 7.0)
     reading = device_reading.load(path)
-    assert reading is not None and reading.traffic() == traffic
+    assert reading is not None and reading.traffic().traffic() == traffic
     assert not (tmp_path / f".{path.name}.tmp").exists()
 
 
@@ -373,3 +422,5 @@ def test_connections_by_integer_count_as_by_address() -> None:
     by_address = count_by_address(dump, [a, b, STRANGER])
     by_integer = count_by_integer(dump, {int(a), int(b), int(device_address(2))})
     assert by_integer == {int(a): by_address[a], int(b): by_address[b]} == {int(a): 2, int(b): 1}
+    by_text = count_by_text(dump, {str(a), str(b), str(device_address(2))})
+    assert by_text == {str(a): 2, str(b): 1}

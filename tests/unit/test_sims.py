@@ -399,3 +399,26 @@ def test_packed_records_give_back_every_field() -> None:
     again = sims.SimMap.from_json(sims.SimMap(records=records, fetched_at=1.0).to_json())
     assert again.records == records
     assert again.records[made[0].address].group_id is again.records[made[3].address].group_id
+
+
+def test_packed_records_given_out_of_order_keep_the_last_of_each_address() -> None:
+    """Packed records are ordered by address whatever the order given; a later record for the
+    same address replaces the earlier, whether either holds a NUL (kept aside) or not."""
+
+    def record(last: int, name: str) -> sims.SimRecord:
+        address = IPv4Address(f"198.19.0.{last}")
+        return sims.SimRecord(address, f"00101000000000{last}", None, name, "g", True, "session")
+
+    given = [record(9, "nine"), record(3, "three"), record(9, "nine\0again"), record(5, "five")]
+    given += [record(3, "three again"), record(7, "odd\0one"), record(7, "seven")]
+    records = sims.SimRecords(given)
+    assert list(records) == [IPv4Address(f"198.19.0.{n}") for n in (3, 5, 7, 9)]
+    assert [records[a].name for a in records] == ["three again", "five", "seven", "nine\0again"]
+    assert records.group_of_int(int(IPv4Address("198.19.0.9"))) == (True, "g")
+    assert records.group_of_int(int(IPv4Address("198.19.0.4"))) == (False, None)
+    assert [f[1] for f in records.sorted_fields()] == [
+        "three again",
+        "five",
+        "seven",
+        "nine\0again",
+    ]
