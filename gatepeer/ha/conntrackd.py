@@ -159,10 +159,11 @@ _NOISE = re.compile(r"^\[[^]]*\] \(pid=\d+\) ")
 
 # ---- the handover on keepalived's transitions ------------------------------------------
 
+COMMIT = "-c"
 # The steps of conntrack-tools' primary-backup.sh for each role gatepeer records.
 HANDOVER: dict[str, tuple[tuple[str, str], ...]] = {
     "master": (
-        ("-c", "commit the external cache into the kernel table"),
+        (COMMIT, "commit the external cache into the kernel table"),
         ("-f", "flush the internal and external caches"),
         ("-R", "resync the internal cache with the kernel table"),
         ("-B", "send a bulk update to the backup"),
@@ -199,28 +200,36 @@ class Conntrackd:
     def command(self, *args: str) -> list[str]:
         return [binary(), "-C", str(self.config_file), *args]
 
-    def handover(self, role: str) -> list[str]:
+    def handover(self, role: str, after_commit: Callable[[], list[str]] | None = None) -> list[str]:
         """The primary-backup steps for `role`, in order; every step runs even if one before
-        failed (as the script does). Returns the failures, one line each (also logged)."""
+        failed (as the script does). `after_commit` runs right after the commit (-c), before
+        the flush, resync and bulk send: what must wait for the other peer's connections to be
+        in the kernel and no longer (taking the NAT address). Returns the failures, one line
+        each (also logged)."""
         failures = []
         for flag, what in HANDOVER.get(role, ()):
-            argv = self.command(flag)
-            try:
-                proc = self.run(argv)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                failures.append(f"conntrackd {flag} ({what}): {exc}")
-                continue
-            if proc.returncode != 0:
-                said = (proc.stderr or proc.stdout).strip().splitlines()
-                failures.append(
-                    f"conntrackd {flag} ({what}) exited {proc.returncode}"
-                    + (f": {said[-1]}" if said else "")
-                )
+            failures += self._step(flag, what)
+            if flag == COMMIT and after_commit is not None:
+                failures += after_commit()
         for line in failures:
             log.error("%s", line)
         if not failures and role in HANDOVER:
             log.info("conntrackd handover for %s done (%s)", role, _flags(role))
         return failures
+
+    def _step(self, flag: str, what: str) -> list[str]:
+        """One client command; its failure as a line, or nothing."""
+        try:
+            proc = self.run(self.command(flag))
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return [f"conntrackd {flag} ({what}): {exc}"]
+        if proc.returncode == 0:
+            return []
+        said = (proc.stderr or proc.stdout).strip().splitlines()
+        return [
+            f"conntrackd {flag} ({what}) exited {proc.returncode}"
+            + (f": {said[-1]}" if said else "")
+        ]
 
     def stats(self) -> str:
         """`conntrackd -s`: raises SyncReadError when conntrackd does not answer."""

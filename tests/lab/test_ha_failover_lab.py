@@ -11,9 +11,11 @@ also on failure.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import new_prefix
@@ -30,6 +32,8 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 VPC_HOST = str(VPC_HOST_ADDR)
 SPLIT_TABLE = "halab_split"
+# A folder to copy the pair's logs to before the lab is removed (tracing a slow takeover).
+KEEP_LOGS = "GATEPEER_HA_KEEP_LOGS"
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +47,11 @@ def lab() -> Iterator[HaLab]:
     try:
         info = control.up(layout)
         ha_pair.start_pair(layout, info.paths)
-        yield HaLab(layout, info.paths)
+        pair = HaLab(layout, info.paths)
+        yield pair
     finally:
+        if os.environ.get(KEEP_LOGS) and "pair" in locals():
+            pair.keep_logs(Path(os.environ[KEEP_LOGS]))
         control.down(layout.prefix)
         left = control.lab_namespaces(layout.prefix)
         assert not left, f"namespaces left behind: {left}"
@@ -148,13 +155,14 @@ def test_hard_failover_keeps_tcp_and_udp(
         # to keep the module's time down.
         many = client(lab, 2, tcp=1000, interval=1.0) if advert < 1 else None
         wait_synced(lab, master, backup, 2 + (1000 if many else 0))
-        cut = time.monotonic()
+        cut, cut_at = time.monotonic(), time.time()
         lab.cut(master)
         took = lab.wait(
             lambda: lab.holder() == backup and lab.nat_holders(snat) == [backup],
             10 + 10 * advert,
             "gateway and NAT address on the new master",
         )
+        takeover = lab.timeline(backup, cut_at)
         time.sleep(1.0)
         results = finish(echo, udp, many)
     except BaseException:
@@ -167,7 +175,8 @@ def test_hard_failover_keeps_tcp_and_udp(
     report(
         capsys,
         f"hard failover, {advert:g} s adverts: gateway and NAT address moved {took:.3f} s after "
-        f"the cut ({time.monotonic() - cut:.1f} s ago); echo: {tcp.line()}; {dgram.line()}"
+        f"the cut ({time.monotonic() - cut:.1f} s ago; {takeover}); "
+        f"echo: {tcp.line()}; {dgram.line()}"
         + (f"; 1,000 connections: {results[2].line()}" if many else ""),
     )
     assert (tcp.survived, tcp.resets) == (1, 0), tcp.line()
