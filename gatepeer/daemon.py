@@ -366,6 +366,7 @@ class Daemon:
             on_change=lambda _view: self.agent.write_state(),
             handover=handover,
             sync=sync,
+            after_claim=handover.after_claim if handover is not None else None,
         )
 
     def _address_target(self) -> RouteTarget | None:

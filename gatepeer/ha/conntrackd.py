@@ -200,21 +200,22 @@ class Conntrackd:
     def command(self, *args: str) -> list[str]:
         return [binary(), "-C", str(self.config_file), *args]
 
-    def handover(self, role: str, after_commit: Callable[[], list[str]] | None = None) -> list[str]:
-        """The primary-backup steps for `role`, in order; every step runs even if one before
-        failed (as the script does). `after_commit` runs right after the commit (-c), before
-        the flush, resync and bulk send: what must wait for the other peer's connections to be
-        in the kernel and no longer (taking the NAT address). Returns the failures, one line
-        each (also logged)."""
+    def handover(self, role: str, flags: Sequence[str] | None = None) -> list[str]:
+        """The primary-backup steps for `role` in order (only those in `flags`, when given:
+        the daemon commits before its claim and flushes, resyncs and bulk-sends after it).
+        Every step runs even if one before failed, as the script does. Returns the failures,
+        one line each (also logged)."""
+        steps = [(f, w) for f, w in HANDOVER.get(role, ()) if flags is None or f in flags]
+        started = time.monotonic()
         failures = []
-        for flag, what in HANDOVER.get(role, ()):
+        for flag, what in steps:
             failures += self._step(flag, what)
-            if flag == COMMIT and after_commit is not None:
-                failures += after_commit()
         for line in failures:
             log.error("%s", line)
-        if not failures and role in HANDOVER:
-            log.info("conntrackd handover for %s done (%s)", role, _flags(role))
+        if steps and not failures:
+            took = time.monotonic() - started
+            ran = " ".join(f for f, _ in steps)
+            log.info("conntrackd handover for %s: %s done in %.3f s", role, ran, took)
         return failures
 
     def _step(self, flag: str, what: str) -> list[str]:
@@ -243,10 +244,6 @@ class Conntrackd:
             why = said[-1] if said else f"exited {proc.returncode}"
             raise SyncReadError(f"conntrackd -s: {why}")
         return proc.stdout
-
-
-def _flags(role: str) -> str:
-    return " ".join(flag for flag, _ in HANDOVER[role])
 
 
 # ---- sync health from `conntrackd -s` -----------------------------------------------------

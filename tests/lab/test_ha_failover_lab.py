@@ -162,6 +162,8 @@ def test_hard_failover_keeps_tcp_and_udp(
             10 + 10 * advert,
             "gateway and NAT address on the new master",
         )
+        # The claim is recorded a moment after the VPG has moved.
+        lab.wait(lambda: lab.ha_times(backup)[1] is not None, 5, "the claim recorded")
         takeover = lab.timeline(backup, cut_at)
         time.sleep(1.0)
         results = finish(echo, udp, many)

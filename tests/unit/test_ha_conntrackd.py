@@ -218,6 +218,8 @@ def test_the_nat_address_is_taken_right_after_the_commit_and_dropped_first() -> 
     nat = FakeNat(runner)
     handover = RoleHandover(Conntrackd(Path("/c.conf"), run=runner), nat)  # type: ignore[arg-type]
     assert handover("master") == []
+    assert runner.flags() == ["-c", "hold"]  # before the claim
+    assert handover.after_claim("master") == []
     assert runner.flags() == ["-c", "hold", "-f", "-R", "-B"]
     for role, flags in (
         ("backup", ["release", "-t", "-n"]),
@@ -227,6 +229,7 @@ def test_the_nat_address_is_taken_right_after_the_commit_and_dropped_first() -> 
     ):
         runner.calls.clear()
         failures = handover(role)
+        assert handover.after_claim(role) == []  # nothing after a claim there is not
         assert runner.flags() == flags
         assert failures == (["release failed"] if flags else [])
     # Without conntrackd (ha.conntrack_sync off), the address alone; without it, conntrackd alone.
@@ -234,8 +237,21 @@ def test_the_nat_address_is_taken_right_after_the_commit_and_dropped_first() -> 
     assert RoleHandover(None, nat)("master") == []  # type: ignore[arg-type]
     assert runner.flags() == ["hold"]
     runner.calls.clear()
-    assert RoleHandover(Conntrackd(Path("/c.conf"), run=runner), None)("master") == []
+    alone = RoleHandover(Conntrackd(Path("/c.conf"), run=runner), None)
+    assert alone("master") == [] and alone.after_claim("master") == []
     assert runner.flags() == ["-c", "-f", "-R", "-B"]
+
+
+def test_the_coordinator_claims_between_the_handover_and_what_comes_after() -> None:
+    order: list[str] = []
+    c = Coordinator(
+        lambda: order.append("claim"),
+        handover=lambda role: order.append(f"handover {role}") or [],
+        after_claim=lambda role: order.append(f"after {role}") or ["-B failed"],
+    )
+    c.handle([Event("INSTANCE", "gatepeer", "MASTER", 100)])
+    assert order == ["handover master", "claim", "after master"]
+    assert c.view().handover_error == "-B failed"
 
 
 def test_coordinator_hands_over_once_per_role_change_before_the_claim() -> None:
