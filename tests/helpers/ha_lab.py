@@ -25,6 +25,7 @@ FLOW_RE = re.compile(
     r"dport=(?P<dport>\d+)"
 )
 Flow = tuple[str, str, str, int, int]  # protocol, source, destination, ports
+SPLIT_TABLE = "halab_split"  # the split-brain tests' table in a peer's namespace
 
 
 @dataclass
@@ -145,6 +146,21 @@ class HaLab:
             )
             ha_pair.start_keepalived(self.paths, p)
         self.advert = seconds
+
+    def block_vrrp(self, peer: GatePeer) -> None:
+        """Drop VRRP (IP protocol 112) arriving at this peer, in a table of the test's own: one
+        half of a split brain."""
+        ruleset = (
+            f"table ip {SPLIT_TABLE} {{\n"
+            "  chain input { type filter hook input priority -10; ip protocol vrrp drop; }\n"
+            "}\n"
+        )
+        netns.run(netns.exec_in(peer.ns, ["nft", "-f", "-"]), input=ruleset)
+
+    def unblock_vrrp(self, peer: GatePeer) -> None:
+        netns.run(
+            netns.exec_in(peer.ns, ["nft", "delete", "table", "ip", SPLIT_TABLE]), check=False
+        )
 
     def cut(self, peer: GatePeer) -> None:
         """The VPC side of the peer's ENI goes down (carrier lost; its own routes stay)."""
