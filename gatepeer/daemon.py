@@ -331,6 +331,15 @@ class Daemon:
         from gatepeer.ha.claim import GatewayClaim
         from gatepeer.ha.watcher import HaWatcher
 
+        nat = None
+        if config.ha.snat_address is not None:
+            from gatepeer.ha.nat_address import NatAddress
+
+            # The underlay is known after the first reconcile, before keepalived starts.
+            nat = NatAddress(
+                config.ha.snat_address,
+                lambda: self.agent.facts.underlay if self.agent.facts is not None else None,
+            )
         claim = GatewayClaim(
             config=lambda: config,
             gate=lambda: self.agent.gate,
@@ -338,19 +347,26 @@ class Daemon:
             api=make_client(config),
             route_target=self._route_target if config.ha.route_tables else None,
             address_target=self._address_target if config.ha.snat_address else None,
+            announce=nat.hold if nat is not None else None,
         )
-        handover = sync = None
+        conntrackd = sync = None
         if config.ha.conntrack_sync:
             from gatepeer.ha.conntrackd import Conntrackd, SyncTracker
 
             conntrackd = Conntrackd(config.ha.conntrackd_config)
-            handover, sync = conntrackd.handover, SyncTracker(conntrackd.stats)
+            sync = SyncTracker(conntrackd.stats)
+        handover = None
+        if conntrackd is not None or nat is not None:
+            from gatepeer.ha.handover import RoleHandover
+
+            handover = RoleHandover(conntrackd, nat)
         return HaWatcher(
             config.ha.notify_fifo,
             claim,
             on_change=lambda _view: self.agent.write_state(),
             handover=handover,
             sync=sync,
+            after_claim=handover.after_claim if handover is not None else None,
         )
 
     def _address_target(self) -> RouteTarget | None:

@@ -1,11 +1,11 @@
 """What the HA master claims, as the callable the coordinator runs on MASTER (and again on
-MASTER_RX_LOWER_PRI): on EC2 with `ha.snat_address`, that address moved to this instance's ENI
-as a secondary private address (AssignPrivateIpAddresses with AllowReassignment; keepalived has
-already put it on the interface), then the VPG's Junction redirection to
-`redirection.claim_gateway` (this peer's inner address, or the virtual address in vip mode)
-through the API, then, in route mode, each route table in `ha.route_tables` pointed at this
-instance's ENI (ReplaceRoute). The NAT address comes first: the VPC must deliver the replies
-here before the devices' traffic does.
+MASTER_RX_LOWER_PRI): with `ha.snat_address`, that address held on the underlay and announced
+again (gratuitous ARP; gatepeer/ha/nat_address.py) and, on EC2, moved to this instance's ENI as
+a secondary private address (AssignPrivateIpAddresses with AllowReassignment); then the VPG's
+Junction redirection to `redirection.claim_gateway` (this peer's inner address, or the virtual
+address in vip mode) through the API; then, in route mode, each route table in
+`ha.route_tables` pointed at this instance's ENI (ReplaceRoute). The NAT address comes first:
+the VPC must deliver the replies here before the devices' traffic does.
 
 Any failed step raises; the coordinator retries the whole claim with backoff while this peer
 stays master. Every step is idempotent, so a retry repeats the ones that already worked.
@@ -53,6 +53,7 @@ class GatewayClaim:
         api: RedirectionSetter,
         route_target: Callable[[], RouteTarget] | None = None,
         address_target: Callable[[], RouteTarget | None] | None = None,
+        announce: Callable[[], list[str]] | None = None,
     ) -> None:
         self.config = config
         self.gate = gate
@@ -60,6 +61,9 @@ class GatewayClaim:
         self.route_target = route_target
         # Where ha.snat_address moves on EC2; returns None off EC2 (keepalived alone moves it).
         self.address_target = address_target
+        # Takes and announces ha.snat_address here (idempotent; the handover took it first,
+        # after conntrackd's commit): a re-claim after a split brain announces it again.
+        self.announce = announce
         self.done: list[str] = []  # what the last successful claim did, for the log and tests
 
     def __call__(self) -> None:
@@ -70,6 +74,11 @@ class GatewayClaim:
         gateway = redirection.claim_gateway(cfg, gate)
         done = []
         snat = cfg.ha.snat_address if cfg.ha is not None else None
+        if snat is not None and self.announce is not None:
+            failures = self.announce()
+            if failures:
+                raise ClaimError("; ".join(failures))
+            done.append(f"snat_address {snat} held and announced")
         if snat is not None and self.address_target is not None:
             target = self.address_target()
             if target is not None:

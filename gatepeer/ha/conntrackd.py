@@ -159,10 +159,11 @@ _NOISE = re.compile(r"^\[[^]]*\] \(pid=\d+\) ")
 
 # ---- the handover on keepalived's transitions ------------------------------------------
 
+COMMIT = "-c"
 # The steps of conntrack-tools' primary-backup.sh for each role gatepeer records.
 HANDOVER: dict[str, tuple[tuple[str, str], ...]] = {
     "master": (
-        ("-c", "commit the external cache into the kernel table"),
+        (COMMIT, "commit the external cache into the kernel table"),
         ("-f", "flush the internal and external caches"),
         ("-R", "resync the internal cache with the kernel table"),
         ("-B", "send a bulk update to the backup"),
@@ -199,28 +200,37 @@ class Conntrackd:
     def command(self, *args: str) -> list[str]:
         return [binary(), "-C", str(self.config_file), *args]
 
-    def handover(self, role: str) -> list[str]:
-        """The primary-backup steps for `role`, in order; every step runs even if one before
-        failed (as the script does). Returns the failures, one line each (also logged)."""
+    def handover(self, role: str, flags: Sequence[str] | None = None) -> list[str]:
+        """The primary-backup steps for `role` in order (only those in `flags`, when given:
+        the daemon commits before its claim and flushes, resyncs and bulk-sends after it).
+        Every step runs even if one before failed, as the script does. Returns the failures,
+        one line each (also logged)."""
+        steps = [(f, w) for f, w in HANDOVER.get(role, ()) if flags is None or f in flags]
+        started = time.monotonic()
         failures = []
-        for flag, what in HANDOVER.get(role, ()):
-            argv = self.command(flag)
-            try:
-                proc = self.run(argv)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                failures.append(f"conntrackd {flag} ({what}): {exc}")
-                continue
-            if proc.returncode != 0:
-                said = (proc.stderr or proc.stdout).strip().splitlines()
-                failures.append(
-                    f"conntrackd {flag} ({what}) exited {proc.returncode}"
-                    + (f": {said[-1]}" if said else "")
-                )
+        for flag, what in steps:
+            failures += self._step(flag, what)
         for line in failures:
             log.error("%s", line)
-        if not failures and role in HANDOVER:
-            log.info("conntrackd handover for %s done (%s)", role, _flags(role))
+        if steps and not failures:
+            took = time.monotonic() - started
+            ran = " ".join(f for f, _ in steps)
+            log.info("conntrackd handover for %s: %s done in %.3f s", role, ran, took)
         return failures
+
+    def _step(self, flag: str, what: str) -> list[str]:
+        """One client command; its failure as a line, or nothing."""
+        try:
+            proc = self.run(self.command(flag))
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return [f"conntrackd {flag} ({what}): {exc}"]
+        if proc.returncode == 0:
+            return []
+        said = (proc.stderr or proc.stdout).strip().splitlines()
+        return [
+            f"conntrackd {flag} ({what}) exited {proc.returncode}"
+            + (f": {said[-1]}" if said else "")
+        ]
 
     def stats(self) -> str:
         """`conntrackd -s`: raises SyncReadError when conntrackd does not answer."""
@@ -234,10 +244,6 @@ class Conntrackd:
             why = said[-1] if said else f"exited {proc.returncode}"
             raise SyncReadError(f"conntrackd -s: {why}")
         return proc.stdout
-
-
-def _flags(role: str) -> str:
-    return " ".join(flag for flag, _ in HANDOVER[role])
 
 
 # ---- sync health from `conntrackd -s` -----------------------------------------------------

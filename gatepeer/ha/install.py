@@ -47,9 +47,6 @@ def facts_for(cfg: Config, state: Mapping[str, Any] | None, executable: str) -> 
         vrrp_interface=str(interface),
         tunnel_interface=cfg.tunnel.interface,
         check_command=check_command(executable, config_file),
-        snat_interface=_underlay(cfg, state, "tunnel.underlay_interface")
-        if cfg.ha.snat_address is not None
-        else None,
     )
 
 

@@ -18,15 +18,10 @@ The shape, and why:
 - vip mode: keepalived owns the virtual address on the tunnel, as a /32 so it adds no second
   connected route beside the inner address's. Without one, VRRPv3 still needs an address in
   its adverts: see ADVERT_MARKER.
-- `ha.snat_address`: keepalived owns the NAT address on the underlay, as a /32 (the source of
-  masqueraded flows, never a route), and announces it with gratuitous ARP where there is L2;
-  on EC2 the daemon's claim also moves it to this ENI. With it, `no_accept`: keepalived's own
-  nftables table drops what arrives addressed to its addresses (input hook) and what leaves
-  from them (output hook). NATed replies are unaffected (conntrack has rewritten their
-  destination in prerouting, and they are forwarded); a packet for the NAT address that no
-  connection knows, such as a VPC host's retransmission that reaches a new master before
-  conntrackd's commit, is dropped instead of answered with a reset, and leaves no conntrack
-  entry that would clash with the committed one.
+- `ha.snat_address` is not keepalived's: keepalived adds its addresses and sends gratuitous ARP
+  before it reports MASTER, so the VPC hosts' replies reached a new master before conntrackd's
+  commit and were dropped. gatepeer's daemon takes the address after the commit
+  (gatepeer/ha/nat_address.py, gatepeer/ha/handover.py); the advert carries the marker below.
 - With `ha.conntrack_sync`, a second script (`gatepeer check --sync`) with a negative weight:
   broken sync lowers the priority below any healthy peer's, so an election prefers the peer
   whose copy of the connections is good, but never puts the instance into FAULT (a master
@@ -67,7 +62,6 @@ class HaFacts:
     vrrp_interface: str  # where adverts go: ha.interface, else the tunnel's underlay
     tunnel_interface: str  # tracked; carries the virtual address in vip mode
     check_command: tuple[str, ...]  # argv of the health check, e.g. gatepeer check --config F
-    snat_interface: str | None = None  # where ha.snat_address goes: the underlay
 
 
 def render(ha: HaConfig, facts: HaFacts) -> str:
@@ -86,10 +80,6 @@ def render(ha: HaConfig, facts: HaFacts) -> str:
     vips = []
     if ha.virtual_address is not None:
         vips.append(f"{ha.virtual_address}/32 dev {facts.tunnel_interface}")
-    if ha.snat_address is not None:
-        if facts.snat_interface is None:
-            raise RenderError("ha.snat_address: the underlay interface to hold it is unknown")
-        vips.append(f"{ha.snat_address}/32 dev {facts.snat_interface}")
     if not vips:
         vips.append(f"{ADVERT_MARKER}/32 dev lo scope host")
     sync_script: list[str] = []
@@ -134,7 +124,6 @@ def render(ha: HaConfig, facts: HaFacts) -> str:
         f"    advert_int {_seconds(ha.advert_interval)}",
         "    version 3",
         *nopreempt,
-        *(["    no_accept"] if ha.snat_address is not None else []),
         f"    unicast_src_ip {facts.local_address}",
         "    unicast_peer {",
         f"        {ha.peer_address}",

@@ -110,8 +110,9 @@ class Coordinator:
     gateway. Thread-safe: the FIFO reader calls `handle`/`tick`, status readers call `view`.
 
     `handover(role)`, when given, runs once per role change, after the batch of events and
-    before the claim (conntrackd's primary-backup steps: the new master commits the other's
-    connections before the gateway moves here); it returns its failures, which are shown but
+    before the claim (the new master commits the other's connections and takes the NAT address
+    before the gateway moves here); `after_claim(role)` right after that first claim (what
+    nothing on the traffic's path waits for). Both return their failures, which are shown but
     never stop the claim."""
 
     def __init__(
@@ -122,9 +123,11 @@ class Coordinator:
         clock: Callable[[], float] = time.time,
         on_change: Callable[[RoleView], None] | None = None,
         handover: Callable[[Role], list[str]] | None = None,
+        after_claim: Callable[[Role], list[str]] | None = None,
     ) -> None:
         self._claim = claim
         self._handover = handover
+        self._after_claim = after_claim
         self.instance = instance
         self.clock = clock
         self.on_change = on_change
@@ -144,6 +147,7 @@ class Coordinator:
         for event in events:
             changed |= self._apply(event)
         after = self.view().role
+        failures: list[str] = []
         if after != before and self._handover is not None:
             failures = self._handover(after)
             with self._lock:
@@ -152,6 +156,12 @@ class Coordinator:
         if changed and self.on_change is not None:
             self.on_change(self.view())
         self.tick()
+        if after != before and self._after_claim is not None:
+            failures += self._after_claim(after)
+            with self._lock:
+                self._view = replace(self._view, handover_error="; ".join(failures) or None)
+            if self.on_change is not None:
+                self.on_change(self.view())
 
     def tick(self) -> None:
         """Make the claim that is owed now (a new role, a re-assertion, or a retry)."""

@@ -33,10 +33,13 @@ class HaWatcher:
         poll: float = POLL_SECONDS,
         handover: Callable[[Role], list[str]] | None = None,
         sync: SyncTracker | None = None,
+        after_claim: Callable[[Role], list[str]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.fifo = NotifyFifo(fifo_path)
-        self.coordinator = Coordinator(claim, on_change=on_change, handover=handover)
+        self.coordinator = Coordinator(
+            claim, on_change=on_change, handover=handover, after_claim=after_claim
+        )
         self.sync = sync
         self.poll = poll
         self.clock = clock

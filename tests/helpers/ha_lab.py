@@ -6,9 +6,11 @@ the conntrack tables (the kernel's, and conntrackd's external cache) of the flow
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gatepeer.lab.network import netns
@@ -23,6 +25,7 @@ FLOW_RE = re.compile(
     r"dport=(?P<dport>\d+)"
 )
 Flow = tuple[str, str, str, int, int]  # protocol, source, destination, ports
+SPLIT_TABLE = "halab_split"  # the split-brain tests' table in a peer's namespace
 
 
 @dataclass
@@ -61,6 +64,35 @@ class HaLab:
 
     def nat_holders(self, snat: str) -> list[GatePeer]:
         return [p for p in self.peers if snat in self.addresses(p)]
+
+    def ha_times(self, peer: GatePeer) -> tuple[float | None, float | None]:
+        """(since, claimed_at) from the peer's state.json: when its daemon read the last role
+        change from keepalived's FIFO, and when its last claim succeeded (wall clock)."""
+        ha = self.state(peer).get("ha") or {}
+        since, claimed = ha.get("since"), ha.get("claimed_at")
+        return (
+            float(since) if isinstance(since, int | float) else None,
+            float(claimed) if isinstance(claimed, int | float) else None,
+        )
+
+    def timeline(self, peer: GatePeer, origin: float) -> str:
+        """When `peer` read MASTER and when its claim was answered, relative to `origin` (a
+        wall-clock event such as the cut): where a takeover's seconds go."""
+        since, claimed = self.ha_times(peer)
+
+        def rel(at: float | None) -> str:
+            return "?" if at is None else f"{at - origin:+.3f} s"
+
+        return f"{peer.ns} read {self.role(peer)} at {rel(since)}, claimed at {rel(claimed)}"
+
+    def keep_logs(self, folder: Path) -> None:
+        """Copy the pair's logs (keepalived, gatepeer, conntrackd) to `folder`, for tracing."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in self.peers:
+            for name in ("keepalived.log", "gatepeer.log", "conntrackd.log"):
+                path = self.paths.peer_file(p.index, name)
+                if path.exists():
+                    shutil.copy(path, folder / f"{self.layout.prefix}-peer{p.index}-{name}")
 
     def logs(self) -> str:
         out = []
@@ -114,6 +146,21 @@ class HaLab:
             )
             ha_pair.start_keepalived(self.paths, p)
         self.advert = seconds
+
+    def block_vrrp(self, peer: GatePeer) -> None:
+        """Drop VRRP (IP protocol 112) arriving at this peer, in a table of the test's own: one
+        half of a split brain."""
+        ruleset = (
+            f"table ip {SPLIT_TABLE} {{\n"
+            "  chain input { type filter hook input priority -10; ip protocol vrrp drop; }\n"
+            "}\n"
+        )
+        netns.run(netns.exec_in(peer.ns, ["nft", "-f", "-"]), input=ruleset)
+
+    def unblock_vrrp(self, peer: GatePeer) -> None:
+        netns.run(
+            netns.exec_in(peer.ns, ["nft", "delete", "table", "ip", SPLIT_TABLE]), check=False
+        )
 
     def cut(self, peer: GatePeer) -> None:
         """The VPC side of the peer's ENI goes down (carrier lost; its own routes stay)."""

@@ -22,14 +22,13 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 from conftest import new_prefix
+from helpers.ha_lab import HaLab
 
 from gatepeer.lab.network import netns
 from gatepeer.lab.network.layout import VPC_HOST_ADDR, GatePeer, Layout
-from gatepeer.lab.network.vpg import endpoint_gateway
 from gatepeer.lab.processes import ha_pair, vpc_routes
 from gatepeer.lab.record import Paths
 
@@ -37,93 +36,14 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 # A ping every 10 ms from a device to the VPC host: the outage's resolution.
 PING_INTERVAL = 0.01
-SPLIT_BRAIN_TABLE = "halab_split"
 
 
 @dataclass
-class Pair:
-    layout: Layout
-    paths: Paths
-    advert: float = 1.0
-    route_table: vpc_routes.RouteTable | None = None  # route mode, once a test switched to it
+class Pair(HaLab):
+    """The pair as helpers/ha_lab.py looks at it, and the route table once a test switched it
+    to route mode."""
 
-    @property
-    def peers(self) -> list[GatePeer]:
-        return self.layout.gate_peers
-
-    def state(self, peer: GatePeer) -> dict[str, Any]:
-        return ha_pair.agent_state(self.paths, peer.index) or {}
-
-    def role(self, peer: GatePeer) -> str:
-        return str((self.state(peer).get("ha") or {}).get("role", "unknown"))
-
-    def claims(self, peer: GatePeer) -> int:
-        return int((self.state(peer).get("ha") or {}).get("claims") or 0)
-
-    def inner(self, peer: GatePeer) -> str:
-        return str(self.state(peer)["gate"]["inner"]).split("/")[0]
-
-    def gateway(self) -> str | None:
-        """The redirection gateway the emulated VPG routes the devices' traffic to."""
-        return endpoint_gateway(self.layout.endpoints[0].ns)
-
-    def holder(self) -> GatePeer | None:
-        gateway = self.gateway()
-        return next((p for p in self.peers if self.inner(p) == gateway), None)
-
-    def logs(self) -> str:
-        out = []
-        for p in self.peers:
-            for name in ("keepalived.log", "gatepeer.log"):
-                path = self.paths.peer_file(p.index, name)
-                text = path.read_text(errors="replace")[-1500:] if path.exists() else "(none)"
-                out.append(f"--- {p.ns} {name}\n{text}")
-        return "\n".join(out)
-
-    def wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> float:
-        """Seconds until `predicate` held; fails with both peers' roles and logs."""
-        started = time.monotonic()
-        while not predicate():
-            if time.monotonic() - started > timeout:
-                roles = {p.ns: self.role(p) for p in self.peers}
-                raise AssertionError(
-                    f"{what}: not within {timeout} s; roles {roles}, gateway {self.gateway()}\n"
-                    + self.logs()
-                )
-            time.sleep(0.02)
-        return time.monotonic() - started
-
-    def settled(self, timeout: float = 30) -> tuple[GatePeer, GatePeer]:
-        """Wait for one master, one backup, and the gateway on the master: (master, backup)."""
-
-        def one_master() -> bool:
-            roles = sorted(self.role(p) for p in self.peers)
-            if roles != ["backup", "master"]:
-                return False
-            master = next(p for p in self.peers if self.role(p) == "master")
-            # The claim shows in state.json once the API has answered it.
-            return self.holder() == master and self.claims(master) >= 1
-
-        self.wait(one_master, timeout, "one master holding the gateway, one backup")
-        master = next(p for p in self.peers if self.role(p) == "master")
-        backup = next(p for p in self.peers if p != master)
-        return master, backup
-
-    def set_advert(self, seconds: float) -> None:
-        """Rewrite ha.advert_interval in both configs and restart keepalived on both."""
-        if seconds == self.advert:
-            return
-        for p in self.peers:
-            ha_pair.stop_keepalived(self.paths, p.index)
-        for p in self.peers:
-            config = self.paths.peer_config(p.index)
-            text = re.sub(
-                r'(?m)^advert_interval = ".*"$', f'advert_interval = "{seconds:g}s"',
-                config.read_text(),
-            )  # fmt: skip
-            config.write_text(text)
-            ha_pair.start_keepalived(self.paths, p)
-        self.advert = seconds
+    route_table: vpc_routes.RouteTable | None = None
 
 
 @dataclass
@@ -310,20 +230,6 @@ def test_graceful_stop_and_return_keeps_the_new_master(
 # ---- split brain ----------------------------------------------------------------------------
 
 
-def block_vrrp(ns: str) -> None:
-    """Drop VRRP (IP protocol 112) arriving at this peer: a table of the test's own."""
-    ruleset = (
-        f"table ip {SPLIT_BRAIN_TABLE} {{\n"
-        "  chain input { type filter hook input priority -10; ip protocol vrrp drop; }\n"
-        "}\n"
-    )
-    netns.run(netns.exec_in(ns, ["nft", "-f", "-"]), input=ruleset)
-
-
-def unblock_vrrp(ns: str) -> None:
-    netns.run(netns.exec_in(ns, ["nft", "delete", "table", "ip", SPLIT_BRAIN_TABLE]), check=False)
-
-
 def test_split_brain_converges_to_one_master_and_one_gateway(
     pair: Pair, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -332,7 +238,7 @@ def test_split_brain_converges_to_one_master_and_one_gateway(
     pinger = Pinger(pair, 60)  # stopped once healed
     try:
         for p in pair.peers:
-            block_vrrp(p.ns)
+            pair.block_vrrp(p)
         split = pair.wait(
             lambda: pair.role(master) == pair.role(backup) == "master", 10, "both masters"
         )
@@ -341,7 +247,7 @@ def test_split_brain_converges_to_one_master_and_one_gateway(
         time.sleep(1.0)
         healed_at = time.time()
         for p in pair.peers:
-            unblock_vrrp(p.ns)
+            pair.unblock_vrrp(p)
         # One master again at the first advert heard. If the master heard the other's advert
         # before that one stepped down (MASTER_RX_LOWER_PRI), it claims again at once; if not,
         # its next refresh (reconcile_interval, 10 s in the HA lab) finds the gateway on the
@@ -354,7 +260,7 @@ def test_split_brain_converges_to_one_master_and_one_gateway(
     finally:
         pinger.stop()
         for p in pair.peers:
-            unblock_vrrp(p.ns)
+            pair.unblock_vrrp(p)
     assert pair.holder() == final_master
     ha = pair.state(final_master)["ha"]
     heard = (ha.get("peer_lower_priority_at") or 0) >= healed_at

@@ -232,16 +232,43 @@ def test_snat_address_moves_to_this_eni_before_the_redirection(vpc: TwoInstances
     assert secondary_addresses(vpc.ec2, vpc.enis[0]) == [str(snat)]
 
 
-def test_off_ec2_the_snat_address_is_keepalived_s_alone() -> None:
+def test_off_ec2_the_snat_address_is_held_and_announced_alone() -> None:
     cfg = dataclasses.replace(
         config(),
         ha=dataclasses.replace(config().ha, snat_address=IPv4Address("198.18.0.200")),  # type: ignore[arg-type]
     )
     api = FakeApi()
-    claim = GatewayClaim(lambda: cfg, gate, api, address_target=lambda: None)
+    announced: list[str] = []
+    claim = GatewayClaim(
+        lambda: cfg,
+        gate,
+        api,
+        address_target=lambda: None,
+        announce=lambda: announced.append("hold") or [],
+    )
     claim()
-    assert [d.split()[0] for d in claim.done] == ["redirection"]
+    assert announced == ["hold"]
+    assert claim.done == [
+        "snat_address 198.18.0.200 held and announced",
+        f"redirection gateway {INNER.ip}",
+    ]
     assert api.posts == [(VPG, str(INNER.ip))]
+
+
+def test_a_nat_address_that_cannot_be_held_fails_the_claim_before_the_redirection() -> None:
+    """The coordinator retries the whole claim; the gateway does not move to a master that
+    cannot take the replies."""
+    cfg = dataclasses.replace(
+        config(),
+        ha=dataclasses.replace(config().ha, snat_address=IPv4Address("198.18.0.200")),  # type: ignore[arg-type]
+    )
+    api = FakeApi()
+    claim = GatewayClaim(
+        lambda: cfg, gate, api, announce=lambda: ["ha.snat_address 198.18.0.200: no interface x"]
+    )
+    with pytest.raises(ClaimError, match=r"^ha\.snat_address 198\.18\.0\.200: no interface x$"):
+        claim()
+    assert api.posts == []
 
 
 # ---- the daemon's wiring ------------------------------------------------------------------

@@ -38,7 +38,7 @@ def test_defaults() -> None:
     assert ha.advert_interval == 1.0
     assert ha.nopreempt is True
     assert ha.virtual_address is None and ha.route_tables == ()
-    assert (ha.check_interval, ha.check_timeout, ha.check_fall, ha.check_rise) == (1, 1, 2, 2)
+    assert (ha.check_interval, ha.check_timeout, ha.check_fall, ha.check_rise) == (1, 3, 2, 2)
     assert ha.notify_fifo == HA_NOTIFY_FIFO
 
 
@@ -114,7 +114,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("tables twice", {"route_tables": ["rtb-0123abcd"] * 2}, "ha.route_tables: lists a route"),
     ("check 0", {"check_interval": 0}, "ha.check_interval: must be between 1s and 60s"),
     ("check fraction", {"check_interval": "1.5s"}, "ha.check_interval: keepalived counts whole"),
-    ("timeout > interval", {"check_timeout": 3}, "ha.check_timeout: must not exceed"),
+    ("timeout 0", {"check_timeout": 0}, "ha.check_timeout: must be between 1s and 60s"),
     ("fall 0", {"check_fall": 0}, "ha.check_fall: must be between 1 and 100"),
     ("rise bool", {"check_rise": True}, "ha.check_rise: must be an integer"),
     ("fifo relative", {"notify_fifo": "ka.fifo"}, "ha.notify_fifo: must be an absolute path"),

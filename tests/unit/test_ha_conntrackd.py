@@ -35,6 +35,7 @@ from gatepeer.ha.conntrackd import (
     render,
 )
 from gatepeer.ha.fifo import Event
+from gatepeer.ha.handover import RoleHandover
 from gatepeer.ha.keepalived import RenderError
 from gatepeer.ha.role import Coordinator, RoleView
 
@@ -192,6 +193,65 @@ def test_a_failed_step_is_reported_and_the_rest_still_run() -> None:
         "conntrackd -c (commit the external cache into the kernel table) exited 1: "
         "ERROR: can't connect"
     ]
+
+
+class FakeNat:
+    """Records hold/release among the conntrackd calls."""
+
+    def __init__(self, runner: FakeRunner) -> None:
+        self.runner = runner
+
+    def hold(self) -> list[str]:
+        self.runner.calls.append(["hold"])
+        return []
+
+    def release(self) -> list[str]:
+        self.runner.calls.append(["release"])
+        return ["release failed"]
+
+
+def test_the_nat_address_is_taken_right_after_the_commit_and_dropped_first() -> None:
+    """Becoming master: commit the other's connections, then take the address (the replies
+    come here from then on), then flush, resync and bulk send. Any other role: the address goes
+    before conntrackd's steps. A failure is reported and the rest still run."""
+    runner = FakeRunner()
+    nat = FakeNat(runner)
+    handover = RoleHandover(Conntrackd(Path("/c.conf"), run=runner), nat)  # type: ignore[arg-type]
+    assert handover("master") == []
+    assert runner.flags() == ["-c", "hold"]  # before the claim
+    assert handover.after_claim("master") == []
+    assert runner.flags() == ["-c", "hold", "-f", "-R", "-B"]
+    for role, flags in (
+        ("backup", ["release", "-t", "-n"]),
+        ("fault", ["release", "-t"]),
+        ("stopped", ["release"]),
+        ("unknown", []),
+    ):
+        runner.calls.clear()
+        failures = handover(role)
+        assert handover.after_claim(role) == []  # nothing after a claim there is not
+        assert runner.flags() == flags
+        assert failures == (["release failed"] if flags else [])
+    # Without conntrackd (ha.conntrack_sync off), the address alone; without it, conntrackd alone.
+    runner.calls.clear()
+    assert RoleHandover(None, nat)("master") == []  # type: ignore[arg-type]
+    assert runner.flags() == ["hold"]
+    runner.calls.clear()
+    alone = RoleHandover(Conntrackd(Path("/c.conf"), run=runner), None)
+    assert alone("master") == [] and alone.after_claim("master") == []
+    assert runner.flags() == ["-c", "-f", "-R", "-B"]
+
+
+def test_the_coordinator_claims_between_the_handover_and_what_comes_after() -> None:
+    order: list[str] = []
+    c = Coordinator(
+        lambda: order.append("claim"),
+        handover=lambda role: order.append(f"handover {role}") or [],
+        after_claim=lambda role: order.append(f"after {role}") or ["-B failed"],
+    )
+    c.handle([Event("INSTANCE", "gatepeer", "MASTER", 100)])
+    assert order == ["handover master", "claim", "after master"]
+    assert c.view().handover_error == "-B failed"
 
 
 def test_coordinator_hands_over_once_per_role_change_before_the_claim() -> None:
@@ -415,7 +475,8 @@ def test_ha_install_writes_both_files_only_when_both_pass(tmp_path: Path) -> Non
         f"wrote {k} (keepalived -t passed)",
         f"wrote {c} (conntrackd's parse passed)",
     ]
-    assert "198.18.0.12/32 dev eth0" in k.read_text() and "gatepeer_sync" in k.read_text()
+    # The NAT address is the daemon's, not keepalived's (gatepeer/ha/handover.py).
+    assert "198.18.0.12" not in k.read_text() and "gatepeer_sync" in k.read_text()
     assert "Mode FTFW" in c.read_text()
 
 

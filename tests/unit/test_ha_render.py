@@ -61,7 +61,7 @@ def config_for(mode: str) -> Config:
 
 
 def facts(check: tuple[str, ...] = CHECK) -> HaFacts:
-    return HaFacts(LOCAL, "eth0", "vxlan0", check, snat_interface="eth0")
+    return HaFacts(LOCAL, "eth0", "vxlan0", check)
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
@@ -105,14 +105,15 @@ def test_rendered_values_follow_the_config() -> None:
     assert "no_accept" not in plain  # the default: accept mode, as before
 
 
-def test_snat_address_is_keepalived_s_on_the_underlay_in_no_accept_mode() -> None:
+def test_snat_address_is_not_keepalived_s() -> None:
+    """gatepeer takes the NAT address after conntrackd's commit (gatepeer/ha/handover.py):
+    keepalived would add it, and draw the VPC hosts' replies, before the commit."""
     snat = config_for("snat").ha
     assert snat is not None
     lines = [ln.strip() for ln in render(snat, facts()).splitlines()]
-    assert "198.18.0.12/32 dev eth0" in lines  # the underlay, a /32
-    assert f"{ADVERT_MARKER}/32 dev lo scope host" not in lines  # the advert carries it
-    # Nothing is accepted for the NAT address itself: no reset before conntrackd's commit.
-    assert "no_accept" in lines
+    assert not [ln for ln in lines if "198.18.0.12" in ln]
+    assert f"{ADVERT_MARKER}/32 dev lo scope host" in lines  # the advert's address
+    assert "no_accept" not in lines
     assert "weight -253" in lines and "gatepeer_sync" in lines
 
 

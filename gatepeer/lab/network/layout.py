@@ -21,8 +21,8 @@ PEER_ADDR = ipaddress.IPv4Address("198.18.0.10")
 # The second gate peer of an HA lab (`lab up --peers 2`), on the same VPC bridge.
 PEER2_ADDR = ipaddress.IPv4Address("198.18.0.11")
 MAX_PEERS = 2
-# The HA pair's NAT address (`ha.snat_address`): keepalived's virtual address on the master's
-# eth0, what the VPC host sees as the devices' source in nat mode whichever peer is master.
+# The HA pair's NAT address (`ha.snat_address`): a /32 the master's gatepeer holds on its eth0,
+# what the VPC host sees as the devices' source in nat mode whichever peer is master.
 PAIR_SNAT_ADDR = ipaddress.IPv4Address("198.18.0.12")
 VPC_HOST_ADDR = ipaddress.IPv4Address("198.18.0.20")
 SORACOM_NET = ipaddress.IPv4Network("198.18.1.0/24")
