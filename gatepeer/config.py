@@ -222,7 +222,10 @@ class HaConfig:
     with `route_tables`, those VPC route tables pointed at this instance (ReplaceRoute)."""
 
     peer_address: ipaddress.IPv4Address  # the other peer's VPC address (unicast VRRP)
-    priority: int = 100
+    # A backup declares the master dead after 3 adverts plus a skew of (256 - priority)/256
+    # adverts: 254 makes the skew 0.008 advert where 100 made it 0.61 (0.6 s at 1 s adverts,
+    # enough to miss TCP's retransmission 3 s after a loss). nopreempt decides who stays master.
+    priority: int = 254
     advert_interval: float = 1.0
     virtual_router_id: int = 51  # the same on both peers, unique in the VPC subnet
     nopreempt: bool = True  # a returning peer does not cause a second failover
@@ -1125,7 +1128,7 @@ def _parse_ha(s: _Section, tunnel: TunnelConfig, packet_path: PacketPathConfig |
     cfg = HaConfig(
         peer_address=peer,
         # 255 is reserved for the address owner and 0 for "leaving" (RFC 5798 5.2.4).
-        priority=s.integer("priority", 100, 1, 254),
+        priority=s.integer("priority", 254, 1, 254),
         advert_interval=round(advert, 2),
         virtual_router_id=s.integer("virtual_router_id", 51, 1, 255),
         nopreempt=s.boolean("nopreempt", True),

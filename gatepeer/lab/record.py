@@ -219,7 +219,7 @@ def render_ha_settings(paths: Paths, index: int) -> str:
         "[ha]\n"
         f'peer_address = "{other}"\n'
         "# Peer 1 wins when both start together; afterwards nopreempt keeps whoever is master.\n"
-        f"priority = {150 if index == 1 else 100}\n"
+        f"priority = {254 if index == 1 else 253}\n"
         'advert_interval = "1s"\n'
         f'notify_fifo = "{paths.peer_file(index, "keepalived.fifo")}"\n'
         "# The address the VPC host sees for the devices, held by the master only.\n"

@@ -257,7 +257,7 @@ def start_pair(
     keepalived_binary()
     started: dict[str, dict[str, int]] = {}
     for peer in layout.gate_peers:
-        # Peer 1 (priority 150) first: it becomes master, peer 2 joins as backup.
+        # Peer 1 (priority 254) first: it becomes master, peer 2 joins as backup.
         started[peer.ns] = start_peer(paths, peer, env)
     return started
 
