@@ -34,7 +34,7 @@ def test_no_ha_section_means_a_single_peer() -> None:
 def test_defaults() -> None:
     ha = parse(with_ha({"peer_address": PEER})).ha
     assert ha == HaConfig(peer_address=ipaddress.IPv4Address(PEER))
-    assert ha.priority == 100
+    assert ha.priority == 254
     assert ha.advert_interval == 1.0
     assert ha.nopreempt is True
     assert ha.virtual_address is None and ha.route_tables == ()
