@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gatepeer import atomic_json
+from gatepeer.device_traffic import Counters as DeviceCounters
 from gatepeer.device_traffic import DeviceReading
 
 if TYPE_CHECKING:
     from gatepeer.config import Config
-    from gatepeer.metrics.device_activity import DeviceCounters
     from gatepeer.sims import SimMap
 
 log = logging.getLogger(__name__)

@@ -19,20 +19,18 @@ Netlink numbers are from linux/netfilter/nf_tables.h and nfnetlink.h (pyroute2's
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import math
 import os
 import socket
 import struct
-import threading
 from array import array
 from collections.abc import Callable, Iterator
 from operator import itemgetter
-from pathlib import Path
 from typing import TypeVar
 
 from gatepeer.device_traffic import ADDRESS_TYPE, COUNTER_TYPE, DeviceReading
+from gatepeer.kernel.netns import NamespaceMissing, call_in_netns
 from gatepeer.ruleset import (
     DEVICE_SETS,
     DEVICE_TABLE_PREFIX,
@@ -66,8 +64,6 @@ NFTA_EXPR_DATA = 2
 NFTA_COUNTER_BYTES = 1
 NFTA_COUNTER_PACKETS = 2
 
-NETNS_DIR = Path("/run/netns")
-CLONE_NEWNET = 0x40000000
 RECV_BUFFER = 1 << 20  # a dump answers in messages of up to a page or so; read many at once
 TIMEOUT_S = 10.0
 
@@ -193,32 +189,10 @@ class _Socket:
 
 
 def _in_netns(name: str, fn: Callable[[], T]) -> T:
-    path = NETNS_DIR / name
-    result: list[T] = []
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise DeviceSetsError(f"entering network namespace {name}: {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            result.append(fn())
-        except BaseException as exc:  # handed to the caller's thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=target, name=f"netns-{name}", daemon=True)
-    thread.start()
-    thread.join()
-    if failure:
-        if isinstance(failure[0], FileNotFoundError):
-            raise DeviceSetsError(f"network namespace {name} does not exist") from None
-        raise failure[0]
-    return result[0]
+    try:
+        return call_in_netns(name, fn)
+    except NamespaceMissing as exc:
+        raise DeviceSetsError(str(exc)) from None
 
 
 def _attr(kind: int, value: bytes) -> bytes:

@@ -21,9 +21,9 @@ import ipaddress
 from array import array
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 from gatepeer.device_traffic import ADDRESS_TYPE, COUNTER_TYPE, DeviceReading
+from gatepeer.device_traffic import Counters as DeviceCounters
 
 # Gaps shorter than this are one burst of activity, not two.
 MIN_GAP_S = 1.0
@@ -41,21 +41,6 @@ DEVIATION_GAIN = 0.25
 # Group of a device whose SIM has no group, and of an address the SIM map does not know.
 NO_GROUP = "none"
 UNKNOWN_SIM = "unknown"
-
-
-class DeviceCounters(Protocol):
-    """The fields of `gatepeer.device_traffic.DeviceTraffic` this module reads."""
-
-    @property
-    def packets_from_device(self) -> int: ...
-    @property
-    def bytes_from_device(self) -> int: ...
-    @property
-    def packets_to_device(self) -> int: ...
-    @property
-    def bytes_to_device(self) -> int: ...
-    @property
-    def last_packet_age_s(self) -> float | None: ...
 
 
 @dataclass

@@ -23,12 +23,12 @@ from typing import Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from gatepeer.device_traffic import Counters as DeviceCounters
 from gatepeer.device_traffic import DeviceReading
 from gatepeer.metrics.device_activity import (
     NO_GROUP,
     UNKNOWN_SIM,
     DeviceActivity,
-    DeviceCounters,
     DeviceView,
     GroupTotals,
 )

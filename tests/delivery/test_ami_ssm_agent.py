@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,8 +44,19 @@ def make_key(home: Path, name: str) -> tuple[str, Path]:
     return fpr, public
 
 
+def stop_agents(root: Path) -> None:
+    """gpg starts an agent per keyring to make and use keys, and it outlives the test: stop
+    each one under `root` (gpgconf addresses it by its keyring, never by name)."""
+    for home in root.iterdir():
+        if (home / "pubring.kbx").exists():
+            subprocess.run(
+                ["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"],
+                capture_output=True, timeout=30,
+            )  # fmt: skip
+
+
 @pytest.fixture
-def signed(tmp_path: Path) -> dict[str, Path | str]:
+def signed(tmp_path: Path) -> Iterator[dict[str, Path | str]]:
     if shutil.which("gpg") is None:
         pytest.skip("needs gpg (Debian package gpg)")
     fpr, public = make_key(tmp_path / "aws", "aws")
@@ -57,7 +69,10 @@ def signed(tmp_path: Path) -> dict[str, Path | str]:
     text = SCRIPT.read_text()
     assert text.count(f"SSM_AGENT_KEY_FINGERPRINT={AWS_FINGERPRINT}") == 1
     pinned.write_text(text.replace(AWS_FINGERPRINT, fpr))
-    return {"fpr": fpr, "public": public, "deb": deb, "sig": sig, "pinned": pinned}
+    try:
+        yield {"fpr": fpr, "public": public, "deb": deb, "sig": sig, "pinned": pinned}
+    finally:
+        stop_agents(tmp_path)
 
 
 def verify(script: Path, deb: Path, sig: Path, key: Path) -> subprocess.CompletedProcess[str]:

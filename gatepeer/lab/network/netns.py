@@ -8,18 +8,15 @@ namespace.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
-import os
 import subprocess
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-NETNS_DIR = Path("/run/netns")
-CLONE_NEWNET = 0x40000000
+from gatepeer.kernel import netns as kernel_netns
+from gatepeer.kernel.netns import NETNS_DIR
 
 T = TypeVar("T")
 
@@ -130,48 +127,13 @@ def link_stats(ns: str, name: str) -> dict[str, int]:
     }
 
 
-_libc: ctypes.CDLL | None = None
-
-
-def _setns(path: Path) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({path}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
 def call_in_netns(name: str, fn: Callable[[], T]) -> T:
-    """Run `fn` in a fresh thread that has entered namespace `name`, and return its result.
-
-    setns(CLONE_NEWNET) changes only the calling thread, and the thread ends right after, so
-    nothing else in the process changes namespace. Sockets created by `fn` stay in `name`
-    whichever thread uses them later; /proc/sys/net opened by `fn` is `name`'s.
-    """
-    path = NETNS_DIR / name
-    if not path.exists():
-        raise LabError(f"network namespace {name} does not exist")
-    result: list[T] = []
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            _setns(path)
-            result.append(fn())
-        except BaseException as exc:  # handed to the caller's thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=target, name=f"netns-{name}", daemon=True)
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return result[0]
+    """Run `fn` in a fresh thread that has entered namespace `name` (kernel.netns), and return
+    its result; the calling process never leaves the root namespace."""
+    try:
+        return kernel_netns.call_in_netns(name, fn)
+    except kernel_netns.NamespaceMissing as exc:
+        raise LabError(str(exc)) from None
 
 
 def write_sysctls(ns: str, values: Mapping[str, str | int]) -> None:
