@@ -290,12 +290,7 @@ def iperf_server(ns: str, addr: str) -> Iterator[None]:
     try:
         yield
     finally:
-        os.kill(proc.pid, signal.SIGTERM)  # `ip netns exec` execs: this is iperf3's pid
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)
 
 
 def udp64(ns: str, server: str, bind: str, seconds: int, reverse: bool) -> float:

@@ -76,14 +76,23 @@ class SimRecord(NamedTuple):
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> SimRecord:
         """From `to_row`'s list; ValueError or TypeError when it is not one."""
-        address, imsi, sim_id, name, group_id, online, source = row
-        if source not in SOURCES or online not in (True, False) or type(address) is not int:
-            raise ValueError(f"not a SIM map row: {row!r}"[:200])
-        if not (type(imsi) is str and imsi) or not all(
-            v is None or (type(v) is str and v) for v in (sim_id, name, group_id)
-        ):
-            raise ValueError(f"not a SIM map row: {row!r}"[:200])
+        address, imsi, sim_id, name, group_id, online, source = checked_row(row)
         return cls(IPv4Address(address), imsi, sim_id, name, group_id, online, source)
+
+
+def checked_row(row: Sequence[Any]) -> Sequence[Any]:
+    """A cache row (`SimRecord.to_row`) as it is, once its fields are checked; ValueError or
+    TypeError when it is not one."""
+    address, imsi, sim_id, name, group_id, online, source = row
+    if source not in SOURCES or online not in (True, False) or type(address) is not int:
+        raise ValueError(f"not a SIM map row: {row!r}"[:200])
+    if not (type(imsi) is str and imsi) or not all(
+        v is None or (type(v) is str and v) for v in (sim_id, name, group_id)
+    ):
+        raise ValueError(f"not a SIM map row: {row!r}"[:200])
+    if not 0 <= address < 1 << 32:
+        raise ValueError(f"not a SIM map row: {row!r}"[:200])
+    return row
 
 
 # The cache holds one list per SIM, not one object: 10,000 SIMs load in a third of the time.
@@ -229,15 +238,7 @@ class SimRecords(Mapping[IPv4Address, SimRecord]):
 def _packed_row(row: Sequence[Any]) -> tuple[int, str | SimRecord]:
     """A cache row (`SimRecord.to_row`) checked and packed; ValueError or TypeError when it is
     not one."""
-    address, imsi, sim_id, name, group_id, online, source = row
-    if source not in SOURCES or online not in (True, False) or type(address) is not int:
-        raise ValueError(f"not a SIM map row: {row!r}"[:200])
-    if not (type(imsi) is str and imsi) or not all(
-        v is None or (type(v) is str and v) for v in (sim_id, name, group_id)
-    ):
-        raise ValueError(f"not a SIM map row: {row!r}"[:200])
-    if not 0 <= address < 1 << 32:
-        raise ValueError(f"not a SIM map row: {row!r}"[:200])
+    address, imsi, sim_id, name, group_id, online, source = checked_row(row)
     fields = (imsi, sim_id or "", name or "", group_id or "")
     if any("\0" in f for f in fields):
         return address, SimRecord.from_row(row)
