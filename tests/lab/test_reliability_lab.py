@@ -484,8 +484,10 @@ def test_no_secret_in_anything_gatepeer_writes(
             )  # fmt: skip
         daemon = AgentDaemon(lab, daemon_proc, log_path)
         daemon.wait_state(lambda s: s["health"] == "ok", timeout=30, what="health ok")
-        # Errors the daemon reports and logs: 5xx, then expired tokens (a fresh login).
-        lab.control("faults", {"fail_next": 6, "fail_status": 503})
+        # Errors the daemon reports and logs: 5xx, then expired tokens (a fresh login). Every
+        # call fails until the daemon says so: a fixed count can be shared between the gate
+        # refresh and the SIM map's first fetch so that no call runs out of retries.
+        lab.control("faults", {"fail_next": 1_000_000, "fail_status": 503})
         daemon.wait_state(lambda s: s["health"] == "degraded", timeout=30, what="degraded")
         lab.control("reset_faults")
         lab.control("expire_tokens")
