@@ -357,7 +357,7 @@ def _ha_file(cfg: Config, tool: str) -> _HaFile:
         if tool == "conntrackd":
             text = conntrackd.render(cfg.ha, install.sync_facts_for(cfg, state))
         else:
-            facts = install.facts_for(cfg, state, install.gatepeer_executable())
+            facts = install.facts_for(cfg, state)
             text = keepalived.render(cfg.ha, facts)
     except (keepalived.RenderError, conntrackd.SyncConfigError) as exc:
         fail(f"config error: {exc}", EXIT_USAGE)

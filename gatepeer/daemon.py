@@ -237,6 +237,11 @@ class ProbedAgent(Agent):
     def write_state(self) -> None:
         with self._write_lock:
             super().write_state()
+            if self.config.ha is not None and self.written is not None:
+                # keepalived's checks read these lines (gatepeer/ha/verdict.py).
+                from gatepeer.ha import verdict
+
+                verdict.write(self.config, self.written.data, time.time())
 
 
 class Daemon:

@@ -98,25 +98,45 @@ def gather(
 ) -> CheckInputs:
     raw = atomic_json.read(cfg.agent.state_file)
     state = StateSummary.from_state(raw) if raw else None
-    interface = state.interface if state is not None else cfg.tunnel.interface
     loaded: bool | None
     error = None
     try:
         loaded = table_text() is not None
     except nftables.NftError as exc:
         loaded, error = None, str(exc).splitlines()[0]
+    daemon = find_daemon(state.pid if state else None)
+    return inputs(cfg, state, read_tunnel, loaded, error, daemon, clock())
+
+
+def inputs(
+    cfg: Config,
+    state: StateSummary | None,
+    read_tunnel: Callable[[str], TunnelReading],
+    table_loaded: bool | None,
+    table_error: str | None,
+    daemon: int | None,
+    now: float,
+) -> CheckInputs:
+    """The check's inputs from what a caller found (this command, or the daemon judging
+    itself: gatepeer/ha/verdict.py)."""
+    interface = state.interface if state is not None else cfg.tunnel.interface
     return CheckInputs(
         state=state,
         state_path=cfg.agent.state_file,
         tunnel=read_tunnel(interface),
         interface=interface,
-        table_loaded=loaded,
-        table_error=error,
-        daemon=find_daemon(state.pid if state else None),
+        table_loaded=table_loaded,
+        table_error=table_error,
+        daemon=daemon,
         probe_interval=cfg.probes.interval,
         probe_timeout=cfg.probes.timeout,
-        now=clock(),
+        now=now,
     )
+
+
+def reading_fresh_for(cfg: Config) -> float:
+    """How old the daemon's last reading may be and still prove anything (seconds)."""
+    return PROBE_ROUNDS_FRESH * cfg.probes.interval + cfg.probes.timeout
 
 
 def run(config_file: Path) -> tuple[int, str]:
@@ -163,8 +183,7 @@ def run_sync(config_file: Path, clock: Callable[[], float] = time.time) -> tuple
     state = StateSummary.from_state(raw) if raw else None
     if state is None:
         return 1, f"unhealthy: sync: no state file {cfg.agent.state_file}"
-    fresh_for = PROBE_ROUNDS_FRESH * cfg.probes.interval + cfg.probes.timeout
-    reasons = evaluate_sync(state.ha, clock(), fresh_for)
+    reasons = evaluate_sync(state.ha, clock(), reading_fresh_for(cfg))
     if reasons:
         return 1, "unhealthy: " + "; ".join(reasons)
     return 0, "sync healthy"

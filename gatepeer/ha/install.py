@@ -12,7 +12,6 @@ import ipaddress
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,33 +19,25 @@ from typing import Any
 
 from gatepeer.config import Config
 from gatepeer.desired_state import GateView, conntrack_sysctls
+from gatepeer.ha import verdict
 from gatepeer.ha.conntrackd import SyncFacts
-from gatepeer.ha.keepalived import HaFacts, RenderError, check_command
+from gatepeer.ha.keepalived import HaFacts, RenderError
 
 KEEPALIVED_TIMEOUT = 30.0
 
 
-def gatepeer_executable() -> str:
-    """The console script of this installation (beside the interpreter in a venv)."""
-    beside = Path(sys.executable).with_name("gatepeer")
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("gatepeer")
-    return found or str(beside)
-
-
-def facts_for(cfg: Config, state: Mapping[str, Any] | None, executable: str) -> HaFacts:
+def facts_for(cfg: Config, state: Mapping[str, Any] | None) -> HaFacts:
     """Pure: `[ha]` and `[tunnel]` first, the state document's `host` for what they leave out."""
     if cfg.ha is None:
         raise RenderError("ha: no [ha] section in the config: nothing to render")
     local = _local_address(cfg, state)
     interface = cfg.ha.interface or _underlay(cfg, state, "ha.interface")
-    config_file = str(cfg.source.resolve()) if cfg.source else None
     return HaFacts(
         local_address=local,
         vrrp_interface=str(interface),
         tunnel_interface=cfg.tunnel.interface,
-        check_command=check_command(executable, config_file),
+        check_command=verdict.command(cfg, verdict.CHECK_FILE),
+        sync_command=verdict.command(cfg, verdict.SYNC_FILE) if cfg.ha.conntrack_sync else (),
     )
 
 

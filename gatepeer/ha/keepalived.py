@@ -7,7 +7,9 @@ The shape, and why:
   of a silent fallback to multicast; `check_unicast_src` accepts adverts from the peer only.
 - `state BACKUP` on both peers and `nopreempt` (by default): whoever is master stays master, so
   a peer coming back does not cause a second failover.
-- `vrrp_script` runs `gatepeer check` with weight 0: a failing check puts the instance into
+- `vrrp_script` reads the daemon's verdict (gatepeer/ha/verdict.py: `gatepeer check`'s rules,
+  applied by the daemon each probe round; a Python process per second timed out on a loaded
+  peer) with weight 0: a failing check puts the instance into
   FAULT, which gives the role away. (A negative weight would only lower the priority, and with
   nopreempt a lower-priority master is never pre-empted.) `init_fail`: a peer that just started
   is not a candidate until its check has passed `rise` times.
@@ -22,7 +24,8 @@ The shape, and why:
   before it reports MASTER, so the VPC hosts' replies reached a new master before conntrackd's
   commit and were dropped. gatepeer's daemon takes the address after the commit
   (gatepeer/ha/nat_address.py, gatepeer/ha/handover.py); the advert carries the marker below.
-- With `ha.conntrack_sync`, a second script (`gatepeer check --sync`) with a negative weight:
+- With `ha.conntrack_sync`, a second script (the sync verdict, `gatepeer check --sync`'s
+  rules) with a negative weight:
   broken sync lowers the priority below any healthy peer's, so an election prefers the peer
   whose copy of the connections is good, but never puts the instance into FAULT (a master
   whose peer is down hears no sync, and must stay master; the check ignores that silence on
@@ -61,7 +64,8 @@ class HaFacts:
     local_address: ipaddress.IPv4Address  # this peer's VPC address: unicast_src_ip
     vrrp_interface: str  # where adverts go: ha.interface, else the tunnel's underlay
     tunnel_interface: str  # tracked; carries the virtual address in vip mode
-    check_command: tuple[str, ...]  # argv of the health check, e.g. gatepeer check --config F
+    check_command: tuple[str, ...]  # argv of the health check (verdict.command)
+    sync_command: tuple[str, ...] = ()  # argv of the sync check, with ha.conntrack_sync
 
 
 def render(ha: HaConfig, facts: HaFacts) -> str:
@@ -70,7 +74,9 @@ def render(ha: HaConfig, facts: HaFacts) -> str:
             f"ha.peer_address: {ha.peer_address} is this host's own address; "
             "set the other peer's VPC address"
         )
-    for word in facts.check_command:
+    if ha.conntrack_sync and not facts.sync_command:
+        raise RenderError("ha.conntrack_sync: no sync check command to render")
+    for word in (*facts.check_command, *facts.sync_command):
         if not _SAFE_WORD.match(word):
             raise RenderError(
                 f"the health check command has a word keepalived cannot pass: {word!r} "
@@ -86,7 +92,7 @@ def render(ha: HaConfig, facts: HaFacts) -> str:
     if ha.conntrack_sync:
         sync_script = [
             f"vrrp_script {SYNC_SCRIPT} {{",
-            f'    script "{" ".join((*facts.check_command, "--sync"))}"',
+            f'    script "{" ".join(facts.sync_command)}"',
             f"    interval {ha.check_interval}",
             f"    timeout {ha.check_timeout}",
             f"    fall {ha.check_fall}",
@@ -148,8 +154,3 @@ def render(ha: HaConfig, facts: HaFacts) -> str:
 def _seconds(value: float) -> str:
     """0.1 -> "0.1", 1.0 -> "1": keepalived reads decimal seconds."""
     return f"{value:.2f}".rstrip("0").rstrip(".")
-
-
-def check_command(executable: str, config_file: str | None) -> tuple[str, ...]:
-    """The argv keepalived runs as its health check."""
-    return (executable, "check", *(("--config", config_file) if config_file else ()))

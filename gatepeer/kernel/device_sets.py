@@ -101,6 +101,13 @@ def device_reading(netns: str | None = None) -> DeviceReading:
     return reading
 
 
+def inet_tables(netns: str | None = None) -> list[str]:
+    """The names of the inet tables loaded: one small dump, where `nft list table` would
+    print every set element (the HA verdict asks only whether gatepeer's table is there)."""
+    with _Socket(netns) as sock:
+        return _table_names(sock)
+
+
 class _SetColumns:
     """One set's elements as the kernel listed them (in its hash order): no object each."""
 

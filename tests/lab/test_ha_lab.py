@@ -329,7 +329,7 @@ def test_a_closed_vpg_path_fails_the_check_and_hands_the_role_over(
     pair: Pair, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The master's tunnel traffic to and from the VPG is dropped (the link stays up): its
-    probes stop being answered, `gatepeer check` fails `fall` times, keepalived goes FAULT."""
+    probes stop being answered, the check verdict fails `fall` times, keepalived goes FAULT."""
     pair.set_advert(0.1)
     master, backup = pair.settled()
     table = "halab_vpgpath"

@@ -1,10 +1,12 @@
-"""`gatepeer check`, keepalived's health script: every reason it refuses the role, with fake
-kernel and state inputs; its exit codes as a command; and how long one run takes (shown, not
-asserted: keepalived runs it every ha.check_interval on both peers)."""
+"""`gatepeer check`'s rules: every reason it refuses the role, with fake kernel and state inputs;
+its exit codes as a command. The same rules applied by the daemon (gatepeer/ha/verdict.py) and
+the line keepalived's script reads: each way the script refuses. How long a run of each takes
+is shown, never asserted (keepalived runs one every ha.check_interval on both peers)."""
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ from helpers import readings
 
 from gatepeer import atomic_json
 from gatepeer.config import load
+from gatepeer.ha import verdict
 from gatepeer.ha.check import CheckInputs, evaluate, gather
 from gatepeer.kernel.nftables import NftError
 from gatepeer.kernel.rtnl import LinkReading, TunnelReading
@@ -211,3 +214,113 @@ def test_time_per_run_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     per_run = (time.perf_counter() - started) / runs
     with capsys.disabled():
         print(f"\n`gatepeer check` (interpreter start included): {per_run * 1000:.0f} ms per run")
+
+
+# ---- the daemon's verdict, and the script keepalived runs -----------------------------------
+
+
+def test_daemon_judges_the_document_it_wrote_by_the_same_rules(tmp_path: Path) -> None:
+    cfg = load(write_config(tmp_path, '[ha]\npeer_address = "198.18.0.11"\n'), check_system=False)
+    sync = {"read_at": NOW, "last_message_at": NOW - 1}
+    doc = state_doc(updated_at=NOW, ha={"role": "backup", "sync": sync})
+    asked: list[str] = []
+
+    def read_tunnel(name: str) -> TunnelReading:
+        asked.append(name)
+        return TUNNEL
+
+    def judge(**changes: Any) -> tuple[list[str], list[str] | None]:
+        tables = changes.pop("tables", lambda: ["gatepeer"])
+        document = {**doc, **changes}
+        return verdict.judge(cfg, document, NOW, read_tunnel=read_tunnel, tables=tables)
+
+    assert judge() == ([], [])
+    assert asked == ["vxlan0"]
+    assert judge(tables=lambda: ["other"])[0] == ["table inet gatepeer is not loaded"]
+    assert judge(updated_at=NOW - 60)[0] == ["probe results are 60 s old"]
+
+    def refused() -> list[str]:
+        raise OSError("Operation not permitted")
+
+    assert "Operation not permitted" in judge(tables=refused)[0][0]
+    no_reading = judge(ha={"role": "backup"})[1]
+    assert no_reading and no_reading[0].startswith("sync: the daemon recorded no reading")
+    off = load(
+        write_config(tmp_path, '[ha]\npeer_address = "198.18.0.11"\nconntrack_sync = false\n'),
+        check_system=False,
+    )
+    assert verdict.judge(off, doc, NOW, read_tunnel=read_tunnel, tables=lambda: ["gatepeer"]) == (
+        [],
+        None,
+    )
+
+
+def test_two_peers_sharing_a_folder_keep_their_own_verdicts(tmp_path: Path) -> None:
+    """The lab's two peers keep state.json and state-peer2.json in one folder: one verdict
+    file for both let each peer's keepalived read the other's daemon."""
+    one = load(write_config(tmp_path), check_system=False)
+    other = replace(one, agent=replace(one.agent, state_file=tmp_path / "state-peer2.json"))
+    paths = {
+        verdict.path(c, n) for c in (one, other) for n in (verdict.CHECK_FILE, verdict.SYNC_FILE)
+    }
+    assert len(paths) == 4 and all(p.parent == tmp_path for p in paths)
+
+
+def run_script(file: Path, max_age: int = 4) -> int:
+    argv = ["/bin/sh", str(verdict.SCRIPT), str(file), str(max_age)]
+    return subprocess.run(argv, capture_output=True, timeout=10).returncode
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        ("{now} {pid} ok\n", True),
+        ("{now} {pid} ok", True),  # no newline at the end
+        ("{now} {pid} fail: table inet gatepeer is not loaded\n", False),
+        ("{old} {pid} ok\n", False),  # the daemon stopped writing (hung)
+        ("{now} {gone} ok\n", False),  # the daemon that wrote it is gone
+        ("{now} ok\n", False),
+        ("x{now} {pid} ok\n", False),
+        ("\n", False),
+        ("", False),
+    ],
+)
+def test_script_reads_the_verdict(tmp_path: Path, text: str, ok: bool) -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    now = int(time.time())
+    file = tmp_path / "state.ha-check"
+    file.write_text(text.format(now=now, old=now - 10, pid=1, gone=gone.pid))
+    assert (run_script(file) == 0) is ok
+    assert run_script(tmp_path / "missing") != 0
+
+
+def test_write_puts_both_lines_beside_the_state_file(tmp_path: Path) -> None:
+    cfg = load(write_config(tmp_path, '[ha]\npeer_address = "198.18.0.11"\n'), check_system=False)
+    verdict.write(cfg, state_doc(updated_at=time.time()), time.time())
+    check_line = (tmp_path / "state.ha-check").read_text()
+    sync_line = (tmp_path / "state.ha-sync").read_text()
+    # This host has no vxlan0 of the daemon's: both fail, and the script says so.
+    assert check_line.split()[2] == "fail:" and "vxlan0 does not exist" in check_line
+    assert sync_line.split()[2] == "fail:"
+    assert run_script(tmp_path / "state.ha-check") != 0
+    assert check_line.split()[1] == str(os.getpid())
+    off = load(
+        write_config(tmp_path, '[ha]\npeer_address = "198.18.0.11"\nconntrack_sync = false\n'),
+        check_system=False,
+    )
+    verdict.write(off, state_doc(), time.time())
+    assert not (tmp_path / "state.ha-sync").exists()  # no sync check: no stale line left behind
+
+
+def test_script_time_per_run_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What keepalived's script costs now, beside `gatepeer check` above; never asserted."""
+    file = tmp_path / "state.ha-check"
+    file.write_text(f"{int(time.time())} 1 ok\n")
+    runs = 20
+    started = time.perf_counter()
+    for _ in range(runs):
+        assert run_script(file, 60) == 0
+    per_run = (time.perf_counter() - started) / runs
+    with capsys.disabled():
+        print(f"\nkeepalived's verdict script: {per_run * 1000:.1f} ms per run")

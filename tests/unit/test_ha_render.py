@@ -17,13 +17,17 @@ from typing import Any
 import pytest
 
 from gatepeer.config import Config, parse
-from gatepeer.ha import install
-from gatepeer.ha.keepalived import ADVERT_MARKER, HaFacts, RenderError, check_command, render
+from gatepeer.ha import install, verdict
+from gatepeer.ha.keepalived import ADVERT_MARKER, HaFacts, RenderError, render
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "ha"
 SORACOM = {"auth_key_id": "keyId-testtesttest", "vpg_id": "vpg-0123abcd"}
 LOCAL = ipaddress.IPv4Address("198.18.0.10")
-CHECK = check_command("/usr/bin/gatepeer", "/etc/gatepeer/gatepeer.toml")
+# The verdict script as a package installed under /usr/lib would have it (verdict.command).
+SCRIPT = "/usr/lib/python3/dist-packages/gatepeer/ha/verdict.sh"
+CHECK = ("/bin/sh", SCRIPT, "/run/gatepeer/state.ha-check", "4")
+SYNC = ("/bin/sh", SCRIPT, "/run/gatepeer/state.ha-sync", "4")
+HOST_STATE = {"host": {"local_address": str(LOCAL), "underlay": "eth0"}}
 
 # mode name -> [ha] table
 MODES: dict[str, dict[str, Any]] = {
@@ -61,7 +65,7 @@ def config_for(mode: str) -> Config:
 
 
 def facts(check: tuple[str, ...] = CHECK) -> HaFacts:
-    return HaFacts(LOCAL, "eth0", "vxlan0", check)
+    return HaFacts(LOCAL, "eth0", "vxlan0", check, SYNC)
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
@@ -127,8 +131,8 @@ def test_keepalived_accepts_each_mode(mode: str) -> None:
         pytest.skip(keepalived_missing())
     cfg = config_for(mode)
     assert cfg.ha is not None
-    # keepalived -t checks that the script exists: use this installation's console script.
-    text = render(cfg.ha, facts(check_command(install.gatepeer_executable(), "/dev/null")))
+    # keepalived -t checks that the script exists: this installation's own commands.
+    text = render(cfg.ha, install.facts_for(cfg, HOST_STATE))
     assert install.keepalived_test(text) is None
 
 
@@ -138,7 +142,7 @@ def test_keepalived_test_reports_what_it_refuses() -> None:
         pytest.skip(keepalived_missing())
     cfg = config_for("redirection")
     assert cfg.ha is not None
-    text = render(cfg.ha, facts(check_command(install.gatepeer_executable(), "/dev/null")))
+    text = render(cfg.ha, install.facts_for(cfg, HOST_STATE))
     complaint = install.keepalived_test(text.replace("virtual_router_id 51", "virtual_router_id 0"))
     assert complaint is not None and "0" in complaint
 
@@ -146,7 +150,7 @@ def test_keepalived_test_reports_what_it_refuses() -> None:
 def test_render_refuses_our_own_address_as_peer() -> None:
     cfg = config_for("redirection")
     assert cfg.ha is not None
-    own = HaFacts(ipaddress.IPv4Address("198.18.0.11"), "eth0", "vxlan0", CHECK)
+    own = HaFacts(ipaddress.IPv4Address("198.18.0.11"), "eth0", "vxlan0", CHECK, SYNC)
     with pytest.raises(RenderError, match=r"^ha\.peer_address: 198\.18\.0\.11 is this host"):
         render(cfg.ha, own)
 
@@ -171,26 +175,32 @@ def test_facts_from_config() -> None:
         }
     )
     state = {"host": {"local_address": "198.18.9.9", "underlay": "eth9"}}
-    f = install.facts_for(cfg, state, "/usr/bin/gatepeer")
+    f = install.facts_for(cfg, state)
     assert (f.local_address, f.vrrp_interface, f.tunnel_interface) == (LOCAL, "ens5", "vxlan0")
-    assert f.check_command == ("/usr/bin/gatepeer", "check")
+    age = str(verdict.max_age(cfg))
+    script = str(verdict.SCRIPT)
+    assert f.check_command == ("/bin/sh", script, "/run/gatepeer/state.ha-check", age)
+    assert f.sync_command == ("/bin/sh", script, "/run/gatepeer/state.ha-sync", age)
+    assert verdict.SCRIPT.is_file()
 
 
 def test_facts_from_state_file_when_config_leaves_them_out(tmp_path: Path) -> None:
-    cfg = parse({"soracom": SORACOM, "ha": {"peer_address": "198.18.0.11", "interface": "ens6"}})
-    from dataclasses import replace
-
-    cfg = replace(cfg, source=tmp_path / "gatepeer.toml")
+    cfg = parse(
+        {
+            "soracom": SORACOM,
+            "agent": {"state_file": str(tmp_path / "state.json")},
+            "probes": {"interval": "5s", "timeout": "1s"},
+            "ha": {"peer_address": "198.18.0.11", "interface": "ens6", "conntrack_sync": False},
+        }
+    )
     state = {"host": {"local_address": "198.18.0.10", "underlay": "eth9"}}
-    f = install.facts_for(cfg, state, "/usr/bin/gatepeer")
+    f = install.facts_for(cfg, state)
     assert f.local_address == LOCAL
     assert f.vrrp_interface == "ens6"  # ha.interface beats the recorded underlay
-    assert f.check_command == (
-        "/usr/bin/gatepeer",
-        "check",
-        "--config",
-        str(tmp_path / "gatepeer.toml"),
-    )
+    # Its verdict beside the state file, good for 3 probe rounds and a timeout (16 s).
+    verdict_file = str(tmp_path / "state.ha-check")
+    assert f.check_command == ("/bin/sh", str(verdict.SCRIPT), verdict_file, "16")
+    assert f.sync_command == ()  # no sync, no sync check
 
 
 @pytest.mark.parametrize(
@@ -210,7 +220,7 @@ def test_facts_that_cannot_be_known_name_the_setting(
 ) -> None:
     cfg = parse({"soracom": SORACOM, **({"ha": ha} if ha else {})})
     with pytest.raises(RenderError, match=message):
-        install.facts_for(cfg, state, "/usr/bin/gatepeer")
+        install.facts_for(cfg, state)
 
 
 # ---- the command --------------------------------------------------------------------------
@@ -240,7 +250,7 @@ def test_ha_render_prints_the_file(tmp_path: Path) -> None:
     out = gatepeer("ha", "render", "--config", str(path))
     assert out.returncode == 0, out.stderr
     assert "unicast_src_ip 198.18.0.10" in out.stdout
-    assert f"check --config {path}" in out.stdout
+    assert f"verdict.sh {tmp_path / 'state.ha-check'} " in out.stdout
 
 
 def test_ha_render_output_is_validated_before_writing(tmp_path: Path) -> None:
