@@ -56,6 +56,7 @@ class Status:
     state_error: str | None = None  # "state file unreadable: ..." when it exists but is damaged
     redirection_mode: str | None = None
     ha_config: HaConfig | None = None  # [ha]; None: a single peer (no HA line, no HA reasons)
+    ha_check: dict[str, Any] | None = None  # keepalived's verdict (verdict.report), with [ha]
     health: str = "down"
     reasons: list[str] = field(default_factory=list)
 
@@ -63,7 +64,7 @@ class Status:
     def ha(self) -> dict[str, Any] | None:
         """The "ha" object of the report; None without [ha]."""
         recorded = self.state.ha if self.state else None
-        return ha_report.summary(self.ha_config, recorded, self.now)
+        return ha_report.summary(self.ha_config, recorded, self.now, self.ha_check)
 
     @property
     def exit_code(self) -> int:
@@ -125,6 +126,10 @@ def gather(
         redirection_mode=(state.redirection_mode if state else None) or redirection_mode,
         ha_config=ha_config,
     )
+    if ha_config is not None:
+        from gatepeer.ha import verdict
+
+        status.ha_check = verdict.report(cfg, status.now)
     status.health, status.reasons = evaluate(status)
     return status
 

@@ -83,8 +83,11 @@ def sync_summary(ha: HaConfig, view: RoleView, now: float) -> dict[str, Any] | N
     }
 
 
-def summary(ha: HaConfig | None, recorded: Any, now: float) -> dict[str, Any] | None:
-    """The "ha" object of `gatepeer status --json`; None without [ha] (a single peer)."""
+def summary(
+    ha: HaConfig | None, recorded: Any, now: float, check: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The "ha" object of `gatepeer status --json`; None without [ha] (a single peer).
+    `check`: the verdict keepalived's health script reads (verdict.report), when known."""
     if ha is None:
         return None
     view = RoleView.from_json(recorded)
@@ -103,6 +106,7 @@ def summary(ha: HaConfig | None, recorded: Any, now: float) -> dict[str, Any] | 
         "connections_survive_failover": connections_kept(ha)[0],
         "connections_note": connections_kept(ha)[1],
         "sync": sync_summary(ha, view, now),
+        "check": check,
     }
 
 
@@ -142,8 +146,21 @@ def line(s: dict[str, Any]) -> str:
 
 
 def lines(s: dict[str, Any]) -> list[str]:
-    """The status screen's HA lines: the role, then what a failover does to connections."""
-    return [line(s), sync_line(s)]
+    """The status screen's HA lines: the role, what a failover does to connections, and
+    keepalived's health check."""
+    return [line(s), sync_line(s), *check_line(s)]
+
+
+def check_line(s: dict[str, Any]) -> list[str]:
+    """Why keepalived may refuse this peer the role (the daemon's verdict), when known."""
+    check = s.get("check")
+    if check is None:
+        return []
+    if check["verdict"] == "ok":
+        return [f"ha check      OK ({check['age_s']:.0f} s ago)"]
+    if check["verdict"] == "fail":
+        return [f"ha check      FAIL ({check['age_s']:.0f} s ago): {'; '.join(check['reasons'])}"]
+    return [f"ha check      {check['verdict']}: {check['file']} (is the daemon running?)"]
 
 
 def sync_line(s: dict[str, Any]) -> str:

@@ -102,3 +102,35 @@ def write(cfg: Config, document: Mapping[str, Any], now: float) -> None:
             temporary.replace(target)
         except OSError as exc:
             log.error("cannot write %s: %s", target, exc.strerror or exc)
+
+
+def parse(text: str) -> tuple[float, int, list[str]] | None:
+    """(written at, pid, reasons: empty when ok) from a verdict line; None for anything else."""
+    words = text.strip().split(" ", 2)
+    if len(words) < 3 or not (words[0].isdigit() and words[1].isdigit()):
+        return None
+    at, pid, rest = float(words[0]), int(words[1]), words[2]
+    if rest == "ok":
+        return at, pid, []
+    if rest.startswith("fail: "):
+        return at, pid, rest.removeprefix("fail: ").split("; ")
+    return None
+
+
+def report(cfg: Config, now: float) -> dict[str, Any]:
+    """The "check" object of status's "ha": the verdict keepalived reads, as last written."""
+    target = path(cfg, CHECK_FILE)
+    try:
+        parsed = parse(target.read_text())
+    except OSError:
+        return {"verdict": "missing", "reasons": [], "age_s": None, "file": str(target)}
+    if parsed is None:
+        return {"verdict": "unreadable", "reasons": [], "age_s": None, "file": str(target)}
+    at, _pid, reasons = parsed
+    return {
+        "verdict": "fail" if reasons else "ok",
+        "reasons": reasons,
+        "age_s": round(max(0.0, now - at), 1),
+        "file": str(target),
+    }
+

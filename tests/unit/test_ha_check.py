@@ -255,6 +255,19 @@ def test_daemon_judges_the_document_it_wrote_by_the_same_rules(tmp_path: Path) -
     )
 
 
+def test_status_reads_back_what_the_daemon_wrote(tmp_path: Path) -> None:
+    cfg = load(write_config(tmp_path, '[ha]\npeer_address = "198.18.0.11"\n'), check_system=False)
+    file = verdict.path(cfg, verdict.CHECK_FILE)
+    assert verdict.report(cfg, NOW)["verdict"] == "missing"
+    file.write_text(verdict.line(["a", "b"], NOW - 2))
+    got = verdict.report(cfg, NOW)
+    assert (got["verdict"], got["reasons"], got["age_s"]) == ("fail", ["a", "b"], 2.0)
+    file.write_text(verdict.line([], NOW))
+    assert verdict.report(cfg, NOW)["verdict"] == "ok"
+    file.write_text("garbage\n")
+    assert verdict.report(cfg, NOW)["verdict"] == "unreadable"
+
+
 def test_two_peers_sharing_a_folder_keep_their_own_verdicts(tmp_path: Path) -> None:
     """The lab's two peers keep state.json and state-peer2.json in one folder: one verdict
     file for both let each peer's keepalived read the other's daemon."""

@@ -67,6 +67,7 @@ def test_master_summary() -> None:
         "have never seen)",
         # Sync is on by default; this record has no reading of conntrackd yet.
         "sync": {"state": "unknown", "problems": ["sync: no reading of conntrackd yet"]},
+        "check": None,  # keepalived's verdict: status reads it (verdict.report)
     }
     assert reasons(HA, recorded("MASTER")) == []
     assert line(s) == (
@@ -217,3 +218,22 @@ def test_sync_metrics_from_the_view() -> None:
     assert "gatepeer_ha_sync_broken 1.0" in text  # errors 10 s ago
     assert f"gatepeer_ha_sync_last_message_timestamp_seconds {NOW - 1:.9e}" in text
     assert "gatepeer_ha_sync" not in expose(RoleView(role="backup"))
+
+
+def test_keepalived_check_verdict_is_shown_with_its_reasons() -> None:
+    ok = {"verdict": "ok", "reasons": [], "age_s": 0.4, "file": "/run/gatepeer/state.ha-check"}
+    s = summary(HA, recorded("BACKUP"), NOW, ok)
+    assert s is not None and s["check"] == ok
+    assert lines(s)[2] == "ha check      OK (0 s ago)"
+    failing = {**ok, "verdict": "fail", "reasons": ["no VPG endpoint answers its probe"]}
+    s = summary(HA, recorded("FAULT"), NOW, failing)
+    assert s is not None
+    assert lines(s)[2] == "ha check      FAIL (0 s ago): no VPG endpoint answers its probe"
+    missing = {**ok, "verdict": "missing", "age_s": None}
+    s = summary(HA, recorded("FAULT"), NOW, missing)
+    assert s is not None
+    assert lines(s)[2] == (
+        "ha check      missing: /run/gatepeer/state.ha-check (is the daemon running?)"
+    )
+    s = summary(HA, recorded("BACKUP"), NOW)
+    assert s is not None and len(lines(s)) == 2  # not read: no line
