@@ -7,12 +7,12 @@ The shape, and why:
   of a silent fallback to multicast; `check_unicast_src` accepts adverts from the peer only.
 - `state BACKUP` on both peers and `nopreempt` (by default): whoever is master stays master, so
   a peer coming back does not cause a second failover.
-- `vrrp_script` reads the daemon's verdict (gatepeer/ha/verdict.py: `gatepeer check`'s rules,
-  applied by the daemon each probe round; a Python process per second timed out on a loaded
-  peer) with weight 0: a failing check puts the instance into
-  FAULT, which gives the role away. (A negative weight would only lower the priority, and with
-  nopreempt a lower-priority master is never pre-empted.) `init_fail`: a peer that just started
-  is not a candidate until its check has passed `rise` times.
+- `vrrp_script` reads the daemon's verdict with weight 0 (gatepeer/ha/verdict.py: `gatepeer
+  check`'s rules, applied by the daemon each probe round, where a Python process per second
+  timed out on a loaded peer): a failing check puts the instance into FAULT, which gives the
+  role away. (A negative weight would only lower the priority, and with nopreempt a
+  lower-priority master is never pre-empted.) `init_fail`: a peer that just started is not a
+  candidate until its check has passed `rise` times.
 - The tunnel interface is tracked, so losing it is a FAULT at once, without waiting for the
   check; `dynamic_interfaces` lets keepalived start before gatepeer has built it.
 - State changes go to a notify FIFO, which keepalived writes in order (notify scripts run

@@ -79,7 +79,8 @@ def judge(
 
 
 def line(reasons: list[str], now: float) -> str:
-    verdict = "fail: " + "; ".join(reasons) if reasons else "ok"
+    """One line, whatever the reasons hold (the script reads the first line only)."""
+    verdict = "fail: " + " ".join("; ".join(reasons).split()) if reasons else "ok"
     return f"{int(now)} {os.getpid()} {verdict}\n"
 
 
@@ -133,4 +134,3 @@ def report(cfg: Config, now: float) -> dict[str, Any]:
         "age_s": round(max(0.0, now - at), 1),
         "file": str(target),
     }
-

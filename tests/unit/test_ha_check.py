@@ -264,6 +264,8 @@ def test_status_reads_back_what_the_daemon_wrote(tmp_path: Path) -> None:
     assert (got["verdict"], got["reasons"], got["age_s"]) == ("fail", ["a", "b"], 2.0)
     file.write_text(verdict.line([], NOW))
     assert verdict.report(cfg, NOW)["verdict"] == "ok"
+    file.write_text(verdict.line(["conntrackd said:\nline two"], NOW))
+    assert verdict.report(cfg, NOW)["reasons"] == ["conntrackd said: line two"]
     file.write_text("garbage\n")
     assert verdict.report(cfg, NOW)["verdict"] == "unreadable"
 
