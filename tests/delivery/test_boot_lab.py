@@ -728,6 +728,11 @@ def test_rehearsal_stack_user_data_boots_then_a_replacement_takes_over(
     # The image as built: cloud-init (as Debian's AMIs) and the [aws] extra, no config.
     nspawn_run(provisioned_root, "/opt/gatepeer/venv/bin/python", "-c", "import boto3")
     nspawn_run(provisioned_root, "cloud-init", "--version")
+    # keepalived's health script ships in the package, and the image's /bin/sh runs it.
+    nspawn_run(provisioned_root, "/bin/sh", "-c",
+               'script=$(/opt/gatepeer/venv/bin/python -c "from gatepeer.ha import verdict;'
+               ' print(verdict.SCRIPT)") && echo "$(date +%s) 1 ok" > /tmp/verdict &&'
+               ' /bin/sh "$script" /tmp/verdict 4 && ! /bin/sh "$script" /tmp/none 4')  # fmt: skip
     # A replacement launches from the same AMI: a second copy, taken before any boot.
     root2 = tmp_path / "root2"
     _run(["cp", "-a", "--reflink=auto", str(provisioned_root), str(root2)])
