@@ -38,6 +38,11 @@ def facts_for(cfg: Config, state: Mapping[str, Any] | None) -> HaFacts:
         tunnel_interface=cfg.tunnel.interface,
         check_command=verdict.command(cfg, verdict.CHECK_FILE),
         sync_command=verdict.command(cfg, verdict.SYNC_FILE) if cfg.ha.conntrack_sync else (),
+        underlay=(
+            _underlay(cfg, state, "tunnel.underlay_interface")
+            if cfg.ha.snat_address is not None
+            else None
+        ),
     )
 
 

@@ -24,6 +24,9 @@ The shape, and why:
   before it reports MASTER, so the VPC hosts' replies reached a new master before conntrackd's
   commit and were dropped. gatepeer's daemon takes the address after the commit
   (gatepeer/ha/nat_address.py, gatepeer/ha/handover.py); the advert carries the marker below.
+  Letting go needs no order, and must work when the daemon cannot: keepalived's notify on
+  BACKUP, FAULT and stop removes the address too (a daemon killed on the master fails the
+  check, and its address would otherwise stay beside the new master's on the same network).
 - With `ha.conntrack_sync`, a second script (the sync verdict, `gatepeer check --sync`'s
   rules) with a negative weight:
   broken sync lowers the priority below any healthy peer's, so an election prefers the peer
@@ -49,6 +52,8 @@ SYNC_WEIGHT = -253
 # one). Without a virtual address, the advert carries RFC 7600's IPv4 dummy address, which the
 # master holds on its loopback with host scope: it routes nothing and shows who is master.
 ADVERT_MARKER = ipaddress.IPv4Address("192.0.0.8")
+# Where Debian's iproute2 puts `ip` (a link to /bin/ip on a merged /usr, the file itself before).
+IP_BINARY = "/sbin/ip"
 # keepalived splits a script line on spaces and has no escaping: refuse anything else.
 _SAFE_WORD = re.compile(r"^[A-Za-z0-9_./:=+@,-]+$")
 
@@ -66,6 +71,7 @@ class HaFacts:
     tunnel_interface: str  # tracked; carries the virtual address in vip mode
     check_command: tuple[str, ...]  # argv of the health check (verdict.command)
     sync_command: tuple[str, ...] = ()  # argv of the sync check, with ha.conntrack_sync
+    underlay: str | None = None  # holds ha.snat_address (the daemon's NatAddress): with one
 
 
 def render(ha: HaConfig, facts: HaFacts) -> str:
@@ -76,6 +82,12 @@ def render(ha: HaConfig, facts: HaFacts) -> str:
         )
     if ha.conntrack_sync and not facts.sync_command:
         raise RenderError("ha.conntrack_sync: no sync check command to render")
+    release: list[str] = []
+    if ha.snat_address is not None:
+        if facts.underlay is None:
+            raise RenderError("ha.snat_address: the underlay that holds it is unknown")
+        drop = f"{IP_BINARY} address del {ha.snat_address}/32 dev {facts.underlay}"
+        release = [f'    notify_{state} "{drop}"' for state in ("backup", "fault", "stop")]
     for word in (*facts.check_command, *facts.sync_command):
         if not _SAFE_WORD.match(word):
             raise RenderError(
@@ -146,6 +158,7 @@ def render(ha: HaConfig, facts: HaFacts) -> str:
         "    virtual_ipaddress {",
         *(f"        {vip}" for vip in vips),
         "    }",
+        *release,
         "}",
     ]
     return "\n".join(lines) + "\n"

@@ -5,8 +5,10 @@ the conntrack tables (the kernel's, and conntrackd's external cache) of the flow
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from gatepeer.lab.network import netns
 from gatepeer.lab.network.layout import GatePeer, Layout
 from gatepeer.lab.network.vpg import endpoint_gateway
 from gatepeer.lab.processes import ha_pair
+from gatepeer.lab.processes.pids import pid_alive, read_pid, runs
 from gatepeer.lab.record import Paths
 
 # A flow as both tables print it: the original direction's addresses and ports.
@@ -168,6 +171,16 @@ class HaLab:
 
     def mend(self, peer: GatePeer) -> None:
         netns.ip(self.layout.fabric_ns, "link", "set", "dev", peer.fabric_port, "up")
+
+    def kill_agent(self, peer: GatePeer) -> int:
+        """SIGKILL to the peer's `gatepeer run` (a crash, an OOM kill: nothing of it runs
+        again), by the pid the lab recorded, after checking its command line."""
+        pid = read_pid(self.paths.peer_file(peer.index, "gatepeer.pid"))
+        assert runs(pid, "gatepeer", str(self.paths.peer_config(peer.index))), pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        self.wait(lambda: not pid_alive(pid), 10, f"gatepeer run (pid {pid}) gone")
+        return pid
 
     # ---- conntrack --------------------------------------------------------------------------
 

@@ -268,6 +268,46 @@ def test_graceful_stop_keeps_a_tcp_connection(
     assert (tcp.survived, tcp.resets) == (1, 0), tcp.line()
 
 
+# ---- the daemon dies on the master -----------------------------------------------------------
+
+
+def test_daemon_killed_on_the_master_hands_over_the_nat_address(
+    lab: HaLab, snat: str, server: Process, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGKILL to the master's `gatepeer run`: keepalived's check fails on the dead pid, the
+    backup takes the role, and keepalived itself removes the NAT address from the old master
+    (its daemon is not there to), so one peer holds it, and the connection survives."""
+    lab.set_advert(0.1)
+    master, backup = lab.settled()
+    echo = None
+    try:
+        echo = client(lab, 0, interval=0.02)
+        wait_synced(lab, master, backup, 1)
+        killed = time.monotonic()
+        lab.kill_agent(master)
+        took = lab.wait(
+            lambda: lab.holder() == backup and lab.nat_holders(snat) == [backup],
+            20,
+            "gateway and NAT address on the backup alone",
+        )
+        time.sleep(1.0)
+        (tcp,) = finish(echo)
+        echo = None
+    except BaseException:
+        kill(echo)
+        raise
+    finally:
+        ha_pair.stop_peer(lab.paths, master.index)  # its keepalived and conntrackd
+        ha_pair.start_peer(lab.paths, master)
+    report(
+        capsys,
+        f"daemon killed on the master, 0.1 s adverts: gateway and NAT address on the backup "
+        f"alone {took:.2f} s later ({time.monotonic() - killed:.1f} s ago); echo {tcp.line()}",
+    )
+    assert (tcp.survived, tcp.resets) == (1, 0), tcp.line()
+    lab.settled()
+
+
 # ---- 6: split brain and heal ----------------------------------------------------------------
 
 

@@ -145,7 +145,7 @@ def test_each_peer_runs_keepalived_from_the_config_gatepeer_rendered(pair: Pair)
             ["keepalived", "-t", "-f", str(conf)], capture_output=True, text=True, timeout=30
         )
         assert checked.returncode == 0, checked.stderr
-    # Priority 150 started first: peer 1 is master, and only it claimed.
+    # Peer 1 is master before peer 2 starts (start_pair waits): only it claimed.
     assert master.index == 1 and pair.claims(master) >= 1 and pair.claims(backup) == 0
     # With [ha], soracom.redirection = "self" does not make the backup post: no degraded
     # finding about the gateway being elsewhere, and it stays on the master.

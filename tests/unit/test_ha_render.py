@@ -65,7 +65,7 @@ def config_for(mode: str) -> Config:
 
 
 def facts(check: tuple[str, ...] = CHECK) -> HaFacts:
-    return HaFacts(LOCAL, "eth0", "vxlan0", check, SYNC)
+    return HaFacts(LOCAL, "eth0", "vxlan0", check, SYNC, underlay="eth0")
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
@@ -111,11 +111,12 @@ def test_rendered_values_follow_the_config() -> None:
 
 def test_snat_address_is_not_keepalived_s() -> None:
     """gatepeer takes the NAT address after conntrackd's commit (gatepeer/ha/handover.py):
-    keepalived would add it, and draw the VPC hosts' replies, before the commit."""
+    keepalived would add it, and draw the VPC hosts' replies, before the commit. It only
+    removes it (the notify lines, below)."""
     snat = config_for("snat").ha
     assert snat is not None
     lines = [ln.strip() for ln in render(snat, facts()).splitlines()]
-    assert not [ln for ln in lines if "198.18.0.12" in ln]
+    assert [ln for ln in lines if "198.18.0.12" in ln and not ln.startswith("notify_")] == []
     assert f"{ADVERT_MARKER}/32 dev lo scope host" in lines  # the advert's address
     assert "no_accept" not in lines
     assert "weight -253" in lines and "gatepeer_sync" in lines
@@ -153,6 +154,23 @@ def test_render_refuses_our_own_address_as_peer() -> None:
     own = HaFacts(ipaddress.IPv4Address("198.18.0.11"), "eth0", "vxlan0", CHECK, SYNC)
     with pytest.raises(RenderError, match=r"^ha\.peer_address: 198\.18\.0\.11 is this host"):
         render(cfg.ha, own)
+
+
+def test_keepalived_lets_go_of_the_nat_address_even_without_the_daemon() -> None:
+    """On BACKUP, FAULT and stop keepalived itself removes ha.snat_address: a daemon killed on
+    the master cannot, and its address would stay beside the new master's."""
+    cfg = config_for("snat")
+    assert cfg.ha is not None
+    text = render(cfg.ha, facts())
+    drop = '"/sbin/ip address del 198.18.0.12/32 dev eth0"'
+    for state in ("backup", "fault", "stop"):
+        assert f"    notify_{state} {drop}\n" in text
+    assert "notify_master" not in text  # taking it is the daemon's, after conntrackd's commit
+    plain = config_for("redirection").ha
+    assert plain is not None and "ip address del" not in render(plain, facts())
+    without = HaFacts(LOCAL, "eth0", "vxlan0", CHECK, SYNC)
+    with pytest.raises(RenderError, match=r"^ha\.snat_address: the underlay"):
+        render(cfg.ha, without)
 
 
 @pytest.mark.parametrize("word", ["/opt/my gatepeer/bin/gatepeer", '/etc/"q".toml', "a;b"])

@@ -29,6 +29,8 @@ from gatepeer.lab.record import Paths
 AGENT_READY_S = 60.0
 KEEPALIVED_START_S = 10.0
 CONNTRACKD_START_S = 10.0
+# init_fail's rise, then a master-down interval at the slowest adverts (10 s): well within.
+MASTER_S = 60.0
 STOP_WAIT_S = 15.0
 
 
@@ -256,8 +258,20 @@ def start_pair(
         raise LabError(f"lab {layout.prefix} has one gate peer: make it with `lab up --peers 2`")
     keepalived_binary()
     started: dict[str, dict[str, int]] = {}
-    for peer in layout.gate_peers:
-        # Peer 1 (priority 254) first: it becomes master, peer 2 joins as backup.
+    first, *others = layout.gate_peers
+    # Peer 1 (priority 254) first, and master before peer 2 starts: with nopreempt whoever is
+    # master first stays master, and a head start alone was a race (both peers sit at
+    # priority 1 until their conntrackds hear each other).
+    started[first.ns] = start_peer(paths, first, env)
+    deadline = time.monotonic() + MASTER_S
+    while ((agent_state(paths, first.index) or {}).get("ha") or {}).get("role") != "master":
+        if time.monotonic() > deadline:
+            log = paths.peer_file(first.index, "keepalived.log").read_text(errors="replace")
+            raise LabError(
+                f"{first.ns} did not become master within {MASTER_S:g} s:\n{log[-2000:]}"
+            )
+        time.sleep(0.1)
+    for peer in others:
         started[peer.ns] = start_peer(paths, peer, env)
     return started
 
