@@ -248,10 +248,10 @@ def test_split_brain_converges_to_one_master_and_one_gateway(
         healed_at = time.time()
         for p in pair.peers:
             pair.unblock_vrrp(p)
-        # One master again at the first advert heard. If the master heard the other's advert
-        # before that one stepped down (MASTER_RX_LOWER_PRI), it claims again at once; if not,
-        # its next refresh (reconcile_interval, 10 s in the HA lab) finds the gateway on the
-        # backup and it claims again then. Either way the gateway follows the one master.
+        # One master again at the first advert heard. The one stepping down sends an advert at
+        # its lower priority first (higher_prio_send_advert), so the winner hears
+        # MASTER_RX_LOWER_PRI and claims again at once, rather than at its next refresh
+        # (reconcile_interval, 10 s in the HA lab), which found the gateway on the backup.
         final_master, final_backup = pair.settled(timeout=45)
         healed = time.time() - healed_at
         time.sleep(0.5)  # traffic through the one master
@@ -272,6 +272,8 @@ def test_split_brain_converges_to_one_master_and_one_gateway(
         f"holds the gateway {healed:.3f} s later (re-claimed on {how}); traffic: " + traffic.line(),
     )
     assert traffic.answered_after(healed_at + healed) > 0
+    if final_master != backup:  # the gateway had to come back: the winner heard the loser
+        assert heard, "the winner claimed back only at its next refresh"
 
 
 def test_the_master_takes_back_a_gateway_written_after_its_claim(pair: Pair) -> None:

@@ -156,6 +156,15 @@ def test_render_refuses_our_own_address_as_peer() -> None:
         render(cfg.ha, own)
 
 
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_a_master_stepping_down_tells_the_winner(mode: str) -> None:
+    """A split brain's loser sends an advert at its lower priority before it steps down, so
+    the winner hears MASTER_RX_LOWER_PRI and claims the gateway back at once."""
+    cfg = config_for(mode)
+    assert cfg.ha is not None
+    assert "\n    higher_prio_send_advert\n" in render(cfg.ha, facts())
+
+
 def test_keepalived_lets_go_of_the_nat_address_even_without_the_daemon() -> None:
     """On BACKUP, FAULT and stop keepalived itself removes ha.snat_address: a daemon killed on
     the master cannot, and its address would stay beside the new master's."""
