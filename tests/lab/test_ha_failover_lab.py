@@ -327,7 +327,7 @@ def test_split_brain_heals_to_one_nat_holder_and_agreeing_tables(
         time.sleep(1.0)
         for p in lab.peers:
             lab.unblock_vrrp(p)
-        healed = time.monotonic()
+        healed, healed_at = time.monotonic(), time.time()
         final_master, final_backup = lab.settled(timeout=45)
 
         def converged() -> bool:
@@ -362,11 +362,13 @@ def test_split_brain_heals_to_one_nat_holder_and_agreeing_tables(
     finally:
         for p in lab.peers:
             lab.unblock_vrrp(p)
+    heard = (lab.state(final_master)["ha"].get("peer_lower_priority_at") or 0) >= healed_at
     report(
         capsys,
         f"split brain, 0.1 s adverts: NAT address on {[p.ns for p in both]} during the split; "
         f"after healing {final_master.ns} alone holds it, tables agreed {took:.2f} s after "
-        f"healing ({agreed:.2f} s after the first single master); echo through it all: "
+        f"healing ({agreed:.2f} s after the first single master; the winner "
+        f"{'heard' if heard else 'did not hear'} MASTER_RX_LOWER_PRI); echo through it all: "
         f"{tcp.line()}",
     )
     assert lab.nat_holders(snat) == [final_master]
