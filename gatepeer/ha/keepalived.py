@@ -76,7 +76,7 @@ class HaFacts:
     tunnel_interface: str  # tracked; carries the virtual address in vip mode
     check_command: tuple[str, ...]  # argv of the health check (verdict.command)
     sync_command: tuple[str, ...] = ()  # argv of the sync check, with ha.conntrack_sync
-    underlay: str | None = None  # holds ha.snat_address (the daemon's NatAddress): with one
+    underlay: str | None = None  # the interface holding ha.snat_address; None without one
 
 
 def render(ha: HaConfig, facts: HaFacts) -> str:
