@@ -475,8 +475,11 @@ def test_ha_install_writes_both_files_only_when_both_pass(tmp_path: Path) -> Non
         f"wrote {k} (keepalived -t passed)",
         f"wrote {c} (conntrackd's parse passed)",
     ]
-    # The NAT address is the daemon's, not keepalived's (gatepeer/ha/handover.py).
-    assert "198.18.0.12" not in k.read_text() and "gatepeer_sync" in k.read_text()
+    # The NAT address is the daemon's to take (gatepeer/ha/handover.py); keepalived only
+    # removes it, in its notify lines.
+    holding = [ln for ln in k.read_text().splitlines() if "198.18.0.12" in ln]
+    assert holding and all("notify_" in ln and "address del" in ln for ln in holding)
+    assert "gatepeer_sync" in k.read_text()
     assert "Mode FTFW" in c.read_text()
 
 
