@@ -14,8 +14,12 @@ Reported per state, per packet received:
 - the time in netfilter (nf_*/nft_* functions, conntrack and NAT hooks) on every CPU;
 - the netfilter functions that take most of it.
 
+`--variant PATH` adds a third state: the table in PATH loaded in place of gatepeer's (the
+fixtures' `route_*.nft` / `nat_*.nft`), to see what a candidate ruleset saves per packet, which
+is steadier than the rate it buys.
+
     sudo .venv/bin/python bench/profile_packet_path.py [--rounds 2] [--seconds 4]
-        [--only route|nat] [--direction up|down] [--json out.json]
+        [--only route|nat] [--direction up|down] [--variant PATH ...] [--json out.json]
 
 Needs `perf` (Debian's linux-perf). Builds one lab per mode under a fresh prefix and removes it
 at the end (also on failure or Ctrl-C); stops what it started by pid.
@@ -39,7 +43,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
-from bench_packet_rate import lean_vpg, rx_packets, stop, sysctls_set, without_table  # noqa: E402
+from bench_packet_rate import (  # noqa: E402
+    lean_vpg,
+    replaced_table,
+    rx_packets,
+    stop,
+    sysctls_set,
+    without_table,
+)
 from bench_throughput import DEVICE, VPC_HOST, lab, set_mode  # noqa: E402
 
 FREQUENCY = 1999  # Hz per CPU: not a multiple of the kernel's tick
@@ -93,8 +104,8 @@ def profile(receiver: int, seconds: int, data: Path) -> dict[str, Any]:
     }
 
 
-def run_case(kind: str, direction: str, prefix: str, rounds: int, seconds: int,
-             tmp: Path) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
+def run_case(kind: str, direction: str, prefix: str, rounds: int, seconds: int, tmp: Path,
+             tables: dict[str, str]) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
     ns = f"{prefix}-peer"
     reverse = kind == "nat" and direction == "down"
     if direction == "down" and not reverse:
@@ -119,6 +130,8 @@ def run_case(kind: str, direction: str, prefix: str, rounds: int, seconds: int,
                 yield
 
         states = {"gatepeer": nullcontext, "hand": hand}
+        for name, text in tables.items():  # candidate tables in place of gatepeer's
+            states[name] = lambda text=text: replaced_table(ns, text)
         got: dict[str, list[dict[str, Any]]] = {name: [] for name in states}
         for rnd in range(rounds):
             order = list(states) if rnd % 2 == 0 else list(states)[::-1]
@@ -154,11 +167,14 @@ def report(case: str, got: dict[str, list[dict[str, Any]]]) -> None:
     for name, rows in got.items():
         cells = [median(rows, k) for k in ("kpps", "busiest_cpu_us", "all_cpus_us", "netfilter_us")]
         print(f"| {name} | {cells[0]:.1f} | {cells[1]:.2f} | {cells[2]:.2f} | {cells[3]:.2f} |")
-    top: Counter[str] = Counter()
-    for row in gp:
-        top.update({s: v / len(gp) for s, v in row["netfilter_top"].items()})
-    print("gatepeer's netfilter functions, us/packet: "
-          + ", ".join(f"{s} {v:.3f}" for s, v in top.most_common(8)))  # fmt: skip
+    for name, rows in got.items():
+        if name == "hand":
+            continue
+        top: Counter[str] = Counter()
+        for row in rows:
+            top.update({s: v / len(rows) for s, v in row["netfilter_top"].items()})
+        print(f"{name}'s netfilter functions, us/packet: "
+              + ", ".join(f"{s} {v:.3f}" for s, v in top.most_common(8)))  # fmt: skip
     # Every function's mean time per packet in each state: what grew, netfilter or not.
     means = {}
     for name, rows in got.items():
@@ -179,6 +195,14 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=4)
     ap.add_argument("--only", choices=("route", "nat"))
     ap.add_argument("--direction", choices=("up", "down"))
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also a candidate table (`table inet gatepeer`) from PATH in place of gatepeer's, "
+        "for the mode PATH's file name starts with",
+    )
     ap.add_argument("--json", type=Path)
     opts = ap.parse_args()
     results: dict[str, Any] = {}
@@ -191,8 +215,10 @@ def main() -> int:
                 lean_vpg(prefix)
                 for direction in directions:
                     case = f"{kind}_{direction}"
+                    tables = {Path(v).stem: Path(v).read_text() for v in opts.variant
+                              if Path(v).name.startswith(kind)}  # fmt: skip
                     results[case] = run_case(kind, direction, prefix, opts.rounds, opts.seconds,
-                                             Path(tmp))  # fmt: skip
+                                             Path(tmp), tables)  # fmt: skip
     print(f"\n# {benchlib.machine()}; perf at {FREQUENCY} Hz per CPU, medians of "
           f"{opts.rounds} rounds of {opts.seconds} s per state")  # fmt: skip
     for case, got in results.items():

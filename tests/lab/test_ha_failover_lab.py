@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -107,14 +108,38 @@ def when(result: ProbeResult, *events: float) -> str:
     return "first TCP error at " + ", ".join(f"{at - e:+.3f} s" for e in events)
 
 
-def finish(*clients: Client | None) -> list[ProbeResult]:
-    return [c.finish() for c in clients if c is not None]
+class Probes:
+    """The flow probe clients of one test: each finished by the test, or killed by its pid if
+    the test fails first (see `probes`)."""
+
+    def __init__(self, lab: HaLab) -> None:
+        self.lab = lab
+        self.running: list[Client] = []
+
+    def start(self, device: int, **kwargs: float) -> Client:
+        started = client(self.lab, device, **kwargs)
+        self.running.append(started)
+        return started
+
+    def finish(self, *clients: Client | None) -> list[ProbeResult]:
+        results = []
+        for c in clients:
+            if c is not None:
+                results.append(c.finish())
+                self.running.remove(c)
+        return results
 
 
-def kill(*clients: Client | None) -> None:
-    for c in clients:
-        if c is not None:
+@contextmanager
+def probes(lab: HaLab) -> Iterator[Probes]:
+    """Probe clients for a block; those it has not finished are killed if it raises."""
+    started = Probes(lab)
+    try:
+        yield started
+    except BaseException:
+        for c in started.running:
             c.kill()
+        raise
 
 
 # ---- the lab's defaults ---------------------------------------------------------------------
@@ -146,29 +171,26 @@ def test_hard_failover_keeps_tcp_and_udp(
 ) -> None:
     lab.set_advert(advert)
     master, backup = lab.settled()
-    echo = udp = many = None
     try:
-        echo = client(lab, 0, interval=0.02)  # 32 bytes every 20 ms
-        udp = client(lab, 1, tcp=0, udp_interval=0.01)  # a datagram every 10 ms
-        # 1,000 connections, each echoing 32 bytes every second: with the fast adverts only,
-        # to keep the module's time down.
-        many = client(lab, 2, tcp=1000, interval=1.0) if advert < 1 else None
-        wait_synced(lab, master, backup, 2 + (1000 if many else 0))
-        cut, cut_at = time.monotonic(), time.time()
-        lab.cut(master)
-        took = lab.wait(
-            lambda: lab.holder() == backup and lab.nat_holders(snat) == [backup],
-            10 + 10 * advert,
-            "gateway and NAT address on the new master",
-        )
-        # The claim is recorded a moment after the VPG has moved.
-        lab.wait(lambda: lab.ha_times(backup)[1] is not None, 5, "the claim recorded")
-        takeover = lab.timeline(backup, cut_at)
-        time.sleep(1.0)
-        results = finish(echo, udp, many)
-    except BaseException:
-        kill(echo, udp, many)
-        raise
+        with probes(lab) as probe:
+            echo = probe.start(0, interval=0.02)  # 32 bytes every 20 ms
+            udp = probe.start(1, tcp=0, udp_interval=0.01)  # a datagram every 10 ms
+            # 1,000 connections, each echoing 32 bytes every second: with the fast adverts only,
+            # to keep the module's time down.
+            many = probe.start(2, tcp=1000, interval=1.0) if advert < 1 else None
+            wait_synced(lab, master, backup, 2 + (1000 if many else 0))
+            cut, cut_at = time.monotonic(), time.time()
+            lab.cut(master)
+            took = lab.wait(
+                lambda: lab.holder() == backup and lab.nat_holders(snat) == [backup],
+                10 + 10 * advert,
+                "gateway and NAT address on the new master",
+            )
+            # The claim is recorded a moment after the VPG has moved.
+            lab.wait(lambda: lab.ha_times(backup)[1] is not None, 5, "the claim recorded")
+            takeover = lab.timeline(backup, cut_at)
+            time.sleep(1.0)
+            results = probe.finish(echo, udp, many)
     finally:
         lab.mend(master)
     tcp, dgram = results[0], results[1]
@@ -203,29 +225,24 @@ def test_graceful_stop_udp_and_the_returning_peer_resyncs(
 ) -> None:
     lab.set_advert(0.1)
     master, backup = lab.settled()
-    udp = echo = None
     try:
-        udp = client(lab, 1, tcp=0, udp_interval=0.01)
-        wait_synced(lab, master, backup, 1)
-        graceful_stop(lab, master, backup)
-        time.sleep(0.5)
-        (dgram,) = finish(udp)
-        udp = None
-        # The peer returns: it must hold the new master's flows before it could take over.
-        echo = client(lab, 0, interval=0.02)
-        returned = time.monotonic()
-        ha_pair.start_peer(lab.paths, master)
-        as_backup = lab.wait(lambda: lab.role(master) == "backup", 20, "the returning backup")
-        resynced = wait_synced(lab, backup, master, 1)
-        # Proof: fail the new master; the connection survives through the returned peer.
-        lab.cut(backup)
-        lab.wait(lambda: lab.nat_holders(snat) == [master], 10, "the NAT address back")
-        time.sleep(1.0)
-        (tcp,) = finish(echo)
-        echo = None
-    except BaseException:
-        kill(echo, udp)
-        raise
+        with probes(lab) as probe:
+            udp = probe.start(1, tcp=0, udp_interval=0.01)
+            wait_synced(lab, master, backup, 1)
+            graceful_stop(lab, master, backup)
+            time.sleep(0.5)
+            (dgram,) = probe.finish(udp)
+            # The peer returns: it must hold the new master's flows before it could take over.
+            echo = probe.start(0, interval=0.02)
+            returned = time.monotonic()
+            ha_pair.start_peer(lab.paths, master)
+            as_backup = lab.wait(lambda: lab.role(master) == "backup", 20, "the returning backup")
+            resynced = wait_synced(lab, backup, master, 1)
+            # Proof: fail the new master; the connection survives through the returned peer.
+            lab.cut(backup)
+            lab.wait(lambda: lab.nat_holders(snat) == [master], 10, "the NAT address back")
+            time.sleep(1.0)
+            (tcp,) = probe.finish(echo)
     finally:
         lab.mend(backup)
     assert dgram.udp is not None
@@ -249,18 +266,14 @@ def test_graceful_stop_keeps_a_tcp_connection(
 ) -> None:
     lab.set_advert(0.1)
     master, backup = lab.settled()
-    echo = None
     try:
-        echo = client(lab, 0, interval=0.02)
-        wait_synced(lab, master, backup, 1)
-        stopped_at = time.time()
-        graceful_stop(lab, master, backup)
-        time.sleep(1.0)
-        (tcp,) = finish(echo)
-        echo = None
-    except BaseException:
-        kill(echo)
-        raise
+        with probes(lab) as probe:
+            echo = probe.start(0, interval=0.02)
+            wait_synced(lab, master, backup, 1)
+            stopped_at = time.time()
+            graceful_stop(lab, master, backup)
+            time.sleep(1.0)
+            (tcp,) = probe.finish(echo)
     finally:
         ha_pair.start_peer(lab.paths, master)
     report(capsys, f"graceful stop, 0.1 s adverts: echo {tcp.line()}; {when(tcp, stopped_at)}")
@@ -279,23 +292,19 @@ def test_daemon_killed_on_the_master_hands_over_the_nat_address(
     (its daemon is not there to), so one peer holds it, and the connection survives."""
     lab.set_advert(0.1)
     master, backup = lab.settled()
-    echo = None
     try:
-        echo = client(lab, 0, interval=0.02)
-        wait_synced(lab, master, backup, 1)
-        killed = time.monotonic()
-        lab.kill_agent(master)
-        took = lab.wait(
-            lambda: lab.holder() == backup and lab.nat_holders(snat) == [backup],
-            20,
-            "gateway and NAT address on the backup alone",
-        )
-        time.sleep(1.0)
-        (tcp,) = finish(echo)
-        echo = None
-    except BaseException:
-        kill(echo)
-        raise
+        with probes(lab) as probe:
+            echo = probe.start(0, interval=0.02)
+            wait_synced(lab, master, backup, 1)
+            killed = time.monotonic()
+            lab.kill_agent(master)
+            took = lab.wait(
+                lambda: lab.holder() == backup and lab.nat_holders(snat) == [backup],
+                20,
+                "gateway and NAT address on the backup alone",
+            )
+            time.sleep(1.0)
+            (tcp,) = probe.finish(echo)
     finally:
         ha_pair.stop_peer(lab.paths, master.index)  # its keepalived and conntrackd
         ha_pair.start_peer(lab.paths, master)
@@ -316,49 +325,45 @@ def test_split_brain_heals_to_one_nat_holder_and_agreeing_tables(
 ) -> None:
     lab.set_advert(0.1)
     master, backup = lab.settled()
-    echo = None
     try:
-        echo = client(lab, 0, interval=0.02)
-        wait_synced(lab, master, backup, 1)
-        for p in lab.peers:
-            lab.block_vrrp(p)
-        lab.wait(lambda: lab.role(master) == lab.role(backup) == "master", 10, "both masters")
-        both = lab.nat_holders(snat)
-        time.sleep(1.0)
-        for p in lab.peers:
-            lab.unblock_vrrp(p)
-        healed, healed_at = time.monotonic(), time.time()
-        final_master, final_backup = lab.settled(timeout=45)
+        with probes(lab) as probe:
+            echo = probe.start(0, interval=0.02)
+            wait_synced(lab, master, backup, 1)
+            for p in lab.peers:
+                lab.block_vrrp(p)
+            lab.wait(lambda: lab.role(master) == lab.role(backup) == "master", 10, "both masters")
+            both = lab.nat_holders(snat)
+            time.sleep(1.0)
+            for p in lab.peers:
+                lab.unblock_vrrp(p)
+            healed, healed_at = time.monotonic(), time.time()
+            final_master, final_backup = lab.settled(timeout=45)
 
-        def converged() -> bool:
-            """One master (the same one) holding the gateway and the NAT address alone, and
-            its table of the echo's flows equal to the backup's external cache."""
-            if lab.role(final_master) != "master" or lab.role(final_backup) != "backup":
-                return False
-            if lab.holder() != final_master or lab.nat_holders(snat) != [final_master]:
-                return False
-            kernel = lab.kernel_flows(final_master, PORT)
-            return bool(kernel) and kernel == lab.external_flows(final_backup, PORT)
+            def converged() -> bool:
+                """One master (the same one) holding the gateway and the NAT address alone, and
+                its table of the echo's flows equal to the backup's external cache."""
+                if lab.role(final_master) != "master" or lab.role(final_backup) != "backup":
+                    return False
+                if lab.holder() != final_master or lab.nat_holders(snat) != [final_master]:
+                    return False
+                kernel = lab.kernel_flows(final_master, PORT)
+                return bool(kernel) and kernel == lab.external_flows(final_backup, PORT)
 
-        def settled_and_converged() -> bool:
-            nonlocal final_master, final_backup
-            # After healing the role can still move once (the lower priority stepping down
-            # at an advert that crossed); follow it.
-            master = next((p for p in lab.peers if lab.role(p) == "master"), None)
-            if master is not None and master != final_master:
-                final_master, final_backup = master, final_master
-            return converged()
+            def settled_and_converged() -> bool:
+                nonlocal final_master, final_backup
+                # After healing the role can still move once (the lower priority stepping down
+                # at an advert that crossed); follow it.
+                master = next((p for p in lab.peers if lab.role(p) == "master"), None)
+                if master is not None and master != final_master:
+                    final_master, final_backup = master, final_master
+                return converged()
 
-        agreed = lab.wait(settled_and_converged, 45, "one master, one NAT holder, tables agree")
-        took = time.monotonic() - healed
-        time.sleep(1.0)
-        assert converged(), "the pair did not stay converged for a second"
-        time.sleep(0.5)
-        (tcp,) = finish(echo)
-        echo = None
-    except BaseException:
-        kill(echo)
-        raise
+            agreed = lab.wait(settled_and_converged, 45, "one master, one NAT holder, tables agree")
+            took = time.monotonic() - healed
+            time.sleep(1.0)
+            assert converged(), "the pair did not stay converged for a second"
+            time.sleep(0.5)
+            (tcp,) = probe.finish(echo)
     finally:
         for p in lab.peers:
             lab.unblock_vrrp(p)
@@ -398,22 +403,18 @@ def test_route_mode_tcp_survives_hard_failover(
 
     master, backup = lab.settled()
     lab.wait(lambda: vpc_router() == str(master.address), 15, "the VPC router on the master")
-    echo = None
     try:
-        echo = client(lab, 0, interval=0.02)
-        assert vpc_sees(lab) == {str(lab.layout.devices[0])}  # no NAT between VPC and device
-        lab.cut(master)
-        took = lab.wait(
-            lambda: lab.holder() == backup and vpc_router() == str(backup.address),
-            10 + 10 * lab.advert,
-            "gateway and VPC route moved",
-        )
-        time.sleep(1.0)
-        (tcp,) = finish(echo)
-        echo = None
-    except BaseException:
-        kill(echo)
-        raise
+        with probes(lab) as probe:
+            echo = probe.start(0, interval=0.02)
+            assert vpc_sees(lab) == {str(lab.layout.devices[0])}  # no NAT between VPC and device
+            lab.cut(master)
+            took = lab.wait(
+                lambda: lab.holder() == backup and vpc_router() == str(backup.address),
+                10 + 10 * lab.advert,
+                "gateway and VPC route moved",
+            )
+            time.sleep(1.0)
+            (tcp,) = probe.finish(echo)
     finally:
         lab.mend(master)
     report(
