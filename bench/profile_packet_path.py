@@ -105,7 +105,7 @@ def profile(receiver: int, seconds: int, data: Path) -> dict[str, Any]:
 
 
 def run_case(kind: str, direction: str, prefix: str, rounds: int, seconds: int, tmp: Path,
-             tables: dict[str, str]) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
+             tables: dict[str, str], rpf0: bool) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
     ns = f"{prefix}-peer"
     reverse = kind == "nat" and direction == "down"
     if direction == "down" and not reverse:
@@ -132,6 +132,8 @@ def run_case(kind: str, direction: str, prefix: str, rounds: int, seconds: int, 
         states = {"gatepeer": nullcontext, "hand": hand}
         for name, text in tables.items():  # candidate tables in place of gatepeer's
             states[name] = lambda text=text: replaced_table(ns, text)
+        if rpf0:  # gatepeer's table, `rp_filter` 0 as the hand-made path has it
+            states["rpf0"] = lambda: sysctls_set(ns, HAND_RP)
         got: dict[str, list[dict[str, Any]]] = {name: [] for name in states}
         for rnd in range(rounds):
             order = list(states) if rnd % 2 == 0 else list(states)[::-1]
@@ -201,7 +203,7 @@ def main() -> int:
         default=[],
         metavar="PATH",
         help="also a candidate table (`table inet gatepeer`) from PATH in place of gatepeer's, "
-        "for the mode PATH's file name starts with",
+        "for the mode PATH's file name starts with; `rpf0`: gatepeer with rp_filter 0",
     )
     ap.add_argument("--json", type=Path)
     opts = ap.parse_args()
@@ -218,7 +220,7 @@ def main() -> int:
                     tables = {Path(v).stem: Path(v).read_text() for v in opts.variant
                               if Path(v).name.startswith(kind)}  # fmt: skip
                     results[case] = run_case(kind, direction, prefix, opts.rounds, opts.seconds,
-                                             Path(tmp), tables)  # fmt: skip
+                                             Path(tmp), tables, "rpf0" in opts.variant)  # fmt: skip
     print(f"\n# {benchlib.machine()}; perf at {FREQUENCY} Hz per CPU, medians of "
           f"{opts.rounds} rounds of {opts.seconds} s per state")  # fmt: skip
     for case, got in results.items():
