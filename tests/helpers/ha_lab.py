@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gatepeer.config import load
 from gatepeer.lab.network import netns
 from gatepeer.lab.network.layout import GatePeer, Layout
 from gatepeer.lab.network.vpg import endpoint_gateway
@@ -118,8 +119,21 @@ class HaLab:
             time.sleep(0.02)
         return time.monotonic() - started
 
+    def check_passes(self, peer: GatePeer) -> bool:
+        """The daemon's verdict for keepalived's check (`state.ha-check` beside its state file,
+        "<time> <pid> ok|fail: ...") says ok."""
+        verdict = self.paths.peer_state_file(peer.index).with_suffix(".ha-check")
+        try:
+            return verdict.read_text().split()[2] == "ok"
+        except (OSError, IndexError):
+            return False
+
     def settled(self, timeout: float = 30) -> tuple[GatePeer, GatePeer]:
-        """One master holding the gateway, one backup: (master, backup)."""
+        """One master holding the gateway, one backup, both passing their check: (master,
+        backup). A peer whose check failed (a cut just mended) can be backup while keepalived
+        still counts the failures: stopping the master then hands the role to a peer that goes
+        FAULT a moment later. So after a failing verdict turns ok this also waits for keepalived
+        to have counted `check_rise` passes."""
 
         def one_master() -> bool:
             if sorted(self.role(p) for p in self.peers) != ["backup", "master"]:
@@ -127,6 +141,12 @@ class HaLab:
             master = next(p for p in self.peers if self.role(p) == "master")
             return self.holder() == master and self.claims(master) >= 1
 
+        failing = [p for p in self.peers if not self.check_passes(p)]
+        if failing:
+            self.wait(lambda: all(self.check_passes(p) for p in self.peers), timeout, "checks pass")
+            ha = load(self.paths.peer_config(failing[0].index)).ha
+            assert ha is not None
+            time.sleep((ha.check_rise + 1) * ha.check_interval)
         self.wait(one_master, timeout, "one master holding the gateway, one backup")
         master = next(p for p in self.peers if self.role(p) == "master")
         return master, next(p for p in self.peers if p != master)
