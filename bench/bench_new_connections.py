@@ -7,8 +7,11 @@ the hand-made NAT in the same run (issue 18): the figure a NAT is sized by.
                  lab's HA config: `snat ip to` the pair's NAT address, which the bench puts on
                  the peer's eth0 as keepalived would), no conntrackd.
 - nat_sync:      the same with conntrackd running on both peers (the config `gatepeer ha render
-                 --conntrackd` writes, FTFW over unicast): every connection's NEW, updates and
-                 DESTROY go through conntrackd on peer 1 to peer 2's external cache.
+                 --conntrackd` writes, FTFW over unicast): every connection's NEW, its update on
+                 becoming assured and DESTROY go through conntrackd on peer 1 to peer 2's
+                 external cache (gatepeer's table limits a synced flow's events to those).
+- nat_sync_every_event: the same with that limit taken out of the table: conntrackd also gets
+                 every TCP state change (SYN_RECV, ESTABLISHED, CLOSE), as before the limit.
 
 The load is new_connections_probe.py: a device opens TCP connections to the VPC host as fast as
 two processes with 32 connects in flight each can, and closes each with a reset as soon as the
@@ -39,15 +42,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
-from bench_packet_rate import MASQUERADE, nft  # noqa: E402
+from bench_packet_rate import MASQUERADE, nft, replaced_table  # noqa: E402
 from bench_throughput import DEVICE, VPC_HOST, gatepeer, lab  # noqa: E402
 
 from gatepeer.lab.network import netns  # noqa: E402
 from gatepeer.lab.processes import ha_pair  # noqa: E402
 from gatepeer.lab.record import LabRecord, Paths  # noqa: E402
+from gatepeer.ruleset import SYNC_EVENTS  # noqa: E402
 
 PROBE = str(Path(__file__).with_name("new_connections_probe.py"))
-CASES = ("handmade_masq", "nat", "nat_sync")
+CASES = ("handmade_masq", "nat", "nat_sync", "nat_sync_every_event")
 BASELINE = "handmade_masq"
 
 
@@ -112,7 +116,7 @@ def main() -> int:
     load_start = Path("/proc/loadavg").read_text().split()[:3]
     results: dict[str, list[float]] = {c: [] for c in CASES}
     failed: dict[str, int] = dict.fromkeys(CASES, 0)
-    sync_cpu: list[float] = []
+    sync_cpu: dict[str, list[float]] = {}
     caches: list[str] = []
     with lab(baseline=True) as hand, pair_lab() as gp:
         paths = Paths.for_prefix(gp)
@@ -133,7 +137,12 @@ def main() -> int:
             "handmade_masq": (f"{hand}-dev", f"{hand}-vpc"),
             "nat": (layout.dev_ns, layout.vpc_ns),
             "nat_sync": (layout.dev_ns, layout.vpc_ns),
+            "nat_sync_every_event": (layout.dev_ns, layout.vpc_ns),
         }
+        listed = nft(peer1.ns, "list", "table", "inet", "gatepeer")
+        limit = f"ct state new ct event set {SYNC_EVENTS}"
+        assert limit in listed, "gatepeer's table does not limit the synced flows' events"
+        every_event = "\n".join(ln for ln in listed.splitlines() if limit not in ln) + "\n"
         for rnd in range(opts.rounds):
             order = list(CASES) if rnd % 2 == 0 else list(reversed(CASES))
             for case in order:
@@ -141,26 +150,32 @@ def main() -> int:
                 sync_pids: list[int] = []
                 if case == "handmade_masq":
                     nft(f"{hand}-peer", "-f", "-", stdin=MASQUERADE)
-                if case == "nat_sync":
+                if case.startswith("nat_sync"):
                     sync_pids = [ha_pair.start_conntrackd(paths, p) for p in (peer2, peer1)]
                 server = Server(vpc_ns)
                 try:
-                    cpu0 = [cpu_seconds(p) for p in sync_pids]
-                    got = measure(dev_ns, opts.seconds)
-                    if sync_pids:
-                        sync_cpu.append(cpu_seconds(sync_pids[1]) - cpu0[1])
-                        caches.append(external_entries(paths, peer2.ns, 2))
+                    with (
+                        replaced_table(peer1.ns, every_event)
+                        if case == "nat_sync_every_event"
+                        else contextlib.nullcontext()
+                    ):
+                        cpu0 = [cpu_seconds(p) for p in sync_pids]
+                        got = measure(dev_ns, opts.seconds)
+                        if sync_pids:
+                            used = cpu_seconds(sync_pids[1]) - cpu0[1]
+                            sync_cpu.setdefault(case, []).append(used)
+                            caches.append(external_entries(paths, peer2.ns, 2))
                 finally:
                     server.stop()
                     if case == "handmade_masq":
                         nft(f"{hand}-peer", "delete", "table", "ip", "fcknat")
-                    if case == "nat_sync":
+                    if case.startswith("nat_sync"):
                         for p in (peer1, peer2):
                             ha_pair.stop_conntrackd(paths, p.index)
                 results[case].append(got["per_second"])
                 failed[case] += int(got["failed"])
                 print(
-                    f"round {rnd + 1} {case:14} {got['per_second']:8.0f} conn/s "
+                    f"round {rnd + 1} {case:20} {got['per_second']:8.0f} conn/s "
                     f"({got['failed']} failed)",
                     flush=True,
                 )
@@ -189,10 +204,16 @@ def main() -> int:
         + ", ".join(f"{r:.0%}" for r in per_round)
         + f" (median {statistics.median(per_round):.1%}: the cost of the sync)"
     )
+    every = [a / b for a, b in zip(results["nat_sync"], results["nat_sync_every_event"],
+                                   strict=True)]  # fmt: skip
     print(
-        "conntrackd on peer 1, CPU seconds per nat_sync round: "
-        + ", ".join(f"{c:.2f}" for c in sync_cpu)
+        "nat_sync / nat_sync_every_event per round: "
+        + ", ".join(f"{r:.0%}" for r in every)
+        + f" (median {statistics.median(every):.1%}: what limiting the events gains)"
     )
+    for case, used in sync_cpu.items():
+        print(f"conntrackd on peer 1, CPU seconds per {case} round: "
+              + ", ".join(f"{c:.2f}" for c in used))  # fmt: skip
     print(f"peer 2's caches after each nat_sync round: {caches[-1] if caches else 'n/a'}")
     print(f"failed connects: {failed}; took {time.monotonic() - started:.0f} s")
     if opts.json:

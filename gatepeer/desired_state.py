@@ -327,6 +327,7 @@ def desired_state(
         closed=closed,
         # The flow log sees only what conntrack tracks: in route mode it asks for device flows.
         track_flows=config.flow_log.enabled,
+        sync_events=config.ha is not None and config.ha.conntrack_sync,
     )
     g1, g2, g3 = neighbour_thresholds(config.kernel.neighbour_table_devices)
     sysctls: tuple[Sysctl, ...] = (

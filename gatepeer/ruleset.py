@@ -55,16 +55,19 @@ interface names; no hook is registered that the mode does not use.
 
 Every named counter is declared in every mode so the metrics keep one schema.
 
-With `snat_address` (HA), what is masqueraded above is source-NATed to that address instead,
-the one that moves with the master. With `track_flows`, route mode leaves device <-> VPC flows
-tracked (no `notrack`) so the flow log sees them. With `device_counters`, a second table,
-`inet gatepeer_dev_<hash>` (`render_devices`), counts each device's packets and bytes in two
-dynamic sets with a timeout every packet refreshes (`devices_from`, `devices_to`), in a forward
-chain after ours (what this table drops is not counted). It is a table of its own so that a
-reload of this one keeps the counts; `load` creates it in the same transaction when missing,
-keeps it when present, and deletes any other, and its name (a hash of its definition) is how
-convergence checks it without listing it. Note: nft 1.0.6 fetches every set element in the
-namespace to list anything, so with 100,000 devices every `nft list` here costs seconds
+With `snat_address` (HA), what is masqueraded above is source-NATed to that address instead, the
+one that moves with the master. With `sync_events` (HA, conntrackd's sync) and conntrack on,
+`forward` first limits each new flow's conntrack events to new, assured and destroy: conntrackd
+pays per event, and the peer's copy needs no other TCP state change (docs/ha.md: about a fifth
+more new connections per second with the sync). With `track_flows`, route mode leaves device <->
+VPC flows tracked (no `notrack`) so the flow log sees them. With `device_counters`, a second
+table, `inet gatepeer_dev_<hash>` (`render_devices`), counts each device's packets and bytes in
+two dynamic sets with a timeout every packet refreshes (`devices_from`, `devices_to`), in a
+forward chain after ours (what this table drops is not counted). It is a table of its own so
+that a reload of this one keeps the counts; `load` creates it in the same transaction when
+missing, keeps it when present, and deletes any other, and its name (a hash of its definition)
+is how convergence checks it without listing it. Note: nft 1.0.6 fetches every set element in
+the namespace to list anything, so with 100,000 devices every `nft list` here costs seconds
 (bench/README.md).
 
 Convergence (see `change_needed`): `nft list table` prints a canonical text. Both it and our
@@ -98,6 +101,8 @@ ENDPOINT_SET = "vpg_endpoints"
 ALLOW_SET = "allowed_destinations"
 VPC_SET = "vpc_networks"
 FLOWTABLE = "ft"
+# The conntrack events a synced flow raises (`sync_events`), in the order nft lists them.
+SYNC_EVENTS = "new,destroy,assured"
 # Per-device traffic (`device_counters`): dynamic sets whose elements carry a counter and a
 # timeout that every packet refreshes, so an element's expiry tells its last packet's age. They
 # live in a table of their own: nft 1.0.6 fetches every element of every set in a table to list
@@ -177,6 +182,9 @@ class PacketPathSpec:
     closed: bool = False
     # Route mode: device <-> VPC flows stay tracked by conntrack (for the flow log).
     track_flows: bool = False
+    # conntrackd syncs the flows to the HA peer: new flows report only their start, becoming
+    # assured and their end to conntrack's listeners, not every TCP state change.
+    sync_events: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.device_subnet, IPv4Network):
@@ -511,6 +519,13 @@ def _render(
     out += [
         "\tchain forward {",
         "\t\ttype filter hook forward priority filter; policy accept;",
+    ]
+    if spec.sync_events and tracked:
+        # conntrackd's cost is per event: a short TCP connection's state changes (SYN_RECV,
+        # ESTABLISHED, CLOSE) are three of its five. The peer's copy needs the flow, its NAT
+        # and its state once established; the flow log needs new and destroy.
+        out.append(f"\t\tct state new ct event set {SYNC_EVENTS}")
+    out += [
         # Before the established accept: a SYN-ACK is already "established" to conntrack.
         "\t\ttcp flags syn jump clamp_mss",
     ]

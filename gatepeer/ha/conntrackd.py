@@ -13,6 +13,10 @@ The shape, and why:
   The filter runs in user space: on kernel 6.18 the kernel-space (BSF) filter with this address
   list let no event through at all (conntrackd's "events received" stayed 0 while `conntrack
   -E` saw them), in the namespace pair tests/lab/test_ha_conntrackd_netns.py builds.
+- Fewer events per flow: gatepeer's nftables table limits each new flow's conntrack events to
+  new, assured and destroy (`ruleset.SYNC_EVENTS`, `PacketPathSpec.sync_events`). conntrackd's
+  cost is per event, and the backup's copy needs the flow, its NAT and its state once
+  established, not each TCP state change (bench/bench_new_connections.py).
 - `HashLimit` twice the kernel's conntrack_max, as conntrackd.conf(5) advises (the daemon may
   keep dead entries cached for a while).
 

@@ -62,11 +62,12 @@ CASES = {
     "route_masquerade_allowlist": spec(
         outside_vpc="masquerade", vpc_networks=VPC, allowed_destinations=ALLOW
     ),
-    # Issue 18-20's features: HA's own NAT address, per-device counters, a closed network with
-    # an allow-list, route mode keeping flows tracked for the flow log.
+    # Issue 18-20's features: HA's own NAT address and conntrackd's sync, per-device counters, a
+    # closed network with an allow-list, route mode keeping flows tracked for the flow log.
     "nat_snat_counters_closed": spec(
         mode="nat",
         snat_address=SNAT,
+        sync_events=True,
         device_counters=True,
         closed=True,
         vpc_networks=VPC,

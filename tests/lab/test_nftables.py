@@ -512,3 +512,70 @@ def test_allowed_destinations_swap_loses_nothing_for_a_flow_in_both(
     assert _ping(dev, OUTSIDE, 3, "0.2") == (3, 0)
     assert nf.counters(peer)["closed_dropped"] == (3, 252)
     assert _ping(dev, VPC_HOST_ADDR, 1) == (1, 1)  # the VPC stays open
+
+
+# ---- conntrack's events with conntrackd's sync -------------------------------------------------
+
+
+_SERVER = (
+    "import socket, sys; s = socket.socket(); "
+    "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((sys.argv[1], 7009)); "
+    "s.listen(); print('ready', flush=True); c, _ = s.accept(); c.sendall(c.recv(64)); "
+    "c.close(); s.close()"
+)
+_CLIENT = (
+    "import socket, sys; c = socket.create_connection((sys.argv[1], 7009), timeout=5); "
+    "c.sendall(b'gatepeer'); assert c.recv(64) == b'gatepeer'; c.close()"
+)
+
+
+def _flow_events(dev: str, peer: str, vpc: str) -> list[str]:
+    """The kinds of conntrack event the peer raised for one TCP connection device -> VPC host,
+    its echo and close, then its entry deleted: e.g. ["NEW", "UPDATE/ASSURED", "DESTROY"]."""
+    watch = subprocess.Popen(
+        ["ip", "netns", "exec", peer, "conntrack", "-E", "-p", "tcp", "--orig-port-dst", "7009"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", vpc, sys.executable, "-c", _SERVER, VPC_HOST_ADDR],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        time.sleep(0.2)  # conntrack -E subscribed
+        _run("ip", "netns", "exec", dev, sys.executable, "-c", _CLIENT, VPC_HOST_ADDR)
+        server.wait(10)
+        time.sleep(0.2)  # FIN_WAIT... TIME_WAIT reached: every state change raised
+        _run("ip", "netns", "exec", peer, "conntrack", "-D", "-p", "tcp", "--orig-port-dst",
+             "7009")  # fmt: skip
+        time.sleep(0.3)
+    finally:
+        for proc in (server, watch):
+            if proc.poll() is None:
+                proc.terminate()  # its own pid: `ip netns exec` execs
+                proc.wait(5)
+    out = watch.stdout.read() if watch.stdout else ""
+    kinds = re.finditer(r"^\s*\[(NEW|UPDATE|DESTROY)\](.*)$", out, re.M)
+    # An UPDATE of a flow that is assured by then says so (the first such is it becoming so).
+    return [k + ("/ASSURED" if k == "UPDATE" and "[ASSURED]" in rest else "") for k, rest in
+            (m.groups() for m in kinds)]  # fmt: skip
+
+
+@pytest.mark.netns
+@needs_nft
+@pytest.mark.skipif(shutil.which("conntrack") is None, reason="needs conntrack (conntrack-tools)")
+def test_sync_events_leave_a_flow_its_start_establishment_and_end(
+    router: tuple[str, str, str],
+) -> None:
+    """conntrackd pays per event: with `sync_events` the peer raises NEW, one UPDATE (the
+    flow becoming assured, which carries its ESTABLISHED state and NAT to the other peer) and
+    DESTROY for a TCP connection, where without it every state change is an UPDATE too."""
+    dev, peer, vpc = router
+    nat = spec(mode="nat", endpoints=frozenset({EP1}))
+    nf.load(nat, peer)
+    every = _flow_events(dev, peer, vpc)
+    nf.load(replace(nat, sync_events=True), peer)
+    limited = _flow_events(dev, peer, vpc)
+    updates = [k for k in every if k.startswith("UPDATE")]
+    assert every[0] == "NEW" and every[-1] == "DESTROY" and len(updates) >= 3, every
+    assert limited == ["NEW", "UPDATE/ASSURED", "DESTROY"], limited

@@ -105,3 +105,15 @@ def test_the_permission_check_simulates_assign_private_ip_addresses() -> None:
     assert [(p.action, p.why) for p in denied.denied] == [
         ("ec2:AssignPrivateIpAddresses", "ha.snat_address")
     ]
+
+
+def test_the_table_spec_limits_conntrack_events_only_with_the_sync() -> None:
+    """conntrackd's sync asks the table for fewer events per flow; without [ha], or with
+    `conntrack_sync = false`, no event is held back."""
+    synced = config(SNAT)
+    assert synced.ha is not None and synced.ha.conntrack_sync  # the default
+    assert desired_state(synced, FACTS, GATE).packet_path.sync_events is True
+    unsynced = dataclasses.replace(synced, ha=dataclasses.replace(synced.ha, conntrack_sync=False))
+    assert desired_state(unsynced, FACTS, GATE).packet_path.sync_events is False
+    single = Config(packet_path=PacketPathConfig(mode="nat"))
+    assert desired_state(single, FACTS, GATE).packet_path.sync_events is False

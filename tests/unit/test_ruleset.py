@@ -109,7 +109,8 @@ def test_modes_differ_by_masquerade_and_connection_tracking() -> None:
         # The forward chain asks for a connection's state only where a rule needs it.
         forward = chain(text, "forward")
         stateful = bool(s.allow_list) and not s.closed
-        assert any(r.startswith("ct ") for r in forward) == stateful, name
+        judged = [r for r in forward if r.startswith("ct ") and " ct event set " not in r]
+        assert bool(judged) == stateful, name
 
 
 def test_route_mode_masquerades_only_what_leaves_the_vpc() -> None:
@@ -443,6 +444,25 @@ def test_snat_address_replaces_masquerade() -> None:
     assert "postrouting" not in rs.render(spec(snat_address=SNAT))
     with pytest.raises(TypeError, match="snat_address"):
         spec(snat_address="198.18.0.50")
+
+
+def test_sync_events_limit_a_new_flows_conntrack_events() -> None:
+    """With conntrackd's sync, each new flow raises only new, assured and destroy events: a
+    short TCP connection's three state-change updates are gone, the peer's copy still gets the
+    flow at its start and established, and the flow log (`conntrack -E -e NEW,DESTROY`) still
+    sees both of its events."""
+    rule = "ct state new ct event set new,destroy,assured"
+    for s in (spec(mode="nat"), spec(outside_vpc="masquerade", vpc_networks=VPC)):
+        synced = rs.render(replace(s, sync_events=True))
+        # First in forward: before anything that could accept the flow's first packet.
+        assert chain(synced, "forward")[0] == rule
+        assert rule not in rs.render(s)
+    assert {"new", "destroy"} <= set(rs.SYNC_EVENTS.split(","))
+    # Route mode without conntrack stays without it: a `ct` rule would engage it for every
+    # packet, and there is no flow to sync.
+    plain = spec()
+    assert rs.render(replace(plain, sync_events=True)) == rs.render(plain)
+    assert not uses_conntrack(rs.render(replace(plain, sync_events=True)))
 
 
 def test_device_counters_live_in_a_table_of_their_own() -> None:
