@@ -15,8 +15,9 @@
 #   /usr/lib/systemd/system/gatepeer.service and /usr/lib/sysusers.d/gatepeer.conf
 #   /usr/lib/sysctl.d/60-gatepeer.conf     forwarding and neighbour table defaults
 #   /usr/lib/systemd/system/keepalived.service.d/gatepeer.conf
-#                                          for an HA pair: keepalived after gatepeer, its config
-#                                          rendered from [ha] (inert until keepalived is installed)
+#                                          for an HA pair: keepalived (installed, disabled) after
+#                                          gatepeer, its config rendered from [ha]; the pair's
+#                                          user-data enables it
 #   /usr/lib/systemd/system/conntrackd.service.d/gatepeer.conf
 #                                          for an HA pair: conntrackd (installed, disabled) after
 #                                          gatepeer and before keepalived, its config rendered
@@ -51,8 +52,9 @@ fi
 
 # The same Debian packages as CI: the interpreter, nft for the packet path, ip for operators;
 # cloud-init writes the config from user-data at first boot (Debian's AMIs carry it already);
-# conntrackd keeps an HA pair's connections across a failover (docs/ha.md).
-packages=(python3 python3-venv nftables iproute2 ca-certificates cloud-init conntrackd)
+# keepalived elects an HA pair's master and conntrackd keeps its connections across a failover
+# (docs/ha.md): in the image, so a pair in a VPC without a way to Debian's mirrors works too.
+packages=(python3 python3-venv nftables iproute2 ca-certificates cloud-init conntrackd keepalived)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -87,10 +89,11 @@ ln -sfn "$prefix/venv/bin/gatepeer" /usr/local/bin/gatepeer
 echo "provision: unit, sysctl.d defaults, /etc/gatepeer"
 install -D -m 0644 "$bundle/systemd/gatepeer.service" /usr/lib/systemd/system/gatepeer.service
 install -D -m 0644 "$bundle/systemd/gatepeer.sysctl.conf" /usr/lib/sysctl.d/60-gatepeer.conf
-# An HA pair's user-data installs and enables Debian's keepalived; this orders it after gatepeer
-# and renders its config from [ha] (docs/ha.md "Running it").
+# keepalived elects an HA pair's master. It stays off until a pair's user-data enables it; this
+# drop-in orders it after gatepeer and renders its config from [ha] (docs/ha.md "Running it").
 install -D -m 0644 "$bundle/systemd/keepalived-gatepeer.conf" \
     /usr/lib/systemd/system/keepalived.service.d/gatepeer.conf
+systemctl disable keepalived.service
 # conntrackd syncs a pair's connections. Debian enables it at install with a multicast example
 # config; a single peer has no use for it, so it stays off until a pair's user-data enables it.
 install -D -m 0644 "$bundle/systemd/conntrackd-gatepeer.conf" \

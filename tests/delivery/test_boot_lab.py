@@ -59,8 +59,10 @@ ROOTFS_PACKAGES = (
     "ca-certificates",
     # Debian's AMIs carry cloud-init: at first boot it writes the config from user-data.
     "cloud-init",
-    # An HA pair's connection sync (provision.sh installs it; the boot has no package mirror).
+    # An HA pair's connection sync and election (provision.sh installs them; the boot has no
+    # package mirror).
     "conntrackd",
+    "keepalived",
     # debootstrap resolves no virtual packages: python3-cryptography (cloud-init's, through
     # oauthlib) needs python3-cffi-backend-api-*, which this one provides.
     "python3-cffi-backend",
@@ -474,6 +476,16 @@ def test_provisioned_image_boots_as_gate_peer(
         processes = machine.run("ps", "-o", "user=", "-C", "gatepeer").stdout.split()
         assert processes == ["gatepeer"], processes  # not root
         assert_sandboxed(machine)
+        # keepalived is in the image, off. A start gets past Debian's condition on its config
+        # (the drop-in clears it: nothing writes the file before the render) and stops at the
+        # render, which this single peer's config (no [ha]) refuses.
+        enabled = machine.run("systemctl", "is-enabled", "keepalived.service", check=False)
+        assert enabled.stdout.strip() == "disabled", enabled.stdout + enabled.stderr
+        assert machine.run("systemctl", "start", "keepalived.service", check=False).returncode
+        shown = machine.run(
+            "systemctl", "show", "keepalived.service", "-pConditionResult", "-pResult"
+        ).stdout.split()
+        assert sorted(shown) == ["ConditionResult=yes", "Result=exit-code"], shown
         assert machine.power_off() == 0
 
         # Power on again: nothing by hand, the peer comes back.

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 DROP_IN = REPO / "systemd" / "conntrackd-gatepeer.conf"
 KEEPALIVED_DROP_IN = REPO / "systemd" / "keepalived-gatepeer.conf"
 DEBIAN_UNIT = Path("/lib/systemd/system/conntrackd.service")
+DEBIAN_KEEPALIVED_UNIT = Path("/lib/systemd/system/keepalived.service")
 
 
 def unit(path: Path) -> configparser.RawConfigParser:
@@ -57,14 +58,14 @@ def test_conntrackd_config_is_rendered_from_ha_at_every_start() -> None:
         assert start.endswith("-C /etc/conntrackd/conntrackd.conf")
 
 
-def verify(unit_dir: Path) -> subprocess.CompletedProcess[str]:
-    """`systemd-analyze verify` of conntrackd.service as found in `unit_dir` (with its
-    drop-ins), gatepeer's command standing in a private tmpfs over /opt."""
+def verify(unit_dir: Path, name: str = "conntrackd.service") -> subprocess.CompletedProcess[str]:
+    """`systemd-analyze verify` of the unit `name` as found in `unit_dir` (with its drop-ins),
+    gatepeer's command standing in a private tmpfs over /opt."""
     script = (
         "set -e; mount -t tmpfs gatepeer-verify /opt; mkdir -p /opt/gatepeer/venv/bin; "
         "printf '#!/bin/sh\\n' > /opt/gatepeer/venv/bin/gatepeer; "
         "chmod 0755 /opt/gatepeer/venv/bin/gatepeer; "
-        f"SYSTEMD_UNIT_PATH={unit_dir}: exec systemd-analyze verify --man=no conntrackd.service"
+        f"SYSTEMD_UNIT_PATH={unit_dir}: exec systemd-analyze verify --man=no {name}"
     )
     return subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
@@ -88,6 +89,21 @@ def test_debians_conntrackd_unit_verifies_with_the_drop_in(tmp_path: Path) -> No
     assert "Unknown key 'Befor'" in verify(tmp_path).stderr
 
 
+def test_debians_keepalived_unit_verifies_with_the_drop_in(tmp_path: Path) -> None:
+    if not DEBIAN_KEEPALIVED_UNIT.exists() or not shutil.which("systemd-analyze"):
+        pytest.skip("Debian's keepalived.service or systemd-analyze is not installed")
+    shutil.copy(DEBIAN_KEEPALIVED_UNIT, tmp_path / "keepalived.service")
+    (tmp_path / "keepalived.service.d").mkdir()
+    installed = tmp_path / "keepalived.service.d" / "gatepeer.conf"
+    shutil.copy(KEEPALIVED_DROP_IN, installed)
+    proc = verify(tmp_path, "keepalived.service")
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    installed.write_text(
+        KEEPALIVED_DROP_IN.read_text().replace("ConditionFileNotEmpty=", "ConditionFileNotEmty=")
+    )
+    assert "Unknown key 'ConditionFileNotEmty'" in verify(tmp_path, "keepalived.service").stderr
+
+
 def test_provision_installs_conntrackd_disabled_with_the_drop_in() -> None:
     text = (REPO / "scripts" / "provision.sh").read_text()
     packages = next(ln for ln in text.splitlines() if ln.startswith("packages=("))
@@ -97,6 +113,32 @@ def test_provision_installs_conntrackd_disabled_with_the_drop_in() -> None:
         "    /usr/lib/systemd/system/conntrackd.service.d/gatepeer.conf"
     ) in text
     assert "\nsystemctl disable conntrackd.service\n" in text
+
+
+def test_provision_installs_keepalived_disabled_with_the_drop_in() -> None:
+    """In the image, so a pair in a VPC without a way to Debian's mirrors can elect; off until
+    the pair's user-data enables it (a single peer has no use for it)."""
+    text = (REPO / "scripts" / "provision.sh").read_text()
+    packages = next(ln for ln in text.splitlines() if ln.startswith("packages=("))
+    assert "keepalived" in packages.split("(", 1)[1].rstrip(")").split()
+    assert (
+        'install -D -m 0644 "$bundle/systemd/keepalived-gatepeer.conf" \\\n'
+        "    /usr/lib/systemd/system/keepalived.service.d/gatepeer.conf\n"
+        "systemctl disable keepalived.service\n"
+    ) in text
+
+
+def test_keepalived_drop_in_clears_debians_condition_on_the_config() -> None:
+    """Debian's unit starts only with a non-empty keepalived.conf, which only the drop-in's
+    render writes: the drop-in must reset that condition, or keepalived never starts on a
+    fresh instance (systemd skips the unit, render and all, without an error)."""
+    assert values(KEEPALIVED_DROP_IN, "Unit", "ConditionFileNotEmpty") == [""]
+    if DEBIAN_KEEPALIVED_UNIT.exists():
+        assert values(DEBIAN_KEEPALIVED_UNIT, "Unit", "ConditionFileNotEmpty") == [
+            "/etc/keepalived/keepalived.conf"
+        ]
+    pre = unit(KEEPALIVED_DROP_IN).get("Service", "ExecStartPre")
+    assert pre.endswith(" ha render -o /etc/keepalived/keepalived.conf")
 
 
 def test_provision_refuses_a_bundle_without_the_drop_in(tmp_path: Path) -> None:

@@ -287,9 +287,11 @@ def test_user_data_writes_the_config_the_parameters_choose(
     for template_id, user_data in stack.user_data_by_template.items():
         doc = cloud_config(user_data)
         assert ["systemctl", "enable", "--now", "--no-block", "gatepeer.service"] in doc["runcmd"]
-        # A pair syncs its connections with the image's conntrackd; a single peer leaves it off.
-        sync = ["systemctl", "enable", "--now", "--no-block", "conntrackd.service"]
-        assert (sync in doc["runcmd"]) == (peers == "pair")
+        # A pair syncs its connections with the image's conntrackd and elects its master with
+        # the image's keepalived; a single peer leaves both off.
+        for service in ("conntrackd.service", "keepalived.service"):
+            enable = ["systemctl", "enable", "--now", "--no-block", service]
+            assert (enable in doc["runcmd"]) == (peers == "pair"), service
         # The secret is never in the user-data: only the SSM parameter's name.
         assert [f["path"] for f in doc["write_files"]] == [CONFIG_PATH]
         config = tomllib.loads(written_toml(user_data))
