@@ -506,6 +506,30 @@ def test_provisioned_image_boots_as_gate_peer(
         journal = machine.run("journalctl", "-b", "-u", "gatepeer.service", "--no-pager").stdout
         assert "starting from the gate view kept in /var/lib/gatepeer/gate.json" in journal
         assert machine.power_off() == 0
+
+        # Boot as one peer of an HA pair whose partner is not up yet, as the stack's user-data
+        # makes it: [ha] in the config, keepalived enabled. The image's drop-in renders
+        # keepalived's config from [ha] at its start; alone, keepalived makes this peer master,
+        # and gatepeer claims the gateway.
+        lab.control("reset_faults")
+        config = root / "etc" / "gatepeer" / "gatepeer.toml"
+        config.write_text(
+            config.read_text() + '\n[ha]\npeer_address = "198.18.0.99"\nconntrack_sync = false\n'
+        )
+        nspawn_run(root, "systemctl", "enable", "keepalived.service")
+        machine.boot()
+        state = machine.wait_state(
+            lambda s: (
+                (s.get("ha") or {}).get("role") == "master"
+                and ((s.get("ha") or {}).get("claims") or 0) >= 1
+            ),
+            "master alone, the gateway claimed",
+        )
+        shown = machine.run("systemctl", "show", "keepalived.service", "-pActiveState").stdout
+        assert shown.strip() == "ActiveState=active", shown
+        rendered = machine.run("cat", "/etc/keepalived/keepalived.conf").stdout
+        assert "198.18.0.99" in rendered, rendered
+        assert machine.power_off() == 0
     finally:
         machine.power_off()
 
