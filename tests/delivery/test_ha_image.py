@@ -58,7 +58,7 @@ def test_conntrackd_config_is_rendered_from_ha_at_every_start() -> None:
         assert start.endswith("-C /etc/conntrackd/conntrackd.conf")
 
 
-def verify(unit_dir: Path, name: str = "conntrackd.service") -> subprocess.CompletedProcess[str]:
+def verify(unit_dir: Path, name: str) -> subprocess.CompletedProcess[str]:
     """`systemd-analyze verify` of the unit `name` as found in `unit_dir` (with its drop-ins),
     gatepeer's command standing in a private tmpfs over /opt."""
     script = (
@@ -75,33 +75,27 @@ def verify(unit_dir: Path, name: str = "conntrackd.service") -> subprocess.Compl
     )
 
 
-def test_debians_conntrackd_unit_verifies_with_the_drop_in(tmp_path: Path) -> None:
-    if not DEBIAN_UNIT.exists() or not shutil.which("systemd-analyze"):
-        pytest.skip("Debian's conntrackd.service or systemd-analyze is not installed")
-    shutil.copy(DEBIAN_UNIT, tmp_path / "conntrackd.service")
-    (tmp_path / "conntrackd.service.d").mkdir()
-    installed = tmp_path / "conntrackd.service.d" / "gatepeer.conf"
-    shutil.copy(DROP_IN, installed)
-    proc = verify(tmp_path)
+@pytest.mark.parametrize(
+    ("debian_unit", "drop_in", "key"),
+    [(DEBIAN_UNIT, DROP_IN, "Before"), (DEBIAN_KEEPALIVED_UNIT, KEEPALIVED_DROP_IN,
+      "ConditionFileNotEmpty")],
+    ids=["conntrackd", "keepalived"],
+)  # fmt: skip
+def test_debians_unit_verifies_with_the_drop_in(
+    tmp_path: Path, debian_unit: Path, drop_in: Path, key: str
+) -> None:
+    name = debian_unit.name
+    if not debian_unit.exists() or not shutil.which("systemd-analyze"):
+        pytest.skip(f"Debian's {name} or systemd-analyze is not installed")
+    shutil.copy(debian_unit, tmp_path / name)
+    (tmp_path / f"{name}.d").mkdir()
+    installed = tmp_path / f"{name}.d" / "gatepeer.conf"
+    shutil.copy(drop_in, installed)
+    proc = verify(tmp_path, name)
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
     # The check can fail: a misspelt key in the drop-in is reported.
-    installed.write_text(DROP_IN.read_text().replace("Before=", "Befor="))
-    assert "Unknown key 'Befor'" in verify(tmp_path).stderr
-
-
-def test_debians_keepalived_unit_verifies_with_the_drop_in(tmp_path: Path) -> None:
-    if not DEBIAN_KEEPALIVED_UNIT.exists() or not shutil.which("systemd-analyze"):
-        pytest.skip("Debian's keepalived.service or systemd-analyze is not installed")
-    shutil.copy(DEBIAN_KEEPALIVED_UNIT, tmp_path / "keepalived.service")
-    (tmp_path / "keepalived.service.d").mkdir()
-    installed = tmp_path / "keepalived.service.d" / "gatepeer.conf"
-    shutil.copy(KEEPALIVED_DROP_IN, installed)
-    proc = verify(tmp_path, "keepalived.service")
-    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
-    installed.write_text(
-        KEEPALIVED_DROP_IN.read_text().replace("ConditionFileNotEmpty=", "ConditionFileNotEmty=")
-    )
-    assert "Unknown key 'ConditionFileNotEmty'" in verify(tmp_path, "keepalived.service").stderr
+    installed.write_text(drop_in.read_text().replace(f"{key}=", f"{key}x="))
+    assert f"Unknown key '{key}x'" in verify(tmp_path, name).stderr
 
 
 def test_provision_installs_conntrackd_disabled_with_the_drop_in() -> None:
