@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gatepeer.config import load
+from gatepeer.ha import verdict
 from gatepeer.lab.network import netns
 from gatepeer.lab.network.layout import GatePeer, Layout
 from gatepeer.lab.network.vpg import endpoint_gateway
@@ -120,13 +121,15 @@ class HaLab:
         return time.monotonic() - started
 
     def check_passes(self, peer: GatePeer) -> bool:
-        """The daemon's verdict for keepalived's check (`state.ha-check` beside its state file,
-        "<time> <pid> ok|fail: ...") says ok."""
-        verdict = self.paths.peer_state_file(peer.index).with_suffix(".ha-check")
+        """The daemon's verdict for keepalived's check (`state.ha-check` beside its state
+        file) says ok."""
+        # verdict.path's rule, on the state file the lab gave the peer (no config to load).
+        found = self.paths.peer_state_file(peer.index).with_suffix(f".{verdict.CHECK_FILE}")
         try:
-            return verdict.read_text().split()[2] == "ok"
-        except (OSError, IndexError):
+            parsed = verdict.parse(found.read_text())
+        except OSError:
             return False
+        return parsed is not None and not parsed[2]
 
     def settled(self, timeout: float = 30) -> tuple[GatePeer, GatePeer]:
         """One master holding the gateway, one backup, both passing their check: (master,
